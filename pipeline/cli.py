@@ -1,0 +1,168 @@
+"""`framecast` console script: argument parsing and dispatch (part of the composition root).
+
+Subcommands: run, config check, convert, generate, ask. User errors print one line
+(`framecast: …`) and exit non-zero (2 for bad arguments/config/input); no tracebacks for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from pipeline import __version__
+from pipeline.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage otherwise)
+        self.exit(2, f"framecast: {message}\n")
+
+
+def _run_overrides(a: argparse.Namespace) -> dict[str, Any]:
+    """CLI flags as dotted config keys (only those given)."""
+    pairs = {
+        "source.uri": a.source, "source.stream_id": a.stream_id, "source.fps": a.fps,
+        "source.max_frames": a.max_frames, "source.start": a.start, "source.end": a.end,
+        "source.realtime": a.realtime, "source.seed": a.seed,
+        "model.path": a.model, "model.mmproj": a.mmproj,
+        "narration.policy": a.policy, "narration.interval_s": a.interval,
+        "narration.prompt": a.prompt, "narration.max_tokens": a.max_tokens,
+        "outputs.jsonl": a.jsonl, "outputs.srt": a.srt, "outputs.vtt": a.vtt,
+        "outputs.metrics": a.metrics or None, "outputs.metrics_interval_s": a.metrics_interval,
+        "outputs.console": False if a.no_console else None, "outputs.progress": a.progress,
+        "mqtt.url": a.mqtt, "mqtt.prefix": a.mqtt_prefix, "mqtt.ha_discovery": a.ha_discovery or None,
+        "mqtt.ca_file": a.mqtt_ca, "mqtt.cert_file": a.mqtt_cert, "mqtt.key_file": a.mqtt_key,
+        "session.max_cache_tokens": a.max_cache_tokens, "session.kv_bits": a.kv_bits,
+    }
+    return {k: v for k, v in pairs.items() if v is not None}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="framecast", description="Streaming video understanding with MiniCPM-V on MLX.")
+    p.add_argument("--version", action="version", version=f"framecast {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    r = sub.add_parser("run", help="watch a source and narrate it")
+    r.add_argument("--config", help="TOML/YAML file or preset name (see `framecast config list`)")
+    r.add_argument("--source", help="demo | FILE | rtsp://… | http(s)://… | camera:N")
+    r.add_argument("--stream-id")
+    r.add_argument("--fps", type=float, help="sample rate in frames per second")
+    r.add_argument("--max-frames", type=int)
+    r.add_argument("--start", type=float, help="seconds into a recorded file")
+    r.add_argument("--end", type=float, help="stop at this media time (s)")
+    r.add_argument("--seed", type=int, help="seed of the demo source")
+    r.add_argument("--realtime", action=argparse.BooleanOptionalAction, default=None,
+                   help="pace recorded input at its own frame rate")
+    r.add_argument("--model", help="HF dir, converted MLX dir, HF repo id or .gguf (default: embedded demo)")
+    r.add_argument("--mmproj", help="vision .gguf for a .gguf language model")
+    r.add_argument("--policy", choices=["interval", "change", "on_demand"])
+    r.add_argument("--interval", type=float, help="seconds of media between narrations")
+    r.add_argument("--prompt")
+    r.add_argument("--max-tokens", type=int)
+    r.add_argument("--jsonl")
+    r.add_argument("--srt")
+    r.add_argument("--vtt")
+    r.add_argument("--no-console", action="store_true", help="no live terminal view")
+    r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    r.add_argument("--metrics", action="store_true", help="print per-stage metrics periodically and at exit")
+    r.add_argument("--metrics-interval", type=float)
+    r.add_argument("--mqtt", help="mqtt://user:pass@host:port or mqtts://…")
+    r.add_argument("--mqtt-prefix")
+    r.add_argument("--mqtt-ca")
+    r.add_argument("--mqtt-cert")
+    r.add_argument("--mqtt-key")
+    r.add_argument("--ha-discovery", action="store_true", help="publish Home Assistant discovery")
+    r.add_argument("--max-cache-tokens", type=int)
+    r.add_argument("--kv-bits", type=int, choices=[4, 8])
+
+    c = sub.add_parser("config", help="inspect configuration")
+    csub = c.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
+    cc = csub.add_parser("check", help="validate a config file")
+    cc.add_argument("file")
+    csub.add_parser("list", help="list the presets in configs/")
+    cs = csub.add_parser("show", help="print the effective config as TOML-like JSON")
+    cs.add_argument("file", nargs="?")
+
+    cv = sub.add_parser("convert", help="write a fast-loading MLX model directory")
+    cv.add_argument("src", help="HF checkpoint dir or language-model .gguf")
+    cv.add_argument("out")
+    cv.add_argument("--mmproj", help="vision .gguf that goes with a .gguf language model")
+    cv.add_argument("--bits", type=int, choices=[4, 8], help="quantise linear layers (group 64)")
+    cv.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
+
+    g = sub.add_parser("generate", help="text-only generation (check a model)")
+    g.add_argument("--model", required=True)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temp", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
+
+    a = sub.add_parser("ask", help="ask a running stream a question over MQTT")
+    a.add_argument("question")
+    a.add_argument("--mqtt", required=True)
+    a.add_argument("--stream", default="default")
+    a.add_argument("--prefix", default="framecast")
+    a.add_argument("--timeout", type=float, default=60.0)
+    a.add_argument("--mqtt-ca")
+    return p
+
+
+def _cmd_config(a: argparse.Namespace) -> int:
+    from pipeline.config import load_config, preset_names
+
+    if a.config_command == "list":
+        print("\n".join(preset_names()))
+        return 0
+    cfg = load_config(a.file)
+    if a.config_command == "check":
+        print(f"{a.file}: ok")
+    else:
+        print(cfg.model_dump_json(indent=2))
+    return 0
+
+
+def _cmd_run(a: argparse.Namespace) -> int:
+    from pipeline.app import run_main
+    from pipeline.config import load_config
+
+    return run_main(load_config(a.config, _run_overrides(a)))
+
+
+def _cmd_convert(a: argparse.Namespace) -> int:
+    from pipeline.model.convert import convert_main
+
+    return convert_main(a.src, a.out, mmproj=a.mmproj, bits=a.bits, dtype=a.dtype)
+
+
+def _cmd_generate(a: argparse.Namespace) -> int:
+    from pipeline.model.generate import generate_main
+
+    return generate_main(a.model, a.prompt, max_tokens=a.max_tokens, temperature=a.temp,
+                         seed=a.seed, chat=not a.no_chat)
+
+
+def _cmd_ask(a: argparse.Namespace) -> int:
+    from pipeline.app import ask_main
+
+    return ask_main(a.mqtt, a.stream, a.question, prefix=a.prefix, timeout=a.timeout, ca_file=a.mqtt_ca)
+
+
+COMMANDS = {"run": _cmd_run, "config": _cmd_config, "convert": _cmd_convert,
+            "generate": _cmd_generate, "ask": _cmd_ask}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"framecast: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

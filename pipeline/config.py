@@ -1,0 +1,227 @@
+"""Typed run configuration: groups of settings, named presets, TOML/YAML files, CLI overrides.
+
+Every model forbids unknown keys. A bad file, key or value raises `ConfigError` whose message
+is one line naming the file, the dotted key and the offending value; the CLI turns it into
+exit status 2.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.errors import UserError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+STREAM_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+
+
+class ConfigError(UserError):
+    """A user error in configuration: one line, exit status 2."""
+
+    exit_code = 2
+
+
+class Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(Group):
+    uri: str = "demo"  # demo | path | rtsp://… | http(s)://… | camera:N | /dev/videoN
+    stream_id: str = "default"
+    fps: float | None = Field(default=None, gt=0, le=240)  # sample rate; None = source rate
+    start: float = Field(default=0.0, ge=0)  # seconds into a recorded file
+    end: float | None = Field(default=None, gt=0)
+    max_frames: int | None = Field(default=None, ge=1)
+    realtime: bool | None = None  # pace a recorded file / demo at its own rate; None = auto
+    # synthetic demo source
+    width: int = Field(default=448, ge=16, le=4096)
+    height: int = Field(default=448, ge=16, le=4096)
+    seed: int = 0
+    duration: float | None = Field(default=None, gt=0)  # demo: seconds of video (None = endless)
+    # live sources
+    watchdog_s: float = Field(default=5.0, gt=0)  # no frame for this long => reconnect
+    open_timeout_s: float = Field(default=10.0, gt=0)
+    reconnect_max: int = Field(default=10, ge=0)  # attempts before giving up
+    backoff_initial_s: float = Field(default=0.5, gt=0)
+    backoff_max_s: float = Field(default=10.0, gt=0)
+
+    @field_validator("stream_id")
+    @classmethod
+    def _safe_stream_id(cls, v: str) -> str:
+        if not v or not set(v) <= STREAM_ID_CHARS or len(v) > 64:
+            raise ValueError("stream ids use 1-64 of [A-Za-z0-9_.-] (no '/', '+', '#')")
+        return v
+
+
+class ChangeConfig(Group):
+    enabled: bool = True
+    threshold: float = Field(default=0.08, ge=0, le=1)  # mean abs grayscale difference, 0..1
+    size: int = Field(default=64, ge=8, le=512)  # downscaled side for the comparison
+
+
+class ModelConfig(Group):
+    path: str | None = None  # HF dir, converted MLX dir, repo id, or a .gguf; None = embedded demo
+    mmproj: str | None = None  # vision GGUF that goes with a .gguf language model
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None  # None = as stored
+    max_slice_nums: int = Field(default=1, ge=1, le=9)  # 1 = one view per frame (streaming)
+
+
+class SessionConfig(Group):
+    max_cache_tokens: int | None = Field(default=None, ge=256)  # None = unbounded
+    max_cache_mb: float | None = Field(default=None, gt=0)
+    sink_tokens: int | None = Field(default=None, ge=0)  # None = keep the system prompt
+    kv_bits: Literal[4, 8] | None = None
+    keep_generated: bool = True  # keep narrations in the cache as context
+    system_prompt: str | None = None
+
+
+class NarrationConfig(Group):
+    policy: Literal["interval", "change", "on_demand"] = "interval"
+    interval_s: float = Field(default=2.0, gt=0)  # media seconds between narrations
+    prompt: str = "Describe what happens now in one short sentence."
+    max_tokens: int = Field(default=32, ge=1, le=4096)
+    temperature: float = Field(default=0.0, ge=0)
+    top_k: int | None = Field(default=None, ge=1)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    partials: bool = True  # emit narration.partial deltas
+
+
+class OutputsConfig(Group):
+    console: bool = True
+    jsonl: str | None = None
+    srt: str | None = None
+    vtt: str | None = None
+    progress: bool | None = None  # None = on for recorded files on a terminal
+    metrics: bool = False
+    metrics_interval_s: float = Field(default=5.0, gt=0)
+
+
+class MqttConfig(Group):
+    url: str | None = None  # mqtt://user:pass@host:port or mqtts://…
+    prefix: str = "framecast"
+    client_id: str | None = None
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    insecure: bool = False
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"
+    keepalive_s: int = Field(default=30, ge=5)
+    outbox_size: int = Field(default=1000, ge=1)
+    max_question_bytes: int = Field(default=4096, ge=16)
+    partial_expiry_s: int = Field(default=10, ge=1)
+    ha_discovery: bool = False
+    ha_prefix: str = "homeassistant"
+    reconnect_initial_s: float = Field(default=0.5, gt=0)
+    reconnect_max_s: float = Field(default=30.0, gt=0)
+
+    @field_validator("prefix", "ha_prefix")
+    @classmethod
+    def _safe_prefix(cls, v: str) -> str:
+        if not v or any(c in v for c in "+#") or v.startswith("/") or v.endswith("/") or "//" in v:
+            raise ValueError("topic prefixes may not contain '+', '#', empty levels or edge '/'")
+        return v
+
+
+class RuntimeConfig(Group):
+    edge_size: int = Field(default=8, ge=1, le=10_000)
+    stop_timeout_s: float = Field(default=10.0, gt=0)
+
+
+class RunConfig(Group):
+    source: SourceConfig = SourceConfig()
+    change: ChangeConfig = ChangeConfig()
+    model: ModelConfig = ModelConfig()
+    session: SessionConfig = SessionConfig()
+    narration: NarrationConfig = NarrationConfig()
+    outputs: OutputsConfig = OutputsConfig()
+    mqtt: MqttConfig = MqttConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _one_line(e: ValidationError, origin: str, data: dict[str, Any] | None = None) -> str:
+    err = e.errors()[0]
+    key = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"{origin}: unknown key '{key}'"
+    value = err.get("input")
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{origin}: {key} = {value!r}: {msg}"
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        if path.suffix.lower() == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"{path}: unsupported config format '{path.suffix}' (use .toml, .yaml or .yml)")
+    except ConfigError:
+        raise
+    except Exception as e:  # tomllib.TOMLDecodeError / yaml.YAMLError
+        raise ConfigError(f"{path}: cannot parse: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a table/mapping of groups")
+    return data
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in CONFIGS_DIR.glob("*.toml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A path, or a preset name from configs/ (e.g. `camera-narration`)."""
+    p = Path(name_or_path)
+    if p.exists() or p.suffix:
+        return p
+    preset = CONFIGS_DIR / f"{name_or_path}.toml"
+    if preset.is_file():
+        return preset
+    raise ConfigError(f"{name_or_path}: no such config file or preset (presets: {', '.join(preset_names())})")
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_config(data: dict[str, Any], origin: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_one_line(e, origin)) from None
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load a file or preset (if given), then apply dotted-key overrides from the CLI."""
+    data: dict[str, Any] = {}
+    origin = "command line"
+    if path:
+        p = resolve_config_path(path)
+        data = _read_file(p)
+        origin = str(p)
+    cfg = build_config(data, origin)
+    if overrides:
+        nested: dict[str, Any] = {}
+        for dotted, value in overrides.items():
+            cur = nested
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                cur = cur.setdefault(part, {})
+            cur[leaf] = value
+        cfg = build_config(deep_merge(cfg.model_dump(), nested), "command line")
+    return cfg

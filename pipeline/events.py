@@ -1,0 +1,224 @@
+"""Typed, versioned events: the only things that travel between stages and leave the process.
+
+Every event serialises to one JSON envelope (`to_json`) with at least
+`v`, `type`, `stream_id`, `seq`, `ts` (ISO-8601 UTC), `pts` and, where it carries text, `text`.
+That JSON form is the public contract (README, MQTT payloads, JSONL files); bump
+`SCHEMA_VERSION` on any incompatible change.
+
+Control messages (`Stop`, `Flush`, `Question`, `EndOfStream`) are events too: the runtime gives
+the first three a lane of their own that overtakes data; `EndOfStream` travels in data order so
+that every output sees all data before it closes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def iso_utc(dt: datetime) -> str:
+    """ISO-8601 UTC with milliseconds and a `Z`, e.g. 2026-11-26T08:29:36.123Z."""
+    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+class Event(BaseModel):
+    """Base of every event. `seq` counts per stream and event producer; `pts` is media time (s)."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    v: int = SCHEMA_VERSION
+    type: str
+    stream_id: str = "default"
+    seq: int = 0
+    ts: datetime = Field(default_factory=utc_now)
+    pts: float | None = None
+
+    #: fields never written to JSON (large or process-local)
+    _private_fields: ClassVar[frozenset[str]] = frozenset()
+    #: control messages overtake data on every edge
+    control: ClassVar[bool] = False
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.model_dump(exclude=set(self._private_fields), mode="python")
+        d["ts"] = iso_utc(self.ts)
+        return {k: _jsonable(v) for k, v in d.items()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, float):
+        return round(v, 6)
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    if isinstance(v, dict):
+        return {k: _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, datetime):
+        return iso_utc(v)
+    return v
+
+
+# ---------------------------------------------------------------- data
+
+
+class Frame(Event):
+    """One decoded video frame. `pixels` is RGB uint8 [H, W, 3] and never serialised."""
+
+    type: Literal["frame"] = "frame"
+    pixels: np.ndarray
+    width: int = 0
+    height: int = 0
+    wall_time: float = Field(default_factory=time.time)
+    #: set by the change detector: None = not scored yet
+    changed: bool | None = None
+    change_score: float | None = None
+    #: set by the encoder stage (process-local vision features, never serialised)
+    features: Any = None
+    _private_fields: ClassVar[frozenset[str]] = frozenset({"pixels", "features"})
+
+    def model_post_init(self, __context: Any) -> None:
+        if not self.width or not self.height:
+            self.height, self.width = int(self.pixels.shape[0]), int(self.pixels.shape[1])
+
+
+class SceneChange(Event):
+    """The change detector saw a new scene (score above threshold)."""
+
+    type: Literal["change"] = "change"
+    score: float
+    text: str = "scene change"
+
+
+class NarrationDelta(Event):
+    """A piece of narration text while it is being generated (partial)."""
+
+    type: Literal["narration.partial"] = "narration.partial"
+    text: str
+    narration_id: str = ""
+
+
+class Narration(Event):
+    """A finished narration of what the stream shows around `pts`.
+
+    `pts_start`/`pts_end` bound the media time it describes (subtitles use them).
+    Timings: `first_token_ms` (frame arrival to first token), `tokens_per_s`, `cache_tokens`.
+    """
+
+    type: Literal["narration"] = "narration"
+    text: str
+    narration_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
+    pts_start: float | None = None
+    pts_end: float | None = None
+    trigger: str = "interval"  # interval | change | question
+    first_token_ms: float | None = None
+    tokens_per_s: float | None = None
+    tokens: int | None = None
+    cache_tokens: int | None = None
+
+
+class Answer(Event):
+    """The answer to a `Question`, carrying the question's `request_id`. `error` set = failed."""
+
+    type: Literal["answer"] = "answer"
+    text: str
+    request_id: str
+    question: str = ""
+    error: str | None = None
+    first_token_ms: float | None = None
+    tokens_per_s: float | None = None
+    tokens: int | None = None
+    cache_tokens: int | None = None
+
+
+class Status(Event):
+    """Stream state: starting, running, reconnecting, eof, stopped, error."""
+
+    type: Literal["status"] = "status"
+    state: str
+    text: str = ""
+    fps: float | None = None
+    drops: int | None = None
+    reconnects: int | None = None
+
+
+class Metrics(Event):
+    """Per-stage figures: {stage: {items, drops, queue_depth, latency_ms_p50, ...}}."""
+
+    type: Literal["metrics"] = "metrics"
+    stages: dict[str, dict[str, float]]
+
+
+class Error(Event):
+    """An error that travelled as a message. `fatal` = the run cannot continue."""
+
+    type: Literal["error"] = "error"
+    text: str
+    stage: str = ""
+    fatal: bool = False
+
+
+# ---------------------------------------------------------------- control
+
+
+class Question(Event):
+    """A question about the stream, answered from cached context. Overtakes frames."""
+
+    type: Literal["question"] = "question"
+    text: str
+    request_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
+    reply_to: str | None = None  # transport detail (e.g. MQTT response topic)
+    correlation: bytes | None = None
+    _private_fields: ClassVar[frozenset[str]] = frozenset({"correlation", "reply_to"})
+    control: ClassVar[bool] = True
+
+
+class Stop(Event):
+    """Stop producing; downstream drains what is queued and closes."""
+
+    type: Literal["stop"] = "stop"
+    text: str = ""
+    control: ClassVar[bool] = True
+
+
+class Flush(Event):
+    """Write out anything buffered (files, subtitles) without stopping."""
+
+    type: Literal["flush"] = "flush"
+    control: ClassVar[bool] = True
+
+
+class EndOfStream(Event):
+    """The source has no more frames. Travels in data order (never overtakes data)."""
+
+    type: Literal["eos"] = "eos"
+    text: str = ""
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.model_fields["type"].default: cls
+    for cls in (Frame, SceneChange, NarrationDelta, Narration, Answer, Status, Metrics, Error,
+                Question, Stop, Flush, EndOfStream)
+}
+
+
+def event_from_dict(d: dict[str, Any]) -> Event:
+    """Parse a serialised event (not Frame: its pixels never leave the process)."""
+    cls = EVENT_TYPES.get(d.get("type", ""))
+    if cls is None or cls is Frame:
+        raise ValueError(f"unknown event type {d.get('type')!r}")
+    return cls.model_validate(d)

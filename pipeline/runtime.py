@@ -1,0 +1,395 @@
+"""The async runtime: stages joined by bounded edges, a control lane, signals, metrics.
+
+A graph is a chain `source -> stage -> ... -> stage`. Each edge is a bounded queue with a
+policy: live sources drop the oldest *frame* when the consumer lags (latest frame wins, every
+drop counted); recorded sources block the producer (backpressure, nothing lost). Only `Frame`s
+are ever dropped: narrations, answers and status events are small and always delivered.
+
+Control messages (`event.control`: Stop, Flush, Question) go to a lane of their own on every
+edge and overtake queued data. `EndOfStream` travels in data order, so a stage sees all data
+before it. A stage that raises reports an `Error` event downstream and keeps going; a
+`FatalError` stops the graph with a non-zero exit code. Stopping (SIGINT/SIGTERM, `Stop`, end of
+input) drains the edges within `stop_timeout` seconds, then cancels, then closes every stage
+(outputs flush there) — so nothing already produced is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Iterable, Literal
+
+from pipeline.errors import FatalError
+from pipeline.events import EndOfStream, Error, Event, Frame, Metrics, Stop
+
+__all__ = ["Edge", "FatalError", "Runtime", "RunResult", "Source", "Stage", "StageMetrics", "run_graph"]
+
+EdgePolicy = Literal["block", "drop_oldest"]
+
+DEFAULT_EDGE_SIZE = 8
+DEFAULT_STOP_TIMEOUT = 10.0
+DEFAULT_CLOSE_TIMEOUT = 5.0
+LATENCY_WINDOW = 256
+
+
+# ---------------------------------------------------------------- edges
+
+
+class Edge:
+    """A bounded queue with a control lane that overtakes data."""
+
+    def __init__(self, name: str, *, maxsize: int = DEFAULT_EDGE_SIZE, policy: EdgePolicy = "block"):
+        self.name = name
+        self.maxsize = maxsize
+        self.policy = policy
+        self._data: collections.deque[Event] = collections.deque()
+        self._control: collections.deque[Event] = collections.deque()
+        self._changed = asyncio.Condition()
+        self.drops = 0
+        self.max_depth = 0
+
+    @property
+    def depth(self) -> int:
+        return len(self._data)
+
+    async def put(self, item: Event) -> None:
+        async with self._changed:
+            if item.control:
+                self._control.append(item)
+            else:
+                while len(self._data) >= self.maxsize:
+                    if self.policy == "drop_oldest" and isinstance(item, Frame) and self._drop_oldest_frame():
+                        break
+                    await self._changed.wait()
+                self._data.append(item)
+                self.max_depth = max(self.max_depth, len(self._data))
+            self._changed.notify_all()
+
+    def _drop_oldest_frame(self) -> bool:
+        for i, queued in enumerate(self._data):
+            if isinstance(queued, Frame):
+                del self._data[i]
+                self.drops += 1
+                return True
+        return False
+
+    async def get(self) -> Event:
+        async with self._changed:
+            while not self._control and not self._data:
+                await self._changed.wait()
+            item = self._control.popleft() if self._control else self._data.popleft()
+            self._changed.notify_all()
+            return item
+
+
+# ---------------------------------------------------------------- stages
+
+
+@dataclass
+class StageMetrics:
+    items_in: int = 0
+    items_out: int = 0
+    errors: int = 0
+    started: float = field(default_factory=time.monotonic)
+    latencies: collections.deque = field(default_factory=lambda: collections.deque(maxlen=LATENCY_WINDOW))
+    extra: dict[str, float] = field(default_factory=dict)  # stage-specific counters
+
+    def snapshot(self, edge: Edge | None) -> dict[str, float]:
+        lat = sorted(self.latencies)
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        out = {
+            "items_in": self.items_in,
+            "items_out": self.items_out,
+            "errors": self.errors,
+            "throughput_per_s": round(self.items_in / elapsed, 3),
+            "latency_ms_p50": round(lat[len(lat) // 2] * 1e3, 3) if lat else 0.0,
+            "latency_ms_p95": round(lat[int(len(lat) * 0.95)] * 1e3, 3) if lat else 0.0,
+            "queue_depth": edge.depth if edge else 0,
+            "queue_max_depth": edge.max_depth if edge else 0,
+            "drops": edge.drops if edge else 0,
+        }
+        out.update(self.extra)
+        return out
+
+
+class Stage:
+    """One step of the graph. Override `process` (data) and/or `on_control` (control).
+
+    Stages see events, never another stage. `emit` lets a stage push events on its own
+    (e.g. from a timer or a network callback); `runtime.inject` sends control upstream-to-down.
+    """
+
+    name: str = "stage"
+
+    def __init__(self, *, name: str | None = None):
+        if name:
+            self.name = name
+        self.metrics = StageMetrics()
+        self.runtime: Runtime | None = None
+        self._out: Edge | None = None
+
+    async def start(self) -> None:
+        """Open resources. Raise FatalError for input that cannot work."""
+
+    async def process(self, item: Event) -> AsyncIterator[Event]:
+        yield item
+
+    async def on_control(self, msg: Event) -> AsyncIterator[Event]:
+        yield msg
+
+    async def on_end(self) -> AsyncIterator[Event]:
+        """End of stream reached this stage: yield anything still pending."""
+        return
+        yield  # pragma: no cover
+
+    async def close(self) -> None:
+        """Flush and release. Called once, also after errors and cancellation."""
+
+    async def emit(self, item: Event) -> None:
+        if self._out is not None:
+            await self._out.put(item)
+            self.metrics.items_out += 1
+
+
+class Source(Stage):
+    """The head of a graph. `live` sources get drop-oldest edges, recorded ones backpressure."""
+
+    live: bool = False
+
+    def __init__(self, *, name: str | None = None):
+        super().__init__(name=name)
+        self.stopping = asyncio.Event()
+
+    async def frames(self) -> AsyncIterator[Event]:
+        """Yield frames (and status events) until exhausted or `self.stopping` is set."""
+        return
+        yield  # pragma: no cover
+
+
+# ---------------------------------------------------------------- the runner
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    errors: list[Error]
+    metrics: dict[str, dict[str, float]]
+    stopped_by: str  # eos | signal | fatal | stop
+
+
+class Runtime:
+    """Runs a chain of stages to completion (or until stopped)."""
+
+    def __init__(
+        self,
+        source: Source,
+        stages: Iterable[Stage],
+        *,
+        edge_size: int = DEFAULT_EDGE_SIZE,
+        policy: EdgePolicy | None = None,
+        stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+        metrics_interval: float | None = None,
+        on_metrics: Callable[[dict[str, dict[str, float]]], None] | None = None,
+        on_error: Callable[[Error], None] | None = None,
+        stream_id: str = "default",
+    ):
+        self.source = source
+        self.stages = list(stages)
+        self.stream_id = stream_id
+        policy = policy or ("drop_oldest" if source.live else "block")
+        self.edges = [Edge(f"{s.name}.in", maxsize=edge_size, policy=policy) for s in self.stages]
+        self.stop_timeout = stop_timeout
+        self.metrics_interval = metrics_interval
+        self.on_metrics = on_metrics
+        self.on_error = on_error
+        self.errors: list[Error] = []
+        self._exit_code = 0
+        self._stopped_by = "eos"
+        self._metrics_seq = 0
+        for i, st in enumerate([source, *self.stages]):
+            st.runtime = self
+            st._out = self.edges[i] if i < len(self.edges) else None
+
+    # -- control from outside (signals, MQTT questions, tests)
+
+    async def inject(self, msg: Event) -> None:
+        """Put a control message (or data) at the head of the chain, after the source."""
+        if self.edges:
+            await self.edges[0].put(msg)
+
+    def request_stop(self, reason: str = "stop") -> None:
+        if not self.source.stopping.is_set():
+            self._stopped_by = reason
+            self.source.stopping.set()
+
+    def metrics_snapshot(self) -> dict[str, dict[str, float]]:
+        snap = {self.source.name: self.source.metrics.snapshot(None)}
+        for st, edge in zip(self.stages, self.edges):
+            snap[st.name] = st.metrics.snapshot(edge)
+        return snap
+
+    def _record_error(self, err: Error) -> None:
+        self.errors.append(err)
+        if self.on_error:
+            self.on_error(err)
+
+    def fail(self, message: str, *, stage: str, exit_code: int = 1) -> Error:
+        """Record a fatal error and stop the graph (nothing produced so far is lost)."""
+        err = Error(text=message, stage=stage, fatal=True, stream_id=self.stream_id)
+        self._record_error(err)
+        self._exit_code = self._exit_code or exit_code
+        self.request_stop("fatal")
+        return err
+
+    # -- tasks
+
+    async def _run_source(self) -> None:
+        src, out = self.source, self.edges[0] if self.edges else None
+        try:
+            await src.start()
+            async for item in src.frames():
+                src.metrics.items_in += 1
+                if out is not None:
+                    await out.put(item)
+                    src.metrics.items_out += 1
+                if src.stopping.is_set():
+                    break
+        except FatalError as e:
+            err = self.fail(str(e), stage=src.name, exit_code=e.exit_code)
+            if out is not None:
+                await out.put(err)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bug or an unexpected library error: report, do not vanish
+            err = self.fail(f"{type(e).__name__}: {e}", stage=src.name)
+            if out is not None:
+                await out.put(err)
+        finally:
+            if out is not None:
+                await out.put(EndOfStream(stream_id=self.stream_id, text=self._stopped_by))
+
+    async def _run_stage(self, idx: int) -> None:
+        st, inp = self.stages[idx], self.edges[idx]
+        out = self.edges[idx + 1] if idx + 1 < len(self.edges) else None
+
+        async def forward(gen: AsyncIterator[Event]) -> None:
+            async for produced in gen:
+                st.metrics.items_out += 1
+                if out is not None:
+                    await out.put(produced)
+
+        while True:
+            item = await inp.get()
+            st.metrics.items_in += 1
+            t0 = time.perf_counter()
+            try:
+                if isinstance(item, EndOfStream):
+                    await forward(st.on_end())
+                    if out is not None:
+                        await out.put(item)
+                    return
+                if item.control:
+                    await forward(st.on_control(item))
+                else:
+                    await forward(st.process(item))
+            except asyncio.CancelledError:
+                raise
+            except FatalError as e:
+                err = self.fail(str(e), stage=st.name, exit_code=e.exit_code)
+                if out is not None:
+                    await out.put(err)
+            except Exception as e:
+                st.metrics.errors += 1
+                err = Error(text=f"{type(e).__name__}: {e}", stage=st.name, stream_id=self.stream_id,
+                            pts=item.pts)
+                self._record_error(err)
+                if out is not None:
+                    await out.put(err)
+            finally:
+                st.metrics.latencies.append(time.perf_counter() - t0)
+
+    async def _metrics_loop(self) -> None:
+        assert self.metrics_interval
+        while True:
+            await asyncio.sleep(self.metrics_interval)
+            await self._publish_metrics()
+
+    async def _publish_metrics(self) -> None:
+        snap = self.metrics_snapshot()
+        if self.on_metrics:
+            self.on_metrics(snap)
+        self._metrics_seq += 1
+        if self.edges:  # as data, so the bus and files see it too; never dropped (not a Frame)
+            await self.edges[0].put(Metrics(stages=snap, stream_id=self.stream_id, seq=self._metrics_seq))
+
+    async def run(self, *, handle_signals: bool = True) -> RunResult:
+        loop = asyncio.get_running_loop()
+        installed: list[int] = []
+        if handle_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    loop.add_signal_handler(sig, self.request_stop, "signal")
+                    installed.append(sig)
+                except (NotImplementedError, RuntimeError, ValueError):
+                    pass
+        for st in self.stages:
+            try:
+                await st.start()
+            except FatalError as e:
+                self.fail(str(e), stage=st.name, exit_code=e.exit_code)
+                await self._close_all()
+                return RunResult(self._exit_code, self.errors, self.metrics_snapshot(), "fatal")
+        stage_tasks = [asyncio.create_task(self._run_stage(i), name=st.name) for i, st in enumerate(self.stages)]
+        source_task = asyncio.create_task(self._run_source(), name=self.source.name)
+        metrics_task = asyncio.create_task(self._metrics_loop()) if self.metrics_interval else None
+        try:
+            stop_wait = asyncio.create_task(self.source.stopping.wait())
+            await asyncio.wait([source_task, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+            if not source_task.done():
+                # Stopped from outside: give the source a moment to notice, then cancel it
+                # (a hung capture library must not block shutdown).
+                done, _ = await asyncio.wait([source_task], timeout=min(2.0, self.stop_timeout))
+                if not done:
+                    source_task.cancel()
+                    await asyncio.gather(source_task, return_exceptions=True)
+                    if self.edges:
+                        await self.edges[0].put(EndOfStream(stream_id=self.stream_id, text=self._stopped_by))
+            stop_wait.cancel()
+            if self._stopped_by != "eos" and self.edges:
+                await self.edges[0].put(Stop(stream_id=self.stream_id, text=self._stopped_by))
+            deadline = self.stop_timeout if self._stopped_by != "eos" else None
+            _, pending = await asyncio.wait(stage_tasks, timeout=deadline) if stage_tasks else (set(), set())
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*stage_tasks, return_exceptions=True)
+        except asyncio.CancelledError:
+            for t in [source_task, *stage_tasks]:
+                t.cancel()
+            raise
+        finally:
+            if metrics_task:
+                metrics_task.cancel()
+                await asyncio.gather(metrics_task, return_exceptions=True)
+            await self._close_all()
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+        snap = self.metrics_snapshot()
+        if self.on_metrics and self.metrics_interval:
+            self.on_metrics(snap)
+        return RunResult(self._exit_code, self.errors, snap, self._stopped_by)
+
+    async def _close_all(self) -> None:
+        for st in [self.source, *self.stages]:
+            try:
+                await asyncio.wait_for(st.close(), timeout=DEFAULT_CLOSE_TIMEOUT)
+            except Exception as e:  # closing must never hide the rest
+                self._record_error(Error(text=f"close failed: {type(e).__name__}: {e}", stage=st.name,
+                                         stream_id=self.stream_id))
+
+
+def run_graph(source: Source, stages: Iterable[Stage], **kw: Any) -> RunResult:
+    """Synchronous entry point for the CLI."""
+    return asyncio.run(Runtime(source, stages, **kw).run())

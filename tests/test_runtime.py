@@ -1,0 +1,135 @@
+"""The async runtime: edge policies, control overtaking data, errors as messages, stop."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from pipeline.errors import FatalError
+from pipeline.events import EndOfStream, Error, Event, Flush, Frame, Question, Status
+from pipeline.runtime import Edge, Runtime, Source, Stage
+
+
+def _frame(i: int) -> Frame:
+    return Frame(pixels=np.zeros((4, 4, 3), np.uint8), seq=i, pts=i / 10)
+
+
+class CountingSource(Source):
+    def __init__(self, n: int, *, live: bool = False, delay: float = 0.0):
+        super().__init__(name="src")
+        self.n, self.live, self.delay = n, live, delay
+
+    async def frames(self):
+        for i in range(self.n):
+            if self.stopping.is_set():
+                return
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            yield _frame(i)
+
+
+class Collect(Stage):
+    name = "collect"
+
+    def __init__(self, delay: float = 0.0):
+        super().__init__()
+        self.seen: list[Event] = []
+        self.delay = delay
+        self.closed = False
+
+    async def process(self, item):
+        if self.delay and isinstance(item, Frame):
+            await asyncio.sleep(self.delay)
+        self.seen.append(item)
+        yield item
+
+    async def on_control(self, msg):
+        self.seen.append(msg)
+        yield msg
+
+    async def on_end(self):
+        self.seen.append(EndOfStream())
+        return
+        yield
+
+    async def close(self):
+        self.closed = True
+
+
+def test_recorded_source_loses_nothing_under_backpressure():
+    sink = Collect(delay=0.001)
+    res = asyncio.run(Runtime(CountingSource(50), [sink], edge_size=2).run(handle_signals=False))
+    frames = [e.seq for e in sink.seen if isinstance(e, Frame)]
+    assert frames == list(range(50))
+    assert res.exit_code == 0 and res.metrics["collect"]["drops"] == 0 and sink.closed
+
+
+def test_live_source_drops_oldest_frames_and_counts_them():
+    sink = Collect(delay=0.005)
+    res = asyncio.run(Runtime(CountingSource(200, live=True), [sink], edge_size=2).run(handle_signals=False))
+    frames = [e.seq for e in sink.seen if isinstance(e, Frame)]
+    drops = res.metrics["collect"]["drops"]
+    assert drops > 0 and len(frames) + drops == 200
+    assert frames == sorted(frames) and frames[-1] == 199  # latest frame wins
+
+
+def test_control_overtakes_queued_data():
+    async def main():
+        edge = Edge("e", maxsize=10)
+        for i in range(5):
+            await edge.put(_frame(i))
+        await edge.put(Question(text="what?"))
+        await edge.put(Flush())
+        got = [await edge.get() for _ in range(7)]
+        return [type(e).__name__ for e in got]
+
+    assert asyncio.run(main())[:2] == ["Question", "Flush"]
+
+
+def test_stage_error_travels_as_message_and_run_continues():
+    class Boom(Stage):
+        name = "boom"
+
+        async def process(self, item):
+            if isinstance(item, Frame) and item.seq == 3:
+                raise ValueError("bad frame")
+            yield item
+
+    sink = Collect()
+    res = asyncio.run(Runtime(CountingSource(6), [Boom(), sink]).run(handle_signals=False))
+    errs = [e for e in sink.seen if isinstance(e, Error)]
+    assert len(errs) == 1 and "bad frame" in errs[0].text and errs[0].stage == "boom"
+    assert [e.seq for e in sink.seen if isinstance(e, Frame)] == [0, 1, 2, 4, 5]
+    assert res.exit_code == 0 and res.metrics["boom"]["errors"] == 1
+
+
+def test_fatal_source_error_stops_with_nonzero_exit_and_closes_outputs():
+    class Bad(Source):
+        name = "bad"
+
+        async def frames(self):
+            yield _frame(0)
+            raise FatalError("video.mp4: truncated")
+
+    sink = Collect()
+    res = asyncio.run(Runtime(Bad(), [sink]).run(handle_signals=False))
+    assert res.exit_code == 1 and sink.closed
+    assert any(isinstance(e, Frame) for e in sink.seen)  # what came before is kept
+    assert "truncated" in res.errors[0].text
+
+
+def test_request_stop_drains_and_closes_endless_source():
+    sink = Collect()
+
+    async def main():
+        rt = Runtime(CountingSource(10**9, live=True, delay=0.001), [sink], stop_timeout=2)
+        task = asyncio.create_task(rt.run(handle_signals=False))
+        await asyncio.sleep(0.1)
+        await rt.inject(Status(state="probe"))
+        rt.request_stop("signal")
+        return await asyncio.wait_for(task, 5)
+
+    res = asyncio.run(main())
+    assert res.stopped_by == "signal" and sink.closed
+    assert any(isinstance(e, Status) for e in sink.seen)
