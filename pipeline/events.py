@@ -146,7 +146,10 @@ class Answer(Event):
 
 
 class Status(Event):
-    """Stream state: starting, running, reconnecting, eof, stopped, error."""
+    """Stream state: starting, running, reconnecting, eof, stopped, error.
+
+    `duration` (media seconds) is known for recorded files: progress bars use it.
+    """
 
     type: Literal["status"] = "status"
     state: str
@@ -154,6 +157,8 @@ class Status(Event):
     fps: float | None = None
     drops: int | None = None
     reconnects: int | None = None
+    bad_frames: int | None = None
+    duration: float | None = None
 
 
 class Metrics(Event):

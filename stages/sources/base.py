@@ -1,0 +1,192 @@
+"""What every capture source shares: frame/status numbering, max_frames, pacing, and a thread
+bridge so blocking libraries (PyAV, OpenCV) never block the event loop.
+
+A capture source implements `capture()`, an async generator of Frame/Status events;
+`CaptureSource.frames()` wraps it with the start/end Status events, `max_frames` and the
+`stopping` flag, and counts what the source saw in `metrics.extra` (frames, bad_frames,
+reconnects, skipped_by_fps, ...), which `--metrics` prints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import threading
+import time
+from typing import Any, AsyncIterator, Callable, Iterator
+
+import numpy as np
+
+from pipeline.config import SourceConfig
+from pipeline.events import Event, Frame, Status
+from pipeline.runtime import Source
+
+#: how often a blocked reader thread re-checks its stop flag (s)
+THREAD_POLL_S = 0.1
+#: items a reader thread may run ahead of the event loop
+DEFAULT_BRIDGE_SIZE = 4
+
+
+class _End:
+    """Marks the end of a reader thread's items (carries its exception, if any)."""
+
+    def __init__(self, error: BaseException | None = None):
+        self.error = error
+
+
+class ThreadReader:
+    """Runs a blocking iterator in a daemon thread and hands its items to the event loop.
+
+    `live=False`: the thread blocks when the loop is behind (backpressure, nothing lost).
+    `live=True`: the thread never blocks; the oldest queued item is dropped instead (counted in
+    `drops`) so a slow consumer cannot make a network/camera buffer overflow.
+    `stop()` only sets a flag: a thread stuck inside a library is abandoned, never joined
+    (daemon), so shutdown and reconnects never hang on it.
+    """
+
+    def __init__(self, make_iter: Callable[[threading.Event], Iterator[Any]], *, live: bool,
+                 maxsize: int = DEFAULT_BRIDGE_SIZE, name: str = "reader"):
+        self._make_iter = make_iter
+        self._live = live
+        self._q: queue.Queue = queue.Queue(maxsize=maxsize)
+        self._stop = threading.Event()
+        self.drops = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> "ThreadReader":
+        self._loop = asyncio.get_running_loop()
+        self._ready = asyncio.Event()
+        self._thread.start()
+        return self
+
+    def _notify(self) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop may be gone at shutdown
+            self._loop.call_soon_threadsafe(self._ready.set)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=THREAD_POLL_S)
+                self._notify()
+                return True
+            except queue.Full:
+                if self._live and not isinstance(item, _End):
+                    with contextlib.suppress(queue.Empty):
+                        self._q.get_nowait()
+                        self.drops += 1
+        return False
+
+    def _run(self) -> None:
+        try:
+            for item in self._make_iter(self._stop):
+                if self._stop.is_set() or not self._put(item):
+                    return
+        except BaseException as e:  # handed to the loop, which decides what it means
+            self._put(_End(e))
+            return
+        self._put(_End())
+
+    async def get(self, timeout: float | None = None) -> Any:
+        """The next item. Raises `EOFError` at the end, re-raises the thread's exception, and
+        `TimeoutError` when nothing came within `timeout` seconds (the watchdog's signal)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                self._ready.clear()
+                if not self._q.empty():  # an item landed between the two checks
+                    continue
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError from None
+                try:
+                    await asyncio.wait_for(self._ready.wait(), remaining)
+                except asyncio.TimeoutError:
+                    raise TimeoutError from None
+                continue
+            if isinstance(item, _End):
+                if item.error is not None:
+                    raise item.error
+                raise EOFError
+            return item
+
+
+class CaptureSource(Source):
+    """Base of the capture stages. Subclasses implement `capture()`."""
+
+    kind = "capture"
+
+    def __init__(self, cfg: SourceConfig, *, name: str = "source"):
+        super().__init__(name=name)
+        self.cfg = cfg
+        self.uri = cfg.uri
+        self.stream_id = cfg.stream_id
+        self._frame_seq = 0
+        self._status_seq = 0
+        self._pace_origin: tuple[float, float] | None = None  # (wall, pts) of the first paced frame
+
+    # ---- helpers for subclasses
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.metrics.extra[key] = self.metrics.extra.get(key, 0) + n
+
+    def make_frame(self, pixels: np.ndarray, pts: float, *, wall_time: float | None = None) -> Frame:
+        f = Frame(pixels=pixels, pts=round(float(pts), 6), stream_id=self.stream_id, seq=self._frame_seq,
+                  wall_time=wall_time or time.time())
+        self._frame_seq += 1
+        return f
+
+    def make_status(self, state: str, text: str = "", **kw: Any) -> Status:
+        s = Status(state=state, text=text, stream_id=self.stream_id, seq=self._status_seq, **kw)
+        self._status_seq += 1
+        return s
+
+    async def pace(self, pts: float) -> None:
+        """Sleep until `pts` is due in wall time (realtime playback of recorded/synthetic media)."""
+        now = time.monotonic()
+        if self._pace_origin is None:
+            self._pace_origin = (now, pts)
+            return
+        due = self._pace_origin[0] + (pts - self._pace_origin[1]) - now
+        if due > 0:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), timeout=due)
+
+    # ---- the Source API
+
+    async def capture(self) -> AsyncIterator[Event]:
+        return
+        yield  # pragma: no cover
+
+    async def frames(self) -> AsyncIterator[Event]:
+        limit = self.cfg.max_frames
+        n = 0
+        gen = self.capture()
+        async with contextlib.aclosing(gen):
+            async for ev in gen:
+                if isinstance(ev, Frame):
+                    if limit is not None and n >= limit:
+                        break
+                    n += 1
+                    self.count("frames")
+                yield ev
+                if self.stopping.is_set() or (limit is not None and n >= limit):
+                    break
+        state = "stopped" if self.stopping.is_set() else "eof"
+        yield self.make_status(state, f"{self.uri}: {state} after {n} frames", **self._final_counts())
+
+    def _final_counts(self) -> dict[str, Any]:
+        e = self.metrics.extra
+        out: dict[str, Any] = {}
+        if "reconnects" in e:
+            out["reconnects"] = int(e["reconnects"])
+        if "bad_frames" in e:
+            out["bad_frames"] = int(e["bad_frames"])
+        if "drops" in e:
+            out["drops"] = int(e["drops"])
+        return out
