@@ -172,3 +172,130 @@ def test_sanitize_drops_rotary_buffers_and_tied_head():
     ours = build_lm({**TINY, "model_type": "qwen2", "tie_word_embeddings": True})
     weights = {"model.layers.0.self_attn.rotary_emb.inv_freq": mx.zeros(4), "lm_head.weight": mx.zeros(2)}
     assert ours.sanitize(weights) == {}
+
+
+# -- MiniCPM muP: a torch reference written from the published formulas ----------------------
+
+MINICPM = dict(
+    TINY,
+    model_type="minicpm",
+    num_key_value_heads=1,
+    rope_theta=1e4,
+    scale_emb=12.0,
+    scale_depth=1.4,
+    dim_model_base=16,
+)
+MINICPM_LONGROPE = dict(
+    MINICPM,
+    max_position_embeddings=64,
+    rope_scaling=dict(
+        rope_type="longrope",
+        original_max_position_embeddings=16,
+        # 8 entries = head_dim/2; long factors are used since max_position > original
+        long_factor=[1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0],
+        short_factor=[1.0] * 8,
+    ),
+)
+
+
+def _minicpm_weights(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    D, F, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    hd = D // cfg["num_attention_heads"]
+    shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,), "lm_head.weight": (V, D)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (cfg["num_attention_heads"] * hd, D),
+            p + "self_attn.k_proj.weight": (cfg["num_key_value_heads"] * hd, D),
+            p + "self_attn.v_proj.weight": (cfg["num_key_value_heads"] * hd, D),
+            p + "self_attn.o_proj.weight": (D, cfg["num_attention_heads"] * hd),
+            p + "mlp.gate_proj.weight": (F, D),
+            p + "mlp.up_proj.weight": (F, D),
+            p + "mlp.down_proj.weight": (D, F),
+            p + "input_layernorm.weight": (D,),
+            p + "post_attention_layernorm.weight": (D,),
+        }
+    out = {}
+    for name, shape in shapes.items():
+        w = torch.randn(shape, generator=g)
+        if "norm" in name:
+            out[name] = 1 + 0.2 * w
+        elif "embed_tokens" in name:
+            out[name] = 0.1 * w  # muP: scale_emb=12 brings it back to O(1)
+        else:
+            out[name] = w / math.sqrt(shape[-1])
+    return out
+
+
+def _minicpm_reference(w: dict[str, torch.Tensor], cfg: dict, ids: torch.Tensor) -> torch.Tensor:
+    """Full-sequence MiniCPM forward in plain torch (no cache): rotate-half RoPE with
+    LongRoPE factors, GQA, causal softmax attention, SwiGLU, and the three muP scalars."""
+    D, H, KV, L = (cfg[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers"))
+    hd, eps, T = D // H, cfg["rms_norm_eps"], ids.shape[1]
+
+    def rms(x, weight):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+    inv_freq = 1.0 / cfg["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    mscale = 1.0
+    scaling = cfg.get("rope_scaling")
+    if scaling:
+        original, max_pos = scaling["original_max_position_embeddings"], cfg["max_position_embeddings"]
+        factors = scaling["long_factor"] if max_pos > original else scaling["short_factor"]
+        inv_freq = inv_freq / torch.tensor(factors, dtype=torch.float64)
+        ratio = max_pos / original
+        mscale = math.sqrt(1 + math.log(ratio) / math.log(original)) if ratio > 1 else 1.0
+    angles = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq[None]  # [T, hd/2]
+    emb = torch.cat([angles, angles], dim=-1)
+    cos, sin = (emb.cos() * mscale).float(), (emb.sin() * mscale).float()
+
+    def rope(x):  # [1, heads, T, hd], rotate-half
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
+        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+    residual_scale = cfg["scale_depth"] / math.sqrt(L)
+    causal = torch.full((T, T), float("-inf")).triu(1)
+    h = w["model.embed_tokens.weight"][ids] * cfg["scale_emb"]  # [1, T, D]
+    for i in range(L):
+        p = f"model.layers.{i}."
+        x = rms(h, w[p + "input_layernorm.weight"])
+        q = (x @ w[p + "self_attn.q_proj.weight"].T).view(1, T, H, hd).transpose(1, 2)
+        k = (x @ w[p + "self_attn.k_proj.weight"].T).view(1, T, KV, hd).transpose(1, 2)
+        v = (x @ w[p + "self_attn.v_proj.weight"].T).view(1, T, KV, hd).transpose(1, 2)
+        q, k = rope(q), rope(k)
+        k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd) + causal, dim=-1)
+        o = (att @ v).transpose(1, 2).reshape(1, T, D) @ w[p + "self_attn.o_proj.weight"].T
+        h = h + o * residual_scale
+        x = rms(h, w[p + "post_attention_layernorm.weight"])
+        gate = torch.nn.functional.silu(x @ w[p + "mlp.gate_proj.weight"].T)
+        m = (gate * (x @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
+        h = h + m * residual_scale
+    h = rms(h, w["model.norm.weight"])
+    return (h @ w["lm_head.weight"].T) / (cfg["hidden_size"] / cfg["dim_model_base"])
+
+
+@pytest.mark.parametrize("case", ["minicpm", "minicpm-longrope"])
+def test_minicpm_mup_matches_torch_reference(case):
+    cfg = MINICPM if case == "minicpm" else MINICPM_LONGROPE
+    weights = _minicpm_weights(cfg, seed=zlib.crc32(case.encode()))
+    ids = _ids(PROMPT + DECODE, cfg["vocab_size"])
+    with torch.no_grad():
+        reference = _minicpm_reference(weights, cfg, torch.tensor(ids)).numpy()
+    ours = build_lm(cfg)
+    _to_mlx(ours, weights)
+    assert ours.args.residual_scale == pytest.approx(1.4 / math.sqrt(2))
+    assert ours.args.logit_scale == pytest.approx(64 / 16)
+    _check_all_paths(ours, reference, ids, case)
+    # embed_tokens includes scale_emb (vision features scattered later are never scaled)
+    raw = ours.model.embed_tokens(mx.array(ids[:, :3]))
+    np.testing.assert_allclose(np.array(ours.embed_tokens(mx.array(ids[:, :3]))), np.array(raw) * 12.0, rtol=1e-6)
+
+
+def test_untied_head_missing_from_checkpoint_falls_back_to_embeddings():
+    ours = build_lm(dict(MINICPM, tie_word_embeddings=False))
+    weights = {k: mx.array(v.numpy()) for k, v in _minicpm_weights(MINICPM, 0).items() if k != "lm_head.weight"}
+    weights = ours.sanitize(weights)
+    assert weights["lm_head.weight"] is weights["model.embed_tokens.weight"]
+    ours.load_weights(list(weights.items()), strict=True)

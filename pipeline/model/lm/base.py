@@ -246,3 +246,16 @@ class TransformerBlock(nn.Module):
 def drop_rotary_buffers(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     """HF checkpoints may carry `rotary_emb.inv_freq` buffers; RoPE is recomputed here."""
     return {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+
+
+def sanitize_head(weights: dict[str, mx.array], *, tied: bool) -> dict[str, mx.array]:
+    """Tied: drop any stored `lm_head.*`. Untied but absent: the head is the embedding table
+    (some checkpoints tie without saying so), including quantisation scales/biases."""
+    weights = drop_rotary_buffers(weights)
+    if tied:
+        return {k: v for k, v in weights.items() if not k.startswith("lm_head.")}
+    if "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:
+        for part in ("weight", "scales", "biases"):
+            if f"model.embed_tokens.{part}" in weights:
+                weights[f"lm_head.{part}"] = weights[f"model.embed_tokens.{part}"]
+    return weights

@@ -14,8 +14,8 @@ from pipeline.model.lm.base import (
     BaseModelArgs,
     TransformerBlock,
     causal_mask,
-    drop_rotary_buffers,
     make_rope,
+    sanitize_head,
 )
 
 
@@ -113,7 +113,4 @@ class Model(nn.Module):
         return [KVCache() for _ in self.layers]
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        weights = drop_rotary_buffers(weights)
-        if self.args.tie_word_embeddings:
-            weights.pop("lm_head.weight", None)
-        return weights
+        return sanitize_head(weights, tied=self.args.tie_word_embeddings)
