@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from pipeline.kernels.rope_shift import rope_shift
+
 DEFAULT_STEP = 256  # tokens added per growth; one frame (64-ish tokens) rarely triggers it
 
 
@@ -74,6 +76,26 @@ class KVCache:
 
     def is_trimmable(self) -> bool:
         return True
+
+    def evict(self, spans, *, rope) -> int:
+        """Drop token ranges `spans` ([(start, end), ...]) and close the gaps.
+
+        Keys after a dropped range are re-rotated by minus the number of tokens dropped
+        before them (`rope`: a `pipeline.kernels.rope_shift.RopeSpec`), so RoPE positions stay
+        contiguous 0..offset-1. The buffer is reused (memory stays flat); returns the count.
+        """
+        plan = eviction_plan(spans, self.offset)
+        if plan is None:
+            return 0
+        first, keep, shift = plan
+        moved_k = mx.take(self.keys[..., first : self.offset, :], keep, axis=2)
+        moved_v = mx.take(self.values[..., first : self.offset, :], keep, axis=2)
+        end = first + keep.shape[0]
+        self.keys[..., first:end, :] = rope_shift(moved_k, shift, rope)
+        self.values[..., first:end, :] = moved_v
+        removed = self.offset - end
+        self.offset = end
+        return removed
 
     def empty(self) -> bool:
         return self.offset == 0
@@ -136,3 +158,173 @@ def trim_prompt_cache(cache: list, n: int) -> int:
 
 def cache_nbytes(cache: list) -> int:
     return sum(c.nbytes for c in cache)
+
+
+# ---------------------------------------------------------------- eviction and quantisation
+# (added by the streaming-session work: sinks + sliding window, KV quantisation)
+
+
+def eviction_plan(spans, offset: int):
+    """What `evict(spans)` moves: None if nothing to drop, else
+    (first, keep [n] int32 indices relative to `first`, shift [n] int32 = -dropped before).
+
+    `first` is the start of the earliest dropped range: tokens before it never move.
+    """
+    ranges = sorted((max(0, int(a)), min(offset, int(b))) for a, b in spans)
+    ranges = [(a, b) for a, b in ranges if b > a]
+    if not ranges:
+        return None
+    first = ranges[0][0]
+    keep, shift, dropped, pos = [], [], 0, first
+    for a, b in ranges:
+        a = max(a, pos)
+        if b <= a:
+            continue
+        keep.extend(range(pos - first, a - first))
+        shift.extend([-dropped] * (a - pos))
+        dropped += b - a
+        pos = b
+    keep.extend(range(pos - first, offset - first))
+    shift.extend([-dropped] * (offset - pos))
+    return first, mx.array(keep, dtype=mx.int32), mx.array(shift, dtype=mx.int32)
+
+
+def evict_prompt_cache(cache: list, spans, *, rope) -> int:
+    """Drop the same token ranges from every layer; returns how many were dropped."""
+    return min((c.evict(spans, rope=rope) for c in cache), default=0)
+
+
+QUANT_GROUP_SIZES = (128, 64, 32)  # what mx.quantize supports, largest first
+
+
+class QuantizedKVCache:
+    """KVCache whose buffers hold `bits`-bit affine-quantised keys/values (mx.quantize groups
+    along head_dim), same protocol as `KVCache`.
+
+    `update_and_fetch` returns the whole cache dequantised to the input dtype, so the layers'
+    attention code stays unchanged: memory at rest shrinks ~3.6x (8-bit) / ~6.4x (4-bit) vs
+    fp32-from-bf16 accounting, at the cost of a dequantise pass over the cache per layer per
+    step (one layer's copy alive at a time). Eviction dequantises, re-rotates and
+    re-quantises only the keys that move; values are moved as stored (no new error).
+    """
+
+    def __init__(self, *, bits: int = 8, group_size: int | None = None, step: int = DEFAULT_STEP):
+        if bits not in (4, 8):
+            raise ValueError(f"QuantizedKVCache bits must be 4 or 8, got {bits}")
+        self.bits = bits
+        self.group_size = group_size
+        self.step = step
+        self.keys: tuple | None = None  # (packed [B,n_kv,cap,D*bits/32], scales, biases [B,n_kv,cap,D/g])
+        self.values: tuple | None = None
+        self.offset = 0
+        self.dtype = mx.float32
+
+    def _group(self, dim: int) -> int:
+        if self.group_size is None:
+            for g in QUANT_GROUP_SIZES:
+                if dim % g == 0:
+                    self.group_size = g
+                    break
+            else:
+                raise ValueError(f"KV quantisation needs head_dim divisible by 32, got {dim}")
+        return self.group_size
+
+    def _quant(self, x: mx.array) -> tuple:
+        return tuple(mx.quantize(x, group_size=self._group(x.shape[-1]), bits=self.bits))
+
+    def _dequant(self, q: tuple, end: int, start: int = 0) -> mx.array:
+        parts = [t[..., start:end, :] for t in q]
+        return mx.dequantize(*parts, group_size=self.group_size, bits=self.bits).astype(self.dtype)
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys[0].shape[2]
+
+    def _grow(self, qk: tuple, qv: tuple, needed: int) -> None:
+        new_capacity = ((needed + self.step - 1) // self.step) * self.step
+
+        def grown(old: tuple | None, new: tuple) -> tuple:
+            out = []
+            for i, t in enumerate(new):
+                B, H, _, W = t.shape
+                held = 0 if old is None else self.offset
+                pad = mx.zeros((B, H, new_capacity - held, W), dtype=t.dtype)
+                out.append(pad if old is None else mx.concatenate([old[i][..., :held, :], pad], axis=2))
+            return tuple(out)
+
+        self.keys, self.values = grown(self.keys, qk), grown(self.values, qv)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        # keys/values: [B, n_kv, T, head_dim] -> everything held, dequantised, same shape rule
+        self.dtype = keys.dtype
+        qk, qv = self._quant(keys), self._quant(values)
+        start, end = self.offset, self.offset + keys.shape[2]
+        if self.keys is None or end > self.capacity:
+            self._grow(qk, qv, end)
+        for buf, new in ((self.keys, qk), (self.values, qv)):
+            for t, n in zip(buf, new):
+                t[..., start:end, :] = n
+        self.offset = end
+        return self._dequant(self.keys, end), self._dequant(self.values, end)
+
+    def trim(self, n: int) -> int:
+        n = max(0, min(self.offset, n))
+        self.offset -= n
+        return n
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def empty(self) -> bool:
+        return self.offset == 0
+
+    def evict(self, spans, *, rope) -> int:
+        plan = eviction_plan(spans, self.offset)
+        if plan is None:
+            return 0
+        first, keep, shift = plan
+        end = first + keep.shape[0]
+        moved_k = mx.take(self._dequant(self.keys, self.offset, first), keep, axis=2)
+        new_k = self._quant(rope_shift(moved_k, shift, rope))
+        for t, n in zip(self.keys, new_k):
+            t[..., first:end, :] = n
+        for t in self.values:
+            t[..., first:end, :] = mx.take(t[..., first : self.offset, :], keep, axis=2)
+        removed = self.offset - end
+        self.offset = end
+        return removed
+
+    @property
+    def state(self) -> tuple:
+        """(k_packed, k_scales, k_biases, v_packed, v_scales, v_biases) held; () when empty."""
+        if self.keys is None or self.offset == 0:
+            return ()
+        return tuple(t[..., : self.offset, :] for t in (*self.keys, *self.values))
+
+    @state.setter
+    def state(self, state) -> None:
+        if not state:
+            self.keys = self.values = None
+            self.offset = 0
+            return
+        arrays = [t[..., :, :] for t in state]
+        self.keys, self.values = tuple(arrays[:3]), tuple(arrays[3:])
+        self.offset = arrays[0].shape[2]
+        head_dim = arrays[0].shape[-1] * 32 // self.bits  # packed width -> head_dim
+        self.group_size = head_dim // arrays[1].shape[-1]
+        self.dtype = arrays[1].dtype  # scales keep the dtype the keys arrived in
+
+    @classmethod
+    def from_state(cls, state, *, bits: int, step: int = DEFAULT_STEP) -> QuantizedKVCache:
+        cache = cls(bits=bits, step=step)
+        cache.state = state
+        return cache
+
+    @property
+    def nbytes(self) -> int:
+        if self.keys is None:
+            return 0
+        return sum(t.nbytes for t in (*self.keys, *self.values))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(bits={self.bits}, offset={self.offset}, capacity={self.capacity})"
