@@ -158,6 +158,7 @@ class SceneGenerator:
         lifetime_s: tuple[float, float] = DEFAULT_LIFETIME_S,
         appear_rate: float = DEFAULT_APPEAR_RATE,
         noise: float = 0.0,  # per-frame Gaussian sensor noise (std, grey levels)
+        colour_jitter: float = 0.0,  # +- RGB levels: each object's and the background's own shade
     ):
         if not 0 <= min_objects <= max_objects or max_objects < 1:
             raise ValueError(f"need 0 <= min_objects <= max_objects, >= 1; got {min_objects}, {max_objects}")
@@ -172,6 +173,7 @@ class SceneGenerator:
         self.min_objects, self.max_objects = min_objects, max_objects
         self.shapes, self.sizes, self.motions = tuple(shapes), tuple(sizes), tuple(motions)
         self.speed, self.lifetime_s, self.appear_rate, self.noise = speed, lifetime_s, appear_rate, noise
+        self.colour_jitter = float(colour_jitter)
         self._rng = np.random.default_rng(seed)
         self.background = background or str(self._rng.choice(list(BACKGROUNDS)))
         self.textured = bool(self._rng.random() < 0.5) if textured is None else textured
@@ -263,12 +265,20 @@ class SceneGenerator:
     def render(self, truth: FrameTruth) -> np.ndarray:
         img = self._canvas.copy()
         for o in truth.objects:
-            draw_shape(img, o.shape, COLOURS[o.colour], (o.x * self.width, o.y * self.height),
+            draw_shape(img, o.shape, self._shade(COLOURS[o.colour], 13, o.id), (o.x * self.width, o.y * self.height),
                        SIZES[o.size] * min(self.width, self.height))
         if self.noise > 0:
             rng = np.random.default_rng((self.seed, truth.index))
             img = np.clip(img + rng.normal(0, self.noise, img.shape), 0, 255).astype(np.uint8)
         return img  # [H, W, 3] RGB uint8
+
+    def _shade(self, rgb: tuple[int, int, int], *key: int) -> tuple[int, int, int]:
+        """`rgb` moved by a seeded offset of up to +-colour_jitter (a stable shade per object)."""
+        if self.colour_jitter <= 0:
+            return rgb
+        # Its own RNG stream: jitter never changes the timeline that the main RNG plans.
+        off = np.random.default_rng((self.seed, *key)).uniform(-self.colour_jitter, self.colour_jitter, 3)
+        return tuple(int(np.clip(c + d, 0, 255)) for c, d in zip(rgb, off))
 
     def frame(self, i: int) -> tuple[np.ndarray, FrameTruth]:
         t = self.truth(i)
@@ -282,7 +292,7 @@ class SceneGenerator:
 
     def _make_background(self) -> np.ndarray:
         base = np.empty((self.height, self.width, 3), np.float32)
-        base[:] = BACKGROUNDS[self.background]
+        base[:] = self._shade(BACKGROUNDS[self.background], 17)
         if self.textured:
             # Smooth blotches (upscaled coarse noise) plus fine grain, both static over time.
             rng = np.random.default_rng((self.seed, 7))

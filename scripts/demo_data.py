@@ -1,0 +1,451 @@
+"""Training and evaluation data for the embedded demo model.
+
+A *stream* is a seeded `stages.synthetic.SceneGenerator` scene rendered at one of several
+resolutions and frame rates, passed through a real video codec round trip (PyAV: h264 or
+mpeg4 in an in-memory MP4, random quality) so the model learns on compression artefacts, with
+a *turn schedule* on top: after some frames the user asks for a narration or asks a
+question, and the assistant answers from the ground truth.
+
+The text comes from a small grammar with variety; `parse_narration` / `parse_answer` read
+any sentence the grammar can produce back into attributes, which is how the accuracy
+evaluation scores what the model says.
+
+Narration semantics (what the model is trained to say): the objects that appeared or
+disappeared since the previous narration, then how every other visible object moves, left
+to right, at most `MAX_CLAUSES` clauses. Questions are about the last frame.
+
+Imports only numpy, cv2, PyAV and `stages.synthetic` (itself numpy + cv2), so it also runs
+on the GPU machine where pydantic is missing.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from stages.synthetic import COLOURS, SHAPES, FrameTruth, SceneGenerator, SceneObject
+
+MAX_CLAUSES = 3
+NUMBER_WORDS = ("none", "one", "two", "three", "four", "five")
+DIRECTION_PHRASES = {
+    "left": ("to the left", "left"),
+    "right": ("to the right", "right"),
+    "up": ("up", "upward"),
+    "down": ("down", "downward"),
+}
+MOVE_VERBS = ("moves", "is moving", "slides", "goes")
+STILL_PHRASES = ("stays still", "is not moving", "does not move", "stays in place")
+APPEAR_VERBS = ("appears", "shows up", "comes into view")
+DISAPPEAR_VERBS = ("disappears", "vanishes", "is gone")
+EMPTY_SENTENCES = ("nothing is there.", "the scene is empty.", "there is nothing to see.")
+
+NARRATION_PROMPTS = (
+    "Describe what happens now in one short sentence.",  # NarrationConfig.prompt default
+    "Describe what happens now.",
+    "What is happening?",
+    "Narrate what you see.",
+    "What happens in the video?",
+)
+SYSTEM_PROMPTS = (
+    "You are a helpful assistant that watches a live video and describes it.",
+    "You narrate a video stream. Answer briefly.",
+    "You are a helpful assistant.",
+)
+
+# 3x3 zones of the frame, by (row, col)
+ZONES = {
+    (0, 0): "top left", (0, 1): "top", (0, 2): "top right",
+    (1, 0): "left", (1, 1): "center", (1, 2): "right",
+    (2, 0): "bottom left", (2, 1): "bottom", (2, 2): "bottom right",
+}
+ZONE_MARGIN = 0.04  # questions about position only where the object is this far from a zone edge
+
+# data variety (per stream)
+RESOLUTIONS = ((640, 480), (448, 448), (320, 240), (512, 288), (256, 256), (480, 360))
+FPS_CHOICES = (5.0, 10.0, 10.0, 15.0)
+SPEED_RANGE = (0.08, 0.3)  # frame sizes per second
+CODECS = ("h264", "h264", "mpeg4")
+
+
+# ---------------------------------------------------------------- scenes through a codec
+
+
+def codec_round_trip(frames: list[np.ndarray], *, fps: float, codec: str = "h264",
+                     quality: int = 28) -> list[np.ndarray]:
+    """Encode RGB frames into an in-memory MP4 with PyAV and decode them back (yuv420p)."""
+    import av
+
+    buf = io.BytesIO()
+    h, w = frames[0].shape[:2]
+    with av.open(buf, mode="w", format="mp4") as out:
+        stream = out.add_stream("libx264" if codec == "h264" else "mpeg4", rate=int(round(fps)))
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.thread_count = 1  # data workers run in parallel processes
+        if codec == "h264":
+            stream.options = {"preset": "veryfast", "crf": str(quality)}
+        else:  # mpeg4 part 2: a bit rate per pixel that goes down as `quality` goes up (crf-like)
+            stream.bit_rate = int(w * h * fps * 0.4 * 2 ** ((20 - quality) / 6))
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    buf.seek(0)
+    decoded = []
+    with av.open(buf, mode="r") as inp:
+        for frame in inp.decode(video=0):
+            decoded.append(frame.to_ndarray(format="rgb24"))
+    if len(decoded) != len(frames):
+        raise RuntimeError(f"codec round trip returned {len(decoded)} frames for {len(frames)}")
+    return decoded
+
+
+@dataclass
+class Stream:
+    seed: int
+    width: int
+    height: int
+    fps: float
+    codec: str
+    frames: list[np.ndarray]  # RGB uint8 [H, W, 3] after the codec round trip
+    truths: list[FrameTruth]
+
+
+def stream_params(seed: int) -> dict:
+    """The per-stream variety, drawn from the seed alone."""
+    rng = np.random.default_rng((seed, 11))
+    w, h = RESOLUTIONS[int(rng.integers(len(RESOLUTIONS)))]
+    return dict(width=w, height=h, fps=float(rng.choice(FPS_CHOICES)),
+                speed=float(rng.uniform(*SPEED_RANGE)), codec=str(rng.choice(CODECS)),
+                quality=int(rng.integers(20, 34)), max_objects=int(rng.choice([1, 2, 3, 3])),
+                colour_jitter=float(rng.uniform(0, 30)))
+
+
+def make_stream(seed: int, n_frames: int, *, codec: bool = True, **overrides) -> Stream:
+    p = {**stream_params(seed), **overrides}
+    gen = SceneGenerator(seed=seed, width=p["width"], height=p["height"], fps=p["fps"],
+                         speed=p["speed"], max_objects=p["max_objects"], **_jitter_kw(p))
+    frames, truths = [], []
+    for img, t in gen.frames(n_frames):
+        frames.append(img)
+        truths.append(t)
+    if codec:
+        frames = codec_round_trip(frames, fps=p["fps"], codec=p["codec"], quality=p["quality"])
+    return Stream(seed, p["width"], p["height"], p["fps"], p["codec"] if codec else "raw", frames, truths)
+
+
+def _jitter_kw(p: dict) -> dict:
+    import inspect
+
+    # colour jitter exists in newer generators only
+    if "colour_jitter" in inspect.signature(SceneGenerator.__init__).parameters:
+        return {"colour_jitter": p["colour_jitter"]}
+    return {}
+
+
+# ---------------------------------------------------------------- ground truth -> clauses
+
+
+@dataclass(frozen=True)
+class Clause:
+    """One fact of a narration: `action` is appear | disappear | left | right | up | down | still."""
+
+    colour: str
+    shape: str
+    action: str
+    zone: str = ""
+
+
+def zone_of(o: SceneObject) -> tuple[str, bool]:
+    """(zone name, unambiguous?) of an object's centre."""
+    col, row = min(int(o.x * 3), 2), min(int(o.y * 3), 2)
+    clear = all(abs(v - edge) >= ZONE_MARGIN for v in (o.x, o.y) for edge in (1 / 3, 2 / 3))
+    return ZONES[(row, col)], clear
+
+
+def window_clauses(truths: list[FrameTruth], start: int, end: int) -> list[Clause]:
+    """What happened in frames start..end (inclusive), as seen on frame `end`."""
+    appeared, disappeared = {}, {}
+    for t in truths[start:end + 1]:
+        for ev in t.events:
+            if ev.kind == "appear" and t.index > 0:
+                appeared[ev.object.id] = ev.object
+            elif ev.kind == "disappear":
+                disappeared[ev.object.id] = ev.object
+    visible = {o.id: o for o in truths[end].objects}
+    clauses = []
+    for oid in sorted(appeared):
+        if oid in visible:  # appeared and already gone again: not worth a word
+            o = visible[oid]
+            clauses.append(Clause(o.colour, o.shape, "appear", zone_of(o)[0]))
+    for oid in sorted(disappeared):
+        if oid not in appeared:
+            o = disappeared[oid]
+            clauses.append(Clause(o.colour, o.shape, "disappear"))
+    rest = sorted((o for o in visible.values() if o.id not in appeared), key=lambda o: (o.x, o.y))
+    clauses += [Clause(o.colour, o.shape, o.motion) for o in rest]
+    return clauses[:MAX_CLAUSES]
+
+
+# ---------------------------------------------------------------- grammar
+
+
+def _zone_phrase(zone: str) -> str:
+    if zone == "center":
+        return "in the center"
+    if zone in ("left", "right"):
+        return f"on the {zone}"
+    return f"at the {zone}"
+
+
+def clause_text(c: Clause, rng: np.random.Generator) -> str:
+    if c.action == "appear":
+        return f"{article(c.colour)} {c.colour} {c.shape} {_pick(rng, APPEAR_VERBS)} {_zone_phrase(c.zone)}"
+    if c.action == "disappear":
+        return f"the {c.colour} {c.shape} {_pick(rng, DISAPPEAR_VERBS)}"
+    if c.action == "still":
+        return f"{article(c.colour)} {c.colour} {c.shape} {_pick(rng, STILL_PHRASES)}"
+    return f"{article(c.colour)} {c.colour} {c.shape} {_pick(rng, MOVE_VERBS)} {_pick(rng, DIRECTION_PHRASES[c.action])}"
+
+
+def narration_text(clauses: list[Clause], rng: np.random.Generator) -> str:
+    if not clauses:
+        return _pick(rng, EMPTY_SENTENCES)
+    parts = [clause_text(c, rng) for c in clauses]
+    body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return body + "."
+
+
+def article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def _colour_word(rng: np.random.Generator) -> str:
+    return "colour" if rng.random() < 0.5 else "color"
+
+
+@dataclass(frozen=True)
+class QA:
+    kind: str  # count | colour | shape | position | motion | exists | list
+    question: str
+    answer: str
+    truth: tuple  # what the answer must contain, per kind
+
+
+def make_question(t: FrameTruth, rng: np.random.Generator, kind: str | None = None) -> QA:
+    """A question about frame `t` and its answer (kinds that do not fit the frame are skipped)."""
+    objs = sorted(t.objects, key=lambda o: (o.x, o.y))
+    kinds = ["count", "exists", "list"]
+    if objs:
+        kinds += ["colour", "shape", "position", "motion", "motion"]
+    for _ in range(20):
+        k = kind or _pick(rng, tuple(kinds))
+        qa = _question_of_kind(k, objs, rng)
+        if qa is not None:
+            return qa
+        kind = None
+    return _question_of_kind("count", objs, rng)
+
+
+def _question_of_kind(k: str, objs: list[SceneObject], rng: np.random.Generator) -> QA | None:
+    if k == "count":
+        q = _pick(rng, ("how many objects are there?", "how many shapes do you see?",
+                        "how many objects can you see?", "count the objects."))
+        n = len(objs)
+        return QA(k, q, NUMBER_WORDS[n] + ".", (n,))
+    if k == "list":
+        q = _pick(rng, ("what do you see?", "what is in the picture?", "which objects are there?"))
+        if not objs:
+            return QA(k, q, "nothing.", ())
+        names = [f"{article(o.colour)} {o.colour} {o.shape}" for o in objs]
+        ans = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+        return QA(k, q, ans + ".", tuple(sorted((o.colour, o.shape) for o in objs)))
+    if k == "exists":
+        if objs and rng.random() < 0.5:
+            o = objs[int(rng.integers(len(objs)))]
+            c, s = o.colour, o.shape
+        else:
+            c, s = _pick(rng, tuple(COLOURS)), _pick(rng, SHAPES)
+        yes = any(o.colour == c and o.shape == s for o in objs)
+        q = _pick(rng, (f"is there {article(c)} {c} {s}?", f"do you see {article(c)} {c} {s}?"))
+        return QA(k, q, "yes." if yes else "no.", (yes,))
+    if not objs:
+        return None
+    o = objs[int(rng.integers(len(objs)))]
+    if k == "colour":
+        if sum(x.shape == o.shape for x in objs) > 1:
+            return None
+        q = _pick(rng, (f"what {_colour_word(rng)} is the {o.shape}?", f"which {_colour_word(rng)} does the {o.shape} have?"))
+        return QA(k, q, f"{o.colour}.", (o.colour,))
+    if k == "shape":
+        if sum(x.colour == o.colour for x in objs) > 1:
+            return None
+        q = _pick(rng, (f"what shape is the {o.colour} object?", f"which shape is {o.colour}?"))
+        return QA(k, q, f"{article(o.shape)} {o.shape}.", (o.shape,))
+    if k == "position":
+        zone, clear = zone_of(o)
+        if not clear:
+            return None
+        q = _pick(rng, (f"where is the {o.colour} {o.shape}?", f"where is the {o.colour} {o.shape} now?"))
+        return QA(k, q, f"{_zone_phrase(zone)}.", (zone,))
+    if k == "motion":
+        q = _pick(rng, (f"where is the {o.colour} {o.shape} going?", f"how does the {o.colour} {o.shape} move?",
+                        f"is the {o.colour} {o.shape} moving?"))
+        if o.motion == "still":
+            ans = "it " + _pick(rng, STILL_PHRASES) + "."
+        else:
+            ans = f"it {_pick(rng, MOVE_VERBS)} {_pick(rng, DIRECTION_PHRASES[o.motion])}."
+        return QA(k, q, ans, (o.motion,))
+    raise ValueError(f"unknown question kind {k!r}")
+
+
+# ---------------------------------------------------------------- parsing (for evaluation)
+
+_COLOURS_RE = "|".join(COLOURS)
+_SHAPES_RE = "|".join(SHAPES)
+_CLAUSE_RE = re.compile(rf"^(?:a|an|the) ({_COLOURS_RE}) ({_SHAPES_RE}) (.*)$")
+
+
+def parse_action(rest: str) -> str | None:
+    rest = rest.strip(" .")
+    if any(rest.startswith(v) for v in APPEAR_VERBS):
+        return "appear"
+    if any(rest.startswith(v) for v in DISAPPEAR_VERBS):
+        return "disappear"
+    if any(rest.startswith(v) for v in STILL_PHRASES):
+        return "still"
+    for verb in MOVE_VERBS:
+        if rest.startswith(verb + " "):
+            tail = rest[len(verb) + 1:]
+            for d, phrases in DIRECTION_PHRASES.items():
+                if tail in phrases:
+                    return d
+    return None
+
+
+def parse_narration(text: str) -> list[Clause] | None:
+    """Clauses of a grammar sentence; [] for an 'empty scene' sentence; None if unparsable."""
+    text = text.strip().lower()
+    if text in EMPTY_SENTENCES:
+        return []
+    parts = re.split(r", | and ", text.rstrip("."))
+    out = []
+    for p in parts:
+        m = _CLAUSE_RE.match(p.strip())
+        if not m:
+            return None
+        action = parse_action(m.group(3))
+        if action is None:
+            return None
+        zone = ""
+        if action == "appear":
+            for z in ZONES.values():
+                if m.group(3).rstrip(" .").endswith(_zone_phrase(z)):
+                    zone = z
+        out.append(Clause(m.group(1), m.group(2), action, zone))
+    return out
+
+
+def answer_correct(qa: QA, text: str) -> bool:
+    """Does the model's answer `text` say what `qa.truth` says?"""
+    t = text.strip().lower().rstrip(".")
+    if qa.kind == "count":
+        return t.split(" ")[0:1] == [NUMBER_WORDS[qa.truth[0]]]
+    if qa.kind == "exists":
+        return t == ("yes" if qa.truth[0] else "no")
+    if qa.kind == "colour":
+        return t == qa.truth[0]
+    if qa.kind == "shape":
+        return t in (f"{article(qa.truth[0])} {qa.truth[0]}", qa.truth[0])
+    if qa.kind == "position":
+        return t == _zone_phrase(qa.truth[0])
+    if qa.kind == "motion":
+        if not t.startswith("it "):
+            return False
+        return parse_action(t[3:]) == qa.truth[0]
+    if qa.kind == "list":
+        if not qa.truth:
+            return t == "nothing"
+        items = re.split(r", | and ", t)
+        got = []
+        for it in items:
+            m = re.match(rf"^an? ({_COLOURS_RE}) ({_SHAPES_RE})$", it.strip())
+            if not m:
+                return False
+            got.append((m.group(1), m.group(2)))
+        return tuple(sorted(got)) == qa.truth
+    return False
+
+
+# ---------------------------------------------------------------- turn schedules
+
+
+@dataclass
+class Turn:
+    """After frame `frame` (inclusive) the user says `prompt`; the assistant replies `reply`."""
+
+    frame: int
+    kind: str  # narration | question
+    prompt: str
+    reply: str
+    clauses: list[Clause] = field(default_factory=list)  # narration truth
+    qa: QA | None = None  # question truth
+
+
+def _gap(rng: np.random.Generator, fps: float) -> int:
+    r = rng.random()
+    if r < 0.25:
+        return int(rng.integers(1, 6))
+    if r < 0.85:  # around the default 2 s narration interval
+        return max(1, int(round(fps * rng.uniform(1.0, 3.0))))
+    return max(1, int(round(fps * rng.uniform(3.0, 6.0))))
+
+
+def make_turns(truths: list[FrameTruth], fps: float, rng: np.random.Generator, *,
+               p_narration: float = 0.55) -> list[Turn]:
+    """A random schedule of narrations and questions over one stream."""
+    turns: list[Turn] = []
+    last_narrated = -1
+    f = -1
+    n = len(truths)
+    while True:
+        f += _gap(rng, fps)
+        if f >= n:
+            break
+        narrate = rng.random() < p_narration
+        if narrate:
+            clauses = window_clauses(truths, last_narrated + 1, f)
+            turns.append(Turn(f, "narration", _pick(rng, NARRATION_PROMPTS), narration_text(clauses, rng), clauses))
+            last_narrated = f
+        # questions: dense supervision for little context (a question costs ~15 tokens, a frame ~19)
+        n_q = int(rng.choice([0, 1, 2, 3], p=[0.2, 0.35, 0.3, 0.15])) if narrate else int(rng.integers(1, 4))
+        for _ in range(n_q):
+            qa = make_question(truths[f], rng)
+            turns.append(Turn(f, "question", qa.question, qa.answer, qa=qa))
+    return turns
+
+
+def corpus(n: int = 4000, seed: int = 0) -> list[str]:
+    """Text the tokenizer is fitted on: every word the grammar, prompts and questions can use."""
+    rng = np.random.default_rng(seed)
+    texts = list(NARRATION_PROMPTS) + list(SYSTEM_PROMPTS) + list(EMPTY_SENTENCES)
+    actions = ("appear", "disappear", "still", "left", "right", "up", "down")
+    for _ in range(n):
+        k = int(rng.integers(1, MAX_CLAUSES + 1))
+        cl = [Clause(_pick(rng, tuple(COLOURS)), _pick(rng, SHAPES), _pick(rng, actions), _pick(rng, tuple(ZONES.values())))
+              for _ in range(k)]
+        texts.append(narration_text(cl, rng))
+        objs = [SceneObject(i, _pick(rng, SHAPES), _pick(rng, tuple(COLOURS)), "small",
+                            _pick(rng, ("left", "right", "up", "down", "still")),
+                            float(rng.random()), float(rng.random()), (0, 0, 0, 0)) for i in range(int(rng.integers(0, 4)))]
+        t = FrameTruth(0, 0.0, "black", False, tuple(objs), ())
+        qa = make_question(t, rng)
+        texts += [qa.question, qa.answer]
+    return texts
