@@ -1,0 +1,248 @@
+"""Reading llama.cpp GGUF files: header (metadata + tensor table) and tensors in MLX's layout.
+
+Tensor policy (see `read_tensors`):
+  - F32 / F16 / BF16: float arrays as stored.
+  - Q4_0 / Q4_1 / Q8_0: kept quantised, in the layout `mx.load` gives them and
+    `mx.quantized_matmul` consumes: `<name>.weight` (uint32, packed along the input dim),
+    `<name>.scales`, `<name>.biases` ([rows, cols/32]), affine mode, group 32, 4 or 8 bits.
+    These types map exactly onto MLX's affine groups (w = scale * q + bias), so nothing is lost.
+  - everything else (K-quants, Q5_*, IQ*, TQ*, MXFP4): `mx.load` either fails on them
+    (Q5_0: "gguf_tensor_to_f16 failed") or silently expands them to f16, so we read their
+    blocks with the `gguf` package's memory-mapped reader, dequantise with its numpy
+    dequantisers and re-quantise with `mx.quantize` (affine, group 32) at the MLX width in
+    `REQUANT_BITS`. That is lossy (a second rounding), by at most half a step of the new grid.
+
+When every tensor is of a native type we let `mx.load` read the whole file (fast C++ path);
+otherwise every tensor goes through the reader, with Q4_0/Q4_1/Q8_0 blocks repacked exactly
+into the same MLX layout in numpy (`repack_native`).
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from pipeline.errors import ModelLoadError
+
+GROUP_SIZE = 32  # llama.cpp's block size for Q4_0/Q4_1/Q8_0; also our re-quantisation group
+
+# ggml type ids (gguf.GGMLQuantizationType) used below by name
+F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30
+NATIVE_TYPES = {F32, F16, BF16, Q4_0, Q4_1, Q8_0}
+
+# Re-quantisation width for non-native types: the narrowest MLX affine width that does not
+# throw away precision the source had (never below 4 bits: 2/3-bit MLX groups of 32 lose more
+# than the K-quants' super-block scales did).
+REQUANT_BITS = {
+    "Q5_0": 5, "Q5_1": 5, "Q8_1": 8,
+    "Q2_K": 4, "Q3_K": 4, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6, "Q8_K": 8,
+    "IQ1_S": 4, "IQ1_M": 4, "IQ2_XXS": 4, "IQ2_XS": 4, "IQ2_S": 4, "IQ3_XXS": 4, "IQ3_S": 4,
+    "IQ4_NL": 4, "IQ4_XS": 4, "TQ1_0": 4, "TQ2_0": 4, "MXFP4": 4,
+}
+
+_MAGIC = b"GGUF"
+# GGUF value type id -> struct format (scalars)
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_NP = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
+       6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+_STRING, _ARRAY = 8, 9
+
+
+def type_name(type_id: int) -> str:
+    import gguf
+
+    try:
+        return gguf.GGMLQuantizationType(type_id).name
+    except ValueError:
+        return f"type {type_id}"
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]  # numpy order (rows first): ggml's ne reversed
+    type_id: int
+
+    @property
+    def type_name(self) -> str:
+        return type_name(self.type_id)
+
+
+@dataclass
+class GGUFHeader:
+    path: str
+    metadata: dict[str, Any]
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.metadata.get(key, default)
+
+    def require(self, key: str) -> Any:
+        if key not in self.metadata:
+            raise ModelLoadError(f"{self.path}: GGUF metadata key {key!r} is missing")
+        return self.metadata[key]
+
+    @property
+    def arch(self) -> str:
+        return str(self.require("general.architecture"))
+
+
+class _Cursor:
+    def __init__(self, buf, path: str):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def take(self, fmt: str):
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.buf):
+            raise ModelLoadError(f"{self.path}: truncated GGUF header")
+        (value,) = struct.unpack_from("<" + fmt, self.buf, self.pos)
+        self.pos += size
+        return value
+
+    def string(self) -> str:
+        n = self.take("Q")
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        return raw.decode("utf-8", errors="replace")
+
+    def value(self, vtype: int):
+        if vtype in _SCALARS:
+            return self.take(_SCALARS[vtype])
+        if vtype == _STRING:
+            return self.string()
+        if vtype == _ARRAY:
+            item_type, n = self.take("I"), self.take("Q")
+            if item_type in _NP:  # numbers: one vectorised read
+                arr = np.frombuffer(self.buf, dtype=_NP[item_type], count=n, offset=self.pos)
+                self.pos += arr.nbytes
+                return arr.tolist()
+            return [self.value(item_type) for _ in range(n)]
+        raise ModelLoadError(f"{self.path}: unknown GGUF value type {vtype}")
+
+
+def read_header(path: str | Path) -> GGUFHeader:
+    """Metadata and tensor table of a GGUF file (no tensor data is read)."""
+    path = str(path)
+    if not Path(path).is_file():
+        raise ModelLoadError(f"{path}: no such GGUF file")
+    with open(path, "rb") as f:
+        try:
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:
+            raise ModelLoadError(f"{path}: empty file, not a GGUF") from None
+    try:
+        cur = _Cursor(buf, path)
+        if bytes(buf[:4]) != _MAGIC:
+            raise ModelLoadError(f"{path}: not a GGUF file (bad magic)")
+        cur.pos = 4
+        version = cur.take("I")
+        if version not in (2, 3):
+            raise ModelLoadError(f"{path}: GGUF version {version} is not supported (2 and 3 are)")
+        n_tensors, n_kv = cur.take("Q"), cur.take("Q")
+        meta: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = cur.string()
+            meta[key] = cur.value(cur.take("I"))
+        tensors: dict[str, TensorInfo] = {}
+        for _ in range(n_tensors):
+            name = cur.string()
+            n_dims = cur.take("I")
+            ne = [cur.take("Q") for _ in range(n_dims)]
+            type_id = cur.take("I")
+            cur.take("Q")  # data offset: the readers below find the data themselves
+            tensors[name] = TensorInfo(name, tuple(reversed(ne)), type_id)
+    finally:
+        buf.close()
+    return GGUFHeader(path, meta, tensors)
+
+
+# -- exact repacking of llama.cpp blocks into MLX affine groups ----------------------------------
+
+
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+    # q: [rows, cols] uint8 in 0..15 -> [rows, cols/8] uint32, element i in bits 4i (MLX order)
+    pairs = q.reshape(q.shape[0], -1, 2)
+    packed = (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8)
+    return np.ascontiguousarray(packed).view("<u4")
+
+
+def repack_native(raw: np.ndarray, type_id: int, rows: int, cols: int) -> tuple[np.ndarray, ...]:
+    """(weight uint32, scales f16, biases f16) for Q4_0/Q4_1/Q8_0 blocks `raw` [rows, bytes]."""
+    nb = cols // GROUP_SIZE
+    blocks = raw.reshape(rows, nb, -1)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0]  # [rows, nb]
+    if type_id == Q8_0:  # d, 32 x int8: w = d*q = d*(q+128) - 128*d
+        q = blocks[..., 2:34].copy().view(np.int8).astype(np.int16) + 128
+        weight = np.ascontiguousarray(q.astype(np.uint8).reshape(rows, cols)).view("<u4")
+        return weight, d, (-128.0 * d.astype(np.float32)).astype(np.float16)
+    if type_id == Q4_0:  # d, 16 bytes; w = d*(q-8); low nibbles = elements 0..15, high = 16..31
+        qs, bias = blocks[..., 2:18], (-8.0 * d.astype(np.float32)).astype(np.float16)
+    elif type_id == Q4_1:  # d, m, 16 bytes; w = d*q + m
+        qs, bias = blocks[..., 4:20], blocks[..., 2:4].copy().view(np.float16)[..., 0]
+    else:
+        raise ModelLoadError(f"cannot repack {type_name(type_id)} blocks")
+    q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, cols)
+    return _pack_nibbles(q), d, bias
+
+
+def _requantize(values: np.ndarray, bits: int) -> dict[str, mx.array]:
+    w, scales, biases = mx.quantize(mx.array(values, dtype=mx.float32), group_size=GROUP_SIZE, bits=bits)
+    return {"weight": w, "scales": scales, "biases": biases}
+
+
+def read_tensors(header: GGUFHeader) -> dict[str, mx.array]:
+    """Every tensor of the file, keyed `<gguf name minus .weight>.{weight,scales,biases}` or as is.
+
+    Quantised tensors come back as three arrays (`X.weight`, `X.scales`, `X.biases`), exactly
+    as `mx.load` names them; float tensors as one.
+    """
+    infos = header.tensors.values()
+    if all(t.type_id in NATIVE_TYPES for t in infos):
+        try:
+            return mx.load(header.path)
+        except Exception as e:  # corrupt data: name the file, not mlx's internals
+            raise ModelLoadError(f"{header.path}: cannot read tensors: {str(e).splitlines()[0]}") from None
+    import gguf
+    from gguf.quants import dequantize
+
+    reader = gguf.GGUFReader(header.path)
+    out: dict[str, mx.array] = {}
+    for t in reader.tensors:
+        info = header.tensors[t.name]
+        qt, base = info.type_id, t.name.removesuffix(".weight")
+        if qt in (F32, F16):
+            out[t.name] = mx.array(np.asarray(t.data).reshape(info.shape))
+        elif qt == BF16:
+            out[t.name] = mx.array(dequantize(np.asarray(t.data), qt).reshape(info.shape)).astype(mx.bfloat16)
+        elif qt in (Q4_0, Q4_1, Q8_0):
+            rows, cols = int(np.prod(info.shape[:-1])), info.shape[-1]
+            w, s, b = repack_native(np.asarray(t.data), qt, rows, cols)
+            out[f"{base}.weight"], out[f"{base}.scales"], out[f"{base}.biases"] = map(mx.array, (w, s, b))
+        else:
+            bits = REQUANT_BITS.get(info.type_name)
+            if bits is None:
+                raise ModelLoadError(
+                    f"{header.path}: tensor {t.name} has quantisation type {info.type_name}, which is not supported")
+            values = dequantize(np.asarray(t.data), qt).reshape(info.shape)
+            if values.ndim < 2 or values.shape[-1] % GROUP_SIZE:
+                out[t.name] = mx.array(values)  # too small to group: keep as float
+            else:
+                for k, v in _requantize(values, bits).items():
+                    out[f"{base}.{k}"] = v
+    return out
+
+
+def dequantize_entry(weights: dict[str, mx.array], name: str) -> mx.array:
+    """Float values of tensor `name` (`X.weight`), whether it is stored quantised or not."""
+    base = name.removesuffix(".weight")
+    if f"{base}.scales" not in weights:
+        return weights[name]
+    w, s, b = weights[name], weights[f"{base}.scales"], weights[f"{base}.biases"]
+    bits = w.shape[-1] * 32 // (s.shape[-1] * GROUP_SIZE)
+    return mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32), group_size=GROUP_SIZE, bits=bits)
