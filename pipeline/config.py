@@ -117,6 +117,10 @@ class MqttConfig(Group):
     ha_prefix: str = "homeassistant"
     reconnect_initial_s: float = Field(default=0.5, gt=0)
     reconnect_max_s: float = Field(default=30.0, gt=0)
+    publish_timeout_s: float = Field(default=5.0, gt=0)  # no ack this long => reconnect
+    close_timeout_s: float = Field(default=3.0, gt=0)  # at exit: flush queued finals this long
+    max_pending_questions: int = Field(default=32, ge=1)  # more => answered "busy"
+    question_timeout_s: float = Field(default=120.0, gt=0)  # unanswered => error answer
 
     @field_validator("prefix", "ha_prefix")
     @classmethod

@@ -1,0 +1,650 @@
+"""The MQTT bus stage: publish the stream's events, take questions, survive broker faults.
+
+Topics under `<prefix>` (default `framecast`), payloads are the events' JSON (`to_json()`):
+
+    <prefix>/status                    retained Status online; the Last Will sets it offline
+    <prefix>/<stream>/status           retained Status (starting, running, reconnecting, eof, …)
+    <prefix>/<stream>/narration        Narration, QoS 1, last one retained
+    <prefix>/<stream>/narration/partial  NarrationDelta, QoS 0, message expiry (MQTT 5)
+    <prefix>/<stream>/event            SceneChange, Error and any other event, QoS 1
+    <prefix>/<stream>/ask              questions in (JSON {"text", "request_id"} or plain text)
+    <prefix>/<stream>/answer           Answer, QoS 1 (also sent to the MQTT 5 response topic)
+    <prefix>/<stream>/metrics          Metrics, QoS 0, every metrics interval
+
+Capture never waits for the broker: `process` only serialises the event into a bounded
+outbox and returns; a background task drains it while connected. When the outbox is full,
+partial narrations go first, then superseded periodic messages (metrics, status), then the
+oldest finals; every drop is counted in this stage's metrics (`outbox_drops_<kind>`).
+An item leaves the outbox only after the broker acknowledged it, so a broker restart loses
+no final narration (it may deliver one twice: deduplicate on `narration_id`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import random
+import re
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from pipeline.config import MqttConfig
+from pipeline.errors import FatalError, UserError
+from pipeline.events import (Answer, EndOfStream, Error, Event, Frame, Metrics, Narration, NarrationDelta, Question,
+                             Status, Stop)
+from pipeline.runtime import Stage
+from stages.mqtt_client import (BrokerAddress, BusClient, BusDisconnected, BusMessage, BusProtocolRejected,
+                                BusRefused, TlsFiles, parse_mqtt_url)
+
+JSON = "application/json"
+FIRST_CONNECT_WAIT_S = 2.0  # start() waits this long for a verdict (auth errors fail fast)
+STREAM_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+FPS_WINDOW_S = 5.0
+_REQUEST_ID_PEEK = re.compile(rb'"request_id"\s*:\s*"([A-Za-z0-9_.:-]{1,64})"')
+
+# Outbox priorities: lower is dropped first when full.
+PARTIAL, PERIODIC, FINAL = 0, 1, 2
+
+
+# ---------------------------------------------------------------- names and inputs
+
+
+def validate_stream_id(stream_id: str) -> str:
+    if not isinstance(stream_id, str) or not STREAM_ID_RE.match(stream_id):
+        raise UserError(f"stream id {stream_id!r}: use 1-64 of [A-Za-z0-9_.-] (no '/', '+', '#')")
+    return stream_id
+
+
+def validate_prefix(prefix: str, key: str = "mqtt.prefix") -> str:
+    """Levels separated by '/', none empty, no wildcards, no `$` (broker-reserved topics)."""
+    bad = (not prefix or len(prefix) > 128 or prefix.startswith("$") or any(c in prefix for c in "+#\0")
+           or any(not level for level in prefix.split("/")))
+    if bad:
+        raise UserError(f"{key} = {prefix!r}: topic prefix must be '/'-separated non-empty levels "
+                        "without '+', '#', '$' or NUL")
+    return prefix
+
+
+@dataclass(frozen=True)
+class Topics:
+    prefix: str
+    stream: str
+
+    @property
+    def status(self) -> str:
+        return f"{self.prefix}/status"
+
+    def _s(self, leaf: str) -> str:
+        return f"{self.prefix}/{self.stream}/{leaf}"
+
+    @property
+    def stream_status(self) -> str:
+        return self._s("status")
+
+    @property
+    def narration(self) -> str:
+        return self._s("narration")
+
+    @property
+    def partial(self) -> str:
+        return self._s("narration/partial")
+
+    @property
+    def event(self) -> str:
+        return self._s("event")
+
+    @property
+    def ask(self) -> str:
+        return self._s("ask")
+
+    @property
+    def answer(self) -> str:
+        return self._s("answer")
+
+    @property
+    def metrics(self) -> str:
+        return self._s("metrics")
+
+    def ha_config(self, ha_prefix: str) -> str:
+        node = re.sub(r"[^A-Za-z0-9_-]", "_", self.prefix)
+        return f"{ha_prefix}/sensor/{node}/{re.sub(r'[^A-Za-z0-9_-]', '_', self.stream)}/config"
+
+
+class QuestionRejected(ValueError):
+    def __init__(self, reason: str, request_id: str | None = None):
+        super().__init__(reason)
+        self.request_id = request_id
+
+
+def parse_question(payload: bytes, *, max_bytes: int) -> tuple[str, str | None]:
+    """(text, request_id or None) from `{"text": …, "request_id": …}` or plain UTF-8 text."""
+    if len(payload) > max_bytes:
+        # not parsed (bounded work), but a request_id near the start still routes the error
+        m = _REQUEST_ID_PEEK.search(payload[:max_bytes])
+        raise QuestionRejected(f"question too large: {len(payload)} bytes > {max_bytes}",
+                               m.group(1).decode() if m else None)
+    try:
+        raw = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise QuestionRejected("question is not valid UTF-8") from None
+    request_id = None
+    if raw.lstrip()[:1] in ("{", "["):  # looks like JSON: hold it to the schema
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise QuestionRejected(f"question is not valid JSON: {e.msg} at char {e.pos}") from None
+        if not isinstance(obj, dict):
+            raise QuestionRejected("question JSON must be an object")
+        rid = obj.get("request_id")
+        if rid is not None and (not isinstance(rid, str) or not REQUEST_ID_RE.match(rid)):
+            raise QuestionRejected("request_id must be 1-64 of [A-Za-z0-9_.:-]")
+        request_id = rid
+        unknown = sorted(set(obj) - {"text", "request_id"})
+        if unknown:
+            raise QuestionRejected(f"unknown key {unknown[0]!r} (allowed: text, request_id)", request_id)
+        text = obj.get("text")
+        if not isinstance(text, str):
+            raise QuestionRejected("question JSON needs a string 'text'", request_id)
+    else:
+        text = raw
+    text = text.strip()
+    if not text:
+        raise QuestionRejected("question text is empty", request_id)
+    if any(ord(c) < 32 and c not in "\n\t" for c in text):
+        raise QuestionRejected("question text contains control characters", request_id)
+    return text, request_id
+
+
+def valid_response_topic(topic: str | None) -> bool:
+    return bool(topic) and len(topic) <= 256 and not any(c in topic for c in "+#\0") and not topic.startswith("$")
+
+
+# ---------------------------------------------------------------- outbox
+
+
+@dataclass
+class Outgoing:
+    msg: BusMessage
+    kind: str  # partial | metrics | status | narration | event | answer
+    priority: int
+    created: float = field(default_factory=time.monotonic)
+
+    def remaining_expiry(self, now: float) -> int | None:
+        if self.msg.expiry_s is None:
+            return None
+        return int(self.msg.expiry_s - (now - self.created))
+
+
+class Outbox:
+    """Bounded FIFO; when full, evicts the oldest item of the lowest priority present."""
+
+    def __init__(self, maxsize: int):
+        self.maxsize = maxsize
+        self._items: collections.deque[Outgoing] = collections.deque()
+        self._count = [0, 0, 0]  # items per priority
+        self._nonempty = asyncio.Event()
+        self.drops: collections.Counter[str] = collections.Counter()
+        self.max_depth = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item: Outgoing) -> None:
+        if len(self._items) >= self.maxsize:
+            lowest = next(p for p in range(3) if self._count[p])
+            if item.priority < lowest:
+                self.drops[item.kind] += 1
+                return
+            victim = next(x for x in self._items if x.priority == lowest)
+            self._remove(victim)
+            self.drops[victim.kind] += 1
+        self._items.append(item)
+        self._count[item.priority] += 1
+        self.max_depth = max(self.max_depth, len(self._items))
+        self._nonempty.set()
+
+    def _remove(self, item: Outgoing) -> bool:
+        try:
+            self._items.remove(item)  # the head in the common case: O(1)
+        except ValueError:
+            return False
+        self._count[item.priority] -= 1
+        if not self._items:
+            self._nonempty.clear()
+        return True
+
+    async def head(self) -> Outgoing:
+        """The oldest item, left in place until `done` (so a failed publish is retried)."""
+        while not self._items:
+            await self._nonempty.wait()
+        return self._items[0]
+
+    def done(self, item: Outgoing) -> None:
+        self._remove(item)
+
+    def discard(self, item: Outgoing, reason: str) -> None:
+        if self._remove(item):
+            self.drops[reason] += 1
+
+
+# ---------------------------------------------------------------- the stage
+
+
+class MqttStage(Stage):
+    """Publishes events to MQTT and injects questions from `<prefix>/<stream>/ask`."""
+
+    name = "mqtt"
+
+    def __init__(self, cfg: MqttConfig, *, stream_id: str, name: str | None = None,
+                 first_connect_wait_s: float = FIRST_CONNECT_WAIT_S):
+        super().__init__(name=name)
+        if not cfg.url:
+            raise UserError("mqtt.url is not set")
+        self.cfg = cfg
+        self.topics = Topics(validate_prefix(cfg.prefix), validate_stream_id(stream_id))
+        validate_prefix(cfg.ha_prefix, "mqtt.ha_prefix")
+        self.address: BrokerAddress = parse_mqtt_url(cfg.url)
+        self.tls = TlsFiles(cfg.ca_file, cfg.cert_file, cfg.key_file, cfg.insecure)
+        if self.address.tls:
+            self.tls.check()
+        self.client_id = cfg.client_id or f"framecast-{stream_id}-{uuid.uuid4().hex[:6]}"
+        self.first_connect_wait_s = first_connect_wait_s
+        self.outbox = Outbox(cfg.outbox_size)
+        self._protocol = cfg.protocol
+        self._client: BusClient | None = None
+        self._connected = asyncio.Event()
+        self._verdict = asyncio.Event()  # first connect attempt finished (either way)
+        self._fatal: str | None = None
+        self._conn_task: asyncio.Task | None = None
+        self._closing = False
+        self._started = False
+        self._stopped = False
+        self._pending: collections.OrderedDict[str, tuple[str | None, bytes | None, float]] = collections.OrderedDict()
+        self._frame_times: collections.deque[float] = collections.deque()
+        self._stream_status = Status(state="starting", stream_id=stream_id)
+        self._counters = collections.Counter({"published": 0, "connects": 0, "questions": 0,
+                                              "questions_rejected": 0, "answers": 0})
+        self._last_error = ""
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        self._conn_task = asyncio.create_task(self._connection_loop(), name="mqtt-connection")
+        try:
+            await asyncio.wait_for(self._verdict.wait(), timeout=self.first_connect_wait_s)
+        except asyncio.TimeoutError:
+            pass  # a slow broker: keep trying in the background, capture must not wait
+        if self._fatal:
+            raise FatalError(self._fatal)
+        self._started = True
+        self._update_metrics()
+
+    async def process(self, item: Event) -> AsyncIterator[Event]:
+        self._publish_event(item)
+        yield item
+
+    async def on_control(self, msg: Event) -> AsyncIterator[Event]:
+        if isinstance(msg, Stop):
+            self._stopped = True
+        yield msg
+
+    async def on_end(self) -> AsyncIterator[Event]:
+        self._set_stream_status("stopped" if self._stopped else "eof")
+        return
+        yield  # pragma: no cover
+
+    async def close(self) -> None:
+        """Flush finals (bounded), publish `offline`, disconnect cleanly."""
+        self._closing = True
+        deadline = time.monotonic() + self.cfg.close_timeout_s
+        while self.outbox and self._connected.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        client = self._client if self._connected.is_set() else None
+        if client is not None:
+            offline = Status(state="offline", text="stopped", stream_id=self.topics.stream)
+            try:
+                await client.publish(self._status_message(self._stream_status), timeout_s=1.0)
+                await client.publish(self._global_status_message(offline), timeout_s=1.0)
+            except BusDisconnected:
+                pass
+        if self._conn_task is not None:
+            self._conn_task.cancel()
+            await asyncio.gather(self._conn_task, return_exceptions=True)
+        for item in list(self.outbox._items):  # what could not be sent in time is counted, not hidden
+            self.outbox.discard(item, "unsent_at_close")
+        self._update_metrics()
+
+    # -- events -> outbox
+
+    def _publish_event(self, item: Event) -> None:
+        t = self.topics
+        if isinstance(item, Frame):
+            self._on_frame()
+        elif isinstance(item, NarrationDelta):
+            self._enqueue(t.partial, item, "partial", PARTIAL, qos=0, expiry_s=self.cfg.partial_expiry_s)
+        elif isinstance(item, Narration):
+            self._enqueue(t.narration, item, "narration", FINAL, qos=1, retain=True)
+        elif isinstance(item, Answer):
+            self._send_answer(item)
+        elif isinstance(item, Status):
+            self._stream_status = item
+            self._enqueue(t.stream_status, item, "status", PERIODIC, qos=1, retain=True)
+        elif isinstance(item, Metrics):
+            self._expire_questions()
+            self._update_metrics()
+            self._enqueue(t.metrics, item, "metrics", PERIODIC, qos=0)
+            self._set_stream_status(self._stream_status.state)  # refresh fps / drops
+        elif isinstance(item, EndOfStream) or item.control:
+            pass
+        else:  # SceneChange, Error and whatever else the graph grows
+            if isinstance(item, Error) and item.fatal:
+                self._set_stream_status("error", text=item.text)
+            self._enqueue(t.event, item, "event", FINAL, qos=1)
+        self._update_metrics()
+
+    def _enqueue(self, topic: str, event: Event, kind: str, priority: int, *, qos: int, retain: bool = False,
+                 expiry_s: int | None = None) -> None:
+        msg = BusMessage(topic, event.to_json().encode(), qos=qos, retain=retain, content_type=JSON, expiry_s=expiry_s)
+        self.outbox.put(Outgoing(msg, kind, priority))
+
+    def _on_frame(self) -> None:
+        now = time.monotonic()
+        self._frame_times.append(now)
+        while self._frame_times and now - self._frame_times[0] > FPS_WINDOW_S:
+            self._frame_times.popleft()
+        if self._stream_status.state in ("starting", "reconnecting"):
+            self._set_stream_status("running")
+
+    def _fps(self) -> float | None:
+        if len(self._frame_times) < 2:
+            return None
+        span = self._frame_times[-1] - self._frame_times[0]
+        return round((len(self._frame_times) - 1) / span, 2) if span > 0 else None
+
+    def _set_stream_status(self, state: str, *, text: str = "") -> None:
+        drops = sum(e.drops for e in self.runtime.edges) if self.runtime else None
+        prev = self._stream_status
+        self._stream_status = Status(state=state, text=text or (prev.text if prev.state == state else ""),
+                                     stream_id=self.topics.stream, fps=self._fps(), drops=drops,
+                                     reconnects=prev.reconnects, pts=prev.pts)
+        self._enqueue(self.topics.stream_status, self._stream_status, "status", PERIODIC, qos=1, retain=True)
+
+    def _status_message(self, status: Status) -> BusMessage:
+        return BusMessage(self.topics.stream_status, status.to_json().encode(), qos=1, retain=True, content_type=JSON)
+
+    def _global_status_message(self, status: Status) -> BusMessage:
+        return BusMessage(self.topics.status, status.to_json().encode(), qos=1, retain=True, content_type=JSON)
+
+    def _update_metrics(self) -> None:
+        ex = self.metrics.extra
+        ex["outbox_depth"] = len(self.outbox)
+        ex["outbox_max_depth"] = self.outbox.max_depth
+        ex["outbox_drops"] = sum(v for k, v in self.outbox.drops.items() if k != "expired")
+        for kind, n in self.outbox.drops.items():
+            ex[f"outbox_drops_{kind}"] = n
+        ex["connected"] = 1 if self._connected.is_set() else 0
+        ex["reconnects"] = max(0, self._counters["connects"] - 1)
+        for k in ("published", "questions", "questions_rejected", "answers"):
+            ex[k] = self._counters[k]
+        ex["questions_pending"] = len(self._pending)
+
+    # -- questions and answers
+
+    async def _on_question(self, m: BusMessage) -> None:
+        if m.retain:  # a retained question would be re-asked on every reconnect
+            return
+        reply_to = m.response_topic if valid_response_topic(m.response_topic) else None
+        corr = m.correlation
+        fallback_id = None
+        if corr is not None:
+            text = corr.decode("ascii", "replace")
+            fallback_id = text if REQUEST_ID_RE.match(text) else None
+        self._counters["questions"] += 1
+        try:
+            text, request_id = parse_question(m.payload, max_bytes=self.cfg.max_question_bytes)
+        except QuestionRejected as e:
+            self._reject(e.request_id or fallback_id, str(e), reply_to, corr)
+            return
+        request_id = request_id or fallback_id or uuid.uuid4().hex[:12]
+        if request_id in self._pending:
+            self._reject(request_id, f"request_id {request_id!r} is already pending", reply_to, corr, text)
+            return
+        if len(self._pending) >= self.cfg.max_pending_questions:
+            self._reject(request_id, f"busy: {len(self._pending)} questions pending", reply_to, corr, text)
+            return
+        if self.runtime is None or self._closing:
+            self._reject(request_id, "stream is stopping", reply_to, corr, text)
+            return
+        self._pending[request_id] = (reply_to, corr, time.monotonic())
+        await self.runtime.inject(Question(text=text, request_id=request_id, reply_to=reply_to, correlation=corr,
+                                           stream_id=self.topics.stream))
+
+    def _reject(self, request_id: str | None, reason: str, reply_to: str | None, corr: bytes | None,
+                question: str = "") -> None:
+        self._counters["questions_rejected"] += 1
+        rid = request_id or uuid.uuid4().hex[:12]
+        self._pending.pop(rid, None)
+        self._send_answer(Answer(text="", error=reason, request_id=rid, question=question[:200],
+                                 stream_id=self.topics.stream), route=(reply_to, corr))
+
+    def _send_answer(self, answer: Answer, route: tuple[str | None, bytes | None] | None = None) -> None:
+        if route is None:
+            reply_to, corr, _ = self._pending.pop(answer.request_id, (None, None, 0.0))
+        else:
+            reply_to, corr = route
+        payload = answer.to_json().encode()
+        self._counters["answers"] += 1
+        self.outbox.put(Outgoing(BusMessage(self.topics.answer, payload, qos=1, content_type=JSON,
+                                            correlation=corr), "answer", FINAL))
+        if reply_to and reply_to != self.topics.answer:
+            self.outbox.put(Outgoing(BusMessage(reply_to, payload, qos=1, content_type=JSON, correlation=corr),
+                                     "answer", FINAL))
+        self._update_metrics()
+
+    def _expire_questions(self) -> None:
+        now = time.monotonic()
+        while self._pending:
+            rid, (reply_to, corr, t0) = next(iter(self._pending.items()))
+            if now - t0 < self.cfg.question_timeout_s:
+                break
+            self._reject(rid, f"not answered within {self.cfg.question_timeout_s:g} s", reply_to, corr)
+
+    # -- connection
+
+    def _backoff(self, attempt: int) -> float:
+        # exponential with "equal jitter": never hammers a recovering broker in lockstep
+        base = min(self.cfg.reconnect_max_s, self.cfg.reconnect_initial_s * (2 ** min(attempt, 16)))
+        return base / 2 + random.uniform(0, base / 2)
+
+    async def _connection_loop(self) -> None:
+        attempt = 0
+        while not self._closing:
+            protocol = "3.1.1" if self._protocol == "3.1.1" else "5"
+            will = Status(state="offline", text="connection lost", stream_id=self.topics.stream)
+            client = BusClient(self.address, client_id=self.client_id, protocol=protocol, tls=self.tls,
+                               keepalive_s=self.cfg.keepalive_s, will=self._global_status_message(will),
+                               timeout_s=self.cfg.publish_timeout_s)
+            try:
+                await client.connect()
+                if self._protocol == "auto":
+                    self._protocol = protocol  # remember what this broker speaks
+                attempt = 0
+                await self._serve(client)
+            except BusProtocolRejected as e:
+                if self._protocol == "auto" and protocol == "5":
+                    self._protocol = "3.1.1"  # an MQTT 3.1.1 broker: retry at once in its dialect
+                    continue
+                self._fail(f"mqtt: {e}")
+                return
+            except BusRefused as e:
+                self._fail(f"mqtt: {e}")
+                return
+            except BusDisconnected as e:
+                self._last_error = str(e)
+            except UserError as e:  # TLS files that cannot be loaded
+                self._fail(str(e))
+                return
+            finally:
+                self._connected.clear()
+                self._client = None
+                self._update_metrics()
+                await client.disconnect(timeout_s=1.0 if self._closing else None)
+            self._verdict.set()
+            if self._closing:
+                return
+            await asyncio.sleep(self._backoff(attempt))
+            attempt += 1
+
+    def _fail(self, message: str) -> None:
+        self._fatal = message
+        self._verdict.set()
+        if self._started and self.runtime is not None:  # before that, start() raises it
+            self.runtime.fail(message, stage=self.name)
+
+    async def _serve(self, client: BusClient) -> None:
+        """One connected session: announce, subscribe, then drain and listen until it drops."""
+        online = Status(state="online", text="framecast", stream_id=self.topics.stream)
+        await client.publish(self._global_status_message(online))
+        await client.publish(self._status_message(self._stream_status))
+        if self.cfg.ha_discovery:
+            await client.publish(self._ha_discovery_message())
+        await client.subscribe(self.topics.ask, qos=1)
+        self._client = client
+        self._counters["connects"] += 1
+        self._connected.set()
+        self._verdict.set()
+        self._update_metrics()
+        tasks = [asyncio.create_task(self._drain(client)), asyncio.create_task(self._listen(client))]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                t.result()  # re-raise BusDisconnected / BusRefused
+            raise BusDisconnected("session ended")
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _drain(self, client: BusClient) -> None:
+        while True:
+            item = await self.outbox.head()
+            now = time.monotonic()
+            remaining = item.remaining_expiry(now)
+            if remaining is not None and remaining < 1:
+                self.outbox.discard(item, "expired")  # a stale partial is worse than none
+                continue
+            msg = item.msg
+            if remaining is not None and remaining != msg.expiry_s:
+                msg = BusMessage(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain, content_type=msg.content_type,
+                                 expiry_s=remaining, response_topic=msg.response_topic, correlation=msg.correlation)
+            await client.publish(msg, timeout_s=self.cfg.publish_timeout_s)
+            self.outbox.done(item)
+            self._counters["published"] += 1
+
+    async def _listen(self, client: BusClient) -> None:
+        async for m in client.messages():
+            if m.topic == self.topics.ask:
+                try:
+                    await self._on_question(m)
+                except Exception as e:  # one bad question must never end the session
+                    print(f"framecast: mqtt: question handling failed: {type(e).__name__}: {e}", file=sys.stderr)
+                self._update_metrics()
+
+    def _ha_discovery_message(self) -> BusMessage:
+        t = self.topics
+        uid = re.sub(r"[^A-Za-z0-9_-]", "_", f"framecast_{t.prefix}_{t.stream}")
+        config = {
+            "name": f"{t.stream} narration",
+            "unique_id": f"{uid}_narration",
+            "object_id": uid,
+            "state_topic": t.narration,
+            # HA states hold at most 255 characters; the full event stays in the attributes
+            "value_template": "{{ value_json.text[:255] }}",
+            "json_attributes_topic": t.narration,
+            "availability": [
+                {"topic": t.status, "value_template": "{{ value_json.state }}"},
+                {"topic": t.stream_status,
+                 "value_template": "{{ 'offline' if value_json.state in ('error', 'eof', 'stopped') else 'online' }}"},
+            ],
+            "availability_mode": "all",
+            "payload_available": "online",
+            "payload_not_available": "offline",
+            "icon": "mdi:cctv",
+            "device": {"identifiers": [uid], "name": f"framecast {t.stream}", "manufacturer": "framecast"},
+        }
+        return BusMessage(t.ha_config(self.cfg.ha_prefix), json.dumps(config).encode(), qos=1, retain=True,
+                          content_type=JSON)
+
+
+# ---------------------------------------------------------------- `framecast ask`
+
+
+def ask_over_mqtt(url: str, stream: str, question: str, *, prefix: str = "framecast", timeout: float = 60.0,
+                  ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None) -> int:
+    """Ask a running stream a question; print the answer text. Returns the exit code."""
+    topics = Topics(validate_prefix(prefix, "--prefix"), validate_stream_id(stream))
+    address = parse_mqtt_url(url)
+    if not question.strip():
+        raise UserError("the question is empty")
+    tls = TlsFiles(ca_file, cert_file, key_file)
+    if address.tls:
+        tls.check()
+    try:
+        return asyncio.run(_ask(address, topics, question, timeout=timeout, tls=tls))
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _ask(address: BrokerAddress, topics: Topics, question: str, *, timeout: float, tls: TlsFiles) -> int:
+    request_id = uuid.uuid4().hex[:12]
+    client = None
+    for protocol in ("5", "3.1.1"):  # MQTT 5 first, 3.1.1 for brokers that refuse it
+        client = BusClient(address, client_id=f"framecast-ask-{request_id}", protocol=protocol, tls=tls)
+        try:
+            await client.connect()
+            break
+        except BusProtocolRejected:
+            continue
+        except (BusRefused, BusDisconnected) as e:
+            print(f"framecast: mqtt: cannot connect to {address.display()}: {e}", file=sys.stderr)
+            return 1
+    assert client is not None
+    reply_topic = f"{topics.answer}/{request_id}"
+    payload = json.dumps({"text": question, "request_id": request_id}).encode()
+    try:
+        if client.is_v5:
+            await client.subscribe(reply_topic, qos=1)
+        await client.subscribe(topics.answer, qos=1)  # 3.1.1 fallback: match on request_id
+        await client.publish(BusMessage(topics.ask, payload, qos=1, content_type=JSON, correlation=request_id.encode(),
+                                        response_topic=reply_topic if client.is_v5 else None))
+        answer = await asyncio.wait_for(_wait_answer(client, request_id), timeout=timeout)
+    except asyncio.TimeoutError:
+        print(f"framecast: no answer from stream {topics.stream!r} at {address.display()} within {timeout:g} s",
+              file=sys.stderr)
+        return 1
+    except (BusRefused, BusDisconnected) as e:
+        print(f"framecast: mqtt: {e}", file=sys.stderr)
+        return 1
+    finally:
+        await client.disconnect(timeout_s=1.0)
+    if answer.get("error"):
+        print(f"framecast: stream {topics.stream!r} could not answer: {answer['error']}", file=sys.stderr)
+        return 1
+    print(answer.get("text", ""), flush=True)
+    return 0
+
+
+async def _wait_answer(client: BusClient, request_id: str) -> dict:
+    async for m in client.messages():
+        try:
+            obj = json.loads(m.payload)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(obj, dict) and (obj.get("request_id") == request_id or m.correlation == request_id.encode()):
+            return obj
+    raise BusDisconnected("connection closed before the answer came")

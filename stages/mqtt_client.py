@@ -1,0 +1,291 @@
+"""The one place that talks to the MQTT client library (aiomqtt 2.x on paho-mqtt 2.x).
+
+Everything above this file speaks `BrokerAddress`, `BusMessage`, `BusClient` and three
+exceptions, so changing the client library later touches only this file:
+
+- `BusRefused`: the broker (or TLS) said no for a reason retrying cannot fix (bad user or
+  password, not authorised, certificate rejected) — the caller treats it as fatal;
+- `BusProtocolRejected`: the broker does not speak the MQTT version we offered (the caller
+  falls back from 5 to 3.1.1);
+- `BusDisconnected`: anything transient (refused socket, reset, timeout) — retry later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator, Literal
+from urllib.parse import unquote, urlsplit
+
+import aiomqtt
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from pipeline.errors import UserError
+
+DEFAULT_PORT = 1883
+DEFAULT_TLS_PORT = 8883
+DEFAULT_TIMEOUT_S = 5.0  # CONNACK / SUBACK / PUBACK wait
+
+# MQTT 5 CONNACK/SUBACK reason codes and MQTT 3.1.1 CONNACK return codes we must not retry.
+_V5_REFUSED = {134: "bad user name or password", 135: "not authorised (check the user name and password)", 138: "banned",
+               140: "bad authentication method", 133: "client identifier not valid"}
+_V5_PROTOCOL = {132}  # unsupported protocol version
+_V3_REFUSED = {2: "client identifier rejected", 4: "bad user name or password",
+               5: "not authorised (check the user name and password)"}
+_V3_PROTOCOL = {1}  # unacceptable protocol version
+
+Protocol = Literal["5", "3.1.1"]
+
+
+class BusRefused(Exception):
+    """Permanent refusal (credentials, authorisation, TLS trust): retrying will not help."""
+
+
+class BusProtocolRejected(Exception):
+    """The broker rejected the MQTT protocol version we offered."""
+
+
+class BusDisconnected(Exception):
+    """The connection failed or dropped for a transient reason."""
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+    username: str | None = None
+    password: str | None = None
+
+    def display(self) -> str:
+        """The URL without the password (safe to print and log)."""
+        user = f"{self.username}@" if self.username else ""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{user}{self.host}:{self.port}"
+
+
+def parse_mqtt_url(url: str) -> BrokerAddress:
+    """`mqtt://[user[:pass]@]host[:port]` or `mqtts://…`; user and password may be %-escaped."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as e:
+        raise UserError(f"mqtt url {_redact(url)!r}: {e}") from None
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise UserError(f"mqtt url {_redact(url)!r}: scheme must be mqtt:// or mqtts://")
+    if not parts.hostname:
+        raise UserError(f"mqtt url {_redact(url)!r}: no host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise UserError(f"mqtt url {_redact(url)!r}: unexpected path or query (use mqtt://user:pass@host:port)")
+    tls = parts.scheme == "mqtts"
+    return BrokerAddress(
+        host=parts.hostname,
+        port=port or (DEFAULT_TLS_PORT if tls else DEFAULT_PORT),
+        tls=tls,
+        username=unquote(parts.username) if parts.username is not None else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+    )
+
+
+def _redact(url: str) -> str:
+    """Hide the password of a URL in error messages."""
+    head, sep, tail = url.rpartition("@")
+    if not sep or "://" not in head:
+        return url
+    scheme, _, cred = head.partition("://")
+    user = cred.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{tail}" if ":" in cred else url
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    insecure: bool = False  # skip certificate and host name checks (testing only)
+
+    def check(self) -> None:
+        """Fail early, with the file named, instead of deep inside a connect attempt."""
+        for key, path in (("mqtt.ca_file", self.ca_file), ("mqtt.cert_file", self.cert_file),
+                          ("mqtt.key_file", self.key_file)):
+            if path and not Path(path).is_file():
+                raise UserError(f"{key} = {path!r}: file not found")
+        if self.key_file and not self.cert_file:
+            raise UserError("mqtt.key_file is set but mqtt.cert_file is not")
+
+    def context(self) -> ssl.SSLContext:
+        self.check()
+        try:
+            ctx = ssl.create_default_context(cafile=self.ca_file)
+            if self.cert_file:
+                ctx.load_cert_chain(self.cert_file, self.key_file)
+        except (ssl.SSLError, OSError) as e:
+            raise UserError(f"mqtt TLS files (ca={self.ca_file}, cert={self.cert_file}): {e}") from None
+        if self.insecure:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+
+@dataclass(frozen=True)
+class BusMessage:
+    """One MQTT message, library-neutral. MQTT 5 properties are ignored on 3.1.1."""
+
+    topic: str
+    payload: bytes
+    qos: int = 0
+    retain: bool = False
+    content_type: str | None = None
+    expiry_s: int | None = None
+    response_topic: str | None = None
+    correlation: bytes | None = None
+
+
+def _properties(msg: BusMessage, packet: int) -> Properties | None:
+    props = Properties(packet)
+    empty = True
+    if msg.content_type:
+        props.ContentType, empty = msg.content_type, False
+    if msg.expiry_s is not None:
+        props.MessageExpiryInterval, empty = max(1, int(msg.expiry_s)), False
+    if msg.response_topic:
+        props.ResponseTopic, empty = msg.response_topic, False
+    if msg.correlation is not None:
+        props.CorrelationData, empty = msg.correlation, False
+    return None if empty else props
+
+
+def _reason(rc: object) -> tuple[int, str]:
+    """(numeric code, text) for a paho ReasonCode (MQTT 5) or an int return code (3.1.1)."""
+    value = getattr(rc, "value", rc)
+    try:
+        return int(value), str(getattr(rc, "getName", lambda: rc)())
+    except (TypeError, ValueError):
+        return -1, str(rc)
+
+
+class BusClient:
+    """One connection to a broker: connect, publish, subscribe, iterate incoming messages.
+
+    Not reusable across connections: make a new one per attempt (the caller's reconnect loop
+    owns backoff). `will` is published by the broker if this connection dies uncleanly.
+    """
+
+    def __init__(
+        self,
+        address: BrokerAddress,
+        *,
+        client_id: str,
+        protocol: Protocol = "5",
+        tls: TlsFiles | None = None,
+        keepalive_s: int = 30,
+        will: BusMessage | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ):
+        self.address = address
+        self.client_id = client_id
+        self.protocol: Protocol = protocol
+        self.tls = tls or TlsFiles()
+        self.keepalive_s = keepalive_s
+        self.will = will
+        self.timeout_s = timeout_s
+        self._client: aiomqtt.Client | None = None
+
+    @property
+    def is_v5(self) -> bool:
+        return self.protocol == "5"
+
+    async def connect(self) -> None:
+        version = aiomqtt.ProtocolVersion.V5 if self.is_v5 else aiomqtt.ProtocolVersion.V311
+        will = None
+        if self.will is not None:
+            will = aiomqtt.Will(self.will.topic, self.will.payload, self.will.qos, self.will.retain,
+                                _properties(self.will, PacketTypes.WILLMESSAGE) if self.is_v5 else None)
+        client = aiomqtt.Client(
+            self.address.host, self.address.port,
+            username=self.address.username, password=self.address.password,
+            identifier=self.client_id, protocol=version, will=will,
+            keepalive=self.keepalive_s, timeout=self.timeout_s,
+            tls_context=self.tls.context() if self.address.tls else None,
+            # a fresh session each time: questions are answered live, never replayed
+            clean_session=None if self.is_v5 else True,
+            clean_start=paho.MQTT_CLEAN_START_FIRST_ONLY,
+        )
+        try:
+            await client.__aenter__()
+        except aiomqtt.MqttCodeError as e:
+            raise self._classify_refusal(e.rc) from None
+        except aiomqtt.MqttError as e:
+            text = str(e)
+            if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+                raise BusRefused(f"TLS certificate of {self.address.host} not trusted ({text.split(':')[-1].strip()});"
+                                 " set the CA file (--mqtt-ca / mqtt.ca_file)") from None
+            raise BusDisconnected(text or "connection failed") from None
+        self._client = client
+
+    def _classify_refusal(self, rc: object) -> Exception:
+        code, text = _reason(rc)
+        refused, protocol = (_V5_REFUSED, _V5_PROTOCOL) if self.is_v5 else (_V3_REFUSED, _V3_PROTOCOL)
+        if code in protocol:
+            return BusProtocolRejected(f"broker rejected MQTT {self.protocol} ({text})")
+        if code in refused:
+            who = f" for user {self.address.username!r}" if self.address.username else " (no user given)"
+            return BusRefused(f"{self.address.display()} refused the connection{who}: {refused[code]}")
+        return BusDisconnected(f"connection refused: {text}")
+
+    async def disconnect(self, *, timeout_s: float | None = None) -> None:
+        """Clean DISCONNECT (the broker then discards the will); never raises."""
+        client, self._client = self._client, None
+        if client is None:
+            return
+        try:
+            await asyncio.wait_for(client.__aexit__(None, None, None), timeout=timeout_s or self.timeout_s)
+        except Exception:  # already gone: nothing to clean up
+            pass
+
+    async def publish(self, msg: BusMessage, *, timeout_s: float | None = None) -> None:
+        """Send one message; QoS 1 waits for the broker's acknowledgement."""
+        if self._client is None:
+            raise BusDisconnected("not connected")
+        props = _properties(msg, PacketTypes.PUBLISH) if self.is_v5 else None
+        try:
+            await self._client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain,
+                                       properties=props, timeout=timeout_s or self.timeout_s)
+        except aiomqtt.MqttError as e:
+            raise BusDisconnected(f"publish to {msg.topic} failed: {e}") from None
+
+    async def subscribe(self, topic: str, *, qos: int = 1) -> None:
+        if self._client is None:
+            raise BusDisconnected("not connected")
+        try:
+            granted = await self._client.subscribe(topic, qos=qos)
+        except aiomqtt.MqttError as e:
+            raise BusDisconnected(f"subscribe to {topic} failed: {e}") from None
+        for rc in granted:
+            code, text = _reason(rc)
+            if code >= 0x80:
+                raise BusRefused(f"{self.address.display()} refused the subscription to {topic}: "
+                                 f"{'not authorised' if code in (0x80, 0x87) else text}")
+
+    async def messages(self) -> AsyncIterator[BusMessage]:
+        """Incoming messages until the connection drops (then `BusDisconnected`)."""
+        if self._client is None:
+            raise BusDisconnected("not connected")
+        try:
+            async for m in self._client.messages:
+                props = m.properties
+                corr = getattr(props, "CorrelationData", None) if props is not None else None
+                yield BusMessage(
+                    topic=m.topic.value,
+                    payload=bytes(m.payload) if isinstance(m.payload, (bytes, bytearray)) else str(m.payload).encode(),
+                    qos=m.qos,
+                    retain=bool(m.retain),
+                    content_type=getattr(props, "ContentType", None) if props is not None else None,
+                    response_topic=getattr(props, "ResponseTopic", None) if props is not None else None,
+                    correlation=bytes(corr) if corr is not None else None,
+                )
+        except aiomqtt.MqttError as e:
+            raise BusDisconnected(f"connection lost: {e}") from None
