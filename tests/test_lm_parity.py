@@ -126,6 +126,11 @@ def _check_all_paths(ours, reference_logits: np.ndarray, ids: np.ndarray, name: 
         float(np.abs(np.array(step) - reference_logits[:, PROMPT : PROMPT + 1]).max()),
     )
 
+    # 4. last_only: the head runs on the last position only
+    last = ours(mx.array(ids[:, :PROMPT]), last_only=True)  # [1, 1, V]
+    assert last.shape == (1, 1, reference_logits.shape[-1])
+    diffs["last_only"] = float(np.abs(np.array(last) - reference_logits[:, PROMPT - 1 : PROMPT]).max())
+
     MAX_DIFFS[name] = diffs
     print(f"\n{name}: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
     for path, diff in diffs.items():
@@ -157,7 +162,7 @@ def test_matches_transformers(case):
 
 
 def test_config_from_dict_ignores_unknown_and_names_missing_keys():
-    model_cls, args_cls = get_lm_class("qwen2")
+    _, args_cls = get_lm_class("qwen2")
     args = args_cls.from_dict({**TINY, "model_type": "qwen2", "some_future_key": 1})
     assert args.hidden_size == 64 and args.num_key_value_heads == 2
     with pytest.raises(ModelLoadError, match="hidden_size"):
@@ -299,3 +304,23 @@ def test_untied_head_missing_from_checkpoint_falls_back_to_embeddings():
     weights = ours.sanitize(weights)
     assert weights["lm_head.weight"] is weights["model.embed_tokens.weight"]
     ours.load_weights(list(weights.items()), strict=True)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_quantized_lm_runs_on_the_cache_and_stays_close(tied):
+    """8-bit affine quantisation (as the converter writes) keeps logits near fp32."""
+    import mlx.nn as nn
+
+    config = {**TINY, "model_type": "qwen2", "tie_word_embeddings": tied}
+    ours = build_lm(config)
+    mx.eval(ours.parameters())
+    ids = mx.array(_ids(PROMPT + 1, config["vocab_size"]))
+    full = np.array(ours(ids))
+    nn.quantize(ours, group_size=32, bits=8)
+    cache = ours.make_cache()
+    prefill = ours(ids[:, :PROMPT], cache=cache)
+    step = ours(ids[:, PROMPT:], cache=cache)
+    quant = np.concatenate([np.array(prefill), np.array(step)], axis=1)
+    gap = float(np.abs(quant - full).max())
+    print(f"\nqwen2 8-bit (tied={tied}): max abs logit gap {gap:.2e} (|logits| max {np.abs(full).max():.2f})")
+    assert gap < 0.05 * np.abs(full).max()

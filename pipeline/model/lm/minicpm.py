@@ -131,10 +131,16 @@ class Model(nn.Module):
         inputs: mx.array | None = None,
         cache: list | None = None,
         input_embeddings: mx.array | None = None,
+        *,
+        last_only: bool = False,
     ) -> mx.array:
+        """Logits [B, T, V]; with `last_only`, [B, 1, V] for the last position only (a
+        prefill that just needs the next token skips T-1 rows of the V-wide head)."""
         # input_embeddings, when given, are final (text part already scaled by embed_tokens).
         h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
         h = self.model(h, cache)  # [B, T, D]
+        if last_only:
+            h = h[:, -1:, :]  # [B, 1, D]
         if self.args.logit_scale != 1.0:
             h = h * (1.0 / self.args.logit_scale)
         if self.args.tie_word_embeddings:

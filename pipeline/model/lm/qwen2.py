@@ -100,9 +100,15 @@ class Model(nn.Module):
         inputs: mx.array | None = None,
         cache: list | None = None,
         input_embeddings: mx.array | None = None,
+        *,
+        last_only: bool = False,
     ) -> mx.array:
+        """Logits [B, T, V]; with `last_only`, [B, 1, V] for the last position only (a
+        prefill that just needs the next token skips T-1 rows of the V-wide head)."""
         h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
         h = self.model(h, cache)  # [B, T, D]
+        if last_only:
+            h = h[:, -1:, :]  # [B, 1, D]
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)
         return self.lm_head(h)  # [B, T, V]
