@@ -57,6 +57,20 @@ HF_CASES = {  # llama-rope-linear also turns on HF Llama's attention/MLP biases
             ),
         ),
     ),
+    # MiniCPM4-style LongRoPE with max_position == original (short factors, no attention
+    # factor): where our fixed choice and transformers' length-dependent one agree.
+    "llama-rope-longrope": (
+        "Llama",
+        dict(
+            model_type="llama",
+            rope_scaling=dict(
+                rope_type="longrope",
+                original_max_position_embeddings=256,
+                short_factor=[1.0, 1.2, 1.5, 2.0, 3.0, 5.0, 8.0, 13.0],
+                long_factor=[2.0] * 8,
+            ),
+        ),
+    ),
     "llama-rope-linear": (
         "Llama",
         dict(
