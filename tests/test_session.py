@@ -125,3 +125,282 @@ def test_quantized_cache_error_is_bounded_and_state_round_trips(bits, max_rel_rm
     again, _ = restored.update_and_fetch(mx.zeros((1, 2, 0, HEAD_DIM)), mx.zeros((1, 2, 0, HEAD_DIM)))
     np.testing.assert_array_equal(np.array(again), np.array(keys))
     assert restored.trim(5) == 5 and restored.offset == 35
+
+
+# ---------------------------------------------------------------- the session on a tiny model
+
+import asyncio  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+
+from pipeline.session import SessionCore, StreamingSession, TextDelta, TurnDone  # noqa: E402
+from tiny_models import make_tiny_minicpmv, random_image  # noqa: E402
+
+PROMPT = "Describe."
+HEAD32 = {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32}  # quantisable head_dim
+
+
+def load_tiny(directory):
+    """The engine's loader when present; else the same steps by hand (config, tokenizer, weights)."""
+    try:
+        from pipeline.model.load import load_model
+    except ImportError:
+        import json
+
+        from pipeline.model.tokenizer import Tokenizer
+        from pipeline.model.vlm import MiniCPMV
+
+        cfg = json.loads((directory / "config.json").read_text())
+        model = MiniCPMV.from_config(cfg, tokenizer=Tokenizer.from_dir(directory))
+        model.load_weights(list(model.sanitize(mx.load(str(directory / "model.safetensors"))).items()))
+        return model
+    return load_model(str(directory))
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    cache = {}
+
+    def get(version="2.6", **overrides):
+        key = (version, tuple(sorted((k, str(v)) for k, v in overrides.items())))
+        if key not in cache:
+            d = tmp_path_factory.mktemp(f"tiny-{version}")
+            make_tiny_minicpmv(d, version, **overrides)
+            cache[key] = load_tiny(d)
+        return cache[key]
+    return get
+
+
+def _features(model, n, seed=0):
+    return model.encode_images([random_image(56, 56, seed=seed + i) for i in range(n)], max_slice_nums=1)
+
+
+def _prefix(core):
+    return f"<|im_start|>system\n{core.system_prompt}<|im_end|>\n<|im_start|>user\n"
+
+
+def _placeholders(model, feats):
+    return "".join(model.image_placeholder(f) + "\n" for f in feats)
+
+
+def _one_shot(model, ids, feats, n_tokens):
+    """Prefill everything at once, then greedy decode: (tokens, per-step logits)."""
+    cache = model.make_cache()
+    logits = model.forward(mx.array([ids], dtype=mx.int32), cache, images=feats)[:, -1, :]
+    tokens, steps = [], []
+    for _ in range(n_tokens):
+        steps.append(np.array(logits[0]))
+        tok = int(mx.argmax(logits, axis=-1).item())
+        tokens.append(tok)
+        logits = model.language_model(mx.array([[tok]], dtype=mx.int32), cache=cache)[:, -1, :]
+    return tokens, steps
+
+
+def _turn_text(core, prompt):
+    return prompt + "<|im_end|>\n" + core.assistant_prefix
+
+
+@pytest.mark.parametrize("version", ["2.6", "4.5", "4.0"])
+def test_streaming_equals_one_shot(tiny_models, version):
+    model = tiny_models(version)
+    feats = _features(model, 5)
+    core = SessionCore(model)
+    for i, f in enumerate(feats):
+        core.add_features(f, float(i))
+    turn = core.generate(PROMPT, max_tokens=8, return_logits=True, ignore_eos=True)
+    ids = model.tokenizer.encode(_prefix(core) + _placeholders(model, feats) + _turn_text(core, PROMPT))
+    tokens, logits = _one_shot(model, ids, feats, 8)
+    assert turn.tokens == 8
+    generated = core.last_turn_ids[turn.prompt_tokens:turn.prompt_tokens + 8]
+    assert generated == tokens
+    for a, b in zip(turn.logits, logits):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("keep_generated", [True, False])
+def test_turns_are_closed_and_the_next_turn_sees_the_transcript(tiny_models, keep_generated):
+    """After a turn that ran out of tokens, the cache equals the ChatML transcript with the
+    turn closed and the user turn reopened (or, not keeping it, as if it never happened)."""
+    model = tiny_models("2.6")
+    f1, f2 = _features(model, 2, seed=10)
+    core = SessionCore(model, keep_generated=keep_generated)
+    core.add_features(f1, 0.0)
+    core.generate(PROMPT, max_tokens=5, ignore_eos=True)
+    first_turn = list(core.last_turn_ids)
+    core.add_features(f2, 1.0)
+    second = core.generate("Again?", max_tokens=4, return_logits=True, ignore_eos=True)
+    tok = model.tokenizer
+    ids = (tok.encode(_prefix(core) + _placeholders(model, [f1])) + first_turn
+           + tok.encode(_placeholders(model, [f2]) + _turn_text(core, "Again?")))
+    if keep_generated:
+        assert tok.decode(first_turn).endswith("<|im_end|>\n<|im_start|>user\n")
+        assert len(first_turn) == len(tok.encode(_turn_text(core, PROMPT))) + 5 + len(tok.encode("<|im_end|>\n<|im_start|>user\n"))
+    else:
+        assert first_turn == []
+    _, logits = _one_shot(model, ids, [f1, f2], 4)
+    for a, b in zip(second.logits, logits):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+    assert core.positions_contiguous()
+
+
+def test_eviction_keeps_budget_contiguous_positions_and_generation(tiny_models):
+    model = tiny_models("2.6")
+    feats = _features(model, 4, seed=20)
+    budget = 160
+    core = SessionCore(model, max_cache_tokens=budget)
+    core.start()
+    frame_tokens = len(model.tokenizer.encode(_placeholders(model, feats[:1])))
+    core.sink_tokens = core.offset + frame_tokens  # the prefix and the first frame are sinks
+    for i in range(40):
+        core.add_features(feats[i % 4], float(i))
+        assert core.offset <= budget and core.positions_contiguous()
+    assert core.evicted_total > 0
+    kept = [int(s.pts) for s in core.spans if s.kind == "frame"]
+    assert kept[0] == 0 and kept[1] > 1  # the sink frame stays, then the recent window
+    assert kept[1:] == list(range(kept[1], 40))  # whole frames, newest kept, in order
+    # Layer-0 keys depend only on token and position: they must equal a fresh prefill of the
+    # kept tokens at contiguous positions (deeper layers legitimately differ: context changed).
+    fresh = model.make_cache()
+    ids = model.tokenizer.encode(_prefix(core) + _placeholders(model, [feats[i % 4] for i in kept]))
+    model.forward(mx.array([ids], dtype=mx.int32), fresh, images=[feats[i % 4] for i in kept])
+    k_fresh, v_fresh = fresh[0].state
+    k_ours, v_ours = core.cache[0].state
+    assert k_ours.shape == k_fresh.shape
+    assert float(mx.abs(k_ours - k_fresh).max()) < 1e-4
+    assert float(mx.abs(v_ours - v_fresh).max()) < 1e-4
+    turn = core.generate(PROMPT, max_tokens=6, ignore_eos=True)
+    assert turn.tokens == 6 and turn.cache_tokens <= budget and core.positions_contiguous()
+
+
+def test_budget_in_megabytes(tiny_models):
+    model = tiny_models("2.6")
+    (feat,) = _features(model, 1, seed=30)
+    core = SessionCore(model, max_cache_mb=0.2)
+    for i in range(200):
+        core.add_features(feat, float(i))
+        assert core.nbytes <= 0.2 * 2**20
+    assert core.evicted_total > 0
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_ten_thousand_frames_keep_memory_flat(tiny_models):
+    """Precomputed features (encoding is not what is measured): cache, MLX memory and RSS
+    stay flat once the window is full."""
+    model = tiny_models("2.6")
+    feats = _features(model, 4, seed=40)
+    core = SessionCore(model, max_cache_tokens=512)
+    samples = {}
+    t0 = time.perf_counter()
+    for i in range(10_000):
+        core.add_features(feats[i % 4], float(i))
+        if i in (1_000, 9_999):
+            samples[i] = (core.offset, core.nbytes, mx.get_active_memory(), _rss_bytes())
+    elapsed = time.perf_counter() - t0
+    (o1, b1, a1, r1), (o2, b2, a2, r2) = samples[1_000], samples[9_999]
+    assert o2 <= 512 and b2 == b1  # the cache buffers never grew after the window filled
+    assert a2 - a1 < 1 << 20  # MLX active memory: flat within 1 MiB
+    assert r2 - r1 < 32 << 20  # process RSS: flat within 32 MiB (allocator noise)
+    print(f"10k frames: {elapsed:.1f} s, cache {b2 / 1024:.0f} KiB, mx active {a2 / 2**20:.2f} MiB, "
+          f"rss {r1 / 2**20:.1f} -> {r2 / 2**20:.1f} MiB")
+
+
+@pytest.mark.parametrize("kv_bits", [None, 8])
+def test_save_restore_continue_equals_never_stopping(tiny_models, tmp_path, kv_bits):
+    model = tiny_models("2.6", llm=HEAD32)  # head_dim 32
+    feats = _features(model, 4, seed=50)
+
+    def run(core, frames):
+        for i, f in frames:
+            core.add_features(f, float(i))
+        return core.generate(PROMPT, max_tokens=6, return_logits=True, ignore_eos=True)
+
+    a = SessionCore(model, kv_bits=kv_bits, max_cache_tokens=120)
+    run(a, [(0, feats[0]), (1, feats[1])])
+    path = a.save(tmp_path / "session.safetensors")
+    b = SessionCore(model, kv_bits=kv_bits, max_cache_tokens=120)
+    b.load(path)
+    later = [(2, feats[2]), (3, feats[3]), (4, feats[0])]
+    ta, tb = run(a, later), run(b, later)
+    assert a.last_turn_ids == b.last_turn_ids
+    assert [s.kind for s in a.spans] == [s.kind for s in b.spans] and a.offset == b.offset
+    for x, y in zip(ta.logits, tb.logits):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_load_rejects_another_model(tiny_models, tmp_path):
+    from pipeline.errors import UserError
+
+    a = SessionCore(tiny_models("2.6"))
+    path = a.save(tmp_path / "s.safetensors")
+    b = SessionCore(tiny_models("2.6", llm=HEAD32))
+    with pytest.raises(UserError, match="different model"):
+        b.load(path)
+    with pytest.raises(UserError, match="not found"):
+        b.load(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("bits,max_err", [(8, 0.05), (4, 0.5)])
+def test_kv_quantisation_error_measured(tiny_models, bits, max_err):
+    """Max |logit error| of a quantised-cache session vs the fp32 one (reported, bounded)."""
+    model = tiny_models("2.6", llm=HEAD32)
+    feats = _features(model, 6, seed=60)
+    turns = []
+    for kv_bits in (None, bits):
+        core = SessionCore(model, kv_bits=kv_bits)
+        for i, f in enumerate(feats):
+            core.add_features(f, float(i))
+        turns.append((core.generate(PROMPT, max_tokens=1, return_logits=True), core.nbytes))
+    (ref, ref_bytes), (q, q_bytes) = turns
+    err = float(np.abs(ref.logits[0] - q.logits[0]).max())
+    spread = float(ref.logits[0].std())
+    print(f"kv {bits}-bit: max |dlogit| {err:.4f} (logit std {spread:.2f}), cache {q_bytes}/{ref_bytes} bytes")
+    assert err < max_err * spread
+    assert q_bytes < ref_bytes * (0.35 if bits == 8 else 0.2)
+
+
+# ---------------------------------------------------------------- async API
+
+
+def test_async_api_streams_deltas_and_keeps_the_loop_responsive(tiny_models):
+    model = tiny_models("2.6")
+    images = [random_image(56, 56, seed=70 + i) for i in range(3)]
+
+    async def main():
+        session = StreamingSession(model)
+        lags = []
+
+        async def ticker():
+            while True:
+                t = time.perf_counter()
+                await asyncio.sleep(0.005)
+                lags.append(time.perf_counter() - t - 0.005)
+
+        tick = asyncio.create_task(ticker())
+        await asyncio.sleep(0.02)
+        for i, img in enumerate(images):  # pixels: encoded on the worker thread
+            before, t = len(lags), time.perf_counter()
+            assert await session.add_frame(img, float(i)) > 0
+            if time.perf_counter() - t > 0.1:  # a long call: the loop kept ticking meanwhile
+                assert len(lags) > before
+        events = [ev async for ev in session.narrate(PROMPT, max_tokens=12, ignore_eos=True)]
+        deltas = [e for e in events if isinstance(e, TextDelta)]
+        done = events[-1]
+        assert isinstance(done, TurnDone) and done.tokens == 12
+        assert "".join(d.text for d in deltas) == done.text
+        # interrupt a turn: leave after the first delta; the worker closes the turn
+        async for ev in session.ask("Why?", max_tokens=50, ignore_eos=True):
+            break
+        await session.add_text("note")  # runs after the interrupted turn closed
+        core = session.core
+        assert [s.kind for s in core.spans][-2:] == ["turn", "text"] and core.positions_contiguous()
+        closed = model.tokenizer.decode(core.last_turn_ids)
+        assert closed.endswith("<|im_end|>\n<|im_start|>user\n") and closed.count("<|im_end|>") == 2
+        tick.cancel()
+        return lags
+
+    lags = asyncio.run(main())
+    assert len(lags) > 0
