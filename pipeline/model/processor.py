@@ -1,0 +1,215 @@
+"""MiniCPM-V image processing and prompt layout: LLaVA-UHD slicing, resize, normalise, chat templates.
+
+Ground truth is the checkpoints' `image_processing_minicpmv.py`: the same grid choice, the same
+resize targets (Python `round`, i.e. half to even), PIL BICUBIC resampling (we use PIL itself:
+its bicubic filter antialiases when shrinking, which no OpenCV mode reproduces exactly), and
+`(x / 255 - 0.5) / 0.5` in float32.
+
+One image becomes an overview view plus (when sliced) `cols x rows` slice views in row-major
+order; each view is a float32 [H, W, 3] array with H and W multiples of the patch size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+DEFAULT_SCALE_RESOLUTION = 448
+DEFAULT_MAX_SLICE_NUMS = 9
+DEFAULT_PATCH_SIZE = 14
+DEFAULT_SYSTEM_CHATML = "You are a helpful assistant."  # what the 2.6 / o-2.6 chat template inserts
+
+# Prompt tokens (same strings in every supported version).
+IM_START, IM_END = "<image>", "</image>"
+SLICE_START, SLICE_END = "<slice>", "</slice>"
+IM_ID_START, IM_ID_END = "<image_id>", "</image_id>"
+UNK = "<unk>"
+
+
+# ---------------------------------------------------------------- slicing geometry
+
+
+def ensure_divide(length: float, patch_size: int) -> int:
+    """Nearest multiple of `patch_size` (Python round: half to even), at least one patch."""
+    return max(round(length / patch_size) * patch_size, patch_size)
+
+
+def find_best_resize(size: tuple[float, float], scale_resolution: int, patch_size: int, *,
+                     allow_upscale: bool = False) -> tuple[int, int]:
+    """(width, height) keeping the aspect ratio with area ~scale_resolution^2, patch multiples."""
+    width, height = size
+    if width * height > scale_resolution * scale_resolution or allow_upscale:
+        r = width / height
+        height = int(scale_resolution / math.sqrt(r))
+        width = int(height * r)
+    return ensure_divide(width, patch_size), ensure_divide(height, patch_size)
+
+
+def get_refine_size(size: tuple[int, int], grid: tuple[int, int], scale_resolution: int,
+                    patch_size: int, *, allow_upscale: bool = False) -> tuple[int, int]:
+    """Size of the image that is cut into the grid: per-cell best size times cols/rows."""
+    width, height = size
+    cols, rows = grid
+    cell = (ensure_divide(width, cols) / cols, ensure_divide(height, rows) / rows)
+    best_w, best_h = find_best_resize(cell, scale_resolution, patch_size, allow_upscale=allow_upscale)
+    return best_w * cols, best_h * rows
+
+
+def get_sliced_grid(size: tuple[int, int], max_slice_nums: int, scale_resolution: int) -> tuple[int, int] | None:
+    """(cols, rows) for an image of (width, height), or None when it is not sliced."""
+    width, height = size
+    log_ratio = math.log(width / height)
+    ratio = width * height / (scale_resolution * scale_resolution)
+    multiple = min(math.ceil(ratio), max_slice_nums)
+    if multiple <= 1:
+        return None
+    candidates = []
+    for n in (multiple - 1, multiple, multiple + 1):
+        if n == 1 or n > max_slice_nums:
+            continue
+        candidates += [(m, n // m) for m in range(1, n + 1) if n % m == 0]
+    best, best_err = (1, 1), float("inf")
+    for cols, rows in candidates:  # strict `<`: the first candidate wins ties, as in HF
+        err = abs(log_ratio - math.log(cols / rows))
+        if err < best_err:
+            best, best_err = (cols, rows), err
+    return best
+
+
+# ---------------------------------------------------------------- processor
+
+
+@dataclass
+class ProcessedImage:
+    views: list[np.ndarray]  # float32 [H, W, 3] each; overview first, then slices row-major
+    grid: tuple[int, int] | None  # (cols, rows) of the slices, None when not sliced
+    patch_size: int = DEFAULT_PATCH_SIZE
+
+    @property
+    def tgt_sizes(self) -> list[tuple[int, int]]:
+        """(patch rows, patch cols) per view."""
+        return [(v.shape[0] // self.patch_size, v.shape[1] // self.patch_size) for v in self.views]
+
+
+@dataclass
+class MiniCPMVProcessor:
+    version: str = "2.6"
+    query_num: int = 64
+    scale_resolution: int = DEFAULT_SCALE_RESOLUTION
+    max_slice_nums: int = DEFAULT_MAX_SLICE_NUMS
+    patch_size: int = DEFAULT_PATCH_SIZE
+    slice_mode: bool = True
+    use_image_id: bool = True
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_configs(cls, version: str, config: dict, preprocessor: dict | None = None) -> "MiniCPMVProcessor":
+        """From config.json (and preprocessor_config.json when the checkpoint has one)."""
+        pre = preprocessor or {}
+        slice_cfg = config.get("slice_config") or {}
+        return cls(
+            version=version,
+            query_num=int(pre.get("image_feature_size", config.get("query_num", 64))),
+            scale_resolution=int(pre.get("scale_resolution", slice_cfg.get("scale_resolution",
+                                                                               config.get("image_size", 448)))),
+            max_slice_nums=int(pre.get("max_slice_nums", slice_cfg.get("max_slice_nums", 9))),
+            patch_size=int(pre.get("patch_size", config.get("patch_size", 14))),
+            slice_mode=bool(pre.get("slice_mode", config.get("slice_mode", True))),
+            use_image_id=bool(pre.get("use_image_id", config.get("use_image_id", True))),
+            mean=tuple(pre.get("norm_mean", (0.5, 0.5, 0.5))),
+            std=tuple(pre.get("norm_std", (0.5, 0.5, 0.5))),
+        )
+
+    # ------------------------------------------------------------ images
+
+    def grid_for(self, width: int, height: int, max_slice_nums: int | None = None) -> tuple[int, int] | None:
+        n = self.max_slice_nums if max_slice_nums is None else max_slice_nums
+        if not self.slice_mode:
+            return None
+        return get_sliced_grid((width, height), n, self.scale_resolution)
+
+    def slice_image(self, image, max_slice_nums: int | None = None):
+        """PIL image -> (overview PIL image, [[slice PIL images] per row], grid or None)."""
+        from PIL import Image
+
+        size = image.size
+        grid = self.grid_for(*size, max_slice_nums)
+        bicubic = Image.Resampling.BICUBIC
+        if grid is None:  # not sliced: the overview may be upscaled
+            best = find_best_resize(size, self.scale_resolution, self.patch_size, allow_upscale=True)
+            return image.resize(best, resample=bicubic), [], None
+        best = find_best_resize(size, self.scale_resolution, self.patch_size)
+        overview = image.resize(best, resample=bicubic)
+        refine = get_refine_size(size, grid, self.scale_resolution, self.patch_size, allow_upscale=True)
+        refined = image.resize(refine, resample=bicubic)
+        cell_w, cell_h = refine[0] // grid[0], refine[1] // grid[1]
+        rows = [[refined.crop((x, y, x + cell_w, y + cell_h)) for x in range(0, refine[0], cell_w)]
+                for y in range(0, refine[1], cell_h)]
+        return overview, rows, grid
+
+    def normalize(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 [H, W, 3] -> float32 [H, W, 3], (x/255 - mean) / std."""
+        x = pixels.astype(np.float32) / np.float32(255.0)
+        return (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+
+    def preprocess(self, image: np.ndarray, *, max_slice_nums: int | None = None) -> ProcessedImage:
+        """RGB uint8 [H, W, 3] -> normalised views (overview first, then slices row-major)."""
+        from PIL import Image
+
+        if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3):
+            raise ValueError(f"expected an RGB uint8 array [H, W, 3], got {getattr(image, 'shape', type(image))}")
+        pil = Image.fromarray(np.ascontiguousarray(image.astype(np.uint8, copy=False)), "RGB")
+        overview, rows, grid = self.slice_image(pil, max_slice_nums)
+        views = [overview] + [cell for row in rows for cell in row]
+        return ProcessedImage([self.normalize(np.asarray(v)) for v in views], grid, self.patch_size)
+
+    # ------------------------------------------------------------ prompt layout
+
+    def image_placeholder(self, grid: tuple[int, int] | None, *, image_id: int | None = None) -> str:
+        """`<image>` + `<unk>`*query_num + `</image>` [+ slice rows]; `<image_id>i</image_id>` first
+        when `image_id` is given and the model uses image ids (streaming passes none)."""
+        unks = UNK * self.query_num
+        text = f"{IM_START}{unks}{IM_END}"
+        if image_id is not None and self.use_image_id:
+            text = f"{IM_ID_START}{image_id}{IM_ID_END}" + text
+        if self.slice_mode and grid is not None:
+            cols, rows = grid
+            cell = f"{SLICE_START}{unks}{SLICE_END}"
+            text += "\n".join(cell * cols for _ in range(rows))
+        return text
+
+    # ------------------------------------------------------------ chat templates
+
+    @property
+    def assistant_prefix(self) -> str:
+        """What opens the assistant turn (Qwen3 / 4.5 non-thinking appends an empty think block)."""
+        prefix = "<|im_start|>assistant\n"
+        if self.version == "4.5":
+            prefix += "<think>\n\n</think>\n\n"
+        return prefix
+
+    @property
+    def stop_tokens(self) -> tuple[str, ...]:
+        return ("<|im_end|>", "</s>") if self.version == "4.0" else ("<|im_end|>", "<|endoftext|>")
+
+    def chat_prompt(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True,
+                    system: str | None = None) -> str:
+        """ChatML rendering of [{role, content}] (content may hold image placeholders).
+
+        2.6 / o-2.6 templates insert "You are a helpful assistant." when no system message is
+        given; 4.0 and 4.5 (Qwen3) do not. An explicit `system` overrides both.
+        """
+        msgs = list(messages)
+        if system is not None:
+            msgs = [{"role": "system", "content": system}] + [m for m in msgs if m["role"] != "system"]
+        elif self.version in ("2.6", "o-2.6") and (not msgs or msgs[0]["role"] != "system"):
+            msgs = [{"role": "system", "content": DEFAULT_SYSTEM_CHATML}] + msgs
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs)
+        if add_generation_prompt:
+            text += self.assistant_prefix
+        return text
