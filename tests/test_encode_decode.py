@@ -1,0 +1,200 @@
+"""Encode and decode stages on a real runtime graph with a tiny model: unchanged frames reuse
+features, micro-batching, narration policies, questions answered from the cache (no
+re-encoding), MiniCPM-V 4.5 frame groups."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+
+from pipeline.config import NarrationConfig
+from pipeline.events import Answer, Event, Frame, Narration, NarrationDelta, Question
+from pipeline.runtime import Runtime, Source, Stage
+from pipeline.session import StreamingSession
+from stages.decode import DecodeStage
+from stages.encode import EncodeStage
+from tiny_models import make_tiny_minicpmv, random_image
+
+
+def load_tiny(directory):
+    try:
+        from pipeline.model.load import load_model
+    except ImportError:
+        import json
+
+        import mlx.core as mx
+
+        from pipeline.model.tokenizer import Tokenizer
+        from pipeline.model.vlm import MiniCPMV
+
+        cfg = json.loads((directory / "config.json").read_text())
+        model = MiniCPMV.from_config(cfg, tokenizer=Tokenizer.from_dir(directory))
+        model.load_weights(list(model.sanitize(mx.load(str(directory / "model.safetensors"))).items()))
+        return model
+    return load_model(str(directory))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    out = {}
+    for version in ("2.6", "4.5"):
+        d = tmp_path_factory.mktemp(f"tiny-{version}")
+        make_tiny_minicpmv(d, version)
+        out[version] = load_tiny(d)
+    return out
+
+
+class CountingModel:
+    """The real model, with its encoder entry points counted (calls and images)."""
+
+    def __init__(self, model: Any):
+        self._model = model
+        self.image_calls: list[int] = []
+        self.group_calls: list[list[int]] = []
+
+    def encode_images(self, images, **kw):
+        self.image_calls.append(len(images))
+        return self._model.encode_images(images, **kw)
+
+    def encode_frame_group(self, images, temporal_ids, **kw):
+        self.group_calls.append(list(temporal_ids))
+        return self._model.encode_frame_group(images, temporal_ids, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+
+class FrameSource(Source):
+    """Frames at 1 fps media time; `changed` per frame; optional hook after the frames."""
+
+    def __init__(self, changed: list[bool | None], *, after=None, distinct: bool = True):
+        super().__init__(name="frames")
+        self.changed = changed
+        self.after = after
+
+    async def frames(self):
+        for i, ch in enumerate(self.changed):
+            yield Frame(pixels=random_image(56, 56, seed=i), pts=float(i), changed=ch)
+        if self.after is not None:
+            await self.after(self)
+
+
+class Collect(Stage):
+    name = "collect"
+
+    def __init__(self):
+        super().__init__()
+        self.items: list[Event] = []
+
+    async def process(self, item):
+        self.items.append(item)
+        yield item
+
+    async def on_control(self, msg):
+        self.items.append(msg)
+        yield msg
+
+
+def run_graph(model, changed, *, narration=None, after=None, pack=None):
+    session = StreamingSession(model)
+    encode = EncodeStage(model, worker=session.worker, pack_frames=pack)
+    decode = DecodeStage(session, narration or NarrationConfig(policy="on_demand", max_tokens=4))
+    collect = Collect()
+    source = FrameSource(changed, after=after)
+    result = asyncio.run(Runtime(source, [encode, decode, collect]).run(handle_signals=False))
+    assert result.exit_code == 0 and not result.errors, result.errors
+    return encode, decode, collect
+
+
+def _frames(collect):
+    return [e for e in collect.items if isinstance(e, Frame)]
+
+
+def test_unchanged_frames_reuse_features_and_are_not_encoded(models):
+    model = CountingModel(models["2.6"])
+    changed = [None, False, False, True, False, True, False, False]
+    encode, decode, collect = run_graph(model, changed)
+    frames = _frames(collect)
+    assert [f.pts for f in frames] == [float(i) for i in range(8)]  # order kept
+    assert sum(model.image_calls) == 3 == encode.frames_encoded  # frames 0, 3, 5 only
+    assert encode.frames_reused == 5
+    for i in (1, 2):
+        assert frames[i].features is frames[0].features
+    assert frames[4].features is frames[3].features and frames[7].features is frames[5].features
+    assert decode.frames_added == 8  # reused frames still enter the session (time passes)
+
+
+def test_waiting_frames_are_micro_batched(models):
+    model = CountingModel(models["2.6"])
+    encode, decode, collect = run_graph(model, [True] * 12)
+    assert sum(model.image_calls) == 12
+    assert len(model.image_calls) < 12 and max(model.image_calls) > 1  # several frames per call
+    assert [f.pts for f in _frames(collect)] == [float(i) for i in range(12)]
+
+
+def test_question_is_answered_from_the_cache_without_re_encoding(models):
+    model = CountingModel(models["2.6"])
+    question = Question(text="What is shown?")
+    seen = {}
+
+    async def ask(source):
+        decode = source.runtime.stages[1]
+        while decode.frames_added < 5:
+            await asyncio.sleep(0.01)
+        seen["calls_before"] = list(model.image_calls)
+        seen["cache_before"] = decode.session.cache_tokens
+        await source.runtime.inject(question)
+        collect = source.runtime.stages[2]
+        while not any(isinstance(e, Answer) for e in collect.items):
+            await asyncio.sleep(0.01)
+
+    encode, decode, collect = run_graph(model, [True] * 5, after=ask)
+    answers = [e for e in collect.items if isinstance(e, Answer)]
+    assert len(answers) == 1
+    ans = answers[0]
+    assert ans.request_id == question.request_id and ans.question == "What is shown?" and ans.error is None
+    assert model.image_calls == seen["calls_before"]  # nothing re-encoded for the answer
+    assert ans.cache_tokens is not None and ans.cache_tokens > seen["cache_before"]
+    assert ans.first_token_ms is not None and ans.first_token_ms >= 0
+    assert not any(isinstance(e, Question) for e in collect.items)  # consumed by decode
+
+
+def test_interval_policy_narrates_every_n_media_seconds(models):
+    cfg = NarrationConfig(policy="interval", interval_s=2.0, max_tokens=4)
+    encode, decode, collect = run_graph(models["2.6"], [True] * 7, narration=cfg)
+    assert [(p, t) for p, t, _ in decode.turn_log] == [(2.0, "interval"), (4.0, "interval"), (6.0, "interval")]
+    narrations = [e for e in collect.items if isinstance(e, Narration)]
+    for n in narrations:
+        assert n.trigger == "interval" and n.first_token_ms >= 0 and n.cache_tokens > 0
+        assert n.pts_end == n.pts and n.pts_start < n.pts_end
+        deltas = [d.text for d in collect.items if isinstance(d, NarrationDelta) and d.narration_id == n.narration_id]
+        assert "".join(deltas).strip() == n.text
+
+
+def test_change_policy_narrates_on_scene_changes_only(models):
+    cfg = NarrationConfig(policy="change", max_tokens=3)
+    changed = [None, False, True, False, False, True, False]
+    _, decode, _ = run_graph(models["2.6"], changed, narration=cfg)
+    assert [(p, t) for p, t, _ in decode.turn_log] == [(2.0, "change"), (5.0, "change")]
+
+
+def test_on_demand_policy_never_narrates(models):
+    _, decode, collect = run_graph(models["2.6"], [True] * 4)
+    assert not decode.turn_log and not any(isinstance(e, Narration) for e in collect.items)
+
+
+def test_minicpmv45_packs_frames_into_3d_groups(models):
+    model = CountingModel(models["4.5"])
+    encode, decode, collect = run_graph(model, [True] * 7)
+    assert encode.pack == 3
+    assert model.group_calls == [[0, 10, 20], [30, 40, 50], [60]]  # 0.1 s units; tail flushed
+    assert model.image_calls == []
+    frames = _frames(collect)
+    assert [f.features is not None for f in frames] == [False, False, True, False, False, True, True]
+    assert decode.frames_added == 3
+    spans = [s.kind for s in decode.session.core.spans]
+    assert spans == ["prefix", "frame", "frame", "frame"]
+    assert np.isfinite(np.array(frames[2].features.features)).all()
