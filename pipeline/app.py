@@ -7,8 +7,10 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from pipeline.config import RunConfig
+from pipeline.errors import UserError
 from pipeline.events import Error
 from pipeline.runtime import Runtime, Source, Stage
 
@@ -31,22 +33,74 @@ def build_graph(cfg: RunConfig) -> tuple[Source, list[Stage]]:
     return source, stages
 
 
+DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
+
+
+def load_run_model(cfg: RunConfig):
+    """The model `run` watches with: `model.path` (+ `mmproj`), else the embedded demo model.
+
+    Returns None when no path is given and no demo model is installed (capture-only run).
+    """
+    from pipeline.model.load import load_model
+
+    if cfg.model.path is not None:
+        model = load_model(cfg.model.path, mmproj=cfg.model.mmproj, dtype=cfg.model.dtype)
+    else:
+        try:  # the demo-model work may provide its own loader hook
+            from pipeline.demo_model import load_demo_model  # type: ignore[attr-defined]
+        except ImportError:
+            load_demo_model = None
+        if load_demo_model is not None:
+            model = load_demo_model()
+        elif (DEMO_MODEL_DIR / "config.json").is_file():
+            model = load_model(DEMO_MODEL_DIR, dtype=cfg.model.dtype)
+        else:
+            return None
+    if not hasattr(model, "encode_images"):
+        raise UserError(f"model.path = {cfg.model.path!r}: a language model alone cannot watch video "
+                        "(give its vision GGUF with --mmproj)")
+    return model
+
+
 def _model_stages(cfg: RunConfig) -> list[Stage]:
-    """Encode + decode stages around a streaming session (filled in by the session work)."""
-    return []
+    """Encode + decode stages around one streaming session (one KV cache for this stream)."""
+    model = load_run_model(cfg)
+    if model is None:
+        return []
+    from pipeline.session import StreamingSession, worker_for
+    from stages.decode import DecodeStage
+    from stages.encode import EncodeStage
+
+    worker = worker_for(model)  # one thread runs all of this model's MLX work
+    session = StreamingSession.from_config(model, cfg.session, worker=worker)
+    return [
+        EncodeStage(model, worker=worker, max_slice_nums=cfg.model.max_slice_nums),
+        DecodeStage(session, cfg.narration, stream_id=cfg.source.stream_id),
+    ]
+
+
+_METRIC_COLUMNS = ("items_in", "items_out", "drops", "queue_depth", "latency_ms_p50", "latency_ms_p95",
+                   "throughput_per_s", "errors", "started", "queue_max_depth")
+
+
+def format_metrics(snapshot: dict[str, dict[str, float]]) -> str:
+    """A table of per-stage figures; stage-specific counters (bad_frames, reconnects, ...) follow
+    their row as key=value."""
+    rows = [f"{'stage':<12}{'in':>8}{'out':>8}{'drops':>7}{'queue':>7}{'p50 ms':>9}{'p95 ms':>9}{'/s':>8}"]
+    for name, m in snapshot.items():
+        extra = " ".join(f"{k}={v:g}" for k, v in m.items() if k not in _METRIC_COLUMNS)
+        rows.append(f"{name:<12}{m['items_in']:>8.0f}{m['items_out']:>8.0f}{m['drops']:>7.0f}"
+                    f"{m['queue_depth']:>7.0f}{m['latency_ms_p50']:>9.2f}{m['latency_ms_p95']:>9.2f}"
+                    f"{m['throughput_per_s']:>8.1f}" + (f"  {extra}" if extra else ""))
+    return "\n".join(rows)
 
 
 def _print_metrics(snapshot: dict[str, dict[str, float]]) -> None:
-    rows = [f"{'stage':<14}{'in':>7}{'out':>7}{'drops':>7}{'queue':>7}{'p50 ms':>9}{'p95 ms':>9}{'/s':>8}"]
-    for name, m in snapshot.items():
-        rows.append(f"{name:<14}{m['items_in']:>7.0f}{m['items_out']:>7.0f}{m['drops']:>7.0f}"
-                    f"{m['queue_depth']:>7.0f}{m['latency_ms_p50']:>9.2f}{m['latency_ms_p95']:>9.2f}"
-                    f"{m['throughput_per_s']:>8.2f}")
-    print("\n".join(rows), file=sys.stderr, flush=True)
+    print(format_metrics(snapshot), file=sys.stderr, flush=True)
 
 
 def _print_error(err: Error) -> None:
-    where = f"{err.stage}: " if err.stage else ""
+    where = f"{err.stage}: " if err.stage and err.stage not in err.text else ""
     print(f"framecast: {where}{err.text}", file=sys.stderr, flush=True)
 
 

@@ -198,3 +198,24 @@ def test_minicpmv45_packs_frames_into_3d_groups(models):
     spans = [s.kind for s in decode.session.core.spans]
     assert spans == ["prefix", "frame", "frame", "frame"]
     assert np.isfinite(np.array(frames[2].features.features)).all()
+
+
+def test_model_stages_from_config_run_end_to_end(tmp_path):
+    from pipeline.app import _model_stages
+    from pipeline.config import RunConfig
+    from pipeline.errors import ModelLoadError
+
+    make_tiny_minicpmv(tmp_path / "m", "2.6")
+    cfg = RunConfig.model_validate({"model": {"path": str(tmp_path / "m")},
+                                    "session": {"max_cache_tokens": 400},
+                                    "narration": {"policy": "interval", "interval_s": 1.0, "max_tokens": 3}})
+    stages = _model_stages(cfg)
+    assert [s.name for s in stages] == ["encode", "decode"]
+    collect = Collect()
+    result = asyncio.run(Runtime(FrameSource([True] * 40), [*stages, collect]).run(handle_signals=False))
+    assert result.exit_code == 0 and not result.errors
+    decode = stages[1]
+    assert decode.frames_added == 40 and len(decode.turn_log) == 39
+    assert decode.session.core.evicted_total > 0 and decode.session.cache_tokens <= 400
+    with pytest.raises(ModelLoadError):
+        _model_stages(RunConfig.model_validate({"model": {"path": str(tmp_path / "missing")}}))

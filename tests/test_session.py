@@ -287,6 +287,7 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+@pytest.mark.slow  # ~25-40 s on 2 shared CPU cores
 def test_ten_thousand_frames_keep_memory_flat(tiny_models):
     """Precomputed features (encoding is not what is measured): cache, MLX memory and RSS
     stay flat once the window is full."""
