@@ -32,10 +32,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+from pipeline import __version__
 from pipeline.config import MqttConfig
 from pipeline.errors import FatalError, UserError
 from pipeline.events import (Answer, EndOfStream, Error, Event, Frame, Metrics, Narration, NarrationDelta, Question,
-                             Status, Stop)
+                             Status, Stop, utc_now)
 from pipeline.runtime import Stage
 from stages.mqtt_client import (BrokerAddress, BusClient, BusDisconnected, BusMessage, BusProtocolRejected,
                                 BusRefused, TlsFiles, parse_mqtt_url)
@@ -259,6 +260,7 @@ class MqttStage(Stage):
         self._client: BusClient | None = None
         self._connected = asyncio.Event()
         self._verdict = asyncio.Event()  # first connect attempt finished (either way)
+        self._wake = asyncio.Event()  # cuts a backoff sleep short (at close)
         self._fatal: str | None = None
         self._conn_task: asyncio.Task | None = None
         self._closing = False
@@ -294,15 +296,19 @@ class MqttStage(Stage):
         yield msg
 
     async def on_end(self) -> AsyncIterator[Event]:
-        self._set_stream_status("stopped" if self._stopped else "eof")
+        # `stopping` is set for every stop from outside (signal, Stop, fatal); a natural end is eof
+        stopped = self._stopped or (self.runtime is not None and self.runtime.source.stopping.is_set())
+        self._set_stream_status("stopped" if stopped else "eof")
         return
         yield  # pragma: no cover
 
     async def close(self) -> None:
         """Flush finals (bounded), publish `offline`, disconnect cleanly."""
         self._closing = True
+        self._wake.set()  # a reconnect sleeping in backoff tries again now
         deadline = time.monotonic() + self.cfg.close_timeout_s
-        while self.outbox and self._connected.is_set() and time.monotonic() < deadline:
+        # finals still queued get until the deadline, even across a reconnect
+        while self.outbox and not self._fatal and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         client = self._client if self._connected.is_set() else None
         if client is not None:
@@ -369,9 +375,10 @@ class MqttStage(Stage):
     def _set_stream_status(self, state: str, *, text: str = "") -> None:
         drops = sum(e.drops for e in self.runtime.edges) if self.runtime else None
         prev = self._stream_status
-        self._stream_status = Status(state=state, text=text or (prev.text if prev.state == state else ""),
-                                     stream_id=self.topics.stream, fps=self._fps(), drops=drops,
-                                     reconnects=prev.reconnects, pts=prev.pts)
+        # keep what the source said (duration, reconnects, …); refresh state, rate, drops, time
+        self._stream_status = prev.model_copy(update={
+            "state": state, "text": text or (prev.text if prev.state == state else ""), "fps": self._fps(),
+            "drops": drops, "ts": utc_now(), "stream_id": self.topics.stream})
         self._enqueue(self.topics.stream_status, self._stream_status, "status", PERIODIC, qos=1, retain=True)
 
     def _status_message(self, status: Status) -> BusMessage:
@@ -463,7 +470,7 @@ class MqttStage(Stage):
 
     async def _connection_loop(self) -> None:
         attempt = 0
-        while not self._closing:
+        while not self._fatal:
             protocol = "3.1.1" if self._protocol == "3.1.1" else "5"
             will = Status(state="offline", text="connection lost", stream_id=self.topics.stream)
             client = BusClient(self.address, client_id=self.client_id, protocol=protocol, tls=self.tls,
@@ -495,9 +502,15 @@ class MqttStage(Stage):
                 self._update_metrics()
                 await client.disconnect(timeout_s=1.0 if self._closing else None)
             self._verdict.set()
-            if self._closing:
+            if self._closing and not self.outbox:
                 return
-            await asyncio.sleep(self._backoff(attempt))
+            if self._closing:  # flushing at exit: retry briskly until close() gives up
+                await asyncio.sleep(0.1)
+            else:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=self._backoff(attempt))
+                except asyncio.TimeoutError:
+                    pass
             attempt += 1
 
     def _fail(self, message: str) -> None:
@@ -508,7 +521,7 @@ class MqttStage(Stage):
 
     async def _serve(self, client: BusClient) -> None:
         """One connected session: announce, subscribe, then drain and listen until it drops."""
-        online = Status(state="online", text="framecast", stream_id=self.topics.stream)
+        online = Status(state="online", text=f"framecast {__version__}", stream_id=self.topics.stream)
         await client.publish(self._global_status_message(online))
         await client.publish(self._status_message(self._stream_status))
         if self.cfg.ha_discovery:

@@ -274,3 +274,56 @@ class Recorder:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+class Mqtt311OnlyProxy:
+    """Makes the real broker look like an MQTT 3.1.1-only one (as old brokers are): an MQTT 5
+    CONNECT gets the 3.1.1 CONNACK "unacceptable protocol version"; anything else is piped
+    through unchanged. Runs on the caller's asyncio loop."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self.rejected = 0
+        self._server = None
+        self.port = 0
+
+    async def start(self) -> "Mqtt311OnlyProxy":
+        import asyncio
+
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def _handle(self, reader, writer) -> None:
+        import asyncio
+
+        first = await reader.read(4096)
+        i = 1  # skip the variable-length "remaining length" field
+        while first[i] & 0x80:
+            i += 1
+        name_len = int.from_bytes(first[i + 1:i + 3], "big")
+        level = first[i + 3 + name_len]
+        if level == 5:
+            self.rejected += 1
+            writer.write(b"\x20\x02\x00\x01")
+            await writer.drain()
+            writer.close()
+            return
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        up_w.write(first)
+
+        async def pipe(r, w):
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                w.close()
+
+        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()

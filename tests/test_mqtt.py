@@ -21,7 +21,7 @@ from pipeline.runtime import Runtime, Stage
 from stages.mqtt import MqttStage, Outbox, Outgoing, ask_over_mqtt, parse_question, QuestionRejected
 from stages.mqtt_client import BusMessage, parse_mqtt_url
 from stages.sources import make_source
-from tests.broker import Broker, Recorder
+from tests.broker import Broker, Mqtt311OnlyProxy, Recorder
 
 STREAM = "cam1"
 P = "fc"  # topic prefix used by these tests
@@ -278,6 +278,32 @@ def test_mqtt_311_fallback_answers_by_request_id(broker):
     rec.close()
 
 
+def test_auto_protocol_falls_back_to_311(broker):
+    rec = Recorder(broker.port, [topic("answer"), topic("narration")], v5=False)
+    bus = MqttStage(bus_cfg("mqtt://127.0.0.1:1"), stream_id=STREAM)  # url replaced below
+
+    async def scenario():
+        proxy = await Mqtt311OnlyProxy(broker.port).start()
+        bus.address = parse_mqtt_url(f"mqtt://127.0.0.1:{proxy.port}")
+        runtime = Runtime(demo_source(realtime=True), graph_stages(bus, FakeNarrator(every_n=3)), stream_id=STREAM)
+        task = asyncio.create_task(runtime.run(handle_signals=False))
+        while not bus._connected.is_set():
+            await asyncio.sleep(0.02)
+        rc = await asyncio.to_thread(ask_over_mqtt, f"mqtt://127.0.0.1:{proxy.port}", STREAM, "still there?",
+                                     prefix=P, timeout=5)
+        runtime.request_stop("stop")
+        result = await task
+        await proxy.stop()
+        return rc, result, proxy.rejected
+
+    rc, result, rejected = asyncio.run(scenario())
+    assert rc == 0 and result.exit_code == 0 and rejected == 2  # the stage and the ask client each tried 5 once
+    assert bus._protocol == "3.1.1"
+    assert rec.wait_for(lambda ms: any(m.topic == topic("answer") for m in ms), 3)
+    assert rec.on(topic("answer"))[0].json()["text"] == "you asked: still there?"
+    rec.close()
+
+
 def test_home_assistant_discovery(broker):
     bus = MqttStage(bus_cfg(broker.url, ha_discovery=True), stream_id=STREAM)
     asyncio.run(run_until(Runtime(demo_source(max_frames=5), graph_stages(bus), stream_id=STREAM)))
@@ -374,7 +400,8 @@ def test_slow_or_absent_broker_never_stalls_capture(tmp_path, fault):
     else:
         b.pause()  # accepts TCP (kernel backlog) but never answers: the nastiest kind of slow
     narrator = FakeNarrator(every_n=1)
-    bus = MqttStage(bus_cfg(url, outbox_size=50, publish_timeout_s=0.5), stream_id=STREAM, first_connect_wait_s=0.5)
+    bus = MqttStage(bus_cfg(url, outbox_size=50, publish_timeout_s=0.5, close_timeout_s=0.5), stream_id=STREAM,
+                    first_connect_wait_s=0.5)
     runtime = Runtime(demo_source(realtime=True, fps=50.0), graph_stages(bus, narrator), stream_id=STREAM)
     samples = []
 
@@ -398,4 +425,4 @@ def test_slow_or_absent_broker_never_stalls_capture(tmp_path, fault):
     assert samples[-1][2] - samples[3][2] < 20, samples  # memory flat (MB)
     m = result.metrics["mqtt"]
     assert m["connected"] == 0 and m["outbox_drops_partial"] > 0 and m["outbox_max_depth"] <= 50
-    assert wall < 3 + 5  # shutdown is bounded even with a hung broker
+    assert wall < 3 + 0.5 + 0.5 + 2  # run + start wait + close flush + slack: bounded with a hung broker
