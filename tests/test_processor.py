@@ -1,0 +1,123 @@
+"""LLaVA-UHD slicing, resize targets and pixels vs a PIL-based reference of the HF processor."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.model.processor import MiniCPMVProcessor, ensure_divide, find_best_resize, get_sliced_grid
+from tests.tiny_models import random_image
+
+# ---------------------------------------------------------------- reference (image_processing_minicpmv.py)
+
+
+def ref_grid(w, h, max_slices=9, scale=448):
+    ratio = w * h / (scale * scale)
+    multiple = min(math.ceil(ratio), max_slices)
+    if multiple <= 1:
+        return None
+    cands = [i for i in (multiple - 1, multiple, multiple + 1) if i != 1 and i <= max_slices]
+    grids = []
+    for n in cands:
+        m = 1
+        while m <= n:
+            if n % m == 0:
+                grids.append([m, n // m])
+            m += 1
+    best, err = [1, 1], float("inf")
+    for g in grids:
+        e = abs(math.log(w / h) - math.log(g[0] / g[1]))
+        if e < err:
+            best, err = g, e
+    return tuple(best)
+
+
+def ref_divide(length, patch):
+    return max(round(length / patch) * patch, patch)
+
+
+def ref_best_resize(size, scale, patch, upscale=False):
+    w, h = size
+    if w * h > scale * scale or upscale:
+        r = w / h
+        h = int(scale / math.sqrt(r))
+        w = int(h * r)
+    return ref_divide(w, patch), ref_divide(h, patch)
+
+
+def ref_refine(size, grid, scale, patch):
+    w, h = size
+    gw, gh = ref_divide(w, grid[0]) / grid[0], ref_divide(h, grid[1]) / grid[1]
+    bw, bh = ref_best_resize((gw, gh), scale, patch, upscale=True)
+    return bw * grid[0], bh * grid[1]
+
+
+def ref_views(image: Image.Image, max_slices=9, scale=448, patch=14):
+    grid = ref_grid(*image.size, max_slices, scale)
+    if grid is None:
+        return [image.resize(ref_best_resize(image.size, scale, patch, True), Image.Resampling.BICUBIC)], None
+    views = [image.copy().resize(ref_best_resize(image.size, scale, patch), Image.Resampling.BICUBIC)]
+    refine = image.resize(ref_refine(image.size, grid, scale, patch), Image.Resampling.BICUBIC)
+    cw, ch = int(refine.size[0] / grid[0]), int(refine.size[1] / grid[1])
+    for y in range(0, refine.size[1], ch):
+        for x in range(0, refine.size[0], cw):
+            views.append(refine.crop((x, y, x + cw, y + ch)))
+    return views, grid
+
+
+# ---------------------------------------------------------------- tests
+
+SIZES = [(w, h) for w in range(17, 2600, 151) for h in range(13, 2600, 163)] + [
+    (448, 448), (449, 448), (896, 448), (1344, 448), (4032, 3024), (3024, 4032), (1920, 1080),
+    (1080, 1920), (640, 480), (100, 2000), (2000, 100), (5000, 50), (1, 1), (14, 14), (447, 449)]
+
+
+def test_python_rounding_is_half_to_even():
+    assert ensure_divide(21, 14) == 28  # 1.5 -> 2
+    assert ensure_divide(35, 14) == 28  # 2.5 -> 2 (half to even)
+    assert ensure_divide(49, 14) == 56  # 3.5 -> 4
+    assert ensure_divide(3, 14) == 14  # never below one patch
+
+
+@pytest.mark.parametrize("max_slices,scale", [(9, 448), (4, 448), (1, 448), (9, 56), (6, 112)])
+def test_grid_and_resize_sizes_match_reference(max_slices, scale):
+    proc = MiniCPMVProcessor(scale_resolution=scale, max_slice_nums=max_slices)
+    for w, h in SIZES:
+        grid = ref_grid(w, h, max_slices, scale)
+        assert proc.grid_for(w, h) == grid == get_sliced_grid((w, h), max_slices, scale), (w, h)
+        assert find_best_resize((w, h), scale, 14, allow_upscale=grid is None) == \
+            ref_best_resize((w, h), scale, 14, grid is None), (w, h)
+        if grid is not None:
+            from pipeline.model.processor import get_refine_size
+
+            assert get_refine_size((w, h), grid, scale, 14, allow_upscale=True) == ref_refine((w, h), grid, scale, 14)
+
+
+@pytest.mark.parametrize("h,w,max_slices", [(300, 900, 9), (1000, 700, 9), (200, 200, 9), (90, 160, 4),
+                                             (480, 640, 1), (37, 1200, 9)])
+def test_views_pixels_match_pil_reference(h, w, max_slices):
+    image = random_image(h, w, seed=h + w)
+    proc = MiniCPMVProcessor(max_slice_nums=max_slices)
+    got = proc.preprocess(image)
+    views, grid = ref_views(Image.fromarray(image), max_slices)
+    assert got.grid == grid and len(got.views) == len(views)
+    for ours, ref in zip(got.views, views):
+        want = (np.asarray(ref, np.float32) / 255.0 - 0.5) / 0.5
+        assert ours.shape == want.shape and ours.dtype == np.float32
+        assert ours.shape[0] % 14 == 0 and ours.shape[1] % 14 == 0
+        np.testing.assert_allclose(ours, want, atol=1e-6)
+    assert got.tgt_sizes == [(v.shape[0] // 14, v.shape[1] // 14) for v in got.views]
+
+
+def test_streaming_single_view_is_upscaled_to_scale_resolution():
+    proc = MiniCPMVProcessor(max_slice_nums=1)
+    got = proc.preprocess(random_image(120, 160))
+    assert got.grid is None and got.views[0].shape == (392, 518, 3)  # area ~448^2, aspect 4:3
+
+
+def test_bad_image_is_a_clear_error():
+    with pytest.raises(ValueError, match="RGB uint8"):
+        MiniCPMVProcessor().preprocess(np.zeros((10, 10), np.uint8))
