@@ -21,7 +21,7 @@ from pipeline.runtime import Runtime, Stage
 from stages.mqtt import MqttStage, Outbox, Outgoing, ask_over_mqtt, parse_question, QuestionRejected
 from stages.mqtt_client import BusMessage, parse_mqtt_url
 from stages.sources import make_source
-from tests.broker import Broker, Mqtt311OnlyProxy, Recorder
+from broker import Broker, Mqtt311OnlyProxy, Recorder
 
 STREAM = "cam1"
 P = "fc"  # topic prefix used by these tests
