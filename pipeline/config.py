@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.errors import UserError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 STREAM_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
@@ -48,6 +48,14 @@ class SourceConfig(Group):
     backoff_initial_s: float = Field(default=0.5, gt=0)
     backoff_max_s: float = Field(default=10.0, gt=0)
 
+    @field_validator("end")
+    @classmethod
+    def _end_after_start(cls, v: float | None, info: ValidationInfo) -> float | None:
+        start = info.data.get("start", 0.0)
+        if v is not None and v <= start:
+            raise ValueError(f"must be after source.start ({start:g})")
+        return v
+
     @field_validator("stream_id")
     @classmethod
     def _safe_stream_id(cls, v: str) -> str:
@@ -58,8 +66,10 @@ class SourceConfig(Group):
 
 class ChangeConfig(Group):
     enabled: bool = True
-    threshold: float = Field(default=0.08, ge=0, le=1)  # mean abs grayscale difference, 0..1
+    threshold: float = Field(default=0.04, ge=0, le=1)  # mean abs difference of the worst cell, 0..1
     size: int = Field(default=64, ge=8, le=512)  # downscaled side for the comparison
+    grid: int = Field(default=4, ge=1, le=16)  # score = worst cell of a grid x grid split (1 = whole frame)
+    colour: bool = True  # compare RGB (a red shape on grey has the grey's brightness); false = grey only
 
 
 class ModelConfig(Group):
@@ -93,6 +103,8 @@ class NarrationConfig(Group):
 class OutputsConfig(Group):
     console: bool = True
     jsonl: str | None = None
+    jsonl_frames: bool = False  # also write one envelope per frame (never pixels)
+    jsonl_partials: bool = False  # also write narration.partial deltas
     srt: str | None = None
     vtt: str | None = None
     progress: bool | None = None  # None = on for recorded files on a terminal
@@ -149,14 +161,22 @@ class RunConfig(Group):
 # ---------------------------------------------------------------- loading
 
 
-def _one_line(e: ValidationError, origin: str, data: dict[str, Any] | None = None) -> str:
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _one_line(e: ValidationError, origin: str) -> str:
+    """The first problem as one line: `<file>: <dotted.key> = <value>: <why>`."""
     err = e.errors()[0]
     key = ".".join(str(p) for p in err["loc"])
-    if err["type"] == "extra_forbidden":
-        return f"{origin}: unknown key '{key}'"
     value = err.get("input")
+    if err["type"] == "extra_forbidden":
+        return f"{origin}: unknown key '{key}' = {_short(value)}"
     msg = err["msg"].removeprefix("Value error, ")
-    return f"{origin}: {key} = {value!r}: {msg}"
+    if not key:
+        return f"{origin}: {msg}"
+    return f"{origin}: {key} = {_short(value)}: {msg}"
 
 
 def _read_file(path: Path) -> dict[str, Any]:

@@ -236,6 +236,12 @@ class Runtime:
         if self.on_error:
             self.on_error(err)
 
+    def report(self, err: Error) -> None:
+        """Record an error a stage sends downstream itself (e.g. a non-fatal capture warning)."""
+        self._record_error(err)
+        if err.fatal:
+            self._exit_code = self._exit_code or 1
+
     def fail(self, message: str, *, stage: str, exit_code: int = 1) -> Error:
         """Record a fatal error and stop the graph (nothing produced so far is lost)."""
         err = Error(text=message, stage=stage, fatal=True, stream_id=self.stream_id)
@@ -250,13 +256,13 @@ class Runtime:
         src, out = self.source, self.edges[0] if self.edges else None
         try:
             await src.start()
+            # Sources watch `stopping` themselves and end with a final status event; one that
+            # does not is cancelled by `run` after a grace period.
             async for item in src.frames():
                 src.metrics.items_in += 1
                 if out is not None:
                     await out.put(item)
                     src.metrics.items_out += 1
-                if src.stopping.is_set():
-                    break
         except FatalError as e:
             err = self.fail(str(e), stage=src.name, exit_code=e.exit_code)
             if out is not None:

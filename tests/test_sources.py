@@ -62,3 +62,130 @@ def test_demo_source_realtime_pacing_is_live():
     res, sink, _ = run_source(cfg)
     assert len(sink.frames()) + res.metrics["collect"]["drops"] == 6
     assert time.monotonic() - t0 >= 5 / 50 * 0.9
+
+
+# ---------------------------------------------------------------- recorded files
+
+from video_fixtures import index_of, write_video  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def mp4(tmp_path_factory):
+    return write_video(tmp_path_factory.mktemp("media") / "thirty.mp4", 30, fps=10)
+
+
+def test_file_decodes_every_frame_in_order_with_pts(mp4):
+    res, sink, src = run_source(SourceConfig(uri=str(mp4)))
+    frames = sink.frames()
+    assert res.exit_code == 0 and not src.live
+    assert [index_of(f.pixels) for f in frames] == list(range(30))
+    assert [f.pts for f in frames] == pytest.approx([i / 10 for i in range(30)])
+    assert frames[0].pixels.dtype == np.uint8 and frames[0].pixels.shape == (48, 64, 3)
+    running = sink.statuses()[0]
+    assert running.state == "running" and running.duration == pytest.approx(3.0)
+    assert sink.statuses()[-1].state == "eof" and src.metrics.extra["frames"] == 30
+
+
+def test_file_sampled_at_target_fps_by_pts(mp4):
+    _, sink, src = run_source(SourceConfig(uri=str(mp4), fps=2.5))
+    assert [index_of(f.pixels) for f in sink.frames()] == [0, 4, 8, 12, 16, 20, 24, 28]
+    assert src.metrics.extra["skipped_by_fps"] == 22
+
+
+def test_file_start_end_and_max_frames(mp4):
+    _, sink, _ = run_source(SourceConfig(uri=str(mp4), start=1.05, end=2.0))
+    assert [index_of(f.pixels) for f in sink.frames()] == list(range(11, 20))
+    _, sink, _ = run_source(SourceConfig(uri=str(mp4), start=2.0, max_frames=3))
+    assert [f.pts for f in sink.frames()] == pytest.approx([2.0, 2.1, 2.2])
+
+
+def test_file_variable_frame_rate(tmp_path):
+    pts = [0.0, 0.05, 0.1, 0.5, 0.55, 1.5, 1.52, 1.54, 2.0, 2.9]
+    p = write_video(tmp_path / "vfr.mp4", len(pts), pts_s=pts)
+    _, sink, _ = run_source(SourceConfig(uri=str(p)))
+    assert [f.pts for f in sink.frames()] == pytest.approx(pts)
+    _, sink, _ = run_source(SourceConfig(uri=str(p), fps=2))  # one frame per 0.5 s slot
+    assert [f.pts for f in sink.frames()] == pytest.approx([0.0, 0.5, 1.5, 2.0, 2.9])
+
+
+@pytest.mark.parametrize("rotation", [90, -90, 180])
+def test_file_rotation_metadata_is_applied(tmp_path, rotation):
+    p = write_video(tmp_path / f"rot{rotation}.mp4", 3, rotation=rotation)
+    _, sink, _ = run_source(SourceConfig(uri=str(p)))
+    img = sink.frames()[0].pixels
+    # the bright marker sits bottom-right when stored; the display matrix turns it counter-clockwise
+    corner = {90: (0, -1), -90: (-1, 0), 180: (0, 0)}[rotation]
+    assert img.shape == ((64, 48, 3) if rotation % 180 else (48, 64, 3))
+    assert img[corner].min() > 200 and img[-1, -1].max() < 100
+
+
+def test_file_realtime_replay_is_paced(mp4):
+    import time
+
+    t0 = time.monotonic()
+    _, sink, src = run_source(SourceConfig(uri=str(mp4), realtime=True, max_frames=5))
+    assert src.live and time.monotonic() - t0 >= 0.35 and len(sink.frames()) >= 1
+
+
+# ---------------------------------------------------------------- live: network stream and camera
+
+
+@pytest.fixture()
+def http_server(tmp_path):
+    """A real HTTP server on loopback serving MPEG-TS; `once=True` paths answer a single GET."""
+    import http.server
+    import threading
+
+    served: dict[str, int] = {}
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, directory=str(tmp_path), **k)
+
+        def do_GET(self):  # noqa: N802
+            served[self.path] = served.get(self.path, 0) + 1
+            if self.path.startswith("/once") and served[self.path] > 1:
+                self.send_error(404)
+                return
+            super().do_GET()
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    write_video(tmp_path / "live.ts", 30)
+    (tmp_path / "once.ts").write_bytes((tmp_path / "live.ts").read_bytes())
+    yield f"http://127.0.0.1:{srv.server_port}", served
+    srv.shutdown()
+
+
+def test_network_stream_delivers_frames_and_is_live(http_server):
+    base, _ = http_server
+    res, sink, src = run_source(SourceConfig(uri=f"{base}/live.ts", max_frames=8), edge_size=64)
+    frames = sink.frames()
+    assert src.live and res.exit_code == 0 and len(frames) == 8
+    idx = [index_of(f.pixels) for f in frames]
+    assert idx == sorted(set(idx)) and idx[0] == 0  # in order; a lagging loop may lose some (live)
+    assert [s.state for s in sink.statuses()] == ["starting", "running", "eof"]
+
+
+def test_network_stream_end_reconnects_with_backoff_then_gives_up(http_server):
+    base, served = http_server
+    cfg = SourceConfig(uri=f"{base}/once.ts", reconnect_max=2, backoff_initial_s=0.05, watchdog_s=1)
+    res, sink, src = run_source(cfg, edge_size=64)
+    # everything delivered before the stream ended is kept (live: what the loop missed is counted)
+    assert len(sink.frames()) + src.metrics.extra.get("drops", 0) == 30
+    states = [s.state for s in sink.statuses()]
+    assert states.count("reconnecting") == 2 and src.metrics.extra["reconnects"] == 2
+    assert served["/once.ts"] == 3 and res.exit_code == 1
+    assert "gave up after 2 reconnect attempts" in res.errors[-1].text and "once.ts" in res.errors[-1].text
+
+
+def test_camera_through_opencv_with_a_path(mp4):
+    res, sink, src = run_source(SourceConfig(uri=f"camera:{mp4}", max_frames=5))
+    frames = sink.frames()
+    assert src.live and res.exit_code == 0 and len(frames) == 5
+    idx = [index_of(f.pixels) for f in frames]
+    assert idx == sorted(set(idx)) and frames[0].pixels.shape == (48, 64, 3)
+    assert frames[0].pixels[-1, -1].min() > 200  # RGB, upright

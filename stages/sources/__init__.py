@@ -20,7 +20,7 @@ from pipeline.errors import UserError
 from stages.sources.base import CaptureSource
 
 NETWORK_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "tcp", "srt")
-_CAMERA = re.compile(r"^camera:(\d+)$")
+_CAMERA = re.compile(r"^camera:(\d+|/.+)$")
 _DEVICE = re.compile(r"^/dev/video\d+$")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -43,7 +43,7 @@ def source_kind(uri: str) -> str:
         raise UserError(f"{uri}: unsupported source scheme '{scheme}://' "
                         f"(use demo, a file, camera:N or {', '.join(s + '://' for s in NETWORK_SCHEMES)})")
     if uri.startswith("camera:"):
-        raise UserError(f"{uri}: camera sources are camera:N with N a device index, e.g. camera:0")
+        raise UserError(f"{uri}: camera sources are camera:N (a device index) or camera:/path, e.g. camera:0")
     return "file"
 
 

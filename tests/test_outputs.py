@@ -1,0 +1,122 @@
+"""Outputs: JSONL (flushed per line, no pixels), SRT/WebVTT (Whisper conventions), the terminal view."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+
+import numpy as np
+
+from pipeline.config import OutputsConfig
+from pipeline.events import Answer, Event, Frame, Narration, NarrationDelta, SceneChange, Status
+from pipeline.runtime import Runtime, Source
+from stages.outputs import (ConsoleOutput, JsonlOutput, SubtitleOutput, cue_text, make_outputs,
+                            subtitle_time)
+
+
+class ListSource(Source):
+    name = "list"
+
+    def __init__(self, events: list[Event]):
+        super().__init__()
+        self.events = events
+
+    async def frames(self):
+        for e in self.events:
+            yield e
+
+
+def run(events, stages):
+    return asyncio.run(Runtime(ListSource(events), stages).run(handle_signals=False))
+
+
+def narr(text, start, end=None):
+    return Narration(text=text, pts=start, pts_start=start, pts_end=end)
+
+
+def test_subtitle_times():
+    assert subtitle_time(0, decimal=",") == "00:00:00,000"
+    assert subtitle_time(3725.5004, decimal=",") == "01:02:05,500"
+    assert subtitle_time(59.9996, decimal=".") == "00:01:00.000"
+
+
+def test_cue_text_escapes_arrow_blank_lines_and_vtt_markup():
+    assert cue_text("a --> b", vtt=False) == "a -> b"
+    assert cue_text(" x\n\n\ny ", vtt=False) == "x\ny"
+    assert cue_text("<b> & -->", vtt=True) == "&lt;b&gt; &amp; -&gt;"
+
+
+def test_srt_and_vtt_from_narrations(tmp_path):
+    events = [Status(state="running"), narr("A red circle appears.", 0.0, 0.5), Frame(pixels=np.zeros((2, 2, 3), np.uint8)),
+              narr("It moves --> left.", 2.5, 2.6), NarrationDelta(text="ignored"), narr("Gone.", 3661.25, 3663.0)]
+    srt, vtt = tmp_path / "o.srt", tmp_path / "sub" / "o.vtt"
+    run(events, [SubtitleOutput(str(srt), fmt="srt"), SubtitleOutput(str(vtt), fmt="vtt")])
+    assert srt.read_text() == (
+        "1\n00:00:00,000 --> 00:00:02,500\nA red circle appears.\n\n"
+        "2\n00:00:02,500 --> 01:01:01,250\nIt moves -> left.\n\n"
+        "3\n01:01:01,250 --> 01:01:03,000\nGone.\n\n")
+    assert vtt.read_text() == (
+        "WEBVTT\n\n"
+        "00:00:00.000 --> 00:00:02.500\nA red circle appears.\n\n"
+        "00:00:02.500 --> 01:01:01.250\nIt moves -&gt; left.\n\n"
+        "01:01:01.250 --> 01:01:03.000\nGone.\n\n")
+
+
+def test_last_cue_without_end_gets_default_length_and_empty_run_is_valid(tmp_path):
+    p = tmp_path / "a.srt"
+    run([Narration(text="Only one.", pts=4.0)], [SubtitleOutput(str(p), fmt="srt")])
+    assert p.read_text() == "1\n00:00:04,000 --> 00:00:06,000\nOnly one.\n\n"
+    v = tmp_path / "e.vtt"
+    run([], [SubtitleOutput(str(v), fmt="vtt")])
+    assert v.read_text() == "WEBVTT\n\n"
+
+
+def test_jsonl_one_envelope_per_line_flushed_as_it_goes(tmp_path):
+    p = tmp_path / "out.jsonl"
+    seen_on_disk: list[int] = []
+
+    class Probe(ListSource):
+        async def frames(self):
+            for e in self.events:
+                yield e
+                await asyncio.sleep(0.01)
+                seen_on_disk.append(len(p.read_text().splitlines()) if p.exists() else 0)
+
+    events = [Status(state="running"), Frame(pixels=np.zeros((4, 4, 3), np.uint8), pts=0.0),
+              SceneChange(score=0.5, pts=0.1), narr("Hi.", 0.2)]
+    asyncio.run(Runtime(Probe(events), [JsonlOutput(str(p))]).run(handle_signals=False))
+    assert seen_on_disk == [1, 1, 2, 3]  # written before the run ended; the frame is not written
+    lines = [json.loads(line) for line in p.read_text().splitlines()]
+    assert [d["type"] for d in lines] == ["status", "change", "narration", "eos"]
+    for d in lines:
+        assert {"v", "type", "stream_id", "seq", "ts", "pts"} <= d.keys() and "pixels" not in d
+    assert lines[2]["text"] == "Hi." and lines[1]["text"].startswith("scene change")
+
+
+def test_jsonl_frames_option_writes_frames_without_pixels(tmp_path):
+    p = tmp_path / "f.jsonl"
+    run([Frame(pixels=np.ones((4, 6, 3), np.uint8), pts=0.5, changed=True)], [JsonlOutput(str(p), frames=True)])
+    d = json.loads(p.read_text().splitlines()[0])
+    assert d["type"] == "frame" and d["width"] == 6 and "pixels" not in d and "features" not in d
+
+
+def test_console_lines_and_forced_progress_bar_with_eta():
+    out, err = io.StringIO(), io.StringIO()
+    con = ConsoleOutput(lines=True, progress=True, out=out, err=err)
+    events = [Status(state="running", text="x.mp4", duration=10.0)]
+    events += [Frame(pixels=np.zeros((2, 2, 3), np.uint8), pts=i * 1.0) for i in range(6)]
+    events += [narr("A blue star.", 5.0), Answer(text="yes", request_id="r", question="is it blue?")]
+    run(events, [con])
+    lines = out.getvalue().splitlines()
+    assert lines == ["-- running: x.mp4", "[0:05] A blue star.", "Q: is it blue?", "A: yes"]
+    bar = err.getvalue()
+    assert "50%" in bar and "0:05/0:10" in bar and "ETA" in bar and bar.endswith("\n")
+
+
+def test_make_outputs_honours_config(tmp_path):
+    cfg = OutputsConfig(console=False, jsonl=str(tmp_path / "a.jsonl"), srt=str(tmp_path / "a.srt"), progress=False)
+    names = [s.name for s in make_outputs(cfg, live=False)]
+    assert names == ["jsonl", "srt"]
+    names = [s.name for s in make_outputs(OutputsConfig(progress=None), live=True, err=io.StringIO())]
+    assert names == ["console"]
