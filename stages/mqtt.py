@@ -168,7 +168,7 @@ def valid_response_topic(topic: str | None) -> bool:
 # ---------------------------------------------------------------- outbox
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not value: two equal messages are still two messages
 class Outgoing:
     msg: BusMessage
     kind: str  # partial | metrics | status | narration | event | answer
@@ -182,7 +182,11 @@ class Outgoing:
 
 
 class Outbox:
-    """Bounded FIFO; when full, evicts the oldest item of the lowest priority present."""
+    """Bounded FIFO; when full, evicts the oldest item of the lowest priority present.
+
+    The item being published (`head()` until `done()`) is never evicted: it may already be
+    on the wire, and counting it as dropped would be a lie.
+    """
 
     def __init__(self, maxsize: int):
         self.maxsize = maxsize
@@ -191,23 +195,30 @@ class Outbox:
         self._nonempty = asyncio.Event()
         self.drops: collections.Counter[str] = collections.Counter()
         self.max_depth = 0
+        self._inflight: Outgoing | None = None
 
     def __len__(self) -> int:
         return len(self._items)
 
     def put(self, item: Outgoing) -> None:
         if len(self._items) >= self.maxsize:
-            lowest = next(p for p in range(3) if self._count[p])
-            if item.priority < lowest:
+            victim = self._victim()
+            if victim is None or item.priority < victim.priority:
                 self.drops[item.kind] += 1
                 return
-            victim = next(x for x in self._items if x.priority == lowest)
             self._remove(victim)
             self.drops[victim.kind] += 1
         self._items.append(item)
         self._count[item.priority] += 1
         self.max_depth = max(self.max_depth, len(self._items))
         self._nonempty.set()
+
+    def _victim(self) -> Outgoing | None:
+        busy = self._inflight
+        for p in range(3):
+            if self._count[p] - (busy is not None and busy.priority == p) > 0:
+                return next(x for x in self._items if x.priority == p and x is not busy)
+        return None
 
     def _remove(self, item: Outgoing) -> bool:
         try:
@@ -223,12 +234,16 @@ class Outbox:
         """The oldest item, left in place until `done` (so a failed publish is retried)."""
         while not self._items:
             await self._nonempty.wait()
-        return self._items[0]
+        self._inflight = self._items[0]
+        return self._inflight
 
     def done(self, item: Outgoing) -> None:
+        self._inflight = None
         self._remove(item)
 
     def discard(self, item: Outgoing, reason: str) -> None:
+        if item is self._inflight:
+            self._inflight = None
         if self._remove(item):
             self.drops[reason] += 1
 

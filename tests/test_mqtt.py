@@ -11,6 +11,7 @@ import asyncio
 import json
 import resource
 import time
+from datetime import datetime
 
 import pytest
 
@@ -155,6 +156,15 @@ def test_outbox_drops_partials_first_and_counts():
     assert box.drops == {"partial": 2, "metrics": 1}
     box.put(item("answer", 2))  # all finals: the oldest final goes, the bound holds
     assert len(box) == 4 and box.drops["narration"] == 1 and box.max_depth == 4
+
+    async def in_flight():
+        head = await box.head()  # being published: never evicted
+        box.put(item("answer", 2))
+        assert (await box.head()) is head and box.drops["narration"] == 2
+        box.done(head)
+        assert len(box) == 3
+
+    asyncio.run(in_flight())
 
 
 # ---------------------------------------------------------------- against the broker
@@ -365,13 +375,22 @@ def test_broker_restart_loses_no_final_narration(tmp_path):
         task = asyncio.create_task(runtime.run(handle_signals=False))
         await asyncio.sleep(1.0)
         await asyncio.to_thread(b.restart, 1.0)  # narrations made while it is down wait in the outbox
-        await asyncio.sleep(1.5)
+        restarted = time.time()
+        await asyncio.sleep(1.0)
+        # resubscribed after the restart: questions work again
+        rc = await asyncio.to_thread(ask_over_mqtt, b.url, STREAM, "back?", prefix=P, timeout=5)
+        late = await asyncio.to_thread(Recorder, b.port, [f"{P}/status"])
+        await asyncio.to_thread(late.wait_for, lambda ms: bool(ms), 3)
+        late.close()
         runtime.request_stop("stop")
-        return await task
+        return rc, restarted, late.messages[0].json(), await task
 
     try:
-        result = asyncio.run(scenario())
+        rc, restarted, status, result = asyncio.run(scenario())
         assert result.exit_code == 0, result.errors
+        assert rc == 0
+        # the retained `online` was published again after the restart (not the pre-restart copy)
+        assert status["state"] == "online" and datetime.fromisoformat(status["ts"]).timestamp() > restarted - 1.0
         m = result.metrics["mqtt"]
         assert m["reconnects"] >= 1 and m["outbox_drops"] == 0
         want = set(narrator.narrated)
