@@ -6,18 +6,33 @@ layer would have produced at position p + shift by turning every pair once more 
 `shift * f_i`. The session uses this after evicting old frames (shift < 0) so positions stay
 contiguous without re-running the model.
 
-One interface, chosen once by backend:
-  `rope_shift(keys [B, H, T, D], shift [T] int32, spec) -> keys [B, H, T, D]`
-The pure-MLX reference runs everywhere (CPU included); `pipeline.kernels.rope_shift_gpu`
-holds the Metal and CUDA versions, tested against this reference.
+One interface (the kernel seam), chosen once by `pipeline.kernels.backend()`:
+  `rope_shift(keys [B, H, T_src, D], shift, spec, *, index=None) -> [B, H, T, D]`
+  - `shift`: int (every key moves by the same delta) or [T] int32 (one delta per token);
+  - `spec`: a `RopeSpec` (per-pair frequencies, rotated dims, pairing layout). The plain
+    `theta` form is `RopeSpec.from_base(dims, base=theta, traditional=...)`; the session
+    probes the spec from the layer (`probe_rope`) so scaled RoPEs (linear, llama3, LongRoPE,
+    yarn) shift correctly without this module knowing their formulas;
+  - `index` [T] int32 (optional): which source token each output row comes from. This fuses
+    eviction's compaction gather (`mx.take(keys, keep, axis=2)`) into the same pass, so an
+    eviction reads every moved key once and writes it once, already rotated.
+`reference` is pure MLX and runs everywhere (CPU included); `metal()` / `cuda()` are the
+sources of the fused kernels, tested against it on their GPUs.
+
+Why these two costs and no other op (read from `pipeline/model/cache.py` / `session.py`): the
+hot per-token path (append, fetch, SDPA) is already MLX's own fused ops; the custom work of
+the streaming cache is eviction, where the reference spends ~10 memory passes per moved key
+(take, fp32 casts, four products, concat, cast back) and the kernel spends one. The quantised
+cache's per-step dequantise is `mx.dequantize` (already a fused kernel); making it disappear
+needs attention over quantised keys in the layers, not a cache-side kernel.
 
 `probe_rope(rope_fn, head_dim)` reads the frequencies and the pairing layout from the layer's
-own RoPE function, so the shift matches whatever scaling (linear, llama3, longrope, yarn) the
-language model uses without this module knowing the formulas.
+own RoPE function.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -25,8 +40,20 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
+from pipeline.kernels import backend, build_kernel
+
 PROBE_MAX_POSITION = 1 << 20  # refine frequencies up to this position (see probe_rope)
 PROBE_TOLERANCE = 1e-3  # largest error accepted when checking a probed spec
+THREADGROUP = 256  # threads per group/block; one thread per (row, pair), so any size fits
+# Kernel vs reference on the first use of each (dtype, layout): max error / max |key|. The
+# kernel rounds once to the output dtype like the reference; a last-bit sin/cos difference may
+# flip that rounding, so the bound is one output ulp (fp16 2^-10, bf16 2^-7) plus slack.
+SELF_CHECK_TOLERANCE = {mx.float32: 1e-5, mx.float16: 2e-3, mx.bfloat16: 1.6e-2}
+
+log = logging.getLogger(__name__)
+
+INPUT_NAMES = ("keys", "src_token", "shift", "inv_freq")
+OUTPUT_NAMES = ("out",)
 
 
 @dataclass(frozen=True)
@@ -47,6 +74,9 @@ class RopeSpec:
         return cls(mx.array(inv.astype(np.float32)), dims, traditional)
 
 
+# ---------------------------------------------------------------- reference (pure MLX)
+
+
 def _pairs(x: mx.array, spec: RopeSpec) -> tuple[mx.array, mx.array, mx.array]:
     rot, rest = x[..., : spec.dims], x[..., spec.dims :]
     if spec.traditional:
@@ -63,8 +93,30 @@ def _unpairs(y1: mx.array, y2: mx.array, rest: mx.array, spec: RopeSpec) -> mx.a
     return mx.concatenate([rot, rest], axis=-1) if rest.shape[-1] else rot
 
 
-def rope_shift_reference(keys: mx.array, shift: mx.array, spec: RopeSpec) -> mx.array:
-    """keys [B, H, T, D], shift [T] (positions to add; negative moves a key earlier)."""
+def _per_token(shift: int | mx.array, n: int) -> mx.array:
+    """The shift as [n] int32 (an int means the same delta for every token)."""
+    if isinstance(shift, (int, np.integer)):
+        return mx.full((n,), int(shift), dtype=mx.int32)
+    if shift.shape != (n,):
+        raise ValueError(f"rope_shift: shift has shape {shift.shape}, expected ({n},) or an int")
+    return shift.astype(mx.int32)
+
+
+def _check(keys: mx.array, spec: RopeSpec) -> None:
+    if keys.ndim != 4:
+        raise ValueError(f"rope_shift: keys must be [B, H, T, D], got shape {keys.shape}")
+    D = keys.shape[-1]
+    if spec.dims % 2 or spec.dims > D or D % 2 or spec.inv_freq.shape != (spec.dims // 2,):
+        raise ValueError(f"rope_shift: spec (dims={spec.dims}, {spec.inv_freq.shape[0]} freqs) "
+                         f"does not fit head_dim {D}")
+
+
+def reference(keys: mx.array, shift: int | mx.array, spec: RopeSpec, *, index: mx.array | None = None) -> mx.array:
+    """keys [B, H, T_src, D] -> keys[:, :, index] turned by `shift * inv_freq`, [B, H, T, D]."""
+    _check(keys, spec)
+    if index is not None:
+        keys = mx.take(keys, index, axis=2)  # [B, H, T, D]
+    shift = _per_token(shift, keys.shape[2])
     # Angles in float32 whatever the cache dtype: the rounding happens once, on the output.
     angle = shift.astype(mx.float32)[:, None] * spec.inv_freq[None, :]  # [T, dims/2]
     cos, sin = mx.cos(angle), mx.sin(angle)
@@ -74,18 +126,153 @@ def rope_shift_reference(keys: mx.array, shift: mx.array, spec: RopeSpec) -> mx.
     return _unpairs(y1, y2, rest.astype(mx.float32), spec).astype(keys.dtype)
 
 
-def _choose_impl() -> Callable[[mx.array, mx.array, RopeSpec], mx.array]:
-    """Chosen once at import: a fused kernel on Metal/CUDA, the reference elsewhere."""
-    try:
-        from pipeline.kernels import rope_shift_gpu
-    except ImportError:  # pragma: no cover - the module ships with the package
-        return rope_shift_reference
-    return rope_shift_gpu.select() or rope_shift_reference
+rope_shift_reference = reference  # the name the session's tests import
 
 
-def rope_shift(keys: mx.array, shift: mx.array, spec: RopeSpec) -> mx.array:
-    """keys [B, H, T, D] turned by `shift[t] * inv_freq` per pair; same dtype and shape."""
-    return _IMPL(keys, shift, spec)
+# ---------------------------------------------------------------- kernels
+# One thread per (output row, pair): row = (b*H + h)*T + t, pair p < D/2. Pairs p < HALF are
+# rotated ((p, p+HALF) by halves, (2p, 2p+1) interleaved); the rest, (2p, 2p+1) with
+# 2p >= dims, is the unrotated tail of a partial-rotary head and is copied. Adjacent threads
+# touch adjacent elements, so loads and stores coalesce. Template args: T (dtype), D
+# (head_dim), HALF (dims/2), TRAD; token counts come from the input shapes, so a new eviction
+# size never recompiles.
+
+_METAL_SOURCE = """
+    uint g = thread_position_in_grid.x;
+    uint n_out = uint(shift_shape[0]);
+    uint n_src = uint(keys_shape[2]);
+    uint total = uint(keys_shape[0]) * uint(keys_shape[1]) * n_out * uint(D / 2);
+    if (g >= total) {
+        return;
+    }
+    uint p = g % uint(D / 2);
+    uint row = g / uint(D / 2);
+    uint t = row % n_out;
+    size_t src = (size_t(row / n_out) * n_src + uint(src_token[t])) * D;
+    size_t dst = size_t(row) * D;
+    if (p >= uint(HALF)) {
+        out[dst + 2 * p] = keys[src + 2 * p];
+        out[dst + 2 * p + 1] = keys[src + 2 * p + 1];
+        return;
+    }
+    uint i1 = TRAD ? 2 * p : p;
+    uint i2 = TRAD ? 2 * p + 1 : p + uint(HALF);
+    float x1 = float(keys[src + i1]);
+    float x2 = float(keys[src + i2]);
+    // fp32 angle like the reference; precise:: keeps sin/cos accurate at |angle| ~ 1e4-1e5.
+    float a = float(shift[t]) * inv_freq[p];
+    float s = metal::precise::sin(a);
+    float c = metal::precise::cos(a);
+    out[dst + i1] = static_cast<T>(x1 * c - x2 * s);
+    out[dst + i2] = static_cast<T>(x1 * s + x2 * c);
+"""
+
+_CUDA_SOURCE = """
+    const int64_t g = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    const int64_t n_out = shift_shape[0];
+    const int64_t n_src = keys_shape[2];
+    const int64_t total = int64_t(keys_shape[0]) * keys_shape[1] * n_out * (D / 2);
+    if (g >= total) {
+        return;
+    }
+    const int p = int(g % (D / 2));
+    const int64_t row = g / (D / 2);
+    const int64_t t = row % n_out;
+    const int64_t src = ((row / n_out) * n_src + src_token[t]) * D;
+    const int64_t dst = row * D;
+    if (p >= HALF) {
+        out[dst + 2 * p] = keys[src + 2 * p];
+        out[dst + 2 * p + 1] = keys[src + 2 * p + 1];
+        return;
+    }
+    const int i1 = TRAD ? 2 * p : p;
+    const int i2 = TRAD ? 2 * p + 1 : p + HALF;
+    const float x1 = static_cast<float>(keys[src + i1]);
+    const float x2 = static_cast<float>(keys[src + i2]);
+    // fp32 angle like the reference; sin/cos in fp64 so that fast-math intrinsics (whose
+    // error grows with |angle|, and shifts reach tens of thousands) can never apply.
+    const float a = static_cast<float>(shift[t]) * inv_freq[p];
+    double s, c;
+    sincos(static_cast<double>(a), &s, &c);
+    out[dst + i1] = static_cast<T>(x1 * static_cast<float>(c) - x2 * static_cast<float>(s));
+    out[dst + i2] = static_cast<T>(x1 * static_cast<float>(s) + x2 * static_cast<float>(c));
+"""
+
+
+def metal() -> str:
+    """Body of the Metal kernel (signature generated by `mx.fast.metal_kernel`)."""
+    return _METAL_SOURCE
+
+
+def cuda() -> str:
+    """Body of the CUDA kernel (signature generated by `mx.fast.cuda_kernel`)."""
+    return _CUDA_SOURCE
+
+
+def kernel(kind: str, keys: mx.array, shift: int | mx.array, spec: RopeSpec, *,
+           index: mx.array | None = None) -> mx.array:
+    """The fused op on `kind` ('metal' | 'cuda'); same contract as `reference`."""
+    _check(keys, spec)
+    B, H, T_src, D = keys.shape
+    index = mx.arange(T_src, dtype=mx.int32) if index is None else index.astype(mx.int32)
+    n = index.shape[0]
+    shift = _per_token(shift, n)
+    if B * H * n == 0:
+        return mx.zeros((B, H, n, D), dtype=keys.dtype)
+    source = metal() if kind == "metal" else cuda()
+    fn = build_kernel(kind, "framecast_rope_shift", INPUT_NAMES, OUTPUT_NAMES, source)
+    threads = B * H * n * (D // 2)
+    (out,) = fn(
+        inputs=[keys, index, shift, spec.inv_freq.astype(mx.float32)],
+        template=[("T", keys.dtype), ("D", D), ("HALF", spec.dims // 2), ("TRAD", spec.traditional)],
+        grid=(threads, 1, 1),
+        threadgroup=(min(THREADGROUP, threads), 1, 1),
+        output_shapes=[(B, H, n, D)],
+        output_dtypes=[keys.dtype],
+    )
+    return out  # [B, H, n, D]
+
+
+_KERNEL_OK: dict[tuple, bool] = {}
+
+
+def _kernel_ok(kind: str, dtype: mx.Dtype, head_dim: int, spec: RopeSpec) -> bool:
+    """Run the kernel once per (dtype, layout) on a small input against the reference.
+
+    The kernels are compiled on the user's GPU, not in CI, so a compile error or a wrong
+    result on an untested driver falls back to the reference with one warning instead of
+    breaking the stream (tests call `kernel` directly, so they still fail loudly).
+    """
+    key = (kind, dtype, head_dim, spec.dims, spec.traditional)
+    if key not in _KERNEL_OK:
+        rng = np.random.default_rng(0)
+        x = mx.array(rng.standard_normal((1, 2, 9, head_dim)).astype(np.float32)).astype(dtype)
+        index = mx.array([0, 2, 3, 8, 7], dtype=mx.int32)
+        shift = mx.array([0, -2, -2, -5000, 31], dtype=mx.int32)
+        try:
+            got = kernel(kind, x, shift, spec, index=index).astype(mx.float32)
+            want = reference(x, shift, spec, index=index).astype(mx.float32)
+            err = float(mx.max(mx.abs(got - want)).item()) / float(mx.max(mx.abs(x)).item())
+            ok = err <= SELF_CHECK_TOLERANCE.get(dtype, 1e-5)
+            reason = f"relative error {err:.2e}"
+        except Exception as exc:  # noqa: BLE001 - any compile/launch failure means "use the reference"
+            ok, reason = False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if not ok:
+            log.warning("rope_shift: %s kernel failed its self-check (%s, %s); using the MLX reference",
+                        kind, dtype, reason)
+        _KERNEL_OK[key] = ok
+    return _KERNEL_OK[key]
+
+
+def rope_shift(keys: mx.array, shift: int | mx.array, spec: RopeSpec, *, index: mx.array | None = None) -> mx.array:
+    """keys [B, H, T_src, D] -> keys[:, :, index] turned by `shift * inv_freq`, [B, H, T, D].
+
+    Same dtype as `keys`; `index=None` means every token in order.
+    """
+    kind = backend()
+    if kind != "reference" and _kernel_ok(kind, keys.dtype, keys.shape[-1], spec):
+        return kernel(kind, keys, shift, spec, index=index)
+    return reference(keys, shift, spec, index=index)
 
 
 # ---------------------------------------------------------------- probing a layer's RoPE
@@ -149,10 +336,8 @@ def _check_spec(rope_fn: Callable, head_dim: int, spec: RopeSpec) -> None:
     x = mx.array(rng.standard_normal((1, 1, 1, head_dim)).astype(np.float32))
     p0, s = 37, 1234
     direct = rope_fn(x, offset=p0 + s)
-    shifted = rope_shift_reference(rope_fn(x, offset=p0), mx.array([s], dtype=mx.int32), spec)
+    shifted = reference(rope_fn(x, offset=p0), mx.array([s], dtype=mx.int32), spec)
     err = float(mx.max(mx.abs(direct - shifted)).item())
     if not err < PROBE_TOLERANCE:
         raise ValueError(f"RoPE probe: shifting keys does not reproduce the layer's RoPE (error {err:.2e})")
 
-
-_IMPL = _choose_impl()

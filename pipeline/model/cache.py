@@ -88,10 +88,11 @@ class KVCache:
         if plan is None:
             return 0
         first, keep, shift = plan
-        moved_k = mx.take(self.keys[..., first : self.offset, :], keep, axis=2)
+        # Gather + re-rotate the kept keys in one pass (`index` fuses the take into the kernel).
+        moved_k = rope_shift(self.keys, shift, rope, index=keep + first)
         moved_v = mx.take(self.values[..., first : self.offset, :], keep, axis=2)
         end = first + keep.shape[0]
-        self.keys[..., first:end, :] = rope_shift(moved_k, shift, rope)
+        self.keys[..., first:end, :] = moved_k
         self.values[..., first:end, :] = moved_v
         removed = self.offset - end
         self.offset = end
@@ -284,8 +285,7 @@ class QuantizedKVCache:
             return 0
         first, keep, shift = plan
         end = first + keep.shape[0]
-        moved_k = mx.take(self._dequant(self.keys, self.offset, first), keep, axis=2)
-        new_k = self._quant(rope_shift(moved_k, shift, rope))
+        new_k = self._quant(rope_shift(self._dequant(self.keys, self.offset, first), shift, rope, index=keep))
         for t, n in zip(self.keys, new_k):
             t[..., first:end, :] = n
         for t in self.values:
