@@ -99,8 +99,9 @@ def _print_metrics(snapshot: dict[str, dict[str, float]]) -> None:
     print(format_metrics(snapshot), file=sys.stderr, flush=True)
 
 
-def _print_error(err: Error) -> None:
-    where = f"{err.stage}: " if err.stage and err.stage not in err.text else ""
+def _print_error(err: Error, *, source_name: str = "") -> None:
+    # Capture errors already name their input (file, URL, camera); others say which stage failed.
+    where = f"{err.stage}: " if err.stage and err.stage != source_name and err.stage not in err.text else ""
     print(f"framecast: {where}{err.text}", file=sys.stderr, flush=True)
 
 
@@ -113,14 +114,14 @@ def run_main(cfg: RunConfig) -> int:
         stop_timeout=cfg.runtime.stop_timeout_s,
         metrics_interval=cfg.outputs.metrics_interval_s if (cfg.outputs.metrics or cfg.mqtt.url) else None,
         on_metrics=_print_metrics if cfg.outputs.metrics else None,
-        on_error=_print_error,
+        on_error=lambda err: _print_error(err, source_name=source.name),
         stream_id=cfg.source.stream_id,
     )
     import asyncio
 
     result = asyncio.run(runtime.run())
-    if result.stopped_by == "signal":
-        return result.exit_code or 130
+    if result.stopped_by == "signal":  # the shell convention: 128 + signal number
+        return result.exit_code or 128 + (result.signal or 2)
     return result.exit_code
 
 

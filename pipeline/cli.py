@@ -25,6 +25,9 @@ def _run_overrides(a: argparse.Namespace) -> dict[str, Any]:
         "source.uri": a.source, "source.stream_id": a.stream_id, "source.fps": a.fps,
         "source.max_frames": a.max_frames, "source.start": a.start, "source.end": a.end,
         "source.realtime": a.realtime, "source.seed": a.seed,
+        "source.watchdog_s": a.watchdog, "source.open_timeout_s": a.open_timeout,
+        "source.reconnect_max": a.reconnect_max, "source.backoff_initial_s": a.backoff,
+        "change.threshold": a.change_threshold, "change.enabled": False if a.no_change else None,
         "model.path": a.model, "model.mmproj": a.mmproj,
         "narration.policy": a.policy, "narration.interval_s": a.interval,
         "narration.prompt": a.prompt, "narration.max_tokens": a.max_tokens,
@@ -35,7 +38,23 @@ def _run_overrides(a: argparse.Namespace) -> dict[str, Any]:
         "mqtt.ca_file": a.mqtt_ca, "mqtt.cert_file": a.mqtt_cert, "mqtt.key_file": a.mqtt_key,
         "session.max_cache_tokens": a.max_cache_tokens, "session.kv_bits": a.kv_bits,
     }
-    return {k: v for k, v in pairs.items() if v is not None}
+    out = {k: v for k, v in pairs.items() if v is not None}
+    for item in a.set or []:  # generic `--set group.key=value`, applied last
+        key, sep, raw = item.partition("=")
+        if not sep or "." not in key:
+            raise UserError(f"--set {item!r}: expected group.key=value, e.g. source.fps=2")
+        out[key.strip()] = _scalar(raw)
+    return out
+
+
+def _scalar(raw: str) -> Any:
+    """A command-line value as YAML reads it: 2 -> int, 0.5 -> float, true -> bool, null -> None."""
+    import yaml
+
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, help="seed of the demo source")
     r.add_argument("--realtime", action=argparse.BooleanOptionalAction, default=None,
                    help="pace recorded input at its own frame rate")
+    r.add_argument("--watchdog", type=float, metavar="S", help="live sources: reconnect after S s without a frame")
+    r.add_argument("--open-timeout", type=float, metavar="S", help="live sources: give up opening after S s")
+    r.add_argument("--reconnect-max", type=int, metavar="N", help="live sources: attempts before giving up")
+    r.add_argument("--backoff", type=float, metavar="S", help="live sources: first reconnect delay (doubles)")
+    r.add_argument("--change-threshold", type=float, metavar="X", help="scene-change score threshold (0..1)")
+    r.add_argument("--no-change", action="store_true", help="no scene-change detection")
     r.add_argument("--model", help="HF dir, converted MLX dir, HF repo id or .gguf (default: embedded demo)")
     r.add_argument("--mmproj", help="vision .gguf for a .gguf language model")
     r.add_argument("--policy", choices=["interval", "change", "on_demand"])
@@ -75,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ha-discovery", action="store_true", help="publish Home Assistant discovery")
     r.add_argument("--max-cache-tokens", type=int)
     r.add_argument("--kv-bits", type=int, choices=[4, 8])
+    r.add_argument("--set", action="append", metavar="GROUP.KEY=VALUE",
+                   help="override any config key (repeatable), e.g. --set source.width=320")
 
     c = sub.add_parser("config", help="inspect configuration")
     csub = c.add_subparsers(dest="config_command", required=True, parser_class=_Parser)

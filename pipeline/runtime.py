@@ -178,6 +178,7 @@ class RunResult:
     errors: list[Error]
     metrics: dict[str, dict[str, float]]
     stopped_by: str  # eos | signal | fatal | stop
+    signal: int | None = None  # the signal that stopped the run (SIGINT, SIGTERM)
 
 
 class Runtime:
@@ -209,6 +210,8 @@ class Runtime:
         self._exit_code = 0
         self._stopped_by = "eos"
         self._metrics_seq = 0
+        self._signal: int | None = None
+        self._stage_tasks: list[asyncio.Task] = []
         for i, st in enumerate([source, *self.stages]):
             st.runtime = self
             st._out = self.edges[i] if i < len(self.edges) else None
@@ -224,6 +227,16 @@ class Runtime:
         if not self.source.stopping.is_set():
             self._stopped_by = reason
             self.source.stopping.set()
+
+    def _on_signal(self, sig: int) -> None:
+        """First SIGINT/SIGTERM: stop cleanly (drain, flush, close). A second one: stop waiting
+        for stages to drain (they are cancelled; outputs still flush in `close`)."""
+        if self._signal is None:
+            self._signal = sig
+            self.request_stop("signal")
+            return
+        for t in self._stage_tasks:
+            t.cancel()
 
     def metrics_snapshot(self) -> dict[str, dict[str, float]]:
         snap = {self.source.name: self.source.metrics.snapshot(None)}
@@ -337,7 +350,7 @@ class Runtime:
         if handle_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 try:
-                    loop.add_signal_handler(sig, self.request_stop, "signal")
+                    loop.add_signal_handler(sig, self._on_signal, sig)
                     installed.append(sig)
                 except (NotImplementedError, RuntimeError, ValueError):
                     pass
@@ -347,8 +360,9 @@ class Runtime:
             except FatalError as e:
                 self.fail(str(e), stage=st.name, exit_code=e.exit_code)
                 await self._close_all()
-                return RunResult(self._exit_code, self.errors, self.metrics_snapshot(), "fatal")
+                return RunResult(self._exit_code, self.errors, self.metrics_snapshot(), "fatal", self._signal)
         stage_tasks = [asyncio.create_task(self._run_stage(i), name=st.name) for i, st in enumerate(self.stages)]
+        self._stage_tasks = stage_tasks
         source_task = asyncio.create_task(self._run_source(), name=self.source.name)
         metrics_task = asyncio.create_task(self._metrics_loop()) if self.metrics_interval else None
         try:
@@ -385,7 +399,7 @@ class Runtime:
         snap = self.metrics_snapshot()
         if self.on_metrics and self.metrics_interval:
             self.on_metrics(snap)
-        return RunResult(self._exit_code, self.errors, snap, self._stopped_by)
+        return RunResult(self._exit_code, self.errors, snap, self._stopped_by, self._signal)
 
     async def _close_all(self) -> None:
         for st in [self.source, *self.stages]:

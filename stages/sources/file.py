@@ -58,6 +58,40 @@ def _ffmpeg_reason(e: Exception) -> str:
     return str(msg).splitlines()[0] if msg else type(e).__name__
 
 
+def mp4_problem(path: str) -> str | None:
+    """Why an ISO-BMFF file (MP4/MOV) that FFmpeg rejected is broken, from its top-level boxes:
+    cut short inside a box, or missing its `moov` index. None when the layout looks sound."""
+    import os
+    import struct
+
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 8 or head[4:8] != b"ftyp":
+                return None
+            pos, boxes = 0, []
+            while pos + 8 <= size:
+                f.seek(pos)
+                n, kind = struct.unpack(">I4s", f.read(8))
+                if n == 1:  # 64-bit size follows
+                    n = struct.unpack(">Q", f.read(8))[0]
+                elif n == 0:  # box runs to the end of the file
+                    n = size - pos
+                if n < 8:
+                    return "corrupt box structure"
+                boxes.append(kind)
+                if pos + n > size:
+                    name = kind.decode("latin-1")
+                    return f"truncated: the file ends inside its '{name}' box ({size - pos} of {n} bytes)"
+                pos += n
+    except OSError:
+        return None
+    if b"moov" not in boxes:
+        return "no 'moov' index (truncated, or still being recorded)"
+    return None
+
+
 def upright(pixels: np.ndarray, rotation: float) -> np.ndarray:
     """Apply a display-matrix rotation (degrees counter-clockwise, multiples of 90)."""
     k = int(round(rotation / 90)) % 4
@@ -80,7 +114,8 @@ class FileSource(CaptureSource):
         try:
             container = av.open(self.path, mode="r")
         except av.error.FFmpegError as e:
-            raise FatalError(f"{self.path}: cannot open as video: {_ffmpeg_reason(e)}", exit_code=2) from None
+            why = mp4_problem(self.path) or _ffmpeg_reason(e)
+            raise FatalError(f"{self.path}: cannot open as video: {why}", exit_code=2) from None
         with container:
             if not container.streams.video:
                 what = " (audio only)" if container.streams.audio else ""
@@ -200,8 +235,11 @@ class FileSource(CaptureSource):
         last = self._last_seen_pts
         if (info and info.duration and not stopped_early and last is not None
                 and last + TRUNCATION_SLACK_S < info.duration):
+            # The run reached the end of what there is, but a recording that stops early is
+            # an error for whoever relies on it: exit non-zero (everything decoded is kept).
             out.append(Error(text=f"{self.path}: truncated: video ends at {last:.2f} s of "
-                             f"{info.duration:.2f} s", stage=self.name, stream_id=self.stream_id, pts=last))
+                             f"{info.duration:.2f} s", stage=self.name, stream_id=self.stream_id, pts=last,
+                             fatal=True))
         for err in out:
             if self.runtime is not None:
                 self.runtime.report(err)
