@@ -239,6 +239,8 @@ def write_gguf_pair(hf_dir: str | Path, out_dir: str | Path, qtype: str, *, vers
     held.update({f"llm.{k}": v for k, v in held_llm.items()})
     equiv = out / f"hf_equiv-{qtype}"
     shutil.copytree(hf_dir, equiv, dirs_exist_ok=True)
+    if arch == "minicpm":  # the HF side must run the muP family too (VLMArgs honours this key)
+        (equiv / "config.json").write_text(json.dumps({**cfg, "lm_model_type": "minicpm"}, indent=2))
     mx.save_safetensors(str(equiv / "model.safetensors"), {k: mx.array(held.get(k, v)) for k, v in weights.items()},
                         metadata={"format": "pt"})
     return lm_path, mm_path, equiv
