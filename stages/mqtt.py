@@ -507,6 +507,9 @@ class MqttStage(Stage):
                 self._fail(f"mqtt: {e}")
                 return
             except BusDisconnected as e:
+                if not self._last_error and not self._closing:  # one line per outage, not per attempt
+                    print(f"framecast: mqtt: {self.address.display()}: {e}; retrying in the background",
+                          file=sys.stderr, flush=True)
                 self._last_error = str(e)
             except UserError as e:  # TLS files that cannot be loaded
                 self._fail(str(e))
@@ -543,6 +546,9 @@ class MqttStage(Stage):
             await client.publish(self._ha_discovery_message())
         await client.subscribe(self.topics.ask, qos=1)
         self._client = client
+        if self._last_error:
+            print(f"framecast: mqtt: connected to {self.address.display()} again", file=sys.stderr, flush=True)
+            self._last_error = ""
         self._counters["connects"] += 1
         self._connected.set()
         self._verdict.set()

@@ -13,6 +13,7 @@ exceptions, so changing the client library later touches only this file:
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,11 @@ _V3_REFUSED = {2: "client identifier rejected", 4: "bad user name or password",
 _V3_PROTOCOL = {1}  # unacceptable protocol version
 
 Protocol = Literal["5", "3.1.1"]
+
+# paho logs every dropped socket as a warning; with no logging configured Python would print
+# those on stderr. Connection state is reported by the stage (one line per outage) instead.
+LOG = logging.getLogger("framecast.mqtt")
+LOG.addHandler(logging.NullHandler())
 
 
 class BusRefused(Exception):
@@ -208,7 +214,7 @@ class BusClient:
             self.address.host, self.address.port,
             username=self.address.username, password=self.address.password,
             identifier=self.client_id, protocol=version, will=will,
-            keepalive=self.keepalive_s, timeout=self.timeout_s,
+            keepalive=self.keepalive_s, timeout=self.timeout_s, logger=LOG,
             tls_context=self.tls.context() if self.address.tls else None,
             # a fresh session each time: questions are answered live, never replayed
             clean_session=None if self.is_v5 else True,
