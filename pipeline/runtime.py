@@ -223,6 +223,11 @@ class Runtime:
         if self.edges:
             await self.edges[0].put(msg)
 
+    @property
+    def stopped_by(self) -> str:
+        """Why the run is ending: eos (input exhausted) | signal | fatal | stop."""
+        return self._stopped_by
+
     def request_stop(self, reason: str = "stop") -> None:
         if not self.source.stopping.is_set():
             self._stopped_by = reason

@@ -81,7 +81,7 @@ class JsonlOutput(Stage):
 
     async def on_end(self) -> AsyncIterator[Event]:
         self.write(EndOfStream(stream_id=getattr(self.runtime, "stream_id", "default"),
-                               text=getattr(self.runtime, "_stopped_by", "eos")))
+                               text=getattr(self.runtime, "stopped_by", "eos")))
         return
         yield  # pragma: no cover
 
@@ -296,6 +296,9 @@ class ConsoleOutput(Stage):
 
     async def on_end(self) -> AsyncIterator[Event]:
         if self.progress and self._frames:
+            finished = getattr(self.runtime, "stopped_by", "eos") == "eos"
+            if finished and self._duration is not None:
+                self._pts = max(self._pts or 0.0, self._duration)  # the last frame starts before the end
             self._draw_bar(force=True)
             self.err.write("\n")
             self.err.flush()
