@@ -1,0 +1,145 @@
+"""Benchmark the fused kernels against their pure-MLX references (same run, same device).
+
+    python scripts/bench_kernels.py            # table
+    python scripts/bench_kernels.py --json     # table, then one JSON object on the last line
+
+rope_shift cases: the real model's cache (4 KV heads x 128 dims x 8k tokens) and a tiny one,
+each as a plain shift of every key and as an eviction (gather the kept 3/4 + shift, which is
+what `KVCache.evict` asks for). Rows: `reference` (the baseline every ratio is against),
+`mx.fast.rope` (MLX's own RoPE kernel with one offset per row: an alternative pure-MLX
+formulation, plain shift only), `kernel` (our Metal/CUDA kernel, on a GPU backend only) and
+`KVCache.evict` (the whole eviction of one layer, keys and values, through whatever backend is
+active: an end-to-end time, no ratio). On CPU
+there is no kernel: the script times the reference (and the mx.fast.rope alternative).
+Needs only MLX and numpy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pipeline  # noqa: E402,F401  (preloads OpenBLAS before mlx)
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pipeline.kernels import backend  # noqa: E402
+from pipeline.kernels import rope_shift as rs  # noqa: E402
+from pipeline.model.cache import KVCache  # noqa: E402
+
+THETA = 1e6  # MiniCPM-V 4.x / Qwen rope_theta
+SHIFT = -2048  # a typical post-eviction delta
+CASES = [  # name, B, n_kv, T, head_dim
+    ("real 4x128x8k", 1, 4, 8192, 128),
+    ("tiny 2x64x256", 1, 2, 256, 64),
+]
+
+
+def _time(fn, *, warmup: int, iters: int) -> float:
+    """Median wall time of `fn()` (evaluated) in milliseconds."""
+    for _ in range(warmup):
+        mx.eval(fn())
+    samples = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        mx.eval(fn())
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def _fast_rope_shift(keys: mx.array, shift: int, freqs: mx.array, dims: int) -> mx.array:
+    """Shift via mx.fast.rope: every row is its own batch entry of length 1 at position `shift`."""
+    B, H, T, D = keys.shape
+    rows = keys.reshape(B * H * T, 1, D)
+    offsets = mx.full((B * H * T,), shift, dtype=mx.int32)
+    out = mx.fast.rope(rows, dims, traditional=False, base=None, scale=1.0, offset=offsets, freqs=freqs)
+    return out.reshape(B, H, T, D)
+
+
+def bench(*, dtypes, warmup: int, iters: int) -> list[dict]:
+    kind = backend()
+    rows = []
+    for name, B, H, T, D in CASES:
+        spec = rs.RopeSpec.from_base(D, base=THETA)
+        freqs = 1.0 / spec.inv_freq
+        for dtype in dtypes:
+            keys = mx.random.normal((B, H, T, D)).astype(dtype)
+            values = mx.random.normal((B, H, T, D)).astype(dtype)
+            mx.eval(keys, values)
+            drop = (T // 8, T // 8 + T // 4)  # evict a quarter after the sinks
+            keep = mx.array(list(range(drop[0])) + list(range(drop[1], T)), dtype=mx.int32)
+            shift = mx.array([0] * drop[0] + [drop[0] - drop[1]] * (T - drop[1]), dtype=mx.int32)
+            n_keep = keep.shape[0]
+            item = keys.itemsize
+            for op, n_out in (("shift", T), ("evict", n_keep)):
+                moved = 2 * B * H * n_out * D * item  # bytes read + written once each
+                if op == "shift":
+                    impls = {"reference": lambda: rs.reference(keys, SHIFT, spec),
+                             "mx.fast.rope": lambda: _fast_rope_shift(keys, SHIFT, freqs, D)}
+                    if kind != "reference":
+                        impls["kernel"] = lambda: rs.kernel(kind, keys, SHIFT, spec)
+                else:
+                    impls = {"reference": lambda: rs.reference(keys, shift, spec, index=keep)}
+                    if kind != "reference":
+                        impls["kernel"] = lambda: rs.kernel(kind, keys, shift, spec, index=keep)
+
+                    def evict_layer():
+                        cache = KVCache.from_state((keys, values))
+                        cache.evict([drop], rope=spec)
+                        return cache.state
+
+                    impls["KVCache.evict"] = evict_layer
+                base_ms = None
+                for impl, fn in impls.items():
+                    ms = _time(fn, warmup=warmup, iters=iters)
+                    base_ms = ms if base_ms is None else base_ms
+                    end_to_end = impl == "KVCache.evict"  # keys + values + buffer writes: no ratio
+                    rows.append({"case": name, "op": op, "dtype": str(dtype).replace("mlx.core.", ""),
+                                 "impl": impl, "ms": round(ms, 4),
+                                 "gbps": None if end_to_end else round(moved / ms / 1e6, 2),
+                                 "speedup_vs_reference": None if end_to_end else round(base_ms / ms, 2)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    parser.add_argument("--iters", type=int, default=None, help="timed iterations per row (default: 30 GPU, 5 CPU)")
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    kind = backend()
+    on_gpu = mx.default_device() == mx.gpu
+    dtypes = [mx.float16, mx.bfloat16, mx.float32] if on_gpu else [mx.float32]
+    iters = args.iters or (30 if on_gpu else 5)
+    device = "cuda" if on_gpu and mx.cuda.is_available() else ("metal" if on_gpu and mx.metal.is_available() else "cpu")
+    try:
+        device_name = str(mx.device_info().get("device_name", device))
+    except Exception:  # noqa: BLE001 - a label only
+        device_name = platform.processor() or platform.machine()
+    rows = bench(dtypes=dtypes, warmup=args.warmup, iters=iters)
+
+    print(f"rope_shift on {device} ({device_name}); kernels backend: {kind}; mlx {mx.__version__}; "
+          f"median of {iters} runs; GB/s = one read + one write of the moved keys")
+    header = f"{'case':<15} {'op':<6} {'dtype':<9} {'impl':<14} {'ms':>9} {'GB/s':>8} {'x ref':>7}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        gbps = "-" if r["gbps"] is None else f"{r['gbps']:.1f}"
+        ratio = "-" if r["speedup_vs_reference"] is None else f"{r['speedup_vs_reference']:.2f}"
+        print(f"{r['case']:<15} {r['op']:<6} {r['dtype']:<9} {r['impl']:<14} {r['ms']:>9.3f} {gbps:>8} {ratio:>7}")
+    if args.json:
+        print(json.dumps({"bench": "kernels", "device": device, "device_name": device_name, "backend": kind,
+                          "mlx": mx.__version__, "iters": iters, "rows": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
