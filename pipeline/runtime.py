@@ -55,13 +55,16 @@ class Edge:
     def depth(self) -> int:
         return len(self._data)
 
-    async def put(self, item: Event) -> None:
+    async def put(self, item: Event, *, force: bool = False) -> None:
+        """Queue `item`. Full edge: drop_oldest evicts the oldest queued frame (for any item:
+        events other than frames are never dropped), block waits. `force` never waits (shutdown
+        uses it so that a hung consumer cannot block the end-of-stream marker)."""
         async with self._changed:
             if item.control:
                 self._control.append(item)
             else:
-                while len(self._data) >= self.maxsize:
-                    if self.policy == "drop_oldest" and isinstance(item, Frame) and self._drop_oldest_frame():
+                while len(self._data) >= self.maxsize and not force:
+                    if self.policy == "drop_oldest" and self._drop_oldest_frame():
                         break
                     await self._changed.wait()
                 self._data.append(item)
@@ -381,7 +384,8 @@ class Runtime:
                     source_task.cancel()
                     await asyncio.gather(source_task, return_exceptions=True)
                     if self.edges:
-                        await self.edges[0].put(EndOfStream(stream_id=self.stream_id, text=self._stopped_by))
+                        await self.edges[0].put(EndOfStream(stream_id=self.stream_id, text=self._stopped_by),
+                                                force=True)
             stop_wait.cancel()
             if self._stopped_by != "eos" and self.edges:
                 await self.edges[0].put(Stop(stream_id=self.stream_id, text=self._stopped_by))

@@ -133,3 +133,119 @@ def test_request_stop_drains_and_closes_endless_source():
     res = asyncio.run(main())
     assert res.stopped_by == "signal" and sink.closed
     assert any(isinstance(e, Status) for e in sink.seen)
+
+
+def test_source_that_ignores_stop_is_cancelled_within_the_grace_period():
+    class Deaf(Source):
+        name = "deaf"
+        live = True
+
+        async def frames(self):
+            i = 0
+            while True:  # never looks at self.stopping
+                await asyncio.sleep(0.01)
+                yield _frame(i)
+                i += 1
+
+    sink = Collect()
+
+    async def main():
+        rt = Runtime(Deaf(), [sink], stop_timeout=0.5)
+        task = asyncio.create_task(rt.run(handle_signals=False))
+        await asyncio.sleep(0.1)
+        rt.request_stop("stop")
+        return await asyncio.wait_for(task, 5)
+
+    import time
+
+    t0 = time.monotonic()
+    res = asyncio.run(main())
+    assert res.stopped_by == "stop" and sink.closed and time.monotonic() - t0 < 3
+
+
+def test_hung_stage_is_cancelled_after_stop_timeout_and_still_closed():
+    class Hang(Stage):
+        name = "hang"
+
+        def __init__(self):
+            super().__init__()
+            self.closed = False
+
+        async def process(self, item):
+            if isinstance(item, Frame):
+                await asyncio.sleep(3600)
+            yield item
+
+        async def close(self):
+            self.closed = True
+
+    hang = Hang()
+
+    async def main():
+        rt = Runtime(CountingSource(10**6, live=True, delay=0.001), [hang], stop_timeout=0.3)
+        task = asyncio.create_task(rt.run(handle_signals=False))
+        await asyncio.sleep(0.1)
+        rt.request_stop("signal")
+        return await asyncio.wait_for(task, 5)
+
+    res = asyncio.run(main())
+    assert res.stopped_by == "signal" and hang.closed
+
+
+def test_second_signal_cancels_the_drain():
+    import os
+    import signal
+
+    class Slow(Stage):
+        name = "slow"
+
+        def __init__(self):
+            super().__init__()
+            self.closed = False
+
+        async def process(self, item):
+            await asyncio.sleep(0.5)
+            yield item
+
+        async def close(self):
+            self.closed = True
+
+    slow = Slow()
+
+    async def main():
+        rt = Runtime(CountingSource(20), [slow], stop_timeout=30, edge_size=20)
+        task = asyncio.create_task(rt.run())
+        await asyncio.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+        await asyncio.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGINT)
+        return await asyncio.wait_for(task, 5)
+
+    res = asyncio.run(main())
+    assert res.signal == signal.SIGINT and res.stopped_by == "signal" and slow.closed
+
+
+def test_metrics_are_published_periodically_and_at_the_end():
+    snaps: list[dict] = []
+    sink = Collect()
+    res = asyncio.run(Runtime(CountingSource(30, delay=0.01), [sink], metrics_interval=0.08,
+                              on_metrics=snaps.append).run(handle_signals=False))
+    assert len(snaps) >= 3 and snaps[-1] == res.metrics
+    m = res.metrics["collect"]
+    assert m["items_in"] >= 30 and {"latency_ms_p50", "latency_ms_p95", "queue_depth", "drops",
+                                    "throughput_per_s"} <= m.keys()
+    from pipeline.events import Metrics
+
+    assert any(isinstance(e, Metrics) for e in sink.seen)  # also travels as an event
+
+
+def test_report_records_non_fatal_and_fatal_errors():
+    async def main():
+        rt = Runtime(CountingSource(1), [Collect()])
+        rt.report(Error(text="warn"))
+        assert rt._exit_code == 0
+        rt.report(Error(text="bad", fatal=True))
+        return rt
+
+    rt = asyncio.run(main())
+    assert [e.text for e in rt.errors] == ["warn", "bad"] and rt._exit_code == 1
