@@ -215,12 +215,26 @@ class ConsoleOutput(Stage):
 
     def _line(self, text: str) -> None:
         self._clear_bar()
-        if self._partial:
-            self.out.write("\r\033[K")
-            self._partial = False
-        self.out.write(text + "\n")
-        self.out.flush()
+        try:
+            if self._partial:
+                self.out.write("\r\033[K")
+                self._partial = False
+            self.out.write(text + "\n")
+            self.out.flush()
+        except BrokenPipeError:  # `framecast run | head`: the reader left; the run goes on
+            self._stdout_gone()
         self._draw_bar(force=True)
+
+    def _stdout_gone(self) -> None:
+        self.lines = False
+        try:  # point the fd at /dev/null so the interpreter's final flush cannot fail either
+            import os
+
+            fd = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(fd, self.out.fileno())
+            os.close(fd)
+        except (OSError, ValueError, AttributeError):
+            pass
 
     def _format(self, ev: Event) -> str | None:
         at = f"[{clock(ev.pts)}] " if ev.pts is not None else ""
@@ -280,9 +294,12 @@ class ConsoleOutput(Stage):
         if self.lines:
             if isinstance(item, NarrationDelta) and self._tty:
                 self._clear_bar()
-                self.out.write(item.text)
-                self.out.flush()
-                self._partial = True
+                try:
+                    self.out.write(item.text)
+                    self.out.flush()
+                    self._partial = True
+                except BrokenPipeError:
+                    self._stdout_gone()
             elif not isinstance(item, (Frame, Metrics, Error, NarrationDelta)):
                 text = self._format(item)
                 if text is not None:

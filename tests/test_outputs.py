@@ -120,3 +120,13 @@ def test_make_outputs_honours_config(tmp_path):
     assert names == ["jsonl", "srt"]
     names = [s.name for s in make_outputs(OutputsConfig(progress=None), live=True, err=io.StringIO())]
     assert names == ["console"]
+
+
+def test_console_survives_a_closed_pipe():
+    class Gone(io.StringIO):
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    con = ConsoleOutput(lines=True, out=Gone(), err=io.StringIO())
+    res = run([Status(state="running"), narr("x", 0.0), narr("y", 1.0)], [con])
+    assert res.exit_code == 0 and not res.errors and not con.lines
