@@ -182,6 +182,15 @@ def test_network_stream_end_reconnects_with_backoff_then_gives_up(http_server):
     assert "gave up after 2 reconnect attempts" in res.errors[-1].text and "once.ts" in res.errors[-1].text
 
 
+def test_recording_over_http_is_read_like_a_file(http_server, tmp_path):
+    base, _ = http_server
+    write_video(tmp_path / "clip.mp4", 20)
+    res, sink, src = run_source(SourceConfig(uri=f"{base}/clip.mp4"))
+    assert not src.live and res.exit_code == 0
+    assert [index_of(f.pixels) for f in sink.frames()] == list(range(20))  # nothing dropped
+    assert sink.statuses()[0].duration == pytest.approx(2.0)
+
+
 def test_camera_through_opencv_with_a_path(mp4):
     res, sink, src = run_source(SourceConfig(uri=f"camera:{mp4}", max_frames=5))
     frames = sink.frames()

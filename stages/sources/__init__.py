@@ -5,6 +5,8 @@
 - `rtsp://`, `rtsps://`, `rtmp://`, `http(s)://`, `udp://`, `tcp://`, `srt://`
                                        a network stream through PyAV (watchdog + reconnect)
 - anything else                        a recorded file through PyAV (`file://` accepted)
+- `http(s)://…/name.mp4` (a file extension of a recording) is read as a recorded file:
+  nothing dropped, a progress bar, but with the network timeouts
 
 Bad input fails here, before anything starts, with one line naming it (exit status 2).
 """
@@ -19,6 +21,7 @@ from pipeline.config import SourceConfig
 from pipeline.errors import UserError
 from stages.sources.base import CaptureSource
 
+RECORDING_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".wmv", ".mpg", ".mpeg")
 NETWORK_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "tcp", "srt")
 _CAMERA = re.compile(r"^camera:(\d+|/.+)$")
 _DEVICE = re.compile(r"^/dev/video\d+$")
@@ -71,6 +74,11 @@ def make_source(cfg: SourceConfig) -> CaptureSource:
 
         return CameraSource(cfg)
     if kind == "stream":
+        parts = urlsplit(cfg.uri)
+        if parts.scheme.lower() in ("http", "https") and parts.path.lower().endswith(RECORDING_EXTENSIONS):
+            from stages.sources.file import FileSource
+
+            return FileSource(cfg, cfg.uri, remote=True)
         from stages.sources.live import StreamSource
 
         return StreamSource(cfg)

@@ -101,9 +101,12 @@ def upright(pixels: np.ndarray, rotation: float) -> np.ndarray:
 class FileSource(CaptureSource):
     name = "file"
 
-    def __init__(self, cfg: SourceConfig, path: str):
+    def __init__(self, cfg: SourceConfig, path: str, *, remote: bool = False):
         super().__init__(cfg, name="file")
         self.path = path
+        # A recorded file behind http(s)://: same semantics, but the network can stall, so
+        # opening and reading get the live sources' timeouts.
+        self.remote = remote
         self.live = bool(cfg.realtime)  # a paced replay behaves like a live stream
         self.info: _Info | None = None
         self._last_pts: float | None = None  # last frame emitted
@@ -112,9 +115,10 @@ class FileSource(CaptureSource):
     def _decode(self, stop: threading.Event) -> Iterator[object]:
         """Runs in the reader thread: open, then yield _Info, _Decoded and _Bad items."""
         try:
-            container = av.open(self.path, mode="r")
+            timeout = (self.cfg.open_timeout_s, self.cfg.watchdog_s) if self.remote else None
+            container = av.open(self.path, mode="r", timeout=timeout)
         except av.error.FFmpegError as e:
-            why = mp4_problem(self.path) or _ffmpeg_reason(e)
+            why = (None if self.remote else mp4_problem(self.path)) or _ffmpeg_reason(e)
             raise FatalError(f"{self.path}: cannot open as video: {why}", exit_code=2) from None
         with container:
             if not container.streams.video:
@@ -192,10 +196,13 @@ class FileSource(CaptureSource):
         bad_reasons: list[str] = []
         try:
             while not self.stopping.is_set():
+                wait = self.cfg.open_timeout_s + self.cfg.watchdog_s if self.remote else None
                 try:
-                    item = await reader.get()
+                    item = await reader.get(timeout=wait)
                 except EOFError:
                     break
+                except TimeoutError:
+                    raise FatalError(f"{self.path}: no data for {wait:g} s", exit_code=1) from None
                 if isinstance(item, _Decoded):
                     if self.cfg.realtime:
                         await self.pace(item.pts)
