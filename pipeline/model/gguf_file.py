@@ -8,9 +8,15 @@ Tensor policy (see `read_tensors`):
     These types map exactly onto MLX's affine groups (w = scale * q + bias), so nothing is lost.
   - everything else (K-quants, Q5_*, IQ*, TQ*, MXFP4): `mx.load` either fails on them
     (Q5_0: "gguf_tensor_to_f16 failed") or silently expands them to f16, so we read their
-    blocks with the `gguf` package's memory-mapped reader, dequantise with its numpy
-    dequantisers and re-quantise with `mx.quantize` (affine, group 32) at the MLX width in
-    `REQUANT_BITS`. That is lossy (a second rounding), by at most half a step of the new grid.
+    blocks with the `gguf` package's memory-mapped reader and dequantise with its numpy
+    dequantisers. Then:
+      * Q5_0, Q5_1, Q4_K, Q5_K are affine per group of 32 (w = scale * q + bias with q on a
+        4/5-bit grid), so we recover q from the values and each group's (scale, bias) read off
+        the block headers and pack them in MLX's layout: exact, nothing re-rounded;
+      * the rest (Q6_K's 16-value sub-blocks, Q2_K/Q3_K, the non-uniform IQ grids) are
+        re-quantised with `mx.quantize` (affine, group 32) at the width in `REQUANT_BITS`:
+        a second rounding, under one step of the new grid (Q6_K goes to 8 bits: near-lossless
+        for the output/embedding tensors Q4_K_M files keep in Q6_K).
 
 When every tensor is of a native type we let `mx.load` read the whole file (fast C++ path);
 otherwise every tensor goes through the reader, with Q4_0/Q4_1/Q8_0 blocks repacked exactly
@@ -41,7 +47,7 @@ NATIVE_TYPES = {F32, F16, BF16, Q4_0, Q4_1, Q8_0}
 # than the K-quants' super-block scales did).
 REQUANT_BITS = {
     "Q5_0": 5, "Q5_1": 5, "Q8_1": 8,
-    "Q2_K": 4, "Q3_K": 4, "Q4_K": 4, "Q5_K": 5, "Q6_K": 6, "Q8_K": 8,
+    "Q2_K": 4, "Q3_K": 4, "Q4_K": 4, "Q5_K": 5, "Q6_K": 8, "Q8_K": 8,
     "IQ1_S": 4, "IQ1_M": 4, "IQ2_XXS": 4, "IQ2_XS": 4, "IQ2_S": 4, "IQ3_XXS": 4, "IQ3_S": 4,
     "IQ4_NL": 4, "IQ4_XS": 4, "TQ1_0": 4, "TQ2_0": 4, "MXFP4": 4,
 }
@@ -191,6 +197,53 @@ def repack_native(raw: np.ndarray, type_id: int, rows: int, cols: int) -> tuple[
     return _pack_nibbles(q), d, bias
 
 
+def pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
+    """[rows, cols] ints in 0..2^bits-1 -> [rows, cols*bits/32] uint32, MLX's packing.
+
+    MLX stores a row as one little-endian bit stream, element i in bits [i*bits, (i+1)*bits).
+    """
+    rows = q.shape[0]
+    stream = ((q[..., None].astype(np.uint32) >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
+    packed = np.packbits(stream.reshape(rows, -1), axis=-1, bitorder="little")
+    return np.ascontiguousarray(packed).view("<u4")
+
+
+# type -> bits of the types whose every group of 32 is affine (exact MLX repack)
+EXACT_AFFINE_BITS = {"Q5_0": 5, "Q5_1": 5, "Q4_K": 4, "Q5_K": 5}
+
+
+def affine_group_params(raw: np.ndarray, type_name_: str, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, bias) per group of 32 ([rows, cols/32] float32) read from the block headers."""
+    import gguf
+    from gguf.quants import Q4_K
+
+    _, block_bytes = gguf.GGML_QUANT_SIZES[getattr(gguf.GGMLQuantizationType, type_name_)]
+    blocks = raw.reshape(rows, -1, block_bytes)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    if type_name_ == "Q5_0":  # w = d * (q - 16)
+        return d, -16.0 * d
+    if type_name_ == "Q5_1":  # w = d * q + m
+        return d, blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    # Q4_K / Q5_K: 256-value super-blocks of 8 sub-blocks; w = d*sc_j * q - dmin*m_j
+    dmin = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    sc, mn = Q4_K.get_scale_min(np.ascontiguousarray(blocks[..., 4:16]).reshape(-1, 12))
+    sc = sc.reshape(rows, -1, 8).astype(np.float32)
+    mn = mn.reshape(rows, -1, 8).astype(np.float32)
+    return (d[..., None] * sc).reshape(rows, -1), (-dmin[..., None] * mn).reshape(rows, -1)
+
+
+def _exact_affine(values: np.ndarray, raw: np.ndarray, type_name_: str) -> dict[str, mx.array]:
+    """Repack dequantised Q5_0/Q5_1/Q4_K/Q5_K values on their own grid (no re-rounding)."""
+    bits = EXACT_AFFINE_BITS[type_name_]
+    rows, cols = values.shape
+    scale, bias = affine_group_params(raw, type_name_, rows, cols)
+    s = np.repeat(scale, GROUP_SIZE, axis=-1)
+    safe = np.where(s == 0, 1.0, s)
+    q = np.clip(np.rint((values - np.repeat(bias, GROUP_SIZE, axis=-1)) / safe), 0, 2**bits - 1)
+    return {"weight": mx.array(pack_bits(q.astype(np.uint32), bits)), "scales": mx.array(scale),
+            "biases": mx.array(bias)}
+
+
 def _requantize(values: np.ndarray, bits: int) -> dict[str, mx.array]:
     w, scales, biases = mx.quantize(mx.array(values, dtype=mx.float32), group_size=GROUP_SIZE, bits=bits)
     return {"weight": w, "scales": scales, "biases": biases}
@@ -229,12 +282,18 @@ def read_tensors(header: GGUFHeader) -> dict[str, mx.array]:
             if bits is None:
                 raise ModelLoadError(
                     f"{header.path}: tensor {t.name} has quantisation type {info.type_name}, which is not supported")
-            values = dequantize(np.asarray(t.data), qt).reshape(info.shape)
+            raw = np.asarray(t.data)
+            values = dequantize(raw, qt).reshape(info.shape)
             if values.ndim < 2 or values.shape[-1] % GROUP_SIZE:
                 out[t.name] = mx.array(values)  # too small to group: keep as float
+                continue
+            rows = int(np.prod(values.shape[:-1]))
+            if info.type_name in EXACT_AFFINE_BITS:
+                parts = _exact_affine(values.reshape(rows, -1), raw.reshape(rows, -1), info.type_name)
             else:
-                for k, v in _requantize(values, bits).items():
-                    out[f"{base}.{k}"] = v
+                parts = _requantize(values, bits)
+            for k, v in parts.items():
+                out[f"{base}.{k}"] = v
     return out
 
 
