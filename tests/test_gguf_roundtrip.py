@@ -158,3 +158,21 @@ def test_gguf_45_pair_runs_the_3d_resampler_like_hf(pairs):
     a = np.array(ours.encode_frame_group(frames, [0, 5, 10]).features)
     b = np.array(ref.encode_frame_group(frames, [0, 5, 10]).features)
     np.testing.assert_allclose(a, b, atol=1e-4 * np.abs(b).max(), rtol=1e-4)
+
+
+def test_ffn_names_are_decided_by_shape(pairs, tmp_path):
+    """Legacy files call fc1 `ffn_down`; newer ones `ffn_up`: both must load the same tower."""
+    from gguf_fixtures import write_mmproj_gguf
+    from tiny_models import random_image
+
+    from pipeline.model.gguf import load_gguf
+
+    lm_path, mm_swapped, equiv, _family = pairs["qwen2", "F32"]
+    cfg = json.loads((equiv / "config.json").read_text())
+    weights = {k: np.array(v) for k, v in mx.load(str(equiv / "model.safetensors")).items()}
+    straight = tmp_path / "mmproj-straight.gguf"
+    write_mmproj_gguf(straight, cfg, weights, "F32", version="2.6", swap_ffn=False)
+    image = random_image(56, 56, seed=2)
+    a = load_gguf(lm_path, mmproj=mm_swapped).encode_images([image])[0].features
+    b = load_gguf(lm_path, mmproj=straight).encode_images([image])[0].features
+    np.testing.assert_array_equal(np.array(a), np.array(b))
