@@ -12,8 +12,10 @@ when a kernel is suspected); `auto` (or unset) picks the kernel for the GPU back
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
+from typing import Callable
 
 import mlx.core as mx
 
@@ -46,13 +48,40 @@ def backend() -> str:
 
 @functools.cache
 def build_kernel(kind: str, name: str, input_names: tuple[str, ...], output_names: tuple[str, ...],
-                 source: str):
+                 source: str, *, row_contiguous: bool = True):
     """The `mx.fast` kernel object for `kind` ('metal' | 'cuda'), built once and cached.
 
     MLX compiles per template instantiation on first call and caches that too, so callers pass
     dtypes and head sizes as template arguments and everything that changes per call (token
-    counts) through input shapes.
+    counts) through input shapes. `row_contiguous=False` hands strided views to the kernel as
+    they are (it must then index with `<input>_strides`) instead of copying them first.
     """
+    # MLX's CUDA backend caches compiled PTX on disk by kernel name (+ template args), across
+    # processes: a name that carries the source hash means an edited kernel is never served stale.
+    tag = hashlib.sha1(source.encode()).hexdigest()[:10]
     make = mx.fast.metal_kernel if kind == "metal" else mx.fast.cuda_kernel
-    return make(name=name, input_names=list(input_names), output_names=list(output_names),
-                source=source, ensure_row_contiguous=True)
+    return make(name=f"{name}_{tag}", input_names=list(input_names), output_names=list(output_names),
+                source=source, ensure_row_contiguous=row_contiguous)
+
+
+_VERIFIED: dict[tuple, bool] = {}
+
+
+def kernel_verified(key: tuple, relative_error: Callable[[], float], tolerance: float) -> bool:
+    """Whether the kernel for `key` passed its one-time self-check (run now if not yet).
+
+    The kernels are compiled on the user's GPU, not in CI, so a compile error or a wrong result
+    on an untested driver falls back to the reference with one warning instead of breaking the
+    stream. `relative_error()` runs kernel and reference on a small input; tests call the
+    kernels directly, so they still fail loudly.
+    """
+    if key not in _VERIFIED:
+        try:
+            err = relative_error()
+            ok, why = err <= tolerance, f"relative error {err:.2e} > {tolerance:.1e}"
+        except Exception as exc:  # noqa: BLE001 - any compile/launch failure means "use the reference"
+            ok, why = False, f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+        if not ok:
+            log.warning("kernel %s failed its self-check (%s); using the MLX reference", key, why)
+        _VERIFIED[key] = ok
+    return _VERIFIED[key]

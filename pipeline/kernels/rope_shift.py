@@ -32,7 +32,6 @@ own RoPE function.
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -40,7 +39,7 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from pipeline.kernels import backend, build_kernel
+from pipeline.kernels import backend, build_kernel, kernel_verified
 
 PROBE_MAX_POSITION = 1 << 20  # refine frequencies up to this position (see probe_rope)
 PROBE_TOLERANCE = 1e-3  # largest error accepted when checking a probed spec
@@ -50,7 +49,6 @@ THREADGROUP = 256  # threads per group/block; one thread per (row, pair), so any
 # flip that rounding, so the bound is one output ulp (fp16 2^-10, bf16 2^-7) plus slack.
 SELF_CHECK_TOLERANCE = {mx.float32: 1e-5, mx.float16: 2e-3, mx.bfloat16: 1.6e-2}
 
-log = logging.getLogger(__name__)
 
 INPUT_NAMES = ("keys", "src_token", "shift", "inv_freq")
 OUTPUT_NAMES = ("out",)
@@ -233,35 +231,20 @@ def kernel(kind: str, keys: mx.array, shift: int | mx.array, spec: RopeSpec, *,
     return out  # [B, H, n, D]
 
 
-_KERNEL_OK: dict[tuple, bool] = {}
-
-
 def _kernel_ok(kind: str, dtype: mx.Dtype, head_dim: int, spec: RopeSpec) -> bool:
-    """Run the kernel once per (dtype, layout) on a small input against the reference.
+    """One-time check of the kernel for this (dtype, layout) against the reference."""
 
-    The kernels are compiled on the user's GPU, not in CI, so a compile error or a wrong
-    result on an untested driver falls back to the reference with one warning instead of
-    breaking the stream (tests call `kernel` directly, so they still fail loudly).
-    """
-    key = (kind, dtype, head_dim, spec.dims, spec.traditional)
-    if key not in _KERNEL_OK:
+    def relative_error() -> float:
         rng = np.random.default_rng(0)
         x = mx.array(rng.standard_normal((1, 2, 9, head_dim)).astype(np.float32)).astype(dtype)
         index = mx.array([0, 2, 3, 8, 7], dtype=mx.int32)
         shift = mx.array([0, -2, -2, -5000, 31], dtype=mx.int32)
-        try:
-            got = kernel(kind, x, shift, spec, index=index).astype(mx.float32)
-            want = reference(x, shift, spec, index=index).astype(mx.float32)
-            err = float(mx.max(mx.abs(got - want)).item()) / float(mx.max(mx.abs(x)).item())
-            ok = err <= SELF_CHECK_TOLERANCE.get(dtype, 1e-5)
-            reason = f"relative error {err:.2e}"
-        except Exception as exc:  # noqa: BLE001 - any compile/launch failure means "use the reference"
-            ok, reason = False, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        if not ok:
-            log.warning("rope_shift: %s kernel failed its self-check (%s, %s); using the MLX reference",
-                        kind, dtype, reason)
-        _KERNEL_OK[key] = ok
-    return _KERNEL_OK[key]
+        got = kernel(kind, x, shift, spec, index=index).astype(mx.float32)
+        want = reference(x, shift, spec, index=index).astype(mx.float32)
+        return float(mx.max(mx.abs(got - want)).item()) / float(mx.max(mx.abs(x)).item())
+
+    key = ("rope_shift", kind, dtype, head_dim, spec.dims, spec.traditional)
+    return kernel_verified(key, relative_error, SELF_CHECK_TOLERANCE.get(dtype, 1e-5))
 
 
 def rope_shift(keys: mx.array, shift: int | mx.array, spec: RopeSpec, *, index: mx.array | None = None) -> mx.array:

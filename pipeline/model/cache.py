@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from pipeline.kernels.dequantize_kv import dequantize_kv
 from pipeline.kernels.rope_shift import rope_shift
 
 DEFAULT_STEP = 256  # tokens added per growth; one frame (64-ish tokens) rarely triggers it
@@ -266,7 +267,9 @@ class QuantizedKVCache:
             for t, n in zip(buf, new):
                 t[..., start:end, :] = n
         self.offset = end
-        return self._dequant(self.keys, end), self._dequant(self.values, end)
+        # Both halves straight from the strided buffers in one pass (see kernels/dequantize_kv.py).
+        return dequantize_kv(self.keys, self.values, end=end, bits=self.bits, group_size=self.group_size,
+                             dtype=self.dtype)
 
     def trim(self, n: int) -> int:
         n = max(0, min(self.offset, n))
