@@ -191,6 +191,42 @@ def test_recording_over_http_is_read_like_a_file(http_server, tmp_path):
     assert sink.statuses()[0].duration == pytest.approx(2.0)
 
 
+def test_rtsp_over_tcp_delivers_frames():
+    from rtsp_server import RtspServer
+
+    srv = RtspServer(frames=60, fps=100)
+    try:
+        res, sink, src = run_source(SourceConfig(uri=srv.url, max_frames=12, open_timeout_s=5), edge_size=64)
+    finally:
+        srv.close()
+    frames = sink.frames()
+    assert src.live and res.exit_code == 0 and len(frames) == 12 and srv.sessions == 1
+    idx = [index_of(f.pixels) for f in frames]
+    assert idx == sorted(set(idx)) and idx[0] == 0
+    pts = [f.pts for f in frames]
+    assert pts == sorted(set(pts)) and pts[-1] - pts[1] == pytest.approx((idx[-1] - idx[1]) / 100, abs=0.01)
+
+
+def test_rtsp_camera_that_hangs_mid_stream_is_reconnected_by_the_watchdog():
+    from rtsp_server import RtspServer
+
+    # 30 frames (enough for FFmpeg's stream probing), then silence on an open connection
+    srv = RtspServer(frames=60, fps=100, stall_after=30)
+    cfg = SourceConfig(uri=srv.url, max_frames=65, watchdog_s=0.4, open_timeout_s=5, backoff_initial_s=0.05)
+    try:
+        res, sink, src = run_source(cfg, edge_size=128)
+    finally:
+        srv.close()
+    states = [s.state for s in sink.statuses()]
+    assert res.exit_code == 0 and len(sink.frames()) == 65  # needs three connections
+    assert states.count("reconnecting") == 2 and states.count("reconnected") == 2 and srv.sessions == 3
+    assert src.metrics.extra["reconnects"] == 2
+    recon = [s for s in sink.statuses() if s.state == "reconnecting"]
+    assert "no frame for 0.4 s" in recon[0].text and [s.reconnects for s in recon] == [1, 2]
+    pts = [f.pts for f in sink.frames()]
+    assert pts == sorted(set(pts))  # media time keeps going across reconnects
+
+
 def test_camera_through_opencv_with_a_path(mp4):
     res, sink, src = run_source(SourceConfig(uri=f"camera:{mp4}", max_frames=5))
     frames = sink.frames()

@@ -180,6 +180,7 @@ class StreamSource(WatchedSource):
             tb = float(vs.time_base) if vs.time_base else 0.0
             first: float | None = None
             base = self._session_pts()  # pts continue across reconnects
+            last = -1.0
             for packet in container.demux(vs):
                 if stop.is_set():
                     return
@@ -196,6 +197,9 @@ class StreamSource(WatchedSource):
                         if first is None:
                             first = float(frame.pts * tb)
                         t = base + float(frame.pts * tb) - first
+                    # A frame without a timestamp (first frames before RTCP sync) got the clock
+                    # instead; keep pts strictly increasing whatever the mix.
+                    t = last = max(t, last + 1e-3)
                     if gate.accept(t):
                         yield frame.to_ndarray(format="rgb24"), t
 
