@@ -11,6 +11,11 @@ formulation, plain shift only), `kernel` (our Metal/CUDA kernel, on a GPU backen
 `KVCache.evict` (the whole eviction of one layer, keys and values, through whatever backend is
 active: an end-to-end time, no ratio). On CPU
 there is no kernel: the script times the reference (and the mx.fast.rope alternative).
+dequantize_kv cases: the quantised cache's per-step fetch of K and V (8-bit g128, 4-bit g64)
+from buffers with one growth step of spare capacity. Rows: `reference` (mx.dequantize on the
+strided views, what the cache did before), `contiguous` (mx.dequantize on contiguous copies
+made outside the timing: MLX's own kernel without the view copies, a floor for the reference)
+and `kernel` (GPU only).
 Needs only MLX and numpy.
 """
 
@@ -31,6 +36,7 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pipeline.kernels import backend  # noqa: E402
+from pipeline.kernels import dequantize_kv as dq  # noqa: E402
 from pipeline.kernels import rope_shift as rs  # noqa: E402
 from pipeline.model.cache import KVCache  # noqa: E402
 
@@ -63,7 +69,7 @@ def _fast_rope_shift(keys: mx.array, shift: int, freqs: mx.array, dims: int) -> 
     return out.reshape(B, H, T, D)
 
 
-def bench(*, dtypes, warmup: int, iters: int) -> list[dict]:
+def bench_rope_shift(*, dtypes, warmup: int, iters: int) -> list[dict]:
     kind = backend()
     rows = []
     for name, B, H, T, D in CASES:
@@ -101,10 +107,40 @@ def bench(*, dtypes, warmup: int, iters: int) -> list[dict]:
                     ms = _time(fn, warmup=warmup, iters=iters)
                     base_ms = ms if base_ms is None else base_ms
                     end_to_end = impl == "KVCache.evict"  # keys + values + buffer writes: no ratio
-                    rows.append({"case": name, "op": op, "dtype": str(dtype).replace("mlx.core.", ""),
+                    rows.append({"op": "rope_shift", "case": name, "variant": op, "dtype": str(dtype).replace("mlx.core.", ""),
                                  "impl": impl, "ms": round(ms, 4),
                                  "gbps": None if end_to_end else round(moved / ms / 1e6, 2),
                                  "speedup_vs_reference": None if end_to_end else round(base_ms / ms, 2)})
+    return rows
+
+
+def bench_dequantize_kv(*, dtypes, warmup: int, iters: int) -> list[dict]:
+    """The quantised cache's per-step fetch: K and V live prefix out of buffers with spare capacity."""
+    kind = backend()
+    rows = []
+    for name, B, H, T, D in CASES:
+        cap = T + 256  # one growth step of headroom, as in QuantizedKVCache
+        for bits, group in ((8, min(128, D)), (4, 64)):  # the cache picks the largest group dividing D
+            for dtype in dtypes:
+                qk = tuple(mx.quantize(mx.random.normal((B, H, cap, D)).astype(dtype), group_size=group, bits=bits))
+                qv = tuple(mx.quantize(mx.random.normal((B, H, cap, D)).astype(dtype), group_size=group, bits=bits))
+                mx.eval(qk, qv)
+                contiguous = [mx.contiguous(t[..., :T, :]) for t in (*qk, *qv)]
+                mx.eval(contiguous)
+                moved = sum(t.nbytes for t in contiguous) + 2 * B * H * T * D * mx.zeros((), dtype=dtype).itemsize
+                args = dict(end=T, bits=bits, group_size=group, dtype=dtype)
+                impls = {"reference": lambda: dq.reference(qk, qv, **args),
+                         "contiguous": lambda: (mx.dequantize(*contiguous[:3], group_size=group, bits=bits),
+                                                mx.dequantize(*contiguous[3:], group_size=group, bits=bits))}
+                if kind != "reference":
+                    impls["kernel"] = lambda: dq.kernel(kind, qk, qv, **args)
+                base_ms = None
+                for impl, fn in impls.items():
+                    ms = _time(fn, warmup=warmup, iters=iters)
+                    base_ms = ms if base_ms is None else base_ms
+                    rows.append({"op": "dequantize_kv", "case": name, "variant": f"q{bits} g{group}",
+                                 "dtype": str(dtype).replace("mlx.core.", ""), "impl": impl, "ms": round(ms, 4),
+                                 "gbps": round(moved / ms / 1e6, 2), "speedup_vs_reference": round(base_ms / ms, 2)})
     return rows
 
 
@@ -124,17 +160,19 @@ def main(argv: list[str] | None = None) -> int:
         device_name = str(mx.device_info().get("device_name", device))
     except Exception:  # noqa: BLE001 - a label only
         device_name = platform.processor() or platform.machine()
-    rows = bench(dtypes=dtypes, warmup=args.warmup, iters=iters)
+    rows = (bench_rope_shift(dtypes=dtypes, warmup=args.warmup, iters=iters)
+            + bench_dequantize_kv(dtypes=dtypes, warmup=args.warmup, iters=iters))
 
-    print(f"rope_shift on {device} ({device_name}); kernels backend: {kind}; mlx {mx.__version__}; "
-          f"median of {iters} runs; GB/s = one read + one write of the moved keys")
-    header = f"{'case':<15} {'op':<6} {'dtype':<9} {'impl':<14} {'ms':>9} {'GB/s':>8} {'x ref':>7}"
+    print(f"kernels on {device} ({device_name}); backend: {kind}; mlx {mx.__version__}; median of {iters} runs; "
+          "GB/s = bytes the op must read + write once")
+    header = f"{'op':<14} {'case':<15} {'variant':<9} {'dtype':<9} {'impl':<14} {'ms':>9} {'GB/s':>8} {'x ref':>7}"
     print(header)
     print("-" * len(header))
     for r in rows:
         gbps = "-" if r["gbps"] is None else f"{r['gbps']:.1f}"
         ratio = "-" if r["speedup_vs_reference"] is None else f"{r['speedup_vs_reference']:.2f}"
-        print(f"{r['case']:<15} {r['op']:<6} {r['dtype']:<9} {r['impl']:<14} {r['ms']:>9.3f} {gbps:>8} {ratio:>7}")
+        print(f"{r['op']:<14} {r['case']:<15} {r['variant']:<9} {r['dtype']:<9} {r['impl']:<14} {r['ms']:>9.3f} "
+              f"{gbps:>8} {ratio:>7}")
     if args.json:
         print(json.dumps({"bench": "kernels", "device": device, "device_name": device_name, "backend": kind,
                           "mlx": mx.__version__, "iters": iters, "rows": rows}))

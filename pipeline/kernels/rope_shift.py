@@ -19,12 +19,11 @@ One interface (the kernel seam), chosen once by `pipeline.kernels.backend()`:
 `reference` is pure MLX and runs everywhere (CPU included); `metal()` / `cuda()` are the
 sources of the fused kernels, tested against it on their GPUs.
 
-Why these two costs and no other op (read from `pipeline/model/cache.py` / `session.py`): the
-hot per-token path (append, fetch, SDPA) is already MLX's own fused ops; the custom work of
-the streaming cache is eviction, where the reference spends ~10 memory passes per moved key
-(take, fp32 casts, four products, concat, cast back) and the kernel spends one. The quantised
-cache's per-step dequantise is `mx.dequantize` (already a fused kernel); making it disappear
-needs attention over quantised keys in the layers, not a cache-side kernel.
+Why a kernel (read from `pipeline/model/cache.py` / `session.py`): eviction is the streaming
+cache's own work, and the reference spends ~10 memory passes per moved key (take, fp32 casts,
+four products, concatenate, cast back) where the kernel spends one read and one write. It runs
+once per low-water eviction, not per token; the per-token cost of the quantised cache is
+`dequantize_kv.py`'s.
 
 `probe_rope(rope_fn, head_dim)` reads the frequencies and the pairing layout from the layer's
 own RoPE function.
