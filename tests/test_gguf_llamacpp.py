@@ -125,3 +125,58 @@ def test_greedy_decoding_matches_llama_cpp(ours, reference, prompt):
     for i in range(steps):
         r = np.corrcoef(forced[len(ids) - 1 + i], their_logits[i])[0, 1]
         assert r >= MIN_CORRELATION, f"step {i}: correlation {r:.5f} < {MIN_CORRELATION}"
+
+
+# ---------------------------------------------------------------- pre-tokenizers on a trained vocab
+
+CORPUS = [
+    "The streaming pipeline watches a camera and narrates what happens, frame after frame.\n",
+    "def encode(self, text: str) -> list[int]:\n    return [ord(c) for c in text]  # 42 ids\n",
+    "Numbers: 0 1 2 3 10 42 100 2024 3.14159 1,000,000 and 123456789; dates 2024-11-26.\n",
+    "Unicode: naïve café Füße 日本語のテキスト привет мир Ωμέγα 🙂👍🏽\n",
+    "Contractions: don't, I'll, WE'RE, you've, she'd, it's.\n\n\t\tTabs  and   spaces\r\n",
+] * 20
+
+
+@pytest.fixture(scope="module")
+def trained_tokenizer_json(tmp_path_factory):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=800, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    path = tmp_path_factory.mktemp("vocab") / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+@pytest.mark.parametrize("pre", ["qwen2", "llama-bpe", "smollm", "gpt-2"])
+def test_pre_tokenizers_match_llama_cpp(tmp_path, trained_tokenizer_json, pre):
+    """Each supported `tokenizer.ggml.pre` regex set splits text exactly as llama.cpp does."""
+    import gguf
+
+    from gguf_fixtures import add_tokenizer
+
+    from pipeline.model.gguf_file import read_header
+    from pipeline.model.gguf_tokenizer import build_tokenizer
+
+    path = tmp_path / f"vocab-{pre}.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")  # llama.cpp needs an arch's keys even for vocab_only
+    for key, value in [("block_count", 1), ("embedding_length", 32), ("feed_forward_length", 64),
+                       ("attention.head_count", 2), ("attention.head_count_kv", 2), ("context_length", 128)]:
+        w.add_uint32(f"llama.{key}", value)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-6)
+    add_tokenizer(w, trained_tokenizer_json, pre=pre)
+    w.add_tensor("token_embd.weight", np.zeros((800, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ours = build_tokenizer(read_header(path).metadata)
+    ref = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    for text in TOKENIZER_STRINGS + CORPUS[:5] + ["a\n\nb", "x  \n  y", "1234567 89", "it'S ok"]:
+        assert ours.encode(text).ids == ref.tokenize(text.encode(), add_bos=False, special=True), repr(text)
