@@ -25,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pipeline  # noqa: E402,F401
 import av  # noqa: E402
-import numpy as np  # noqa: E402
 
 from pipeline.config import ChangeConfig, OutputsConfig, SourceConfig  # noqa: E402
 from pipeline.events import Frame  # noqa: E402

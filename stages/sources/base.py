@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import queue
 import threading
 import time
@@ -26,6 +27,8 @@ from pipeline.runtime import Source
 THREAD_POLL_S = 0.1
 #: items a reader thread may run ahead of the event loop
 DEFAULT_BRIDGE_SIZE = 4
+#: timestamps closer than this are equal (container time bases round)
+PTS_EPS = 1e-6
 
 
 class _End:
@@ -114,6 +117,23 @@ class ThreadReader:
                     raise item.error
                 raise EOFError
             return item
+
+
+class FpsGate:
+    """Sampling by timestamp: keeps the first frame of every 1/fps slot counted from `origin`,
+    so variable frame rates sample evenly and no frame is ever duplicated. fps None = all."""
+
+    def __init__(self, fps: float | None, *, origin: float = 0.0):
+        self.fps, self.origin = fps, origin
+        self.next_slot = -math.inf
+
+    def accept(self, t: float) -> bool:
+        if not self.fps:
+            return True
+        if t + PTS_EPS < self.next_slot:
+            return False
+        self.next_slot = self.origin + (math.floor((t - self.origin) * self.fps + PTS_EPS) + 1) / self.fps
+        return True
 
 
 class CaptureSource(Source):

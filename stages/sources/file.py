@@ -22,13 +22,12 @@ import numpy as np
 from pipeline.config import SourceConfig
 from pipeline.errors import FatalError
 from pipeline.events import Error, Event
-from stages.sources.base import CaptureSource, ThreadReader
+from stages.sources.base import PTS_EPS, CaptureSource, FpsGate, ThreadReader
 
 #: consecutive demux errors after which a file is treated as unreadable from there on
 MAX_CONSECUTIVE_ERRORS = 64
 #: frames may end this much before the container's announced duration before we call it truncated
 TRUNCATION_SLACK_S = 1.0
-PTS_EPS = 1e-6
 
 
 @dataclass
@@ -136,13 +135,13 @@ class FileSource(CaptureSource):
                 duration = None
             rate = float(vs.average_rate) if vs.average_rate else None
             rot = 0
-            yield_info = True
+            first_frame = True
             fps, start, end = self.cfg.fps, self.cfg.start, self.cfg.end
             if start > 0:
                 # Seek to the keyframe before `start` (in the stream's time base); decoding from
                 # there to `start` is what the skip below is for.
                 container.seek(int(((t0 or 0.0) + start) / tb), stream=vs, backward=True)
-            next_slot = start
+            gate = FpsGate(fps, origin=start)
             demux = container.demux(vs)
             errors_in_row = 0
             while not stop.is_set():
@@ -175,20 +174,18 @@ class FileSource(CaptureSource):
                     if frame.is_corrupt:
                         yield _Bad(t, "corrupt frame")
                         continue
-                    if yield_info:
+                    if first_frame:
                         rot = frame.rotation or 0
                         w, h = (frame.height, frame.width) if rot % 180 else (frame.width, frame.height)
                         yield _Info(duration, rate, w, h, rot, vs.codec_context.name)
-                        yield_info = False
+                        first_frame = False
                     if t + PTS_EPS < start:
                         continue
                     if end is not None and t >= end - PTS_EPS:
                         return
-                    if fps and t + PTS_EPS < next_slot:
+                    if not gate.accept(t):
                         yield "skipped"
                         continue
-                    if fps:
-                        next_slot = start + (math.floor((t - start) * fps + PTS_EPS) + 1) / fps
                     yield _Decoded(upright(frame.to_ndarray(format="rgb24"), rot), t)
 
     async def capture(self) -> AsyncIterator[Event]:

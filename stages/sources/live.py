@@ -18,7 +18,8 @@ oldest undelivered frame (counted as `drops`), like the runtime's live edges.
 
 from __future__ import annotations
 
-import math
+import asyncio
+import contextlib
 import threading
 import time
 from typing import AsyncIterator, Iterator
@@ -28,7 +29,7 @@ import numpy as np
 from pipeline.config import SourceConfig
 from pipeline.errors import FatalError
 from pipeline.events import Event
-from stages.sources.base import CaptureSource, ThreadReader
+from stages.sources.base import CaptureSource, FpsGate, ThreadReader
 
 #: frames a live reader thread may hold for the loop (older ones are dropped)
 LIVE_BRIDGE_SIZE = 2
@@ -38,22 +39,6 @@ FAST_FAIL_FRACTION = 0.5
 
 class OpenFailed(Exception):
     """The library could not open the source (raised in the reader thread)."""
-
-
-class FpsGate:
-    """Keeps the first frame of every 1/fps slot (by pts); all frames when fps is None."""
-
-    def __init__(self, fps: float | None):
-        self.fps = fps
-        self.next_slot = -math.inf
-
-    def accept(self, t: float) -> bool:
-        if not self.fps:
-            return True
-        if t + 1e-6 < self.next_slot:
-            return False
-        self.next_slot = (math.floor(t * self.fps + 1e-6) + 1) / self.fps
-        return True
 
 
 class WatchedSource(CaptureSource):
@@ -135,9 +120,6 @@ class WatchedSource(CaptureSource):
 
 
 async def _wait_or_stop(src: CaptureSource, seconds: float) -> None:
-    import asyncio
-    import contextlib
-
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(src.stopping.wait(), timeout=seconds)
 
