@@ -23,7 +23,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from pipeline.errors import UserError
-from pipeline.model.load import MLX_FORMAT_KEY, MLX_FORMAT_VERSION, TextOnlyModel, load_model
+from pipeline.model.load import MLX_FORMAT_KEY, MLX_FORMAT_VERSION, TextOnlyModel, load_model, use_cpu_prefill_path
 
 GROUP_SIZE = 64
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -41,6 +41,7 @@ def quantize_linears(model: nn.Module, bits: int, *, group_size: int = GROUP_SIZ
         return ok
 
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=pick)
+    use_cpu_prefill_path(model)
     return len(chosen)
 
 

@@ -217,6 +217,18 @@ def quantize_from_weights(model: nn.Module, weights: dict[str, mx.array]) -> Non
         params[path] = {"group_size": in_dim // scales.shape[-1], "bits": packed.shape[-1] * 32 // in_dim}
     if params:
         nn.quantize(model, class_predicate=lambda p, _m: dict(params[p]) if p in params else False)
+        use_cpu_prefill_path(model)
+
+
+def use_cpu_prefill_path(model: nn.Module) -> None:
+    """Quantised Linears run many-row inputs (prefill, vision patches) as dequantise + GEMM on
+    the CPU, where MLX's quantized_matmul is a slow loop; one-row decode keeps the quantised
+    kernel. Same parameters and results (the GGUF loader's `PrefillDequantLinear`)."""
+    from pipeline.model.gguf import PrefillDequantLinear
+
+    for _path, module in model.named_modules():
+        if type(module) is nn.QuantizedLinear:
+            module.__class__ = PrefillDequantLinear
 
 
 def fill_weights(model: nn.Module, weights: dict[str, mx.array], origin: dict[str, Path], where: Path) -> None:
