@@ -27,9 +27,11 @@ import numpy as np
 from pipeline.kernels import backend, build_kernel, kernel_verified
 
 THREADGROUP = 256  # one thread per packed 32-bit word (4 values at 8 bits, 8 at 4 bits)
-# Kernel vs reference: the kernel rounds scale*q+bias once from fp32, mx.dequantize computes in
-# the output dtype, so results may differ by an ulp of the output (relative to max |w|).
-SELF_CHECK_TOLERANCE = {mx.float32: 1e-6, mx.float16: 2e-3, mx.bfloat16: 1.6e-2}
+# Kernel vs reference, relative to max |w|: the kernel rounds scale*q+bias once from fp32, MLX's
+# GPU dequantise computes `T(q) * scale + bias` in the output dtype (product and sum each
+# rounded, the product up to ~2x larger than the result), so they may differ by a few output
+# ulps (fp16 2^-10, bf16 2^-7); a wrong word, group or shift is off by >= 0.1.
+SELF_CHECK_TOLERANCE = {mx.float32: 2e-6, mx.float16: 4e-3, mx.bfloat16: 3.2e-2}
 
 INPUT_NAMES = ("kq", "ks", "kb", "vq", "vs", "vb")
 OUTPUT_NAMES = ("k_out", "v_out")
