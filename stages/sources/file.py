@@ -209,7 +209,7 @@ class FileSource(CaptureSource):
                     self.count("skipped_by_fps")
                 elif isinstance(item, _Bad):
                     self.count("bad_frames")
-                    if len(bad_reasons) < 3:
+                    if len(bad_reasons) < 3 and item.reason not in bad_reasons:
                         bad_reasons.append(item.reason)
                 elif isinstance(item, _Info):
                     self.info = item
@@ -235,10 +235,11 @@ class FileSource(CaptureSource):
         if info is None and not self.stopping.is_set():
             why = f" ({'; '.join(bad_reasons)})" if bad_reasons else ""
             raise FatalError(f"{self.path}: no decodable video frames{why}", exit_code=2)
-        stopped_early = self.stopping.is_set() or self.cfg.max_frames is not None or self.cfg.end is not None
+        # Only reached when decoding ended by itself (max_frames closes this generator first).
         last = self._last_seen_pts
-        if (info and info.duration and not stopped_early and last is not None
-                and last + TRUNCATION_SLACK_S < info.duration):
+        expected = min(info.duration, self.cfg.end or math.inf) if info and info.duration else None
+        if (expected is not None and not self.stopping.is_set() and last is not None
+                and last + TRUNCATION_SLACK_S < expected):
             # The run reached the end of what there is, but a recording that stops early is
             # an error for whoever relies on it: exit non-zero (everything decoded is kept).
             out.append(Error(text=f"{self.path}: truncated: video ends at {last:.2f} s of "
