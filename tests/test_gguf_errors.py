@@ -69,7 +69,8 @@ def test_unsupported_tensor_type(tmp_path):
 
 
 @pytest.mark.parametrize("model,pre,needle", [
-    ("llama", "default", "tokenizer.ggml.model 'llama' is not supported"),
+    ("t5", "default", "tokenizer.ggml.model 't5' is not supported"),
+    ("llama", "default", "tokenizer.ggml.scores is missing"),
     ("bert", "default", "tokenizer.ggml.model 'bert' is not supported"),
     ("gpt2", "deepseek-llm", "tokenizer.ggml.pre 'deepseek-llm' is not supported"),
 ])

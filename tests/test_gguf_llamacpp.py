@@ -180,3 +180,52 @@ def test_pre_tokenizers_match_llama_cpp(tmp_path, trained_tokenizer_json, pre):
     ref = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
     for text in TOKENIZER_STRINGS + CORPUS[:5] + ["a\n\nb", "x  \n  y", "1234567 89", "it'S ok"]:
         assert ours.encode(text).ids == ref.tokenize(text.encode(), add_bos=False, special=True), repr(text)
+
+
+@pytest.fixture(scope="module")
+def spm_gguf(tmp_path_factory):
+    """A SentencePiece-BPE (`tokenizer.ggml.model = llama`) vocabulary trained on CORPUS."""
+    import gguf
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    trainer = trainers.BpeTrainer(vocab_size=700, show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    pieces = [p for p, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces + ["<|im_end|>"]
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces) + [3]
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))] + [0.0]
+    path = tmp_path_factory.mktemp("spm") / "spm.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in [("block_count", 1), ("embedding_length", 32), ("feed_forward_length", 64),
+                       ("attention.head_count", 2), ("attention.head_count_kv", 2), ("context_length", 128)]:
+        w.add_uint32(f"llama.{key}", value)
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-6)
+    w.add_string("tokenizer.ggml.model", "llama")
+    w.add_array("tokenizer.ggml.tokens", tokens)
+    w.add_array("tokenizer.ggml.token_type", types)
+    w.add_array("tokenizer.ggml.scores", scores)
+    for key, idx in (("unknown", 0), ("bos", 1), ("eos", 2)):
+        w.add_uint32(f"tokenizer.ggml.{key}_token_id", idx)
+    w.add_bool("tokenizer.ggml.add_bos_token", True)
+    w.add_tensor("token_embd.weight", np.zeros((len(tokens), 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_sentencepiece_vocab_matches_llama_cpp(spm_gguf):
+    """`llama` (SentencePiece BPE) vocabularies: score-ordered merges, byte fallback, ▁ prefix."""
+    from pipeline.model.gguf_file import read_header
+    from pipeline.model.gguf_tokenizer import build_tokenizer
+
+    ours = build_tokenizer(read_header(spm_gguf).metadata)
+    ref = llama_cpp.Llama(model_path=str(spm_gguf), vocab_only=True, verbose=False)
+    texts = TOKENIZER_STRINGS + CORPUS[:5] + ["x<|im_end|> after", "<s>start", "ünïcödé ∑ 🙂", "  lead", "trail  "]
+    for text in texts:
+        expected = ref.tokenize(text.encode(), add_bos=False, special=True)
+        assert ours.encode(text, add_special_tokens=False).ids == expected, repr(text)
+        assert ours.encode(text).ids == ref.tokenize(text.encode(), add_bos=True, special=True), repr(text)

@@ -1,22 +1,28 @@
 """Build a `tokenizers.Tokenizer` from a GGUF file's `tokenizer.ggml.*` metadata.
 
-A llama.cpp GGUF carries its whole vocabulary (tokens, merges, token types, special ids, the
-pre-tokenizer's name and the chat template), so a GGUF pair needs no other file. We rebuild
-the tokenizer llama.cpp would run:
+A llama.cpp GGUF carries its whole vocabulary (tokens, merges or scores, token types, special
+ids, the pre-tokenizer's name and the chat template), so a GGUF pair needs no other file. We
+rebuild the tokenizer llama.cpp would run:
 
-  - model: byte-level BPE (`tokenizer.ggml.model = "gpt2"`) over the stored tokens/merges;
-  - pre-tokenizer: the regex list llama.cpp uses for the stored `tokenizer.ggml.pre` name,
+  - `tokenizer.ggml.model = "gpt2"` (byte-level BPE): BPE over the stored tokens/merges; the
+    pre-tokenizer is the regex list llama.cpp uses for the stored `tokenizer.ggml.pre` name,
     applied in sequence (each regex splits the previous pieces further), then the GPT-2
     byte-to-unicode mapping;
+  - `tokenizer.ggml.model = "llama"` (SentencePiece BPE with byte fallback): llama.cpp merges
+    the adjacent pair whose merged piece has the highest score, leftmost first. A BPE whose
+    merge ranks follow the merged piece's score makes the same choices, so every split of every
+    scored piece into two vocabulary pieces becomes a merge, ordered by that score; characters
+    outside the vocabulary fall back to `<0xXX>` byte tokens. Spaces become `▁` and each text
+    run (the start, and after every special token, as llama.cpp does) gets a `▁` prefix unless
+    `tokenizer.ggml.add_space_prefix` is false;
   - added tokens: CONTROL, USER_DEFINED and UNKNOWN tokens are matched verbatim in text
     (llama.cpp's `parse_special=True`), so `<|im_start|>` is one id.
 
-Supported: `gpt2`-model vocabularies with pre-tokenizers gpt-2 (and its aliases), smollm
-(and the starcoder family that shares its regex), qwen2 (Qwen2/2.5/3, MiniCPM-V 2.6 / o-2.6 /
-4.5) and llama-bpe (Llama 3). Unsupported, with one error naming the value: SentencePiece
-vocabularies (`tokenizer.ggml.model = "llama"`: Llama 1/2, Mistral v1, MiniCPM 1/2/4 as
-converted by llama.cpp), WordPiece (`bert`), `t5`, `rwkv`, and every other pre-tokenizer
-name (deepseek, falcon, chatglm, ...).
+Supported: `gpt2` vocabularies with pre-tokenizers gpt-2 (and its aliases), smollm (and the
+starcoder family that shares its regex), qwen2 (Qwen2/2.5/3, MiniCPM-V 2.6 / o-2.6 / 4.5) and
+llama-bpe (Llama 3); `llama` (SentencePiece) vocabularies (Llama 2, MiniCPM). Unsupported, with
+one error naming the value: WordPiece (`bert`), `t5` (Unigram), `rwkv`, `plamo2`, and every
+other pre-tokenizer name (deepseek, falcon, chatglm, ...).
 """
 
 from __future__ import annotations
@@ -96,27 +102,52 @@ def build_tokenizer(meta: dict[str, Any], *, source: str = "gguf"):
     `meta`: the GGUF key/value metadata (strings, numbers, lists). `source` names the file in
     errors. Raises ModelLoadError naming the unsupported model / pre-tokenizer.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import AddedToken, processors
 
     kind = _field(meta, "tokenizer.ggml.model")
     if kind is None:
         raise ModelLoadError(f"{source}: no tokenizer.ggml.model key (the GGUF carries no tokenizer)")
-    if kind != "gpt2":
+    if kind not in ("gpt2", "llama"):
         raise ModelLoadError(
-            f"{source}: tokenizer.ggml.model {kind!r} is not supported (only byte-level BPE 'gpt2'; "
-            "SentencePiece 'llama', 'bert', 't5', 'rwkv' vocabularies are not)")
+            f"{source}: tokenizer.ggml.model {kind!r} is not supported (byte-level BPE 'gpt2' and "
+            "SentencePiece BPE 'llama' are; 'bert', 't5', 'rwkv' are not)")
+    tokens = [str(t) for t in _as_list(meta.get("tokenizer.ggml.tokens"))]
+    types = [int(t) for t in _as_list(meta.get("tokenizer.ggml.token_type"))] or [NORMAL] * len(tokens)
+    if not tokens or len(types) != len(tokens):
+        raise ModelLoadError(f"{source}: tokenizer.ggml.tokens/token_type are missing or differ in length")
+    if kind == "llama":
+        tok = _sentencepiece_bpe(meta, tokens, types, source)
+    else:
+        tok = _byte_level_bpe(meta, tokens, types, source)
+
+    # Tokens matched verbatim before BPE. CONTROL/UNKNOWN are "special" (skippable on decode);
+    # USER_DEFINED are plain text pieces that happen to be single tokens.
+    added = [AddedToken(tokens[i], special=types[i] != USER_DEFINED, normalized=False)
+             for i in range(len(tokens)) if types[i] in (CONTROL, USER_DEFINED, UNKNOWN) and tokens[i]]
+    tok.add_tokens(added)
+
+    cfg = tokenizer_config_from_gguf(meta)
+    single, specials = "$A", []
+    for which, key in (("bos", "add_bos_token"), ("eos", "add_eos_token")):
+        name = cfg[f"{which}_token"]
+        if cfg[key] and name is not None:
+            single = f"{name} {single}" if which == "bos" else f"{single} {name}"
+            specials.append((name, tok.token_to_id(name)))
+    if specials:
+        tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=specials)
+    return tok
+
+
+def _byte_level_bpe(meta: dict[str, Any], tokens: list[str], types: list[int], source: str):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
     pre = _field(meta, "tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZERS:
         raise ModelLoadError(
             f"{source}: tokenizer.ggml.pre {pre!r} is not supported "
             f"(supported: {', '.join(sorted(PRE_TOKENIZERS))})")
     regexes, ignore_merges = PRE_TOKENIZERS[pre]
-
-    tokens = [str(t) for t in _as_list(meta.get("tokenizer.ggml.tokens"))]
-    types = [int(t) for t in _as_list(meta.get("tokenizer.ggml.token_type"))] or [NORMAL] * len(tokens)
     merges = [str(m) for m in _as_list(meta.get("tokenizer.ggml.merges"))]
-    if not tokens or len(types) != len(tokens):
-        raise ModelLoadError(f"{source}: tokenizer.ggml.tokens/token_type are missing or differ in length")
 
     vocab: dict[str, int] = {}
     for i, tok in enumerate(tokens):
@@ -134,21 +165,38 @@ def build_tokenizer(meta: dict[str, Any], *, source: str = "gguf"):
         [pre_tokenizers.Split(Regex(rx), behavior="isolated") for rx in regexes]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
+    return tok
 
-    # Tokens matched verbatim before BPE. CONTROL/UNKNOWN are "special" (skippable on decode);
-    # USER_DEFINED are plain text pieces that happen to be single tokens.
-    added = [AddedToken(tokens[i], special=types[i] != USER_DEFINED, normalized=False)
-             for i in range(len(tokens)) if types[i] in (CONTROL, USER_DEFINED, UNKNOWN) and tokens[i]]
-    tok.add_tokens(added)
 
-    cfg = tokenizer_config_from_gguf(meta)
-    single, specials = "$A", []
-    if cfg["add_bos_token"] and cfg["bos_token"] is not None:
-        single = f"{cfg['bos_token']} {single}"
-        specials.append((cfg["bos_token"], vocab[cfg["bos_token"]]))
-    if cfg["add_eos_token"] and cfg["eos_token"] is not None:
-        single = f"{single} {cfg['eos_token']}"
-        specials.append((cfg["eos_token"], vocab[cfg["eos_token"]]))
-    if specials:
-        tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=specials)
+def _sentencepiece_bpe(meta: dict[str, Any], tokens: list[str], types: list[int], source: str):
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    scores = [float(x) for x in _as_list(meta.get("tokenizer.ggml.scores"))]
+    if len(scores) != len(tokens):
+        raise ModelLoadError(f"{source}: tokenizer.ggml.scores is missing or differs in length from the tokens")
+    vocab: dict[str, int] = {}
+    for i, tok in enumerate(tokens):
+        vocab.setdefault(tok, i)
+    # Every split of a mergeable piece into two vocabulary pieces, ranked by the piece's score
+    # (highest first), ties by id: the order llama.cpp's bigram queue would merge them in.
+    ranked = []
+    for i, piece in enumerate(tokens):
+        if types[i] not in (NORMAL, USER_DEFINED) or len(piece) < 2 or vocab.get(piece) != i:
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-scores[i], i, left, right))
+    ranked.sort()
+    merges = [(left, right) for _s, _i, left, right in ranked]
+    unk_id = _field(meta, "tokenizer.ggml.unknown_token_id")
+    unk = tokens[int(unk_id)] if unk_id is not None and 0 <= int(unk_id) < len(tokens) else None
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+    steps = [normalizers.Replace(" ", "\u2581")]
+    if bool(_field(meta, "tokenizer.ggml.add_space_prefix", True)):
+        steps.insert(0, normalizers.Prepend("\u2581"))  # each run between special tokens
+    tok.normalizer = normalizers.Sequence(steps)
+    # Decoding drops the one space the prefix added at the start (as SentencePiece does).
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
     return tok
