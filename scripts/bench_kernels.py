@@ -33,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pipeline  # noqa: E402,F401  (preloads OpenBLAS before mlx)
 import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
 
 from pipeline.kernels import backend  # noqa: E402
 from pipeline.kernels import dequantize_kv as dq  # noqa: E402
@@ -107,7 +106,8 @@ def bench_rope_shift(*, dtypes, warmup: int, iters: int) -> list[dict]:
                     ms = _time(fn, warmup=warmup, iters=iters)
                     base_ms = ms if base_ms is None else base_ms
                     end_to_end = impl == "KVCache.evict"  # keys + values + buffer writes: no ratio
-                    rows.append({"op": "rope_shift", "case": name, "variant": op, "dtype": str(dtype).replace("mlx.core.", ""),
+                    rows.append({"op": "rope_shift", "case": name, "variant": op,
+                                 "dtype": str(dtype).replace("mlx.core.", ""),
                                  "impl": impl, "ms": round(ms, 4),
                                  "gbps": None if end_to_end else round(moved / ms / 1e6, 2),
                                  "speedup_vs_reference": None if end_to_end else round(base_ms / ms, 2)})

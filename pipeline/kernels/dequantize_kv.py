@@ -140,7 +140,8 @@ def _views(keys: tuple, values: tuple, end: int) -> list[mx.array]:
     views = [t[..., :end, :] for t in (*keys, *values)]  # strided: no copy
     kq, ks, kb, vq, vs, vb = views
     if kq.ndim != 4 or kq.shape != vq.shape or ks.shape != vs.shape or ks.shape != kb.shape or vs.shape != vb.shape:
-        raise ValueError(f"dequantize_kv: mismatched K/V quantised shapes {kq.shape} {ks.shape} / {vq.shape} {vs.shape}")
+        raise ValueError(f"dequantize_kv: mismatched K/V quantised shapes "
+                         f"{kq.shape} {ks.shape} / {vq.shape} {vs.shape}")
     return views
 
 

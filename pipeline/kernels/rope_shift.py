@@ -285,7 +285,8 @@ def probe_rope(rope_fn: Callable, head_dim: int) -> RopeSpec:
     traditional = partner == 1
     if traditional:  # rotated dims = the leading pairs that move at some position
         far, _ = _angles(rope_fn, head_dim, 12345)
-        moved = (np.abs(out1 - np.eye(head_dim)).max(axis=1) > 1e-7) | (np.abs(far - np.eye(head_dim)).max(axis=1) > 1e-7)
+        eye = np.eye(head_dim)
+        moved = (np.abs(out1 - eye).max(axis=1) > 1e-7) | (np.abs(far - eye).max(axis=1) > 1e-7)
         dims = 2 * int(np.sum(moved[0::2]))
     else:
         dims = 2 * partner
