@@ -121,3 +121,19 @@ def test_streaming_single_view_is_upscaled_to_scale_resolution():
 def test_bad_image_is_a_clear_error():
     with pytest.raises(ValueError, match="RGB uint8"):
         MiniCPMVProcessor().preprocess(np.zeros((10, 10), np.uint8))
+
+
+def test_checkpoint_chat_template_is_rendered_when_present():
+    qwen3_like = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|im_start|>assistant\n"
+                  "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}"
+                  "{% endif %}")
+    proc = MiniCPMVProcessor.from_configs("4.5", {"query_num": 8}, None, {"chat_template": qwen3_like})
+    msgs = [{"role": "user", "content": "hi"}]
+    assert proc.chat_prompt(msgs) == MiniCPMVProcessor(version="4.5").chat_prompt(msgs)
+    assert proc.chat_prompt(msgs, system="S").startswith("<|im_start|>system\nS<|im_end|>\n")
+    bad = MiniCPMVProcessor(chat_template="{{ raise_exception('no system role') }}")
+    from pipeline.errors import UserError
+
+    with pytest.raises(UserError, match="no system role"):
+        bad.chat_prompt(msgs)

@@ -27,7 +27,7 @@ log = logging.getLogger("framecast.model")
 
 MLX_FORMAT_KEY = "framecast_format"  # present in config.json of directories written by convert
 MLX_FORMAT_VERSION = 1
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.py"]
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt"]  # no remote code: never executed here
 _SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                        "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -254,7 +254,8 @@ def _attach_text_side(model, directory: Path, version: str, config: dict) -> Non
 
     model.tokenizer = Tokenizer.from_dir(directory)
     pre = read_json(directory / "preprocessor_config.json")
-    model.processor = MiniCPMVProcessor.from_configs(version, config, pre)
+    tok_cfg = read_json(directory / "tokenizer_config.json")
+    model.processor = MiniCPMVProcessor.from_configs(version, config, pre, tok_cfg)
 
 
 def _build(config: dict, directory: Path):

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
+
+from pipeline.errors import UserError
 
 DEFAULT_SCALE_RESOLUTION = 448
 DEFAULT_MAX_SLICE_NUMS = 9
@@ -105,12 +106,20 @@ class MiniCPMVProcessor:
     use_image_id: bool = True
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    extra: dict[str, Any] = field(default_factory=dict)
+    chat_template: str | None = None  # the checkpoint's Jinja template (tokenizer_config.json)
+    special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token / eos_token for it
 
     @classmethod
-    def from_configs(cls, version: str, config: dict, preprocessor: dict | None = None) -> "MiniCPMVProcessor":
-        """From config.json (and preprocessor_config.json when the checkpoint has one)."""
+    def from_configs(cls, version: str, config: dict, preprocessor: dict | None = None,
+                     tokenizer_config: dict | None = None) -> "MiniCPMVProcessor":
+        """From config.json (and preprocessor_config.json / tokenizer_config.json when present)."""
         pre = preprocessor or {}
+        tok_cfg = tokenizer_config or {}
+        template = tok_cfg.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in tok_cfg.items()
+                   if k in ("bos_token", "eos_token") and v}
         slice_cfg = config.get("slice_config") or {}
         return cls(
             version=version,
@@ -123,6 +132,8 @@ class MiniCPMVProcessor:
             use_image_id=bool(pre.get("use_image_id", config.get("use_image_id", True))),
             mean=tuple(pre.get("norm_mean", (0.5, 0.5, 0.5))),
             std=tuple(pre.get("norm_std", (0.5, 0.5, 0.5))),
+            chat_template=template if isinstance(template, str) else None,
+            special_tokens=special,
         )
 
     # ------------------------------------------------------------ images
@@ -199,17 +210,41 @@ class MiniCPMVProcessor:
 
     def chat_prompt(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True,
                     system: str | None = None) -> str:
-        """ChatML rendering of [{role, content}] (content may hold image placeholders).
+        """Render [{role, content}] (content may hold image placeholders) for this model.
 
-        2.6 / o-2.6 templates insert "You are a helpful assistant." when no system message is
-        given; 4.0 and 4.5 (Qwen3) do not. An explicit `system` overrides both.
+        With the checkpoint's own Jinja template (and jinja2 installed) that template decides
+        (4.5 rendered with enable_thinking=False). Otherwise built-in ChatML: 2.6 / o-2.6 insert
+        "You are a helpful assistant." when no system message is given (the Qwen2 template);
+        4.0 and 4.5 do not. An explicit `system` replaces any system message.
         """
         msgs = list(messages)
         if system is not None:
             msgs = [{"role": "system", "content": system}] + [m for m in msgs if m["role"] != "system"]
-        elif self.version in ("2.6", "o-2.6") and (not msgs or msgs[0]["role"] != "system"):
+        rendered = self._render_template(msgs, add_generation_prompt)
+        if rendered is not None:
+            return rendered
+        if system is None and self.version in ("2.6", "o-2.6") and (not msgs or msgs[0]["role"] != "system"):
             msgs = [{"role": "system", "content": DEFAULT_SYSTEM_CHATML}] + msgs
         text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in msgs)
         if add_generation_prompt:
             text += self.assistant_prefix
         return text
+
+    def _render_template(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str | None:
+        if not self.chat_template:
+            return None
+        try:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError:  # optional: fall back to the built-in ChatML
+            return None
+        def raise_exception(message):
+            raise ValueError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt, enable_thinking=False,
+                **{"bos_token": "", "eos_token": "", **self.special_tokens})
+        except Exception as e:  # a template that does not parse or rejects the messages
+            raise UserError(f"tokenizer_config.json chat_template: {str(e).splitlines()[0]}") from None
