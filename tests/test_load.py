@@ -110,6 +110,15 @@ def test_shape_mismatch_names_file_and_tensor(tiny, tmp_path):
     assert "tensor resampler.attn.in_proj_weight has shape" in _error(d2)
 
 
+def test_stray_buffers_are_ignored(tiny, tmp_path):
+    d = _copy(tiny, tmp_path)
+    _rewrite(d / "model.safetensors", lambda w: w.update({
+        "vpm.embeddings.position_ids": mx.arange(4900)[None], "resampler.pos_embed": mx.zeros((70, 70, 64)),
+        "llm.model.layers.0.self_attn.rotary_emb.inv_freq": mx.zeros((8,))}))
+    image = random_image(50, 50)
+    assert np.array_equal(_logits(load_model(d), image), _logits(load_model(tiny), image))
+
+
 def test_missing_tensor(tiny, tmp_path):
     d = _copy(tiny, tmp_path)
     _rewrite(d / "model.safetensors", lambda w: w.pop("vpm.post_layernorm.bias"))

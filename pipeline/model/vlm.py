@@ -221,6 +221,8 @@ class MiniCPMV(nn.Module):
         """HF names (`vpm.`, `resampler.`, `llm.`) -> this module's names; audio/TTS dropped."""
         vpm, res, llm, skipped, unknown = {}, {}, {}, [], []
         for name, value in weights.items():
+            if name.endswith((".position_ids", ".inv_freq")):  # stray buffers some exports keep
+                continue
             if name.startswith("vpm."):
                 vpm[name[4:]] = value
             elif name.startswith("resampler."):
