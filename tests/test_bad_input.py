@@ -196,3 +196,31 @@ def test_slow_consumer_on_a_live_source_drops_frames_with_flat_memory():
     assert src.live and drops > 50 and slow.frames + drops == src.metrics.extra["frames"]
     assert res.metrics["slow"]["queue_max_depth"] <= 4
     assert max(samples[1:]) - samples[1] < 8_000_000, samples  # flat, not growing with drops
+
+
+def test_stop_while_a_live_source_hangs_is_prompt_and_ends_with_a_status(silent_server):
+    from pipeline.events import Status
+
+    port, _ = silent_server
+    cfg = SourceConfig(uri=f"rtsp://127.0.0.1:{port}/live", watchdog_s=30, open_timeout_s=30)
+    seen: list = []
+
+    class Keep(Stage):
+        name = "keep"
+
+        async def process(self, item):
+            seen.append(item)
+            yield item
+
+    async def main_():
+        rt = Runtime(make_source(cfg), [Keep()])
+        task = asyncio.create_task(rt.run(handle_signals=False))
+        await asyncio.sleep(0.3)
+        t0 = time.monotonic()
+        rt.request_stop("signal")
+        res = await asyncio.wait_for(task, 10)
+        return res, time.monotonic() - t0
+
+    res, took = asyncio.run(main_())
+    assert took < 1.0 and res.stopped_by == "signal"
+    assert [s.state for s in seen if isinstance(s, Status)] == ["starting", "stopped"]

@@ -27,6 +27,8 @@ from pipeline.runtime import Source
 THREAD_POLL_S = 0.1
 #: items a reader thread may run ahead of the event loop
 DEFAULT_BRIDGE_SIZE = 4
+#: how often a source waiting on its reader thread looks at its stop flag (s)
+STOP_POLL_S = 0.1
 #: timestamps closer than this are equal (container time bases round)
 PTS_EPS = 1e-6
 
@@ -93,24 +95,29 @@ class ThreadReader:
             return
         self._put(_End())
 
-    async def get(self, timeout: float | None = None) -> Any:
-        """The next item. Raises `EOFError` at the end, re-raises the thread's exception, and
+    async def get(self, timeout: float | None = None, *, stop: asyncio.Event | None = None) -> Any:
+        """The next item. Raises `EOFError` at the end (or as soon as `stop` is set: a source
+        blocked on a hung library still stops promptly), re-raises the thread's exception, and
         `TimeoutError` when nothing came within `timeout` seconds (the watchdog's signal)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             try:
                 item = self._q.get_nowait()
             except queue.Empty:
+                if stop is not None and stop.is_set():
+                    raise EOFError from None
                 self._ready.clear()
                 if not self._q.empty():  # an item landed between the two checks
                     continue
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError from None
+                # Wake up for a new item, the deadline, or (every STOP_POLL_S) to look at `stop`.
+                wait = STOP_POLL_S if remaining is None else min(remaining, STOP_POLL_S)
                 try:
-                    await asyncio.wait_for(self._ready.wait(), remaining)
+                    await asyncio.wait_for(self._ready.wait(), wait)
                 except asyncio.TimeoutError:
-                    raise TimeoutError from None
+                    pass
                 continue
             if isinstance(item, _End):
                 if item.error is not None:

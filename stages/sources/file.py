@@ -195,7 +195,7 @@ class FileSource(CaptureSource):
             while not self.stopping.is_set():
                 wait = self.cfg.open_timeout_s + self.cfg.watchdog_s if self.remote else None
                 try:
-                    item = await reader.get(timeout=wait)
+                    item = await reader.get(timeout=wait, stop=self.stopping)
                 except EOFError:
                     break
                 except TimeoutError:

@@ -77,7 +77,7 @@ class WatchedSource(CaptureSource):
                     # The first frame may take the whole open timeout before the watchdog starts.
                     wait = cfg.watchdog_s + (0 if got_frame else cfg.open_timeout_s)
                     try:
-                        pixels, pts = await reader.get(timeout=wait)
+                        pixels, pts = await reader.get(timeout=wait, stop=self.stopping)
                     except TimeoutError:
                         reason = f"no frame for {wait:g} s"
                         break
