@@ -48,7 +48,7 @@ class WatchedSource(CaptureSource):
 
     def __init__(self, cfg: SourceConfig, *, name: str):
         super().__init__(cfg, name=name)
-        self._t_origin: float | None = None  # monotonic time of the very first frame
+        self._t_origin: float | None = None  # monotonic origin of pts: the first connection
 
     def _read(self, stop: threading.Event) -> Iterator[tuple[np.ndarray, float]]:
         """Open, then yield (rgb [H, W, 3] uint8, pts s) until the source ends; raise OpenFailed."""
@@ -131,7 +131,6 @@ class StreamSource(WatchedSource):
 
     def __init__(self, cfg: SourceConfig):
         super().__init__(cfg, name="stream")
-        self._pts_base: float | None = None  # session pts of this connection's first frame
 
     def _options(self) -> dict[str, str]:
         scheme = self.uri.split("://", 1)[0].lower()
