@@ -35,7 +35,7 @@ import pipeline  # noqa: E402,F401  (preloads OpenBLAS before mlx)
 from pipeline.app import build_graph  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.runtime import Runtime  # noqa: E402
-from stages.mqtt import Topics  # noqa: E402
+from stages.mqtt_topics import Topics  # noqa: E402
 from stages.mqtt_client import BusClient, BusDisconnected, BusMessage, parse_mqtt_url  # noqa: E402
 
 STREAM = "soak"

@@ -12,11 +12,16 @@ Topics under `<prefix>` (default `framecast`), payloads are the events' JSON (`t
     <prefix>/<stream>/metrics          Metrics, QoS 0, every metrics interval
 
 Capture never waits for the broker: `process` only serialises the event into a bounded
-outbox and returns; a background task drains it while connected. When the outbox is full,
-partial narrations go first, then superseded periodic messages (metrics, status), then the
-oldest finals; every drop is counted in this stage's metrics (`outbox_drops_<kind>`).
-An item leaves the outbox only after the broker acknowledged it, so a broker restart loses
-no final narration (it may deliver one twice: deduplicate on `narration_id`).
+outbox (stages/mqtt_outbox.py) and returns; a background task drains it while connected.
+When the outbox is full, partial narrations go first, then superseded periodic messages
+(metrics, status), then the oldest finals; every drop is counted in this stage's metrics
+(`outbox_drops_<kind>`). An item leaves the outbox only after the broker acknowledged it, so
+a broker restart loses no final narration (it may deliver one twice: deduplicate on
+`narration_id`).
+
+Files: this stage; mqtt_topics.py (topic layout, name and question validation, Home
+Assistant discovery); mqtt_outbox.py; mqtt_client.py (the only file that touches aiomqtt);
+mqtt_ask.py (`framecast ask`).
 """
 
 from __future__ import annotations
@@ -25,11 +30,9 @@ import asyncio
 import collections
 import json
 import random
-import re
 import sys
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from pipeline import __version__
@@ -38,217 +41,15 @@ from pipeline.errors import FatalError, UserError
 from pipeline.events import (Answer, EndOfStream, Error, Event, Frame, Metrics, Narration, NarrationDelta, Question,
                              Status, Stop, utc_now)
 from pipeline.runtime import Stage
+from stages.mqtt_ask import ask_over_mqtt  # noqa: F401  (`framecast ask` imports it from here)
 from stages.mqtt_client import (BrokerAddress, BusClient, BusDisconnected, BusMessage, BusProtocolRejected,
                                 BusRefused, TlsFiles, parse_mqtt_url)
+from stages.mqtt_outbox import FINAL, PARTIAL, PERIODIC, Outbox, Outgoing
+from stages.mqtt_topics import (JSON, REQUEST_ID_RE, QuestionRejected, Topics, ha_discovery, parse_question,
+                                valid_response_topic, validate_prefix, validate_stream_id)
 
-JSON = "application/json"
 FIRST_CONNECT_WAIT_S = 2.0  # start() waits this long for a verdict (auth errors fail fast)
-STREAM_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 FPS_WINDOW_S = 5.0
-_REQUEST_ID_PEEK = re.compile(rb'"request_id"\s*:\s*"([A-Za-z0-9_.:-]{1,64})"')
-
-# Outbox priorities: lower is dropped first when full.
-PARTIAL, PERIODIC, FINAL = 0, 1, 2
-
-
-# ---------------------------------------------------------------- names and inputs
-
-
-def validate_stream_id(stream_id: str) -> str:
-    if not isinstance(stream_id, str) or not STREAM_ID_RE.match(stream_id):
-        raise UserError(f"stream id {stream_id!r}: use 1-64 of [A-Za-z0-9_.-] (no '/', '+', '#')")
-    return stream_id
-
-
-def validate_prefix(prefix: str, key: str = "mqtt.prefix") -> str:
-    """Levels separated by '/', none empty, no wildcards, no `$` (broker-reserved topics)."""
-    bad = (not prefix or len(prefix) > 128 or prefix.startswith("$") or any(c in prefix for c in "+#\0")
-           or any(not level for level in prefix.split("/")))
-    if bad:
-        raise UserError(f"{key} = {prefix!r}: topic prefix must be '/'-separated non-empty levels "
-                        "without '+', '#', '$' or NUL")
-    return prefix
-
-
-@dataclass(frozen=True)
-class Topics:
-    prefix: str
-    stream: str
-
-    @property
-    def status(self) -> str:
-        return f"{self.prefix}/status"
-
-    def _s(self, leaf: str) -> str:
-        return f"{self.prefix}/{self.stream}/{leaf}"
-
-    @property
-    def stream_status(self) -> str:
-        return self._s("status")
-
-    @property
-    def narration(self) -> str:
-        return self._s("narration")
-
-    @property
-    def partial(self) -> str:
-        return self._s("narration/partial")
-
-    @property
-    def event(self) -> str:
-        return self._s("event")
-
-    @property
-    def ask(self) -> str:
-        return self._s("ask")
-
-    @property
-    def answer(self) -> str:
-        return self._s("answer")
-
-    @property
-    def metrics(self) -> str:
-        return self._s("metrics")
-
-    def ha_config(self, ha_prefix: str) -> str:
-        node = re.sub(r"[^A-Za-z0-9_-]", "_", self.prefix)
-        return f"{ha_prefix}/sensor/{node}/{re.sub(r'[^A-Za-z0-9_-]', '_', self.stream)}/config"
-
-
-class QuestionRejected(ValueError):
-    def __init__(self, reason: str, request_id: str | None = None):
-        super().__init__(reason)
-        self.request_id = request_id
-
-
-def parse_question(payload: bytes, *, max_bytes: int) -> tuple[str, str | None]:
-    """(text, request_id or None) from `{"text": …, "request_id": …}` or plain UTF-8 text."""
-    if len(payload) > max_bytes:
-        # not parsed (bounded work), but a request_id near the start still routes the error
-        m = _REQUEST_ID_PEEK.search(payload[:max_bytes])
-        raise QuestionRejected(f"question too large: {len(payload)} bytes > {max_bytes}",
-                               m.group(1).decode() if m else None)
-    try:
-        raw = payload.decode("utf-8")
-    except UnicodeDecodeError:
-        raise QuestionRejected("question is not valid UTF-8") from None
-    request_id = None
-    if raw.lstrip()[:1] in ("{", "["):  # looks like JSON: hold it to the schema
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise QuestionRejected(f"question is not valid JSON: {e.msg} at char {e.pos}") from None
-        if not isinstance(obj, dict):
-            raise QuestionRejected("question JSON must be an object")
-        rid = obj.get("request_id")
-        if rid is not None and (not isinstance(rid, str) or not REQUEST_ID_RE.match(rid)):
-            raise QuestionRejected("request_id must be 1-64 of [A-Za-z0-9_.:-]")
-        request_id = rid
-        unknown = sorted(set(obj) - {"text", "request_id"})
-        if unknown:
-            raise QuestionRejected(f"unknown key {unknown[0]!r} (allowed: text, request_id)", request_id)
-        text = obj.get("text")
-        if not isinstance(text, str):
-            raise QuestionRejected("question JSON needs a string 'text'", request_id)
-    else:
-        text = raw
-    text = text.strip()
-    if not text:
-        raise QuestionRejected("question text is empty", request_id)
-    if any(ord(c) < 32 and c not in "\n\t" for c in text):
-        raise QuestionRejected("question text contains control characters", request_id)
-    return text, request_id
-
-
-def valid_response_topic(topic: str | None) -> bool:
-    return bool(topic) and len(topic) <= 256 and not any(c in topic for c in "+#\0") and not topic.startswith("$")
-
-
-# ---------------------------------------------------------------- outbox
-
-
-@dataclass(eq=False)  # identity, not value: two equal messages are still two messages
-class Outgoing:
-    msg: BusMessage
-    kind: str  # partial | metrics | status | narration | event | answer
-    priority: int
-    created: float = field(default_factory=time.monotonic)
-
-    def remaining_expiry(self, now: float) -> int | None:
-        if self.msg.expiry_s is None:
-            return None
-        return int(self.msg.expiry_s - (now - self.created))
-
-
-class Outbox:
-    """Bounded FIFO; when full, evicts the oldest item of the lowest priority present.
-
-    The item being published (`head()` until `done()`) is never evicted: it may already be
-    on the wire, and counting it as dropped would be a lie.
-    """
-
-    def __init__(self, maxsize: int):
-        self.maxsize = maxsize
-        self._items: collections.deque[Outgoing] = collections.deque()
-        self._count = [0, 0, 0]  # items per priority
-        self._nonempty = asyncio.Event()
-        self.drops: collections.Counter[str] = collections.Counter()
-        self.max_depth = 0
-        self._inflight: Outgoing | None = None
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def put(self, item: Outgoing) -> None:
-        if len(self._items) >= self.maxsize:
-            victim = self._victim()
-            if victim is None or item.priority < victim.priority:
-                self.drops[item.kind] += 1
-                return
-            self._remove(victim)
-            self.drops[victim.kind] += 1
-        self._items.append(item)
-        self._count[item.priority] += 1
-        self.max_depth = max(self.max_depth, len(self._items))
-        self._nonempty.set()
-
-    def _victim(self) -> Outgoing | None:
-        busy = self._inflight
-        for p in range(3):
-            if self._count[p] - (busy is not None and busy.priority == p) > 0:
-                return next(x for x in self._items if x.priority == p and x is not busy)
-        return None
-
-    def _remove(self, item: Outgoing) -> bool:
-        try:
-            self._items.remove(item)  # the head in the common case: O(1)
-        except ValueError:
-            return False
-        self._count[item.priority] -= 1
-        if not self._items:
-            self._nonempty.clear()
-        return True
-
-    async def head(self) -> Outgoing:
-        """The oldest item, left in place until `done` (so a failed publish is retried)."""
-        while not self._items:
-            await self._nonempty.wait()
-        self._inflight = self._items[0]
-        return self._inflight
-
-    def done(self, item: Outgoing) -> None:
-        self._inflight = None
-        self._remove(item)
-
-    def discard(self, item: Outgoing, reason: str) -> None:
-        if item is self._inflight:
-            self._inflight = None
-        if self._remove(item):
-            self.drops[reason] += 1
-
-
-# ---------------------------------------------------------------- the stage
 
 
 class MqttStage(Stage):
@@ -336,8 +137,7 @@ class MqttStage(Stage):
         if self._conn_task is not None:
             self._conn_task.cancel()
             await asyncio.gather(self._conn_task, return_exceptions=True)
-        for item in list(self.outbox._items):  # what could not be sent in time is counted, not hidden
-            self.outbox.discard(item, "unsent_at_close")
+        self.outbox.discard_all("unsent_at_close")  # what could not be sent in time is counted, not hidden
         self._update_metrics()
 
     # -- events -> outbox
@@ -543,7 +343,8 @@ class MqttStage(Stage):
         await client.publish(self._global_status_message(online))
         await client.publish(self._status_message(self._stream_status))
         if self.cfg.ha_discovery:
-            await client.publish(self._ha_discovery_message())
+            topic, config = ha_discovery(self.topics, self.cfg.ha_prefix)
+            await client.publish(BusMessage(topic, json.dumps(config).encode(), qos=1, retain=True, content_type=JSON))
         await client.subscribe(self.topics.ask, qos=1)
         self._client = client
         if self._last_error:
@@ -588,97 +389,3 @@ class MqttStage(Stage):
                 except Exception as e:  # one bad question must never end the session
                     print(f"framecast: mqtt: question handling failed: {type(e).__name__}: {e}", file=sys.stderr)
                 self._update_metrics()
-
-    def _ha_discovery_message(self) -> BusMessage:
-        t = self.topics
-        uid = re.sub(r"[^A-Za-z0-9_-]", "_", f"framecast_{t.prefix}_{t.stream}")
-        config = {
-            "name": f"{t.stream} narration",
-            "unique_id": f"{uid}_narration",
-            "object_id": uid,
-            "state_topic": t.narration,
-            # HA states hold at most 255 characters; the full event stays in the attributes
-            "value_template": "{{ value_json.text[:255] }}",
-            "json_attributes_topic": t.narration,
-            "availability": [
-                {"topic": t.status, "value_template": "{{ value_json.state }}"},
-                {"topic": t.stream_status,
-                 "value_template": "{{ 'offline' if value_json.state in ('error', 'eof', 'stopped') else 'online' }}"},
-            ],
-            "availability_mode": "all",
-            "payload_available": "online",
-            "payload_not_available": "offline",
-            "icon": "mdi:cctv",
-            "device": {"identifiers": [uid], "name": f"framecast {t.stream}", "manufacturer": "framecast"},
-        }
-        return BusMessage(t.ha_config(self.cfg.ha_prefix), json.dumps(config).encode(), qos=1, retain=True,
-                          content_type=JSON)
-
-
-# ---------------------------------------------------------------- `framecast ask`
-
-
-def ask_over_mqtt(url: str, stream: str, question: str, *, prefix: str = "framecast", timeout: float = 60.0,
-                  ca_file: str | None = None, cert_file: str | None = None, key_file: str | None = None) -> int:
-    """Ask a running stream a question; print the answer text. Returns the exit code."""
-    topics = Topics(validate_prefix(prefix, "--prefix"), validate_stream_id(stream))
-    address = parse_mqtt_url(url)
-    if not question.strip():
-        raise UserError("the question is empty")
-    tls = TlsFiles(ca_file, cert_file, key_file)
-    if address.tls:
-        tls.check()
-    try:
-        return asyncio.run(_ask(address, topics, question, timeout=timeout, tls=tls))
-    except KeyboardInterrupt:
-        return 130
-
-
-async def _ask(address: BrokerAddress, topics: Topics, question: str, *, timeout: float, tls: TlsFiles) -> int:
-    request_id = uuid.uuid4().hex[:12]
-    client = None
-    for protocol in ("5", "3.1.1"):  # MQTT 5 first, 3.1.1 for brokers that refuse it
-        client = BusClient(address, client_id=f"framecast-ask-{request_id}", protocol=protocol, tls=tls)
-        try:
-            await client.connect()
-            break
-        except BusProtocolRejected:
-            continue
-        except (BusRefused, BusDisconnected) as e:
-            print(f"framecast: mqtt: cannot connect to {address.display()}: {e}", file=sys.stderr)
-            return 1
-    assert client is not None
-    reply_topic = f"{topics.answer}/{request_id}"
-    payload = json.dumps({"text": question, "request_id": request_id}).encode()
-    try:
-        if client.is_v5:
-            await client.subscribe(reply_topic, qos=1)
-        await client.subscribe(topics.answer, qos=1)  # 3.1.1 fallback: match on request_id
-        await client.publish(BusMessage(topics.ask, payload, qos=1, content_type=JSON, correlation=request_id.encode(),
-                                        response_topic=reply_topic if client.is_v5 else None))
-        answer = await asyncio.wait_for(_wait_answer(client, request_id), timeout=timeout)
-    except asyncio.TimeoutError:
-        print(f"framecast: no answer from stream {topics.stream!r} at {address.display()} within {timeout:g} s",
-              file=sys.stderr)
-        return 1
-    except (BusRefused, BusDisconnected) as e:
-        print(f"framecast: mqtt: {e}", file=sys.stderr)
-        return 1
-    finally:
-        await client.disconnect(timeout_s=1.0)
-    if answer.get("error"):
-        print(f"framecast: stream {topics.stream!r} could not answer: {answer['error']}", file=sys.stderr)
-        return 1
-    print(answer.get("text", ""), flush=True)
-    return 0
-
-
-async def _wait_answer(client: BusClient, request_id: str) -> dict:
-    async for m in client.messages():
-        try:
-            obj = json.loads(m.payload)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        if isinstance(obj, dict) and (obj.get("request_id") == request_id or m.correlation == request_id.encode()):
-            return obj
-    raise BusDisconnected("connection closed before the answer came")

@@ -19,7 +19,9 @@ from pipeline.config import MqttConfig, SourceConfig
 from pipeline.errors import UserError
 from pipeline.events import Answer, Frame, Narration, NarrationDelta, Question, SceneChange
 from pipeline.runtime import Runtime, Stage
-from stages.mqtt import MqttStage, Outbox, Outgoing, ask_over_mqtt, parse_question, QuestionRejected
+from stages.mqtt import MqttStage, ask_over_mqtt
+from stages.mqtt_outbox import Outbox, Outgoing
+from stages.mqtt_topics import QuestionRejected, parse_question
 from stages.mqtt_client import BusMessage, parse_mqtt_url
 from stages.sources import make_source
 from broker import Broker, Mqtt311OnlyProxy, Recorder
