@@ -133,7 +133,6 @@ def bench_case(name: str, config: dict, fmt: str, float_dtype, *, repeats: int, 
     decode()  # warm-up
     tps = statistics.median(decode() for _ in range(max(1, repeats // 2)))
     peak = mx.get_peak_memory() / 1e6
-    del model
     return {"shape": name, "format": fmt if fmt == "4bit" else str(float_dtype).split(".")[-1],
             "weights_mb": round(weights_mb, 1), "processor_ms": round(t_proc * 1e3, 2),
             "vision_ms_per_image": round(t_vis * 1e3, 2), "vision_patches": int(sizes[0][0] * sizes[0][1]),

@@ -87,7 +87,7 @@ def test_padded_navit_batch_matches_torch_reference():
 
     hf = _hf_model(vcfg, w)
     hf = getattr(hf, "vision_model", hf)
-    side, p = 70, 14
+    side = 70
     lens = [nh * nw for nh, nw in sizes]
     max_len = max(lens)
     with torch.no_grad():
