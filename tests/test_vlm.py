@@ -205,3 +205,20 @@ def test_unknown_version_and_model_type_fail_clearly():
         resolve_version({"model_type": "minicpmv", "version": 2.5})
     with pytest.raises(ModelLoadError, match="model_type = 'llava'"):
         resolve_version({"model_type": "llava"})
+
+
+@pytest.mark.parametrize("dtype,tol", [("bfloat16", 0.25), ("float16", 0.05)])
+def test_half_precision_runs_and_stays_close(models, dtype, tol):
+    d, ref_model = models["4.5"]
+    model = load_model(d, dtype=dtype)
+    frames = [random_image(56, 56, seed=i) for i in range(3)]
+    feats = [model.encode_images([random_image(90, 160)], max_slice_nums=4)[0], model.encode_frame_group(frames, [0, 5, 9])]
+    assert all(f.features.dtype == getattr(mx, dtype) for f in feats)
+    ids = _prompt(model, feats)
+    got = model.forward(mx.array([ids]), model.make_cache(), feats).astype(mx.float32)
+    ref_feats = [ref_model.encode_images([random_image(90, 160)], max_slice_nums=4)[0],
+                 ref_model.encode_frame_group(frames, [0, 5, 9])]
+    want = ref_model.forward(mx.array([ids]), ref_model.make_cache(), ref_feats)
+    gap = float(mx.abs(got - want).max())
+    print(f"{dtype} vs fp32 logits: max abs gap {gap:.4f} (max |logit| {float(mx.abs(want).max()):.2f})")
+    assert gap < tol
