@@ -24,7 +24,8 @@ def build_graph(cfg: RunConfig) -> tuple[Source, list[Stage]]:
     stages: list[Stage] = []
     if cfg.change.enabled:
         stages.append(ChangeDetector(cfg.change))
-    stages.extend(_model_stages(cfg))
+    if not cfg.runtime.capture_only:
+        stages.extend(_model_stages(cfg))
     stages.extend(make_outputs(cfg.outputs, live=source.live))
     if cfg.mqtt.url:
         from stages.mqtt import MqttStage

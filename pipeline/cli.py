@@ -28,6 +28,7 @@ def _run_overrides(a: argparse.Namespace) -> dict[str, Any]:
         "source.watchdog_s": a.watchdog, "source.open_timeout_s": a.open_timeout,
         "source.reconnect_max": a.reconnect_max, "source.backoff_initial_s": a.backoff,
         "change.threshold": a.change_threshold, "change.enabled": False if a.no_change else None,
+        "runtime.capture_only": a.capture_only or None,
         "model.path": a.model, "model.mmproj": a.mmproj,
         "narration.policy": a.policy, "narration.interval_s": a.interval,
         "narration.prompt": a.prompt, "narration.max_tokens": a.max_tokens,
@@ -79,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--backoff", type=float, metavar="S", help="live sources: first reconnect delay (doubles)")
     r.add_argument("--change-threshold", type=float, metavar="X", help="scene-change score threshold (0..1)")
     r.add_argument("--no-change", action="store_true", help="no scene-change detection")
+    r.add_argument("--capture-only", action="store_true",
+                   help="no model: capture, scene changes and outputs only (status and change events)")
     r.add_argument("--model", help="HF dir, converted MLX dir, HF repo id or .gguf (default: embedded demo)")
     r.add_argument("--mmproj", help="vision .gguf for a .gguf language model")
     r.add_argument("--policy", choices=["interval", "change", "on_demand"])

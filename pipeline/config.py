@@ -145,6 +145,7 @@ class MqttConfig(Group):
 class RuntimeConfig(Group):
     edge_size: int = Field(default=8, ge=1, le=10_000)
     stop_timeout_s: float = Field(default=10.0, gt=0)
+    capture_only: bool = False  # capture + change detection + outputs, no model (no narration)
 
 
 class RunConfig(Group):

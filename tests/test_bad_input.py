@@ -21,7 +21,7 @@ from video_fixtures import flip_bytes, write_audio_only, write_video
 
 
 def cli(capsys, *args: str) -> tuple[int, str]:
-    code = main(["run", "--no-console", *args])
+    code = main(["run", "--no-console", "--capture-only", *args])
     err = capsys.readouterr().err
     return code, err
 
@@ -142,7 +142,7 @@ def test_rtsp_server_that_never_sends_trips_the_watchdog(capsys, tmp_path, silen
     uri = f"rtsp://127.0.0.1:{port}/live"
     out = tmp_path / "o.jsonl"
     t0 = time.monotonic()
-    code = main(["run", "--no-console", "--source", uri, "--jsonl", str(out), "--watchdog", "0.3",
+    code = main(["run", "--no-console", "--capture-only", "--source", uri, "--jsonl", str(out), "--watchdog", "0.3",
                  "--open-timeout", "0.3", "--backoff", "0.05", "--reconnect-max", "2"])
     elapsed = time.monotonic() - t0
     line = one_line(capsys.readouterr().err)

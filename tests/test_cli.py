@@ -59,7 +59,8 @@ def test_run_real_mp4_with_subtitles_and_metrics(tmp_path):
 
 
 def test_metrics_printed_periodically(tmp_path):
-    r = framecast("run", "--source", "demo", "--max-frames", "16", "--fps", "20", "--realtime", "--no-console",
+    r = framecast("run", "--capture-only", "--source", "demo", "--max-frames", "16", "--fps", "20", "--realtime",
+                  "--no-console",
                   "--metrics", "--metrics-interval", "0.2", "--set", "source.width=64", "--set", "source.height=64",
                   cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -70,8 +71,8 @@ def test_metrics_printed_periodically(tmp_path):
 def test_signal_stops_cleanly_and_flushes_outputs(tmp_path, sig):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = tmp_path / "o.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--source", "demo", "--realtime",
-                             "--fps", "20", "--no-console", "--jsonl", str(out), "--vtt", str(tmp_path / "o.vtt"),
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--capture-only", "--source", "demo",
+                             "--realtime", "--fps", "20", "--no-console", "--jsonl", str(out), "--vtt", str(tmp_path / "o.vtt"),
                              "--set", "source.width=64", "--set", "source.height=64"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -90,6 +91,14 @@ def test_signal_stops_cleanly_and_flushes_outputs(tmp_path, sig):
     assert stopped and int(stopped[0]["text"].split("after ")[1].split()[0]) >= 3
     assert (tmp_path / "o.vtt").read_text().startswith("WEBVTT")
     assert "Traceback" not in err
+
+
+def test_capture_only_builds_no_model_stages():
+    from pipeline.app import build_graph
+    from pipeline.config import load_config
+
+    source, stages = build_graph(load_config(None, {"runtime.capture_only": True, "outputs.console": False}))
+    assert source.name == "demo" and [s.name for s in stages] == ["change"]
 
 
 def test_version(tmp_path):
