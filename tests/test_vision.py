@@ -64,16 +64,18 @@ def _hf_model(vcfg, w):
     return model
 
 
-def test_fixed_size_matches_transformers_siglip():
-    vcfg, w = _args_and_weights(140)  # 10 x 10 patches: NaViT ids = standard ids (asserted above)
+@pytest.mark.parametrize("size", [140, 980])
+def test_fixed_size_matches_transformers_siglip(size):
+    # 10 x 10 and the real 70 x 70 patches: NaViT ids = standard ids there (asserted above)
+    vcfg, w = _args_and_weights(size)
     rng = np.random.default_rng(0)
-    view = rng.uniform(-1, 1, size=(140, 140, 3)).astype(np.float32)
+    view = rng.uniform(-1, 1, size=(size, size, 3)).astype(np.float32)
     with torch.no_grad():
         ref = _hf_model(vcfg, w)(torch.from_numpy(view).permute(2, 0, 1)[None]).last_hidden_state.numpy()
     out, sizes = _ours(vcfg, w).encode_views([view])
-    assert sizes == [(10, 10)]
+    assert sizes == [(size // 14, size // 14)]
     diff = np.abs(np.array(out) - ref).max()
-    print(f"vision fixed-size max abs diff vs transformers: {diff:.2e}")
+    print(f"vision fixed-size {size}px max abs diff vs transformers: {diff:.2e}")
     assert diff <= 1e-4
 
 
