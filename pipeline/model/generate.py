@@ -109,7 +109,12 @@ def generate_main(model: str, prompt: str, *, max_tokens: int = DEFAULT_MAX_TOKE
     t_load = time.perf_counter() - t_load
     mx.random.seed(seed)
     tok = m.tokenizer
-    ids = tok.encode(_prompt_text(m, prompt, chat))
+    # As HF's `tokenizer(text)`: the post-processor adds a BOS where the vocabulary wants one
+    # (Llama-style 4.0); a template that already wrote one does not get a second.
+    ids = tok.encode(_prompt_text(m, prompt, chat), add_special=True)
+    bos = getattr(tok, "bos_id", None)
+    if bos is not None and len(ids) > 1 and ids[0] == ids[1] == bos:
+        ids = ids[1:]
     detok = tok.detokenizer()
     sampler = make_sampler(temperature, seed=seed)
     mx.reset_peak_memory()
