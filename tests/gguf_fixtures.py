@@ -116,8 +116,12 @@ def add_tokenizer(writer, tokenizer_json: Path, *, pre: str = "gpt-2", chat_temp
 
 
 def write_lm_gguf(path: Path, cfg: dict, llm: dict[str, np.ndarray], qtype: str, *, arch: str,
-                  tokenizer_json: Path | None = None) -> dict[str, np.ndarray]:
-    """Write a language-model GGUF; return the HF-named float32 values it holds."""
+                  tokenizer_json: Path | None = None, extra_tensors: dict[str, np.ndarray] | None = None,
+                  extra_uint32: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Write a language-model GGUF; return the HF-named float32 values it holds.
+
+    `extra_tensors` (e.g. `rope_freqs.weight`) are written as F32; `extra_uint32` are metadata.
+    """
     import gguf
 
     w = gguf.GGUFWriter(str(path), arch)
@@ -135,8 +139,12 @@ def write_lm_gguf(path: Path, cfg: dict, llm: dict[str, np.ndarray], qtype: str,
         w.add_float32("minicpm.embedding_scale", float(cfg["scale_emb"]))
         w.add_float32("minicpm.residual_scale", float(cfg["scale_depth"] / np.sqrt(cfg["num_hidden_layers"])))
         w.add_float32("minicpm.logit_scale", float(h / cfg["dim_model_base"]))
+    for key, value in (extra_uint32 or {}).items():
+        w.add_uint32(key, int(value))
     if tokenizer_json is not None:
         add_tokenizer(w, tokenizer_json)
+    for name, value in (extra_tensors or {}).items():
+        w.add_tensor(name, np.asarray(value, dtype=np.float32))
     held: dict[str, np.ndarray] = {}
     permute = arch in ("llama", "minicpm")
     for name in sorted(llm):

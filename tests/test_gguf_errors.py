@@ -83,6 +83,11 @@ def test_unsupported_rope_scaling(tmp_path):
     assert "llama.rope.scaling.type 'yarn' is not supported" in _load_error(path)
 
 
+def test_split_gguf(tmp_path):
+    path = _lm_file(tmp_path / "m-00001-of-00002.gguf", extra={"split.count": "2"})
+    assert "split GGUF" in _load_error(path)
+
+
 def test_not_a_gguf_and_truncated(tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"PK\x03\x04" + b"\0" * 64)

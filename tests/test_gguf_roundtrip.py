@@ -176,3 +176,64 @@ def test_ffn_names_are_decided_by_shape(pairs, tmp_path):
     a = load_gguf(lm_path, mmproj=mm_swapped).encode_images([image])[0].features
     b = load_gguf(lm_path, mmproj=straight).encode_images([image])[0].features
     np.testing.assert_array_equal(np.array(a), np.array(b))
+
+
+# ---------------------------------------------------------------- RoPE factors stored as tensors
+
+
+def _llama3_factors(head_dim: int, base: float, scaling: dict) -> np.ndarray:
+    """What convert_hf_to_gguf.py stores as `rope_freqs.weight` for a Llama-3 rope_scaling."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * np.pi * base ** (i / head_dim)
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, np.float32)
+
+
+@pytest.mark.parametrize("kind", ["llama3", "longrope-short", "longrope-long"])
+def test_rope_factor_tensors(tmp_path, kind):
+    from gguf_fixtures import write_lm_gguf
+    from tiny_models import tiny_config, tiny_weights
+
+    from pipeline.model.gguf import load_gguf
+    from pipeline.model.lm import build_lm
+
+    rng = np.random.default_rng(0)
+    if kind == "llama3":
+        version, arch, extra = "4.0", "llama", {}
+        scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8}
+    else:
+        version, arch = "4.0", "minicpm"
+        extra = {"scale_emb": 12.0, "scale_depth": 1.4, "dim_model_base": 16}
+        scaling = {"rope_type": "longrope", "long_factor": (1 + 3 * rng.random(8)).tolist(),
+                   "short_factor": (1 + rng.random(8)).tolist(), "original_max_position_embeddings": 2048}
+    max_pos = 4096 if kind == "longrope-long" else 2048
+    cfg = {**tiny_config(version, llm={**extra, "rope_scaling": scaling, "max_position_embeddings": max_pos}),
+           "model_type": arch}
+    llm = {k.removeprefix("llm."): v for k, v in tiny_weights(cfg, version).items() if k.startswith("llm.")}
+    if kind == "llama3":
+        tensors, meta = {"rope_freqs.weight": _llama3_factors(16, cfg["rope_theta"], scaling)}, {}
+    else:
+        tensors = {"rope_factors_long.weight": scaling["long_factor"],
+                   "rope_factors_short.weight": scaling["short_factor"]}
+        meta = {"minicpm.rope.scaling.original_context_length": 2048}
+    from tiny_models import build_tokenizer
+
+    build_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    path = tmp_path / "rope.gguf"
+    held = write_lm_gguf(path, cfg, llm, "F32", arch=arch, extra_tensors=tensors, extra_uint32=meta,
+                         tokenizer_json=tmp_path / "tokenizer.json")
+    ref_model = build_lm(cfg)
+    ref_model.load_weights([(k, mx.array(v)) for k, v in ref_model.sanitize(held).items()], strict=True)
+    ours = load_gguf(path)
+    ids = list(range(3, 40, 2))  # 19 positions: past the llama3 original context of 8
+    np.testing.assert_allclose(_logits(ours.language_model, ids), _logits(ref_model, ids), atol=1e-4, rtol=1e-4)

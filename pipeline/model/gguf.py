@@ -166,22 +166,33 @@ def lm_weights_from_gguf(header: GGUFHeader, tensors: dict[str, mx.array], cfg: 
     return weights, rope
 
 
-def _apply_rope_tensors(model, cfg: dict[str, Any], rope: dict[str, mx.array], path: str) -> None:
-    """llama.cpp stores Llama-3 / LongRoPE frequency factors as tensors: periods *= factors."""
+def rope_scaling_from_tensors(header: GGUFHeader, cfg: dict[str, Any], rope: dict[str, mx.array]) -> None:
+    """llama.cpp stores RoPE frequency factors as tensors; we put them back into the config.
+
+    Both kinds become an HF `longrope` rope_scaling (periods multiplied by per-frequency
+    factors), which the LM families build natively, and which survives `framecast convert`:
+      - `rope_factors_long/short.weight` (MiniCPM4's LongRoPE): as stored, with the original
+        context from `<arch>.rope.scaling.original_context_length` (default: the context);
+      - `rope_freqs.weight` (Llama 3's frequency smoothing): one factor list used at every
+        length (original context = context, so no long/short switch and no attention scale).
+    """
     if not rope:
         return
-    from pipeline.model.lm.base import RoPE
-
+    half = cfg["head_dim"] // 2
+    for name, value in rope.items():
+        if value.shape != (half,):
+            raise ModelLoadError(f"{header.path}: tensor {name} has shape {tuple(value.shape)}, expected ({half},)")
+    context = cfg["max_position_embeddings"]
     if "rope_freqs.weight" in rope:
-        factors = rope["rope_freqs.weight"]
-    else:  # LongRoPE pair: the long factors apply only past the original context
-        factors = rope.get("rope_factors_short.weight", rope.get("rope_factors_long.weight"))
-    dims = cfg["head_dim"]
-    if factors.shape != (dims // 2,):
-        raise ModelLoadError(f"{path}: RoPE factor tensor has shape {factors.shape}, expected ({dims // 2},)")
-    periods = cfg["rope_theta"] ** (mx.arange(0, dims, 2, dtype=mx.float32) / dims)
-    for layer in model.layers:
-        layer.self_attn.rope = RoPE(dims, freqs=periods * factors.astype(mx.float32))
+        factors = rope["rope_freqs.weight"].astype(mx.float32).tolist()
+        long, short, original = factors, factors, context
+    else:
+        short_t = rope.get("rope_factors_short.weight", rope.get("rope_factors_long.weight"))
+        long_t = rope.get("rope_factors_long.weight", short_t)
+        long, short = long_t.astype(mx.float32).tolist(), short_t.astype(mx.float32).tolist()
+        original = int(header.get(f"{cfg['model_type']}.rope.scaling.original_context_length", context))
+    cfg["rope_scaling"] = {"rope_type": "longrope", "long_factor": long, "short_factor": short,
+                           "original_max_position_embeddings": original}
 
 
 def default_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
@@ -241,6 +252,7 @@ def build_lm_from_gguf(header: GGUFHeader, *, dtype=None):
 
     cfg = lm_config_from_gguf(header)
     weights, rope = lm_weights_from_gguf(header, read_tensors(header), cfg)
+    rope_scaling_from_tensors(header, cfg, rope)
     weights = cast_floats(weights, default_dtype(dtype))
     model = build_lm(cfg)
     quantize_like(model, weights)
@@ -250,7 +262,6 @@ def build_lm_from_gguf(header: GGUFHeader, *, dtype=None):
     except ValueError as e:
         raise ModelLoadError(f"{header.path}: tensors do not fit the {cfg['model_type']} model: "
                              f"{str(e).splitlines()[0]}") from None
-    _apply_rope_tensors(model, cfg, rope, header.path)
     mx.eval(model.parameters())
     return model, cfg
 

@@ -165,6 +165,9 @@ def read_header(path: str | Path) -> GGUFHeader:
             tensors[name] = TensorInfo(name, tuple(reversed(ne)), type_id)
     finally:
         buf.close()
+    if int(meta.get("split.count", 1) or 1) > 1:
+        raise ModelLoadError(f"{path}: split GGUF ({meta['split.count']} parts) is not supported; merge it first "
+                             "(llama-gguf-split --merge FIRST-PART OUT.gguf)")
     return GGUFHeader(path, meta, tensors)
 
 
