@@ -192,7 +192,8 @@ def write_mmproj_gguf(path: Path, cfg: dict, weights: dict[str, np.ndarray], qty
     w.add_uint32("clip.vision.projection_dim", 0)
     w.add_uint32("clip.vision.attention.head_count", v["num_attention_heads"])
     w.add_float32("clip.vision.attention.layer_norm_epsilon", v["layer_norm_eps"])
-    w.add_uint32("clip.vision.block_count", v["num_hidden_layers"])
+    # The legacy encoder script wrote all 27 SigLIP layers but block_count 26: mimic that.
+    w.add_uint32("clip.vision.block_count", v["num_hidden_layers"] - 1)
     w.add_array("clip.vision.image_mean", [0.5, 0.5, 0.5])
     w.add_array("clip.vision.image_std", [0.5, 0.5, 0.5])
     w.add_bool("clip.use_gelu", True)

@@ -14,6 +14,9 @@ What llama.cpp's MiniCPM-V surgery/encoder scripts write, and how each piece map
     minicpm graph scales every input embedding, image features included; ours never scales
     vision features), so we multiply it back.
   - `resampler.pos_embed_k`: llama.cpp's precomputed 2D sin-cos table; framecast computes it.
+  - `clip.vision.block_count`: the legacy encoder script writes all 27 SigLIP layers but says
+    26 (so llama.cpp skips the last one); the HF checkpoints run all 27
+    (`drop_vision_last_layer: false`), so we run every layer the file holds.
 The vision side is small next to the LLM and runs batched prefill GEMMs, so quantised mmproj
 tensors are dequantised to float here.
 """
