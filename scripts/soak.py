@@ -144,6 +144,10 @@ class Watcher:
 async def soak(args: argparse.Namespace, url: str, broker: LocalBroker | None) -> dict:
     overrides = {"source.uri": "demo", "source.stream_id": STREAM, "source.fps": args.fps, "outputs.console": False,
                  "mqtt.url": url, "mqtt.prefix": PREFIX, "outputs.metrics_interval_s": args.metrics_s}
+    if args.model:
+        overrides["model.path"] = args.model
+    if args.max_cache_tokens:
+        overrides["session.max_cache_tokens"] = args.max_cache_tokens
     cfg = load_config(args.config, overrides)
     source, stages = build_graph(cfg)
     runtime = Runtime(source, stages, edge_size=cfg.runtime.edge_size, stop_timeout=cfg.runtime.stop_timeout_s,
@@ -189,15 +193,16 @@ async def soak(args: argparse.Namespace, url: str, broker: LocalBroker | None) -
     for h in helpers:
         h.cancel()
     await asyncio.gather(*helpers, return_exceptions=True)
-    return summarise(args, result, samples, watcher, asked, broker, time.monotonic() - t0)
+    return summarise(result, stages, samples, watcher, asked, broker, time.monotonic() - t0)
 
 
-def summarise(args, result, samples, watcher, asked, broker, wall_s) -> dict:
+def summarise(result, stages, samples, watcher, asked, broker, wall_s) -> dict:
     m = result.metrics
     bus = m.get("mqtt", {})
     rss = [s["rss_mb"] for s in samples]
     quarter = rss[len(rss) // 4] if rss else float("nan")
-    narrations_made = next((v["items_out"] for k, v in m.items() if k == "decode"), None)
+    decode = next((st for st in stages if st.name == "decode"), None)
+    narrations_made = getattr(decode, "narrations", None)
     return {
         "minutes": round(wall_s / 60, 2),
         "exit_code": result.exit_code,
@@ -215,7 +220,8 @@ def summarise(args, result, samples, watcher, asked, broker, wall_s) -> dict:
         "published": bus.get("published"),
         "reconnects": bus.get("reconnects"),
         "broker_restarts": broker.restarts if broker else 0,
-        "decode_items_out": narrations_made,
+        "model_stages": [st.name for st in stages if st.name in ("encode", "decode")],
+        "narrations_made": narrations_made,
         "narrations_received": len(watcher.narration_ids),
         "messages_received": dict(watcher.counts),
         "questions_asked": len(asked),
@@ -233,7 +239,8 @@ def print_table(s: dict) -> None:
             ("max queue depth per stage", s["queue_depth_max"]), ("edge drops", s["edge_drops"] or 0),
             ("outbox max depth", s["outbox_max_depth"]), ("outbox drops", s["outbox_drops"] or 0),
             ("published / reconnects / broker restarts", f"{s['published']} / {s['reconnects']} / {s['broker_restarts']}"),
-            ("narrations received", s["narrations_received"]),
+            ("model stages", s["model_stages"] or "none (capture only)"),
+            ("narrations made / received", f"{s['narrations_made']} / {s['narrations_received']}"),
             ("questions asked / answered / errors",
              f"{s['questions_asked']} / {s['answers_received']} / {s['answer_errors']}"),
             ("messages received by topic", s["messages_received"]), ("exit code", s["exit_code"]),
@@ -248,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--mqtt", help="broker URL (default: start a local mosquitto)")
     ap.add_argument("--config", help="config file or preset to start from")
+    ap.add_argument("--model", help="model path (default: the embedded demo model, if installed)")
+    ap.add_argument("--max-cache-tokens", type=int, help="bound the KV cache so memory can be flat")
     ap.add_argument("--fps", type=float, default=5.0)
     ap.add_argument("--sample-s", type=float, default=10.0)
     ap.add_argument("--metrics-s", type=float, default=10.0, help="metrics publishing interval")

@@ -250,7 +250,6 @@ class MqttStage(Stage):
                 question: str = "") -> None:
         self._counters["questions_rejected"] += 1
         rid = request_id or uuid.uuid4().hex[:12]
-        self._pending.pop(rid, None)
         self._send_answer(Answer(text="", error=reason, request_id=rid, question=question[:200],
                                  stream_id=self.topics.stream), route=(reply_to, corr))
 
@@ -274,6 +273,7 @@ class MqttStage(Stage):
             rid, (reply_to, corr, t0) = next(iter(self._pending.items()))
             if now - t0 < self.cfg.question_timeout_s:
                 break
+            del self._pending[rid]
             self._reject(rid, f"not answered within {self.cfg.question_timeout_s:g} s", reply_to, corr)
 
     # -- connection

@@ -269,6 +269,32 @@ def test_questions_answered_and_bad_ones_get_errors(broker):
     rec.close()
 
 
+def test_unanswered_duplicate_and_excess_questions_get_errors(broker):
+    """No decoder in this graph: questions wait, then time out with an error answer."""
+    rec = Recorder(broker.port, [topic("answer")])
+    bus = MqttStage(bus_cfg(broker.url, max_pending_questions=2, question_timeout_s=0.5), stream_id=STREAM)
+    runtime = Runtime(demo_source(realtime=True), [bus], stream_id=STREAM, metrics_interval=0.1)
+
+    async def scenario():
+        task = asyncio.create_task(runtime.run(handle_signals=False))
+        while not bus._connected.is_set():
+            await asyncio.sleep(0.02)
+        for rid in ("a", "a", "b", "c"):  # a duplicate, then one too many
+            rec.publish(topic("ask"), json.dumps({"text": "anyone?", "request_id": rid}))
+        await asyncio.to_thread(rec.wait_for, lambda ms: len(ms) >= 4, 5)
+        runtime.request_stop("stop")
+        return await task
+
+    result = asyncio.run(scenario())
+    errors = sorted((m.json()["request_id"], m.json()["error"]) for m in rec.on(topic("answer")))
+    assert [rid for rid, _ in errors] == ["a", "a", "b", "c"], errors
+    assert "already pending" in errors[0][1] or "already pending" in errors[1][1]
+    assert any("not answered within 0.5 s" in e for _, e in errors[:2]) and "not answered" in errors[2][1]
+    assert "busy" in errors[3][1]
+    assert result.metrics["mqtt"]["questions_pending"] == 0
+    rec.close()
+
+
 def test_mqtt_311_fallback_answers_by_request_id(broker):
     rec = Recorder(broker.port, [f"{P}/#"], v5=False)
     bus = MqttStage(bus_cfg(broker.url, protocol="3.1.1"), stream_id=STREAM)
