@@ -106,3 +106,19 @@ def test_q5_language_model_matches_its_dequantised_twin(tmp_path):
     ref = _logits(hf_language_model(equiv, "qwen2"), IDS)
     got = _logits(ours.language_model, IDS)
     np.testing.assert_allclose(got, ref, atol=2e-4 * np.abs(ref).max(), rtol=1e-4)
+
+
+def test_bf16_language_model_matches_its_twin(tmp_path):
+    from gguf_fixtures import write_gguf_pair
+    from test_gguf_roundtrip import IDS, _logits, hf_language_model
+    from tiny_models import make_tiny_minicpmv
+
+    from pipeline.model.gguf import load_gguf
+    from pipeline.model.gguf_file import read_header
+
+    hf = make_tiny_minicpmv(tmp_path / "hf", "4.5")
+    lm_path, _mm, equiv = write_gguf_pair(hf, tmp_path / "g", "BF16", version="4.5")
+    assert read_header(lm_path).tensors["blk.0.ffn_up.weight"].type_name == "BF16"
+    ref = _logits(hf_language_model(equiv, "qwen3"), IDS)
+    got = _logits(load_gguf(lm_path).language_model, IDS)  # CPU: float32 compute
+    np.testing.assert_allclose(got, ref, atol=2e-4 * np.abs(ref).max(), rtol=1e-4)

@@ -28,7 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from pipeline.errors import ModelLoadError
-from pipeline.model.gguf_file import GROUP_SIZE, GGUFHeader, read_header, read_tensors
+from pipeline.model.gguf_file import BF16, GROUP_SIZE, GGUFHeader, read_header, read_tensors
 
 LM_ARCHS = ("qwen2", "qwen3", "llama", "minicpm")
 PERMUTED_ARCHS = ("llama", "minicpm")  # q/k rows interleaved by convert_hf_to_gguf.py
@@ -195,13 +195,22 @@ def rope_scaling_from_tensors(header: GGUFHeader, cfg: dict[str, Any], rope: dic
                            "original_max_position_embeddings": original}
 
 
-def default_dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
-    """Float dtype for activations: CPU runs float32 (fp16 matmuls are slow there), else as stored."""
+def default_dtype(dtype: str | mx.Dtype | None, header: GGUFHeader | None = None) -> mx.Dtype:
+    """One float dtype for every float tensor (weights, norms, quantisation scales).
+
+    GGUF files mix F32 norms with F16/BF16 (or quantised, f16-scaled) matrices; mixing dtypes
+    would promote activations and re-cast weights on every call, so everything gets one dtype:
+    the caller's, else float32 on the CPU (fp16 matmuls, quantised ones included, are slow
+    there), else bfloat16 for files that store BF16 and float16 for the rest.
+    """
     if isinstance(dtype, str):
         return getattr(mx, dtype)
     if dtype is not None:
         return dtype
-    return mx.float32 if mx.default_device() == mx.cpu else None
+    if mx.default_device() == mx.cpu:
+        return mx.float32
+    stores_bf16 = header is not None and any(t.type_id == BF16 for t in header.tensors.values())
+    return mx.bfloat16 if stores_bf16 else mx.float16
 
 
 def cast_floats(weights: dict[str, mx.array], dtype: mx.Dtype | None) -> dict[str, mx.array]:
@@ -253,7 +262,7 @@ def build_lm_from_gguf(header: GGUFHeader, *, dtype=None):
     cfg = lm_config_from_gguf(header)
     weights, rope = lm_weights_from_gguf(header, read_tensors(header), cfg)
     rope_scaling_from_tensors(header, cfg, rope)
-    weights = cast_floats(weights, default_dtype(dtype))
+    weights = cast_floats(weights, default_dtype(dtype, header))
     model = build_lm(cfg)
     quantize_like(model, weights)
     weights = model.sanitize(weights)

@@ -165,7 +165,7 @@ def load_mmproj_model(mm: GGUFHeader, lm, lm_cfg: dict[str, Any], tokenizer, lm_
 
     cfg = mmproj_config(mm, lm_cfg, lm_header.path)
     scale_emb = lm_cfg.get("scale_emb") if lm_cfg["model_type"] == "minicpm" else None
-    weights = cast_floats(mmproj_weights(mm, cfg, scale_emb=scale_emb), default_dtype(dtype))
+    weights = cast_floats(mmproj_weights(mm, cfg, scale_emb=scale_emb), default_dtype(dtype, lm_header))
     args = VLMArgs.from_config(cfg, origin=mm.path)
     pre = {"norm_mean": cfg.get("norm_mean", [0.5] * 3), "norm_std": cfg.get("norm_std", [0.5] * 3)}
     model = MiniCPMV(args, processor=MiniCPMVProcessor.from_configs(args.version, cfg, pre), tokenizer=tokenizer)
