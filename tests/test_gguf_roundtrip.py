@@ -127,7 +127,7 @@ def _vlm_logits(model, image):
     return np.array(feats[0].features), np.array(logits[0])
 
 
-@pytest.mark.parametrize("qtype", ["F16", "Q4_0"])
+@pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("case", list(CASES))
 def test_gguf_pair_matches_hf_checkpoint(pairs, case, qtype):
     from tiny_models import random_image
