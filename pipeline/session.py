@@ -474,8 +474,12 @@ class StreamingSession:
         await self.worker.run(self.core.start)
 
     async def add_frame(self, frame: Any, pts: float | None = None) -> int:
-        """Append a frame: RGB uint8 pixels [H, W, 3] (encoded here) or precomputed features
-        (an `ImageFeatures` from the encoder). Returns the tokens added."""
+        """Append a frame: RGB uint8 pixels [H, W, 3] (encoded here), precomputed features
+        (an `ImageFeatures` from the encoder) or a `Frame` event (its features when the encoder
+        stage set them, else its pixels). Returns the tokens added."""
+        if hasattr(frame, "pixels"):  # a pipeline Frame event
+            pts = frame.pts if pts is None else pts
+            frame = frame.features if frame.features is not None else frame.pixels
         if isinstance(frame, np.ndarray):
             return await self.worker.run(self.core.add_image, frame, pts)
         return await self.worker.run(self.core.add_features, frame, pts)

@@ -133,6 +133,7 @@ import asyncio  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
 
+from pipeline.events import Frame  # noqa: E402
 from pipeline.session import SessionCore, StreamingSession, TextDelta, TurnDone  # noqa: E402
 from tiny_models import make_tiny_minicpmv, random_image  # noqa: E402
 
@@ -384,7 +385,8 @@ def test_async_api_streams_deltas_and_keeps_the_loop_responsive(tiny_models):
         await asyncio.sleep(0.02)
         for i, img in enumerate(images):  # pixels: encoded on the worker thread
             before, t = len(lags), time.perf_counter()
-            assert await session.add_frame(img, float(i)) > 0
+            frame = Frame(pixels=img, pts=float(i)) if i == 0 else img  # an event or raw pixels
+            assert await session.add_frame(frame, None if i == 0 else float(i)) > 0
             if time.perf_counter() - t > 0.1:  # a long call: the loop kept ticking meanwhile
                 assert len(lags) > before
         events = [ev async for ev in session.narrate(PROMPT, max_tokens=12, ignore_eos=True)]
@@ -398,6 +400,7 @@ def test_async_api_streams_deltas_and_keeps_the_loop_responsive(tiny_models):
         await session.add_text("note")  # runs after the interrupted turn closed
         core = session.core
         assert [s.kind for s in core.spans][-2:] == ["turn", "text"] and core.positions_contiguous()
+        assert core.spans[1].pts == 0.0  # taken from the Frame event
         closed = model.tokenizer.decode(core.last_turn_ids)
         assert closed.endswith("<|im_end|>\n<|im_start|>user\n") and closed.count("<|im_end|>") == 2
         tick.cancel()
