@@ -8,7 +8,7 @@ import pytest
 from pipeline.cli import main as cli_main
 from pipeline.model.generate import generate_tokens
 from pipeline.model.load import load_model
-from tests.tiny_models import make_tiny_minicpmv, random_image
+from tiny_models import make_tiny_minicpmv, random_image
 
 
 @pytest.fixture(scope="module")

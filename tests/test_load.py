@@ -14,7 +14,7 @@ from pipeline.cli import main as cli_main
 from pipeline.errors import ModelLoadError, UserError
 from pipeline.model.convert import convert_main
 from pipeline.model.load import load_model
-from tests.tiny_models import make_tiny_minicpmv, random_image
+from tiny_models import make_tiny_minicpmv, random_image
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from pipeline.model.processor import MiniCPMVProcessor, ensure_divide, find_best_resize, get_sliced_grid
-from tests.tiny_models import random_image
+from tiny_models import random_image
 
 # ---------------------------------------------------------------- reference (image_processing_minicpmv.py)
 

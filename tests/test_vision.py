@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pipeline.model.vision import SiglipVisionTower, VisionArgs, batch_views, navit_bucket_coords, navit_position_ids
-from tests.tiny_models import TINY_VISION, tiny_config, tiny_weights
+from tiny_models import TINY_VISION, tiny_config, tiny_weights
 
 
 def _hf_buckets(n: int, side: int) -> np.ndarray:
