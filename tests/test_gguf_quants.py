@@ -122,3 +122,14 @@ def test_bf16_language_model_matches_its_twin(tmp_path):
     ref = _logits(hf_language_model(equiv, "qwen3"), IDS)
     got = _logits(load_gguf(lm_path).language_model, IDS)  # CPU: float32 compute
     np.testing.assert_allclose(got, ref, atol=2e-4 * np.abs(ref).max(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 5, 6, 8])
+def test_pack_bits_is_mlx_packing(bits):
+    from pipeline.model.gguf_file import pack_bits
+
+    rng = np.random.default_rng(bits)
+    q = rng.integers(0, 2**bits, size=(6, 96)).astype(np.uint32)
+    scales, biases = mx.ones((6, 3)), mx.zeros((6, 3))
+    back = mx.dequantize(mx.array(pack_bits(q, bits)), scales, biases, group_size=32, bits=bits)
+    np.testing.assert_array_equal(np.array(back), q.astype(np.float32))

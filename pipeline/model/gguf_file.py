@@ -203,12 +203,19 @@ def repack_native(raw: np.ndarray, type_id: int, rows: int, cols: int) -> tuple[
 def pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
     """[rows, cols] ints in 0..2^bits-1 -> [rows, cols*bits/32] uint32, MLX's packing.
 
-    MLX stores a row as one little-endian bit stream, element i in bits [i*bits, (i+1)*bits).
+    MLX stores a row as one little-endian bit stream, element i in bits [i*bits, (i+1)*bits),
+    so a group of 32 elements fills exactly `bits` words. Each element is shifted into a 64-bit
+    accumulator of the word it starts in; bits past 32 then carry into the next word.
     """
-    rows = q.shape[0]
-    stream = ((q[..., None].astype(np.uint32) >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
-    packed = np.packbits(stream.reshape(rows, -1), axis=-1, bitorder="little")
-    return np.ascontiguousarray(packed).view("<u4")
+    rows, cols = q.shape
+    groups = q.reshape(-1, 32).astype(np.uint64)  # [G, 32]
+    acc = np.zeros((groups.shape[0], bits), dtype=np.uint64)
+    for i in range(32):
+        word, shift = divmod(i * bits, 32)
+        acc[:, word] |= groups[:, i] << np.uint64(shift)
+    out = (acc & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    out[:, 1:] |= (acc[:, :-1] >> np.uint64(32)).astype(np.uint32)
+    return out.reshape(rows, cols * bits // 32)
 
 
 # type -> bits of the types whose every group of 32 is affine (exact MLX repack)
