@@ -75,7 +75,8 @@ def _model_stages(cfg: RunConfig) -> list[Stage]:
     worker = worker_for(model)  # one thread runs all of this model's MLX work
     session = StreamingSession.from_config(model, cfg.session, worker=worker)
     return [
-        EncodeStage(model, worker=worker, max_slice_nums=cfg.model.max_slice_nums),
+        EncodeStage(model, worker=worker, max_slice_nums=cfg.model.max_slice_nums,
+                    max_batch=cfg.session.encode_batch, pack_frames=cfg.session.pack_frames),
         DecodeStage(session, cfg.narration, stream_id=cfg.source.stream_id),
     ]
 

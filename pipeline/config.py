@@ -86,6 +86,8 @@ class SessionConfig(Group):
     kv_bits: Literal[4, 8] | None = None
     keep_generated: bool = True  # keep narrations in the cache as context
     system_prompt: str | None = None
+    encode_batch: int = Field(default=4, ge=1, le=64)  # frames per vision-tower call at most
+    pack_frames: int | None = Field(default=None, ge=1, le=6)  # 4.5 3D groups; None = model default
 
 
 class NarrationConfig(Group):
