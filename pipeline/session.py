@@ -226,37 +226,43 @@ class SessionCore:
         close_ids = self._encode(CLOSE_TEXT)
         evicted = self._make_room(len(ids) + max_tokens + len(close_ids))
         turn_start = self.offset
-        logits = self._prefill(ids, [], logits=True)
-        prefill_s = time.perf_counter() - t0
-        out_ids: list[int] = []
-        kept_logits: list[np.ndarray] = []
-        detok = self.tokenizer.detokenizer()
-        pending: int | None = None  # sampled, shown, not yet in the cache
-        stopped, first_token_s, t_first = "max_tokens", 0.0, time.perf_counter()
-        while True:
-            if return_logits:
-                kept_logits.append(np.array(logits[0]))
-            token = int(sampler(logits, out_ids).item())  # history: this turn's tokens
-            if len(out_ids) == 0:
-                t_first = time.perf_counter()
-                first_token_s = t_first - t0
-            if token in self.stop_ids and not ignore_eos:  # (benchmarks force a fixed length)
-                stopped = "eos"
-                break
-            out_ids.append(token)
-            delta = detok.add(token)  # never half a UTF-8 character
-            if delta and on_delta is not None:
-                on_delta(TextDelta(delta, len(out_ids)))
-            if len(out_ids) >= max_tokens or (stop is not None and stop.is_set()):
-                stopped = "max_tokens" if len(out_ids) >= max_tokens else "interrupted"
-                pending = token
-                break
-            logits = self.lm(mx.array([[token]], dtype=mx.int32), cache=self.cache)[:, -1, :]
-        decode_s = time.perf_counter() - t_first
-        tail = detok.finalize()
-        if tail and on_delta is not None:
-            on_delta(TextDelta(tail, len(out_ids)))
-        text = detok.text
+        try:
+            logits = self._prefill(ids, [], logits=True)
+            prefill_s = time.perf_counter() - t0
+            out_ids: list[int] = []
+            kept_logits: list[np.ndarray] = []
+            detok = self.tokenizer.detokenizer()
+            pending: int | None = None  # sampled, shown, not yet in the cache
+            stopped, first_token_s, t_first = "max_tokens", 0.0, time.perf_counter()
+            while True:
+                if return_logits:
+                    kept_logits.append(np.array(logits[0]))
+                token = int(sampler(logits, out_ids).item())  # history: this turn's tokens
+                if len(out_ids) == 0:
+                    t_first = time.perf_counter()
+                    first_token_s = t_first - t0
+                if token in self.stop_ids and not ignore_eos:  # (benchmarks force a fixed length)
+                    stopped = "eos"
+                    break
+                out_ids.append(token)
+                delta = detok.add(token)  # never half a UTF-8 character
+                if delta and on_delta is not None:
+                    on_delta(TextDelta(delta, len(out_ids)))
+                if len(out_ids) >= max_tokens or (stop is not None and stop.is_set()):
+                    stopped = "max_tokens" if len(out_ids) >= max_tokens else "interrupted"
+                    pending = token
+                    break
+                logits = self.lm(mx.array([[token]], dtype=mx.int32), cache=self.cache)[:, -1, :]
+            decode_s = time.perf_counter() - t_first
+            tail = detok.finalize()
+            if tail and on_delta is not None:
+                on_delta(TextDelta(tail, len(out_ids)))
+            text = detok.text
+        except Exception:
+            # A failed turn leaves no trace: the cache goes back to before its prompt, so the
+            # spans still describe it exactly.
+            trim_prompt_cache(self.cache, self.offset - turn_start)
+            raise
         if self.keep_generated:
             closing = ([pending] if pending is not None else []) + close_ids
             self._prefill(closing, [])
@@ -495,7 +501,10 @@ class StreamingSession:
         stop = threading.Event()
 
         def on_delta(delta: TextDelta) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, delta)
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, delta)
+            except RuntimeError:  # the loop is closed: nobody listens, end the turn cleanly
+                stop.set()
 
         fut = self.worker.submit(self.core.generate, prompt, on_delta=on_delta, stop=stop, **kw)
         fut.add_done_callback(lambda _f: queue.put_nowait(_DONE))

@@ -408,3 +408,23 @@ def test_async_api_streams_deltas_and_keeps_the_loop_responsive(tiny_models):
 
     lags = asyncio.run(main())
     assert len(lags) > 0
+
+
+def test_a_failed_turn_leaves_the_cache_as_before(tiny_models):
+    model = tiny_models("2.6")
+    (feat,) = _features(model, 1, seed=80)
+    core = SessionCore(model)
+    core.add_features(feat, 0.0)
+    before = core.offset
+    calls = []
+
+    def failing_sampler(logits, history):
+        calls.append(1)
+        if len(calls) > 2:
+            raise RuntimeError("sampler broke")
+        return mx.argmax(logits, axis=-1)
+
+    with pytest.raises(RuntimeError, match="sampler broke"):
+        core.generate(PROMPT, max_tokens=8, sampler=failing_sampler)
+    assert core.offset == before and core.positions_contiguous()
+    assert core.generate(PROMPT, max_tokens=3, ignore_eos=True).tokens == 3
