@@ -8,13 +8,14 @@ Tensor policy (see `read_tensors`):
     These types map exactly onto MLX's affine groups (w = scale * q + bias), so nothing is lost.
   - everything else (K-quants, Q5_*, IQ*, TQ*, MXFP4): `mx.load` either fails on them
     (Q5_0: "gguf_tensor_to_f16 failed") or silently expands them to f16, so we read their
-    blocks with the `gguf` package's memory-mapped reader and dequantise with its numpy
-    dequantisers. Then:
+    blocks with the `gguf` package's memory-mapped reader. Then:
       * Q5_0, Q5_1, Q4_K, Q5_K are affine per group of 32 (w = scale * q + bias with q on a
-        4/5-bit grid), so we recover q from the values and each group's (scale, bias) read off
-        the block headers and pack them in MLX's layout: exact, nothing re-rounded;
+        4/5-bit grid), so their codes q and each group's (scale, bias) are read off the blocks
+        and packed in MLX's layout: exact, nothing re-rounded (tests compare the values with
+        the gguf package's dequantisers);
       * the rest (Q6_K's 16-value sub-blocks, Q2_K/Q3_K, the non-uniform IQ grids) are
-        re-quantised with `mx.quantize` (affine, group 32) at the width in `REQUANT_BITS`:
+        dequantised with the gguf package's numpy dequantisers and re-quantised with
+        `mx.quantize` (affine, group 32) at the width in `REQUANT_BITS`:
         a second rounding, under one step of the new grid (Q6_K goes to 8 bits: near-lossless
         for the output/embedding tensors Q4_K_M files keep in Q6_K).
 
@@ -242,16 +243,37 @@ def affine_group_params(raw: np.ndarray, type_name_: str, rows: int, cols: int) 
     return (d[..., None] * sc).reshape(rows, -1), (-dmin[..., None] * mn).reshape(rows, -1)
 
 
-def _exact_affine(values: np.ndarray, raw: np.ndarray, type_name_: str) -> dict[str, mx.array]:
-    """Repack dequantised Q5_0/Q5_1/Q4_K/Q5_K values on their own grid (no re-rounding)."""
+def affine_group_codes(raw: np.ndarray, type_name_: str, rows: int, cols: int) -> np.ndarray:
+    """The integer codes q ([rows, cols] uint8) of Q5_0/Q5_1/Q4_K/Q5_K blocks, read bit for bit."""
+    import gguf
+
+    _, block_bytes = gguf.GGML_QUANT_SIZES[getattr(gguf.GGMLQuantizationType, type_name_)]
+    blocks = raw.reshape(-1, block_bytes)
+    n = blocks.shape[0]
+    if type_name_ in ("Q5_0", "Q5_1"):  # [d (, m)] qh:u32 qs[16]: low nibbles 0..15, high 16..31
+        head = 2 if type_name_ == "Q5_0" else 4
+        qh = blocks[:, head:head + 4].copy().view("<u4")  # [n, 1]: bit i = high bit of value i
+        qs = blocks[:, head + 4:head + 20]
+        low = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # [n, 32]
+        high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+        return (low | (high << 4)).reshape(rows, cols)
+    # Q4_K / Q5_K super-blocks: d, dmin, scales[12], (qh[32],) qs[128]; qs byte i of pair j holds
+    # sub-block 2j (low nibble) and 2j+1 (high nibble); Q5_K's qh bit k tops sub-block k.
+    qs = blocks[:, -128:].reshape(n, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+    q = (qs & 0x0F).reshape(n, 8, 32)
+    if type_name_ == "Q5_K":
+        qh = blocks[:, 16:48].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)
+        q = q | ((qh & 1) << 4)
+    return q.reshape(rows, cols)
+
+
+def _exact_affine(raw: np.ndarray, type_name_: str, rows: int, cols: int) -> dict[str, mx.array]:
+    """Q5_0/Q5_1/Q4_K/Q5_K in MLX's layout on their own grid (codes and scales as stored)."""
     bits = EXACT_AFFINE_BITS[type_name_]
-    rows, cols = values.shape
+    q = affine_group_codes(raw, type_name_, rows, cols)
     scale, bias = affine_group_params(raw, type_name_, rows, cols)
-    s = np.repeat(scale, GROUP_SIZE, axis=-1)
-    safe = np.where(s == 0, 1.0, s)
-    q = np.clip(np.rint((values - np.repeat(bias, GROUP_SIZE, axis=-1)) / safe), 0, 2**bits - 1)
-    return {"weight": mx.array(pack_bits(q.astype(np.uint32), bits)), "scales": mx.array(scale),
-            "biases": mx.array(bias)}
+    packed = _pack_nibbles(q) if bits == 4 else pack_bits(q, bits)
+    return {"weight": mx.array(packed), "scales": mx.array(scale), "biases": mx.array(bias)}
 
 
 def _requantize(values: np.ndarray, bits: int) -> dict[str, mx.array]:
@@ -293,15 +315,14 @@ def read_tensors(header: GGUFHeader) -> dict[str, mx.array]:
                 raise ModelLoadError(
                     f"{header.path}: tensor {t.name} has quantisation type {info.type_name}, which is not supported")
             raw = np.asarray(t.data)
-            values = dequantize(raw, qt).reshape(info.shape)
-            if values.ndim < 2 or values.shape[-1] % GROUP_SIZE:
-                out[t.name] = mx.array(values)  # too small to group: keep as float
+            if len(info.shape) < 2 or info.shape[-1] % GROUP_SIZE:
+                out[t.name] = mx.array(dequantize(raw, qt).reshape(info.shape))  # too small to group
                 continue
-            rows = int(np.prod(values.shape[:-1]))
+            rows = int(np.prod(info.shape[:-1]))
             if info.type_name in EXACT_AFFINE_BITS:
-                parts = _exact_affine(values.reshape(rows, -1), raw.reshape(rows, -1), info.type_name)
+                parts = _exact_affine(raw.reshape(rows, -1), info.type_name, rows, info.shape[-1])
             else:
-                parts = _requantize(values, bits)
+                parts = _requantize(dequantize(raw, qt).reshape(info.shape), bits)
             for k, v in parts.items():
                 out[f"{base}.{k}"] = v
     return out
