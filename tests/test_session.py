@@ -428,3 +428,31 @@ def test_a_failed_turn_leaves_the_cache_as_before(tiny_models):
         core.generate(PROMPT, max_tokens=8, sampler=failing_sampler)
     assert core.offset == before and core.positions_contiguous()
     assert core.generate(PROMPT, max_tokens=3, ignore_eos=True).tokens == 3
+
+
+def test_eviction_drops_whole_turns_and_frames_in_order(tiny_models):
+    """Frames and narration turns interleave under a budget: whatever is evicted goes whole,
+    oldest first, and the kept cache is exactly the kept transcript (layer-0 keys)."""
+    model = tiny_models("2.6")
+    feats = _features(model, 3, seed=90)
+    core = SessionCore(model, max_cache_tokens=260)
+    transcript = []  # (kind, ids, features) in cache order, mirrored from the session
+    core.start()
+    transcript.append(("prefix", model.tokenizer.encode(_prefix(core)), []))
+    for i in range(24):
+        f = feats[i % 3]
+        core.add_features(f, float(i))
+        transcript.append(("frame", model.tokenizer.encode(_placeholders(model, [f])), [f]))
+        if i % 4 == 3:
+            core.generate(PROMPT, max_tokens=4, ignore_eos=True)
+            transcript.append(("turn", list(core.last_turn_ids), []))
+        assert core.offset <= 260 and core.positions_contiguous()
+    kinds = [s.kind for s in core.spans]
+    assert "turn" in kinds and core.evicted_total > 0
+    kept = transcript[:1] + transcript[len(transcript) - (len(core.spans) - 1):]
+    assert [k for k, _, _ in kept] == kinds
+    assert [len(ids) for _, ids, _ in kept] == [s.length for s in core.spans]
+    ids = [t for _, part, _ in kept for t in part]
+    fresh = model.make_cache()
+    model.forward(mx.array([ids], dtype=mx.int32), fresh, images=[f for _, _, fs in kept for f in fs])
+    assert float(mx.abs(fresh[0].state[0] - core.cache[0].state[0]).max()) < 1e-4
