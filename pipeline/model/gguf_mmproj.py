@@ -63,6 +63,10 @@ def mmproj_config(mm: GGUFHeader, lm_cfg: dict[str, Any], lm_path: str) -> dict[
         if name not in mm.tensors:
             raise ModelLoadError(f"{mm.path}: tensor {name} is missing")
     query_num, width = mm.tensors["resampler.query"].shape
+    stated = mm.get("clip.minicpmv_query_num")  # newer files say it; legacy ones imply 64
+    if stated and int(stated) != query_num:
+        raise ModelLoadError(f"{mm.path}: clip.minicpmv_query_num {stated} does not match tensor "
+                             f"resampler.query ({query_num} rows)")
     if width != lm_cfg["hidden_size"]:
         raise ModelLoadError(f"{mm.path}: resampler width {width} does not match the language model's "
                              f"hidden size {lm_cfg['hidden_size']} ({lm_path})")
