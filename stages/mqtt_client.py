@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,6 +216,9 @@ class BusClient:
             username=self.address.username, password=self.address.password,
             identifier=self.client_id, protocol=version, will=will,
             keepalive=self.keepalive_s, timeout=self.timeout_s, logger=LOG,
+            # Without it, a QoS 0 message (no reply) followed by a QoS 1 one stalls on Nagle +
+            # delayed ACK: ~20 ms per message instead of ~0.1 ms (measured: 45 vs 8000 msg/s).
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
             tls_context=self.tls.context() if self.address.tls else None,
             # a fresh session each time: questions are answered live, never replayed
             clean_session=None if self.is_v5 else True,
