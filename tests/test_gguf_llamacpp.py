@@ -104,6 +104,7 @@ def test_tokenizer_ids_match_llama_cpp(ours, reference):
         assert ours.tokenizer.decode(expected) == text
 
 
+@pytest.mark.slow  # ~5 s per prompt: 32 real decode steps on our side
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_greedy_decoding_matches_llama_cpp(ours, reference, prompt):
     import mlx.core as mx
