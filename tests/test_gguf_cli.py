@@ -121,3 +121,19 @@ def test_bad_gguf_is_one_line_and_exit_2(tmp_path, tiny_pair):
         assert run.returncode == 2, (args, run.stderr)
         lines = run.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("framecast: ") and needle in lines[0], run.stderr
+
+
+def test_convert_real_gguf_with_chat_template(tmp_path):
+    """SmolLM2 (Q4_1 + Q8_0 embedding, a chat template): converts and reloads to the same logits."""
+    from pipeline.model.gguf import load_gguf
+    from pipeline.model.load import load_model
+
+    path = smollm_path()
+    out = tmp_path / "smollm-mlx"
+    run = framecast("convert", str(path), str(out))
+    assert run.returncode == 0, run.stderr
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"]
+    ids = mx.array([[1, 4093, 198, 19556, 905, 17, 2, 198]])
+    a = np.array(load_gguf(path).language_model(ids))
+    b = np.array(load_model(out).language_model(ids))
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-4)

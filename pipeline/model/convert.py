@@ -73,6 +73,8 @@ def _write_preprocessor(model, out: Path) -> None:
     proc = getattr(model, "processor", None)
     if proc is None or (out / "preprocessor_config.json").is_file():
         return
+    if not hasattr(proc, "scale_resolution"):  # a text-only GGUF: its "processor" is the chat template
+        return
     (out / "preprocessor_config.json").write_text(json.dumps({
         "scale_resolution": proc.scale_resolution, "max_slice_nums": proc.max_slice_nums,
         "patch_size": proc.patch_size, "use_image_id": proc.use_image_id, "slice_mode": proc.slice_mode,
