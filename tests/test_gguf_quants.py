@@ -133,3 +133,16 @@ def test_pack_bits_is_mlx_packing(bits):
     scales, biases = mx.ones((6, 3)), mx.zeros((6, 3))
     back = mx.dequantize(mx.array(pack_bits(q, bits)), scales, biases, group_size=32, bits=bits)
     np.testing.assert_array_equal(np.array(back), q.astype(np.float32))
+
+
+def test_numpy_reader_path_equals_mx_load_on_a_real_file():
+    """SmolLM2 Q4_1 + Q8_0 + F32: our block repacking gives mx.load's arrays bit for bit."""
+    from gguf_fixtures import smollm_path
+
+    header = read_header(smollm_path())
+    fast = read_tensors(header)
+    slow = read_tensors(header, use_mx_load=False)
+    assert sorted(fast) == sorted(slow)
+    for name in ("token_embd.weight", "token_embd.scales", "blk.0.attn_q.weight", "blk.0.attn_q.biases",
+                 "blk.29.ffn_down.scales", "output_norm.weight"):
+        np.testing.assert_array_equal(np.array(fast[name]), np.array(slow[name]), err_msg=name)

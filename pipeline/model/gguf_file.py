@@ -281,14 +281,14 @@ def _requantize(values: np.ndarray, bits: int) -> dict[str, mx.array]:
     return {"weight": w, "scales": scales, "biases": biases}
 
 
-def read_tensors(header: GGUFHeader) -> dict[str, mx.array]:
+def read_tensors(header: GGUFHeader, *, use_mx_load: bool = True) -> dict[str, mx.array]:
     """Every tensor of the file, keyed `<gguf name minus .weight>.{weight,scales,biases}` or as is.
 
     Quantised tensors come back as three arrays (`X.weight`, `X.scales`, `X.biases`), exactly
-    as `mx.load` names them; float tensors as one.
+    as `mx.load` names them; float tensors as one. `use_mx_load=False` forces the numpy path.
     """
     infos = header.tensors.values()
-    if all(t.type_id in NATIVE_TYPES for t in infos):
+    if use_mx_load and all(t.type_id in NATIVE_TYPES for t in infos):
         try:
             return mx.load(header.path)
         except Exception as e:  # corrupt data: name the file, not mlx's internals
