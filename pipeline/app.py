@@ -77,7 +77,7 @@ def _model_stages(cfg: RunConfig) -> list[Stage]:
     return [
         EncodeStage(model, worker=worker, max_slice_nums=cfg.model.max_slice_nums,
                     max_batch=cfg.session.encode_batch, pack_frames=cfg.session.pack_frames),
-        DecodeStage(session, cfg.narration, stream_id=cfg.source.stream_id),
+        DecodeStage(session, cfg.narration, stream_id=cfg.source.stream_id, state_file=cfg.session.state_file),
     ]
 
 

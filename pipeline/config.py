@@ -88,6 +88,7 @@ class SessionConfig(Group):
     system_prompt: str | None = None
     encode_batch: int = Field(default=4, ge=1, le=64)  # frames per vision-tower call at most
     pack_frames: int | None = Field(default=None, ge=1, le=6)  # 4.5 3D groups; None = model default
+    state_file: str | None = None  # restore the cache from here at start (if present), save at exit
 
 
 class NarrationConfig(Group):

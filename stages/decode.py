@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import collections
 import time
+from pathlib import Path
 from typing import AsyncIterator
 
 from pipeline.config import NarrationConfig
+from pipeline.errors import FatalError, UserError
 from pipeline.events import Answer, Event, Frame, Narration, NarrationDelta, Question, SceneChange
 from pipeline.runtime import Stage
 from pipeline.session import StreamingSession, TextDelta, TurnDone, greedy
@@ -38,9 +40,10 @@ class DecodeStage(Stage):
     name = "decode"
 
     def __init__(self, session: StreamingSession, cfg: NarrationConfig | None = None, *,
-                 stream_id: str = "default", name: str | None = None):
+                 stream_id: str = "default", state_file: str | None = None, name: str | None = None):
         super().__init__(name=name)
         self.session = session
+        self.state_file = Path(state_file) if state_file else None
         self.cfg = cfg or NarrationConfig()
         self.stream_id = stream_id
         self.sampler = make_turn_sampler(self.cfg)
@@ -54,7 +57,16 @@ class DecodeStage(Stage):
         self.turn_log: collections.deque = collections.deque(maxlen=256)  # (pts, trigger, text)
 
     async def start(self) -> None:
+        if self.state_file is not None and self.state_file.is_file():
+            try:  # continue the conversation where the last run stopped
+                await self.session.load(self.state_file)
+            except UserError as e:
+                raise FatalError(f"session.state_file: {e}") from None
         await self.session.start()
+
+    async def close(self) -> None:
+        if self.state_file is not None:
+            await self.session.save(self.state_file)
 
     def _next_seq(self) -> int:
         self._seq += 1

@@ -219,3 +219,22 @@ def test_model_stages_from_config_run_end_to_end(tmp_path):
     assert decode.session.core.evicted_total > 0 and decode.session.cache_tokens <= 400
     with pytest.raises(ModelLoadError):
         _model_stages(RunConfig.model_validate({"model": {"path": str(tmp_path / "missing")}}))
+
+
+def test_state_file_continues_the_conversation_across_runs(tmp_path):
+    from pipeline.app import _model_stages
+    from pipeline.config import RunConfig
+
+    make_tiny_minicpmv(tmp_path / "m", "2.6")
+    state = tmp_path / "stream.safetensors"
+    cfg = RunConfig.model_validate({"model": {"path": str(tmp_path / "m")},
+                                    "session": {"state_file": str(state)},
+                                    "narration": {"policy": "on_demand"}})
+    counts = []
+    for _ in range(2):
+        stages = _model_stages(cfg)
+        result = asyncio.run(Runtime(FrameSource([True] * 3), stages).run(handle_signals=False))
+        assert result.exit_code == 0 and not result.errors
+        core = stages[1].session.core
+        counts.append((core.frames_added, [s.kind for s in core.spans].count("frame")))
+    assert state.is_file() and counts == [(3, 3), (6, 6)]
