@@ -456,3 +456,18 @@ def test_eviction_drops_whole_turns_and_frames_in_order(tiny_models):
     fresh = model.make_cache()
     model.forward(mx.array([ids], dtype=mx.int32), fresh, images=[f for _, _, fs in kept for f in fs])
     assert float(mx.abs(fresh[0].state[0] - core.cache[0].state[0]).max()) < 1e-4
+
+
+def test_bench_streaming_runs_and_prints_json_last(capsys):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_streaming.py"
+    spec = importlib.util.spec_from_file_location("bench_streaming", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--minutes", "0.05", "0.1", "--max-tokens", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["frames"] for r in result["rows"]] == [3, 6]
+    assert all(r["ratio_first"] > 0 and r["context_tokens"] > 0 for r in result["rows"])
