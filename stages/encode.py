@@ -160,7 +160,7 @@ class EncodeStage(Stage):
                 feats = self._last_features
                 self.frames_reused += len(group)
             else:
-                ids = [int(round((f.pts or 0.0) / TEMPORAL_UNIT_S)) for f in group]
+                ids = [round((f.pts or 0.0) / TEMPORAL_UNIT_S) for f in group]
                 feats = await self.worker.run(self.model.encode_frame_group, [f.pixels for f in group], ids,
                                               max_slice_nums=self.max_slice_nums)
                 self.encode_calls += 1

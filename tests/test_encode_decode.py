@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tiny_models import make_tiny_minicpmv, random_image
 
 from pipeline.config import NarrationConfig
 from pipeline.events import Answer, Event, Frame, Narration, NarrationDelta, Question
@@ -16,7 +17,6 @@ from pipeline.runtime import Runtime, Source, Stage
 from pipeline.session import StreamingSession
 from stages.decode import DecodeStage
 from stages.encode import EncodeStage
-from tiny_models import make_tiny_minicpmv, random_image
 
 
 def load_tiny(directory):
@@ -129,8 +129,8 @@ def test_unchanged_frames_reuse_features_and_are_not_encoded(models):
 
 def test_waiting_frames_are_micro_batched(models):
     model = CountingModel(models["2.6"])
-    encode, decode, collect = run_graph(model, [True] * 12)
-    assert sum(model.image_calls) == 12
+    encode, _, collect = run_graph(model, [True] * 12)
+    assert sum(model.image_calls) == 12 == encode.frames_encoded and encode.encode_calls == len(model.image_calls)
     assert len(model.image_calls) < 12 and max(model.image_calls) > 1  # several frames per call
     assert [f.pts for f in _frames(collect)] == [float(i) for i in range(12)]
 
@@ -151,7 +151,7 @@ def test_question_is_answered_from_the_cache_without_re_encoding(models):
         while not any(isinstance(e, Answer) for e in collect.items):
             await asyncio.sleep(0.01)
 
-    encode, decode, collect = run_graph(model, [True] * 5, after=ask)
+    _, _, collect = run_graph(model, [True] * 5, after=ask)
     answers = [e for e in collect.items if isinstance(e, Answer)]
     assert len(answers) == 1
     ans = answers[0]
@@ -164,7 +164,7 @@ def test_question_is_answered_from_the_cache_without_re_encoding(models):
 
 def test_interval_policy_narrates_every_n_media_seconds(models):
     cfg = NarrationConfig(policy="interval", interval_s=2.0, max_tokens=4)
-    encode, decode, collect = run_graph(models["2.6"], [True] * 7, narration=cfg)
+    _, decode, collect = run_graph(models["2.6"], [True] * 7, narration=cfg)
     assert [(p, t) for p, t, _ in decode.turn_log] == [(2.0, "interval"), (4.0, "interval"), (6.0, "interval")]
     narrations = [e for e in collect.items if isinstance(e, Narration)]
     for n in narrations:
