@@ -24,17 +24,7 @@ def tiny_model(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("tiny-2.6")
     make_tiny_minicpmv(d, "2.6")
-    model = load_model(str(d))
-    yield model
-    # MLX keeps per-thread state (streams, compile cache) whose C++ thread-exit teardown aborts
-    # the process if it runs while the interpreter finalises; release it on the worker thread
-    # and join that thread now, while Python is fully alive.
-    import mlx.core as mx
-    from pipeline.session import worker_for
-
-    worker = worker_for(model)
-    asyncio.run(worker.run(mx.clear_streams))
-    worker.close()
+    return load_model(str(d))
 
 
 def test_decoder_narrations_and_answers_over_mqtt(tmp_path, tiny_model, capsys):
