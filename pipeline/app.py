@@ -68,7 +68,8 @@ def _model_stages(cfg: RunConfig) -> list[Stage]:
     model = load_run_model(cfg)
     if model is None:
         return []
-    from pipeline.session import StreamingSession, worker_for
+    from pipeline.session import StreamingSession
+    from pipeline.worker import worker_for
     from stages.decode import DecodeStage
     from stages.encode import EncodeStage
 
