@@ -110,8 +110,10 @@ class SessionCore:
         sink_tokens: int | None = None,
         kv_bits: int | None = None,
         keep_generated: bool = True,
+        max_slice_nums: int = 1,
     ):
         self.model = model
+        self.max_slice_nums = max_slice_nums  # views per frame when the session encodes pixels
         self.lm = model.language_model
         self.tokenizer = model.tokenizer
         self.system_prompt = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
@@ -157,7 +159,7 @@ class SessionCore:
         self._check_budget_fits()
 
     def reset(self) -> None:
-        self.cache, self.spans = [], []
+        self.cache, self.spans, self.last_turn_ids = [], [], []
         self.evicted_total = self.frames_added = 0
         self.start()
 
@@ -168,18 +170,27 @@ class SessionCore:
 
     def _prefill(self, ids: list[int], images: list, *, logits: bool = False) -> mx.array | None:
         """Run `ids` (with image features for their placeholders) through the LM on the cache."""
-        tokens = mx.array([ids], dtype=mx.int32)  # [1, T]
-        h = self.model.embed(tokens, list(images))  # [1, T, D]
-        body = getattr(self.lm, "model", None)
-        if not logits and callable(body):
-            # Frames and text never need logits: skip the LM head ([T, vocab] per frame).
-            out = body(h, self.cache)
-            mx.eval(out, *[c.state for c in self.cache])
-            return None
-        out = self.lm(cache=self.cache, input_embeddings=h, last_only=True)  # [1, 1, V]
-        last = out[:, -1, :]
-        mx.eval(last)
-        return last
+        start = self.offset
+        try:
+            tokens = mx.array([ids], dtype=mx.int32)  # [1, T]
+            h = self.model.embed(tokens, list(images))  # [1, T, D]
+            body = getattr(self.lm, "model", None)
+            if not logits and callable(body):
+                # Frames and text never need logits: skip the LM head ([T, vocab] per frame).
+                out = body(h, self.cache)
+                mx.eval(out, *[c.state for c in self.cache])
+                return None
+            out = self.lm(cache=self.cache, input_embeddings=h, last_only=True)  # [1, 1, V]
+            last = out[:, -1, :]
+            mx.eval(last)
+            return last
+        except Exception:
+            self._rollback(start)  # no half-written span: every layer back to `start`
+            raise
+
+    def _rollback(self, offset: int) -> None:
+        for c in self.cache:
+            c.trim(c.offset - offset)
 
     def add_features(self, features: Any, pts: float | None = None) -> int:
         """Append one frame (or one 3D-resampler group) from its vision features."""
@@ -196,7 +207,7 @@ class SessionCore:
 
     def add_image(self, pixels: np.ndarray, pts: float | None = None) -> int:
         """Encode an RGB uint8 [H, W, 3] frame, then append it."""
-        (features,) = self.model.encode_images([pixels])
+        (features,) = self.model.encode_images([pixels], max_slice_nums=self.max_slice_nums)
         return self.add_features(features, pts)
 
     def add_text(self, text: str, pts: float | None = None) -> int:
@@ -263,7 +274,7 @@ class SessionCore:
         except Exception:
             # A failed turn leaves no trace: the cache goes back to before its prompt, so the
             # spans still describe it exactly.
-            trim_prompt_cache(self.cache, self.offset - turn_start)
+            self._rollback(turn_start)
             raise
         if self.keep_generated:
             closing = ([pending] if pending is not None else []) + close_ids
@@ -426,6 +437,7 @@ class StreamingSession:
     sink_tokens: int | None = None
     kv_bits: int | None = None
     keep_generated: bool = True
+    max_slice_nums: int = 1
     worker: ModelWorker | None = None
     core: SessionCore = field(init=False)
 
@@ -433,7 +445,7 @@ class StreamingSession:
         self.core = SessionCore(
             self.model, system_prompt=self.system_prompt, max_cache_tokens=self.max_cache_tokens,
             max_cache_mb=self.max_cache_mb, sink_tokens=self.sink_tokens, kv_bits=self.kv_bits,
-            keep_generated=self.keep_generated)
+            keep_generated=self.keep_generated, max_slice_nums=self.max_slice_nums)
         if self.worker is None:
             self.worker = worker_for(self.model)
 

@@ -472,3 +472,18 @@ def test_bench_streaming_runs_and_prints_json_last(capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [r["frames"] for r in result["rows"]] == [3, 6]
     assert all(r["ratio_first"] > 0 and r["context_tokens"] > 0 for r in result["rows"])
+
+
+def test_a_failed_frame_prefill_leaves_the_cache_as_before(tiny_models):
+    from pipeline.errors import UserError
+
+    model = tiny_models("2.6")
+    (feat,) = _features(model, 1, seed=81)
+    core = SessionCore(model)
+    core.add_features(feat, 0.0)
+    before = core.offset
+    bad = type(feat)(feat.features[:, :3], None)  # fewer features than placeholder tokens
+    with pytest.raises(UserError):
+        core.add_features(bad, 1.0)
+    assert core.offset == before and core.positions_contiguous()
+    assert core.add_features(feat, 2.0) > 0
