@@ -74,7 +74,7 @@ def _model_stages(cfg: RunConfig) -> list[Stage]:
     from stages.encode import EncodeStage
 
     worker = worker_for(model)  # one thread runs all of this model's MLX work
-    session = StreamingSession.from_config(model, cfg.session, worker=worker)
+    session = StreamingSession.from_config(model, cfg.session, worker=worker, max_slice_nums=cfg.model.max_slice_nums)
     return [
         EncodeStage(model, worker=worker, max_slice_nums=cfg.model.max_slice_nums,
                     max_batch=cfg.session.encode_batch, pack_frames=cfg.session.pack_frames),
