@@ -11,7 +11,7 @@ streaming ChatML (the demo model is trained on exactly this):
     ...<|im_end|>\\n<|im_start|>user\\n                               ... then close and reopen
 
 A turn always ends with `<|im_end|>` in the cache, whether the model produced it, ran out of
-tokens or was interrupted (a sampled stop token is never fed, so it is appended once).
+tokens or was interrupted (a sampled stop token is dropped from the cache, then appended once).
 `keep_generated=False` trims the whole turn away instead, leaving the user turn open.
 
 Bounded memory: the cache is a list of spans (prefix, frame, text, turn). When the next
@@ -40,7 +40,7 @@ import numpy as np
 
 from pipeline.errors import UserError
 from pipeline.kernels.rope_shift import RopeSpec, probe_rope
-from pipeline.model.cache import QuantizedKVCache, evict_prompt_cache, trim_prompt_cache
+from pipeline.model.cache import QuantizedKVCache, evict_prompt_cache
 from pipeline.worker import ModelWorker, worker_for
 
 __all__ = ["ModelWorker", "SessionCore", "Span", "StreamingSession", "TextDelta", "TurnDone", "worker_for"]
@@ -245,17 +245,27 @@ class SessionCore:
             out_ids: list[int] = []
             kept_logits: list[np.ndarray] = []
             detok = self.tokenizer.detokenizer()
-            pending: int | None = None  # sampled, shown, not yet in the cache
             stopped, first_token_s, t_first = "max_tokens", 0.0, time.perf_counter()
+            history = mx.zeros((0,), dtype=mx.int32)  # this turn's tokens, for the sampler
+            y = sampler(logits, history).astype(mx.int32)  # [1], lazy
+            mx.async_eval(y)
             while True:
                 if return_logits:
                     kept_logits.append(np.array(logits[0]))
-                token = int(sampler(logits, out_ids).item())  # history: this turn's tokens
-                if len(out_ids) == 0:
+                # Queue the next step (fed with y) before reading y, so building the graph in
+                # Python overlaps the device work (mlx-lm style). Every sampled token is
+                # therefore already in the cache when we look at it; a stop token is trimmed.
+                history = mx.concatenate([history, y])
+                next_logits = self.lm(y.reshape(1, 1), cache=self.cache)[:, -1, :]
+                next_y = sampler(next_logits, history).astype(mx.int32)
+                mx.async_eval(next_y)
+                token = int(y.item())
+                if not out_ids:
                     t_first = time.perf_counter()
                     first_token_s = t_first - t0
                 if token in self.stop_ids and not ignore_eos:  # (benchmarks force a fixed length)
                     stopped = "eos"
+                    self._rollback(self.offset - 1)  # the stop token was fed speculatively
                     break
                 out_ids.append(token)
                 delta = detok.add(token)  # never half a UTF-8 character
@@ -263,9 +273,8 @@ class SessionCore:
                     on_delta(TextDelta(delta, len(out_ids)))
                 if len(out_ids) >= max_tokens or (stop is not None and stop.is_set()):
                     stopped = "max_tokens" if len(out_ids) >= max_tokens else "interrupted"
-                    pending = token
                     break
-                logits = self.lm(mx.array([[token]], dtype=mx.int32), cache=self.cache)[:, -1, :]
+                logits, y = next_logits, next_y
             decode_s = time.perf_counter() - t_first
             tail = detok.finalize()
             if tail and on_delta is not None:
@@ -277,13 +286,12 @@ class SessionCore:
             self._rollback(turn_start)
             raise
         if self.keep_generated:
-            closing = ([pending] if pending is not None else []) + close_ids
-            self._prefill(closing, [])
+            self._prefill(close_ids, [])
             self.spans.append(Span("turn", self.offset - turn_start))
             # every id the turn left in the cache (tests rebuild transcripts from it)
-            self.last_turn_ids = ids + out_ids[: len(out_ids) - (pending is not None)] + closing
+            self.last_turn_ids = ids + out_ids + close_ids
         else:
-            trim_prompt_cache(self.cache, self.offset - turn_start)
+            self._rollback(turn_start)
             self.last_turn_ids = []
         n = len(out_ids)
         return TurnDone(
