@@ -51,6 +51,7 @@ class DecodeStage(Stage):
         self._last_narration_pts: float | None = None
         self._span_start_pts: float | None = None
         self._scene_changed = False
+        self._last_frame_pts: float | None = None  # what an answer refers to
         self.frames_added = 0
         self.narrations = 0
         self.answers = 0
@@ -88,6 +89,7 @@ class DecodeStage(Stage):
         await self.session.add_frame(item.features, item.pts)
         self.frames_added += 1
         pts = item.pts if item.pts is not None else time.monotonic()
+        self._last_frame_pts = item.pts
         if self._span_start_pts is None:
             self._span_start_pts = pts
         if item.changed:
@@ -146,6 +148,7 @@ class DecodeStage(Stage):
             yield msg
             return
         arrived = msg.ts.timestamp()
+        pts = msg.pts if msg.pts is not None else self._last_frame_pts
         text, first_ms, done = "", None, None
         try:
             async for ev in self.session.ask(msg.text, max_tokens=self.cfg.max_tokens, sampler=self.sampler):
@@ -157,11 +160,11 @@ class DecodeStage(Stage):
                     done = ev
         except Exception as e:  # the asker always gets an answer, even a failed one
             yield Answer(text="", request_id=msg.request_id, question=msg.text, error=f"{type(e).__name__}: {e}",
-                         stream_id=self.stream_id, seq=self._next_seq(), pts=msg.pts)
+                         stream_id=self.stream_id, seq=self._next_seq(), pts=pts)
             return
         self.answers += 1
         yield Answer(text=(done.text if done else text).strip(), request_id=msg.request_id, question=msg.text,
-                     stream_id=self.stream_id, seq=self._next_seq(), pts=msg.pts, first_token_ms=first_ms,
+                     stream_id=self.stream_id, seq=self._next_seq(), pts=pts, first_token_ms=first_ms,
                      tokens_per_s=done.tokens_per_s if done else None, tokens=done.tokens if done else None,
                      cache_tokens=done.cache_tokens if done else None)
 

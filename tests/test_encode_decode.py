@@ -156,6 +156,7 @@ def test_question_is_answered_from_the_cache_without_re_encoding(models):
     assert len(answers) == 1
     ans = answers[0]
     assert ans.request_id == question.request_id and ans.question == "What is shown?" and ans.error is None
+    assert ans.pts == 4.0  # the media time of the latest frame the answer saw
     assert model.image_calls == seen["calls_before"]  # nothing re-encoded for the answer
     assert ans.cache_tokens is not None and ans.cache_tokens > seen["cache_before"]
     assert ans.first_token_ms is not None and ans.first_token_ms >= 0
