@@ -132,6 +132,21 @@ class SessionCore:
         self.evicted_total = 0
         self.frames_added = 0
         self.last_turn_ids: list[int] = []
+        self._check_settings()
+
+    def _check_settings(self) -> None:
+        """Settings this model cannot honour fail here, as one line naming the key."""
+        head_dim = getattr(self.lm.layers[0].self_attn, "head_dim", None)
+        if self.kv_bits and head_dim is not None and head_dim % 32:
+            raise UserError(f"session.kv_bits = {self.kv_bits}: KV quantisation needs head_dim divisible by 32 "
+                            f"(this model has {head_dim})")
+        prefix = len(self._encode(self._prefix_text()))
+        if self.max_cache_tokens is not None and self.max_cache_tokens <= prefix:
+            raise UserError(f"session.max_cache_tokens = {self.max_cache_tokens}: does not even hold the "
+                            f"system prompt ({prefix} tokens)")
+
+    def _prefix_text(self) -> str:
+        return f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n<|im_start|>user\n"
 
     # -- state -------------------------------------------------------------------------------
 
@@ -153,7 +168,7 @@ class SessionCore:
         if self.spans:
             return
         self.cache = self._new_cache()
-        ids = self._encode(f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n<|im_start|>user\n")
+        ids = self._encode(self._prefix_text())
         self._prefill(ids, [])
         self.spans = [Span("prefix", len(ids))]
         self._check_budget_fits()

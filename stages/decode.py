@@ -63,7 +63,10 @@ class DecodeStage(Stage):
                 await self.session.load(self.state_file)
             except UserError as e:
                 raise FatalError(f"session.state_file: {e}") from None
-        await self.session.start()
+        try:
+            await self.session.start()
+        except UserError as e:  # e.g. a budget too small for the system prompt: stop the run
+            raise FatalError(str(e)) from None
 
     async def close(self) -> None:
         if self.state_file is not None:

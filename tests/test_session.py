@@ -487,3 +487,13 @@ def test_a_failed_frame_prefill_leaves_the_cache_as_before(tiny_models):
         core.add_features(bad, 1.0)
     assert core.offset == before and core.positions_contiguous()
     assert core.add_features(feat, 2.0) > 0
+
+
+def test_settings_the_model_cannot_honour_fail_as_one_line(tiny_models):
+    from pipeline.errors import UserError
+
+    model = tiny_models("2.6")  # head_dim 16
+    with pytest.raises(UserError, match=r"session.kv_bits = 8: .*head_dim divisible by 32 \(this model has 16\)"):
+        SessionCore(model, kv_bits=8)
+    with pytest.raises(UserError, match="session.max_cache_tokens = 10"):
+        SessionCore(model, max_cache_tokens=10)
