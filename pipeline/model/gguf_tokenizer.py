@@ -89,7 +89,9 @@ def tokenizer_config_from_gguf(meta: dict[str, Any]) -> dict[str, Any]:
         "eos_token": token("eos"),
         "unk_token": token("unknown"),
         "pad_token": token("padding"),
-        "add_bos_token": bool(_field(meta, "tokenizer.ggml.add_bos_token", False)),
+        # llama.cpp's defaults when the key is absent: SentencePiece vocabularies add BOS.
+        "add_bos_token": bool(_field(meta, "tokenizer.ggml.add_bos_token",
+                                     _field(meta, "tokenizer.ggml.model") == "llama")),
         "add_eos_token": bool(_field(meta, "tokenizer.ggml.add_eos_token", False)),
         "chat_template": _field(meta, "tokenizer.chat_template"),
         "eos_token_ids": sorted(eos_ids),
