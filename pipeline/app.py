@@ -74,7 +74,12 @@ def _model_stages(cfg: RunConfig) -> list[Stage]:
     from stages.encode import EncodeStage
 
     worker = worker_for(model)  # one thread runs all of this model's MLX work
-    session = StreamingSession.from_config(model, cfg.session, worker=worker, max_slice_nums=cfg.model.max_slice_nums)
+    # A model may carry session defaults in its config.json (`framecast_session`, e.g. the demo
+    # model's cache budget: it was trained on short streams); settings the user gave win.
+    defaults = (getattr(getattr(model, "args", None), "config", None) or {}).get("framecast_session") or {}
+    unset = {k: v for k, v in defaults.items() if k in type(cfg.session).model_fields and getattr(cfg.session, k) is None}
+    session_cfg = cfg.session.model_copy(update=unset) if unset else cfg.session
+    session = StreamingSession.from_config(model, session_cfg, worker=worker, max_slice_nums=cfg.model.max_slice_nums)
     return [
         EncodeStage(model, worker=worker, max_slice_nums=cfg.model.max_slice_nums,
                     max_batch=cfg.session.encode_batch, pack_frames=cfg.session.pack_frames),

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stages.synthetic import COLOURS, SHAPES, FrameTruth, SceneGenerator, SceneObject
+from stages.synthetic import COLOURS, SHAPES, FrameTruth, SceneGenerator, SceneObject  # noqa: F401
 
 MAX_CLAUSES = 3
 NUMBER_WORDS = ("none", "one", "two", "three", "four", "five")
@@ -67,7 +67,7 @@ ZONE_MARGIN = 0.04  # questions about position only where the object is this far
 RESOLUTIONS = ((640, 480), (448, 448), (320, 240), (512, 288), (256, 256), (480, 360))
 FPS_CHOICES = (5.0, 10.0, 10.0, 15.0)
 SPEED_RANGE = (0.08, 0.3)  # frame sizes per second
-CODECS = ("h264", "h264", "mpeg4")
+CODECS = ("h264", "h264", "h264", "mpeg4", "mpeg4", "none")  # "none": raw renders, as the demo source
 
 
 # ---------------------------------------------------------------- scenes through a codec
@@ -125,6 +125,7 @@ def stream_params(seed: int) -> dict:
 
 
 def make_stream(seed: int, n_frames: int, *, codec: bool = True, **overrides) -> Stream:
+    """Stream `seed` (variety from `stream_params`, or `overrides`); `codec=False` skips the round trip."""
     p = {**stream_params(seed), **overrides}
     gen = SceneGenerator(seed=seed, width=p["width"], height=p["height"], fps=p["fps"],
                          speed=p["speed"], max_objects=p["max_objects"], **_jitter_kw(p))
@@ -132,9 +133,10 @@ def make_stream(seed: int, n_frames: int, *, codec: bool = True, **overrides) ->
     for img, t in gen.frames(n_frames):
         frames.append(img)
         truths.append(t)
+    codec = codec and p["codec"] != "none"
     if codec:
         frames = codec_round_trip(frames, fps=p["fps"], codec=p["codec"], quality=p["quality"])
-    return Stream(seed, p["width"], p["height"], p["fps"], p["codec"] if codec else "raw", frames, truths)
+    return Stream(seed, p["width"], p["height"], p["fps"], p["codec"] if codec else "none", frames, truths)
 
 
 def _jitter_kw(p: dict) -> dict:
@@ -409,20 +411,26 @@ def _gap(rng: np.random.Generator, fps: float) -> int:
 
 
 def make_turns(truths: list[FrameTruth], fps: float, rng: np.random.Generator, *,
-               p_narration: float = 0.55) -> list[Turn]:
-    """A random schedule of narrations and questions over one stream."""
+               p_narration: float = 0.55, dense: bool = False) -> list[Turn]:
+    """A random schedule of narrations and questions over one stream.
+
+    `dense`: a turn every 1-3 frames, so nearly every frame's vision features get a direct
+    training signal (cheap: a question costs fewer tokens than a frame).
+    """
     turns: list[Turn] = []
     last_narrated = -1
     f = -1
     n = len(truths)
     while True:
-        f += _gap(rng, fps)
+        f += int(rng.integers(1, 4)) if dense else _gap(rng, fps)
         if f >= n:
             break
         narrate = rng.random() < p_narration
         if narrate:
             clauses = window_clauses(truths, last_narrated + 1, f)
-            turns.append(Turn(f, "narration", _pick(rng, NARRATION_PROMPTS), narration_text(clauses, rng), clauses))
+            # half the time the pipeline's default prompt, which is what `framecast run` sends
+            prompt = NARRATION_PROMPTS[0] if rng.random() < 0.5 else _pick(rng, NARRATION_PROMPTS)
+            turns.append(Turn(f, "narration", prompt, narration_text(clauses, rng), clauses))
             last_narrated = f
         # questions: dense supervision for little context (a question costs ~15 tokens, a frame ~19)
         n_q = int(rng.choice([0, 1, 2, 3], p=[0.2, 0.35, 0.3, 0.15])) if narrate else int(rng.integers(1, 4))
