@@ -42,6 +42,16 @@ STREAM = "soak"
 PREFIX = "soak"
 
 
+def mlx_mb() -> tuple[float, float]:
+    """(active, allocator cache) MB of MLX memory: tells a leak from MLX's buffer cache."""
+    try:
+        import mlx.core as mx
+
+        return round(mx.get_active_memory() / 2**20, 1), round(mx.get_cache_memory() / 2**20, 1)
+    except Exception:
+        return float("nan"), float("nan")
+
+
 def rss_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -106,10 +116,12 @@ class Watcher:
         self.counts: collections.Counter[str] = collections.Counter()
         self.narration_ids: set[str] = set()
         self.answers: dict[str, dict] = {}
+        self.client_id = f"soak-watch-{uuid.uuid4().hex[:6]}"
 
     async def run(self) -> None:
         while True:
-            client = BusClient(self.address, client_id=f"soak-watch-{uuid.uuid4().hex[:6]}")
+            # persistent session + QoS 1: narrations sent while it reconnects are queued for it
+            client = BusClient(self.address, client_id=self.client_id, persistent_session=True)
             try:
                 await client.connect()
                 await client.subscribe(f"{self.topics.prefix}/#", qos=1)
@@ -160,14 +172,17 @@ async def soak(args: argparse.Namespace, url: str, broker: LocalBroker | None) -
     async def sampler() -> None:
         while True:
             snap = runtime.metrics_snapshot()
+            active, cached = mlx_mb()
             samples.append({"t": round(time.monotonic() - t0, 1), "rss_mb": round(rss_mb(), 1),
+                            "mlx_active_mb": active, "mlx_cache_mb": cached,
                             "queues": {k: v["queue_depth"] for k, v in snap.items()},
                             "edge_drops": sum(v["drops"] for v in snap.values()),
                             "outbox": snap.get("mqtt", {}).get("outbox_depth", 0),
                             "frames": snap[source.name]["items_out"]})
             if not args.quiet:
                 s = samples[-1]
-                print(f"[{s['t']:>7.1f}s] rss {s['rss_mb']:.1f} MB  frames {s['frames']:.0f}  "
+                print(f"[{s['t']:>7.1f}s] rss {s['rss_mb']:.1f} MB (mlx active {active} / cache {cached})  "
+                      f"frames {s['frames']:.0f}  "
                       f"edge drops {s['edge_drops']:.0f}  outbox {s['outbox']:.0f}  "
                       f"narrations seen {len(watcher.narration_ids)}", file=sys.stderr, flush=True)
             await asyncio.sleep(args.sample_s)
@@ -201,6 +216,7 @@ def summarise(result, stages, samples, watcher, asked, broker, wall_s) -> dict:
     bus = m.get("mqtt", {})
     rss = [s["rss_mb"] for s in samples]
     quarter = rss[len(rss) // 4] if rss else float("nan")
+    half = rss[len(rss) // 2] if rss else float("nan")
     decode = next((st for st in stages if st.name == "decode"), None)
     narrations_made = getattr(decode, "narrations", None)
     return {
@@ -213,6 +229,10 @@ def summarise(result, stages, samples, watcher, asked, broker, wall_s) -> dict:
         "rss_mb_end": rss[-1] if rss else None,
         "rss_mb_max": max(rss) if rss else None,
         "rss_growth_after_25pct_mb": round(rss[-1] - quarter, 1) if rss else None,
+        "rss_growth_second_half_mb": round(rss[-1] - half, 1) if rss else None,
+        "mlx_active_mb_25pct_end": [samples[len(samples) // 4]["mlx_active_mb"], samples[-1]["mlx_active_mb"]]
+        if samples else None,
+        "mlx_cache_mb_end": samples[-1]["mlx_cache_mb"] if samples else None,
         "queue_depth_max": {k: v["queue_max_depth"] for k, v in m.items()},
         "edge_drops": {k: v["drops"] for k, v in m.items() if v["drops"]},
         "outbox_max_depth": bus.get("outbox_max_depth"),
@@ -235,7 +255,9 @@ def print_table(s: dict) -> None:
     rows = [("duration (min)", s["minutes"]), ("frames / fps", f"{s['frames']:.0f} / {s['fps']}"),
             ("RSS start / 25% / end / max (MB)",
              f"{s['rss_mb_start']} / {s['rss_mb_at_25pct']} / {s['rss_mb_end']} / {s['rss_mb_max']}"),
-            ("RSS growth after 25% (MB)", s["rss_growth_after_25pct_mb"]),
+            ("RSS growth after 25% / over 2nd half (MB)",
+             f"{s['rss_growth_after_25pct_mb']} / {s['rss_growth_second_half_mb']}"),
+            ("MLX active MB at 25% / end; MLX cache MB", f"{s['mlx_active_mb_25pct_end']}; {s['mlx_cache_mb_end']}"),
             ("max queue depth per stage", s["queue_depth_max"]), ("edge drops", s["edge_drops"] or 0),
             ("outbox max depth", s["outbox_max_depth"]), ("outbox drops", s["outbox_drops"] or 0),
             ("published / reconnects / broker restarts", f"{s['published']} / {s['reconnects']} / {s['broker_restarts']}"),

@@ -314,6 +314,9 @@ class MqttStage(Stage):
             except UserError as e:  # TLS files that cannot be loaded
                 self._fail(str(e))
                 return
+            except Exception as e:  # a bug must stop the run loudly, not leave a silent dead bus
+                self._fail(f"mqtt: unexpected {type(e).__name__}: {e}")
+                return
             finally:
                 self._connected.clear()
                 self._client = None

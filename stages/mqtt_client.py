@@ -191,6 +191,7 @@ class BusClient:
         keepalive_s: int = 30,
         will: BusMessage | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        persistent_session: bool = False,
     ):
         self.address = address
         self.client_id = client_id
@@ -199,6 +200,9 @@ class BusClient:
         self.keepalive_s = keepalive_s
         self.will = will
         self.timeout_s = timeout_s
+        # a subscriber that must not miss QoS 1 messages while it reconnects (the broker
+        # queues them for its client id); the stage itself always starts clean
+        self.persistent_session = persistent_session
         self._client: aiomqtt.Client | None = None
 
     @property
@@ -211,6 +215,10 @@ class BusClient:
         if self.will is not None:
             will = aiomqtt.Will(self.will.topic, self.will.payload, self.will.qos, self.will.retain,
                                 _properties(self.will, PacketTypes.WILLMESSAGE) if self.is_v5 else None)
+        connect_props = None
+        if self.is_v5 and self.persistent_session:
+            connect_props = Properties(PacketTypes.CONNECT)
+            connect_props.SessionExpiryInterval = 3600
         client = aiomqtt.Client(
             self.address.host, self.address.port,
             username=self.address.username, password=self.address.password,
@@ -220,9 +228,10 @@ class BusClient:
             # delayed ACK: ~20 ms per message instead of ~0.1 ms (measured: 45 vs 8000 msg/s).
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
             tls_context=self.tls.context() if self.address.tls else None,
-            # a fresh session each time: questions are answered live, never replayed
-            clean_session=None if self.is_v5 else True,
-            clean_start=paho.MQTT_CLEAN_START_FIRST_ONLY,
+            # by default a fresh session each time: questions are answered live, never replayed
+            clean_session=None if self.is_v5 else not self.persistent_session,
+            clean_start=(not self.persistent_session) if self.is_v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=connect_props,
         )
         try:
             await client.__aenter__()
