@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import resource
 import tempfile
 import time
@@ -484,7 +485,7 @@ def test_slow_or_absent_broker_never_stalls_capture(tmp_path, fault):
         task = asyncio.create_task(runtime.run(handle_signals=False))
         for _ in range(12):
             await asyncio.sleep(0.25)
-            samples.append((narrator.frames, len(bus.outbox), _rss_mb()))
+            samples.append((narrator.frames, len(bus.outbox), _rss_mb(), len(os.listdir("/proc/self/fd"))))
         runtime.request_stop("stop")
         return await task
 
@@ -498,6 +499,7 @@ def test_slow_or_absent_broker_never_stalls_capture(tmp_path, fault):
     assert frames[-1] >= 100 and all(b_ > a for a, b_ in zip(frames, frames[1:])), frames  # never stalls
     assert max(s[1] for s in samples) <= 50  # bounded outbox
     assert samples[-1][2] - samples[3][2] < 20, samples  # memory flat (MB)
+    assert samples[-1][3] - samples[3][3] <= 2, samples  # retries against a hung broker leak no sockets
     m = result.metrics["mqtt"]
     assert m["connected"] == 0 and m["outbox_drops_partial"] > 0 and m["outbox_max_depth"] <= 50
     assert wall < 3 + 0.5 + 0.5 + 2  # run + start wait + close flush + slack: bounded with a hung broker
