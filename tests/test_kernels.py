@@ -75,12 +75,15 @@ def test_reference_equals_rope_reapplied_at_the_new_positions(head_dim, dims, tr
     spec = RopeSpec.from_base(dims, base=base, traditional=traditional)
     rope = _fast_rope(spec, base)
     raw = _keys((2, 3, 7, head_dim), seed=1)  # un-rotated keys
-    for old, shift in [(0, 0), (500, -480), (40, 1000), (9000, -8990)]:
-        cached = rope(raw, offset=old)
-        want = rope(raw, offset=old + shift)
-        got = reference(cached, shift, spec)
-        tol = 2e-5 + 2e-7 * (old + abs(shift))  # fp32 RoPE: angle ulp grows with the position
-        assert float(mx.abs(got - want).max()) < tol, (old, shift)
+    # On the CPU stream: the GPU's mx.fast.rope uses fast sin/cos, too coarse at position 9000
+    # for this tolerance (seen on an H200); the kernels are compared to the reference below.
+    with mx.stream(mx.cpu):
+        for old, shift in [(0, 0), (500, -480), (40, 1000), (9000, -8990)]:
+            cached = rope(raw, offset=old)
+            want = rope(raw, offset=old + shift)
+            got = reference(cached, shift, spec)
+            tol = 2e-5 + 2e-7 * (old + abs(shift))  # fp32 RoPE: angle ulp grows with the position
+            assert float(mx.abs(got - want).max()) < tol, (old, shift)
 
 
 @pytest.mark.parametrize("head_dim,dims,traditional", LAYOUTS)
@@ -532,6 +535,8 @@ DQ_GPU_CASES = [  # (B, H, capacity, end, head_dim)
 @pytest.mark.parametrize("case", DQ_GPU_CASES)
 def test_gpu_dequantize_equals_reference(kind, dtype, bits, group, case):
     B, H, cap, end, D = case
+    if D % group:
+        pytest.skip(f"head_dim {D} is not a multiple of group {group}")
     with mx.stream(mx.gpu):
         qk = tuple(mx.quantize(_keys((B, H, cap, D), seed=15, dtype=dtype), group_size=group, bits=bits))
         qv = tuple(mx.quantize(_keys((B, H, cap, D), seed=16, dtype=dtype), group_size=group, bits=bits))
