@@ -1,8 +1,9 @@
 """The MQTT bus stage against a real mosquitto: topics, schema, questions, TLS, auth, faults.
 
-The graph is the real one (demo source [+ change detector] + the bus stage) with one
-test-only stage, `FakeNarrator`, standing in for the decoder that is not built yet: it turns
-scene changes (and every n-th frame) into narrations with partials, and answers questions.
+The graph is the real one (demo source + change detector + the bus stage) with one
+test-only stage, `FakeNarrator`, standing in for the decoder so that narrations come at a
+known rate with known ids: it turns scene changes (and every n-th frame) into narrations with
+partials, and answers questions. test_mqtt_e2e.py runs the real decoder (tiny model).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import MqttConfig, SourceConfig
+from pipeline.config import ChangeConfig, MqttConfig, SourceConfig
 from pipeline.errors import UserError
 from pipeline.events import Answer, Frame, Narration, NarrationDelta, Question, SceneChange
 from pipeline.runtime import Runtime, Stage
@@ -26,6 +27,7 @@ from stages.mqtt import MqttStage, ask_over_mqtt
 from stages.mqtt_outbox import Outbox, Outgoing
 from stages.mqtt_topics import QuestionRejected, parse_question
 from stages.mqtt_client import BusMessage, parse_mqtt_url
+from stages.change import ChangeDetector
 from stages.sources import make_source
 from broker import Broker, Mqtt311OnlyProxy, Recorder
 
@@ -72,15 +74,7 @@ def demo_source(**kw):
 
 
 def graph_stages(bus: MqttStage, narrator: FakeNarrator | None = None) -> list[Stage]:
-    stages: list[Stage] = []
-    try:
-        from stages.change import ChangeDetector
-        from pipeline.config import ChangeConfig
-
-        stages.append(ChangeDetector(ChangeConfig()))
-    except ImportError:  # the detector lands with the foundation work
-        pass
-    return [*stages, narrator or FakeNarrator(), bus]
+    return [ChangeDetector(ChangeConfig()), narrator or FakeNarrator(), bus]
 
 
 def bus_cfg(url: str, **kw) -> MqttConfig:
