@@ -139,7 +139,8 @@ class Watcher:
                 await client.disconnect(timeout_s=1.0)
             await asyncio.sleep(0.5)
 
-    async def ask(self, text: str) -> str:
+    async def ask(self, text: str) -> str | None:
+        """The request id, or None when the question could not be published (broker down)."""
         client = BusClient(self.address, client_id=f"soak-ask-{uuid.uuid4().hex[:6]}")
         rid = uuid.uuid4().hex[:12]
         try:
@@ -147,7 +148,7 @@ class Watcher:
             await client.publish(BusMessage(self.topics.ask, json.dumps({"text": text, "request_id": rid}).encode(),
                                             qos=1))
         except BusDisconnected:
-            pass
+            return None
         finally:
             await client.disconnect(timeout_s=1.0)
         return rid
@@ -167,6 +168,7 @@ async def soak(args: argparse.Namespace, url: str, broker: LocalBroker | None) -
     watcher = Watcher(url, Topics(PREFIX, STREAM))
     samples: list[dict] = []
     asked: list[str] = []
+    unsent_questions = [0]  # the broker was down (restarting) when the asker tried
     t0 = time.monotonic()
 
     async def sampler() -> None:
@@ -190,7 +192,11 @@ async def soak(args: argparse.Namespace, url: str, broker: LocalBroker | None) -
     async def asker() -> None:
         while True:
             await asyncio.sleep(args.ask_every)
-            asked.append(await watcher.ask("What do you see?"))
+            rid = await watcher.ask("What do you see?")
+            if rid is None:
+                unsent_questions[0] += 1
+            else:
+                asked.append(rid)
 
     async def restarter() -> None:
         while broker is not None and args.restart_every > 0:
@@ -208,7 +214,9 @@ async def soak(args: argparse.Namespace, url: str, broker: LocalBroker | None) -
     for h in helpers:
         h.cancel()
     await asyncio.gather(*helpers, return_exceptions=True)
-    return summarise(result, stages, samples, watcher, asked, broker, time.monotonic() - t0)
+    summary = summarise(result, stages, samples, watcher, asked, broker, time.monotonic() - t0)
+    summary["questions_not_sent_broker_down"] = unsent_questions[0]
+    return summary
 
 
 def summarise(result, stages, samples, watcher, asked, broker, wall_s) -> dict:
@@ -263,8 +271,9 @@ def print_table(s: dict) -> None:
             ("published / reconnects / broker restarts", f"{s['published']} / {s['reconnects']} / {s['broker_restarts']}"),
             ("model stages", s["model_stages"] or "none (capture only)"),
             ("narrations made / received", f"{s['narrations_made']} / {s['narrations_received']}"),
-            ("questions asked / answered / errors",
-             f"{s['questions_asked']} / {s['answers_received']} / {s['answer_errors']}"),
+            ("questions asked / answered / errors (+ not sent: broker down)",
+             f"{s['questions_asked']} / {s['answers_received']} / {s['answer_errors']} "
+             f"(+ {s['questions_not_sent_broker_down']})"),
             ("messages received by topic", s["messages_received"]), ("exit code", s["exit_code"]),
             ("errors", s["errors"] or "none")]
     width = max(len(r[0]) for r in rows)
