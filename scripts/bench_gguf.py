@@ -149,8 +149,10 @@ def main() -> int:
     if args.reference_blas:
         rows.append(_framecast_subprocess(args, reference_blas=True))
 
+    load_avg = os.getloadavg()[0]  # other work on the box skews both engines (llama.cpp's spinning most)
     print(f"model: {args.model.name} | prompt {ours['prompt_tokens']} tokens, {args.tokens} generated, "
-          f"median of {args.runs} runs | CPU: {cpu_name()} ({os.cpu_count()} cores), {args.threads} threads")
+          f"median of {args.runs} runs | CPU: {cpu_name()} ({os.cpu_count()} cores), {args.threads} threads, "
+          f"load average {load_avg:.2f}")
     print(f"{'engine':<60}{'TTFT ms':>10}{'decode tok/s':>14}{'load s':>8}")
     for r in rows + [ref]:
         label = r["engine"] + (f" [{r['blas']}]" if "blas" in r else "")
@@ -158,7 +160,7 @@ def main() -> int:
     ratio = {"ttft": ours["ttft_ms"] / ref["ttft_ms"], "decode": ours["decode_tok_s"] / ref["decode_tok_s"]}
     print(f"{'ratio framecast / llama.cpp':<60}{ratio['ttft']:>9.2f}x{ratio['decode']:>13.2f}x")
     if args.json:
-        print(json.dumps({"model": args.model.name, "cpu": cpu_name(), "threads": args.threads,
+        print(json.dumps({"model": args.model.name, "cpu": cpu_name(), "threads": args.threads, "load_avg": load_avg,
                           "tokens": args.tokens, "runs": args.runs, "framecast": rows, "llama_cpp": ref,
                           "ratio_ttft": ratio["ttft"], "ratio_decode": ratio["decode"]}))
     return 0
