@@ -230,3 +230,20 @@ def test_sentencepiece_vocab_matches_llama_cpp(spm_gguf):
         expected = ref.tokenize(text.encode(), add_bos=False, special=True)
         assert ours.encode(text, add_special_tokens=False).ids == expected, repr(text)
         assert ours.encode(text).ids == ref.tokenize(text.encode(), add_bos=True, special=True), repr(text)
+
+
+@pytest.mark.slow
+def test_bench_gguf_smoke():
+    """scripts/bench_gguf.py runs end to end and ends with one JSON object."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_gguf.py"
+    run = subprocess.run([sys.executable, str(script), "--tokens", "4", "--runs", "1", "--threads", "1", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["framecast"][0]["decode_tok_s"] > 0 and result["llama_cpp"]["decode_tok_s"] > 0
+    assert result["ratio_decode"] > 0 and "blas" in result["framecast"][0]
