@@ -245,13 +245,12 @@ class DemoVLM(nn.Module):
         self.aux = nn.Linear(d, N_AUX)
 
 
-def encode_views(model: DemoVLM, views_u8: mx.array) -> mx.array:
-    """uint8 [N, h, w, 3] views of one size -> resampled features [N, Q, D].
+def vision_hidden(model: DemoVLM, views_u8: mx.array) -> tuple[mx.array, tuple[int, int]]:
+    """uint8 [N, h, w, 3] views of one size -> vision tower output [N, L, Dv] and (nh, nw).
 
-    The engine's processor normalisation, patch order and NaViT position ids, and the
-    resampler's own layers; all views share one size, so no padding and no masks.
+    The engine's processor normalisation, patch order and NaViT position ids; all views share
+    one size, so no padding and no masks.
     """
-    from pipeline.model.resampler import sincos_2d
     from pipeline.model.vision import navit_position_ids
 
     n, h, w, _ = views_u8.shape
@@ -261,12 +260,31 @@ def encode_views(model: DemoVLM, views_u8: mx.array) -> mx.array:
     x = (views_u8.astype(mx.float32) / 255.0 - 0.5) / 0.5
     patches = x.reshape(n, nh, p, nw, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(n, nh * nw, p * p * 3)
     pos = mx.broadcast_to(mx.array(navit_position_ids(nh, nw, args.num_patches_per_side))[None], (n, nh * nw))
-    hidden = model.vpm(patches, pos, None)  # [N, L, Dv]
+    return model.vpm(patches, pos, None), (nh, nw)
+
+
+def resample(model: DemoVLM, hidden: mx.array, grid: tuple[int, int]) -> mx.array:
+    """Vision hidden [N, L, Dv] -> [N, Q, D] with the resampler's own layers (2D positions on keys)."""
+    from pipeline.model.resampler import sincos_2d
+
+    nh, nw = grid
     r = model.resampler
     kv = r.ln_kv(r.kv_proj(hidden) if "kv_proj" in r else hidden)  # [N, L, D]
     k = kv + mx.array(sincos_2d(r.embed_dim, nh, nw).reshape(nh * nw, -1))
     out = r.attn(r.ln_q(r.query), k, kv, None)  # [N, Q, D]
     return r.ln_post(out) @ r.proj
+
+
+FEATURES = (0, 0)  # grid marker: `views` already are resampled features [N, Q, D]
+
+
+def encode_views(model: DemoVLM, views: mx.array, grid: tuple[int, int] | None = None) -> mx.array:
+    """uint8 views [N, h, w, 3] (or, with `grid`, precomputed vision hidden states) -> [N, Q, D]."""
+    if grid == FEATURES:
+        return views
+    if grid is not None:
+        return resample(model, views, grid)
+    return resample(model, *vision_hidden(model, views))
 
 
 def aux_labels(truths) -> np.ndarray:
@@ -280,8 +298,9 @@ def aux_labels(truths) -> np.ndarray:
     return y
 
 
-def loss_fn(model, inputs, targets, loss_mask, is_img, slot, aux_y, views, lm_to_vision: bool = True):
-    feats = encode_views(model, views)  # [B*F, Q, D]
+def loss_fn(model, inputs, targets, loss_mask, is_img, slot, aux_y, views, lm_to_vision: bool = True,
+            grid: tuple[int, int] | None = None):
+    feats = encode_views(model, views, grid)  # [B*F, Q, D]
     aux_logits = model.aux(feats).max(axis=1)  # [B*F, N_AUX]
     aux = nn.losses.binary_cross_entropy(aux_logits, aux_y, reduction="mean")
     if not lm_to_vision:  # warm-up phase: the vision side learns from the per-frame labels only
@@ -292,6 +311,25 @@ def loss_fn(model, inputs, targets, loss_mask, is_img, slot, aux_y, views, lm_to
     logits = model.llm(input_embeddings=h)  # [B, T, V]
     ce = nn.losses.cross_entropy(logits, targets, reduction="none")
     return (ce * loss_mask).sum() / mx.maximum(loss_mask.sum(), 1.0) + AUX_WEIGHT * aux
+
+
+# Weights fed by inputs that share one sign (pixels, GELU outputs, attention averages): Adam steps
+# every weight of a row the same way, the row's sum (its response to a uniform input) grows by
+# fan_in * lr per step, each layer adds one big vector common to all patches and the features
+# collapse to a constant (measured: identical across frames within ~20 steps, GPU and CPU).
+COMMON_MODE_WEIGHTS = ("patch_embedding.weight", "mlp.fc2.weight", "out_proj.weight", "resampler.proj")
+
+
+def center_common_mode(grads: dict) -> dict:
+    """Remove each row's mean from those weights' gradients (biases still learn offsets)."""
+    def fix(path: str, g: mx.array) -> mx.array:
+        if g.ndim == 2 and path.endswith(COMMON_MODE_WEIGHTS) and not path.startswith("llm."):
+            axis = 0 if path.endswith("resampler.proj") else 1  # proj is used as x @ proj: [in, out]
+            return g - g.mean(axis=axis, keepdims=True)
+        return g
+    from mlx.utils import tree_map_with_path
+
+    return tree_map_with_path(lambda p, g: fix(p, g), grads)
 
 
 def hf_weights(model: DemoVLM) -> dict[str, mx.array]:
@@ -336,11 +374,25 @@ class Buckets:
         mx.eval([a for arrays in self.views.values() for a in arrays])
         self.sizes = np.array([len(groups[k]) for k in self.keys], np.float64)
 
+    def precompute_vision(self, model: DemoVLM, chunk: int = 64, *, resampled: bool = False) -> None:
+        """Frozen tower (and resampler): run it once per frame and keep its output, not the pixels."""
+        self.grids = {}
+        for k in self.keys:
+            out = []
+            for v in self.views[k]:
+                hid = [vision_hidden(model, v[i:i + chunk]) for i in range(0, v.shape[0], chunk)]
+                grid = hid[0][1]
+                out.append(mx.concatenate([resample(model, h, grid) if resampled else h for h, _g in hid]))
+                self.grids[k] = FEATURES if resampled else grid
+                mx.eval(out[-1])
+            self.views[k] = out
+
     def sample(self, rng: np.random.Generator, batch: int):
         key = self.keys[int(rng.choice(len(self.keys), p=self.sizes / self.sizes.sum()))]
         n = len(self.meta[key])
         idx = np.sort(rng.choice(n, size=min(batch, n), replace=False))
-        views = mx.concatenate([self.views[key][i] for i in idx])  # [B*F, h, w, 3]
+        views = mx.concatenate([self.views[key][i] for i in idx])  # [B*F, h, w, 3] or [B*F, L, Dv]
+        self.last_grid = getattr(self, "grids", {}).get(key)
         return [self.meta[key][i] for i in idx], views
 
 
@@ -367,11 +419,11 @@ def batch_arrays(meta: list[tuple], builder: SequenceBuilder, rng: np.random.Gen
     return [mx.array(x) for x in (inputs, targets, loss_mask, is_img, slot, aux_y)]
 
 
-def reply_token_accuracy(model, arrays, views) -> float:
+def reply_token_accuracy(model, arrays, views, grid=None) -> float:
     """Teacher-forced share of reply tokens predicted exactly (held-out streams), and the spread
     of the vision features across frames (near 0 = collapsed tower)."""
     inputs, targets, loss_mask, is_img, slot, aux_y = arrays
-    feats = encode_views(model, views)
+    feats = encode_views(model, views, grid)
     h = mx.where(is_img[..., None], feats.reshape(-1, feats.shape[-1])[slot], model.llm.embed_tokens(inputs))
     pred = mx.argmax(model.llm(input_embeddings=h), axis=-1)
     acc = float(((pred == targets) * loss_mask).sum() / loss_mask.sum())
@@ -395,7 +447,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--embed-lr-scale", type=float, default=DEFAULT_EMBED_LR_SCALE)
-    ap.add_argument("--vision-lr-scale", type=float, default=DEFAULT_VISION_LR_SCALE)
+    ap.add_argument("--vision-lr-scale", type=float, default=DEFAULT_VISION_LR_SCALE,
+                    help="0 together with --embed-lr-scale 0: keep the tower as initialised (features computed once)")
+    ap.add_argument("--resampler-lr-scale", type=float, default=1.0)
+    ap.add_argument("--init-lm-from", help="HF-layout model dir whose llm.* weights start the decoder")
     ap.add_argument("--vision-warmup", type=float, default=DEFAULT_VISION_WARMUP,
                     help="share of the run during which the LM loss does not reach the vision side")
     a = ap.parse_args(argv)
@@ -425,6 +480,20 @@ def main(argv: list[str] | None = None) -> int:
     mx.random.seed(a.seed)
     model = DemoVLM(cfg)
     mx.eval(model.parameters())
+    if a.init_lm_from:  # start the decoder from an earlier run (its grammar), vision side fresh
+        prev = {k[4:]: v for k, v in mx.load(str(Path(a.init_lm_from) / "model.safetensors")).items()
+                if k.startswith("llm.")}
+        model.llm.load_weights(list(prev.items()), strict=True)
+        print(f"decoder initialised from {a.init_lm_from}", flush=True)
+    frozen_vision = a.vision_lr_scale == 0 and a.embed_lr_scale == 0
+    if frozen_vision:  # a random SigLIP tower kept as initialised: its features computed once
+        model.vpm.freeze()
+        if a.resampler_lr_scale == 0:
+            model.resampler.freeze()
+        t1 = time.time()
+        buckets.precompute_vision(model, resampled=a.resampler_lr_scale == 0)
+        val.precompute_vision(model, resampled=a.resampler_lr_scale == 0)
+        print(f"frozen vision tower: features precomputed in {time.time() - t1:.0f}s", flush=True)
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     print(f"model: {n_params / 1e6:.2f}M parameters; device {mx.default_device()}", flush=True)
 
@@ -432,13 +501,15 @@ def main(argv: list[str] | None = None) -> int:
     # repeated): at the shared learning rate Adam moves every weight of a row the same way, the
     # rows' sums explode and the tower's output becomes one constant vector for every patch (seen:
     # features identical across frames after 1,368 steps). A much smaller rate there fixes it.
-    scales = (a.embed_lr_scale, a.vision_lr_scale, 1.0)
+    scales = (a.embed_lr_scale, a.vision_lr_scale, a.resampler_lr_scale, 1.0)
     opt = optim.MultiOptimizer(
         [optim.AdamW(learning_rate=a.lr * sc, weight_decay=0.01) for sc in scales],
-        [lambda path, _w: "patch_embedding" in path, lambda path, _w: path.startswith("vpm.")])
+        [lambda path, _w: "patch_embedding" in path, lambda path, _w: path.startswith("vpm."),
+         lambda path, _w: path.startswith("resampler.")])
     step_fn = nn.value_and_grad(model, loss_fn)
     rng = np.random.default_rng(a.seed)
     val_meta, val_views = val.sample(np.random.default_rng(1), 6)
+    val_grid = val.last_grid
     val_arrays = batch_arrays(val_meta, builder, np.random.default_rng(2), a.frames)
 
     t_train = time.time()
@@ -456,14 +527,15 @@ def main(argv: list[str] | None = None) -> int:
                 o.learning_rate = lr * sc
             meta, views = buckets.sample(rng, a.batch)
             arrays = batch_arrays(meta, builder, rng, a.frames)
-            loss, grads = step_fn(model, *arrays, views, frac >= a.vision_warmup)
+            loss, grads = step_fn(model, *arrays, views, frac >= a.vision_warmup, buckets.last_grid)
+            grads = center_common_mode(grads)
             grads, _ = optim.clip_grad_norm(grads, 1.0)
             opt.update(model, grads)
             mx.eval(loss, model.parameters(), opt.state)
             losses.append(float(loss))
             if step % a.log_every == 0 or step == 1:
                 el = time.time() - t_train
-                acc, spread, aux_acc = reply_token_accuracy(model, val_arrays, val_views)
+                acc, spread, aux_acc = reply_token_accuracy(model, val_arrays, val_views, val_grid)
                 history.append({"step": step, "loss": round(float(np.mean(losses[-a.log_every:])), 4),
                                 "val_token_acc": round(acc, 4),
                                 "feature_spread": round(spread, 4), "aux_acc": round(aux_acc, 4), "s": round(el, 1)})
