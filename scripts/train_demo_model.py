@@ -71,9 +71,10 @@ DEFAULT_STREAMS = 1200
 DEFAULT_FRAMES = 120
 DEFAULT_LR = 1.5e-3
 DENSE_SHARE = 0.5  # streams with a turn every 1-3 frames (direct signal for the vision tower)
-DEFAULT_EMBED_LR_SCALE = 0.03  # learning-rate factor of the patch embedding (see main)
-DEFAULT_VISION_LR_SCALE = 0.1  # of the rest of the vision tower (Adam + correlated inputs, see main)
-DEFAULT_VISION_WARMUP = 0.3
+DEFAULT_EMBED_LR_SCALE = 0.07  # learning-rate factor of the patch embedding (see main)
+DEFAULT_VISION_LR_SCALE = 0.07  # of the rest of the vision tower (Adam + correlated inputs, see main)
+DEFAULT_RESAMPLER_LR_SCALE = 0.07  # lr 1e-4 on the whole vision side: no collapse in 80 CPU steps
+DEFAULT_VISION_WARMUP = 0.0
 AUX_COLOURS = tuple(D.COLOURS)
 AUX_SHAPES = tuple(D.SHAPES)
 N_AUX = len(AUX_COLOURS) + len(AUX_SHAPES) + 9 + 4
@@ -449,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--embed-lr-scale", type=float, default=DEFAULT_EMBED_LR_SCALE)
     ap.add_argument("--vision-lr-scale", type=float, default=DEFAULT_VISION_LR_SCALE,
                     help="0 together with --embed-lr-scale 0: keep the tower as initialised (features computed once)")
-    ap.add_argument("--resampler-lr-scale", type=float, default=1.0)
+    ap.add_argument("--resampler-lr-scale", type=float, default=DEFAULT_RESAMPLER_LR_SCALE)
     ap.add_argument("--init-lm-from", help="HF-layout model dir whose llm.* weights start the decoder")
     ap.add_argument("--vision-warmup", type=float, default=DEFAULT_VISION_WARMUP,
                     help="share of the run during which the LM loss does not reach the vision side")
