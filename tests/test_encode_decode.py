@@ -14,27 +14,10 @@ from tiny_models import make_tiny_minicpmv, random_image
 from pipeline.config import NarrationConfig
 from pipeline.events import Answer, Event, Frame, Narration, NarrationDelta, Question
 from pipeline.runtime import Runtime, Source, Stage
+from pipeline.model.load import load_model
 from pipeline.session import StreamingSession
 from stages.decode import DecodeStage
 from stages.encode import EncodeStage
-
-
-def load_tiny(directory):
-    try:
-        from pipeline.model.load import load_model
-    except ImportError:
-        import json
-
-        import mlx.core as mx
-
-        from pipeline.model.tokenizer import Tokenizer
-        from pipeline.model.vlm import MiniCPMV
-
-        cfg = json.loads((directory / "config.json").read_text())
-        model = MiniCPMV.from_config(cfg, tokenizer=Tokenizer.from_dir(directory))
-        model.load_weights(list(model.sanitize(mx.load(str(directory / "model.safetensors"))).items()))
-        return model
-    return load_model(str(directory))
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +26,7 @@ def models(tmp_path_factory):
     for version in ("2.6", "4.5"):
         d = tmp_path_factory.mktemp(f"tiny-{version}")
         make_tiny_minicpmv(d, version)
-        out[version] = load_tiny(d)
+        out[version] = load_model(str(d))
     return out
 
 

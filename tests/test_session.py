@@ -16,6 +16,7 @@ from pipeline.events import Frame
 from pipeline.kernels.rope_shift import RopeSpec, probe_rope, rope_shift, rope_shift_reference
 from pipeline.model.cache import KVCache, QuantizedKVCache, eviction_plan
 from pipeline.model.lm.base import make_rope
+from pipeline.model.load import load_model
 from pipeline.session import SessionCore, StreamingSession, TextDelta, TurnDone
 
 HEAD_DIM = 64
@@ -142,23 +143,6 @@ PROMPT = "Describe."
 HEAD32 = {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32}  # quantisable head_dim
 
 
-def load_tiny(directory):
-    """The engine's loader when present; else the same steps by hand (config, tokenizer, weights)."""
-    try:
-        from pipeline.model.load import load_model
-    except ImportError:
-        import json
-
-        from pipeline.model.tokenizer import Tokenizer
-        from pipeline.model.vlm import MiniCPMV
-
-        cfg = json.loads((directory / "config.json").read_text())
-        model = MiniCPMV.from_config(cfg, tokenizer=Tokenizer.from_dir(directory))
-        model.load_weights(list(model.sanitize(mx.load(str(directory / "model.safetensors"))).items()))
-        return model
-    return load_model(str(directory))
-
-
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     cache = {}
@@ -168,7 +152,7 @@ def tiny_models(tmp_path_factory):
         if key not in cache:
             d = tmp_path_factory.mktemp(f"tiny-{version}")
             make_tiny_minicpmv(d, version, **overrides)
-            cache[key] = load_tiny(d)
+            cache[key] = load_model(str(d))
         return cache[key]
     return get
 
