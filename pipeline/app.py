@@ -46,17 +46,10 @@ def load_run_model(cfg: RunConfig):
 
     if cfg.model.path is not None:
         model = load_model(cfg.model.path, mmproj=cfg.model.mmproj, dtype=cfg.model.dtype)
+    elif (DEMO_MODEL_DIR / "config.json").is_file():
+        model = load_model(DEMO_MODEL_DIR, dtype=cfg.model.dtype)
     else:
-        try:  # the demo-model work may provide its own loader hook
-            from pipeline.demo_model import load_demo_model  # type: ignore[attr-defined]
-        except ImportError:
-            load_demo_model = None
-        if load_demo_model is not None:
-            model = load_demo_model()
-        elif (DEMO_MODEL_DIR / "config.json").is_file():
-            model = load_model(DEMO_MODEL_DIR, dtype=cfg.model.dtype)
-        else:
-            return None
+        return None
     if not hasattr(model, "encode_images"):
         raise UserError(f"model.path = {cfg.model.path!r}: a language model alone cannot watch video "
                         "(give its vision GGUF with --mmproj)")

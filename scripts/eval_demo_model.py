@@ -38,25 +38,9 @@ ATTRIBUTES = ("colour", "shape", "action")
 
 
 def load(model_dir: str | Path):
-    try:
-        from pipeline.model.load import load_model
-    except ImportError:  # the engine's loader is not there yet: the same steps by hand
-        return _load_hf_dir(Path(model_dir))
+    from pipeline.model.load import load_model
+
     return load_model(str(model_dir))
-
-
-def _load_hf_dir(model_dir: Path):
-    import mlx.core as mx
-
-    from pipeline.model.tokenizer import Tokenizer
-    from pipeline.model.vlm import MiniCPMV
-
-    cfg = json.loads((model_dir / "config.json").read_text())
-    model = MiniCPMV.from_config(cfg, tokenizer=Tokenizer.from_dir(model_dir))
-    weights = mx.load(str(model_dir / "model.safetensors"))
-    model.load_weights(list(model.sanitize(weights).items()), strict=True)
-    mx.eval(model.parameters())
-    return model
 
 
 def run_stream(model, stream: D.Stream, turns: list[D.Turn], *, max_tokens: int = 40) -> list[str]:

@@ -342,14 +342,10 @@ class GGUFLanguageModel:
 def load_gguf_tokenizer(header: GGUFHeader):
     """Our `Tokenizer` wrapper over the GGUF's embedded vocabulary."""
     from pipeline.model.gguf_tokenizer import build_tokenizer, tokenizer_config_from_gguf
+    from pipeline.model.tokenizer import Tokenizer
 
     raw = build_tokenizer(header.metadata, source=header.path)
-    config = tokenizer_config_from_gguf(header.metadata)
-    try:
-        from pipeline.model.tokenizer import Tokenizer
-    except ImportError:  # the engine's wrapper has not landed: hand back the raw tokenizer
-        return raw
-    return Tokenizer(raw, config)
+    return Tokenizer(raw, tokenizer_config_from_gguf(header.metadata))
 
 
 def load_gguf(path: str | Path, mmproj: str | Path | None = None, dtype=None):
