@@ -1,10 +1,10 @@
 """framecast: streaming video understanding with MiniCPM-V on MLX.
 
-`pipeline` is the framework and the engine; it never imports `stages` (only the composition
-root, `pipeline.cli` / `pipeline.app`, knows every stage).
+`framecast` is the core (framework and engine); it never imports `framecast.stages`. Only the
+composition root on top (`framecast.stages.app`, `framecast.stages.cli`) knows every stage.
 """
 
-from pipeline._blas import preload_openblas
+from framecast._blas import preload_openblas
 
 __version__ = "0.1.0"
 

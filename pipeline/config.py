@@ -8,13 +8,15 @@ exit status 2.
 from __future__ import annotations
 
 import tomllib
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.errors import UserError
+from framecast.errors import UserError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Presets ship as package data (`configs/` installs as `framecast.configs`), so a wheel has them too.
+CONFIGS_DIR = Path(str(files("framecast.configs")))
 STREAM_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 
 

@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterable, Literal
 
-from pipeline.errors import FatalError
-from pipeline.events import EndOfStream, Error, Event, Frame, Metrics, Stop
+from framecast.errors import FatalError
+from framecast.events import EndOfStream, Error, Event, Frame, Metrics, Stop
 
 __all__ = ["Edge", "FatalError", "Runtime", "RunResult", "Source", "Stage", "StageMetrics", "run_graph"]
 

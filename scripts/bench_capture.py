@@ -16,23 +16,21 @@ import argparse
 import asyncio
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import pipeline  # noqa: E402,F401
+import framecast  # noqa: E402,F401
 import av  # noqa: E402
 
-from pipeline.config import ChangeConfig, OutputsConfig, SourceConfig  # noqa: E402
-from pipeline.events import Frame  # noqa: E402
-from pipeline.runtime import Runtime, Stage  # noqa: E402
-from stages.change import ChangeDetector  # noqa: E402
-from stages.outputs import make_outputs  # noqa: E402
-from stages.sources import make_source  # noqa: E402
-from stages.synthetic import SceneGenerator  # noqa: E402
+from framecast.config import ChangeConfig, OutputsConfig, SourceConfig  # noqa: E402
+from framecast.events import Frame  # noqa: E402
+from framecast.runtime import Runtime, Stage  # noqa: E402
+from framecast.stages.change import ChangeDetector  # noqa: E402
+from framecast.stages.outputs import make_outputs  # noqa: E402
+from framecast.stages.sources import make_source  # noqa: E402
+from framecast.stages.sources.scene import SceneGenerator  # noqa: E402
 
 
 def write_clip(path: Path, n: int, width: int, height: int, fps: int = 30) -> None:

@@ -18,15 +18,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-import pipeline  # noqa: E402,F401  (OpenBLAS preload before mlx)
+import framecast  # noqa: E402,F401  (OpenBLAS preload before mlx)
 
 DEMO_FPS = 10.0  # stages/sources/demo.py DEFAULT_DEMO_FPS
 
 
 def run_once(frames: int, *, capture_only: bool) -> tuple[float, int]:
-    from pipeline.cli import main
+    from framecast.stages.cli import main
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.jsonl"

@@ -25,16 +25,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-import pipeline  # noqa: E402,F401  (OpenBLAS preload before mlx)
+import framecast  # noqa: E402,F401  (OpenBLAS preload before mlx)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
-from pipeline.model.convert import quantize_linears  # noqa: E402
-from pipeline.model.generate import generate_tokens  # noqa: E402
-from pipeline.model.vlm import MiniCPMV, VLMArgs  # noqa: E402
+from framecast.model.convert import quantize_linears  # noqa: E402
+from framecast.engine.generate import generate_tokens  # noqa: E402
+from framecast.model.vlm import MiniCPMV, VLMArgs  # noqa: E402
 
 SIGLIP_400M = {"hidden_size": 1152, "intermediate_size": 4304, "num_attention_heads": 16,
                "num_hidden_layers": 27, "patch_size": 14, "image_size": 980}
@@ -55,7 +54,7 @@ SHAPES = {
 
 
 def tiny_shape() -> dict:
-    from tests.tiny_models import tiny_config
+    from framecast.testing import tiny_config
 
     return tiny_config("2.6", scale_resolution=56)
 

@@ -5,7 +5,7 @@ Measures, per engine, with greedy decoding of a fixed number of tokens (no early
   - decode tok/s: tokens after the first, divided by the time after the first;
 and prints them side by side with the ratio framecast / llama.cpp (higher is better for tok/s,
 lower for TTFT). Median of --runs timed runs after one warm-up each. framecast runs its real
-engine path (`pipeline.model.generate.generate_tokens`); llama.cpp runs `Llama.generate` with
+engine path (`framecast.engine.generate.generate_tokens`); llama.cpp runs `Llama.generate` with
 top-k 1. Both use --threads CPU threads (llama.cpp `n_threads`; OpenBLAS/MLX via the env vars
 set before import). Which BLAS MLX used is printed (`pipeline._blas.blas_in_use()`);
 `--reference-blas` adds a framecast row with the MLX wheel's own reference BLAS (subprocess).
@@ -55,11 +55,10 @@ def _summary(ttfts: list[float], rates: list[float]) -> dict:
 
 
 def bench_framecast(model_path: Path, prompt: str, n_tokens: int, runs: int) -> dict:
-    sys.path.insert(0, str(ROOT))
-    import pipeline  # noqa: F401  (OpenBLAS preload before mlx)
-    from pipeline._blas import blas_in_use
-    from pipeline.model.gguf import load_gguf
-    from pipeline.model.generate import generate_tokens
+    import framecast  # noqa: F401  (OpenBLAS preload before mlx)
+    from framecast._blas import blas_in_use
+    from framecast.model.gguf.model import load_gguf
+    from framecast.engine.generate import generate_tokens
 
     t0 = time.perf_counter()
     model = load_gguf(model_path)
@@ -137,7 +136,7 @@ def main() -> int:
 
     ours = bench_framecast(args.model, PROMPT, args.tokens, args.runs)
     # Same prompt ids for llama.cpp (our tokenizer matches its ids: tests/test_gguf_llamacpp.py).
-    from pipeline.model.gguf import load_gguf
+    from framecast.model.gguf.model import load_gguf
 
     model = load_gguf(args.model)
     ids = model.tokenizer.encode(model.processor.chat_prompt([{"role": "user", "content": PROMPT}]))

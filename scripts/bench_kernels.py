@@ -25,19 +25,16 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pipeline  # noqa: E402,F401  (preloads OpenBLAS before mlx)
+import framecast  # noqa: E402,F401  (preloads OpenBLAS before mlx)
 import mlx.core as mx  # noqa: E402
 
-from pipeline.kernels import backend  # noqa: E402
-from pipeline.kernels import dequantize_kv as dq  # noqa: E402
-from pipeline.kernels import rope_shift as rs  # noqa: E402
-from pipeline.model.cache import KVCache  # noqa: E402
+from framecast.kernels import backend  # noqa: E402
+from framecast.kernels import dequantize_kv as dq  # noqa: E402
+from framecast.kernels import rope_shift as rs  # noqa: E402
+from framecast.model.cache import KVCache  # noqa: E402
 
 THETA = 1e6  # MiniCPM-V 4.x / Qwen rope_theta
 SHIFT = -2048  # a typical post-eviction delta

@@ -24,21 +24,18 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
-import pipeline  # noqa: E402,F401  (OpenBLAS preload before mlx)
+import framecast  # noqa: E402,F401  (OpenBLAS preload before mlx)
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipeline.model.tokenizer import Tokenizer  # noqa: E402
-from pipeline.model.vlm import ImageFeatures, MiniCPMV  # noqa: E402
-from pipeline.session import SessionCore  # noqa: E402
+from framecast.model.tokenizer import Tokenizer  # noqa: E402
+from framecast.model.vlm import ImageFeatures, MiniCPMV  # noqa: E402
+from framecast.engine.session import SessionCore  # noqa: E402
 
 PROMPT = "Describe what happens now in one short sentence."
 DEFAULT_MINUTES = (1, 2, 5, 10)
@@ -62,7 +59,7 @@ REAL_45 = {
 def build_model(shapes: str, version: str, layers: int | None = None) -> tuple[MiniCPMV, str]:
     """Random-weight model with the chosen shapes and the tiny byte-level tokenizer (its ids are
     valid in any vocabulary at least that large: the text only shapes the token count)."""
-    from tiny_models import build_tokenizer, tiny_config
+    from framecast.testing import build_tokenizer, tiny_config
 
     tokenizer = Tokenizer(build_tokenizer(), {"eos_token": "<|im_end|>"})
     if shapes == "real":

@@ -29,14 +29,13 @@ import time
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import pipeline  # noqa: E402,F401  (preloads OpenBLAS before mlx)
-from pipeline.app import build_graph  # noqa: E402
-from pipeline.config import load_config  # noqa: E402
-from pipeline.runtime import Runtime  # noqa: E402
-from stages.mqtt_topics import Topics  # noqa: E402
-from stages.mqtt_client import BusClient, BusDisconnected, BusMessage, parse_mqtt_url  # noqa: E402
+import framecast  # noqa: E402,F401  (preloads OpenBLAS before mlx)
+from framecast.stages.app import build_graph  # noqa: E402
+from framecast.config import load_config  # noqa: E402
+from framecast.runtime import Runtime  # noqa: E402
+from framecast.stages.mqtt.topics import Topics  # noqa: E402
+from framecast.stages.mqtt.client import BusClient, BusDisconnected, BusMessage, parse_mqtt_url  # noqa: E402
 
 STREAM = "soak"
 PREFIX = "soak"

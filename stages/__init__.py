@@ -1,5 +1,5 @@
-"""Pipeline stages: each module one Stage class (or a few small ones of one kind).
+"""Pipeline stages (`framecast.stages`): sources, change, encode, decode, outputs, the MQTT bus,
+and on the top floor the composition root (`app`, `cli`), the only code that knows every stage.
 
-Stages import `pipeline`'s core (events, runtime, config, session, model); `pipeline` never
-imports stages, except its composition root (`pipeline.app`, `pipeline.cli`).
+Arrows run one way: core (`framecast`) <- stages (`framecast.stages`) <- app/CLI.
 """

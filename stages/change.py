@@ -21,9 +21,9 @@ from typing import AsyncIterator
 import cv2
 import numpy as np
 
-from pipeline.config import ChangeConfig
-from pipeline.events import Event, Frame, SceneChange
-from pipeline.runtime import Stage
+from framecast.config import ChangeConfig
+from framecast.events import Event, Frame, SceneChange
+from framecast.runtime import Stage
 
 
 def thumbnail(pixels: np.ndarray, size: int, *, colour: bool = True) -> np.ndarray:

@@ -20,18 +20,18 @@ import time
 from pathlib import Path
 from typing import AsyncIterator
 
-from pipeline.config import NarrationConfig
-from pipeline.errors import FatalError, UserError
-from pipeline.events import Answer, Event, Frame, Narration, NarrationDelta, Question, SceneChange
-from pipeline.runtime import Stage
-from pipeline.session import StreamingSession, TextDelta, TurnDone, greedy
+from framecast.config import NarrationConfig
+from framecast.errors import FatalError, UserError
+from framecast.events import Answer, Event, Frame, Narration, NarrationDelta, Question, SceneChange
+from framecast.runtime import Stage
+from framecast.engine.session import StreamingSession, TextDelta, TurnDone, greedy
 
 
 def make_turn_sampler(cfg: NarrationConfig):
     """Greedy at temperature 0, else the engine's seeded sampler with the configured filters."""
     if cfg.temperature == 0 and not cfg.repetition_penalty:
         return greedy
-    from pipeline.model.sampling import make_sampler
+    from framecast.engine.sampling import make_sampler
 
     return make_sampler(cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty, seed=0)
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any, AsyncIterator
 
-from pipeline.events import EndOfStream, Error, Event, Frame
-from pipeline.runtime import Stage
-from pipeline.worker import ModelWorker, worker_for
+from framecast.events import EndOfStream, Error, Event, Frame
+from framecast.runtime import Stage
+from framecast.engine.worker import ModelWorker, worker_for
 
 DEFAULT_MAX_BATCH = 4  # frames per vision-tower call
 DEFAULT_MAX_PENDING = 16  # frames waiting inside the stage before `process` pushes back

@@ -8,7 +8,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download at test time
 
-import pipeline  # noqa: E402,F401  (preloads OpenBLAS before mlx is imported anywhere)
+import framecast  # noqa: E402,F401  (preloads OpenBLAS before mlx is imported anywhere)
 
 
 @pytest.fixture(autouse=True)

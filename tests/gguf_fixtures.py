@@ -250,7 +250,7 @@ def write_mmproj_gguf(path: Path, cfg: dict, weights: dict[str, np.ndarray], qty
 def write_gguf_pair(hf_dir: str | Path, out_dir: str | Path, qtype: str, *, version: str = "2.6",
                     arch: str | None = None) -> tuple[Path, Path, Path]:
     """(model.gguf, mmproj.gguf, hf_equiv dir) for the tiny checkpoint in `hf_dir`."""
-    import pipeline  # noqa: F401
+    import framecast  # noqa: F401
     import mlx.core as mx
 
     hf_dir, out = Path(hf_dir), Path(out_dir)

@@ -12,11 +12,11 @@ import tracemalloc
 
 import pytest
 
-from pipeline.cli import main
-from pipeline.config import SourceConfig
-from pipeline.events import Frame
-from pipeline.runtime import Runtime, Stage
-from stages.sources import make_source
+from framecast.stages.cli import main
+from framecast.config import SourceConfig
+from framecast.events import Frame
+from framecast.runtime import Runtime, Stage
+from framecast.stages.sources import make_source
 from video_fixtures import flip_bytes, write_audio_only, write_video
 
 
@@ -199,7 +199,7 @@ def test_slow_consumer_on_a_live_source_drops_frames_with_flat_memory():
 
 
 def test_stop_while_a_live_source_hangs_is_prompt_and_ends_with_a_status(silent_server):
-    from pipeline.events import Status
+    from framecast.events import Status
 
     port, _ = silent_server
     cfg = SourceConfig(uri=f"rtsp://127.0.0.1:{port}/live", watchdog_s=30, open_timeout_s=30)

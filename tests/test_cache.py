@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from pipeline.model.cache import (
+from framecast.model.cache import (
     KVCache,
     cache_nbytes,
     cache_offset,

@@ -6,12 +6,12 @@ import asyncio
 
 import numpy as np
 
-from pipeline.config import ChangeConfig, SourceConfig
-from pipeline.events import Frame, SceneChange
-from pipeline.runtime import Runtime, Stage
-from stages.change import ChangeDetector
-from stages.sources import make_source
-from stages.synthetic import SceneGenerator
+from framecast.config import ChangeConfig, SourceConfig
+from framecast.events import Frame, SceneChange
+from framecast.runtime import Runtime, Stage
+from framecast.stages.change import ChangeDetector
+from framecast.stages.sources import make_source
+from framecast.stages.sources.scene import SceneGenerator
 
 
 def frame(pixels: np.ndarray, i: int = 0, stream: str = "default") -> Frame:

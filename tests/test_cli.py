@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import __version__
-from pipeline.cli import main
+from framecast import __version__
+from framecast.stages.cli import main
 from video_fixtures import write_video
 
 REPO = Path(__file__).resolve().parent.parent
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def framecast(*args: str, cwd: Path, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "framecast", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout, **kw)
 
 
@@ -71,7 +71,7 @@ def test_metrics_printed_periodically(tmp_path):
 def test_signal_stops_cleanly_and_flushes_outputs(tmp_path, sig):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     out = tmp_path / "o.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--capture-only", "--source", "demo",
+    proc = subprocess.Popen([sys.executable, "-m", "framecast", "run", "--capture-only", "--source", "demo",
                              "--realtime", "--fps", "20", "--no-console", "--jsonl", str(out), "--vtt", str(tmp_path / "o.vtt"),
                              "--set", "source.width=64", "--set", "source.height=64"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -94,8 +94,8 @@ def test_signal_stops_cleanly_and_flushes_outputs(tmp_path, sig):
 
 
 def test_capture_only_builds_no_model_stages():
-    from pipeline.app import build_graph
-    from pipeline.config import load_config
+    from framecast.stages.app import build_graph
+    from framecast.config import load_config
 
     source, stages = build_graph(load_config(None, {"runtime.capture_only": True, "outputs.console": False}))
     assert source.name == "demo" and [s.name for s in stages] == ["change"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import ConfigError, RunConfig, load_config, preset_names, resolve_config_path
+from framecast.config import ConfigError, RunConfig, load_config, preset_names, resolve_config_path
 
 
 def test_defaults_are_a_capture_demo():

@@ -4,7 +4,6 @@ parity, streaming == batch narration, accuracy on held-out seeds, a foreign MP4,
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -12,16 +11,16 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
 
-import demo_data as D  # noqa: E402
+from framecast.model.load import DEMO_MODEL_DIR  # noqa: E402
+import framecast.stages.demo_training.data as D  # noqa: E402
 
-DEMO_DIR = ROOT / "pipeline" / "demo_model"
+DEMO_DIR = DEMO_MODEL_DIR
 
 
 @pytest.fixture(scope="module")
 def model():
-    from pipeline.model.load import load_model
+    from framecast.model.load import load_model
 
     return load_model(DEMO_DIR)
 
@@ -52,12 +51,12 @@ def test_shipped_model_is_small_hf_layout_package_data():
     assert size < 20e6
     cfg = json.loads((DEMO_DIR / "config.json").read_text())
     assert (cfg["model_type"], cfg["version"]) == ("minicpmv", 2.6)
-    assert 'pipeline = ["demo_model/*"]' in (ROOT / "pyproject.toml").read_text()
+    assert '"framecast.demo_model" = ["*.json", "*.safetensors"]' in (ROOT / "pyproject.toml").read_text()
 
 
 def test_demo_model_is_the_default_of_run():
-    from pipeline.app import load_run_model
-    from pipeline.config import load_config
+    from framecast.stages.app import load_run_model
+    from framecast.config import load_config
 
     m = load_run_model(load_config())
     assert m is not None and m.args.query_num == json.loads((DEMO_DIR / "config.json").read_text())["query_num"]
@@ -72,7 +71,7 @@ def test_training_forward_equals_engine_inference(model):
     import mlx.core as mx
     from tokenizers import Tokenizer
 
-    import train_demo_model as T
+    import framecast.stages.demo_training.train as T
 
     cfg = json.loads((DEMO_DIR / "config.json").read_text())
     trainer_model = T.DemoVLM(cfg)
@@ -105,7 +104,7 @@ def _one_shot_greedy(model, frames, prompt: str, max_tokens: int = 40) -> str:
     """Batch narration: every frame's placeholder and the prompt in ONE prefill, then greedy."""
     import mlx.core as mx
 
-    from pipeline.session import DEFAULT_SYSTEM_PROMPT
+    from framecast.engine.session import DEFAULT_SYSTEM_PROMPT
 
     feats = model.encode_images(frames)
     text = f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
@@ -125,7 +124,7 @@ def _one_shot_greedy(model, frames, prompt: str, max_tokens: int = 40) -> str:
 
 
 def test_streaming_narration_equals_batch_narration(model):
-    from pipeline.session import SessionCore
+    from framecast.engine.session import SessionCore
 
     stream = D.make_stream(11, 20)
     core = SessionCore(model)
@@ -140,7 +139,7 @@ def test_streaming_narration_equals_batch_narration(model):
 
 @pytest.mark.slow
 def test_heldout_accuracy(model):
-    import eval_demo_model as E
+    import framecast.stages.demo_training.evaluate as E
 
     scores = E.evaluate(model, [0, 1, 2, 3], 40)
     print(scores.report())
@@ -184,7 +183,7 @@ def _narrations(jsonl: Path) -> list[str]:
 @pytest.mark.xfail(reason="the shipped demo weights do not use their vision features yet (collapsed tower, "
                           "see README `demo`): the run works, the words are not right", strict=False)
 def test_opencv_red_circle_mp4_is_narrated(tmp_path):
-    from pipeline.cli import main
+    from framecast.stages.cli import main
 
     video = write_red_circle_mp4(tmp_path / "circle.mp4")
     out = tmp_path / "out.jsonl"
@@ -197,7 +196,7 @@ def test_opencv_red_circle_mp4_is_narrated(tmp_path):
 
 
 def test_demo_run_is_faster_than_real_time(tmp_path):
-    from pipeline.cli import main
+    from framecast.stages.cli import main
 
     out = tmp_path / "out.jsonl"
     t0 = time.perf_counter()

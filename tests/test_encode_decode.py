@@ -9,15 +9,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from tiny_models import make_tiny_minicpmv, random_image
+from framecast.testing import make_tiny_minicpmv, random_image
 
-from pipeline.config import NarrationConfig
-from pipeline.events import Answer, Event, Frame, Narration, NarrationDelta, Question
-from pipeline.runtime import Runtime, Source, Stage
-from pipeline.model.load import load_model
-from pipeline.session import StreamingSession
-from stages.decode import DecodeStage
-from stages.encode import EncodeStage
+from framecast.config import NarrationConfig
+from framecast.events import Answer, Event, Frame, Narration, NarrationDelta, Question
+from framecast.runtime import Runtime, Source, Stage
+from framecast.model.load import load_model
+from framecast.engine.session import StreamingSession
+from framecast.stages.decode import DecodeStage
+from framecast.stages.encode import EncodeStage
 
 
 @pytest.fixture(scope="module")
@@ -185,9 +185,9 @@ def test_minicpmv45_packs_frames_into_3d_groups(models):
 
 
 def test_model_stages_from_config_run_end_to_end(tmp_path):
-    from pipeline.app import _model_stages
-    from pipeline.config import RunConfig
-    from pipeline.errors import ModelLoadError
+    from framecast.stages.app import _model_stages
+    from framecast.config import RunConfig
+    from framecast.errors import ModelLoadError
 
     make_tiny_minicpmv(tmp_path / "m", "2.6")
     cfg = RunConfig.model_validate({"model": {"path": str(tmp_path / "m")},
@@ -206,8 +206,8 @@ def test_model_stages_from_config_run_end_to_end(tmp_path):
 
 
 def test_state_file_continues_the_conversation_across_runs(tmp_path):
-    from pipeline.app import _model_stages
-    from pipeline.config import RunConfig
+    from framecast.stages.app import _model_stages
+    from framecast.config import RunConfig
 
     make_tiny_minicpmv(tmp_path / "m", "2.6")
     state = tmp_path / "stream.safetensors"

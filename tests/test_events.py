@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from pipeline.events import (EVENT_TYPES, SCHEMA_VERSION, Answer, EndOfStream, Error, Flush, Frame, Metrics,
+from framecast.events import (EVENT_TYPES, SCHEMA_VERSION, Answer, EndOfStream, Error, Flush, Frame, Metrics,
                              Narration, NarrationDelta, Question, SceneChange, Status, Stop, event_from_dict)
 
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")

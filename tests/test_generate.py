@@ -5,10 +5,10 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 
-from pipeline.cli import main as cli_main
-from pipeline.model.generate import generate_tokens
-from pipeline.model.load import load_model
-from tiny_models import make_tiny_minicpmv, random_image
+from framecast.stages.cli import main as cli_main
+from framecast.engine.generate import generate_tokens
+from framecast.model.load import load_model
+from framecast.testing import make_tiny_minicpmv, random_image
 
 
 @pytest.fixture(scope="module")

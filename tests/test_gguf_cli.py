@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 
 from gguf_fixtures import smollm_path, write_gguf_pair
-from tiny_models import make_tiny_minicpmv, random_image
+from framecast.testing import make_tiny_minicpmv, random_image
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def framecast(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "framecast", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -36,7 +36,7 @@ def tiny_pair(tmp_path_factory):
 
 
 def test_generate_prints_only_the_generated_text(tmp_path):
-    from pipeline.model.gguf import load_gguf
+    from framecast.model.gguf.model import load_gguf
 
     path = smollm_path()
     prompt, n = "What is the capital of France?", 24
@@ -61,8 +61,8 @@ def test_generate_prints_only_the_generated_text(tmp_path):
 
 
 def test_convert_text_only_gguf_then_load(tiny_pair):
-    from pipeline.model.gguf import load_gguf
-    from pipeline.model.load import load_model
+    from framecast.model.gguf.model import load_gguf
+    from framecast.model.load import load_model
 
     root, lm, _mm = tiny_pair
     out = root / "converted-lm"
@@ -77,8 +77,8 @@ def test_convert_text_only_gguf_then_load(tiny_pair):
 
 
 def test_convert_gguf_pair_then_load(tiny_pair):
-    from pipeline.model.gguf import load_gguf
-    from pipeline.model.load import load_model
+    from framecast.model.gguf.model import load_gguf
+    from framecast.model.load import load_model
 
     root, lm, mm = tiny_pair
     out = root / "converted-pair"
@@ -125,8 +125,8 @@ def test_bad_gguf_is_one_line_and_exit_2(tmp_path, tiny_pair):
 
 def test_convert_real_gguf_with_chat_template(tmp_path):
     """SmolLM2 (Q4_1 + Q8_0 embedding, a chat template): converts and reloads to the same logits."""
-    from pipeline.model.gguf import load_gguf
-    from pipeline.model.load import load_model
+    from framecast.model.gguf.model import load_gguf
+    from framecast.model.load import load_model
 
     path = smollm_path()
     out = tmp_path / "smollm-mlx"

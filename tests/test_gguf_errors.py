@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from gguf_fixtures import add_tokenizer, write_gguf_pair, write_mmproj_gguf
-from tiny_models import make_tiny_minicpmv, tiny_config, tiny_weights
+from framecast.testing import make_tiny_minicpmv, tiny_config, tiny_weights
 
-from pipeline.errors import ModelLoadError
+from framecast.errors import ModelLoadError
 
 
 def _lm_file(path, *, arch="llama", tokenizer_model="gpt2", pre="gpt-2", weight_dtype=np.float32, extra=None):
@@ -41,7 +41,7 @@ def _lm_file(path, *, arch="llama", tokenizer_model="gpt2", pre="gpt-2", weight_
 
 
 def _load_error(*args, **kw) -> str:
-    from pipeline.model.gguf import load_gguf
+    from framecast.model.gguf.model import load_gguf
 
     with pytest.raises(ModelLoadError) as info:
         load_gguf(*args, **kw)
@@ -51,7 +51,7 @@ def _load_error(*args, **kw) -> str:
 
 
 def test_a_well_formed_file_loads(tmp_path):
-    from pipeline.model.gguf import load_gguf
+    from framecast.model.gguf.model import load_gguf
 
     model = load_gguf(_lm_file(tmp_path / "ok.gguf"))
     assert model.tokenizer.encode("ab") == [0, 1]
@@ -147,7 +147,7 @@ def test_add_tokenizer_helper_is_exercised(tmp_path):
     # the fixture writer itself: a tokenizer.json with merges round-trips through GGUF metadata
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from pipeline.model.gguf_tokenizer import build_tokenizer
+    from framecast.model.gguf.tokenizer import build_tokenizer
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {s: i for i, s in enumerate(alphabet)}
@@ -162,7 +162,7 @@ def test_add_tokenizer_helper_is_exercised(tmp_path):
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.close()
-    from pipeline.model.gguf_file import read_header
+    from framecast.model.gguf.file import read_header
 
     ours = build_tokenizer(read_header(tmp_path / "t.gguf").metadata)
     for text in ["hello", "shell hell<|im_end|>", "  hello\n"]:

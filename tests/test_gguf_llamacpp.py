@@ -55,7 +55,7 @@ def chat(prompt: str) -> str:
 
 @pytest.fixture(scope="module")
 def ours():
-    from pipeline.model.gguf import load_gguf
+    from framecast.model.gguf.model import load_gguf
 
     return load_gguf(smollm_path())
 
@@ -162,8 +162,8 @@ def test_pre_tokenizers_match_llama_cpp(tmp_path, trained_tokenizer_json, pre):
 
     from gguf_fixtures import add_tokenizer
 
-    from pipeline.model.gguf_file import read_header
-    from pipeline.model.gguf_tokenizer import build_tokenizer
+    from framecast.model.gguf.file import read_header
+    from framecast.model.gguf.tokenizer import build_tokenizer
 
     path = tmp_path / f"vocab-{pre}.gguf"
     w = gguf.GGUFWriter(str(path), "llama")  # llama.cpp needs an arch's keys even for vocab_only
@@ -220,8 +220,8 @@ def spm_gguf(tmp_path_factory):
 
 def test_sentencepiece_vocab_matches_llama_cpp(spm_gguf):
     """`llama` (SentencePiece BPE) vocabularies: score-ordered merges, byte fallback, ▁ prefix."""
-    from pipeline.model.gguf_file import read_header
-    from pipeline.model.gguf_tokenizer import build_tokenizer
+    from framecast.model.gguf.file import read_header
+    from framecast.model.gguf.tokenizer import build_tokenizer
 
     ours = build_tokenizer(read_header(spm_gguf).metadata)
     ref = llama_cpp.Llama(model_path=str(spm_gguf), vocab_only=True, verbose=False)

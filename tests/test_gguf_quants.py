@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize, quantize
 
-from pipeline.model.gguf_file import REQUANT_BITS, dequantize_entry, read_header, read_tensors, repack_native
+from framecast.model.gguf.file import REQUANT_BITS, dequantize_entry, read_header, read_tensors, repack_native
 
 T = gguf.GGMLQuantizationType
 
@@ -94,9 +94,9 @@ def test_q5_language_model_matches_its_dequantised_twin(tmp_path):
 
     from gguf_fixtures import write_gguf_pair
     from test_gguf_roundtrip import IDS, _logits, hf_language_model
-    from tiny_models import make_tiny_minicpmv
+    from framecast.testing import make_tiny_minicpmv
 
-    from pipeline.model.gguf import load_gguf
+    from framecast.model.gguf.model import load_gguf
 
     hf = make_tiny_minicpmv(tmp_path / "hf", "2.6")
     lm_path, _mm, equiv = write_gguf_pair(hf, tmp_path / "g", "Q5_0", version="2.6")
@@ -111,10 +111,10 @@ def test_q5_language_model_matches_its_dequantised_twin(tmp_path):
 def test_bf16_language_model_matches_its_twin(tmp_path):
     from gguf_fixtures import write_gguf_pair
     from test_gguf_roundtrip import IDS, _logits, hf_language_model
-    from tiny_models import make_tiny_minicpmv
+    from framecast.testing import make_tiny_minicpmv
 
-    from pipeline.model.gguf import load_gguf
-    from pipeline.model.gguf_file import read_header
+    from framecast.model.gguf.model import load_gguf
+    from framecast.model.gguf.file import read_header
 
     hf = make_tiny_minicpmv(tmp_path / "hf", "4.5")
     lm_path, _mm, equiv = write_gguf_pair(hf, tmp_path / "g", "BF16", version="4.5")
@@ -126,7 +126,7 @@ def test_bf16_language_model_matches_its_twin(tmp_path):
 
 @pytest.mark.parametrize("bits", [3, 4, 5, 6, 8])
 def test_pack_bits_is_mlx_packing(bits):
-    from pipeline.model.gguf_file import pack_bits
+    from framecast.model.gguf.file import pack_bits
 
     rng = np.random.default_rng(bits)
     q = rng.integers(0, 2**bits, size=(6, 96)).astype(np.uint32)

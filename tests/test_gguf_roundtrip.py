@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from gguf_fixtures import QTYPES, write_gguf_pair
-from tiny_models import make_tiny_minicpmv
+from framecast.testing import make_tiny_minicpmv
 
 CASES = {  # name -> (tiny version, gguf arch, LM family of the HF side, extra LM config)
     "qwen2": ("2.6", "qwen2", "qwen2", {}),
@@ -38,7 +38,7 @@ def pairs(tmp_path_factory):
 
 
 def hf_language_model(equiv_dir, family):
-    from pipeline.model.lm import build_lm
+    from framecast.model.lm import build_lm
 
     cfg = json.loads((equiv_dir / "config.json").read_text())
     model = build_lm({**cfg, "model_type": family})
@@ -61,7 +61,7 @@ IDS = [2, 40, 41, 260, 70, 101, 33, 7, 99, 120, 3, 57, 200, 11]
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("case", list(CASES))
 def test_lm_gguf_logits_match_hf(pairs, case, qtype):
-    from pipeline.model.gguf import load_gguf
+    from framecast.model.gguf.model import load_gguf
 
     lm_path, _mm, equiv, family = pairs[case, qtype]
     ours = load_gguf(lm_path)
@@ -76,8 +76,8 @@ def test_lm_gguf_logits_match_hf(pairs, case, qtype):
 
 
 def test_gguf_lm_config_reads_metadata(pairs):
-    from pipeline.model.gguf import lm_config_from_gguf
-    from pipeline.model.gguf_file import read_header
+    from framecast.model.gguf.model import lm_config_from_gguf
+    from framecast.model.gguf.file import read_header
 
     lm_path, _mm, equiv, _family = pairs["minicpm", "F32"]
     cfg = lm_config_from_gguf(read_header(lm_path))
@@ -94,7 +94,7 @@ def test_gguf_lm_config_reads_metadata(pairs):
 def test_unpermute_inverts_the_converter_permutation():
     from gguf_fixtures import permute_rows
 
-    from pipeline.model.gguf import unpermute_rows
+    from framecast.model.gguf.model import unpermute_rows
 
     w = np.arange(4 * 16 * 3, dtype=np.float32).reshape(64, 3)  # 4 heads of head_dim 16
     back = np.array(unpermute_rows(mx.array(permute_rows(w, 4)), 4))
@@ -104,8 +104,8 @@ def test_unpermute_inverts_the_converter_permutation():
 def test_gguf_tokenizer_matches_checkpoint_tokenizer(pairs):
     from tokenizers import Tokenizer
 
-    from pipeline.model.gguf import load_gguf_tokenizer
-    from pipeline.model.gguf_file import read_header
+    from framecast.model.gguf.model import load_gguf_tokenizer
+    from framecast.model.gguf.file import read_header
 
     lm_path, _mm, equiv, _family = pairs["qwen2", "F32"]
     ref = Tokenizer.from_file(str(equiv / "tokenizer.json"))
@@ -130,10 +130,10 @@ def _vlm_logits(model, image):
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("case", list(CASES))
 def test_gguf_pair_matches_hf_checkpoint(pairs, case, qtype):
-    from tiny_models import random_image
+    from framecast.testing import random_image
 
-    from pipeline.model.gguf import load_gguf
-    from pipeline.model.load import load_model
+    from framecast.model.gguf.model import load_gguf
+    from framecast.model.load import load_model
 
     lm_path, mm_path, equiv, _family = pairs[case, qtype]
     ours = load_gguf(lm_path, mmproj=mm_path)
@@ -147,10 +147,10 @@ def test_gguf_pair_matches_hf_checkpoint(pairs, case, qtype):
 
 
 def test_gguf_45_pair_runs_the_3d_resampler_like_hf(pairs):
-    from tiny_models import random_image
+    from framecast.testing import random_image
 
-    from pipeline.model.gguf import load_gguf
-    from pipeline.model.load import load_model
+    from framecast.model.gguf.model import load_gguf
+    from framecast.model.load import load_model
 
     lm_path, mm_path, equiv, _family = pairs["qwen3", "Q8_0"]
     ours, ref = load_gguf(lm_path, mmproj=mm_path), load_model(equiv)
@@ -163,9 +163,9 @@ def test_gguf_45_pair_runs_the_3d_resampler_like_hf(pairs):
 def test_ffn_names_are_decided_by_shape(pairs, tmp_path):
     """Legacy files call fc1 `ffn_down`; newer ones `ffn_up`: both must load the same tower."""
     from gguf_fixtures import write_mmproj_gguf
-    from tiny_models import random_image
+    from framecast.testing import random_image
 
-    from pipeline.model.gguf import load_gguf
+    from framecast.model.gguf.model import load_gguf
 
     lm_path, mm_swapped, equiv, _family = pairs["qwen2", "F32"]
     cfg = json.loads((equiv / "config.json").read_text())
@@ -201,10 +201,10 @@ def _llama3_factors(head_dim: int, base: float, scaling: dict) -> np.ndarray:
 @pytest.mark.parametrize("kind", ["llama3", "longrope-short", "longrope-long"])
 def test_rope_factor_tensors(tmp_path, kind):
     from gguf_fixtures import write_lm_gguf
-    from tiny_models import tiny_config, tiny_weights
+    from framecast.testing import tiny_config, tiny_weights
 
-    from pipeline.model.gguf import load_gguf
-    from pipeline.model.lm import build_lm
+    from framecast.model.gguf.model import load_gguf
+    from framecast.model.lm import build_lm
 
     rng = np.random.default_rng(0)
     if kind == "llama3":
@@ -226,7 +226,7 @@ def test_rope_factor_tensors(tmp_path, kind):
         tensors = {"rope_factors_long.weight": scaling["long_factor"],
                    "rope_factors_short.weight": scaling["short_factor"]}
         meta = {"minicpm.rope.scaling.original_context_length": 2048}
-    from tiny_models import build_tokenizer
+    from framecast.testing import build_tokenizer
 
     build_tokenizer().save(str(tmp_path / "tokenizer.json"))
     path = tmp_path / "rope.gguf"

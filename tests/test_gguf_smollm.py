@@ -20,8 +20,8 @@ from gguf_fixtures import smollm_path
 def test_smollm_gguf_matches_transformers_on_its_dequantised_weights():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.model.gguf import load_gguf, lm_config_from_gguf, lm_weights_from_gguf
-    from pipeline.model.gguf_file import dequantize_entry, read_header, read_tensors
+    from framecast.model.gguf.model import load_gguf, lm_config_from_gguf, lm_weights_from_gguf
+    from framecast.model.gguf.file import dequantize_entry, read_header, read_tensors
 
     path = smollm_path()
     header = read_header(path)

@@ -24,11 +24,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import pipeline.kernels as kernels
-from pipeline.errors import UserError
-from pipeline.kernels import dequantize_kv as dq
-from pipeline.kernels import rope_shift as rs
-from pipeline.kernels.rope_shift import RopeSpec, reference, rope_shift
+import framecast.kernels as kernels
+from framecast.errors import UserError
+from framecast.kernels import dequantize_kv as dq
+from framecast.kernels import rope_shift as rs
+from framecast.kernels.rope_shift import RopeSpec, reference, rope_shift
 
 CUDA = mx.cuda.is_available()
 METAL = mx.metal.is_available()
@@ -552,7 +552,7 @@ def test_gpu_dequantize_equals_reference(kind, dtype, bits, group, case):
 
 @pytest.mark.skipif(not GPU_KINDS, reason="no CUDA/Metal GPU on this machine")
 def test_gpu_quantized_cache_fetch_uses_the_kernel():
-    from pipeline.model.cache import QuantizedKVCache
+    from framecast.model.cache import QuantizedKVCache
 
     kernels.backend.cache_clear()
     try:

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import ModelLoadError
-from pipeline.model.cache import KVCache
-from pipeline.model.lm import build_lm, get_lm_class
+from framecast.errors import ModelLoadError
+from framecast.model.cache import KVCache
+from framecast.model.lm import build_lm, get_lm_class
 
 TOL = 1e-4
 PROMPT, SPLIT, DECODE = 11, 5, 4  # prompt tokens, first chunk length, cached decode steps

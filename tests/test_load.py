@@ -10,11 +10,11 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
-from pipeline.cli import main as cli_main
-from pipeline.errors import ModelLoadError, UserError
-from pipeline.model.convert import convert_main
-from pipeline.model.load import load_model
-from tiny_models import make_tiny_minicpmv, random_image
+from framecast.stages.cli import main as cli_main
+from framecast.errors import ModelLoadError, UserError
+from framecast.stages.model_commands import convert_main
+from framecast.model.load import load_model
+from framecast.testing import make_tiny_minicpmv, random_image
 
 
 @pytest.fixture(scope="module")

@@ -19,16 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ChangeConfig, MqttConfig, SourceConfig
-from pipeline.errors import UserError
-from pipeline.events import Answer, Frame, Narration, NarrationDelta, Question, SceneChange
-from pipeline.runtime import Runtime, Stage
-from stages.mqtt import MqttStage, ask_over_mqtt
-from stages.mqtt_outbox import Outbox, Outgoing
-from stages.mqtt_topics import QuestionRejected, parse_question
-from stages.mqtt_client import BusMessage, parse_mqtt_url
-from stages.change import ChangeDetector
-from stages.sources import make_source
+from framecast.config import ChangeConfig, MqttConfig, SourceConfig
+from framecast.errors import UserError
+from framecast.events import Answer, Frame, Narration, NarrationDelta, Question, SceneChange
+from framecast.runtime import Runtime, Stage
+from framecast.stages.mqtt.stage import MqttStage, ask_over_mqtt
+from framecast.stages.mqtt.outbox import Outbox, Outgoing
+from framecast.stages.mqtt.topics import QuestionRejected, parse_question
+from framecast.stages.mqtt.client import BusMessage, parse_mqtt_url
+from framecast.stages.change import ChangeDetector
+from framecast.stages.sources import make_source
 from broker import Broker, Mqtt311OnlyProxy, Recorder
 
 STREAM = "cam1"

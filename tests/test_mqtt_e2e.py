@@ -9,10 +9,10 @@ import asyncio
 import pytest
 
 from broker import Broker, Recorder
-from pipeline.config import ChangeConfig, MqttConfig, NarrationConfig, SourceConfig
-from pipeline.events import Narration
-from pipeline.runtime import Runtime
-from tiny_models import make_tiny_minicpmv
+from framecast.config import ChangeConfig, MqttConfig, NarrationConfig, SourceConfig
+from framecast.events import Narration
+from framecast.runtime import Runtime
+from framecast.testing import make_tiny_minicpmv
 
 STREAM = "e2e"
 P = "fce"
@@ -20,7 +20,7 @@ P = "fce"
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from pipeline.model.load import load_model
+    from framecast.model.load import load_model
 
     d = tmp_path_factory.mktemp("tiny-2.6")
     make_tiny_minicpmv(d, "2.6")
@@ -28,12 +28,12 @@ def tiny_model(tmp_path_factory):
 
 
 def test_decoder_narrations_and_answers_over_mqtt(tmp_path, tiny_model, capsys):
-    from pipeline.session import StreamingSession
-    from stages.change import ChangeDetector
-    from stages.decode import DecodeStage
-    from stages.encode import EncodeStage
-    from stages.mqtt import MqttStage, ask_over_mqtt
-    from stages.sources import make_source
+    from framecast.engine.session import StreamingSession
+    from framecast.stages.change import ChangeDetector
+    from framecast.stages.decode import DecodeStage
+    from framecast.stages.encode import EncodeStage
+    from framecast.stages.mqtt.stage import MqttStage, ask_over_mqtt
+    from framecast.stages.sources import make_source
 
     b = Broker(tmp_path / "broker").start()
     rec = Recorder(b.port, [f"{P}/#"])

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from broker import Broker, Recorder
-from tiny_models import make_tiny_minicpmv
+from framecast.testing import make_tiny_minicpmv
 
 ROOT = Path(__file__).resolve().parent.parent
 STREAM = "cam1"
@@ -24,7 +24,7 @@ EXIT_BOUND_S = 15  # runtime stop_timeout (10 s) + our close (≤ 3 s) + slack
 
 def framecast(*args: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "framecast", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

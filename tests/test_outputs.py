@@ -8,10 +8,10 @@ import json
 
 import numpy as np
 
-from pipeline.config import OutputsConfig
-from pipeline.events import Answer, Event, Frame, Narration, NarrationDelta, SceneChange, Status
-from pipeline.runtime import Runtime, Source
-from stages.outputs import (ConsoleOutput, JsonlOutput, SubtitleOutput, cue_text, make_outputs,
+from framecast.config import OutputsConfig
+from framecast.events import Answer, Event, Frame, Narration, NarrationDelta, SceneChange, Status
+from framecast.runtime import Runtime, Source
+from framecast.stages.outputs import (ConsoleOutput, JsonlOutput, SubtitleOutput, cue_text, make_outputs,
                             subtitle_time)
 
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.model.processor import MiniCPMVProcessor, ensure_divide, find_best_resize, get_sliced_grid
-from tiny_models import random_image
+from framecast.model.processor import MiniCPMVProcessor, ensure_divide, find_best_resize, get_sliced_grid
+from framecast.testing import random_image
 
 # ---------------------------------------------------------------- reference (image_processing_minicpmv.py)
 
@@ -91,7 +91,7 @@ def test_grid_and_resize_sizes_match_reference(max_slices, scale):
         assert find_best_resize((w, h), scale, 14, allow_upscale=grid is None) == \
             ref_best_resize((w, h), scale, 14, grid is None), (w, h)
         if grid is not None:
-            from pipeline.model.processor import get_refine_size
+            from framecast.model.processor import get_refine_size
 
             assert get_refine_size((w, h), grid, scale, 14, allow_upscale=True) == ref_refine((w, h), grid, scale, 14)
 
@@ -133,7 +133,7 @@ def test_checkpoint_chat_template_is_rendered_when_present():
     assert proc.chat_prompt(msgs) == MiniCPMVProcessor(version="4.5").chat_prompt(msgs)
     assert proc.chat_prompt(msgs, system="S").startswith("<|im_start|>system\nS<|im_end|>\n")
     bad = MiniCPMVProcessor(chat_template="{{ raise_exception('no system role') }}")
-    from pipeline.errors import UserError
+    from framecast.errors import UserError
 
     with pytest.raises(UserError, match="no system role"):
         bad.chat_prompt(msgs)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.model.resampler import Resampler, resampler_heads, sincos_2d, sincos_temporal, temporal_ids_from_seconds
+from framecast.model.resampler import Resampler, resampler_heads, sincos_2d, sincos_temporal, temporal_ids_from_seconds
 
 
 # ---------------------------------------------------------------- reference (numpy + torch)

@@ -6,9 +6,9 @@ import asyncio
 
 import numpy as np
 
-from pipeline.errors import FatalError
-from pipeline.events import EndOfStream, Error, Event, Flush, Frame, Question, Status
-from pipeline.runtime import Edge, Runtime, Source, Stage
+from framecast.errors import FatalError
+from framecast.events import EndOfStream, Error, Event, Flush, Frame, Question, Status
+from framecast.runtime import Edge, Runtime, Source, Stage
 
 
 def _frame(i: int) -> Frame:
@@ -234,7 +234,7 @@ def test_metrics_are_published_periodically_and_at_the_end():
     m = res.metrics["collect"]
     assert m["items_in"] >= 30 and {"latency_ms_p50", "latency_ms_p95", "queue_depth", "drops",
                                     "throughput_per_s"} <= m.keys()
-    from pipeline.events import Metrics
+    from framecast.events import Metrics
 
     assert any(isinstance(e, Metrics) for e in sink.seen)  # also travels as an event
 

@@ -13,7 +13,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from pipeline.model.sampling import Sampler, make_sampler
+from framecast.engine.sampling import Sampler, make_sampler
 
 V = 64
 

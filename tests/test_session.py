@@ -10,14 +10,14 @@ import time
 import mlx.core as mx
 import numpy as np
 import pytest
-from tiny_models import make_tiny_minicpmv, random_image
+from framecast.testing import make_tiny_minicpmv, random_image
 
-from pipeline.events import Frame
-from pipeline.kernels.rope_shift import RopeSpec, probe_rope, rope_shift, rope_shift_reference
-from pipeline.model.cache import KVCache, QuantizedKVCache, eviction_plan
-from pipeline.model.lm.base import make_rope
-from pipeline.model.load import load_model
-from pipeline.session import SessionCore, StreamingSession, TextDelta, TurnDone
+from framecast.events import Frame
+from framecast.kernels.rope_shift import RopeSpec, probe_rope, rope_shift, rope_shift_reference
+from framecast.model.cache import KVCache, QuantizedKVCache, eviction_plan
+from framecast.model.lm.base import make_rope
+from framecast.model.load import load_model
+from framecast.engine.session import SessionCore, StreamingSession, TextDelta, TurnDone
 
 HEAD_DIM = 64
 
@@ -318,7 +318,7 @@ def test_save_restore_continue_equals_never_stopping(tiny_models, tmp_path, kv_b
 
 
 def test_load_rejects_another_model(tiny_models, tmp_path):
-    from pipeline.errors import UserError
+    from framecast.errors import UserError
 
     a = SessionCore(tiny_models("2.6"))
     path = a.save(tmp_path / "s.safetensors")
@@ -458,7 +458,7 @@ def test_bench_streaming_runs_and_prints_json_last(capsys):
 
 
 def test_a_failed_frame_prefill_leaves_the_cache_as_before(tiny_models):
-    from pipeline.errors import UserError
+    from framecast.errors import UserError
 
     model = tiny_models("2.6")
     (feat,) = _features(model, 1, seed=81)
@@ -473,7 +473,7 @@ def test_a_failed_frame_prefill_leaves_the_cache_as_before(tiny_models):
 
 
 def test_settings_the_model_cannot_honour_fail_as_one_line(tiny_models):
-    from pipeline.errors import UserError
+    from framecast.errors import UserError
 
     model = tiny_models("2.6")  # head_dim 16
     with pytest.raises(UserError, match=r"session.kv_bits = 8: .*head_dim divisible by 32 \(this model has 16\)"):

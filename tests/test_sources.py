@@ -7,11 +7,11 @@ import asyncio
 import numpy as np
 import pytest
 
-from pipeline.config import SourceConfig
-from pipeline.events import Event, Frame, Status
-from pipeline.runtime import Runtime, Stage
-from stages.sources import make_source
-from stages.synthetic import SceneGenerator
+from framecast.config import SourceConfig
+from framecast.events import Event, Frame, Status
+from framecast.runtime import Runtime, Stage
+from framecast.stages.sources import make_source
+from framecast.stages.sources.scene import SceneGenerator
 
 
 class Collect(Stage):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stages.synthetic import BACKGROUNDS, COLOURS, SHAPES, SIZES, SceneGenerator
+from framecast.stages.sources.scene import BACKGROUNDS, COLOURS, SHAPES, SIZES, SceneGenerator
 
 
 def test_same_seed_same_pixels_and_truth_in_any_order():

@@ -8,8 +8,8 @@ import pytest
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as Backend
 
-from pipeline.errors import ModelLoadError
-from pipeline.model.tokenizer import StreamingDetokenizer, Tokenizer
+from framecast.errors import ModelLoadError
+from framecast.model.tokenizer import StreamingDetokenizer, Tokenizer
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "</image>", "<unk>"]
 CORPUS = [

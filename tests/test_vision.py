@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.model.vision import SiglipVisionTower, VisionArgs, batch_views, navit_bucket_coords, navit_position_ids
-from tiny_models import TINY_VISION, tiny_config, tiny_weights
+from framecast.model.vision import SiglipVisionTower, VisionArgs, batch_views, navit_bucket_coords, navit_position_ids
+from framecast.testing import TINY_VISION, tiny_config, tiny_weights
 
 
 def _hf_buckets(n: int, side: int) -> np.ndarray:

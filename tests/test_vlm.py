@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import ModelLoadError, UserError
-from pipeline.model.load import load_model
-from pipeline.model.resampler import resampler_heads
-from pipeline.model.vlm import MiniCPMV, resolve_version
+from framecast.errors import ModelLoadError, UserError
+from framecast.model.load import load_model
+from framecast.model.resampler import resampler_heads
+from framecast.model.vlm import MiniCPMV, resolve_version
 from test_resampler import TorchResampler
 from test_vision import _hf_buckets, _hf_model
-from tiny_models import make_tiny_minicpmv, random_image, tiny_config, tiny_weights
+from framecast.testing import make_tiny_minicpmv, random_image, tiny_config, tiny_weights
 
 HF_LM = {"2.6": "Qwen2ForCausalLM", "o-2.6": "Qwen2ForCausalLM", "4.0": "LlamaForCausalLM",
          "4.5": "Qwen3ForCausalLM"}

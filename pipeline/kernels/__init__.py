@@ -19,7 +19,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-from pipeline.errors import UserError
+from framecast.errors import UserError
 
 ENV_VAR = "FRAMECAST_KERNELS"
 BACKENDS = ("reference", "metal", "cuda")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from pipeline.kernels import backend, build_kernel, kernel_verified
+from framecast.kernels import backend, build_kernel, kernel_verified
 
 THREADGROUP = 256  # one thread per packed 32-bit word (4 values at 8 bits, 8 at 4 bits)
 # Kernel vs reference, relative to max |w|: the kernel rounds scale*q+bias once from fp32, MLX's

@@ -38,7 +38,7 @@ from typing import Callable
 import mlx.core as mx
 import numpy as np
 
-from pipeline.kernels import backend, build_kernel, kernel_verified
+from framecast.kernels import backend, build_kernel, kernel_verified
 
 PROBE_MAX_POSITION = 1 << 20  # refine frequencies up to this position (see probe_rope)
 PROBE_TOLERANCE = 1e-3  # largest error accepted when checking a probed spec

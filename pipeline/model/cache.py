@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from pipeline.kernels.dequantize_kv import dequantize_kv
-from pipeline.kernels.rope_shift import rope_shift
+from framecast.kernels.dequantize_kv import dequantize_kv
+from framecast.kernels.rope_shift import rope_shift
 
 DEFAULT_STEP = 256  # tokens added per growth; one frame (64-ish tokens) rarely triggers it
 
@@ -82,7 +82,7 @@ class KVCache:
         """Drop token ranges `spans` ([(start, end), ...]) and close the gaps.
 
         Keys after a dropped range are re-rotated by minus the number of tokens dropped
-        before them (`rope`: a `pipeline.kernels.rope_shift.RopeSpec`), so RoPE positions stay
+        before them (`rope`: a `framecast.kernels.rope_shift.RopeSpec`), so RoPE positions stay
         contiguous 0..offset-1. The buffer is reused (memory stays flat); returns the count.
         """
         plan = eviction_plan(spans, self.offset)

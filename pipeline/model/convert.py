@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-import time
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from pipeline.errors import UserError
-from pipeline.model.load import MLX_FORMAT_KEY, MLX_FORMAT_VERSION, TextOnlyModel, load_model, use_cpu_prefill_path
+from framecast.errors import UserError
+from framecast.model.load import MLX_FORMAT_KEY, MLX_FORMAT_VERSION, TextOnlyModel, load_model, use_cpu_prefill_path
 
 GROUP_SIZE = 64
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -82,14 +80,17 @@ def _write_preprocessor(model, out: Path) -> None:
     }, indent=2))
 
 
-def convert_main(src: str, out: str, *, mmproj: str | None = None, bits: int | None = None,
-                 dtype: str | None = None) -> int:
+def convert_model(src: str, out: str, *, mmproj: str | None = None, bits: int | None = None,
+                  dtype: str | None = None) -> tuple[Path, float, int]:
+    """Write `src` as a converted MLX directory `out`; returns (out_dir, size in MB, quantised layer count).
+
+    Raises UserError for bad bits or a non-empty output directory, ModelLoadError for a bad source.
+    """
     if bits not in (None, 4, 8):
         raise UserError(f"--bits {bits}: choose 4 or 8")
     out_dir = Path(out)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir}: output directory exists and is not empty")
-    t0 = time.perf_counter()
     model = load_model(src, mmproj=mmproj, dtype=dtype)
     module = model.language_model if isinstance(model, TextOnlyModel) or not isinstance(model, nn.Module) else model
     n_quant = quantize_linears(module, bits) if bits else 0
@@ -110,7 +111,4 @@ def convert_main(src: str, out: str, *, mmproj: str | None = None, bits: int | N
     _write_tokenizer(model, src_path if src_path.is_dir() else None, out_dir)
     _write_preprocessor(model, out_dir)
     size_mb = (out_dir / "model.safetensors").stat().st_size / 1e6
-    quant = f", {n_quant} linear layers at {bits} bits (group {GROUP_SIZE})" if bits else ""
-    print(f"framecast: wrote {out_dir} ({size_mb:.1f} MB{quant}) in {time.perf_counter() - t0:.1f}s",
-          file=sys.stderr)
-    return 0
+    return out_dir, size_mb, n_quant

@@ -21,7 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from pipeline.errors import ModelLoadError, UserError
+from framecast.errors import ModelLoadError, UserError
 
 log = logging.getLogger("framecast.model")
 
@@ -30,6 +30,8 @@ MLX_FORMAT_VERSION = 1
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt"]  # no remote code: never executed here
 _SAFETENSORS_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                        "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+# The embedded demo model (HF layout), shipped as package data.
+DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "demo_model"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -54,7 +56,7 @@ def load_model(path_or_id: str | Path, *, mmproj: str | Path | None = None, dtyp
     if text.lower().endswith(".gguf"):
         if not Path(text).is_file():
             raise ModelLoadError(f"{text}: no such GGUF file")
-        from pipeline.model.gguf import load_gguf  # owned by the GGUF work; imported lazily
+        from framecast.model.gguf.model import load_gguf  # owned by the GGUF work; imported lazily
 
         return load_gguf(text, mmproj=mmproj, dtype=dtype)
     if mmproj is not None:
@@ -224,7 +226,7 @@ def use_cpu_prefill_path(model: nn.Module) -> None:
     """Quantised Linears run many-row inputs (prefill, vision patches) as dequantise + GEMM on
     the CPU, where MLX's quantized_matmul is a slow loop; one-row decode keeps the quantised
     kernel. Same parameters and results (the GGUF loader's `PrefillDequantLinear`)."""
-    from pipeline.model.gguf import PrefillDequantLinear
+    from framecast.model.gguf.model import PrefillDequantLinear
 
     for _path, module in model.named_modules():
         if type(module) is nn.QuantizedLinear:
@@ -249,8 +251,8 @@ def fill_weights(model: nn.Module, weights: dict[str, mx.array], origin: dict[st
 
 
 def _attach_text_side(model, directory: Path, version: str, config: dict) -> None:
-    from pipeline.model.processor import MiniCPMVProcessor
-    from pipeline.model.tokenizer import Tokenizer
+    from framecast.model.processor import MiniCPMVProcessor
+    from framecast.model.tokenizer import Tokenizer
 
     model.tokenizer = Tokenizer.from_dir(directory)
     pre = read_json(directory / "preprocessor_config.json")
@@ -259,7 +261,7 @@ def _attach_text_side(model, directory: Path, version: str, config: dict) -> Non
 
 
 def _build(config: dict, directory: Path):
-    from pipeline.model.vlm import MiniCPMV, VLMArgs
+    from framecast.model.vlm import MiniCPMV, VLMArgs
 
     args = VLMArgs.from_config(config, origin=str(directory / "config.json"))
     try:
@@ -293,8 +295,8 @@ def load_mlx_dir(directory: Path, config: dict, *, dtype: str | None = None):
         fill_weights(model, weights, origin, where)
         _attach_text_side(model, directory, model.args.version, config)
         return model
-    from pipeline.model.lm import build_lm
-    from pipeline.model.tokenizer import Tokenizer
+    from framecast.model.lm import build_lm
+    from framecast.model.tokenizer import Tokenizer
 
     lm = build_lm(config)  # a converted language model alone (from a text-only GGUF)
     quantize_from_weights(lm, weights)

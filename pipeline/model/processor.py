@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipeline.errors import UserError
+from framecast.errors import UserError
 
 DEFAULT_SCALE_RESOLUTION = 448
 DEFAULT_MAX_SLICE_NUMS = 9

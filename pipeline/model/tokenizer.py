@@ -15,7 +15,7 @@ from typing import Any
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as Backend
 
-from pipeline.errors import ModelLoadError
+from framecast.errors import ModelLoadError
 
 # Turn terminators of the supported chat models; each counts as EOS when the vocab has it.
 TERMINATORS = ("<|im_end|>", "<|endoftext|>", "</s>")

@@ -21,11 +21,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from pipeline.errors import ModelLoadError, UserError
-from pipeline.model.lm import get_lm_class
-from pipeline.model.processor import IM_END, IM_START, SLICE_END, SLICE_START, MiniCPMVProcessor
-from pipeline.model.resampler import Resampler
-from pipeline.model.vision import SiglipVisionTower, VisionArgs
+from framecast.errors import ModelLoadError, UserError
+from framecast.model.lm import get_lm_class
+from framecast.model.processor import IM_END, IM_START, SLICE_END, SLICE_START, MiniCPMVProcessor
+from framecast.model.resampler import Resampler
+from framecast.model.vision import SiglipVisionTower, VisionArgs
 
 log = logging.getLogger("framecast.model")
 

@@ -1,6 +1,6 @@
 """Capture stages. `make_source(cfg.source)` picks one from the URI:
 
-- `demo`                               synthetic shapes (stages/synthetic.py), seeded
+- `demo`                               synthetic shapes (stages/sources/scene.py), seeded
 - `camera:N`, `/dev/videoN`            a local camera through OpenCV (watchdog + reconnect)
 - `rtsp://`, `rtsps://`, `rtmp://`, `http(s)://`, `udp://`, `tcp://`, `srt://`
                                        a network stream through PyAV (watchdog + reconnect)
@@ -17,9 +17,9 @@ import os
 import re
 from urllib.parse import urlsplit
 
-from pipeline.config import SourceConfig
-from pipeline.errors import UserError
-from stages.sources.base import CaptureSource
+from framecast.config import SourceConfig
+from framecast.errors import UserError
+from framecast.stages.sources.base import CaptureSource
 
 RECORDING_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".wmv", ".mpg", ".mpeg")
 NETWORK_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "tcp", "srt")
@@ -66,22 +66,22 @@ def _file_path(uri: str) -> str:
 def make_source(cfg: SourceConfig) -> CaptureSource:
     kind = source_kind(cfg.uri)
     if kind == "demo":
-        from stages.sources.demo import DemoSource
+        from framecast.stages.sources.demo import DemoSource
 
         return DemoSource(cfg)
     if kind == "camera":
-        from stages.sources.live import CameraSource
+        from framecast.stages.sources.live import CameraSource
 
         return CameraSource(cfg)
     if kind == "stream":
         parts = urlsplit(cfg.uri)
         if parts.scheme.lower() in ("http", "https") and parts.path.lower().endswith(RECORDING_EXTENSIONS):
-            from stages.sources.file import FileSource
+            from framecast.stages.sources.file import FileSource
 
             return FileSource(cfg, cfg.uri, remote=True)
-        from stages.sources.live import StreamSource
+        from framecast.stages.sources.live import StreamSource
 
         return StreamSource(cfg)
-    from stages.sources.file import FileSource
+    from framecast.stages.sources.file import FileSource
 
     return FileSource(cfg, _file_path(cfg.uri))

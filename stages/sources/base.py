@@ -19,9 +19,9 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 import numpy as np
 
-from pipeline.config import SourceConfig
-from pipeline.events import Event, Frame, Status
-from pipeline.runtime import Source
+from framecast.config import SourceConfig
+from framecast.events import Event, Frame, Status
+from framecast.runtime import Source
 
 #: how often a blocked reader thread re-checks its stop flag (s)
 THREAD_POLL_S = 0.1

@@ -1,4 +1,4 @@
-"""The `demo` source: the seeded synthetic scene (stages/synthetic.py) as a video stream.
+"""The `demo` source: the seeded synthetic scene (scene.py) as a video stream.
 
 Frame i has pts = i / fps. Paced in real time (`realtime`) it behaves like a camera (a live
 source: latest frame wins); unpaced it behaves like a recorded file (backpressure, nothing
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import AsyncIterator
 
-from pipeline.config import SourceConfig
-from pipeline.events import Event
-from stages.sources.base import CaptureSource
-from stages.synthetic import SceneGenerator
+from framecast.config import SourceConfig
+from framecast.events import Event
+from framecast.stages.sources.base import CaptureSource
+from framecast.stages.sources.scene import SceneGenerator
 
 DEFAULT_DEMO_FPS = 10.0
 

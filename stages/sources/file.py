@@ -19,10 +19,10 @@ from typing import AsyncIterator, Iterator
 import av
 import numpy as np
 
-from pipeline.config import SourceConfig
-from pipeline.errors import FatalError
-from pipeline.events import Error, Event
-from stages.sources.base import PTS_EPS, CaptureSource, FpsGate, ThreadReader
+from framecast.config import SourceConfig
+from framecast.errors import FatalError
+from framecast.events import Error, Event
+from framecast.stages.sources.base import PTS_EPS, CaptureSource, FpsGate, ThreadReader
 
 #: consecutive demux errors after which a file is treated as unreadable from there on
 MAX_CONSECUTIVE_ERRORS = 64

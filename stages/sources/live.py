@@ -26,10 +26,10 @@ from typing import AsyncIterator, Iterator
 
 import numpy as np
 
-from pipeline.config import SourceConfig
-from pipeline.errors import FatalError
-from pipeline.events import Event
-from stages.sources.base import CaptureSource, FpsGate, ThreadReader
+from framecast.config import SourceConfig
+from framecast.errors import FatalError
+from framecast.events import Event
+from framecast.stages.sources.base import CaptureSource, FpsGate, ThreadReader
 
 #: frames a live reader thread may hold for the loop (older ones are dropped)
 LIVE_BRIDGE_SIZE = 2

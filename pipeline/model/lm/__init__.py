@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from pipeline.errors import ModelLoadError
+from framecast.errors import ModelLoadError
 
 # HF `model_type` (or GGUF `general.architecture`) -> module under pipeline.model.lm
 LM_MODULES = {

@@ -14,7 +14,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from pipeline.errors import ModelLoadError
+from framecast.errors import ModelLoadError
 
 
 @dataclass

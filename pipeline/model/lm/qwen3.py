@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from pipeline.model.cache import KVCache
-from pipeline.model.lm.base import (
+from framecast.model.cache import KVCache
+from framecast.model.lm.base import (
     MLP,
     Attention,
     BaseModelArgs,

@@ -27,8 +27,8 @@ from typing import Any
 
 import mlx.core as mx
 
-from pipeline.errors import ModelLoadError
-from pipeline.model.gguf_file import GGUFHeader, dequantize_entry, read_tensors
+from framecast.errors import ModelLoadError
+from framecast.model.gguf.file import GGUFHeader, cast_floats, default_dtype, dequantize_entry, read_tensors
 
 # clip.minicpmv_version -> (config.json model_type, version, LM archs it pairs with)
 MINICPMV_VERSIONS = {
@@ -163,9 +163,8 @@ def mmproj_weights(mm: GGUFHeader, cfg: dict[str, Any], *, scale_emb: float | No
 
 def load_mmproj_model(mm: GGUFHeader, lm, lm_cfg: dict[str, Any], tokenizer, lm_header: GGUFHeader, *, dtype=None):
     """A `MiniCPMV` whose language model is the (possibly quantised) GGUF one."""
-    from pipeline.model.gguf import cast_floats, default_dtype
-    from pipeline.model.processor import MiniCPMVProcessor
-    from pipeline.model.vlm import MiniCPMV, VLMArgs
+    from framecast.model.processor import MiniCPMVProcessor
+    from framecast.model.vlm import MiniCPMV, VLMArgs
 
     cfg = mmproj_config(mm, lm_cfg, lm_header.path)
     scale_emb = lm_cfg.get("scale_emb") if lm_cfg["model_type"] == "minicpm" else None

@@ -17,11 +17,11 @@ tokens or was interrupted (a sampled stop token is dropped from the cache, then 
 Bounded memory: the cache is a list of spans (prefix, frame, text, turn). When the next
 operation would exceed the budget, the oldest whole spans after the sinks (the prefix plus
 `sink_tokens`) are evicted down to a low-water mark, and the keys after the gap are re-rotated
-so positions stay contiguous (see `pipeline.model.cache.KVCache.evict` and the comment in
+so positions stay contiguous (see `framecast.model.cache.KVCache.evict` and the comment in
 `SessionCore._evict`).
 
 Threading: `SessionCore` is synchronous and must only be used from one thread. The async
-`StreamingSession` runs every call on the model's single worker thread (`pipeline.worker`), so MLX
+`StreamingSession` runs every call on the model's single worker thread (`framecast.engine.worker`), so MLX
 compute never blocks the event loop and calls from several coroutines are serialised in order.
 """
 
@@ -38,10 +38,10 @@ from typing import Any, AsyncIterator, Callable
 import mlx.core as mx
 import numpy as np
 
-from pipeline.errors import UserError
-from pipeline.kernels.rope_shift import RopeSpec, probe_rope
-from pipeline.model.cache import QuantizedKVCache, evict_prompt_cache
-from pipeline.worker import ModelWorker, worker_for
+from framecast.errors import UserError
+from framecast.kernels.rope_shift import RopeSpec, probe_rope
+from framecast.model.cache import QuantizedKVCache, evict_prompt_cache
+from framecast.engine.worker import ModelWorker, worker_for
 
 __all__ = ["ModelWorker", "SessionCore", "Span", "StreamingSession", "TextDelta", "TurnDone", "worker_for"]
 

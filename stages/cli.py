@@ -10,8 +10,8 @@ import argparse
 import sys
 from typing import Any
 
-from pipeline import __version__
-from pipeline.errors import UserError
+from framecast import __version__
+from framecast.errors import UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_config(a: argparse.Namespace) -> int:
-    from pipeline.config import load_config, preset_names
+    from framecast.config import load_config, preset_names
 
     if a.config_command == "list":
         print("\n".join(preset_names()))
@@ -154,27 +154,27 @@ def _cmd_config(a: argparse.Namespace) -> int:
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
-    from pipeline.app import run_main
-    from pipeline.config import load_config
+    from framecast.stages.app import run_main
+    from framecast.config import load_config
 
     return run_main(load_config(a.config, _run_overrides(a)))
 
 
 def _cmd_convert(a: argparse.Namespace) -> int:
-    from pipeline.model.convert import convert_main
+    from framecast.stages.model_commands import convert_main
 
     return convert_main(a.src, a.out, mmproj=a.mmproj, bits=a.bits, dtype=a.dtype)
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
-    from pipeline.model.generate import generate_main
+    from framecast.stages.model_commands import generate_main
 
     return generate_main(a.model, a.prompt, max_tokens=a.max_tokens, temperature=a.temp,
                          seed=a.seed, chat=not a.no_chat)
 
 
 def _cmd_ask(a: argparse.Namespace) -> int:
-    from pipeline.app import ask_main
+    from framecast.stages.app import ask_main
 
     return ask_main(a.mqtt, a.stream, a.question, prefix=a.prefix, timeout=a.timeout, ca_file=a.mqtt_ca)
 

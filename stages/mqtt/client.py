@@ -26,7 +26,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from pipeline.errors import UserError
+from framecast.errors import UserError
 
 DEFAULT_PORT = 1883
 DEFAULT_TLS_PORT = 8883

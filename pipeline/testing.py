@@ -249,7 +249,7 @@ def tiny_weights(cfg: dict, version: str, *, seed: int = 0) -> dict[str, np.ndar
 
 
 def _save(out: Path, weights: dict[str, np.ndarray], *, shards: int, dtype: str) -> None:
-    import pipeline  # noqa: F401  (OpenBLAS preload before mlx)
+    import framecast  # noqa: F401  (OpenBLAS preload before mlx)
     import mlx.core as mx
 
     names = sorted(weights)

@@ -1,6 +1,6 @@
 """Training and evaluation data for the embedded demo model.
 
-A *stream* is a seeded `stages.synthetic.SceneGenerator` scene rendered at one of several
+A *stream* is a seeded `framecast.stages.sources.scene.SceneGenerator` scene rendered at one of several
 resolutions and frame rates, passed through a real video codec round trip (PyAV: h264 or
 mpeg4 in an in-memory MP4, random quality) so the model learns on compression artefacts, with
 a *turn schedule* on top: after some frames the user asks for a narration or asks a
@@ -14,7 +14,7 @@ Narration semantics (what the model is trained to say): the objects that appeare
 disappeared since the previous narration, then how every other visible object moves, left
 to right, at most `MAX_CLAUSES` clauses. Questions are about the last frame.
 
-Imports only numpy, cv2, PyAV and `stages.synthetic` (itself numpy + cv2), so it also runs
+Imports only numpy, cv2, PyAV and `framecast.stages.sources.scene` (itself numpy + cv2), so it also runs
 on the GPU machine where pydantic is missing.
 """
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stages.synthetic import COLOURS, SHAPES, FrameTruth, SceneGenerator, SceneObject  # noqa: F401
+from framecast.stages.sources.scene import COLOURS, SHAPES, FrameTruth, SceneGenerator, SceneObject  # noqa: F401
 
 MAX_CLAUSES = 3
 NUMBER_WORDS = ("none", "one", "two", "three", "four", "five")

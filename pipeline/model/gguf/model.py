@@ -3,7 +3,7 @@
 Language-model archs: `qwen2` (MiniCPM-V 2.6, MiniCPM-o 2.6), `qwen3` (4.5), `llama` and
 `minicpm` (4.0). Hyper-parameters come from the `<arch>.*` metadata and become an HF-style
 config dict, tensors are renamed onto our HF-named modules, and the model is built by the same
-`pipeline.model.lm` family code that loads HF checkpoints. Quantised tensors stay quantised
+`framecast.model.lm` family code that loads HF checkpoints. Quantised tensors stay quantised
 (`nn.QuantizedLinear` / `nn.QuantizedEmbedding`, per-tensor bits; see `gguf_file.py`).
 
 RoPE layout: llama.cpp's converter permutes the q/k projection rows of `llama`/`minicpm`
@@ -27,8 +27,8 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from pipeline.errors import ModelLoadError
-from pipeline.model.gguf_file import BF16, GROUP_SIZE, GGUFHeader, read_header, read_tensors
+from framecast.errors import ModelLoadError
+from framecast.model.gguf.file import GROUP_SIZE, GGUFHeader, cast_floats, default_dtype, read_header, read_tensors
 
 LM_ARCHS = ("qwen2", "qwen3", "llama", "minicpm")
 PERMUTED_ARCHS = ("llama", "minicpm")  # q/k rows interleaved by convert_hf_to_gguf.py
@@ -195,31 +195,6 @@ def rope_scaling_from_tensors(header: GGUFHeader, cfg: dict[str, Any], rope: dic
                            "original_max_position_embeddings": original}
 
 
-def default_dtype(dtype: str | mx.Dtype | None, header: GGUFHeader | None = None) -> mx.Dtype:
-    """One float dtype for every float tensor (weights, norms, quantisation scales).
-
-    GGUF files mix F32 norms with F16/BF16 (or quantised, f16-scaled) matrices; mixing dtypes
-    would promote activations and re-cast weights on every call, so everything gets one dtype:
-    the caller's, else float32 on the CPU (fp16 matmuls, quantised ones included, are slow
-    there), else bfloat16 for files that store BF16 and float16 for the rest.
-    """
-    if isinstance(dtype, str):
-        return getattr(mx, dtype)
-    if dtype is not None:
-        return dtype
-    if mx.default_device() == mx.cpu:
-        return mx.float32
-    stores_bf16 = header is not None and any(t.type_id == BF16 for t in header.tensors.values())
-    return mx.bfloat16 if stores_bf16 else mx.float16
-
-
-def cast_floats(weights: dict[str, mx.array], dtype: mx.Dtype | None) -> dict[str, mx.array]:
-    """Cast float tensors (weights, norms, scales, biases) to `dtype`; packed uint32 stays."""
-    if dtype is None:
-        return weights
-    return {k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}
-
-
 class PrefillDequantLinear(nn.QuantizedLinear):
     """`nn.QuantizedLinear` that runs multi-token inputs on the CPU as dequantise + GEMM.
 
@@ -257,7 +232,7 @@ def quantize_like(model: nn.Module, weights: dict[str, mx.array]) -> None:
 
 def build_lm_from_gguf(header: GGUFHeader, *, dtype=None):
     """(language model with weights, HF-style config) from a language-model GGUF."""
-    from pipeline.model.lm import build_lm
+    from framecast.model.lm import build_lm
 
     cfg = lm_config_from_gguf(header)
     weights, rope = lm_weights_from_gguf(header, read_tensors(header), cfg)
@@ -341,8 +316,8 @@ class GGUFLanguageModel:
 
 def load_gguf_tokenizer(header: GGUFHeader):
     """Our `Tokenizer` wrapper over the GGUF's embedded vocabulary."""
-    from pipeline.model.gguf_tokenizer import build_tokenizer, tokenizer_config_from_gguf
-    from pipeline.model.tokenizer import Tokenizer
+    from framecast.model.gguf.tokenizer import build_tokenizer, tokenizer_config_from_gguf
+    from framecast.model.tokenizer import Tokenizer
 
     raw = build_tokenizer(header.metadata, source=header.path)
     return Tokenizer(raw, tokenizer_config_from_gguf(header.metadata))
@@ -358,6 +333,6 @@ def load_gguf(path: str | Path, mmproj: str | Path | None = None, dtype=None):
     tokenizer = load_gguf_tokenizer(header)
     if mmproj is None:
         return GGUFLanguageModel(lm, tokenizer, cfg, str(path), gguf_chat_template(header))
-    from pipeline.model.gguf_mmproj import load_mmproj_model
+    from framecast.model.gguf.mmproj import load_mmproj_model
 
     return load_mmproj_model(read_header(mmproj), lm, cfg, tokenizer, header, dtype=dtype)

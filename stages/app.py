@@ -7,18 +7,17 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from pipeline.config import RunConfig
-from pipeline.errors import UserError
-from pipeline.events import Error
-from pipeline.runtime import Runtime, Source, Stage
+from framecast.config import RunConfig
+from framecast.errors import UserError
+from framecast.events import Error
+from framecast.runtime import Runtime, Source, Stage
 
 
 def build_graph(cfg: RunConfig) -> tuple[Source, list[Stage]]:
-    from stages.change import ChangeDetector
-    from stages.outputs import make_outputs
-    from stages.sources import make_source
+    from framecast.stages.change import ChangeDetector
+    from framecast.stages.outputs import make_outputs
+    from framecast.stages.sources import make_source
 
     source = make_source(cfg.source)
     stages: list[Stage] = []
@@ -28,13 +27,10 @@ def build_graph(cfg: RunConfig) -> tuple[Source, list[Stage]]:
         stages.extend(_model_stages(cfg))
     stages.extend(make_outputs(cfg.outputs, live=source.live))
     if cfg.mqtt.url:
-        from stages.mqtt import MqttStage
+        from framecast.stages.mqtt.stage import MqttStage
 
         stages.append(MqttStage(cfg.mqtt, stream_id=cfg.source.stream_id))
     return source, stages
-
-
-DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
 
 
 def load_run_model(cfg: RunConfig):
@@ -42,7 +38,7 @@ def load_run_model(cfg: RunConfig):
 
     Returns None when no path is given and no demo model is installed (capture-only run).
     """
-    from pipeline.model.load import load_model
+    from framecast.model.load import DEMO_MODEL_DIR, load_model
 
     if cfg.model.path is not None:
         model = load_model(cfg.model.path, mmproj=cfg.model.mmproj, dtype=cfg.model.dtype)
@@ -61,10 +57,10 @@ def _model_stages(cfg: RunConfig) -> list[Stage]:
     model = load_run_model(cfg)
     if model is None:
         return []
-    from pipeline.session import StreamingSession
-    from pipeline.worker import worker_for
-    from stages.decode import DecodeStage
-    from stages.encode import EncodeStage
+    from framecast.engine.session import StreamingSession
+    from framecast.engine.worker import worker_for
+    from framecast.stages.decode import DecodeStage
+    from framecast.stages.encode import EncodeStage
 
     worker = worker_for(model)  # one thread runs all of this model's MLX work
     # A model may carry session defaults in its config.json (`framecast_session`, e.g. the demo
@@ -127,6 +123,6 @@ def run_main(cfg: RunConfig) -> int:
 
 
 def ask_main(url: str, stream: str, question: str, *, prefix: str, timeout: float, ca_file: str | None) -> int:
-    from stages.mqtt import ask_over_mqtt
+    from framecast.stages.mqtt.stage import ask_over_mqtt
 
     return ask_over_mqtt(url, stream, question, prefix=prefix, timeout=timeout, ca_file=ca_file)

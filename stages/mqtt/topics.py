@@ -8,7 +8,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from pipeline.errors import UserError
+from framecast.errors import UserError
 
 JSON = "application/json"
 STREAM_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.errors import ModelLoadError
+from framecast.errors import ModelLoadError
 
 # llama.cpp token types (gguf.TokenType)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6

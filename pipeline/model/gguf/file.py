@@ -35,7 +35,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from pipeline.errors import ModelLoadError
+from framecast.errors import ModelLoadError
 
 GROUP_SIZE = 32  # llama.cpp's block size for Q4_0/Q4_1/Q8_0; also our re-quantisation group
 
@@ -336,3 +336,28 @@ def dequantize_entry(weights: dict[str, mx.array], name: str) -> mx.array:
     w, s, b = weights[name], weights[f"{base}.scales"], weights[f"{base}.biases"]
     bits = w.shape[-1] * 32 // (s.shape[-1] * GROUP_SIZE)
     return mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32), group_size=GROUP_SIZE, bits=bits)
+
+
+def default_dtype(dtype: str | mx.Dtype | None, header: GGUFHeader | None = None) -> mx.Dtype:
+    """One float dtype for every float tensor (weights, norms, quantisation scales).
+
+    GGUF files mix F32 norms with F16/BF16 (or quantised, f16-scaled) matrices; mixing dtypes
+    would promote activations and re-cast weights on every call, so everything gets one dtype:
+    the caller's, else float32 on the CPU (fp16 matmuls, quantised ones included, are slow
+    there), else bfloat16 for files that store BF16 and float16 for the rest.
+    """
+    if isinstance(dtype, str):
+        return getattr(mx, dtype)
+    if dtype is not None:
+        return dtype
+    if mx.default_device() == mx.cpu:
+        return mx.float32
+    stores_bf16 = header is not None and any(t.type_id == BF16 for t in header.tensors.values())
+    return mx.bfloat16 if stores_bf16 else mx.float16
+
+
+def cast_floats(weights: dict[str, mx.array], dtype: mx.Dtype | None) -> dict[str, mx.array]:
+    """Cast float tensors (weights, norms, scales, biases) to `dtype`; packed uint32 stays."""
+    if dtype is None:
+        return weights
+    return {k: (v.astype(dtype) if mx.issubdtype(v.dtype, mx.floating) else v) for k, v in weights.items()}

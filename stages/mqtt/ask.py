@@ -12,10 +12,10 @@ import json
 import sys
 import uuid
 
-from pipeline.errors import UserError
-from stages.mqtt_client import (BrokerAddress, BusClient, BusDisconnected, BusMessage, BusProtocolRejected,
+from framecast.errors import UserError
+from framecast.stages.mqtt.client import (BrokerAddress, BusClient, BusDisconnected, BusMessage, BusProtocolRejected,
                                 BusRefused, TlsFiles, parse_mqtt_url)
-from stages.mqtt_topics import JSON, Topics, validate_prefix, validate_stream_id
+from framecast.stages.mqtt.topics import JSON, Topics, validate_prefix, validate_stream_id
 
 
 def ask_over_mqtt(url: str, stream: str, question: str, *, prefix: str = "framecast", timeout: float = 60.0,

@@ -12,7 +12,7 @@ Topics under `<prefix>` (default `framecast`), payloads are the events' JSON (`t
     <prefix>/<stream>/metrics          Metrics, QoS 0, every metrics interval
 
 Capture never waits for the broker: `process` only serialises the event into a bounded
-outbox (stages/mqtt_outbox.py) and returns; a background task drains it while connected.
+outbox (`outbox.py`) and returns; a background task drains it while connected.
 When the outbox is full, partial narrations go first, then superseded periodic messages
 (metrics, status), then the oldest finals; every drop is counted in this stage's metrics
 (`outbox_drops_<kind>`). An item leaves the outbox only after the broker acknowledged it, so
@@ -35,17 +35,17 @@ import time
 import uuid
 from typing import AsyncIterator
 
-from pipeline import __version__
-from pipeline.config import MqttConfig
-from pipeline.errors import FatalError, UserError
-from pipeline.events import (Answer, EndOfStream, Error, Event, Frame, Metrics, Narration, NarrationDelta, Question,
+from framecast import __version__
+from framecast.config import MqttConfig
+from framecast.errors import FatalError, UserError
+from framecast.events import (Answer, EndOfStream, Error, Event, Frame, Metrics, Narration, NarrationDelta, Question,
                              Status, Stop, utc_now)
-from pipeline.runtime import Stage
-from stages.mqtt_ask import ask_over_mqtt  # noqa: F401  (`framecast ask` imports it from here)
-from stages.mqtt_client import (BrokerAddress, BusClient, BusDisconnected, BusMessage, BusProtocolRejected,
+from framecast.runtime import Stage
+from framecast.stages.mqtt.ask import ask_over_mqtt  # noqa: F401  (`framecast ask` imports it from here)
+from framecast.stages.mqtt.client import (BrokerAddress, BusClient, BusDisconnected, BusMessage, BusProtocolRejected,
                                 BusRefused, TlsFiles, parse_mqtt_url)
-from stages.mqtt_outbox import FINAL, PARTIAL, PERIODIC, Outbox, Outgoing
-from stages.mqtt_topics import (JSON, REQUEST_ID_RE, QuestionRejected, Topics, ha_discovery, parse_question,
+from framecast.stages.mqtt.outbox import FINAL, PARTIAL, PERIODIC, Outbox, Outgoing
+from framecast.stages.mqtt.topics import (JSON, REQUEST_ID_RE, QuestionRejected, Topics, ha_discovery, parse_question,
                                 valid_response_topic, validate_prefix, validate_stream_id)
 
 FIRST_CONNECT_WAIT_S = 2.0  # start() waits this long for a verdict (auth errors fail fast)

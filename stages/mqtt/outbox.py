@@ -12,7 +12,7 @@ import collections
 import time
 from dataclasses import dataclass, field
 
-from stages.mqtt_client import BusMessage
+from framecast.stages.mqtt.client import BusMessage
 
 # Outbox priorities: lower is dropped first when full.
 PARTIAL, PERIODIC, FINAL = 0, 1, 2

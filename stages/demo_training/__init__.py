@@ -1,0 +1,1 @@
+"""Training data, trainer and evaluation of the embedded demo model (not used at run time)."""

@@ -1,0 +1,202 @@
+"""Accuracy of the demo model on held-out synthetic streams, through the real streaming session.
+
+    python scripts/eval_demo_model.py [--model DIR] [--streams 30] [--frames 120] [--json]
+
+Each held-out stream (seeds 0.. ; training uses seeds >= 1,000,000) is rendered by
+`framecast.stages.sources.scene`, passed through a PyAV h264/mpeg4 round trip, and fed frame by frame into a
+`framecast.engine.session.SessionCore` (greedy). At the points of a seeded turn schedule it asks for a
+narration or asks a question, exactly as `framecast run` would; the answers are parsed with the
+grammar (`framecast.stages.demo_training.data`) and compared with the ground truth.
+
+Narration: every ground-truth clause (an object's colour + shape + action: appear, disappear,
+left/right/up/down, still) is an event; it counts as correct when a clause of the narration
+names the same colour, shape and action. Questions: correct when the parsed answer matches.
+Prints the accuracy, the confusion per attribute and per question kind; `--json` adds one
+JSON object on the last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+from framecast.model.load import DEMO_MODEL_DIR  # noqa: E402
+import framecast  # noqa: E402,F401  (OpenBLAS preload before mlx)
+import numpy as np  # noqa: E402
+
+import framecast.stages.demo_training.data as D  # noqa: E402
+
+DEFAULT_MODEL = DEMO_MODEL_DIR
+ATTRIBUTES = ("colour", "shape", "action")
+
+
+def load(model_dir: str | Path):
+    from framecast.model.load import load_model
+
+    return load_model(str(model_dir))
+
+
+def run_stream(model, stream: D.Stream, turns: list[D.Turn], *, max_tokens: int = 40) -> list[str]:
+    """Feed the stream frame by frame into a streaming session; the reply text of every turn."""
+    from framecast.engine.session import SessionCore
+
+    defaults = (getattr(getattr(model, "args", None), "config", None) or {}).get("framecast_session") or {}
+    core = SessionCore(model, max_cache_tokens=defaults.get("max_cache_tokens"))  # as `framecast run` does
+    core.start()
+    by_frame: dict[int, list[D.Turn]] = defaultdict(list)
+    for t in turns:
+        by_frame[t.frame].append(t)
+    replies = []
+    for i, frame in enumerate(stream.frames):
+        core.add_image(frame)
+        for t in by_frame.get(i, []):
+            replies.append(core.generate(t.prompt, max_tokens=max_tokens).text)
+    return replies
+
+
+def match_clauses(truth: list[D.Clause], said: list[D.Clause]) -> list[tuple[D.Clause, D.Clause | None]]:
+    """Pair each true clause with the said clause that agrees on most attributes (each used once)."""
+    free = list(range(len(said)))
+    pairs = []
+    for c in truth:
+        best, best_score = None, -1
+        for j in free:
+            s = said[j]
+            score = (s.colour == c.colour) + (s.shape == c.shape) + (s.action == c.action)
+            if score > best_score:
+                best, best_score = j, score
+        if best is not None:
+            free.remove(best)
+            pairs.append((c, said[best]))
+        else:
+            pairs.append((c, None))
+    return pairs
+
+
+class Scores:
+    def __init__(self):
+        self.events = 0
+        self.events_ok = 0
+        self.narrations = 0
+        self.unparsed = 0
+        self.extra_clauses = 0
+        self.confusion = {a: Counter() for a in ATTRIBUTES}  # (truth, said) -> n
+        self.qa = Counter()  # kind -> asked
+        self.qa_ok = Counter()
+        self.qa_confusion: dict[str, Counter] = defaultdict(Counter)
+        self.examples: list[tuple[str, str, str]] = []  # (kind, expected, said) mistakes
+
+    def add_narration(self, truth: list[D.Clause], text: str) -> None:
+        self.narrations += 1
+        said = D.parse_narration(text)
+        if said is None:
+            self.unparsed += 1
+            said = []
+        self.extra_clauses += max(0, len(said) - len(truth))
+        ok_all = True
+        for c, s in match_clauses(truth, said):
+            self.events += 1
+            ok = s is not None and (s.colour, s.shape, s.action) == (c.colour, c.shape, c.action)
+            self.events_ok += ok
+            ok_all &= ok
+            for a in ATTRIBUTES:
+                self.confusion[a][(getattr(c, a), getattr(s, a) if s else "(missing)")] += 1
+        if not ok_all and len(self.examples) < 12:
+            self.examples.append(("narration", D.narration_text(truth, np.random.default_rng(0)), text))
+
+    def add_answer(self, qa: D.QA, text: str) -> None:
+        ok = D.answer_correct(qa, text)
+        self.qa[qa.kind] += 1
+        self.qa_ok[qa.kind] += ok
+        if qa.kind in ("colour", "shape", "position", "motion", "count", "exists"):
+            self.qa_confusion[qa.kind][(str(qa.truth[0]), "ok" if ok else text.strip())] += 1
+        if not ok and len(self.examples) < 24:
+            self.examples.append((qa.question, qa.answer, text))
+
+    @property
+    def narration_accuracy(self) -> float:
+        return self.events_ok / max(1, self.events)
+
+    @property
+    def qa_accuracy(self) -> float:
+        return sum(self.qa_ok.values()) / max(1, sum(self.qa.values()))
+
+    def report(self) -> str:
+        lines = [f"narration: {self.events_ok}/{self.events} events correct ({100 * self.narration_accuracy:.1f} %) "
+                 f"in {self.narrations} narrations; unparsable {self.unparsed}; extra clauses {self.extra_clauses}"]
+        for a in ATTRIBUTES:
+            lines.append(f"  confusion of {a} (rows: truth, columns: said)")
+            lines += _confusion_table(self.confusion[a])
+        lines.append(f"questions: {sum(self.qa_ok.values())}/{sum(self.qa.values())} correct "
+                     f"({100 * self.qa_accuracy:.1f} %)")
+        for k in sorted(self.qa):
+            lines.append(f"  {k:<9} {self.qa_ok[k]:>4}/{self.qa[k]:<4} {100 * self.qa_ok[k] / self.qa[k]:5.1f} %")
+        for k, conf in sorted(self.qa_confusion.items()):
+            wrong = {key: n for key, n in conf.items() if key[1] != "ok"}
+            if wrong:
+                lines.append(f"  {k} mistakes (truth -> answer): " +
+                             ", ".join(f"{t} -> {s!r} x{n}" for (t, s), n in sorted(wrong.items())[:10]))
+        if self.examples:
+            lines.append("examples of mistakes (prompt | expected | said):")
+            lines += [f"  {p} | {e} | {s}" for p, e, s in self.examples[:12]]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"narration_accuracy": round(self.narration_accuracy, 4), "events": self.events,
+                "narrations": self.narrations, "unparsed": self.unparsed,
+                "qa_accuracy": round(self.qa_accuracy, 4), "questions": sum(self.qa.values()),
+                "qa_by_kind": {k: round(self.qa_ok[k] / self.qa[k], 4) for k in sorted(self.qa)},
+                "confusion": {a: {f"{t}->{s}": n for (t, s), n in sorted(c.items())}
+                              for a, c in self.confusion.items()}}
+
+
+def _confusion_table(conf: Counter) -> list[str]:
+    rows = sorted({t for t, _ in conf})
+    cols = sorted({s for _, s in conf})
+    width = max([len(c) for c in cols + rows] + [5]) + 1
+    out = ["    " + " " * width + "".join(f"{c:>{width}}" for c in cols)]
+    for r in rows:
+        out.append("    " + f"{r:<{width}}" + "".join(f"{conf.get((r, c), 0) or '.':>{width}}" for c in cols))
+    return out
+
+
+def evaluate(model, seeds: list[int], n_frames: int, *, scores: Scores | None = None, **stream_kw) -> Scores:
+    scores = scores or Scores()
+    for seed in seeds:
+        stream = D.make_stream(seed, n_frames, **stream_kw)
+        turns = D.make_turns(stream.truths, stream.fps, np.random.default_rng((seed, 5)))
+        for t, text in zip(turns, run_stream(model, stream, turns)):
+            if t.kind == "narration":
+                scores.add_narration(t.clauses, text)
+            else:
+                scores.add_answer(t.qa, text)
+    return scores
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(DEFAULT_MODEL))
+    ap.add_argument("--streams", type=int, default=30)
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--frames", type=int, default=120)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    t0 = time.time()
+    model = load(a.model)
+    scores = evaluate(model, list(range(a.first_seed, a.first_seed + a.streams)), a.frames)
+    print(f"held-out seeds {a.first_seed}..{a.first_seed + a.streams - 1}, {a.frames} frames each, "
+          f"model {a.model} ({time.time() - t0:.0f}s)")
+    print(scores.report())
+    if a.json:
+        print(json.dumps(scores.to_dict()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The MQTT bus: the stage (`stage`), topic layout (`topics`), the outbox, the client and `ask`."""
