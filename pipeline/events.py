@@ -149,6 +149,7 @@ class Status(Event):
     """Stream state: starting, running, reconnecting, eof, stopped, error.
 
     `duration` (media seconds) is known for recorded files: progress bars use it.
+    `undelivered` (the MQTT stage's statuses only) counts messages that never reached the broker.
     """
 
     type: Literal["status"] = "status"
@@ -159,6 +160,8 @@ class Status(Event):
     reconnects: int | None = None
     bad_frames: int | None = None
     duration: float | None = None
+    #: set by the bus: messages it could not deliver so far (too large, refused, evicted, unsent)
+    undelivered: int | None = None
 
 
 class Metrics(Event):

@@ -38,6 +38,7 @@ def make_turn_sampler(cfg: NarrationConfig):
 
 class DecodeStage(Stage):
     name = "decode"
+    answers_questions = True  # the bus rejects questions at once on a stream without one
 
     def __init__(self, session: StreamingSession, cfg: NarrationConfig | None = None, *,
                  stream_id: str = "default", state_file: str | None = None, name: str | None = None):
@@ -150,6 +151,7 @@ class DecodeStage(Stage):
         if not isinstance(msg, Question):
             yield msg
             return
+        yield msg  # outputs record the question next to its answer (JSONL, the bus)
         arrived = msg.ts.timestamp()
         pts = msg.pts if msg.pts is not None else self._last_frame_pts
         text, first_ms, done = "", None, None
