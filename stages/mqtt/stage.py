@@ -105,7 +105,8 @@ class MqttStage(Stage):
         self._stream_status = Status(state="starting", stream_id=stream_id)
         self._counters = collections.Counter({"published": 0, "connects": 0, "questions": 0,
                                               "questions_rejected": 0, "answers": 0})
-        self._last_error = ""
+        self._last_error = ""  # the outage reported on stderr (cleared once connected)
+        self._dropped = ""  # why the last session ended (reported only if the outage lasts)
         self._status_seq = 0  # this stage's own numbering of <prefix>/<stream>/status
         self._ended = False  # the end of stream passed this stage
         # rejected questions' answers on their way through the graph: id -> (answer, route)
@@ -164,12 +165,13 @@ class MqttStage(Stage):
         self._closing = True
         self._wake.set()  # a reconnect sleeping in backoff tries again now
         try:
-            if not self._fatal:
-                self._set_stream_status(self._stream_status.state)  # the final one: counts up to date
             deadline = time.monotonic() + self.cfg.close_timeout_s
-            # what is queued gets until the deadline, even across a reconnect
-            while self.outbox and not self._fatal and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
+            for _ in range(2):  # the final status, with its counts up to date once the flush is done
+                if not self._fatal:
+                    self._set_stream_status(self._stream_status.state)  # no message if nothing changed
+                # what is queued gets until the deadline, even across a reconnect
+                while self.outbox and not self._fatal and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
             client = self._client if self._connected.is_set() else None
             if client is not None and not self.outbox:
                 offline = Status(state="offline", text="stopped", stream_id=self.topics.stream)
@@ -401,10 +403,15 @@ class MqttStage(Stage):
                 return
             except BusDisconnected as e:
                 self._check_poison()
-                if not self._last_error and not self._closing:  # one line per outage, not per attempt
-                    print(f"framecast: mqtt: {self.address.display()}: {e}; retrying in the background",
-                          file=sys.stderr, flush=True)
-                self._last_error = str(e)
+                if self._connected.is_set():
+                    # a session ended: a line only if reconnecting fails too (an outage, not a blip
+                    # such as a broker closing the connection on a message; `reconnects` counts all)
+                    self._dropped = str(e)
+                else:
+                    if not self._last_error and not self._closing:  # one line per outage, not per attempt
+                        print(f"framecast: mqtt: {self.address.display()}: {self._dropped or e}; "
+                              "retrying in the background", file=sys.stderr, flush=True)
+                    self._last_error = str(e)
             except UserError as e:  # TLS files that cannot be loaded
                 self._fail(str(e))
                 return
@@ -481,13 +488,7 @@ class MqttStage(Stage):
             again = " again" if self._counters["connects"] else ""
             print(f"framecast: mqtt: connected to {self.address.display()}{again}", file=sys.stderr, flush=True)
             self._last_error = ""
-        self._status_seq = 0  # this stage's own numbering of <prefix>/<stream>/status
-        self._ended = False  # the end of stream passed this stage
-        # rejected questions' answers on their way through the graph: id -> (answer, route)
-        self._injected: dict[int, tuple[Answer, str | None, bytes | None]] = {}
-        self._publishing: Outgoing | None = None  # the message on the wire (poison detection)
-        self._poison: tuple[Outgoing | None, int] = (None, 0)
-        self._warned: set[str] = set()
+        self._dropped = ""
         self._counters["connects"] += 1
         self._connected.set()
         self._verdict.set()
