@@ -122,7 +122,9 @@ def run_main(cfg: RunConfig) -> int:
     return result.exit_code
 
 
-def ask_main(url: str, stream: str, question: str, *, prefix: str, timeout: float, ca_file: str | None) -> int:
+def ask_main(url: str, stream: str, question: str, *, prefix: str, timeout: float, ca_file: str | None,
+             cert_file: str | None = None, key_file: str | None = None) -> int:
     from framecast.stages.mqtt.stage import ask_over_mqtt
 
-    return ask_over_mqtt(url, stream, question, prefix=prefix, timeout=timeout, ca_file=ca_file)
+    return ask_over_mqtt(url, stream, question, prefix=prefix, timeout=timeout, ca_file=ca_file,
+                         cert_file=cert_file, key_file=key_file)

@@ -43,7 +43,10 @@ async def _ask(address: BrokerAddress, topics: Topics, question: str, *, timeout
             await candidate.connect()
         except BusProtocolRejected:
             continue
-        except (BusRefused, BusDisconnected) as e:
+        except BusRefused as e:  # the refusal names the broker already
+            print(f"framecast: mqtt: {e}", file=sys.stderr)
+            return 1
+        except BusDisconnected as e:
             print(f"framecast: mqtt: cannot connect to {address.display()}: {e}", file=sys.stderr)
             return 1
         client = candidate
