@@ -50,6 +50,7 @@ class Outbox:
         self._count = [0, 0, 0]  # items per priority
         self._nonempty = asyncio.Event()
         self.drops: collections.Counter[str] = collections.Counter()
+        self.discarded: collections.Counter[tuple[str, str]] = collections.Counter()  # (reason, kind)
         self.max_depth = 0
         self.superseded = 0
         self._inflight: Outgoing | None = None
@@ -119,3 +120,4 @@ class Outbox:
             self._inflight = None
         if self._remove(item):
             self.drops[reason] += 1
+            self.discarded[reason, item.kind] += 1
