@@ -195,6 +195,16 @@ class Question(Event):
     control: ClassVar[bool] = True
 
 
+class QuestionRecord(Event):
+    """What outputs record of a question the decoder took: the same JSON as `Question`
+    (`type` "question"), but data, in order just before its `Answer`. The control `Question`
+    itself is consumed by the decoder."""
+
+    type: Literal["question"] = "question"
+    text: str
+    request_id: str
+
+
 class Stop(Event):
     """Stop producing; downstream drains what is queued and closes."""
 
@@ -221,7 +231,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
     cls.model_fields["type"].default: cls
     for cls in (Frame, SceneChange, NarrationDelta, Narration, Answer, Status, Metrics, Error,
                 Question, Stop, Flush, EndOfStream)
-}
+}  # ("question" parses as the control `Question`; a `QuestionRecord` has the same fields)
 
 
 def event_from_dict(d: dict[str, Any]) -> Event:

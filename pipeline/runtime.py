@@ -234,10 +234,11 @@ class Runtime:
 
     # -- control from outside (signals, MQTT questions, tests)
 
-    async def inject(self, msg: Event) -> None:
-        """Put a control message (or data) at the head of the chain, after the source."""
+    async def inject(self, msg: Event, *, force: bool = False) -> None:
+        """Put a control message (or data) at the head of the chain, after the source. `force`:
+        never wait for room (a stage injecting from inside the graph must not wait on itself)."""
         if self.edges:
-            await self.edges[0].put(msg)
+            await self.edges[0].put(msg, force=force)
 
     @property
     def stopped_by(self) -> str:

@@ -22,7 +22,7 @@ from typing import AsyncIterator
 
 from framecast.config import NarrationConfig
 from framecast.errors import FatalError, UserError
-from framecast.events import Answer, Event, Frame, Narration, NarrationDelta, Question, SceneChange
+from framecast.events import Answer, Event, Frame, Narration, NarrationDelta, Question, QuestionRecord, SceneChange
 from framecast.runtime import Stage
 from framecast.engine.session import StreamingSession, TextDelta, TurnDone, greedy
 
@@ -151,7 +151,9 @@ class DecodeStage(Stage):
         if not isinstance(msg, Question):
             yield msg
             return
-        yield msg  # outputs record the question next to its answer (JSONL, the bus)
+        # consumed here; outputs (JSONL, the bus) get a record of it, just before its answer
+        yield QuestionRecord(text=msg.text, request_id=msg.request_id, stream_id=self.stream_id, seq=msg.seq, ts=msg.ts,
+                             pts=msg.pts)
         arrived = msg.ts.timestamp()
         pts = msg.pts if msg.pts is not None else self._last_frame_pts
         text, first_ms, done = "", None, None

@@ -12,7 +12,8 @@ import pytest
 
 from broker import Broker, Recorder
 from framecast.config import ChangeConfig, MqttConfig, SourceConfig
-from framecast.events import Answer, Event, Narration, NarrationDelta, Question, SceneChange, Status
+from framecast.events import (Answer, Event, Narration, NarrationDelta, Question, QuestionRecord, SceneChange,
+                              Status)
 from framecast.runtime import Runtime, Source, Stage
 from framecast.stages.change import ChangeDetector
 from framecast.stages.mqtt.client import BusClient, BusMessage, parse_mqtt_url
@@ -142,17 +143,25 @@ def test_late_broker_gets_each_retained_state_once_in_order_and_a_first_connecti
         assert result.exit_code == 0
         rec = Recorder(b.port, [f"{P}/#"], client_id="late-watch", persistent=True)
         assert rec.wait_for(lambda ms: any(m.topic == f"{P}/status" and m.json()["state"] == "offline" for m in ms), 10)
-        statuses = [m.json() for m in rec.on(topic("status"))]
-        states = [s["state"] for s in statuses]
-        assert states.count("eof") == 1 and states[-1] == "eof", states
-        assert len(states) == len(set(states)), states  # each state once
-        seqs = [s["seq"] for s in statuses]
-        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs) and seqs[0] > 0
-        ts = [s["ts"] for s in statuses]
-        assert ts == sorted(ts)  # in time order
-        assert [m.json()["narration_id"] for m in rec.on(topic("narration"))] == [e.narration_id for e in events[1:]]
         err = capsys.readouterr().err
-        assert f"connected to {b.url}\n" in err and "again" not in err, err
+        # (the recorder re-subscribing also replays the retained messages: not what framecast sent)
+        statuses = [m.json() for m in rec.on(topic("status")) if not m.retain]
+        seqs = [s["seq"] for s in statuses]
+        assert seqs == sorted(seqs) and seqs[0] > 0, (seqs, err)  # in order, numbered
+        # each state once: a repeat is only ever a re-publish after a reconnect (same message)
+        distinct = {s["seq"]: s for s in statuses}
+        assert all(s == distinct[s["seq"]] for s in statuses), (statuses, err)
+        states = [s["state"] for s in distinct.values()]
+        assert states.count("eof") == 1 and states[-1] == "eof" and len(states) == len(set(states)), (states, err)
+        ts = [s["ts"] for s in distinct.values()]
+        assert ts == sorted(ts)  # in time order
+        got = [m.json()["narration_id"] for m in rec.on(topic("narration")) if not m.retain]
+        # all, in order (at least once: a message on the wire when a connection drops is sent again)
+        assert list(dict.fromkeys(got)) == [e.narration_id for e in events[1:]], err
+        assert len(got) == len(set(got)) or result.metrics["mqtt"]["reconnects"] > 0, err
+        assert f"connected to {b.url}\n" in err, err  # the first connection is not "again"
+        if not result.metrics["mqtt"]["reconnects"]:
+            assert len(statuses) == len(distinct) and "again" not in err, (statuses, err)
         assert "not delivered" not in err
     finally:
         rec.close()
@@ -229,10 +238,12 @@ class Narrator(Stage):
             yield n
 
     async def on_control(self, msg):
-        yield msg
-        if isinstance(msg, Question):
-            yield Answer(text=f"you asked: {msg.text}", request_id=msg.request_id, question=msg.text,
-                         stream_id=STREAM)
+        if not isinstance(msg, Question):
+            yield msg
+            return
+        # as the decode stage: the question is consumed, outputs get its record, then the answer
+        yield QuestionRecord(text=msg.text, request_id=msg.request_id, stream_id=STREAM, ts=msg.ts)
+        yield Answer(text=f"you asked: {msg.text}", request_id=msg.request_id, question=msg.text, stream_id=STREAM)
 
 
 def test_jsonl_and_bus_see_the_same_event_stream(tmp_path):

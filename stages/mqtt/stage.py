@@ -148,9 +148,7 @@ class MqttStage(Stage):
 
     async def on_end(self) -> AsyncIterator[Event]:
         self._ended = True
-        for answer, reply_to, corr in list(self._injected.values()):  # came too late for the graph
-            self._send_answer(answer, route=(reply_to, corr))
-        self._injected.clear()
+        self._send_injected()
         # `stopping` is set for every stop from outside (signal, Stop, fatal); a natural end is eof
         stopped = self._stopped or (self.runtime is not None and self.runtime.source.stopping.is_set())
         if self._stream_status.state != "error":  # a fatal error's status stays the last word
@@ -158,12 +156,20 @@ class MqttStage(Stage):
         return
         yield  # pragma: no cover
 
+    def _send_injected(self) -> None:
+        """Error answers still on their way through the graph when it ended (queued behind the
+        end of stream, or a cancelled stage): straight to the bus, the asker still gets one."""
+        for answer, reply_to, corr in list(self._injected.values()):
+            self._send_answer(answer, route=(reply_to, corr))
+        self._injected.clear()
+
     async def close(self) -> None:
         """Flush what is queued (bounded by `close_timeout_s`), publish `offline`, disconnect
         cleanly; count what could not be sent (one stderr line, `undelivered`). Safe to cancel:
         the counting and the disconnect happen on the way out either way."""
         self._closing = True
         self._wake.set()  # a reconnect sleeping in backoff tries again now
+        self._send_injected()
         try:
             deadline = time.monotonic() + self.cfg.close_timeout_s
             for _ in range(2):  # the final status, with its counts up to date once the flush is done
@@ -344,7 +350,7 @@ class MqttStage(Stage):
             self._send_answer(answer, route=(reply_to, corr))
             return
         self._injected[id(answer)] = (answer, reply_to, corr)
-        await self.runtime.edges[0].put(answer, force=force)
+        await self.runtime.inject(answer, force=force)
 
     def _send_answer(self, answer: Answer, route: tuple[str | None, bytes | None] | None = None) -> None:
         if route is None:
