@@ -27,13 +27,13 @@ refused too. The retained stream status is coalesced in the outbox (only its lat
 waits) and carries the stage's own `seq`. What is still queued at exit is counted in one
 stderr line and in `undelivered` (metrics, and the final status).
 
-Files and bus see one event stream: questions come back from the graph as `question` events
-(on `event`), and answers to rejected questions travel through the graph like the model's
-answers, so JSONL records them too.
+Files and bus see one event stream: the decoder's record of each question (`question`, on
+`event`) and every answer, including the error answers to refused questions, pass through the
+graph, so JSONL records them too.
 
-Files: this stage; mqtt_topics.py (topic layout, name and question validation, Home
-Assistant discovery); mqtt_outbox.py; mqtt_client.py (the only file that touches aiomqtt);
-mqtt_ask.py (`framecast ask`).
+Files: this stage; topics.py (topic layout, name and question validation, Home Assistant
+discovery); questions.py (checks, timeouts and answer routes); outbox.py; client.py (the only
+file that touches aiomqtt); ask.py (`framecast ask`).
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ from framecast.stages.mqtt.ask import ask_over_mqtt  # noqa: F401  (`framecast a
 from framecast.stages.mqtt.client import (BrokerAddress, BusClient, BusDisconnected, BusMessage, BusProtocolRejected,
                                           BusPublishRefused, BusRefused, TlsFiles, parse_mqtt_url)
 from framecast.stages.mqtt.outbox import FINAL, PARTIAL, PERIODIC, Outbox, Outgoing
-from framecast.stages.mqtt.topics import (JSON, REQUEST_ID_RE, QuestionRejected, Topics, ha_discovery, parse_question,
-                                valid_response_topic, validate_prefix, validate_stream_id)
+from framecast.stages.mqtt.questions import QuestionDesk, Route
+from framecast.stages.mqtt.topics import JSON, Topics, ha_discovery, validate_prefix, validate_stream_id
 
 FIRST_CONNECT_WAIT_S = 2.0  # start() waits this long for a verdict (auth errors fail fast)
 FPS_WINDOW_S = 5.0
@@ -100,17 +100,13 @@ class MqttStage(Stage):
         self._closing = False
         self._started = False
         self._stopped = False
-        self._pending: collections.OrderedDict[str, tuple[str | None, bytes | None, float]] = collections.OrderedDict()
+        self.questions = QuestionDesk(cfg, stream_id, post=self._post_answer)
         self._frame_times: collections.deque[float] = collections.deque()
         self._stream_status = Status(state="starting", stream_id=stream_id)
-        self._counters = collections.Counter({"published": 0, "connects": 0, "questions": 0,
-                                              "questions_rejected": 0, "answers": 0})
+        self._counters = collections.Counter({"published": 0, "connects": 0})
         self._last_error = ""  # the outage reported on stderr (cleared once connected)
         self._dropped = ""  # why the last session ended (reported only if the outage lasts)
         self._status_seq = 0  # this stage's own numbering of <prefix>/<stream>/status
-        self._ended = False  # the end of stream passed this stage
-        # rejected questions' answers on their way through the graph: id -> (answer, route)
-        self._injected: dict[int, tuple[Answer, str | None, bytes | None]] = {}
         self._publishing: Outgoing | None = None  # the message on the wire (poison detection)
         self._poison: tuple[Outgoing | None, int] = (None, 0)
         self._warned: set[str] = set()
@@ -129,13 +125,9 @@ class MqttStage(Stage):
         self._update_metrics()
 
     async def process(self, item: Event) -> AsyncIterator[Event]:
-        routed = self._injected.pop(id(item), None) if isinstance(item, Answer) else None
-        if routed is not None and routed[0] is item:  # a rejection that went through the graph
-            self._send_answer(item, route=routed[1:])
-        else:
-            if isinstance(item, Metrics):
-                await self._expire_questions()
-            self._publish_event(item)
+        if isinstance(item, Metrics):
+            await self.questions.expire(self.runtime)
+        self._publish_event(item)
         yield item
 
     async def on_control(self, msg: Event) -> AsyncIterator[Event]:
@@ -147,8 +139,7 @@ class MqttStage(Stage):
         yield msg
 
     async def on_end(self) -> AsyncIterator[Event]:
-        self._ended = True
-        self._send_injected()
+        self.questions.close()
         # `stopping` is set for every stop from outside (signal, Stop, fatal); a natural end is eof
         stopped = self._stopped or (self.runtime is not None and self.runtime.source.stopping.is_set())
         if self._stream_status.state != "error":  # a fatal error's status stays the last word
@@ -156,20 +147,13 @@ class MqttStage(Stage):
         return
         yield  # pragma: no cover
 
-    def _send_injected(self) -> None:
-        """Error answers still on their way through the graph when it ended (queued behind the
-        end of stream, or a cancelled stage): straight to the bus, the asker still gets one."""
-        for answer, reply_to, corr in list(self._injected.values()):
-            self._send_answer(answer, route=(reply_to, corr))
-        self._injected.clear()
-
     async def close(self) -> None:
         """Flush what is queued (bounded by `close_timeout_s`), publish `offline`, disconnect
         cleanly; count what could not be sent (one stderr line, `undelivered`). Safe to cancel:
         the counting and the disconnect happen on the way out either way."""
         self._closing = True
         self._wake.set()  # a reconnect sleeping in backoff tries again now
-        self._send_injected()
+        self.questions.close()
         try:
             deadline = time.monotonic() + self.cfg.close_timeout_s
             for _ in range(2):  # the final status, with its counts up to date once the flush is done
@@ -228,7 +212,7 @@ class MqttStage(Stage):
         elif isinstance(item, Narration):
             self._enqueue(t.narration, item, "narration", FINAL, qos=1, retain=True)
         elif isinstance(item, Answer):
-            self._send_answer(item)
+            self.questions.send(item)
         elif isinstance(item, Status):
             self._put_status(item.model_copy(update={"undelivered": self._undelivered()}))
         elif isinstance(item, Metrics):
@@ -298,83 +282,23 @@ class MqttStage(Stage):
             ex[f"outbox_drops_{kind}"] = n
         ex["connected"] = 1 if self._connected.is_set() else 0
         ex["reconnects"] = max(0, self._counters["connects"] - 1)
-        for k in ("published", "questions", "questions_rejected", "answers"):
-            ex[k] = self._counters[k]
-        ex["questions_pending"] = len(self._pending)
+        ex["published"] = self._counters["published"]
+        ex.update(self.questions.counts)
+        ex["questions_pending"] = len(self.questions.pending)
 
-    # -- questions and answers
+    # -- answers
 
-    async def _on_question(self, m: BusMessage) -> None:
-        if m.retain:  # a retained question would be re-asked on every reconnect
-            return
-        reply_to = m.response_topic if valid_response_topic(m.response_topic) else None
-        corr = m.correlation
-        fallback_id = None
-        if corr is not None:
-            text = corr.decode("ascii", "replace")
-            fallback_id = text if REQUEST_ID_RE.match(text) else None
-        self._counters["questions"] += 1
-        try:
-            text, request_id = parse_question(m.payload, max_bytes=self.cfg.max_question_bytes)
-        except QuestionRejected as e:
-            await self._reject(e.request_id or fallback_id, str(e), reply_to, corr)
-            return
-        request_id = request_id or fallback_id or uuid.uuid4().hex[:12]
-        if request_id in self._pending:
-            await self._reject(request_id, f"request_id {request_id!r} is already pending", reply_to, corr, text)
-            return
-        if len(self._pending) >= self.cfg.max_pending_questions:
-            await self._reject(request_id, f"busy: {len(self._pending)} questions pending", reply_to, corr, text)
-            return
-        if self.runtime is None or self._closing or self._ended:
-            await self._reject(request_id, "stream is stopping", reply_to, corr, text)
-            return
-        if not any(getattr(st, "answers_questions", False) for st in self.runtime.stages):
-            await self._reject(request_id, "no model on this stream answers questions (capture only)", reply_to, corr,
-                               text)
-            return
-        self._pending[request_id] = (reply_to, corr, time.monotonic())
-        await self.runtime.inject(Question(text=text, request_id=request_id, reply_to=reply_to, correlation=corr,
-                                           stream_id=self.topics.stream))
-
-    async def _reject(self, request_id: str | None, reason: str, reply_to: str | None, corr: bytes | None,
-                      question: str = "", *, force: bool = False) -> None:
-        """Answer with `error` set. The answer goes through the graph, like the model's, so the
-        files record it too; once the stream has ended it goes straight to the bus.
-        `force`: never wait for room on the first edge (from inside the graph a wait could be a
-        deadlock: this stage is what empties the edges)."""
-        self._counters["questions_rejected"] += 1
-        rid = request_id or uuid.uuid4().hex[:12]
-        answer = Answer(text="", error=reason, request_id=rid, question=question[:200], stream_id=self.topics.stream)
-        if self.runtime is None or not self.runtime.edges or self._ended or self._closing:
-            self._send_answer(answer, route=(reply_to, corr))
-            return
-        self._injected[id(answer)] = (answer, reply_to, corr)
-        await self.runtime.inject(answer, force=force)
-
-    def _send_answer(self, answer: Answer, route: tuple[str | None, bytes | None] | None = None) -> None:
-        if route is None:
-            reply_to, corr, _ = self._pending.pop(answer.request_id, (None, None, 0.0))
-        else:
-            reply_to, corr = route
+    def _post_answer(self, answer: Answer, route: Route) -> None:
+        """Publish an answer (the desk decides the route): the stream's answer topic, and the
+        question's MQTT 5 response topic with its correlation data."""
+        reply_to, corr = route
         payload = answer.to_json().encode()
-        self._counters["answers"] += 1
         self.outbox.put(Outgoing(BusMessage(self.topics.answer, payload, qos=1, content_type=JSON,
                                             correlation=corr), "answer", FINAL))
         if reply_to and reply_to != self.topics.answer:
             self.outbox.put(Outgoing(BusMessage(reply_to, payload, qos=1, content_type=JSON, correlation=corr),
                                      "answer", FINAL))
         self._update_metrics()
-
-    async def _expire_questions(self) -> None:
-        now = time.monotonic()
-        while self._pending:
-            rid, (reply_to, corr, t0) = next(iter(self._pending.items()))
-            if now - t0 < self.cfg.question_timeout_s:
-                break
-            del self._pending[rid]
-            await self._reject(rid, f"not answered within {self.cfg.question_timeout_s:g} s", reply_to, corr,
-                               force=True)
 
     # -- connection
 
@@ -550,7 +474,7 @@ class MqttStage(Stage):
         async for m in client.messages():
             if m.topic == self.topics.ask:
                 try:
-                    await self._on_question(m)
+                    await self.questions.take(m, self.runtime)
                 except Exception as e:  # one bad question must never end the session
                     print(f"framecast: mqtt: question handling failed: {type(e).__name__}: {e}", file=sys.stderr)
                 self._update_metrics()
