@@ -324,3 +324,101 @@ def test_a_stream_without_a_model_rejects_questions_at_once(tmp_path):
     finally:
         rec.close()
         b.stop()
+
+
+# ---------------------------------------------------------------- a negative PUBACK
+
+
+class RefusingBroker:
+    """A minimal MQTT 5 broker (asyncio) that refuses, with PUBACK reason 0x99 (payload format
+    invalid), every QoS 1 PUBLISH whose payload contains b"BAD", and accepts the rest. mosquitto
+    never sends a negative PUBACK, other brokers do (quotas, ACLs, payload checks)."""
+
+    def __init__(self):
+        self.accepted: list[tuple[str, bytes]] = []
+        self.refused: list[tuple[str, bytes]] = []
+        self.port = 0
+
+    async def start(self) -> "RefusingBroker":
+        self._server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    @staticmethod
+    async def _packet(reader) -> tuple[int, bytes]:
+        head = (await reader.readexactly(1))[0]
+        length, shift = 0, 0
+        while True:
+            b = (await reader.readexactly(1))[0]
+            length += (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                break
+        return head, await reader.readexactly(length)
+
+    @staticmethod
+    def _skip_props(body: bytes, i: int) -> int:
+        length, shift = 0, 0
+        while True:
+            b = body[i]
+            i += 1
+            length += (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                return i + length
+
+    async def _client(self, reader, writer) -> None:
+        try:
+            while True:
+                head, body = await self._packet(reader)
+                kind = head >> 4
+                if kind == 1:  # CONNECT -> CONNACK, success, no properties
+                    writer.write(b"\x20\x03\x00\x00\x00")
+                elif kind == 3:  # PUBLISH
+                    qos = (head >> 1) & 3
+                    n = int.from_bytes(body[:2], "big")
+                    topic, i = body[2:2 + n].decode(), 2 + n
+                    pid = body[i:i + 2]
+                    i = self._skip_props(body, i + (2 if qos else 0))
+                    payload = body[i:]
+                    bad = b"BAD" in payload
+                    (self.refused if bad else self.accepted).append((topic, payload))
+                    if qos == 1:
+                        writer.write(b"\x40\x04" + pid + (b"\x99" if bad else b"\x00") + b"\x00")
+                elif kind == 8:  # SUBSCRIBE -> SUBACK granting QoS 1 to each filter
+                    pid, i = body[:2], self._skip_props(body, 2)
+                    filters = 0
+                    while i < len(body):
+                        i += 2 + int.from_bytes(body[i:i + 2], "big") + 1
+                        filters += 1
+                    writer.write(bytes([0x90, 3 + filters]) + pid + b"\x00" + b"\x01" * filters)
+                elif kind == 12:  # PINGREQ
+                    writer.write(b"\xd0\x00")
+                elif kind == 14:  # DISCONNECT
+                    break
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        self._server.close()
+
+
+def test_a_message_refused_in_its_puback_is_dropped_and_the_rest_flow(capsys):
+    async def scenario():
+        broker = await RefusingBroker().start()
+        events = [narration("BAD" if i == 2 else f"n{i}", i) for i in range(6)]
+        bus = MqttStage(bus_cfg(f"mqtt://127.0.0.1:{broker.port}", protocol="5"), stream_id=STREAM)
+        result = await Runtime(Script(events), [bus], stream_id=STREAM).run(handle_signals=False)
+        await broker.stop()
+        return broker, events, result
+
+    broker, events, result = asyncio.run(asyncio.wait_for(scenario(), 30))
+    got = [json.loads(p)["narration_id"] for t, p in broker.accepted if t == topic("narration")]
+    assert got == [e.narration_id for i, e in enumerate(events) if i != 2]  # in order, none blocked
+    m = result.metrics["mqtt"]
+    assert m["outbox_drops_refused"] == 1 and m["undelivered"] == 1 and m["reconnects"] == 0
+    err = capsys.readouterr().err
+    assert err.count("dropped a") == 1 and "reason code 0x99" in err, err

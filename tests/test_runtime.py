@@ -312,3 +312,30 @@ def test_fatal_error_wins_over_an_earlier_signal_in_stopped_by():
 
     res = asyncio.run(main())
     assert res.stopped_by in ("signal", "fatal") and (res.stopped_by == "fatal") == (res.exit_code != 0)
+
+
+def test_a_hung_close_is_cut_short_after_a_second_signal_and_the_rest_still_close():
+    import signal
+
+    class HangsOnClose(Collect):
+        name = "hangs"
+
+        async def close(self):
+            await asyncio.sleep(3600)
+
+    after = Collect()
+
+    async def main():
+        rt = Runtime(CountingSource(10**6, live=True, delay=0.001), [HangsOnClose(), after], stop_timeout=30)
+        task = asyncio.create_task(rt.run(handle_signals=False))
+        await asyncio.sleep(0.1)
+        rt._on_signal(signal.SIGINT)
+        await asyncio.sleep(0.3)  # closing by now, stuck in the hung close (bounded at 5 s)
+        t0 = time.monotonic()
+        rt._on_signal(signal.SIGINT)
+        res = await asyncio.wait_for(task, 5)
+        return res, time.monotonic() - t0
+
+    res, took = asyncio.run(main())
+    assert after.closed and took < 1.5 and res.stopped_by == "signal"
+    assert any(e.text == "close timed out" and e.stage == "hangs" for e in res.errors)
