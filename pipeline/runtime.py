@@ -301,6 +301,7 @@ class Runtime:
 
     async def _run_source(self) -> None:
         src, out = self.source, self.edges[0] if self.edges else None
+        cancelled = False
         try:
             await src.start()
             # Sources watch `stopping` themselves and end with a final status event; one that
@@ -313,23 +314,24 @@ class Runtime:
         except FatalError as e:
             err = self.fail(str(e), stage=src.name, exit_code=e.exit_code)
             if out is not None:
-                await out.put(err, force=True)
+                await out.put(err)
         except asyncio.CancelledError:
+            cancelled = True
             raise
         except Exception as e:  # a bug or an unexpected library error: report, do not vanish
             err = self.fail(f"{type(e).__name__}: {e}", stage=src.name)
             if out is not None:
-                await out.put(err, force=True)
+                await out.put(err)
         finally:
-            # forced: after a cancel (stop, second signal) the consumer may be gone for good, and
-            # an await on its full edge here would never return (the run would hang)
-            await self._send_eos()
+            # after a cancel (stop, second signal) the consumer may be gone for good: an await
+            # for room on its full edge would never return (the run would hang), so force it
+            await self._send_eos(force=cancelled)
 
-    async def _send_eos(self) -> None:
-        """The end-of-stream marker, once. Forced (never waits for room): only the edge's lock."""
+    async def _send_eos(self, *, force: bool) -> None:
+        """The end-of-stream marker, once. `force`: never wait for room (only the edge's lock)."""
         if self._eos_sent or not self.edges:
             return
-        await self.edges[0].put(EndOfStream(stream_id=self.stream_id, text=self.stopped_by), force=True)
+        await self.edges[0].put(EndOfStream(stream_id=self.stream_id, text=self.stopped_by), force=force)
         self._eos_sent = True
 
     async def _run_stage(self, idx: int) -> None:
@@ -453,7 +455,7 @@ class Runtime:
                 # library is cancelled (it must not block shutdown)
                 await self._wait([source_task], timeout=min(SOURCE_GRACE_S, self.stop_timeout))
                 await self._cancel([source_task])
-            await self._send_eos()  # if the source could not (cancelled before its `finally`)
+            await self._send_eos(force=True)  # if the source could not (cancelled in its `finally`)
             # 2. the stages drain: without a bound after a natural end (a recording is processed to
             # its end) until a stop is requested; then within `stop_timeout`; a second signal: now
             await self._wait(stage_tasks, until=stopping)
