@@ -422,3 +422,26 @@ def test_a_message_refused_in_its_puback_is_dropped_and_the_rest_flow(capsys):
     assert m["outbox_drops_refused"] == 1 and m["undelivered"] == 1 and m["reconnects"] == 0
     err = capsys.readouterr().err
     assert err.count("dropped a") == 1 and "reason code 0x99" in err, err
+
+
+def test_each_stream_state_is_published_once_on_a_connected_run(tmp_path):
+    """The source says `running` and `eof`; the bus stage must not repeat them (its own end of
+    stream `eof`, its close) — each state once, numbered."""
+    b = Broker(tmp_path / "b").start()
+    rec = Recorder(b.port, [topic("status")])
+    source = make_source(SourceConfig(uri="demo", stream_id=STREAM, fps=20.0, width=32, height=32, max_frames=10,
+                                      realtime=True))
+    bus = MqttStage(bus_cfg(b.url), stream_id=STREAM)
+    try:
+        result = asyncio.run(asyncio.wait_for(Runtime(source, [bus], stream_id=STREAM).run(handle_signals=False), 30))
+        assert result.exit_code == 0
+        assert rec.wait_for(lambda ms: any(m.json()["state"] == "eof" for m in ms), 5)
+        time.sleep(0.2)
+        statuses = [m.json() for m in rec.messages if not m.retain]
+        states = [s["state"] for s in statuses]
+        # (a state still waiting when the next one comes is replaced by it: at most once each)
+        assert len(states) == len(set(states)) and states[-1] == "eof", states
+        assert [s["seq"] for s in statuses] == sorted({s["seq"] for s in statuses})
+    finally:
+        rec.close()
+        b.stop()

@@ -218,7 +218,7 @@ class MqttStage(Stage):
         elif isinstance(item, Metrics):
             self._update_metrics()
             self._enqueue(t.metrics, item, "metrics", PERIODIC, qos=0)
-            self._set_stream_status(self._stream_status.state)  # refresh fps / drops
+            self._set_stream_status(self._stream_status.state, refresh=True)  # fresh fps / drops
         elif isinstance(item, EndOfStream) or item.control:
             pass
         else:  # SceneChange, Error and whatever else the graph grows
@@ -246,15 +246,17 @@ class MqttStage(Stage):
         span = self._frame_times[-1] - self._frame_times[0]
         return round((len(self._frame_times) - 1) / span, 2) if span > 0 else None
 
-    def _set_stream_status(self, state: str, *, text: str = "") -> None:
-        """A new stream status, unless nothing a subscriber sees would change (then no message:
-        each state is published once, refreshed only when its figures change)."""
+    def _set_stream_status(self, state: str, *, text: str = "", refresh: bool = False) -> None:
+        """A new stream status when the state, its text or `undelivered` changes; the rate and
+        drops alone only on a `refresh` (each metrics interval). So each state is published once
+        (the source's `eof` is not repeated by ours) and figures stay fresh."""
         drops = sum(e.drops for e in self.runtime.edges) if self.runtime else None
         prev = self._stream_status
         # keep what the source said (duration, reconnects, …); refresh state, rate, drops, time
         update = {"state": state, "text": text or (prev.text if prev.state == state else ""), "fps": self._fps(),
                   "drops": drops, "undelivered": self._undelivered()}
-        if prev.seq and all(getattr(prev, k) == v for k, v in update.items()):
+        changed = {k for k, v in update.items() if getattr(prev, k) != v}
+        if prev.seq and not (changed & {"state", "text", "undelivered"} or (refresh and changed)):
             return
         self._put_status(prev.model_copy(update={**update, "ts": utc_now()}))
 
