@@ -107,6 +107,7 @@ def _two_signals(workdir: Path, clip: Path, seed: int) -> tuple[int | None, floa
             proc.communicate()
 
 
+@pytest.mark.slow  # ~30-70 s: 20 model runs, PARALLEL at a time (still in the default run)
 def test_second_signal_while_draining_ends_the_run_with_every_file_closed(tmp_path, clip20):
     with ThreadPoolExecutor(PARALLEL) as pool:
         results = list(pool.map(lambda i: _two_signals(tmp_path / f"try{i}", clip20, seed=i), range(TRIES)))
