@@ -445,3 +445,15 @@ def test_each_stream_state_is_published_once_on_a_connected_run(tmp_path):
     finally:
         rec.close()
         b.stop()
+
+
+def test_ask_with_a_question_too_large_for_the_broker_says_so_in_one_line(tmp_path, capsys):
+    from framecast.stages.mqtt.ask import ask_over_mqtt
+
+    b = Broker(tmp_path / "b", extra=[f"max_packet_size {LIMIT}"]).start()
+    try:
+        rc = ask_over_mqtt(b.url, STREAM, "why? " * 100, prefix=P, timeout=2)
+        err = capsys.readouterr().err.strip()
+        assert rc == 1 and len(err.splitlines()) == 1 and "maximum packet size" in err, err
+    finally:
+        b.stop()
