@@ -39,6 +39,7 @@ def load_run_model(cfg: RunConfig):
     Returns None when no path is given and no demo model is installed (capture-only run).
     """
     from framecast.model.load import DEMO_MODEL_DIR, load_model
+    from framecast.model.protocol import VisionLanguageModel
 
     if cfg.model.path is not None:
         model = load_model(cfg.model.path, mmproj=cfg.model.mmproj, dtype=cfg.model.dtype)
@@ -46,7 +47,7 @@ def load_run_model(cfg: RunConfig):
         model = load_model(DEMO_MODEL_DIR, dtype=cfg.model.dtype)
     else:
         return None
-    if not hasattr(model, "encode_images"):
+    if not isinstance(model, VisionLanguageModel):
         raise UserError(f"model.path = {cfg.model.path!r}: a language model alone cannot watch video "
                         "(give its vision GGUF with --mmproj)")
     return model
@@ -65,7 +66,7 @@ def _model_stages(cfg: RunConfig) -> list[Stage]:
     worker = worker_for(model)  # one thread runs all of this model's MLX work
     # A model may carry session defaults in its config.json (`framecast_session`, e.g. the demo
     # model's cache budget: it was trained on short streams); settings the user gave win.
-    defaults = (getattr(getattr(model, "args", None), "config", None) or {}).get("framecast_session") or {}
+    defaults = model.session_defaults
     unset = {k: v for k, v in defaults.items() if k in type(cfg.session).model_fields and getattr(cfg.session, k) is None}
     session_cfg = cfg.session.model_copy(update=unset) if unset else cfg.session
     session = StreamingSession.from_config(model, session_cfg, worker=worker, max_slice_nums=cfg.model.max_slice_nums)

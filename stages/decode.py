@@ -24,15 +24,14 @@ from framecast.config import NarrationConfig
 from framecast.errors import FatalError, UserError
 from framecast.events import Answer, Event, Frame, Narration, NarrationDelta, Question, SceneChange
 from framecast.runtime import Stage
-from framecast.engine.session import StreamingSession, TextDelta, TurnDone, greedy
+from framecast.engine.sampling import Sampler, make_sampler
+from framecast.engine.session import StreamingSession, TextDelta, TurnDone
 
 
-def make_turn_sampler(cfg: NarrationConfig):
-    """Greedy at temperature 0, else the engine's seeded sampler with the configured filters."""
+def make_turn_sampler(cfg: NarrationConfig) -> Sampler:
+    """Greedy at temperature 0, else seeded, with the configured filters (`engine.sampling`)."""
     if cfg.temperature == 0 and not cfg.repetition_penalty:
-        return greedy
-    from framecast.engine.sampling import make_sampler
-
+        return make_sampler(0.0)
     return make_sampler(cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty, seed=0)
 
 
