@@ -13,6 +13,7 @@ that every output sees all data before it closes.
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from datetime import datetime, timezone
@@ -60,8 +61,8 @@ class Event(BaseModel):
 
 
 def _jsonable(v: Any) -> Any:
-    if isinstance(v, float):
-        return round(v, 6)
+    if isinstance(v, float):  # NaN/inf are not JSON: null, like any unknown value
+        return round(v, 6) if math.isfinite(v) else None
     if isinstance(v, (np.floating, np.integer)):
         return v.item()
     if isinstance(v, dict):
@@ -148,7 +149,9 @@ class Answer(Event):
 class Status(Event):
     """Stream state: starting, running, reconnecting, eof, stopped, error.
 
-    `duration` (media seconds) is known for recorded files: progress bars use it.
+    `duration` (media seconds) is known for recorded files: progress bars use it. An `eof`
+    status has `pts` = the media time where the input ended, when the source knows it, and
+    `discontinuities` = how often the source's timestamps jumped back (recorded files, streams).
     """
 
     type: Literal["status"] = "status"
@@ -159,6 +162,7 @@ class Status(Event):
     reconnects: int | None = None
     bad_frames: int | None = None
     duration: float | None = None
+    discontinuities: int | None = None
 
 
 class Metrics(Event):
