@@ -125,7 +125,7 @@ class Narration(Event):
     narration_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
     pts_start: float | None = None
     pts_end: float | None = None
-    trigger: str = "interval"  # interval | change | question
+    trigger: str = "interval"  # interval | change | end (closing narration at end of input) | question
     first_token_ms: float | None = None
     tokens_per_s: float | None = None
     tokens: int | None = None

@@ -51,6 +51,7 @@ def test_srt_and_vtt_from_narrations(tmp_path):
     events = [Status(state="running"), narr("A red circle appears.", 0.0, 0.5), Frame(pixels=np.zeros((2, 2, 3), np.uint8)),
               narr("It moves --> left.", 2.5, 2.6), NarrationDelta(text="ignored"), narr("Gone.", 3661.25, 3663.0)]
     srt, vtt = tmp_path / "o.srt", tmp_path / "sub" / "o.vtt"
+    vtt.parent.mkdir()  # outputs never create directories (issue 12)
     run(events, [SubtitleOutput(str(srt), fmt="srt"), SubtitleOutput(str(vtt), fmt="vtt")])
     assert srt.read_text() == (
         "1\n00:00:00,000 --> 00:00:02,500\nA red circle appears.\n\n"
