@@ -167,10 +167,12 @@ class DecodeStage(Stage):
             else:
                 done = ev
         assert done is not None
-        span_start, self._span_start_pts = self._span_start_pts, pts
         self.turn_log.append((pts, trigger, done.text))
         if not done.text.strip():
-            return  # the model had nothing to say: no empty subtitles
+            # The model had nothing to say: no empty subtitle, and the span stays open, so the
+            # next narration covers it (no second of the input goes without a cue).
+            return
+        span_start, self._span_start_pts = self._span_start_pts, pts
         self.narrations += 1
         first_ms = (first_token_wall - arrived) * 1e3 if first_token_wall and arrived else None
         yield Narration(

@@ -286,8 +286,6 @@ class FileSource(CaptureSource):
         container = self._open()
         vs = container.streams.video[0]
         tb = float(vs.time_base) if vs.time_base else 1e-6
-        rate = next((float(r) for r in (vs.average_rate, vs.guessed_rate, vs.base_rate) if r), None)
-        self._step = 1.0 / rate if rate else 1.0 / FALLBACK_FPS
         frames = self._frames(container, stop)
         # The first frame fixes the origin of media time, the orientation and the size.
         first = None
@@ -301,10 +299,19 @@ class FileSource(CaptureSource):
             return
         timed = first.pts is not None
         origin = float(first.pts * tb) if timed else 0.0
+        # One frame's duration, for made-up times. An elementary stream's rate is the one in its
+        # bitstream (the codec's): the raw demuxer reports its own 25 fps default as the average.
+        rates = (vs.average_rate, vs.guessed_rate, vs.base_rate) if timed else \
+            (vs.codec_context.framerate, vs.guessed_rate, vs.average_rate)
+        rate = next((float(r) for r in rates if r), None)
+        self._step = 1.0 / rate if rate else 1.0 / FALLBACK_FPS
         orient = frame_orientation(first)
         w, h = (first.height, first.width) if orient.transpose else (first.width, first.height)
-        length = video_duration(vs) or (container.duration / 1e6 if container.duration else None)
-        yield _Info(video_duration(vs), length, rate, w, h, orient, int(first.rotation or 0),
+        whole = container.duration / 1e6 if container.duration else None  # every stream's, the longest
+        duration = video_duration(vs)
+        if duration is None and len(container.streams.video) == 1 and not container.streams.audio:
+            duration = whole  # nothing else in the file: the container's duration is the video's
+        yield _Info(duration, duration or whole, rate, w, h, orient, int(first.rotation or 0),
                     vs.codec_context.name, timed)
 
         fps, start, end = self.cfg.fps, self.cfg.start, self.cfg.end
