@@ -250,9 +250,14 @@ def test_time_going_backwards_in_a_live_stream(tmp_path):
         res = asyncio.run(Runtime(source, [sink], edge_size=256).run(handle_signals=False))
     finally:
         srv.shutdown()
-    pts = [f.pts for f in sink.frames()]
-    assert res.exit_code == 0 and len(pts) == 80
-    assert pts == pytest.approx([i / 10 for i in range(80)])  # no stall at the jump
+    frames = sink.frames()
+    assert res.exit_code == 0 and len(frames) + source.metrics.extra.get("drops", 0) == 80
+    # live: a lagging loop may lose frames, but each one delivered has its own time (frame k of
+    # the joined file at k/10 s, right across the jump: no stall)
+    ks = [round(f.pts * 10) for f in frames]
+    assert ks == sorted(set(ks)) and ks[-1] >= 60
+    assert [f.pts for f in frames] == pytest.approx([k / 10 for k in ks])
+    assert [index_of(f.pixels) for f in frames] == [k % 50 % 39 for k in ks]
     assert source.metrics.extra["discontinuities"] == 1
     assert sum(isinstance(e, Error) for e in sink.seen) == 1
 

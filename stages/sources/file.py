@@ -88,13 +88,17 @@ def orientation_from_matrix(matrix: np.ndarray | list[int]) -> Orientation:
 
 
 def frame_orientation(frame: av.VideoFrame) -> Orientation:
-    """From the frame's display-matrix side data; the rotation angle alone when there is none."""
-    for sd in frame.side_data:
-        if sd.type == av.sidedata.sidedata.Type.DISPLAYMATRIX:
-            m = np.frombuffer(bytes(sd), dtype=np.int32)
-            if m.size >= 9:
-                return orientation_from_matrix(m)
-    k = int(round((frame.rotation or 0) / 90)) % 4  # counter-clockwise quarter turns
+    """From the frame's display-matrix side data; the rotation angle alone when there is none
+    (or when this PyAV cannot hand the side data out)."""
+    try:
+        for sd in frame.side_data:
+            if sd.type == av.sidedata.sidedata.Type.DISPLAYMATRIX:
+                m = np.frombuffer(bytes(sd), dtype=np.int32)
+                if m.size >= 9:
+                    return orientation_from_matrix(m)
+    except (AttributeError, TypeError, ValueError):
+        pass
+    k = int(round((getattr(frame, "rotation", 0) or 0) / 90)) % 4  # counter-clockwise quarter turns
     return [UPRIGHT, Orientation(True, False, True), Orientation(False, True, True),
             Orientation(True, True, False)][k]
 
@@ -307,11 +311,12 @@ class FileSource(CaptureSource):
         self._step = 1.0 / rate if rate else 1.0 / FALLBACK_FPS
         orient = frame_orientation(first)
         w, h = (first.height, first.width) if orient.transpose else (first.width, first.height)
+        rotation = int(getattr(first, "rotation", 0) or 0)
         whole = container.duration / 1e6 if container.duration else None  # every stream's, the longest
         duration = video_duration(vs)
         if duration is None and len(container.streams.video) == 1 and not container.streams.audio:
             duration = whole  # nothing else in the file: the container's duration is the video's
-        yield _Info(duration, duration or whole, rate, w, h, orient, int(first.rotation or 0),
+        yield _Info(duration, duration or whole, rate, w, h, orient, rotation,
                     vs.codec_context.name, timed)
 
         fps, start, end = self.cfg.fps, self.cfg.start, self.cfg.end
