@@ -7,6 +7,7 @@ import io
 import json
 
 import numpy as np
+import pytest
 
 from framecast.config import OutputsConfig
 from framecast.events import Answer, Event, Frame, Narration, NarrationDelta, SceneChange, Status
@@ -136,7 +137,8 @@ def test_console_survives_a_closed_pipe():
 # ---------------------------------------------------------------- issue 12: text and times that break subtitles
 
 BREAKERS = [
-    "arrow --> inside", "long arrow ---> inside", "longer ----> and --->> too", "-->", "a\n00:00:01,000 --> 00:00:02,000\nb",
+    "arrow --> inside", "long arrow ---> inside", "longer ----> and --->> too", "-->",
+    "a\n00:00:01,000 --> 00:00:02,000\nb",
     "blank\n\nline", "blank\n \t \nline with spaces", "\n\nleading and trailing blank lines\n\n",
     "cr\ronly", "crlf\r\nline", "unicode\u2028line\u2029paragraph", "vt\x0bff\x0cnel\x85fs\x1cgs\x1drs\x1e",
     "   leading and trailing whitespace   ", "\tindented\n  second  ", "nul\x00and\x07bell\x1b[31mescape",

@@ -188,8 +188,8 @@ def test_truncated_mkv_is_still_truncated_by_its_video_duration(capsys, tmp_path
     cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])  # the header keeps its durations
     code = main(["run", "--no-console", "--capture-only", "--source", str(cut)])
     line = capsys.readouterr().err.strip()
-    assert code == 1 and re.fullmatch(rf"framecast: {re.escape(str(cut))}: truncated: video ends at [\d.]+ s of 10\.00 s",
-                                      line), line
+    want = rf"framecast: {re.escape(str(cut))}: truncated: video ends at [\d.]+ s of 10\.00 s"
+    assert code == 1 and re.fullmatch(want, line), line
 
 
 # ---------------------------------------------------------------- 5. time that goes backwards
