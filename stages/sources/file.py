@@ -11,7 +11,7 @@
   (MPEG-TS) land after the target, so a seek that lands late is retried further back (1, 2,
   4, ... s), and as a last resort the file is decoded from its start; raw streams, which have
   no timestamps to seek by, always are. Frames before `start` are decoded and skipped.
-- Orientation: the whole display matrix is applied (rotation and mirror, all eight cases), the
+- Orientation (orientation.py): the whole display matrix is applied (rotation and mirror, all eight cases), the
   same way FFmpeg's command line autorotates, so phone videos come out upright.
 - Corrupt data: packets the decoder rejects and frames it flags corrupt are skipped and counted
   (`bad_frames`); the run continues. Only a file that cannot be opened or has no video stops it.
@@ -36,6 +36,7 @@ from framecast.config import SourceConfig
 from framecast.errors import FatalError
 from framecast.events import Error, Event
 from framecast.stages.sources.base import FALLBACK_FPS, PTS_EPS, CaptureSource, FpsGate, MediaClock, ThreadReader
+from framecast.stages.sources.orientation import UPRIGHT, Orientation, frame_orientation
 
 #: consecutive demux errors after which a file is treated as unreadable from there on
 MAX_CONSECUTIVE_ERRORS = 64
@@ -45,62 +46,6 @@ TRUNCATION_SLACK_S = 1.0
 SEEK_RETRY_S = 1.0
 #: seek retries before the file is decoded from its start instead
 SEEK_MAX_RETRIES = 8
-
-
-@dataclass(frozen=True)
-class Orientation:
-    """The display matrix's 2x2 part as array operations, in this order: `transpose` (swap the
-    axes), then `flip_x` (left<->right), then `flip_y` (top<->bottom)."""
-
-    transpose: bool = False
-    flip_x: bool = False
-    flip_y: bool = False
-
-    @property
-    def mirrored(self) -> bool:  # a negative determinant: no rotation can produce it
-        return (self.transpose + self.flip_x + self.flip_y) % 2 == 1
-
-    def apply(self, pixels: np.ndarray) -> np.ndarray:
-        """[H, W, C] as stored -> as displayed ([W, H, C] when `transpose`)."""
-        if self == UPRIGHT:
-            return pixels
-        out = pixels.transpose(1, 0, 2) if self.transpose else pixels
-        if self.flip_x:
-            out = out[:, ::-1]
-        if self.flip_y:
-            out = out[::-1]
-        return np.ascontiguousarray(out)
-
-
-UPRIGHT = Orientation()
-
-
-def orientation_from_matrix(matrix: np.ndarray | list[int]) -> Orientation:
-    """The orientation a display matrix asks for (FFmpeg `AV_FRAME_DATA_DISPLAYMATRIX`: 9 int32,
-    row-major [a b u; c d v; x y w], 16.16 fixed point). A source point (x, y), y pointing
-    down, is displayed at (a*x + c*y, b*x + d*y) (libavutil/display.h). Only the eight axis-
-    aligned cases exist in practice; an odd angle is rounded to the nearest of them. This
-    agrees with FFmpeg's command-line autorotation (fftools: transpose / hflip / vflip)."""
-    a, b, _, c, d = (float(v) for v in list(matrix)[:5])
-    if abs(a) + abs(d) >= abs(b) + abs(c):  # x stays x: flips only
-        return Orientation(False, a < 0, d < 0)
-    return Orientation(True, c < 0, b < 0)  # x' = c*y, y' = b*x: swap the axes, then flip
-
-
-def frame_orientation(frame: av.VideoFrame) -> Orientation:
-    """From the frame's display-matrix side data; the rotation angle alone when there is none
-    (or when this PyAV cannot hand the side data out)."""
-    try:
-        for sd in frame.side_data:
-            if sd.type == av.sidedata.sidedata.Type.DISPLAYMATRIX:
-                m = np.frombuffer(bytes(sd), dtype=np.int32)
-                if m.size >= 9:
-                    return orientation_from_matrix(m)
-    except (AttributeError, TypeError, ValueError):
-        pass
-    k = int(round((getattr(frame, "rotation", 0) or 0) / 90)) % 4  # counter-clockwise quarter turns
-    return [UPRIGHT, Orientation(True, False, True), Orientation(False, True, True),
-            Orientation(True, True, False)][k]
 
 
 def _tag_seconds(text: str | None) -> float | None:
