@@ -11,8 +11,8 @@
   (MPEG-TS) land after the target, so a seek that lands late is retried further back (1, 2,
   4, ... s), and as a last resort the file is decoded from its start; raw streams, which have
   no timestamps to seek by, always are. Frames before `start` are decoded and skipped.
-- Orientation (orientation.py): the whole display matrix is applied (rotation and mirror, all eight cases), the
-  same way FFmpeg's command line autorotates, so phone videos come out upright.
+- Orientation (orientation.py): the whole display matrix is applied (rotation and mirror, all
+  eight cases), the same way FFmpeg's command line autorotates, so phone videos come out upright.
 - Corrupt data: packets the decoder rejects and frames it flags corrupt are skipped and counted
   (`bad_frames`); the run continues. Only a file that cannot be opened or has no video stops it.
 - Truncation: a file whose frames stop more than `TRUNCATION_SLACK_S` before the *video
