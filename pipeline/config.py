@@ -113,6 +113,7 @@ class OutputsConfig(Group):
     srt: str | None = None
     vtt: str | None = None
     progress: bool | None = None  # None = on for recorded files on a terminal
+    verbose: bool = False  # terminal: also scene-change lines (always in JSONL and on the bus)
     metrics: bool = False
     metrics_interval_s: float = Field(default=5.0, gt=0)
 

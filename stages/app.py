@@ -17,14 +17,21 @@ from framecast.runtime import Runtime, Source, Stage
 def build_graph(cfg: RunConfig) -> tuple[Source, list[Stage]]:
     from framecast.stages.change import ChangeDetector
     from framecast.stages.outputs import make_outputs
+    from framecast.stages.outputs import check_output_path
     from framecast.stages.sources import make_source
 
+    # Every output path is checked before the source opens or the model loads: a bad one stops
+    # the run with one line and nothing created (not even the outputs whose paths were fine).
+    for path, what in ((cfg.outputs.jsonl, "JSONL"), (cfg.outputs.srt, "SRT"), (cfg.outputs.vtt, "VTT"),
+                       (cfg.session.state_file, "session state")):
+        if path:
+            check_output_path(path, what)
     source = make_source(cfg.source)
     stages: list[Stage] = []
     if cfg.change.enabled:
         stages.append(ChangeDetector(cfg.change))
     if not cfg.runtime.capture_only:
-        stages.extend(_model_stages(cfg))
+        stages.extend(_model_stages(cfg, recorded=not source.live))
     stages.extend(make_outputs(cfg.outputs, live=source.live))
     if cfg.mqtt.url:
         from framecast.stages.mqtt.stage import MqttStage
@@ -53,8 +60,9 @@ def load_run_model(cfg: RunConfig):
     return model
 
 
-def _model_stages(cfg: RunConfig) -> list[Stage]:
-    """Encode + decode stages around one streaming session (one KV cache for this stream)."""
+def _model_stages(cfg: RunConfig, *, recorded: bool = True) -> list[Stage]:
+    """Encode + decode stages around one streaming session (one KV cache for this stream).
+    `recorded`: the input has an end, whose last span gets a closing narration."""
     model = load_run_model(cfg)
     if model is None:
         return []
@@ -73,7 +81,8 @@ def _model_stages(cfg: RunConfig) -> list[Stage]:
     return [
         EncodeStage(model, worker=worker, max_slice_nums=cfg.model.max_slice_nums,
                     max_batch=cfg.session.encode_batch, pack_frames=cfg.session.pack_frames),
-        DecodeStage(session, cfg.narration, stream_id=cfg.source.stream_id, state_file=cfg.session.state_file),
+        DecodeStage(session, cfg.narration, stream_id=cfg.source.stream_id, state_file=cfg.session.state_file,
+                    narrate_at_end=recorded),
     ]
 
 
