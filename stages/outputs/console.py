@@ -148,7 +148,7 @@ class ConsoleOutput(Stage):
 
     async def on_end(self) -> AsyncIterator[Event]:
         if self.progress and self._frames:
-            finished = getattr(self.runtime, "stopped_by", "eos") == "eos"
+            finished = (self.handle.stopped_by if self.handle else "eos") == "eos"
             if finished and self._duration is not None:
                 self._pts = max(self._pts or 0.0, self._duration)  # the last frame starts before the end
             self._draw_bar(force=True)

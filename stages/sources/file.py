@@ -387,6 +387,6 @@ class FileSource(CaptureSource):
                              f"{info.duration:.2f} s", stage=self.name, stream_id=self.stream_id, pts=last,
                              fatal=True))
         for err in out:
-            if self.runtime is not None:
-                self.runtime.report(err)
+            if self.handle is not None:
+                self.handle.report(err)
         return out
