@@ -6,8 +6,8 @@
     {prompt}<|im_end|>\\n<|im_start|>assistant\\n[think block]        a turn: generate ...
     ...<|im_end|>\\n<|im_start|>user\\n                               ... then close and reopen
 
-The demo model is trained on exactly this (`framecast.stages.demo_training.data`), token for
-token. A `Span` is a run of cached tokens that is kept or evicted whole.
+The demo model is trained on exactly this (`framecast.stages.demo_training.train` imports these
+constants), token for token. A `Span` is a run of cached tokens that is kept or evicted whole.
 """
 
 from __future__ import annotations
