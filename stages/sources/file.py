@@ -334,8 +334,8 @@ class FileSource(CaptureSource):
                         warn = Error(text=f"{self.path}: time jumps back at {item.pts:.2f} s (pts {item.after:.2f} s "
                                      f"after {item.before:.2f} s); media time carries on", stage=self.name,
                                      stream_id=self.stream_id, pts=item.pts)
-                        if self.runtime is not None:
-                            self.runtime.report(warn)
+                        if self.handle is not None:
+                            self.handle.report(warn)
                         yield warn
                 elif isinstance(item, _Info):
                     self.info = item

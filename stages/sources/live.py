@@ -105,8 +105,8 @@ class WatchedSource(CaptureSource):
                         if first_jump:  # one line; the final status counts them all
                             warn = Error(text=f"{self.uri}: time jumps back at {pts:.2f} s; media time carries on",
                                          stage=self.name, stream_id=self.stream_id, pts=pts)
-                            if self.runtime is not None:
-                                self.runtime.report(warn)
+                            if self.handle is not None:
+                                self.handle.report(warn)
                             yield warn
                     if not got_frame:
                         got_frame = ever_connected = True
