@@ -16,10 +16,11 @@ from __future__ import annotations
 import collections
 import time
 import uuid
-from typing import Any, Callable
+from typing import Callable
 
 from framecast.config import MqttConfig
 from framecast.events import Answer, Question
+from framecast.runtime import StageHandle
 from framecast.stages.mqtt.client import BusMessage
 from framecast.stages.mqtt.topics import REQUEST_ID_RE, QuestionRejected, parse_question, valid_response_topic
 
@@ -38,7 +39,7 @@ class QuestionDesk:
         self.counts = collections.Counter({"questions": 0, "questions_rejected": 0, "answers": 0})
         self.open = True  # False once the stream stops taking questions (end of stream, closing)
 
-    async def take(self, m: BusMessage, runtime: Any) -> None:
+    async def take(self, m: BusMessage, graph: StageHandle | None) -> None:
         """One message from `<prefix>/<stream>/ask`: into the graph, or an error answer."""
         if m.retain:  # a retained question would be re-asked on every reconnect
             return
@@ -51,7 +52,7 @@ class QuestionDesk:
         try:
             text, request_id = parse_question(m.payload, max_bytes=self.cfg.max_question_bytes)
         except QuestionRejected as e:
-            await self.reject(runtime, e.request_id or fallback_id, str(e), route)
+            await self.reject(graph, e.request_id or fallback_id, str(e), route)
             return
         request_id = request_id or fallback_id or uuid.uuid4().hex[:12]
         reason = None
@@ -59,30 +60,30 @@ class QuestionDesk:
             reason = f"request_id {request_id!r} is already pending"
         elif len(self.pending) >= self.cfg.max_pending_questions:
             reason = f"busy: {len(self.pending)} questions pending"
-        elif runtime is None or not self.open:
+        elif graph is None or not self.open:
             reason = "stream is stopping"
-        elif not any(getattr(st, "answers_questions", False) for st in runtime.stages):
+        elif not graph.answers_questions:
             reason = "no model on this stream answers questions (capture only)"
         if reason is not None:
-            await self.reject(runtime, request_id, reason, route, text)
+            await self.reject(graph, request_id, reason, route, text)
             return
         self.pending[request_id] = (*route, time.monotonic())
-        await runtime.inject(Question(text=text, request_id=request_id, reply_to=route[0], correlation=route[1],
+        await graph.inject(Question(text=text, request_id=request_id, reply_to=route[0], correlation=route[1],
                                       stream_id=self.stream))
 
-    async def reject(self, runtime: Any, request_id: str | None, reason: str, route: Route, question: str = "", *,
-                     force: bool = False) -> None:
+    async def reject(self, graph: StageHandle | None, request_id: str | None, reason: str, route: Route,
+                     question: str = "", *, force: bool = False) -> None:
         """An answer with `error` set, sent through the graph while it runs. `force`: never wait
         for room on the first edge (called from inside the graph, a wait could be a deadlock:
         the bus stage is what empties the edges)."""
         self.counts["questions_rejected"] += 1
         answer = Answer(text="", error=reason, request_id=request_id or uuid.uuid4().hex[:12],
                         question=question[:200], stream_id=self.stream)
-        if runtime is None or not runtime.edges or not self.open:
+        if graph is None or not self.open:
             self.send(answer, route)
             return
         self._in_graph[id(answer)] = (answer, route)
-        await runtime.inject(answer, force=force)
+        await graph.inject(answer, force=force)
 
     def send(self, answer: Answer, route: Route | None = None) -> None:
         """Publish `answer`: on its own route if known, else its question's (pending) route."""
@@ -96,7 +97,7 @@ class QuestionDesk:
         self.counts["answers"] += 1
         self._post(answer, route)
 
-    async def expire(self, runtime: Any) -> None:
+    async def expire(self, graph: StageHandle | None) -> None:
         """Questions unanswered after `question_timeout_s` get an error answer."""
         now = time.monotonic()
         while self.pending:
@@ -104,7 +105,7 @@ class QuestionDesk:
             if now - t0 < self.cfg.question_timeout_s:
                 break
             del self.pending[rid]
-            await self.reject(runtime, rid, f"not answered within {self.cfg.question_timeout_s:g} s", (reply_to, corr),
+            await self.reject(graph, rid, f"not answered within {self.cfg.question_timeout_s:g} s", (reply_to, corr),
                               force=True)
 
     def close(self) -> None:

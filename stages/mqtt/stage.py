@@ -126,7 +126,7 @@ class MqttStage(Stage):
 
     async def process(self, item: Event) -> AsyncIterator[Event]:
         if isinstance(item, Metrics):
-            await self.questions.expire(self.runtime)
+            await self.questions.expire(self.handle)
         self._publish_event(item)
         yield item
 
@@ -141,7 +141,7 @@ class MqttStage(Stage):
     async def on_end(self) -> AsyncIterator[Event]:
         self.questions.close()
         # `stopping` is set for every stop from outside (signal, Stop, fatal); a natural end is eof
-        stopped = self._stopped or (self.runtime is not None and self.runtime.source.stopping.is_set())
+        stopped = self._stopped or (self.handle is not None and self.handle.stopping.is_set())
         if self._stream_status.state != "error":  # a fatal error's status stays the last word
             self._set_stream_status("stopped" if stopped else "eof")
         return
@@ -250,7 +250,7 @@ class MqttStage(Stage):
         """A new stream status when the state, its text or `undelivered` changes; the rate and
         drops alone only on a `refresh` (each metrics interval). So each state is published once
         (the source's `eof` is not repeated by ours) and figures stay fresh."""
-        drops = sum(e.drops for e in self.runtime.edges) if self.runtime else None
+        drops = self.handle.frames_dropped() if self.handle else None
         prev = self._stream_status
         # keep what the source said (duration, reconnects, …); refresh state, rate, drops, time
         update = {"state": state, "text": text or (prev.text if prev.state == state else ""), "fps": self._fps(),
@@ -372,8 +372,8 @@ class MqttStage(Stage):
         self._verdict.set()
         if self._closing:  # the run has ended already: what it produced stands, say why the rest did not go
             print(f"framecast: {message} (while sending what was queued at exit)", file=sys.stderr, flush=True)
-        elif self._started and self.runtime is not None:  # before that, start() raises it
-            self.runtime.fail(message, stage=self.name)
+        elif self._started and self.handle is not None:  # before that, start() raises it
+            self.handle.fail(message)
 
     def _check_poison(self) -> None:
         """The connection dropped while a message was on the wire. The same message, POISON_LIMIT
@@ -476,7 +476,7 @@ class MqttStage(Stage):
         async for m in client.messages():
             if m.topic == self.topics.ask:
                 try:
-                    await self.questions.take(m, self.runtime)
+                    await self.questions.take(m, self.handle)
                 except Exception as e:  # one bad question must never end the session
                     print(f"framecast: mqtt: question handling failed: {type(e).__name__}: {e}", file=sys.stderr)
                 self._update_metrics()

@@ -48,8 +48,9 @@ class JsonlOutput(Stage):
         is there on every path (a fatal error at start, a cancelled drain) and says how the run
         really ended: `eos`, `signal` or `fatal`, matching the exit status (by now it is known)."""
         if self._f is not None:
-            self.write(EndOfStream(stream_id=getattr(self.runtime, "stream_id", "default"),
-                                   text=getattr(self.runtime, "stopped_by", "eos")))
+            handle = self.handle
+            self.write(EndOfStream(stream_id=handle.stream_id if handle else "default",
+                                   text=handle.stopped_by if handle else "eos"))
             self._f.close()
             self._f = None
 
