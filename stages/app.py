@@ -112,6 +112,19 @@ def _print_error(err: Error, *, source_name: str = "") -> None:
     print(f"framecast: {where}{err.text}", file=sys.stderr, flush=True)
 
 
+def _exit_at_once_on_signal() -> None:
+    """After the run: SIGINT/SIGTERM exit at once with 128 + the signal (instead of a
+    KeyboardInterrupt in the middle of unloading the model and the interpreter)."""
+    import os
+    import signal
+
+    def now(sig: int, _frame: object) -> None:
+        os._exit(128 + sig)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, now)
+
+
 def run_main(cfg: RunConfig) -> int:
     source, stages = build_graph(cfg)
     runtime = Runtime(
@@ -127,6 +140,7 @@ def run_main(cfg: RunConfig) -> int:
     import asyncio
 
     result = asyncio.run(runtime.run())
+    _exit_at_once_on_signal()  # the run is over (files closed): a signal now only cuts the teardown short
     if result.stopped_by == "signal":  # the shell convention: 128 + signal number
         return result.exit_code or 128 + (result.signal or 2)
     return result.exit_code

@@ -114,7 +114,9 @@ def test_second_signal_while_draining_ends_the_run_with_every_file_closed(tmp_pa
     ended, exited = [], []
     for i, (rc, wall, seconds, err, jsonl, srt) in enumerate(results):
         assert rc is not None, f"try {i} hung after the second signal: {err[-2000:]}"
-        assert rc == 128 + signal.SIGINT, (i, rc, err[-2000:])
+        # 130, or killed by the signal itself when it came in the interpreter's last moments (after
+        # the run, files closed): a shell shows 130 for both
+        assert rc in (128 + signal.SIGINT, -signal.SIGINT), (i, rc, err[-2000:])
         assert "Traceback" not in err, err
         ev = last_event(jsonl)
         assert ev["type"] == "eos" and ev["text"] == "signal", (i, ev)
