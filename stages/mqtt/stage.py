@@ -271,6 +271,15 @@ class MqttStage(Stage):
         t = self.topics.stream_status
         self._enqueue(t, self._stream_status, "status", PERIODIC, qos=1, retain=True, key=t)
 
+    def _will_message(self) -> BusMessage:
+        """The Last Will: `offline` on `<prefix>/status`, compact — no `ts` (the broker sends it
+        later, at a time we cannot know) and no unset fields. It travels inside every CONNECT,
+        which must stay under small broker packet limits (mosquitto `max_packet_size 330`)."""
+        will = Status(state="offline", text="connection lost", stream_id=self.topics.stream).to_dict()
+        compact = {k: v for k, v in will.items() if v is not None and k != "ts"}
+        return BusMessage(self.topics.status, json.dumps(compact, separators=(",", ":")).encode(), qos=1, retain=True,
+                          content_type=JSON)
+
     def _global_status_message(self, status: Status) -> BusMessage:
         return BusMessage(self.topics.status, status.to_json().encode(), qos=1, retain=True, content_type=JSON)
 
@@ -313,9 +322,8 @@ class MqttStage(Stage):
         attempt = 0
         while not self._fatal:
             protocol = "3.1.1" if self._protocol == "3.1.1" else "5"
-            will = Status(state="offline", text="connection lost", stream_id=self.topics.stream)
             client = BusClient(self.address, client_id=self.client_id, protocol=protocol, tls=self.tls,
-                               keepalive_s=self.cfg.keepalive_s, will=self._global_status_message(will),
+                               keepalive_s=self.cfg.keepalive_s, will=self._will_message(),
                                timeout_s=self.cfg.publish_timeout_s)
             client.max_packet_size = self.cfg.max_packet_size
             try:
