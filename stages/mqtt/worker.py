@@ -1,0 +1,479 @@
+"""`framecast worker`: take recorded-video jobs from an MQTT 5 shared subscription and run each
+through the usual graph, with one model loaded once per worker process.
+
+How a job is held (see README "Workers"): the worker reads `$share/<group>/<prefix>/jobs` with
+a persistent session, Receive Maximum 1 and manual acknowledgements. For each job it first opens
+a *lease*: a second connection whose Last Will is the job itself (attempt + 1) published back to
+the queue. Only then does it PUBACK the job. So the broker always holds the job: in the worker's
+session until the PUBACK, then as the lease's will until the lease is closed cleanly after the
+`done` marker. A worker killed mid-job loses its lease connection, the broker publishes the will,
+and another member of the group takes the job. (A delayed PUBACK alone is not enough: mosquitto
+keeps an unacknowledged shared-subscription message in the dead member's session instead of
+handing it to another member.)
+
+Exactly once, seen from outside: every result carries the job id and its running `index`, and
+is published retained on `<prefix>/jobs/<id>/<type>`; the last thing a job publishes is the
+retained `<prefix>/jobs/<id>/done`. A worker that gets a job reads those retained topics first:
+`done` present -> acknowledge and publish nothing; otherwise skip the results whose index the
+previous attempt already published (the graph is deterministic for a given input and settings).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import sys
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from framecast.config import RunConfig
+from framecast.errors import UserError
+from framecast.events import EndOfStream, Error, Event, Frame, Metrics, NarrationDelta, Status
+from framecast.runtime import Runtime, Stage
+from framecast.stages.mqtt.client import (BrokerAddress, BusClient, BusDisconnected, BusMessage, BusProtocolRejected,
+                                          BusRefused, TlsFiles, parse_mqtt_url)
+from framecast.stages.mqtt.jobs import (DEFAULT_MAX_ATTEMPTS, DEFAULT_RETAIN_S, FleetTopics, Job, JobRejected,
+                                        job_config, job_done, job_status, parse_job, result_payload, validate_name,
+                                        worker_status)
+from framecast.stages.mqtt.topics import JSON, validate_prefix
+
+PROGRESS_INTERVAL_S = 1.0  # retained job status refresh while a job runs
+RETAINED_READ_TIMEOUT_S = 5.0
+DEFAULT_SESSION_EXPIRY_S = 3600
+DEFAULT_KEEPALIVE_S = 10  # a worker lost without a FIN is noticed after 1.5 x this
+
+
+async def read_retained(client: BusClient, topic_filter: str) -> dict[str, bytes]:
+    """The retained messages under `topic_filter` now (topic -> payload). The broker sends them
+    right after the SUBACK, so a probe published after it arrives after all of them."""
+    probe = f"framecast-probe/{uuid.uuid4().hex}"
+    await client.subscribe(topic_filter, qos=1)
+    await client.subscribe(probe, qos=0)
+    await client.publish(BusMessage(probe, b"", qos=1))
+    out: dict[str, bytes] = {}
+
+    async def read() -> None:
+        async for m in client.messages():
+            if m.topic == probe:
+                return
+            if m.retain and m.payload:
+                out[m.topic] = m.payload
+
+    try:
+        await asyncio.wait_for(read(), timeout=RETAINED_READ_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise BusDisconnected(f"the broker did not return the retained state of {topic_filter} in time") from None
+    return out
+
+
+def default_worker_id() -> str:
+    host = "".join(c if c.isalnum() or c in "_.-" else "-" for c in socket.gethostname())[:48] or "worker"
+    return host
+
+
+class FleetMember:
+    """What jobs and stream workers share: one MQTT 5 connection with backoff, a retained
+    presence under `<prefix>/workers/<id>` whose Last Will says `offline`, signal handling."""
+
+    role = "member"
+
+    def __init__(self, base: RunConfig, *, url: str, group: str, worker_id: str, prefix: str,
+                 tls: TlsFiles | None = None, keepalive_s: int = DEFAULT_KEEPALIVE_S,
+                 session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S, retain_s: int = DEFAULT_RETAIN_S):
+        self.base = base
+        self.url = url
+        self.address: BrokerAddress = parse_mqtt_url(url)
+        self.tls = tls or TlsFiles()
+        if self.address.tls:
+            self.tls.check()
+        self.group = validate_name(group, "--group")
+        self.worker_id = validate_name(worker_id, "--worker-id")
+        self.topics = FleetTopics(validate_prefix(prefix, "--prefix"))
+        self.keepalive_s = keepalive_s
+        self.session_expiry_s = session_expiry_s
+        self.retain_s = retain_s
+        self.client: BusClient | None = None
+        self.stopping = asyncio.Event()
+        self.signal: int | None = None
+        self._outage = ""
+
+    # -- to override
+
+    def client_options(self) -> dict[str, Any]:
+        return {}
+
+    async def on_connected(self, client: BusClient) -> None:
+        """Subscribe (after every reconnect)."""
+
+    async def on_message(self, client: BusClient, m: BusMessage) -> None:
+        """One incoming message."""
+
+    async def on_stop(self) -> None:
+        """Stop what runs (first signal)."""
+
+    def presence(self) -> dict[str, Any]:
+        return {}
+
+    # -- shared machinery
+
+    def log(self, text: str) -> None:
+        print(f"framecast: worker {self.worker_id}: {text}", file=sys.stderr, flush=True)
+
+    def _presence_message(self, state: str, text: str = "") -> BusMessage:
+        fields = {"group": self.group, "role": self.role, "host": socket.gethostname(), "pid": os.getpid(),
+                  "session_expiry_s": self.session_expiry_s, "text": text}
+        if state == "online":
+            fields.update(self.presence())
+        return BusMessage(self.topics.worker(self.worker_id), worker_status(self.worker_id, state, **fields),
+                          qos=1, retain=True, content_type=JSON)
+
+    async def announce(self) -> None:
+        """Refresh the retained presence (job or streams changed); never raises."""
+        if self.client is not None:
+            try:
+                await self.client.publish(self._presence_message("online"))
+            except BusDisconnected:
+                pass
+
+    async def publish(self, topic: str, payload: bytes, *, retain: bool = True) -> None:
+        if self.client is None:
+            raise BusDisconnected("not connected")
+        await self.client.publish(BusMessage(topic, payload, qos=1, retain=retain, content_type=JSON,
+                                             expiry_s=self.retain_s if retain else None))
+
+    def _on_signal(self, sig: int) -> None:
+        if self.signal is None:
+            self.signal = sig
+            self.stopping.set()
+            asyncio.ensure_future(self.on_stop())
+        else:  # a second signal: stop waiting for anything
+            os._exit(128 + sig)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        attempt, announced = 0, False
+        try:
+            while not self.stopping.is_set():
+                will = self._presence_message("offline", "connection lost")
+                client = BusClient(self.address, client_id=f"framecast-{self.role}-{self.worker_id}", protocol="5",
+                                   tls=self.tls, keepalive_s=self.keepalive_s, will=will, **self.client_options())
+                try:
+                    await client.connect()
+                    self.client = client
+                    await client.publish(self._presence_message("online"))
+                    await self.on_connected(client)
+                    if not announced:
+                        self.log(f"online in group {self.group!r} at {self.address.display()} ({self.role})")
+                        announced = True
+                    elif self._outage:
+                        self.log(f"connected to {self.address.display()} again")
+                    self._outage, attempt = "", 0
+                    await self._serve(client)
+                except BusProtocolRejected:
+                    self.log(f"{self.address.display()} does not speak MQTT 5 (shared subscriptions need it)")
+                    return 1
+                except BusRefused as e:
+                    print(f"framecast: mqtt: {e}", file=sys.stderr, flush=True)
+                    return 1
+                except BusDisconnected as e:
+                    if not self._outage:
+                        self.log(f"{self.address.display()}: {e}; retrying in the background")
+                    self._outage = str(e)
+                finally:
+                    if self.stopping.is_set() and self.client is client:
+                        await self.on_stop()  # what this worker runs ends before it says offline
+                        try:
+                            await client.publish(self._presence_message("offline", "stopped"), timeout_s=1.0)
+                        except BusDisconnected:
+                            pass
+                    self.client = None
+                    await client.disconnect(timeout_s=1.0)
+                if not self.stopping.is_set():
+                    base = min(10.0, 0.5 * 2 ** min(attempt, 8))
+                    try:
+                        await asyncio.wait_for(self.stopping.wait(), timeout=base / 2 + random.uniform(0, base / 2))
+                    except asyncio.TimeoutError:
+                        pass
+                    attempt += 1
+        finally:
+            await self.on_stop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+        self.log("stopped")
+        return 0
+
+    async def _serve(self, client: BusClient) -> None:
+        messages = client.messages()
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            while True:
+                nxt = asyncio.ensure_future(messages.__anext__())
+                done, _ = await asyncio.wait({nxt, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if nxt not in done:
+                    nxt.cancel()
+                    await asyncio.gather(nxt, return_exceptions=True)
+                    return
+                try:
+                    m = nxt.result()
+                except StopAsyncIteration:
+                    raise BusDisconnected("connection closed") from None
+                await self.on_message(client, m)
+                if self.stopping.is_set():
+                    return
+        finally:
+            stop.cancel()
+
+
+class JobSink(Stage):
+    """The last stage of a job's graph: results go to `<prefix>/jobs/<id>/<type>` (retained, with
+    the job's running index; the first `skip` were published by an earlier attempt), progress to
+    the retained job status."""
+
+    name = "jobs"
+
+    def __init__(self, worker: "JobWorker", job: Job, *, skip: int):
+        super().__init__()
+        self.worker, self.job, self.skip = worker, job, skip
+        self.index = 0  # results seen (published or skipped)
+        self.published = 0
+        self.frames = 0
+        self.pts: float | None = None
+        self.duration: float | None = None
+        self.aborted = ""
+        self._last_progress = 0.0
+
+    async def process(self, item: Event) -> AsyncIterator[Event]:
+        if isinstance(item, Frame):
+            self.frames += 1
+            self.pts = item.pts
+            if time.monotonic() - self._last_progress >= PROGRESS_INTERVAL_S:
+                await self._send(self.worker.topics.job(self.job.job_id, "status"), self.progress("running"))
+        elif isinstance(item, Status):
+            self.duration = getattr(item, "duration", None) or self.duration
+        elif isinstance(item, (NarrationDelta, Metrics, EndOfStream)) or item.control:
+            pass
+        elif not (isinstance(item, Error) and item.fatal):  # a fatal error ends the job: the done marker says it
+            self.index += 1
+            if self.index > self.skip:
+                topic = self.worker.topics.job(self.job.job_id, item.type.replace(".", "_"))
+                if await self._send(topic, result_payload(item, self.job, self.index, self.worker.worker_id)):
+                    self.published += 1
+        yield item
+
+    def progress(self, state: str) -> bytes:
+        self._last_progress = time.monotonic()
+        return job_status(self.job.job_id, state, worker=self.worker.worker_id, attempt=self.job.attempt,
+                          frames=self.frames, pts=self.pts, duration=self.duration, results=self.index)
+
+    async def _send(self, topic: str, payload: bytes) -> bool:
+        if self.aborted:
+            return False
+        try:
+            await self.worker.publish(topic, payload)
+            return True
+        except BusDisconnected as e:  # results must not go missing: give the job back
+            self.aborted = f"bus lost while publishing: {e}"
+            if self.runtime is not None:
+                self.runtime.request_stop("stop")
+            return False
+
+
+class JobWorker(FleetMember):
+    """Runs jobs from `$share/<group>/<prefix>/jobs` one at a time, held by a lease (see module doc)."""
+
+    role = "worker"
+
+    def __init__(self, base: RunConfig, *, max_attempts: int = DEFAULT_MAX_ATTEMPTS, **kw: Any):
+        super().__init__(base, **kw)
+        self.max_attempts = max_attempts
+        self.job: Job | None = None
+        self._runtime: Runtime | None = None
+        self._lease_lost = False
+        self._model: Any = None
+        self.jobs_done = 0
+
+    def client_options(self) -> dict[str, Any]:
+        # persistent: a job sent while this worker is away waits in its session; Receive Maximum
+        # 1 + manual acks: the broker hands it one job at a time and keeps it until the lease holds it
+        return {"persistent_session": True, "session_expiry_s": self.session_expiry_s, "receive_maximum": 1,
+                "manual_ack": True}
+
+    def presence(self) -> dict[str, Any]:
+        return {"job": self.job.job_id if self.job else None, "jobs_done": self.jobs_done}
+
+    def load_model(self) -> None:
+        """Load the worker's model once, up front (a bad --model fails before any job is taken)."""
+        if not self.base.runtime.capture_only:
+            from framecast.stages.app import load_run_model
+
+            self._model = load_run_model(self.base)
+
+    def _model_loader(self, cfg: RunConfig) -> Any:
+        return self._model
+
+    async def on_connected(self, client: BusClient) -> None:
+        await client.subscribe(self.topics.shared_queue(self.group), qos=1)
+
+    async def on_stop(self) -> None:
+        if self._runtime is not None:
+            self._runtime.request_stop("signal")
+
+    async def on_message(self, client: BusClient, m: BusMessage) -> None:
+        if m.topic != self.topics.queue:
+            client.ack(m)
+            return
+        try:
+            job = parse_job(m.payload)
+        except JobRejected as e:
+            await self._reject(e)
+            client.ack(m)
+            return
+        lease = BusClient(self.address, client_id=f"framecast-lease-{self.worker_id}", protocol="5", tls=self.tls,
+                          keepalive_s=self.keepalive_s,
+                          will=BusMessage(self.topics.queue, job.next_attempt().payload(), qos=1, content_type=JSON))
+        await lease.connect()  # BusDisconnected: the job stays unacknowledged in our session
+        try:
+            done, seen = await self._job_state(lease, job)
+        except BaseException:
+            await lease.disconnect(timeout_s=1.0)
+            raise
+        if done:
+            client.ack(m)
+            await lease.disconnect(timeout_s=1.0)
+            self.log(f"job {job.job_id} is already done: nothing published")
+            return
+        if job.attempt > self.max_attempts:
+            await self._finish(job, ok=False, results=seen, t0=time.monotonic(),
+                               error=f"gave up after {self.max_attempts} attempts (a worker was lost during each)")
+            client.ack(m)
+            await lease.disconnect(timeout_s=1.0)
+            return
+        client.ack(m)  # from here the lease's will holds the job
+        await self._run_leased(job, lease, skip=seen)
+
+    async def _reject(self, e: JobRejected) -> None:
+        self.log(f"job {e.job_id or '(no valid job_id)'} rejected: {e}")
+        if e.job_id:
+            await self._finish(Job(job_id=e.job_id, source="?"), ok=False, results=0, t0=time.monotonic(),
+                               error=str(e))
+
+    async def _job_state(self, lease: BusClient, job: Job) -> tuple[bool, int]:
+        """(done marker present, highest result index published) from the job's retained topics."""
+        state = await read_retained(lease, self.topics.job_all(job.job_id))
+        done, seen = False, 0
+        for topic, payload in state.items():
+            leaf = topic.rsplit("/", 1)[-1]
+            if leaf == "done":
+                done = True
+            elif leaf != "status":
+                try:
+                    seen = max(seen, int(json.loads(payload).get("index") or 0))
+                except (ValueError, TypeError, AttributeError):
+                    pass
+        return done, seen
+
+    async def _run_leased(self, job: Job, lease: BusClient, *, skip: int) -> None:
+        self.job, self._lease_lost = job, False
+        t0 = time.monotonic()
+        await self.announce()
+        self.log(f"job {job.job_id}: {job.source} (attempt {job.attempt}" + (f", {skip} results already out)" if skip else ")"))
+        watch = asyncio.ensure_future(self._watch_lease(lease))
+        outcome, error, sink = "error", None, None
+        try:
+            await self.publish(self.topics.job(job.job_id, "status"),
+                               job_status(job.job_id, "running", worker=self.worker_id, attempt=job.attempt))
+            outcome, error, sink = await self._run_job(job, skip=skip)
+        except BusDisconnected as e:
+            outcome, error = "aborted", str(e)
+        finally:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+        if self._lease_lost:
+            outcome, error = "aborted", "lease connection lost (the broker gave the job back)"
+        results = sink.index if sink else skip
+        try:
+            if outcome == "aborted":
+                raise BusDisconnected(error or "stopped")
+            await self._finish(job, ok=outcome == "done", results=results, t0=t0, error=error)
+        except BusDisconnected as e:
+            # give the job back: the lease's will puts it on the queue again (attempt + 1)
+            await lease.drop()
+            self.log(f"job {job.job_id} given back ({e})")
+        else:
+            await lease.disconnect(timeout_s=1.0)  # clean: the broker discards the will
+            self.jobs_done += 1
+        finally:
+            self.job = None
+            await self.announce()
+
+    async def _watch_lease(self, lease: BusClient) -> None:
+        try:
+            async for _ in lease.messages():
+                pass
+        except BusDisconnected:
+            pass
+        self._lease_lost = True
+        if self._runtime is not None:
+            self._runtime.request_stop("stop")
+
+    async def _run_job(self, job: Job, *, skip: int) -> tuple[str, str | None, JobSink | None]:
+        """Run the job's graph; ("done" | "error" | "aborted", error text, sink)."""
+        from framecast.stages.app import build_graph
+
+        try:
+            cfg = job_config(self.base, job)
+            source, stages = build_graph(cfg, model_loader=self._model_loader)
+        except (JobRejected, UserError) as e:
+            return "error", str(e), None
+        sink = JobSink(self, job, skip=skip)
+        errors: list[str] = []
+        runtime = Runtime(source, [*stages, sink], edge_size=cfg.runtime.edge_size,
+                          stop_timeout=cfg.runtime.stop_timeout_s, stream_id=job.job_id,
+                          on_error=lambda err: errors.append(err.text))
+        self._runtime = runtime
+        if self.stopping.is_set():  # a signal came while the job was being set up
+            runtime.request_stop("signal")
+        try:
+            result = await runtime.run(handle_signals=False)
+        finally:
+            self._runtime = None
+        if sink.aborted or self._lease_lost or result.stopped_by in ("signal", "stop"):
+            return "aborted", sink.aborted or "stopped", sink
+        if result.exit_code != 0:
+            fatal = [e.text for e in result.errors if e.fatal] or errors or [f"exit code {result.exit_code}"]
+            return "error", fatal[0], sink
+        return "done", None, sink
+
+    async def _finish(self, job: Job, *, ok: bool, results: int, t0: float, error: str | None) -> None:
+        """The done marker first (the exactly-once guard), then the final status."""
+        elapsed = time.monotonic() - t0
+        await self.publish(self.topics.job(job.job_id, "done"),
+                           job_done(job.job_id, ok=ok, results=results, worker=self.worker_id,
+                                    attempt=job.attempt, elapsed_s=elapsed, error=error))
+        await self.publish(self.topics.job(job.job_id, "status"),
+                           job_status(job.job_id, "done" if ok else "error", worker=self.worker_id,
+                                      attempt=job.attempt, results=results, error=error))
+        self.log(f"job {job.job_id} {'done' if ok else 'failed: ' + (error or '')} ({results} results, {elapsed:.1f} s)")
+
+
+def worker_main(base: RunConfig, *, url: str, group: str, worker_id: str | None, prefix: str, streams: bool,
+                tls: TlsFiles, max_attempts: int, session_expiry_s: int, keepalive_s: int,
+                run_args: list[str]) -> int:
+    """`framecast worker`: returns the exit code (0 after SIGINT/SIGTERM)."""
+    kw = dict(url=url, group=group, worker_id=worker_id or default_worker_id(), prefix=prefix, tls=tls,
+              keepalive_s=keepalive_s, session_expiry_s=session_expiry_s)
+    if streams:
+        from framecast.stages.mqtt.streams import StreamWorker
+
+        member: FleetMember = StreamWorker(base, run_args=run_args, **kw)
+    else:
+        member = JobWorker(base, max_attempts=max_attempts, **kw)
+        member.load_model()
+    return asyncio.run(member.run())
