@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="take jobs (or live streams) from an MQTT broker, with other workers")
     w.add_argument("--mqtt", required=True, help="mqtt://user:pass@host:port or mqtts://… (MQTT 5)")
-    w.add_argument("--group", default="framecast", help="shared-subscription group (workers of one pool)")
+    w.add_argument("--group", default="framecast",
+                   help="shared-subscription group: the workers of one prefix share its jobs (one group per prefix)")
     w.add_argument("--worker-id", help="stable name of this worker (its persistent session); default: host name")
     w.add_argument("--prefix", default="framecast")
     w.add_argument("--streams", action="store_true", help="run live streams from <prefix>/streams instead of jobs")
@@ -162,14 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
     sb = sub.add_parser("submit", help="queue recorded videos for the workers (or publish the live stream list)")
     sb.add_argument("files", nargs="*", metavar="FILE", help="video files, URLs or `demo`")
     sb.add_argument("--mqtt", required=True)
-    sb.add_argument("--group", default="framecast")
     sb.add_argument("--prefix", default="framecast")
     sb.add_argument("--wait", action="store_true", help="print results and wait until every job is done")
     sb.add_argument("--timeout", type=float, default=3600.0, metavar="S", help="--wait gives up after S s")
     sb.add_argument("--set", action="append", metavar="GROUP.KEY=VALUE",
                     help="a job setting (source.*, change.*, narration.*, outputs.*, session.*)")
     sb.add_argument("--as-is", action="store_true", help="send paths unchanged (they exist only on the workers)")
-    sb.add_argument("--force", action="store_true", help="submit even if no worker of the group is known")
+    sb.add_argument("--force", action="store_true", help="submit even if no job worker has joined the prefix")
     sb.add_argument("--stream", action="append", metavar="ID=SOURCE",
                     help="publish the retained live-stream list instead (repeatable; replaces the list)")
     sb.add_argument("--mqtt-ca")
@@ -252,7 +252,7 @@ def _cmd_submit(a: argparse.Namespace) -> int:
     from framecast.stages.mqtt.client import TlsFiles
     from framecast.stages.mqtt.submit import submit_main
 
-    return submit_main(a.mqtt, a.files, prefix=a.prefix, group=a.group, wait=a.wait, timeout=a.timeout,
+    return submit_main(a.mqtt, a.files, prefix=a.prefix, wait=a.wait, timeout=a.timeout,
                        settings=_sets(a.set), tls=TlsFiles(a.mqtt_ca, a.mqtt_cert, a.mqtt_key), as_is=a.as_is,
                        streams=a.stream, require_worker=not a.force)
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from framecast.config import RunConfig
-from framecast.stages.mqtt.client import BusClient, BusMessage
+from framecast.stages.mqtt.client import BusClient, BusDisconnected, BusMessage
 from framecast.stages.mqtt.jobs import JobRejected, StreamList, StreamSpec, assign, flat_settings, parse_streams
 from framecast.stages.mqtt.worker import FleetMember
 
@@ -121,14 +121,15 @@ class StreamWorker(FleetMember):
 
     def _stop_child(self, sid: str) -> None:
         child = self.children.pop(sid)
+        if child.proc.returncode is None:
+            child.proc.send_signal(signal.SIGTERM)  # now, not when the task first runs
         task = asyncio.ensure_future(self._terminate(child.proc))
         self._stopping_children.add(task)
         task.add_done_callback(self._stopping_children.discard)
 
     @staticmethod
     async def _terminate(proc: asyncio.subprocess.Process) -> None:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)  # the run publishes `stopped` and leaves cleanly
+        if proc.returncode is None:  # SIGTERM sent: the run publishes `stopped` and leaves cleanly
             try:
                 await asyncio.wait_for(proc.wait(), timeout=CHILD_STOP_S)
             except asyncio.TimeoutError:
@@ -153,8 +154,15 @@ class StreamWorker(FleetMember):
                     await self._start_child(child.spec, child.restarts)
 
     async def on_stop(self) -> None:
+        """Leaving: SIGTERM every run, say `offline` at once (the others start their copies while
+        ours close: a camera read twice for a moment beats one not read), then wait for them."""
         for sid in list(self.children):
             self._stop_child(sid)
+        if self.stopping.is_set() and self.client is not None:
+            try:
+                await self.client.publish(self._presence_message("offline", "stopped"), timeout_s=1.0)
+            except BusDisconnected:
+                pass
         if self._stopping_children:
             await asyncio.gather(*self._stopping_children, return_exceptions=True)
         if self._monitor is not None and self.stopping.is_set():

@@ -23,8 +23,7 @@ from framecast.errors import UserError
 from framecast.events import iso_utc, utc_now
 from framecast.stages.mqtt.client import (BrokerAddress, BusClient, BusDisconnected, BusMessage, BusProtocolRejected,
                                           BusRefused, TlsFiles, parse_mqtt_url)
-from framecast.stages.mqtt.jobs import (DEFAULT_RETAIN_S, FleetTopics, Job, JobRejected, flat_settings, job_status,
-                                        validate_name)
+from framecast.stages.mqtt.jobs import DEFAULT_RETAIN_S, FleetTopics, Job, JobRejected, flat_settings, job_status
 from framecast.stages.mqtt.topics import JSON, validate_prefix
 from framecast.stages.mqtt.worker import read_retained
 
@@ -48,11 +47,10 @@ def job_source(item: str, *, as_is: bool) -> str:
     return str(path.resolve())
 
 
-def submit_main(url: str, files: list[str], *, prefix: str, group: str, wait: bool, timeout: float,
+def submit_main(url: str, files: list[str], *, prefix: str, wait: bool, timeout: float,
                 settings: dict[str, Any], tls: TlsFiles, as_is: bool = False, streams: list[str] | None = None,
                 require_worker: bool = True) -> int:
     topics = FleetTopics(validate_prefix(prefix, "--prefix"))
-    validate_name(group, "--group")
     address = parse_mqtt_url(url)
     if address.tls:
         tls.check()
@@ -73,7 +71,7 @@ def submit_main(url: str, files: list[str], *, prefix: str, group: str, wait: bo
     jobs = [Job(job_id=make_job_id(f), source=job_source(f, as_is=as_is), settings=settings, submitted=now)
             for f in files]
     try:
-        return asyncio.run(_submit(address, tls, topics, group, jobs, wait=wait, timeout=timeout,
+        return asyncio.run(_submit(address, tls, topics, jobs, wait=wait, timeout=timeout,
                                    require_worker=require_worker))
     except KeyboardInterrupt:
         return 130
@@ -109,7 +107,7 @@ async def _publish_streams(address: BrokerAddress, tls: TlsFiles, topics: FleetT
     return 0
 
 
-async def _submit(address: BrokerAddress, tls: TlsFiles, topics: FleetTopics, group: str, jobs: list[Job], *,
+async def _submit(address: BrokerAddress, tls: TlsFiles, topics: FleetTopics, jobs: list[Job], *,
                   wait: bool, timeout: float, require_worker: bool) -> int:
     client = await _connect(address, tls)
     if client is None:
@@ -118,10 +116,12 @@ async def _submit(address: BrokerAddress, tls: TlsFiles, topics: FleetTopics, gr
         if require_worker:
             known = await read_retained(client, topics.workers)
             members = [json.loads(p) for p in known.values()]
-            if not any(m.get("group") == group and m.get("role") == "worker" for m in members if isinstance(m, dict)):
-                print(f"framecast: no worker of group {group!r} has joined at {address.display()}: the broker keeps "
-                      f"jobs only for the sessions of workers it knows; start `framecast worker --mqtt URL --group "
-                      f"{group}` first (or --force)", file=sys.stderr)
+            if not any(m.get("role") == "worker" for m in members if isinstance(m, dict)):
+                # the broker drops a message nobody subscribed to: a job sent now would be lost
+                print(f"framecast: no job worker has joined {topics.queue} at {address.display()}: the broker keeps "
+                      f"jobs only for the sessions of workers it knows; start `framecast worker --mqtt URL"
+                      f"{'' if topics.prefix == 'framecast' else ' --prefix ' + topics.prefix}` first (or --force)",
+                      file=sys.stderr)
                 return 1
         if wait:
             for job in jobs:

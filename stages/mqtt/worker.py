@@ -71,6 +71,16 @@ async def read_retained(client: BusClient, topic_filter: str) -> dict[str, bytes
     return out
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def default_worker_id() -> str:
     host = "".join(c if c.isalnum() or c in "_.-" else "-" for c in socket.gethostname())[:48] or "worker"
     return host
@@ -160,6 +170,11 @@ class FleetMember:
             loop.add_signal_handler(sig, self._on_signal, sig)
         attempt, announced = 0, False
         try:
+            try:
+                await self._check_unique()
+            except UserError as e:
+                print(f"framecast: {e}", file=sys.stderr, flush=True)
+                return 2
             while not self.stopping.is_set():
                 will = self._presence_message("offline", "connection lost")
                 client = BusClient(self.address, client_id=f"framecast-{self.role}-{self.worker_id}", protocol="5",
@@ -208,6 +223,30 @@ class FleetMember:
                 loop.remove_signal_handler(sig)
         self.log("stopped")
         return 0
+
+    async def _check_unique(self) -> None:
+        """Two live workers with one id would take each other's session over and over: refuse
+        to start when this host already runs a worker of this id. Asked on a connection of its
+        own (connecting with the worker's client id would already take the session over)."""
+        probe = BusClient(self.address, client_id=f"framecast-probe-{uuid.uuid4().hex[:8]}", protocol="5",
+                          tls=self.tls)
+        try:
+            await probe.connect()
+            topic = self.topics.worker(self.worker_id)
+            seen = (await read_retained(probe, topic)).get(topic)
+        except (BusDisconnected, BusRefused, BusProtocolRejected):
+            return  # the main loop reports what is wrong with the broker
+        finally:
+            await probe.disconnect(timeout_s=1.0)
+        try:
+            info = json.loads(seen) if seen else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return
+        pid = info.get("pid") if isinstance(info, dict) else None
+        if (info.get("state") == "online" and info.get("host") == socket.gethostname() and isinstance(pid, int)
+                and pid != os.getpid() and _alive(pid)):
+            raise UserError(f"worker id {self.worker_id!r} is already running on this host (pid {pid}); "
+                            "give each worker its own --worker-id")
 
     async def _serve(self, client: BusClient) -> None:
         messages = client.messages()

@@ -1,0 +1,220 @@
+"""`framecast worker` / `framecast submit` as real processes against a real mosquitto: jobs shared
+by a group, a worker killed mid-job, a worker that comes after the jobs, bad jobs, and live
+streams split by `--streams` workers that move when one leaves."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from broker import Broker, Recorder
+from framecast.stages.mqtt.jobs import assign
+
+ROOT = Path(__file__).resolve().parent.parent
+P = "fcj"
+START_TIMEOUT_S = 30  # process start on a loaded 2-core machine
+SHORT = ["--set", "source.max_frames=5", "--set", "source.width=64", "--set", "source.height=64"]
+
+
+def framecast(*args: str, stdout=subprocess.PIPE) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "framecast", *args], cwd=ROOT, env=env,
+                            stdout=stdout, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture
+def broker(tmp_path):
+    b = Broker(tmp_path / "broker").start()
+    yield b
+    b.stop()
+
+
+class Fleet:
+    """Worker processes of one test; every one is killed at the end."""
+
+    def __init__(self, broker: Broker, rec: Recorder):
+        self.broker, self.rec = broker, rec
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, worker_id: str, *extra: str, wait: bool = True) -> subprocess.Popen:
+        proc = framecast("worker", "--mqtt", self.broker.url, "--prefix", P, "--worker-id", worker_id,
+                         "--capture-only", *extra, stdout=subprocess.DEVNULL)
+        self.procs[worker_id] = proc
+        if wait and not self.rec.wait_for(lambda ms: self.state(worker_id) == "online", START_TIMEOUT_S):
+            proc.kill()
+            pytest.fail(f"worker {worker_id} never came online: {proc.communicate()[1][-2000:]}")
+        return proc
+
+    def state(self, worker_id: str, key: str = "state"):
+        msgs = self.rec.on(f"{P}/workers/{worker_id}")
+        return msgs[-1].json().get(key) if msgs and msgs[-1].payload else None
+
+    def stop(self, worker_id: str, sig: int = signal.SIGTERM) -> str:
+        proc = self.procs.pop(worker_id)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+        return err
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            proc.kill()
+            proc.wait()
+            if proc.stderr:
+                proc.stderr.close()
+
+
+@pytest.fixture
+def fleet(broker):
+    rec = Recorder(broker.port, [f"{P}/workers/+", f"{P}/jobs/+/+", f"{P}/+/status"])
+    f = Fleet(broker, rec)
+    yield f
+    f.close()
+    rec.close()
+
+
+def submit(broker: Broker, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    proc = framecast("submit", "--mqtt", broker.url, "--prefix", P, *args)
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def live(rec: Recorder, leaf: str) -> list[dict]:
+    """Every message published (not replayed as retained) on `<P>/jobs/<id>/<leaf>`."""
+    return [m.json() for m in rec.messages if m.topic.startswith(f"{P}/jobs/") and m.topic.endswith(f"/{leaf}")
+            and not m.retain and m.payload]
+
+
+def assert_each_result_once(rec: Recorder, job_ids: set[str]) -> None:
+    done = collections.Counter(d["job_id"] for d in live(rec, "done"))
+    assert done == collections.Counter({j: 1 for j in job_ids}), done
+    results = [r for leaf in ("change", "narration") for r in live(rec, leaf)]
+    per_job = collections.defaultdict(list)
+    for r in results:
+        per_job[r["job_id"]].append(r["index"])
+    for d in live(rec, "done"):
+        # the indices of a job are 1..n, each published once, and n is what the done marker says
+        assert sorted(per_job[d["job_id"]]) == list(range(1, d["results"] + 1)), (d, per_job[d["job_id"]])
+
+
+def test_three_workers_share_twelve_jobs_each_done_once(fleet, broker):
+    for w in ("w1", "w2", "w3"):
+        fleet.start(w)
+    r = submit(broker, *["demo"] * 12, *SHORT, "--wait", "--timeout", "90")
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [ln.split("\t") for ln in r.stdout.splitlines()]
+    job_ids = {ln[0] for ln in lines if ln[1] == "queued"}
+    assert len(job_ids) == 12 and sum(ln[1] == "done" for ln in lines) == 12
+    assert fleet.rec.wait_for(lambda ms: len(live(fleet.rec, "done")) >= 12, 10)
+    assert_each_result_once(fleet.rec, job_ids)
+    by_worker = collections.Counter(d["worker"] for d in live(fleet.rec, "done"))
+    assert set(by_worker) == {"w1", "w2", "w3"}, by_worker  # the group shared them
+    assert all(d["state"] == "done" and d["attempt"] == 1 and d["results"] > 0 for d in live(fleet.rec, "done"))
+    assert "framecast: 12 of 12 jobs done" in r.stderr
+
+
+def test_a_worker_killed_mid_job_gives_the_job_to_another_and_nothing_is_published_twice(fleet, broker):
+    fleet.start("a")
+    fleet.start("b")
+    # 40 frames paced at 10 fps: a job of ~4 s, killed after its first results are out
+    waiter = framecast("submit", "--mqtt", broker.url, "--prefix", P, "demo", "--set", "source.max_frames=40",
+                       "--set", "source.realtime=true", "--set", "source.fps=10", "--set", "source.width=64",
+                       "--set", "source.height=64", "--wait", "--timeout", "60")
+    try:
+        assert fleet.rec.wait_for(lambda ms: len(live(fleet.rec, "change")) >= 2, START_TIMEOUT_S)
+        first = live(fleet.rec, "change")[0]
+        victim, other = first["worker"], ({"a", "b"} - {first["worker"]}).pop()
+        fleet.procs[victim].kill()  # SIGKILL: no goodbye, the broker publishes the lease's will
+        fleet.procs.pop(victim).communicate()
+        out, err = waiter.communicate(timeout=60)
+    finally:
+        waiter.kill()
+    assert waiter.returncode == 0, err[-2000:]
+    (done,) = live(fleet.rec, "done")
+    assert done["worker"] == other and done["attempt"] == 2 and done["state"] == "done"
+    assert_each_result_once(fleet.rec, {done["job_id"]})
+    by = collections.Counter(r["worker"] for r in live(fleet.rec, "change"))
+    assert by[victim] >= 2 and by[other] >= 1, by  # both attempts published, neither repeated the other
+    assert fleet.state(victim) == "offline" and fleet.state(victim, "text") == "connection lost"  # its Last Will
+    assert f"running on {other} (attempt 2)" in err
+
+
+def test_a_worker_started_after_submission_picks_the_jobs_up(fleet, broker):
+    fleet.start("late")
+    fleet.stop("late")  # its persistent session (and subscription) stays with the broker
+    assert fleet.state("late") == "offline"
+    r = submit(broker, "demo", "demo", "demo", *SHORT)
+    assert r.returncode == 0, r.stderr
+    job_ids = {ln.split("\t")[0] for ln in r.stdout.splitlines()}
+    time.sleep(0.5)
+    assert live(fleet.rec, "done") == []
+    fleet.start("late")
+    assert fleet.rec.wait_for(lambda ms: len(live(fleet.rec, "done")) >= 3, START_TIMEOUT_S)
+    assert_each_result_once(fleet.rec, job_ids)
+
+
+def test_submit_refuses_when_no_worker_ever_joined(broker):
+    # the broker would drop the jobs (no subscriber): refuse with one line instead of losing them
+    r = submit(broker, "demo", timeout=START_TIMEOUT_S)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and f"no job worker has joined {P}/jobs" in r.stderr
+
+
+def test_bad_jobs_end_in_an_error_marker_and_the_worker_goes_on(fleet, broker, tmp_path):
+    fleet.start("w1")
+    fleet.rec.publish(f"{P}/jobs", b"this is not a job")
+    fleet.rec.publish(f"{P}/jobs", json.dumps({"job_id": "sneaky", "source": "demo",
+                                               "settings": {"model.path": "/elsewhere"}}))
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00" * 1000)
+    r = submit(broker, str(tmp_path / "missing.mp4"), timeout=START_TIMEOUT_S)
+    assert r.returncode == 2 and "missing.mp4: no such file" in r.stderr  # checked before anything is sent
+    r = submit(broker, "/nowhere/gone.mp4", str(broken), "demo", *SHORT, "--as-is", "--wait", "--timeout", "60")
+    assert r.returncode == 1  # one job failed
+    errors = {d["job_id"]: d["error"] for d in live(fleet.rec, "done") if d["state"] == "error"}
+    assert "model.path" in errors.pop("sneaky")
+    assert sorted(errors.values())[0].startswith("/nowhere/gone.mp4: no such file")
+    assert any("broken.mp4" in e for e in errors.values()), errors
+    assert sum(d["state"] == "done" for d in live(fleet.rec, "done")) == 1  # the good one still ran
+    assert fleet.state("w1") == "online"
+
+
+def test_streams_are_split_and_move_when_a_worker_leaves(fleet, broker):
+    # ids chosen so the split is 2 + 2 (the test must not depend on hash luck)
+    streams = ["cam1", "cam2", "cam3", "cam4"]
+    split = assign(streams, ["sa", "sb"])
+    assert sorted(split.values()) == ["sa", "sa", "sb", "sb"]
+    args = ["--streams", "--set", "source.fps=4", "--set", "source.width=64", "--set", "source.height=64"]
+    fleet.start("sa", *args)
+    fleet.start("sb", *args)
+    r = submit(broker, *[f"--stream={s}=demo" for s in streams], timeout=START_TIMEOUT_S)
+    assert r.returncode == 0 and r.stdout.strip() == f"{P}/streams: 4 streams", r.stderr
+
+    def running(ms, ids) -> bool:
+        states = {}
+        for m in ms:
+            if m.topic.endswith("/status") and m.topic.split("/")[1] in ids and m.payload:
+                states[m.topic.split("/")[1]] = m.json()["state"]
+        return all(states.get(s) == "running" for s in ids)
+
+    assert fleet.rec.wait_for(lambda ms: running(ms, streams), START_TIMEOUT_S)
+    assert fleet.rec.wait_for(lambda ms: fleet.state("sa", "streams") == sorted(s for s in streams if split[s] == "sa")
+                              and fleet.state("sb", "streams") == sorted(s for s in streams if split[s] == "sb"), 10)
+    moved = [s for s in streams if split[s] == "sa"]
+    n = len(fleet.rec.messages)
+    t0 = time.monotonic()
+    fleet.stop("sa")
+    watchdog_s = 5.0  # source.watchdog_s default: a live stream is back within this after a loss
+    assert fleet.rec.wait_for(lambda ms: running(ms[n:], moved) and fleet.state("sb", "streams") == streams,
+                              watchdog_s), fleet.rec.messages[n:]
+    took = time.monotonic() - t0
+    assert fleet.state("sa") == "offline" and fleet.state("sa", "text") == "stopped"
+    assert took < watchdog_s
+    print(f"streams moved in {took:.2f} s")
