@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--model", help="the model every job uses (loaded once)")
     w.add_argument("--mmproj")
     w.add_argument("--max-attempts", type=int, default=3, help="give a job up after this many lost workers")
+    w.add_argument("--output-dir", metavar="DIR", help="job output files (outputs.jsonl/srt/vtt) go under DIR")
     w.add_argument("--session-expiry", type=int, default=3600, metavar="S",
                    help="the broker keeps this worker's queued jobs this long while it is away")
     w.add_argument("--keepalive", type=int, default=10, metavar="S", help="MQTT keepalive (loss noticed after 1.5x)")
@@ -245,7 +246,8 @@ def _cmd_worker(a: argparse.Namespace) -> int:
         raise UserError("--max-attempts must be >= 1, --session-expiry >= 0, --keepalive >= 5")
     return worker_main(base, url=a.mqtt, group=a.group, worker_id=a.worker_id, prefix=a.prefix, streams=a.streams,
                        tls=TlsFiles(a.mqtt_ca, a.mqtt_cert, a.mqtt_key), max_attempts=a.max_attempts,
-                       session_expiry_s=a.session_expiry, keepalive_s=a.keepalive, run_args=run_args)
+                       session_expiry_s=a.session_expiry, keepalive_s=a.keepalive, run_args=run_args,
+                       output_dir=a.output_dir)
 
 
 def _cmd_submit(a: argparse.Namespace) -> int:

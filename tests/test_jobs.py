@@ -84,3 +84,18 @@ def test_stream_list_payload_and_parse():
     for bad in (["door"], ["a/b=demo"], ["x=demo", "x=demo"]):
         with pytest.raises(UserError):
             stream_list_payload(bad)
+
+
+def test_job_output_files_stay_in_the_output_directory(tmp_path):
+    from framecast.stages.mqtt.jobs import check_worker_outputs
+
+    base = RunConfig.model_validate({"outputs": {"srt": "subs/{job_id}.srt"}})
+    cfg = job_config(base, Job(job_id="t1", source="x", settings={"outputs.jsonl": "{job_id}.jsonl"}),
+                     output_dir=str(tmp_path))
+    assert cfg.outputs.jsonl == str(tmp_path / "t1.jsonl") and cfg.outputs.srt == str(tmp_path / "subs/t1.srt")
+    for bad in ("/etc/cron.d/x", "../up.jsonl", "a/../../b", "~/x"):
+        with pytest.raises(JobRejected, match="relative to the worker's output directory"):
+            job_config(base, Job(job_id="t1", source="x", settings={"outputs.jsonl": bad}), output_dir=str(tmp_path))
+    check_worker_outputs(base)
+    with pytest.raises(UserError, match=r"put \{job_id\} in the name"):
+        check_worker_outputs(RunConfig.model_validate({"outputs": {"jsonl": "all.jsonl"}}))

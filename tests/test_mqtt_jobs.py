@@ -104,10 +104,10 @@ def assert_each_result_once(rec: Recorder, job_ids: set[str]) -> None:
         assert sorted(per_job[d["job_id"]]) == list(range(1, d["results"] + 1)), (d, per_job[d["job_id"]])
 
 
-def test_three_workers_share_twelve_jobs_each_done_once(fleet, broker):
+def test_three_workers_share_twelve_jobs_each_done_once(fleet, broker, tmp_path):
     for w in ("w1", "w2", "w3"):
-        fleet.start(w)
-    r = submit(broker, *["demo"] * 12, *SHORT, "--wait", "--timeout", "90")
+        fleet.start(w, "--output-dir", str(tmp_path))
+    r = submit(broker, *["demo"] * 12, *SHORT, "--set", "outputs.jsonl={job_id}.jsonl", "--wait", "--timeout", "90")
     assert r.returncode == 0, r.stderr[-2000:]
     lines = [ln.split("\t") for ln in r.stdout.splitlines()]
     job_ids = {ln[0] for ln in lines if ln[1] == "queued"}
@@ -118,6 +118,10 @@ def test_three_workers_share_twelve_jobs_each_done_once(fleet, broker):
     assert set(by_worker) == {"w1", "w2", "w3"}, by_worker  # the group shared them
     assert all(d["state"] == "done" and d["attempt"] == 1 and d["results"] > 0 for d in live(fleet.rec, "done"))
     assert "framecast: 12 of 12 jobs done" in r.stderr
+    # each job ran through the usual graph: its JSONL is complete (ends with eos) in the output dir
+    for job_id in job_ids:
+        events = [json.loads(ln) for ln in (tmp_path / f"{job_id}.jsonl").read_text().splitlines()]
+        assert events[-1]["type"] == "eos" and {e["stream_id"] for e in events} == {job_id}
 
 
 def test_a_worker_killed_mid_job_gives_the_job_to_another_and_nothing_is_published_twice(fleet, broker):
@@ -184,6 +188,12 @@ def test_bad_jobs_end_in_an_error_marker_and_the_worker_goes_on(fleet, broker, t
     assert any("broken.mp4" in e for e in errors.values()), errors
     assert sum(d["state"] == "done" for d in live(fleet.rec, "done")) == 1  # the good one still ran
     assert fleet.state("w1") == "online"
+    # a second worker with the same id would take the first one's session over: refused
+    dup = framecast("worker", "--mqtt", broker.url, "--prefix", P, "--worker-id", "w1", "--capture-only")
+    out, err = dup.communicate(timeout=START_TIMEOUT_S)
+    assert dup.returncode == 2 and err.strip().splitlines() == [
+        f"framecast: worker id 'w1' is already running on this host (pid {fleet.procs['w1'].pid}); "
+        "give each worker its own --worker-id"]
 
 
 def test_streams_are_split_and_move_when_a_worker_leaves(fleet, broker):

@@ -21,6 +21,7 @@ import json
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -122,16 +123,46 @@ def flat_settings(settings: dict[str, Any], job_id: str | None = None) -> dict[s
     return out
 
 
-def job_config(base: RunConfig, job: Job) -> RunConfig:
+OUTPUT_FILES = ("jsonl", "srt", "vtt")
+
+
+def check_worker_outputs(base: RunConfig) -> None:
+    """A worker config that names an output file must make it per job (`{job_id}`): otherwise
+    every job would write over the last one."""
+    for key in OUTPUT_FILES:
+        path = getattr(base.outputs, key)
+        if path and "{job_id}" not in path:
+            from framecast.errors import UserError
+
+            raise UserError(f"outputs.{key} = {path!r}: a worker writes one file per job; put {{job_id}} in "
+                            f"the name, e.g. {{job_id}}.{key}")
+
+
+def job_config(base: RunConfig, job: Job, *, output_dir: str | None = None) -> RunConfig:
     """The run config of `job`: the worker's config, the job's settings, the job's source and id
-    (the job id is the stream id), no terminal views and no bus stage (the worker publishes)."""
+    (the job id is the stream id), no terminal views and no bus stage (the worker publishes).
+
+    Output files (`outputs.jsonl|srt|vtt`) are paths relative to the worker's `output_dir`
+    (default: its working directory) with `{job_id}` replaced; a job may not name an absolute
+    path or leave the directory with `..`.
+    """
     nested: dict[str, Any] = {}
     for key, value in flat_settings(job.settings, job.job_id).items():
         group, _, leaf = key.partition(".")
+        if group == "outputs" and leaf in OUTPUT_FILES and value is not None:
+            if not isinstance(value, str) or value.startswith(("/", "~")) or ".." in Path(value).parts:
+                raise JobRejected(f"job setting 'outputs.{leaf}' = {value!r}: give a file name relative to the "
+                                  "worker's output directory", job.job_id)
         nested.setdefault(group, {})[leaf] = value
-    fixed = {"source": {"uri": job.source, "stream_id": job.job_id},
-             "outputs": {"console": False, "progress": False, "metrics": False}, "mqtt": {"url": None}}
-    data = deep_merge(deep_merge(base.model_dump(), nested), fixed)
+    fixed: dict[str, Any] = {"source": {"uri": job.source, "stream_id": job.job_id},
+                             "outputs": {"console": False, "progress": False, "metrics": False}, "mqtt": {"url": None}}
+    merged = deep_merge(base.model_dump(), nested)
+    for leaf in OUTPUT_FILES:
+        path = merged["outputs"].get(leaf)
+        if isinstance(path, str) and path:
+            path = path.replace("{job_id}", job.job_id)
+            fixed["outputs"][leaf] = str(Path(output_dir) / path) if output_dir and not Path(path).is_absolute() else path
+    data = deep_merge(merged, fixed)
     try:
         return build_config(data, origin=f"job {job.job_id}")
     except ConfigError as e:

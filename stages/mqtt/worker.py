@@ -38,8 +38,8 @@ from framecast.runtime import Runtime, Stage
 from framecast.stages.mqtt.client import (BrokerAddress, BusClient, BusDisconnected, BusMessage, BusProtocolRejected,
                                           BusRefused, TlsFiles, parse_mqtt_url)
 from framecast.stages.mqtt.jobs import (DEFAULT_MAX_ATTEMPTS, DEFAULT_RETAIN_S, FleetTopics, Job, JobRejected,
-                                        job_config, job_done, job_status, parse_job, result_payload, validate_name,
-                                        worker_status)
+                                        check_worker_outputs, job_config, job_done, job_status, parse_job,
+                                        result_payload, validate_name, worker_status)
 from framecast.stages.mqtt.topics import JSON, validate_prefix
 
 PROGRESS_INTERVAL_S = 1.0  # retained job status refresh while a job runs
@@ -329,9 +329,12 @@ class JobWorker(FleetMember):
 
     role = "worker"
 
-    def __init__(self, base: RunConfig, *, max_attempts: int = DEFAULT_MAX_ATTEMPTS, **kw: Any):
+    def __init__(self, base: RunConfig, *, max_attempts: int = DEFAULT_MAX_ATTEMPTS, output_dir: str | None = None,
+                 **kw: Any):
         super().__init__(base, **kw)
+        check_worker_outputs(base)
         self.max_attempts = max_attempts
+        self.output_dir = output_dir
         self.job: Job | None = None
         self._runtime: Runtime | None = None
         self._lease_lost = False
@@ -467,7 +470,7 @@ class JobWorker(FleetMember):
         from framecast.stages.app import build_graph
 
         try:
-            cfg = job_config(self.base, job)
+            cfg = job_config(self.base, job, output_dir=self.output_dir)
             source, stages = build_graph(cfg, model_loader=self._model_loader)
         except (JobRejected, UserError) as e:
             return "error", str(e), None
@@ -504,7 +507,7 @@ class JobWorker(FleetMember):
 
 def worker_main(base: RunConfig, *, url: str, group: str, worker_id: str | None, prefix: str, streams: bool,
                 tls: TlsFiles, max_attempts: int, session_expiry_s: int, keepalive_s: int,
-                run_args: list[str]) -> int:
+                run_args: list[str], output_dir: str | None = None) -> int:
     """`framecast worker`: returns the exit code (0 after SIGINT/SIGTERM)."""
     kw = dict(url=url, group=group, worker_id=worker_id or default_worker_id(), prefix=prefix, tls=tls,
               keepalive_s=keepalive_s, session_expiry_s=session_expiry_s)
@@ -513,6 +516,8 @@ def worker_main(base: RunConfig, *, url: str, group: str, worker_id: str | None,
 
         member: FleetMember = StreamWorker(base, run_args=run_args, **kw)
     else:
-        member = JobWorker(base, max_attempts=max_attempts, **kw)
+        if output_dir and not os.path.isdir(output_dir):
+            raise UserError(f"--output-dir {output_dir!r}: no such directory")
+        member = JobWorker(base, max_attempts=max_attempts, output_dir=output_dir, **kw)
         member.load_model()
     return asyncio.run(member.run())
