@@ -334,6 +334,14 @@ class BusClient:
                 raise BusRefused(f"{self.address.display()} refused the subscription to {topic}: "
                                  f"{'not authorised' if code in (0x80, 0x87) else text}")
 
+    async def unsubscribe(self, topic: str) -> None:
+        if self._client is None:
+            raise BusDisconnected("not connected")
+        try:
+            await self._client.unsubscribe(topic)
+        except aiomqtt.MqttError as e:
+            raise BusDisconnected(f"unsubscribe from {topic} failed: {e}") from None
+
     async def messages(self) -> AsyncIterator[BusMessage]:
         """Incoming messages until the connection drops (then `BusDisconnected`)."""
         if self._client is None:

@@ -68,6 +68,8 @@ async def read_retained(client: BusClient, topic_filter: str) -> dict[str, bytes
         await asyncio.wait_for(read(), timeout=RETAINED_READ_TIMEOUT_S)
     except asyncio.TimeoutError:
         raise BusDisconnected(f"the broker did not return the retained state of {topic_filter} in time") from None
+    await client.unsubscribe(topic_filter)
+    await client.unsubscribe(probe)
     return out
 
 
@@ -224,12 +226,15 @@ class FleetMember:
         self.log("stopped")
         return 0
 
+    def _probe_client(self) -> BusClient:
+        """A short-lived connection for reading retained state."""
+        return BusClient(self.address, client_id=f"framecast-probe-{uuid.uuid4().hex[:8]}", protocol="5", tls=self.tls)
+
     async def _check_unique(self) -> None:
         """Two live workers with one id would take each other's session over and over: refuse
         to start when this host already runs a worker of this id. Asked on a connection of its
         own (connecting with the worker's client id would already take the session over)."""
-        probe = BusClient(self.address, client_id=f"framecast-probe-{uuid.uuid4().hex[:8]}", protocol="5",
-                          tls=self.tls)
+        probe = self._probe_client()
         try:
             await probe.connect()
             topic = self.topics.worker(self.worker_id)
@@ -338,6 +343,7 @@ class JobWorker(FleetMember):
         self.job: Job | None = None
         self._runtime: Runtime | None = None
         self._lease_lost = False
+        self._give_back: Job | None = None
         self._model: Any = None
         self.jobs_done = 0
 
@@ -361,7 +367,25 @@ class JobWorker(FleetMember):
         return self._model
 
     async def on_connected(self, client: BusClient) -> None:
+        if self._give_back is not None:
+            await self._return_job(client, self._give_back)
+            self._give_back = None
         await client.subscribe(self.topics.shared_queue(self.group), qos=1)
+
+    async def _return_job(self, client: BusClient, job: Job) -> None:
+        """After losing the broker mid-job: the lease's will may not have been published (a
+        broker that restarts forgets wills), so put the job back ourselves, unless its retained
+        state shows it done or taken by a later attempt."""
+        probe = self._probe_client()  # not the worker's own connection: its queue may already be flowing
+        await probe.connect()
+        try:
+            done, _, status = await self._job_state(probe, job)
+        finally:
+            await probe.disconnect(timeout_s=1.0)
+        if done or int(status.get("attempt") or 0) > job.attempt:
+            return
+        await client.publish(BusMessage(self.topics.queue, job.next_attempt().payload(), qos=1, content_type=JSON))
+        self.log(f"job {job.job_id} put back on the queue (attempt {job.attempt + 1})")
 
     async def on_stop(self) -> None:
         if self._runtime is not None:
@@ -382,14 +406,17 @@ class JobWorker(FleetMember):
                           will=BusMessage(self.topics.queue, job.next_attempt().payload(), qos=1, content_type=JSON))
         await lease.connect()  # BusDisconnected: the job stays unacknowledged in our session
         try:
-            done, seen = await self._job_state(lease, job)
+            done, seen, status = await self._job_state(lease, job)
+            runner = status.get("worker") if status.get("state") == "running" else None
+            busy = runner not in (None, self.worker_id) and await self._runs(lease, runner, job.job_id)
         except BaseException:
             await lease.disconnect(timeout_s=1.0)
             raise
-        if done:
+        if done or busy:
             client.ack(m)
             await lease.disconnect(timeout_s=1.0)
-            self.log(f"job {job.job_id} is already done: nothing published")
+            self.log(f"job {job.job_id} is " + ("already done" if done else f"running on {runner}") +
+                     ": this copy is dropped, nothing published")
             return
         if job.attempt > self.max_attempts:
             await self._finish(job, ok=False, results=seen, t0=time.monotonic(),
@@ -406,20 +433,35 @@ class JobWorker(FleetMember):
             await self._finish(Job(job_id=e.job_id, source="?"), ok=False, results=0, t0=time.monotonic(),
                                error=str(e))
 
-    async def _job_state(self, lease: BusClient, job: Job) -> tuple[bool, int]:
-        """(done marker present, highest result index published) from the job's retained topics."""
-        state = await read_retained(lease, self.topics.job_all(job.job_id))
-        done, seen = False, 0
+    async def _job_state(self, client: BusClient, job: Job) -> tuple[bool, int, dict]:
+        """(done marker present, highest result index published, retained status) of a job."""
+        state = await read_retained(client, self.topics.job_all(job.job_id))
+        done, seen, status = False, 0, {}
         for topic, payload in state.items():
             leaf = topic.rsplit("/", 1)[-1]
+            try:
+                obj = json.loads(payload)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if not isinstance(obj, dict):
+                continue
             if leaf == "done":
                 done = True
-            elif leaf != "status":
-                try:
-                    seen = max(seen, int(json.loads(payload).get("index") or 0))
-                except (ValueError, TypeError, AttributeError):
-                    pass
-        return done, seen
+            elif leaf == "status":
+                status = obj
+            elif isinstance(obj.get("index"), int):
+                seen = max(seen, obj["index"])
+        return done, seen, status
+
+    async def _runs(self, client: BusClient, worker_id: str, job_id: str) -> bool:
+        """Is `worker_id` online and running `job_id` now (a second copy of a job that is alive)?"""
+        topic = self.topics.worker(worker_id)
+        seen = (await read_retained(client, topic)).get(topic)
+        try:
+            info = json.loads(seen) if seen else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return False
+        return isinstance(info, dict) and info.get("state") == "online" and info.get("job") == job_id
 
     async def _run_leased(self, job: Job, lease: BusClient, *, skip: int) -> None:
         self.job, self._lease_lost = job, False
@@ -438,7 +480,7 @@ class JobWorker(FleetMember):
             watch.cancel()
             await asyncio.gather(watch, return_exceptions=True)
         if self._lease_lost:
-            outcome, error = "aborted", "lease connection lost (the broker gave the job back)"
+            outcome, error = "aborted", "lease connection lost"
         results = sink.index if sink else skip
         try:
             if outcome == "aborted":
@@ -448,6 +490,8 @@ class JobWorker(FleetMember):
             # give the job back: the lease's will puts it on the queue again (attempt + 1)
             await lease.drop()
             self.log(f"job {job.job_id} given back ({e})")
+            if not self.stopping.is_set():
+                self._give_back = job  # checked again once we are connected (the will may be lost)
         else:
             await lease.disconnect(timeout_s=1.0)  # clean: the broker discards the will
             self.jobs_done += 1
