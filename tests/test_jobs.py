@@ -99,3 +99,23 @@ def test_job_output_files_stay_in_the_output_directory(tmp_path):
     check_worker_outputs(base)
     with pytest.raises(UserError, match=r"put \{job_id\} in the name"):
         check_worker_outputs(RunConfig.model_validate({"outputs": {"jsonl": "all.jsonl"}}))
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["worker", "--mqtt", "mqtt://127.0.0.1:1", "--group", "a/b"], "--group 'a/b'"),
+    (["worker", "--mqtt", "mqtt://127.0.0.1:1", "--worker-id", "x y"], "--worker-id 'x y'"),
+    (["worker", "--mqtt", "mqtt://127.0.0.1:1", "--set", "outputs.jsonl=all.jsonl"], "put {job_id} in the name"),
+    (["worker", "--mqtt", "ftp://h", "--capture-only"], "scheme must be mqtt://"),
+    (["worker", "--mqtt", "mqtt://127.0.0.1:1", "--output-dir", "/no/such/dir", "--capture-only"], "no such directory"),
+    (["submit", "--mqtt", "mqtt://127.0.0.1:1", "demo", "--set", "model.path=/m"], "'model.path' is the worker's"),
+    (["submit", "--mqtt", "mqtt://127.0.0.1:1", "/no/such/file.mp4"], "no such file"),
+    (["submit", "--mqtt", "mqtt://127.0.0.1:1"], "nothing to submit"),
+    (["submit", "--mqtt", "mqtt://127.0.0.1:1", "demo", "--stream", "a=demo"], "not both"),
+    (["submit", "--mqtt", "mqtt://127.0.0.1:1", "--stream", "nosource"], "expected ID=SOURCE"),
+])
+def test_cli_bad_arguments_are_one_line_and_exit_2(argv, needle, capsys):
+    from framecast.stages.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("framecast: ") and needle in err, err
