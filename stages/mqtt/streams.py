@@ -24,7 +24,7 @@ from typing import Any
 from framecast.config import RunConfig
 from framecast.stages.mqtt.client import BusClient, BusDisconnected, BusMessage
 from framecast.stages.mqtt.jobs import JobRejected, StreamList, StreamSpec, assign, flat_settings, parse_streams
-from framecast.stages.mqtt.worker import FleetMember
+from framecast.stages.mqtt.fleet import FleetMember
 
 CHILD_STOP_S = 15.0  # a `framecast run` exits within stop_timeout (10 s) + its MQTT close (3 s)
 RESTART_MAX_S = 30.0

@@ -25,7 +25,7 @@ from framecast.stages.mqtt.client import (BrokerAddress, BusClient, BusDisconnec
                                           BusRefused, TlsFiles, parse_mqtt_url)
 from framecast.stages.mqtt.jobs import DEFAULT_RETAIN_S, FleetTopics, Job, JobRejected, flat_settings, job_status
 from framecast.stages.mqtt.topics import JSON, validate_prefix
-from framecast.stages.mqtt.worker import read_retained
+from framecast.stages.mqtt.fleet import read_retained
 
 
 
