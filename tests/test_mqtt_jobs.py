@@ -95,13 +95,16 @@ def live(rec: Recorder, leaf: str) -> list[dict]:
 def assert_each_result_once(rec: Recorder, job_ids: set[str]) -> None:
     done = collections.Counter(d["job_id"] for d in live(rec, "done"))
     assert done == collections.Counter({j: 1 for j in job_ids}), done
-    results = [r for leaf in ("change", "narration") for r in live(rec, leaf)]
-    per_job = collections.defaultdict(list)
-    for r in results:
-        per_job[r["job_id"]].append(r["index"])
+    per_job = collections.defaultdict(lambda: collections.defaultdict(list))
+    for leaf in ("change", "narration"):
+        for r in live(rec, leaf):
+            per_job[r["job_id"]][leaf].append(r["index"])
     for d in live(rec, "done"):
-        # the indices of a job are 1..n, each published once, and n is what the done marker says
-        assert sorted(per_job[d["job_id"]]) == list(range(1, d["results"] + 1)), (d, per_job[d["job_id"]])
+        # per type the indices are 1..n, each published once; the counts add up to the done marker's
+        by_type = per_job[d["job_id"]]
+        for leaf, indices in by_type.items():
+            assert sorted(indices) == list(range(1, len(indices) + 1)), (d, leaf, indices)
+        assert sum(len(v) for v in by_type.values()) == d["results"], (d, by_type)
 
 
 def test_three_workers_share_twelve_jobs_each_done_once(fleet, broker, tmp_path):

@@ -8,7 +8,7 @@ Topics under `<prefix>` (default `framecast`):
                                        MQTT 5 shared subscription `$share/<group>/<prefix>/jobs`
     <prefix>/jobs/<job_id>/status      retained job status: queued, running (+ progress), done, error
     <prefix>/jobs/<job_id>/<type>      retained results (narration, change, chapter, summary, error),
-                                       each with the job's running `index` (1, 2, …)
+                                       each with its `index` (1, 2, …) among the job's results of its type
     <prefix>/jobs/<job_id>/done        retained final marker (state done | error): written last
     <prefix>/workers/<worker_id>       retained worker presence (online; `offline` is its Last Will)
     <prefix>/streams                   retained list of live streams the `--streams` workers split
@@ -203,7 +203,8 @@ def _now() -> str:
 
 
 def result_payload(event: Event, job: Job, index: int, worker_id: str) -> bytes:
-    """A result event (narration, change, chapter, summary, error) with the job's running index."""
+    """A result event (narration, change, chapter, summary, error) with its index (1, 2, …)
+    among the job's results of its type."""
     d = event.to_dict()
     d.update(job_id=job.job_id, index=index, attempt=job.attempt, worker=worker_id)
     return json.dumps(d).encode()

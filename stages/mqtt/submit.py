@@ -149,7 +149,7 @@ async def _submit(address: BrokerAddress, tls: TlsFiles, topics: FleetTopics, jo
 
 async def _follow(client: BusClient, jobs: list[Job], open_jobs: set[str]) -> int:
     """Print results and progress until every job has its done marker (removed from `open_jobs`)."""
-    seen: set[tuple[str, int]] = set()
+    seen: set[tuple[str, str, int]] = set()
     last_status: dict[str, tuple] = {}
     failed = 0
     t0 = time.monotonic()
@@ -178,8 +178,8 @@ async def _follow(client: BusClient, jobs: list[Job], open_jobs: set[str]) -> in
                 print(f"framecast: {job_id}: running on {obj.get('worker')} (attempt {obj.get('attempt')})",
                       file=sys.stderr, flush=True)
             last_status[job_id] = key
-        elif isinstance(obj.get("index"), int) and (job_id, obj["index"]) not in seen:
-            seen.add((job_id, obj["index"]))
+        elif isinstance(obj.get("index"), int) and (job_id, leaf, obj["index"]) not in seen:
+            seen.add((job_id, leaf, obj["index"]))
             pts = obj.get("pts")
             text = str(obj.get("text", "")).replace("\n", " ").replace("\t", " ")
             print(f"{job_id}\t{obj.get('type', leaf)}\t{'' if pts is None else pts}\t{text}", flush=True)

@@ -11,16 +11,18 @@ and another member of the group takes the job. (A delayed PUBACK alone is not en
 keeps an unacknowledged shared-subscription message in the dead member's session instead of
 handing it to another member.)
 
-Exactly once, seen from outside: every result carries the job id and its running `index`, and
-is published retained on `<prefix>/jobs/<id>/<type>`; the last thing a job publishes is the
-retained `<prefix>/jobs/<id>/done`. A worker that gets a job reads those retained topics first:
-`done` present -> acknowledge and publish nothing; otherwise skip the results whose index the
-previous attempt already published (the graph is deterministic for a given input and settings).
+Exactly once, seen from outside: every result carries the job id and its `index` among the
+job's results of its type, and is published retained on `<prefix>/jobs/<id>/<type>`; the last
+thing a job publishes is the retained `<prefix>/jobs/<id>/done`. A worker that gets a job reads
+those retained topics first: `done` present -> acknowledge and publish nothing; otherwise skip,
+per type, the results whose index an earlier attempt already published (narrations, scene
+changes, chapters come in media-time order for a given input and settings).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import time
@@ -41,15 +43,16 @@ PROGRESS_INTERVAL_S = 1.0  # retained job status refresh while a job runs
 
 class JobSink(Stage):
     """The last stage of a job's graph: results go to `<prefix>/jobs/<id>/<type>` (retained, with
-    the job's running index; the first `skip` were published by an earlier attempt), progress to
+    its index among the job's results of its type; `skip[type]` of them were published by an
+    earlier attempt), progress to
     the retained job status."""
 
     name = "jobs"
 
-    def __init__(self, worker: "JobWorker", job: Job, *, skip: int):
+    def __init__(self, worker: "JobWorker", job: Job, *, skip: dict[str, int]):
         super().__init__()
         self.worker, self.job, self.skip = worker, job, skip
-        self.index = 0  # results seen (published or skipped)
+        self.counts: collections.Counter[str] = collections.Counter()  # results seen per type (published or skipped)
         self.published = 0
         self.frames = 0
         self.pts: float | None = None
@@ -68,17 +71,23 @@ class JobSink(Stage):
         elif isinstance(item, (NarrationDelta, Metrics, EndOfStream)) or item.control:
             pass
         elif not (isinstance(item, Error) and item.fatal):  # a fatal error ends the job: the done marker says it
-            self.index += 1
-            if self.index > self.skip:
-                topic = self.worker.topics.job(self.job.job_id, item.type.replace(".", "_"))
-                if await self._send(topic, result_payload(item, self.job, self.index, self.worker.worker_id)):
+            leaf = item.type.replace(".", "_")
+            self.counts[leaf] += 1
+            index = self.counts[leaf]
+            if index > self.skip.get(leaf, 0):
+                topic = self.worker.topics.job(self.job.job_id, leaf)
+                if await self._send(topic, result_payload(item, self.job, index, self.worker.worker_id)):
                     self.published += 1
         yield item
 
     def progress(self, state: str) -> bytes:
         self._last_progress = time.monotonic()
         return job_status(self.job.job_id, state, worker=self.worker.worker_id, attempt=self.job.attempt,
-                          frames=self.frames, pts=self.pts, duration=self.duration, results=self.index)
+                          frames=self.frames, pts=self.pts, duration=self.duration, results=self.results)
+
+    @property
+    def results(self) -> int:
+        return sum(self.counts.values())
 
     async def _send(self, topic: str, payload: bytes) -> bool:
         if self.aborted:
@@ -183,7 +192,7 @@ class JobWorker(FleetMember):
                      ": this copy is dropped, nothing published")
             return
         if job.attempt > self.max_attempts:
-            await self._finish(job, ok=False, results=seen, t0=time.monotonic(),
+            await self._finish(job, ok=False, results=sum(seen.values()), t0=time.monotonic(),
                                error=f"gave up after {self.max_attempts} attempts (a worker was lost during each)")
             client.ack(m)
             await lease.disconnect(timeout_s=1.0)
@@ -197,10 +206,10 @@ class JobWorker(FleetMember):
             await self._finish(Job(job_id=e.job_id, source="?"), ok=False, results=0, t0=time.monotonic(),
                                error=str(e))
 
-    async def _job_state(self, client: BusClient, job: Job) -> tuple[bool, int, dict]:
-        """(done marker present, highest result index published, retained status) of a job."""
+    async def _job_state(self, client: BusClient, job: Job) -> tuple[bool, dict[str, int], dict]:
+        """(done marker present, highest index published per result type, retained status)."""
         state = await read_retained(client, self.topics.job_all(job.job_id))
-        done, seen, status = False, 0, {}
+        done, seen, status = False, {}, {}
         for topic, payload in state.items():
             leaf = topic.rsplit("/", 1)[-1]
             try:
@@ -214,7 +223,7 @@ class JobWorker(FleetMember):
             elif leaf == "status":
                 status = obj
             elif isinstance(obj.get("index"), int):
-                seen = max(seen, obj["index"])
+                seen[leaf] = max(seen.get(leaf, 0), obj["index"])
         return done, seen, status
 
     async def _runs(self, client: BusClient, worker_id: str, job_id: str) -> bool:
@@ -227,11 +236,11 @@ class JobWorker(FleetMember):
             return False
         return isinstance(info, dict) and info.get("state") == "online" and info.get("job") == job_id
 
-    async def _run_leased(self, job: Job, lease: BusClient, *, skip: int) -> None:
+    async def _run_leased(self, job: Job, lease: BusClient, *, skip: dict[str, int]) -> None:
         self.job, self._lease_lost = job, False
         t0 = time.monotonic()
         await self.announce()
-        self.log(f"job {job.job_id}: {job.source} (attempt {job.attempt}" + (f", {skip} results already out)" if skip else ")"))
+        self.log(f"job {job.job_id}: {job.source} (attempt {job.attempt}" + (f", {sum(skip.values())} results already out)" if skip else ")"))
         watch = asyncio.ensure_future(self._watch_lease(lease))
         outcome, error, sink = "error", None, None
         try:
@@ -245,7 +254,7 @@ class JobWorker(FleetMember):
             await asyncio.gather(watch, return_exceptions=True)
         if self._lease_lost:
             outcome, error = "aborted", "lease connection lost"
-        results = sink.index if sink else skip
+        results = sink.results if sink else sum(skip.values())
         try:
             if outcome == "aborted":
                 raise BusDisconnected(error or "stopped")
@@ -273,7 +282,7 @@ class JobWorker(FleetMember):
         if self._runtime is not None:
             self._runtime.request_stop("stop")
 
-    async def _run_job(self, job: Job, *, skip: int) -> tuple[str, str | None, JobSink | None]:
+    async def _run_job(self, job: Job, *, skip: dict[str, int]) -> tuple[str, str | None, JobSink | None]:
         """Run the job's graph; ("done" | "error" | "aborted", error text, sink)."""
         from framecast.stages.app import build_graph
 
