@@ -233,7 +233,33 @@ def test_streams_are_split_and_move_when_a_worker_leaves(fleet, broker):
     took = time.monotonic() - t0
     assert fleet.state("sa") == "offline" and fleet.state("sa", "text") == "stopped"
     assert took < watchdog_s
-    print(f"streams moved in {took:.2f} s")
+    print(f"streams moved in {took:.2f} s (SIGTERM)")
+
+    # sa comes back: the split is 2 + 2 again; then sb is killed: its Last Will moves its streams
+    fleet.start("sa", *args)
+    assert fleet.rec.wait_for(lambda ms: fleet.state("sa", "streams") == sorted(moved)
+                              and fleet.state("sb", "streams") == sorted(set(streams) - set(moved)), START_TIMEOUT_S)
+    orphans = sorted(set(streams) - set(moved))
+    assert fleet.rec.wait_for(lambda ms: running(ms, streams), START_TIMEOUT_S)
+    n = len(fleet.rec.messages)
+    t0 = time.monotonic()
+    fleet.stop("sb", signal.SIGKILL)
+    assert fleet.rec.wait_for(lambda ms: running(ms[n:], orphans) and fleet.state("sa", "streams") == streams,
+                              watchdog_s), fleet.rec.messages[n:]
+    took = time.monotonic() - t0
+    assert fleet.state("sb") == "offline" and fleet.state("sb", "text") == "connection lost"  # the Last Will
+    assert took < watchdog_s
+    print(f"streams moved in {took:.2f} s (SIGKILL)")
+    # the killed worker's runs went with it (they get SIGTERM when their parent dies)
+    def runs() -> list[str]:
+        out = subprocess.run(["pgrep", "-f", "--", f"--mqtt {broker.url} --mqtt-prefix {P}"], capture_output=True,
+                             text=True).stdout
+        return out.split()
+
+    deadline = time.monotonic() + 15  # a run stops within its stop timeout
+    while len(runs()) != 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(runs()) == 4  # sa's four, none of sb's
 
 
 def test_a_broker_restart_mid_job_loses_no_job_and_repeats_no_result(tmp_path):
