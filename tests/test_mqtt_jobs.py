@@ -251,10 +251,16 @@ def test_streams_are_split_and_move_when_a_worker_leaves(fleet, broker):
     assert took < watchdog_s
     print(f"streams moved in {took:.2f} s (SIGKILL)")
     # the killed worker's runs went with it (they get SIGTERM when their parent dies)
-    def runs() -> list[str]:
-        out = subprocess.run(["pgrep", "-f", "--", f"--mqtt {broker.url} --mqtt-prefix {P}"], capture_output=True,
-                             text=True).stdout
-        return out.split()
+    def runs() -> list[Path]:  # `framecast run` processes against this broker
+        needle = f"\0--mqtt\0{broker.url}\0--mqtt-prefix\0{P}\0".encode()
+        found = []
+        for proc in Path("/proc").glob("[0-9]*"):
+            try:
+                if needle in (proc / "cmdline").read_bytes():
+                    found.append(proc)
+            except OSError:  # exited meanwhile
+                pass
+        return found
 
     deadline = time.monotonic() + 15  # a run stops within its stop timeout
     while len(runs()) != 4 and time.monotonic() < deadline:
