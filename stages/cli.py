@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--mmproj")
     w.add_argument("--max-attempts", type=int, default=3, help="give a job up after this many lost workers")
     w.add_argument("--output-dir", metavar="DIR", help="job output files (outputs.jsonl/srt/vtt) go under DIR")
+    w.add_argument("--reap-after", type=float, default=60.0, metavar="S",
+                   help="move the queued jobs of a worker gone this long back to the queue (0: never)")
     w.add_argument("--session-expiry", type=int, default=3600, metavar="S",
                    help="the broker keeps this worker's queued jobs this long while it is away")
     w.add_argument("--keepalive", type=int, default=10, metavar="S", help="MQTT keepalive (loss noticed after 1.5x)")
@@ -242,12 +244,12 @@ def _cmd_worker(a: argparse.Namespace) -> int:
                 *[f"--set={item}" for item in a.set or []],
                 *[x for flag, v in (("--mqtt-ca", a.mqtt_ca), ("--mqtt-cert", a.mqtt_cert), ("--mqtt-key", a.mqtt_key))
                   if v for x in (flag, v)]]
-    if a.max_attempts < 1 or a.session_expiry < 0 or a.keepalive < 5:
-        raise UserError("--max-attempts must be >= 1, --session-expiry >= 0, --keepalive >= 5")
+    if a.max_attempts < 1 or a.session_expiry < 0 or a.keepalive < 5 or a.reap_after < 0:
+        raise UserError("--max-attempts must be >= 1, --session-expiry >= 0, --keepalive >= 5, --reap-after >= 0")
     return worker_main(base, url=a.mqtt, group=a.group, worker_id=a.worker_id, prefix=a.prefix, streams=a.streams,
                        tls=TlsFiles(a.mqtt_ca, a.mqtt_cert, a.mqtt_key), max_attempts=a.max_attempts,
                        session_expiry_s=a.session_expiry, keepalive_s=a.keepalive, run_args=run_args,
-                       output_dir=a.output_dir)
+                       output_dir=a.output_dir, reap_after_s=a.reap_after)
 
 
 def _cmd_submit(a: argparse.Namespace) -> int:

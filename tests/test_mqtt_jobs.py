@@ -128,8 +128,10 @@ def test_three_workers_share_twelve_jobs_each_done_once(fleet, broker, tmp_path)
 
 
 def test_a_worker_killed_mid_job_gives_the_job_to_another_and_nothing_is_published_twice(fleet, broker):
-    fleet.start("a")
-    fleet.start("b")
+    # --reap-after 1: the will's copy of the job may be assigned to the dead worker's session
+    # (mosquitto assigns to offline sessions too); the survivor then takes it from there
+    fleet.start("a", "--reap-after", "1")
+    fleet.start("b", "--reap-after", "1")
     # 40 frames paced at 10 fps: a job of ~4 s, killed after its first results are out
     waiter = framecast("submit", "--mqtt", broker.url, "--prefix", P, "demo", "--set", "source.max_frames=40",
                        "--set", "source.realtime=true", "--set", "source.fps=10", "--set", "source.width=64",
@@ -149,7 +151,8 @@ def test_a_worker_killed_mid_job_gives_the_job_to_another_and_nothing_is_publish
     assert_each_result_once(fleet.rec, {done["job_id"]})
     by = collections.Counter(r["worker"] for r in live(fleet.rec, "change"))
     assert by[victim] >= 2 and by[other] >= 1, by  # both attempts published, neither repeated the other
-    assert fleet.state(victim) == "offline" and fleet.state(victim, "text") == "connection lost"  # its Last Will
+    assert fleet.state(victim) == "offline"
+    assert any(m.json().get("text") == "connection lost" for m in fleet.rec.on(f"{P}/workers/{victim}"))  # Last Will
     assert f"running on {other} (attempt 2)" in err
 
 
@@ -165,6 +168,20 @@ def test_a_worker_started_after_submission_picks_the_jobs_up(fleet, broker):
     fleet.start("late")
     assert fleet.rec.wait_for(lambda ms: len(live(fleet.rec, "done")) >= 3, START_TIMEOUT_S)
     assert_each_result_once(fleet.rec, job_ids)
+
+
+def test_a_new_worker_takes_over_the_jobs_left_in_a_departed_workers_session(fleet, broker):
+    fleet.start("gone")
+    fleet.stop("gone")  # for good: the jobs below are assigned to its session, the only one there is
+    r = submit(broker, "demo", "demo", "demo", *SHORT)
+    assert r.returncode == 0, r.stderr
+    job_ids = {ln.split("\t")[0] for ln in r.stdout.splitlines()}
+    fleet.start("fresh", "--reap-after", "1")
+    assert fleet.rec.wait_for(lambda ms: len(live(fleet.rec, "done")) >= 3, START_TIMEOUT_S)
+    assert_each_result_once(fleet.rec, job_ids)
+    assert {d["worker"] for d in live(fleet.rec, "done")} == {"fresh"}
+    assert fleet.rec.wait_for(lambda ms: fleet.state("gone", "reaped") is True, 10)
+    assert "3 jobs back on the queue" in fleet.state("gone", "text")
 
 
 def test_submit_refuses_when_no_worker_ever_joined(broker):

@@ -36,6 +36,7 @@ from framecast.stages.mqtt.client import BusClient, BusDisconnected, BusMessage,
 from framecast.stages.mqtt.fleet import FleetMember, default_worker_id, read_retained
 from framecast.stages.mqtt.jobs import (DEFAULT_MAX_ATTEMPTS, Job, JobRejected, check_worker_outputs, job_config,
                                         job_done, job_status, parse_job, result_payload)
+from framecast.stages.mqtt.reaper import DEFAULT_GRACE_S, Reaper
 from framecast.stages.mqtt.topics import JSON
 
 PROGRESS_INTERVAL_S = 1.0  # retained job status refresh while a job runs
@@ -108,11 +109,13 @@ class JobWorker(FleetMember):
     role = "worker"
 
     def __init__(self, base: RunConfig, *, max_attempts: int = DEFAULT_MAX_ATTEMPTS, output_dir: str | None = None,
-                 **kw: Any):
+                 reap_after_s: float = DEFAULT_GRACE_S, **kw: Any):
         super().__init__(base, **kw)
         check_worker_outputs(base)
         self.max_attempts = max_attempts
         self.output_dir = output_dir
+        self.reaper = Reaper(self, grace_s=reap_after_s) if reap_after_s > 0 else None
+        self._reaper_task: asyncio.Task | None = None
         self.job: Job | None = None
         self._runtime: Runtime | None = None
         self._lease_lost = False
@@ -144,6 +147,8 @@ class JobWorker(FleetMember):
             await self._return_job(client, self._give_back)
             self._give_back = None
         await client.subscribe(self.topics.shared_queue(self.group), qos=1)
+        if self.reaper is not None and self._reaper_task is None:
+            self._reaper_task = asyncio.ensure_future(self.reaper.run())
 
     async def _return_job(self, client: BusClient, job: Job) -> None:
         """After losing the broker mid-job: the lease's will may not have been published (a
@@ -163,6 +168,9 @@ class JobWorker(FleetMember):
     async def on_stop(self) -> None:
         if self._runtime is not None:
             self._runtime.request_stop("signal")
+        if self._reaper_task is not None and self.stopping.is_set():
+            self._reaper_task.cancel()
+            await asyncio.gather(self._reaper_task, return_exceptions=True)
 
     async def on_message(self, client: BusClient, m: BusMessage) -> None:
         if m.topic != self.topics.queue:
@@ -324,7 +332,7 @@ class JobWorker(FleetMember):
 
 def worker_main(base: RunConfig, *, url: str, group: str, worker_id: str | None, prefix: str, streams: bool,
                 tls: TlsFiles, max_attempts: int, session_expiry_s: int, keepalive_s: int,
-                run_args: list[str], output_dir: str | None = None) -> int:
+                run_args: list[str], output_dir: str | None = None, reap_after_s: float = DEFAULT_GRACE_S) -> int:
     """`framecast worker`: returns the exit code (0 after SIGINT/SIGTERM)."""
     kw = dict(url=url, group=group, worker_id=worker_id or default_worker_id(), prefix=prefix, tls=tls,
               keepalive_s=keepalive_s, session_expiry_s=session_expiry_s)
@@ -335,6 +343,6 @@ def worker_main(base: RunConfig, *, url: str, group: str, worker_id: str | None,
     else:
         if output_dir and not os.path.isdir(output_dir):
             raise UserError(f"--output-dir {output_dir!r}: no such directory")
-        member = JobWorker(base, max_attempts=max_attempts, output_dir=output_dir, **kw)
+        member = JobWorker(base, max_attempts=max_attempts, output_dir=output_dir, reap_after_s=reap_after_s, **kw)
         member.load_model()
     return asyncio.run(member.run())
