@@ -196,6 +196,7 @@ def test_bad_jobs_end_in_an_error_marker_and_the_worker_goes_on(fleet, broker, t
     fleet.rec.publish(f"{P}/jobs", b"this is not a job")
     fleet.rec.publish(f"{P}/jobs", json.dumps({"job_id": "sneaky", "source": "demo",
                                                "settings": {"model.path": "/elsewhere"}}))
+    fleet.rec.publish(f"{P}/jobs", json.dumps({"job_id": "endless", "source": "demo"}))
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"\x00" * 1000)
     r = submit(broker, str(tmp_path / "missing.mp4"), timeout=START_TIMEOUT_S)
@@ -204,6 +205,7 @@ def test_bad_jobs_end_in_an_error_marker_and_the_worker_goes_on(fleet, broker, t
     assert r.returncode == 1  # one job failed
     errors = {d["job_id"]: d["error"] for d in live(fleet.rec, "done") if d["state"] == "error"}
     assert "model.path" in errors.pop("sneaky")
+    assert "a live source without an end" in errors.pop("endless")
     assert sorted(errors.values())[0].startswith("/nowhere/gone.mp4: no such file")
     assert any("broken.mp4" in e for e in errors.values()), errors
     assert sum(d["state"] == "done" for d in live(fleet.rec, "done")) == 1  # the good one still ran

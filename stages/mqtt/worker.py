@@ -299,6 +299,11 @@ class JobWorker(FleetMember):
             source, stages = build_graph(cfg, model_loader=self._model_loader)
         except (JobRejected, UserError) as e:
             return "error", str(e), None
+        src = cfg.source
+        if (source.live or src.uri == "demo") and not (src.max_frames or src.end or src.duration):
+            # it would hold this worker for ever: a camera is a stream, not a job
+            return "error", (f"{src.uri}: a live source without an end; give source.max_frames, source.end or "
+                             "source.duration, or run it with `framecast worker --streams`"), None
         sink = JobSink(self, job, skip=skip)
         errors: list[str] = []
         runtime = Runtime(source, [*stages, sink], edge_size=cfg.runtime.edge_size,
