@@ -156,6 +156,28 @@ def test_a_worker_killed_mid_job_gives_the_job_to_another_and_nothing_is_publish
     assert f"running on {other} (attempt 2)" in err
 
 
+def test_a_second_copy_of_a_running_job_publishes_nothing(fleet, broker):
+    fleet.start("a", "--reap-after", "0")
+    fleet.start("b", "--reap-after", "0")
+    job = {"job_id": "twice", "source": "demo", "settings": {
+        "source.max_frames": 30, "source.realtime": True, "source.fps": 10, "source.width": 64, "source.height": 64}}
+    fleet.rec.publish(f"{P}/jobs", json.dumps(job))
+    assert fleet.rec.wait_for(lambda ms: len(live(fleet.rec, "change")) >= 1, START_TIMEOUT_S)
+    runner = live(fleet.rec, "change")[0]["worker"]
+    for _ in range(2):  # submitted again while it runs (same id, same attempt): one copy reaches the other worker
+        fleet.rec.publish(f"{P}/jobs", json.dumps(job))
+    assert fleet.rec.wait_for(lambda ms: len(live(fleet.rec, "done")) >= 1, START_TIMEOUT_S)
+    fleet.rec.publish(f"{P}/jobs", json.dumps(job))  # and once more after it is done
+    time.sleep(1.5)
+    (done,) = live(fleet.rec, "done")
+    assert done["worker"] == runner and done["attempt"] == 1
+    assert_each_result_once(fleet.rec, {"twice"})
+    other = ({"a", "b"} - {runner}).pop()
+    err = fleet.stop(other) + fleet.stop(runner)
+    assert f"job twice is running on {runner}: this copy is dropped, nothing published" in err, err
+    assert "job twice is already done: this copy is dropped, nothing published" in err, err
+
+
 def test_a_worker_started_after_submission_picks_the_jobs_up(fleet, broker):
     fleet.start("late")
     fleet.stop("late")  # its persistent session (and subscription) stays with the broker

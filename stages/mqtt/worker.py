@@ -44,9 +44,8 @@ PROGRESS_INTERVAL_S = 1.0  # retained job status refresh while a job runs
 
 class JobSink(Stage):
     """The last stage of a job's graph: results go to `<prefix>/jobs/<id>/<type>` (retained, with
-    its index among the job's results of its type; `skip[type]` of them were published by an
-    earlier attempt), progress to
-    the retained job status."""
+    its index among the job's results of its type; the first `skip[type]` were published by an
+    earlier attempt), progress (frames, pts in media seconds) to the retained job status."""
 
     name = "jobs"
 
@@ -188,7 +187,11 @@ class JobWorker(FleetMember):
         await lease.connect()  # BusDisconnected: the job stays unacknowledged in our session
         try:
             done, seen, status = await self._job_state(lease, job)
-            runner = status.get("worker") if status.get("state") == "running" else None
+            # A copy is redundant when another live worker runs this attempt or a later one. A
+            # lease's will always carries a later attempt than the one its dead holder ran, so
+            # it is never dropped on the word of a presence the broker has not updated yet.
+            runner = (status.get("worker") if status.get("state") == "running"
+                      and int(status.get("attempt") or 0) >= job.attempt else None)
             busy = runner not in (None, self.worker_id) and await self._runs(lease, runner, job.job_id)
         except BaseException:
             await lease.disconnect(timeout_s=1.0)
