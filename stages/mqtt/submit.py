@@ -115,8 +115,8 @@ async def _submit(address: BrokerAddress, tls: TlsFiles, topics: FleetTopics, jo
     try:
         if require_worker:
             known = await read_retained(client, topics.workers)
-            members = [json.loads(p) for p in known.values()]
-            if not any(m.get("role") == "worker" for m in members if isinstance(m, dict)):
+            members = [_json(p) for p in known.values()]
+            if not any(m.get("role") == "worker" and not m.get("reaped") for m in members):
                 # the broker drops a message nobody subscribed to: a job sent now would be lost
                 print(f"framecast: no job worker has joined {topics.queue} at {address.display()}: the broker keeps "
                       f"jobs only for the sessions of workers it knows; start `framecast worker --mqtt URL"
@@ -184,3 +184,11 @@ async def _follow(client: BusClient, jobs: list[Job], open_jobs: set[str]) -> in
             text = str(obj.get("text", "")).replace("\n", " ").replace("\t", " ")
             print(f"{job_id}\t{obj.get('type', leaf)}\t{'' if pts is None else pts}\t{text}", flush=True)
     raise BusDisconnected("connection closed while waiting")
+
+
+def _json(payload: bytes) -> dict:
+    try:
+        obj = json.loads(payload)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
