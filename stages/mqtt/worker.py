@@ -97,8 +97,7 @@ class JobSink(Stage):
             return True
         except BusDisconnected as e:  # results must not go missing: give the job back
             self.aborted = f"bus lost while publishing: {e}"
-            if self.runtime is not None:
-                self.runtime.request_stop("stop")
+            self.worker.stop_job()
             return False
 
 
@@ -283,6 +282,11 @@ class JobWorker(FleetMember):
             self.job = None
             await self.announce()
 
+    def stop_job(self) -> None:
+        """End the job's run early (it is given back, not finished)."""
+        if self._runtime is not None:
+            self._runtime.request_stop("stop")
+
     async def _watch_lease(self, lease: BusClient) -> None:
         try:
             async for _ in lease.messages():
@@ -290,8 +294,7 @@ class JobWorker(FleetMember):
         except BusDisconnected:
             pass
         self._lease_lost = True
-        if self._runtime is not None:
-            self._runtime.request_stop("stop")
+        self.stop_job()
 
     async def _run_job(self, job: Job, *, skip: dict[str, int]) -> tuple[str, str | None, JobSink | None]:
         """Run the job's graph; ("done" | "error" | "aborted", error text, sink)."""
