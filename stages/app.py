@@ -14,7 +14,9 @@ from framecast.events import Error
 from framecast.runtime import Runtime, Source, Stage
 
 
-def build_graph(cfg: RunConfig) -> tuple[Source, list[Stage]]:
+def build_graph(cfg: RunConfig, *, model_loader=None) -> tuple[Source, list[Stage]]:
+    """`model_loader(cfg)` returns the model to watch with (default `load_run_model`); a job
+    worker passes one that loads once and keeps it for every job."""
     from framecast.stages.change import ChangeDetector
     from framecast.stages.outputs import make_outputs
     from framecast.stages.outputs import check_output_path
@@ -31,7 +33,7 @@ def build_graph(cfg: RunConfig) -> tuple[Source, list[Stage]]:
     if cfg.change.enabled:
         stages.append(ChangeDetector(cfg.change))
     if not cfg.runtime.capture_only:
-        stages.extend(_model_stages(cfg, recorded=not source.live))
+        stages.extend(_model_stages(cfg, recorded=not source.live, model_loader=model_loader))
     stages.extend(make_outputs(cfg.outputs, live=source.live))
     if cfg.mqtt.url:
         from framecast.stages.mqtt.stage import MqttStage
@@ -60,10 +62,10 @@ def load_run_model(cfg: RunConfig):
     return model
 
 
-def _model_stages(cfg: RunConfig, *, recorded: bool = True) -> list[Stage]:
+def _model_stages(cfg: RunConfig, *, recorded: bool = True, model_loader=None) -> list[Stage]:
     """Encode + decode stages around one streaming session (one KV cache for this stream).
     `recorded`: the input has an end, whose last span gets a closing narration."""
-    model = load_run_model(cfg)
+    model = (model_loader or load_run_model)(cfg)
     if model is None:
         return []
     from framecast.engine.session import StreamingSession
