@@ -22,7 +22,7 @@ class _Parser(argparse.ArgumentParser):
 def _run_overrides(a: argparse.Namespace) -> dict[str, Any]:
     """CLI flags as dotted config keys (only those given)."""
     pairs = {
-        "source.uri": a.source, "source.stream_id": a.stream_id, "source.fps": a.fps,
+        **_source_overrides(a.source or [], a.stream_id or []), "source.fps": a.fps,
         "source.max_frames": a.max_frames, "source.start": a.start, "source.end": a.end,
         "source.realtime": a.realtime, "source.seed": a.seed,
         "source.watchdog_s": a.watchdog, "source.open_timeout_s": a.open_timeout,
@@ -49,6 +49,31 @@ def _run_overrides(a: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _source_overrides(sources: list[str], ids: list[str]) -> dict[str, Any]:
+    """Repeatable `--source URI[#id]` (+ `--stream-id`, one per source or a single one): one
+    source sets `source.uri`; several become the `streams` list. Either way they replace the
+    config file's `[[streams]]` (flags win)."""
+    from framecast.config import split_stream_uri
+
+    if len(sources) > 1 and ids and len(ids) != len(sources):
+        raise UserError(f"--stream-id given {len(ids)} times for {len(sources)} --source flags "
+                        "(give one per source, or name them as URI#id)")
+    if len(ids) > 1 and len(sources) <= 1:
+        raise UserError(f"--stream-id given {len(ids)} times for {len(sources)} --source flag(s)")
+    split = [split_stream_uri(raw) for raw in sources]
+    for i, (raw, (_, frag)) in enumerate(zip(sources, split)):
+        if frag and ids:
+            raise UserError(f"--source {raw!r}: named both by '#{frag}' and by --stream-id {ids[i]!r} (give one)")
+    if len(sources) <= 1:
+        uri, frag = split[0] if split else (None, None)
+        out = {"source.uri": uri, "source.stream_id": frag or (ids[0] if ids else None)}
+        if sources:
+            out["streams"] = []
+        return out
+    return {"streams": [{"id": frag or (ids[i] if ids else None), "source": {"uri": uri}}
+                        for i, (uri, frag) in enumerate(split)]}
+
+
 def _scalar(raw: str) -> Any:
     """A command-line value as YAML reads it: 2 -> int, 0.5 -> float, true -> bool, null -> None."""
     import yaml
@@ -66,8 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="watch a source and narrate it")
     r.add_argument("--config", help="TOML/YAML file or preset name (see `framecast config list`)")
-    r.add_argument("--source", help="demo | FILE | rtsp://… | http(s)://… | camera:N")
-    r.add_argument("--stream-id")
+    r.add_argument("--source", action="append",
+                   help="demo | FILE | rtsp://… | http(s)://… | camera:N; repeat for several streams "
+                        "on one model, each named URI#id or by --stream-id")
+    r.add_argument("--stream-id", action="append", help="id of the stream (one per --source when repeated)")
     r.add_argument("--fps", type=float, help="sample rate in frames per second")
     r.add_argument("--max-frames", type=int)
     r.add_argument("--start", type=float, help="seconds into a recorded file")
@@ -135,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("ask", help="ask a running stream a question over MQTT")
     a.add_argument("question")
     a.add_argument("--mqtt", required=True)
-    a.add_argument("--stream", default="default")
+    a.add_argument("--stream", default="default", help="id of the stream to ask (several run on one model)")
     a.add_argument("--prefix", default="framecast")
     a.add_argument("--timeout", type=float, default=60.0)
     a.add_argument("--mqtt-ca")

@@ -81,10 +81,16 @@ class StreamingSession:
 
     async def narrate(self, prompt: str, **kw: Any) -> AsyncIterator[TextDelta | TurnDone]:
         """Yield `TextDelta`s as tokens come, then one `TurnDone`. Leaving early (break,
-        cancellation) interrupts the turn; the worker closes it before any later call runs."""
+        cancellation) interrupts the turn; the worker closes it before any later call runs.
+
+        The turn runs as worker jobs of one or more decode steps: a job hands the worker over
+        as soon as other work is queued (another stream's frame, step or question), so the
+        sessions sharing a model interleave step by step; alone, a turn is one job."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
+        worker = self.worker
+        steps = None
 
         def on_delta(delta: TextDelta) -> None:
             try:
@@ -92,15 +98,39 @@ class StreamingSession:
             except RuntimeError:  # the loop is closed: nobody listens, end the turn cleanly
                 stop.set()
 
-        fut = self.worker.submit(self.core.generate, prompt, on_delta=on_delta, stop=stop, **kw)
-        fut.add_done_callback(lambda _f: queue.put_nowait(_DONE))
+        def advance(until_done: bool = False) -> TurnDone | None:
+            """On the worker: decode until the turn ends, or until other work waits."""
+            nonlocal steps
+            if steps is None:
+                steps = self.core.turn(prompt, stop=stop, **kw)
+            while True:
+                try:
+                    delta = next(steps)
+                except StopIteration as done:
+                    return done.value
+                if delta is not None:
+                    on_delta(delta)
+                if not until_done and worker.queued:
+                    return None
+
+        async def drive() -> TurnDone:
+            while (done := await worker.run(advance)) is None:
+                pass
+            return done
+
+        task = asyncio.ensure_future(drive())
+        task.add_done_callback(lambda _t: queue.put_nowait(_DONE))
         try:
             while (item := await queue.get()) is not _DONE:
                 yield item
-            yield fut.result()
+            yield task.result()
         finally:
-            if not fut.done():
+            if not task.done():
+                # Interrupted: no further step jobs from `drive`; one job, queued now (before
+                # any later call of this session), finishes the turn (closed, `interrupted`).
                 stop.set()
+                task.cancel()
+                worker.submit_sync(lambda: steps is not None and advance(until_done=True))
 
     async def ask(self, question: str, **kw: Any) -> AsyncIterator[TextDelta | TurnDone]:
         """Answer from the cached context (no frame is re-encoded): same events as narrate."""

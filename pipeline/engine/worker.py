@@ -66,6 +66,12 @@ class ModelWorker:
     async def run(self, fn: Callable, *args: Any, **kw: Any) -> Any:
         return await self.submit(fn, *args, **kw)
 
+    @property
+    def queued(self) -> int:
+        """Jobs waiting behind the running one: a long job (a turn) hands the thread over
+        between its steps while this is non-zero (several streams share one worker)."""
+        return self._jobs.qsize()
+
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until no job is queued or running (True), or `timeout` (default exit_wait_s)."""
         with self._lock:
