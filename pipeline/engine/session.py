@@ -42,6 +42,7 @@ class StreamingSession:
     max_slice_nums: int = 1
     worker: ModelWorker | None = None
     core: SessionCore = field(init=False)
+    _open_turn: Any = field(default=None, init=False, repr=False)  # closes a turn still running
 
     def __post_init__(self) -> None:
         self.core = SessionCore(
@@ -58,12 +59,18 @@ class StreamingSession:
                    sink_tokens=session_cfg.sink_tokens, kv_bits=session_cfg.kv_bits,
                    keep_generated=session_cfg.keep_generated, **kw)
 
+    def _run(self, fn: Any, *args: Any, **kw: Any) -> Any:
+        """Submit to the worker, after closing a turn whose reader left (see `narrate`)."""
+        if self._open_turn is not None:
+            self._open_turn()
+        return self.worker.run(fn, *args, **kw)
+
     @property
     def cache_tokens(self) -> int:
         return self.core.offset
 
     async def start(self) -> None:
-        await self.worker.run(self.core.start)
+        await self._run(self.core.start)
 
     async def add_frame(self, frame: Any, pts: float | None = None) -> int:
         """Append a frame: RGB uint8 pixels [H, W, 3] (encoded here), precomputed features
@@ -73,11 +80,11 @@ class StreamingSession:
             pts = frame.pts if pts is None else pts
             frame = frame.features if frame.features is not None else frame.pixels
         if isinstance(frame, np.ndarray):
-            return await self.worker.run(self.core.add_image, frame, pts)
-        return await self.worker.run(self.core.add_features, frame, pts)
+            return await self._run(self.core.add_image, frame, pts)
+        return await self._run(self.core.add_features, frame, pts)
 
     async def add_text(self, text: str, pts: float | None = None) -> int:
-        return await self.worker.run(self.core.add_text, text, pts)
+        return await self._run(self.core.add_text, text, pts)
 
     async def narrate(self, prompt: str, **kw: Any) -> AsyncIterator[TextDelta | TurnDone]:
         """Yield `TextDelta`s as tokens come, then one `TurnDone`. Leaving early (break,
@@ -85,7 +92,8 @@ class StreamingSession:
 
         The turn runs as worker jobs of one or more decode steps: a job hands the worker over
         as soon as other work is queued (another stream's frame, step or question), so the
-        sessions sharing a model interleave step by step; alone, a turn is one job."""
+        sessions sharing a model interleave step by step; alone, a turn is one job.
+        One reader at a time: a later call on this session closes a turn still open first."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
@@ -118,19 +126,28 @@ class StreamingSession:
                 pass
             return done
 
+        def close_turn() -> None:
+            # The reader left (break, cancellation) or a later call came: no further step jobs
+            # from `drive`; one job, queued now, before the later call's, finishes the turn
+            # (closed, `interrupted`). (`async for ... break` closes this generator only later.)
+            if self._open_turn is close_turn:
+                self._open_turn = None
+            if not task.done():
+                stop.set()
+                task.cancel()
+                worker.submit_sync(lambda: steps is not None and advance(until_done=True))
+
+        if self._open_turn is not None:
+            self._open_turn()
         task = asyncio.ensure_future(drive())
         task.add_done_callback(lambda _t: queue.put_nowait(_DONE))
+        self._open_turn = close_turn
         try:
             while (item := await queue.get()) is not _DONE:
                 yield item
             yield task.result()
         finally:
-            if not task.done():
-                # Interrupted: no further step jobs from `drive`; one job, queued now (before
-                # any later call of this session), finishes the turn (closed, `interrupted`).
-                stop.set()
-                task.cancel()
-                worker.submit_sync(lambda: steps is not None and advance(until_done=True))
+            close_turn()
 
     async def ask(self, question: str, **kw: Any) -> AsyncIterator[TextDelta | TurnDone]:
         """Answer from the cached context (no frame is re-encoded): same events as narrate."""
@@ -138,10 +155,10 @@ class StreamingSession:
             yield item
 
     async def reset(self) -> None:
-        await self.worker.run(self.core.reset)
+        await self._run(self.core.reset)
 
     async def save(self, path: str | Path) -> Path:
-        return await self.worker.run(self.core.save, path)
+        return await self._run(self.core.save, path)
 
     async def load(self, path: str | Path) -> None:
-        await self.worker.run(self.core.load, path)
+        await self._run(self.core.load, path)

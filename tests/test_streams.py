@@ -1,0 +1,420 @@
+"""Several streams, one model (issue 15): `[[streams]]` and repeated `--source`, one session per
+stream on one loaded model and one worker, frames of all streams encoded in one batch, turns
+interleaved step by step; 4 streams in one run narrate exactly as 4 separate runs; a stream that
+ends or stalls leaves the others running; questions and HA discovery per stream on the bus."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+from framecast.config import ConfigError, load_config, stream_configs
+from framecast.events import Frame, Status
+from framecast.runtime import Runtime, Source
+from framecast.stages.app import SharedModel, build_graph
+from framecast.stages.cli import _run_overrides, build_parser
+from framecast.stages.multi import LabelledWriter, StreamRun, build_streams, load_shared_model, run_streams
+from framecast.testing import make_tiny_minicpmv, random_image
+
+
+def _write(tmp_path, text: str, name: str = "run.toml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def test_streams_entries_merge_over_the_run_groups(tmp_path):
+    path = _write(tmp_path, """
+[source]
+fps = 2
+[narration]
+policy = "change"
+[outputs]
+jsonl = "out/{stream_id}.jsonl"
+[session]
+state_file = "state/{stream_id}.safetensors"
+
+[[streams]]
+id = "door"
+source = { uri = "door.mp4", start = 3 }
+
+[[streams]]
+source = { uri = "rtsp://cam/yard" }
+narration = { policy = "interval", interval_s = 5 }
+outputs = { srt = "yard.srt" }
+
+[[streams]]
+source = { uri = "demo", stream_id = "garden", seed = 7 }
+""")
+    cfg = load_config(path)
+    door, yard, garden = stream_configs(cfg, path)
+    assert [c.source.stream_id for c in (door, yard, garden)] == ["door", "stream2", "garden"]
+    assert door.source.uri == "door.mp4" and door.source.start == 3 and door.source.fps == 2  # shared fps
+    assert door.narration.policy == "change" and yard.narration.policy == "interval"
+    assert yard.narration.interval_s == 5 and yard.outputs.srt == "yard.srt"
+    assert [c.outputs.jsonl for c in (door, yard, garden)] == ["out/door.jsonl", "out/stream2.jsonl",
+                                                               "out/garden.jsonl"]
+    assert door.session.state_file == "state/door.safetensors"
+    assert garden.source.seed == 7 and not any(c.streams for c in (door, yard, garden))
+
+
+def test_single_stream_paths_expand_too():
+    cfg = load_config(None, {"source.stream_id": "porch", "outputs.jsonl": "{stream_id}.jsonl"}, env=False)
+    (one,) = stream_configs(cfg)
+    assert one.outputs.jsonl == "porch.jsonl"
+
+
+@pytest.mark.parametrize("body, message", [
+    ('[[streams]]\nid = "a"\n[[streams]]\nid = "a"\n', r"streams\[1\]: stream id 'a' is already used by streams\[0\]"),
+    ('[[streams]]\nsource = { stream_id = "b" }\n[[streams]]\nid = "b"\n', r"streams\[1\]: stream id 'b' is already"),
+    ('[[streams]]\nid = "a/b"\n', r"streams\[0\]: id = 'a/b': stream ids use"),
+    ('[[streams]]\nid = "a"\nsource = { fps = -1 }\n', r"streams\[0\]: source.fps = -1: .*greater than 0"),
+    ('[[streams]]\nid = "a"\nsource = { colour = 1 }\n', r"streams\[0\]: unknown key 'source.colour'"),
+    ('[[streams]]\nid = "a"\nnarration = { policy = "often" }\n', r"streams\[0\]: narration.policy = 'often'"),
+    ('[[streams]]\nid = "a"\nmqtt = { url = "mqtt://x" }\n', r"unknown key 'streams.0.mqtt'"),
+    ('[[streams]]\nid = "a"\nsource = "demo"\n', r"streams.0.source = 'demo'"),
+    ('[[streams]]\nid = "a"\nsource = { stream_id = "b" }\n', r"id = 'a' but source.stream_id = 'b'"),
+    ('[outputs]\njsonl = "all.jsonl"\n[[streams]]\nid = "a"\n[[streams]]\nid = "b"\n',
+     r"outputs.jsonl = 'all.jsonl' is shared by streams 'a' and 'b': put \{stream_id\} in the path"),
+    ('[[streams]]\nid = "a"\nsession = { state_file = "s" }\n[[streams]]\nid = "b"\nsession = { state_file = "s" }\n',
+     r"session.state_file = 's' is shared"),
+])
+def test_bad_stream_entries_fail_with_one_line(tmp_path, body, message):
+    path = _write(tmp_path, body)
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(path, env=False)
+    assert "\n" not in str(e.value) and str(e.value).startswith(path)
+
+
+def test_streams_cannot_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("FRAMECAST_STREAMS", "[]")
+    with pytest.raises(ConfigError, match="FRAMECAST_STREAMS: streams are set in a config file"):
+        load_config(None)
+
+
+def _cli(*argv: str) -> dict:
+    return _run_overrides(build_parser().parse_args(["run", *argv]))
+
+
+def test_repeated_source_flags_become_streams(tmp_path):
+    assert _cli("--source", "demo")["source.uri"] == "demo"
+    one = _cli("--source", "cam.mp4#door")
+    assert one["source.uri"] == "cam.mp4" and one["source.stream_id"] == "door" and one["streams"] == []
+    many = _cli("--source", "a.mp4#door", "--source", "rtsp://h/s#yard", "--source", "demo")
+    assert many["streams"] == [{"id": "door", "source": {"uri": "a.mp4"}},
+                               {"id": "yard", "source": {"uri": "rtsp://h/s"}},
+                               {"id": None, "source": {"uri": "demo"}}]
+    named = _cli("--source", "a.mp4", "--stream-id", "x", "--source", "b.mp4", "--stream-id", "y")
+    assert [s["id"] for s in named["streams"]] == ["x", "y"]
+    # a fragment that is no stream id stays part of the URL
+    assert _cli("--source", "http://h/v.mp4#t=1,2")["source.uri"] == "http://h/v.mp4#t=1,2"
+    # flags replace the file's streams
+    path = _write(tmp_path, '[[streams]]\nid = "file"\n')
+    cfg = load_config(path, _cli("--source", "demo#x", "--source", "demo#y"), env=False)
+    assert [c.source.stream_id for c in stream_configs(cfg)] == ["x", "y"]
+    assert load_config(path, _cli("--source", "demo"), env=False).streams == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--source", "a", "--source", "b", "--stream-id", "x"], "--stream-id given 1 times for 2 --source flags"),
+    (["--source", "a", "--stream-id", "x", "--stream-id", "y"], "--stream-id given 2 times for 1"),
+    (["--source", "a#p", "--source", "b", "--stream-id", "x", "--stream-id", "y"], "named both by '#p'"),
+])
+def test_bad_source_flags_fail_with_one_line(argv, message):
+    from framecast.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        _cli(*argv)
+
+
+def test_cli_errors_for_duplicate_ids_exit_2(capsys):
+    from framecast.stages.cli import main
+
+    assert main(["run", "--source", "demo#a", "--source", "demo#a"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "framecast: command line: streams[1]: stream id 'a' is already used by streams[0]"
+
+
+def test_labelled_writer_prefixes_every_line():
+    import io
+
+    buf = io.StringIO()
+    w = LabelledWriter(buf, "door")
+    w.write("one\ntwo")
+    w.write(" halves\n")
+    w.write("\r\033[Kpartial")
+    assert buf.getvalue() == "[door] one\n[door] two halves\n\r[door] \033[Kpartial"
+
+
+# ---------------------------------------------------------------- engine: batching, interleaving
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from framecast.model.load import load_model
+
+    d = tmp_path_factory.mktemp("tiny-2.6")
+    make_tiny_minicpmv(d, "2.6")
+    return load_model(str(d))
+
+
+def test_batch_encoder_batches_frames_that_arrive_together(tiny):
+    from framecast.engine.scheduler import BatchEncoder
+    from framecast.engine.worker import worker_for
+
+    worker = worker_for(tiny)
+    enc = BatchEncoder(tiny, worker=worker, max_batch=8)
+    images = [random_image(56 + 14 * (i % 3), 70, seed=i) for i in range(6)]  # mixed sizes
+
+    async def scenario():
+        import threading
+        release = threading.Event()
+        worker.submit_sync(release.wait, 10)  # the worker is busy: requests pile up
+        tasks = [asyncio.ensure_future(enc([img])) for img in images[:4]] + [
+            asyncio.ensure_future(enc(images[4:]))]
+        await asyncio.sleep(0.05)
+        release.set()
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(scenario())
+    assert enc.calls == 1 and enc.frames == 6 and enc.max_rows == 6  # one vision-tower call
+    got = [f for r in results for f in r]
+    assert len(got) == 6
+
+    def compare():  # MLX arrays belong to the worker's thread
+        for img, a in zip(images, got):
+            (b,) = tiny.encode_images([img], max_slice_nums=1)  # each frame alone
+            np.testing.assert_allclose(np.array(a.features), np.array(b.features), rtol=1e-5, atol=1e-5)
+            assert a.grid == b.grid
+
+    worker.submit_sync(compare).result()
+
+
+def test_batch_encoder_splits_at_max_batch_and_reports_errors_to_every_stream(tiny):
+    from framecast.engine.scheduler import BatchEncoder
+
+    enc = BatchEncoder(tiny, max_batch=2)
+    images = [random_image(56, 56, seed=i) for i in range(5)]
+
+    async def scenario():
+        import threading
+        release = threading.Event()
+        enc.worker.submit_sync(release.wait, 10)
+        tasks = [asyncio.ensure_future(enc([img])) for img in images]
+        await asyncio.sleep(0.05)
+        release.set()
+        return await asyncio.gather(*tasks)
+
+    assert len(asyncio.run(scenario())) == 5 and enc.calls == 3 and enc.max_rows == 2
+
+    async def broken():
+        import threading
+        release = threading.Event()
+        enc.worker.submit_sync(release.wait, 10)
+        tasks = [asyncio.ensure_future(enc([np.zeros((0, 0, 3), np.uint8)])), asyncio.ensure_future(enc([images[0]]))]
+        await asyncio.sleep(0.05)
+        release.set()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    assert all(isinstance(r, Exception) for r in asyncio.run(broken()))
+
+
+def _encode(model, images):
+    from framecast.engine.worker import worker_for
+
+    return worker_for(model).submit_sync(model.encode_images, images).result()
+
+
+def test_turns_of_two_sessions_interleave_and_match_separate_turns(tiny):
+    from framecast.engine.session import StreamingSession, TextDelta, TurnDone
+
+    feats = _encode(tiny, [random_image(56, 56, seed=s) for s in (1, 2)])
+
+    async def alone(i: int) -> str:
+        s = StreamingSession(tiny)
+        await s.add_frame(feats[i], 0.0)
+        async for ev in s.narrate("Describe it.", max_tokens=12):
+            if isinstance(ev, TurnDone):
+                return ev.text
+
+    async def together() -> tuple[list[str], list[int]]:
+        sessions = [StreamingSession(tiny) for _ in range(2)]
+        order: list[int] = []
+        for s, f in zip(sessions, feats):
+            await s.add_frame(f, 0.0)
+
+        async def one(i: int) -> str:
+            async for ev in sessions[i].narrate("Describe it.", max_tokens=12):
+                if isinstance(ev, TextDelta):
+                    order.append(i)
+                elif isinstance(ev, TurnDone):
+                    return ev.text
+
+        return list(await asyncio.gather(one(0), one(1))), order
+
+    expected = [asyncio.run(alone(0)), asyncio.run(alone(1))]
+    texts, order = asyncio.run(together())
+    assert texts == expected
+    # step by step: the second session's tokens come before the first's turn is over
+    assert order.index(1) < len(order) - 1 - order[::-1].index(0)
+
+
+def test_a_question_is_answered_between_the_steps_of_another_streams_narration(tiny):
+    from framecast.engine.session import StreamingSession, TurnDone
+
+    feats = _encode(tiny, [random_image(56, 56, seed=3)])
+
+    async def scenario():
+        a, b = StreamingSession(tiny), StreamingSession(tiny)
+        await a.add_frame(feats[0], 0.0)
+        await b.add_frame(feats[0], 0.0)
+        done: list[str] = []
+
+        async def narrate():
+            async for ev in a.narrate("Describe it at length.", max_tokens=200, ignore_eos=True):
+                if isinstance(ev, TurnDone):
+                    done.append("narration")
+
+        async def ask():
+            await asyncio.sleep(0.01)
+            async for ev in b.ask("What is it?", max_tokens=3):
+                if isinstance(ev, TurnDone):
+                    done.append("answer")
+
+        await asyncio.gather(narrate(), ask())
+        return done
+
+    assert asyncio.run(scenario()) == ["answer", "narration"]
+
+
+def test_an_interrupted_interleaved_turn_is_closed_before_the_next_call(tiny):
+    from framecast.engine.session import StreamingSession, TextDelta
+
+    feats = _encode(tiny, [random_image(56, 56, seed=4)])
+
+    async def scenario():
+        s, other = StreamingSession(tiny), StreamingSession(tiny)
+        await s.add_frame(feats[0], 0.0)
+        await other.add_frame(feats[0], 0.0)
+        busy = asyncio.ensure_future(_drain(other.narrate("Go on.", max_tokens=40, ignore_eos=True)))
+        n = 0
+        async for ev in s.narrate("Describe it.", max_tokens=40, ignore_eos=True):
+            n += isinstance(ev, TextDelta)
+            if n == 2:
+                break
+        await s.add_text("after")  # runs after the interrupted turn was closed
+        await busy
+        return s.core.spans, s.core.offset
+
+    spans, offset = asyncio.run(scenario())
+    assert [sp.kind for sp in spans] == ["prefix", "frame", "turn", "text"]
+    assert offset == sum(sp.length for sp in spans)
+
+
+async def _drain(gen):
+    async for _ in gen:
+        pass
+
+
+# ---------------------------------------------------------------- the proof, demo model
+
+
+def _demo_streams(tmp_path, n: int = 4) -> list:
+    overrides = {"streams": [{"id": f"cam{i}", "source": {"seed": 10 + i, "max_frames": 14 - 3 * (i == 3)}}
+                             for i in range(n)],
+                 "source.fps": 10.0, "narration.interval_s": 0.5, "narration.max_tokens": 8,
+                 "outputs.console": False, "outputs.jsonl": str(tmp_path / "{stream_id}.jsonl")}
+    return stream_configs(load_config(None, overrides, env=False))
+
+
+def _narrations(path) -> list[tuple]:
+    rows = [json.loads(line) for line in open(path)]
+    return [(r["pts"], r["trigger"], r["text"]) for r in rows if r["type"] == "narration"]
+
+
+def test_four_streams_in_one_run_narrate_exactly_as_four_separate_runs(tmp_path):
+    configs = _demo_streams(tmp_path / "together")
+    (tmp_path / "together").mkdir()
+    runs = build_streams(configs)
+    results = asyncio.run(run_streams(runs, handle_signals=False))
+    assert all(r.exit_code == 0 for r in results.values()), {k: r.errors for k, r in results.items()}
+    encode = [st for st in runs[0].runtime.stages if st.name == "encode"][0]
+    assert encode.encoder is not None and encode.encoder.max_rows > 1  # frames of several streams in one call
+    assert len({id(st.session.model) for r in runs for st in r.runtime.stages if st.name == "decode"}) == 1
+
+    shared = SharedModel(encode.model, encode.worker)  # the same weights, one stream at a time
+    separate = {}
+    (tmp_path / "separate").mkdir()
+    for cfg in _demo_streams(tmp_path / "separate"):
+        source, stages = build_graph(cfg, shared=shared)
+        result = asyncio.run(Runtime(source, stages, stream_id=cfg.source.stream_id).run(handle_signals=False))
+        assert result.exit_code == 0
+        separate[cfg.source.stream_id] = _narrations(cfg.outputs.jsonl)
+    together = {c.source.stream_id: _narrations(c.outputs.jsonl) for c in configs}
+    assert together == separate
+    assert all(len(v) >= 2 for v in together.values())
+    assert len({tuple(v) for v in together.values()}) > 1  # the streams saw different scenes
+    # cam3's file ended first; the others went on to their own end
+    assert max(p for p, _, _ in together["cam3"]) < max(p for p, _, _ in together["cam0"])
+    for sid in together:
+        rows = [json.loads(line) for line in open(tmp_path / "together" / f"{sid}.jsonl")]
+        assert {r["stream_id"] for r in rows} == {sid}
+
+
+class StallingSource(Source):
+    """A live camera that sends two frames, then hangs (no frame, no end) until stopped."""
+
+    live = True
+
+    def __init__(self, stream_id: str):
+        super().__init__(name="stalled")
+        self.stream_id = stream_id
+
+    async def frames(self):
+        yield Status(state="running", stream_id=self.stream_id)
+        for i in range(2):
+            yield Frame(pixels=random_image(448, 448, seed=i), pts=i / 10, stream_id=self.stream_id)
+        await self.stopping.wait()
+        yield Status(state="stopped", stream_id=self.stream_id)
+
+
+def test_a_stalled_stream_leaves_the_other_three_running(tmp_path):
+    configs = _demo_streams(tmp_path)
+    shared = load_shared_model(configs)
+    runs = build_streams(configs[:3], shared=shared)
+    stalled_cfg = configs[3]
+    _, stages = build_graph(stalled_cfg, shared=shared)
+    stalled = Runtime(StallingSource("cam3"), stages, stream_id="cam3")
+    runs.append(StreamRun("cam3", stalled_cfg, stalled))
+
+    async def scenario():
+        task = asyncio.ensure_future(run_streams(runs, handle_signals=False))
+        others = [asyncio.ensure_future(_until_done(r.runtime)) for r in runs[:3]]
+        await asyncio.wait_for(asyncio.gather(*others), 120)
+        assert not task.done()  # the stalled camera is still waiting for frames
+        stalled.request_stop("stop")
+        return await asyncio.wait_for(task, 30)
+
+    results = asyncio.run(scenario())
+    for cfg in configs[:3]:
+        assert results[cfg.source.stream_id].stopped_by == "eos"
+        assert len(_narrations(cfg.outputs.jsonl)) >= 2
+    assert results["cam3"].stopped_by == "stop"
+
+
+async def _until_done(runtime: Runtime) -> None:
+    """Wait until the runtime's graph has finished (its last stage saw the end of stream)."""
+    while not (runtime.source.stopping.is_set() or _ended(runtime)):
+        await asyncio.sleep(0.05)
+    while not _ended(runtime):
+        await asyncio.sleep(0.05)
+
+
+def _ended(runtime: Runtime) -> bool:
+    return bool(runtime._stage_tasks) and all(t.done() for t in runtime._stage_tasks)
