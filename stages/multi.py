@@ -129,7 +129,25 @@ def build_streams(configs: list[RunConfig], *, shared: SharedModel | None = None
             stream_id=sid,
         )
         runs.append(StreamRun(sid, cfg, runtime))
+    _share_process_status(runs)
     return runs
+
+
+def _share_process_status(runs: list[StreamRun]) -> None:
+    """The streams' MQTT stages share `<prefix>/status` (one process): the last to close says
+    offline, so a stream whose file ended does not mark the others unavailable."""
+    from framecast.stages.mqtt.stage import MqttStage
+
+    open_stages = {id(st) for r in runs for st in r.runtime.stages if isinstance(st, MqttStage)}
+
+    def others_running(stage_id: int) -> bool:
+        open_stages.discard(stage_id)
+        return bool(open_stages)
+
+    for r in runs:
+        for st in r.runtime.stages:
+            if isinstance(st, MqttStage):
+                st.others_running = lambda sid=id(st): others_running(sid)
 
 
 def _metrics_printer(sid: str):

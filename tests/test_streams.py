@@ -418,3 +418,48 @@ async def _until_done(runtime: Runtime) -> None:
 
 def _ended(runtime: Runtime) -> bool:
     return bool(runtime._stage_tasks) and all(t.done() for t in runtime._stage_tasks)
+
+
+# ---------------------------------------------------------------- the bus, per stream
+
+
+def test_questions_status_and_ha_discovery_per_stream_on_the_bus(tmp_path):
+    from broker import Broker, Recorder
+    from framecast.stages.mqtt.ask import ask_over_mqtt
+
+    b = Broker(tmp_path / "broker").start()
+    rec = Recorder(b.port, ["fcs/#", "homeassistant/#"])
+    overrides = {"streams": [{"id": "front", "source": {"max_frames": 8}},
+                             {"id": "back", "source": {"seed": 5, "realtime": True, "max_frames": 600}}],
+                 "source.fps": 10.0, "narration.interval_s": 0.5, "narration.max_tokens": 6,
+                 "outputs.console": False, "mqtt.url": b.url, "mqtt.prefix": "fcs", "mqtt.ha_discovery": True,
+                 "mqtt.client_id": "fc"}
+    runs = build_streams(stream_configs(load_config(None, overrides, env=False)))
+
+    async def scenario():
+        task = asyncio.ensure_future(run_streams(runs, handle_signals=False))
+        await asyncio.wait_for(_until_done(runs[0].runtime), 60)  # front's file ended...
+        rc = await asyncio.to_thread(ask_over_mqtt, b.url, "back", "What do you see?", prefix="fcs", timeout=30)
+        runs[1].runtime.request_stop("stop")  # ...back, a live stream, still answers
+        return rc, await asyncio.wait_for(task, 30)
+
+    try:
+        rc, results = asyncio.run(scenario())
+        assert rc == 0 and results["front"].stopped_by == "eos" and results["back"].stopped_by == "stop"
+        assert rec.wait_for(lambda ms: any(m.topic == "fcs/status" and m.json()["state"] == "offline" for m in ms), 5)
+        answers = [m.json() for m in rec.on("fcs/back/answer")]
+        assert len(answers) == 1 and answers[0]["stream_id"] == "back" and answers[0]["error"] is None
+        assert not rec.on("fcs/front/answer")
+        assert {m.json()["stream_id"] for m in rec.on("fcs/front/narration")} == {"front"}
+        assert [m.json()["state"] for m in rec.on("fcs/front/status")][-1] == "eof"
+        assert [m.json()["state"] for m in rec.on("fcs/back/status")][-1] == "stopped"
+        # one process: `fcs/status` goes offline once, when the last stream closed
+        states = [m.json()["state"] for m in rec.on("fcs/status")]
+        assert states.count("offline") == 1 and states[-1] == "offline"
+        discovery = {m.topic: m.json() for m in rec.messages if m.topic.startswith("homeassistant/")}
+        assert set(discovery) == {"homeassistant/sensor/fcs/front/config", "homeassistant/sensor/fcs/back/config"}
+        assert discovery["homeassistant/sensor/fcs/back/config"]["state_topic"] == "fcs/back/narration"
+        assert len({d["unique_id"] for d in discovery.values()}) == 2
+    finally:
+        rec.close()
+        b.stop()

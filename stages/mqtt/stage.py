@@ -33,7 +33,7 @@ import random
 import sys
 import time
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from framecast import __version__
 from framecast.config import MqttConfig
@@ -56,6 +56,9 @@ class MqttStage(Stage):
     """Publishes events to MQTT and injects questions from `<prefix>/<stream>/ask`."""
 
     name = "mqtt"
+    #: several streams in one process share `<prefix>/status`: the composition root sets this
+    #: (True while another stream's connection is still up) so only the last one says offline
+    others_running: Callable[[], bool] | None = None
 
     def __init__(self, cfg: MqttConfig, *, stream_id: str, name: str | None = None,
                  first_connect_wait_s: float = FIRST_CONNECT_WAIT_S):
@@ -131,7 +134,8 @@ class MqttStage(Stage):
             offline = Status(state="offline", text="stopped", stream_id=self.topics.stream)
             try:
                 await client.publish(self._status_message(self._stream_status), timeout_s=1.0)
-                await client.publish(self._global_status_message(offline), timeout_s=1.0)
+                if self.others_running is None or not self.others_running():
+                    await client.publish(self._global_status_message(offline), timeout_s=1.0)
             except BusDisconnected:
                 pass
         if self._conn_task is not None:
