@@ -463,3 +463,19 @@ def test_questions_status_and_ha_discovery_per_stream_on_the_bus(tmp_path):
     finally:
         rec.close()
         b.stop()
+
+
+def test_bench_streams_runs_and_prints_json_last(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_streams.py"
+    spec = importlib.util.spec_from_file_location("bench_streams", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--streams", "3", "--ticks", "2", "--narrate-every", "1", "--max-tokens", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    one, three = result["rows"]
+    assert one["streams"] == 1 and three["streams"] == 3 and one["x_frames_per_s"] == 1.0
+    assert three["encode_rows_max"] == 3 and three["encode_calls"] == 2  # one call per tick for 3 streams
+    assert three["first_samples"] == 6 and three["tok_per_s"] > 0 and three["first_ms_p95"] > 0
