@@ -479,3 +479,61 @@ def test_bench_streams_runs_and_prints_json_last(capsys):
     assert one["streams"] == 1 and three["streams"] == 3 and one["x_frames_per_s"] == 1.0
     assert three["encode_rows_max"] == 3 and three["encode_calls"] == 2  # one call per tick for 3 streams
     assert three["first_samples"] == 6 and three["tok_per_s"] > 0 and three["first_ms_p95"] > 0
+
+
+# ---------------------------------------------------------------- real processes
+
+
+def _framecast(tmp_path, *args: str):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    return subprocess.Popen([sys.executable, "-m", "framecast", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _envelopes(path) -> list[dict]:
+    return [json.loads(line) for line in open(path)]
+
+
+def test_a_camera_that_fails_leaves_the_other_stream_running_and_the_exit_status_says_so(tmp_path):
+    proc = _framecast(tmp_path, "run", "--capture-only", "--source", "demo#a", "--source", "camera:7#cam",
+                      "--source", "demo#b", "--max-frames", "30", "--set", "source.width=64",
+                      "--set", "source.height=64", "--jsonl", "{stream_id}.jsonl")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, err
+    assert err.strip().splitlines() == ["framecast: [cam] camera:7: cannot open camera device 7 (no such device, or busy)"]
+    for sid in ("a", "b"):
+        ev = _envelopes(tmp_path / f"{sid}.jsonl")
+        assert [e["state"] for e in ev if e["type"] == "status"][-1] == "eof"
+        assert "eof after 30 frames" in [e for e in ev if e["type"] == "status"][-1]["text"]
+    assert "[a] -- eof" in out and "[b] -- eof" in out
+
+
+def test_a_signal_stops_every_stream_and_flushes_their_outputs(tmp_path):
+    import signal
+    import time
+
+    proc = _framecast(tmp_path, "run", "--capture-only", "--source", "demo#a", "--source", "demo#b",
+                      "--source", "demo#c", "--realtime", "--fps", "20", "--no-console", "--set", "source.width=64",
+                      "--set", "source.height=64", "--jsonl", "{stream_id}.jsonl", "--vtt", "{stream_id}.vtt")
+    files = [tmp_path / f"{sid}.jsonl" for sid in "abc"]
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not all(f.exists() and '"running"' in f.read_text() for f in files):
+            time.sleep(0.05)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    for sid, f in zip("abc", files):
+        ev = _envelopes(f)
+        assert ev[-1]["type"] == "eos" and ev[-1]["text"] == "signal" and {e["stream_id"] for e in ev} == {sid}
+        assert any(e["type"] == "status" and e["state"] == "stopped" for e in ev)
+        assert (tmp_path / f"{sid}.vtt").read_text().startswith("WEBVTT")
+    assert "Traceback" not in err
