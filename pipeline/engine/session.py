@@ -9,6 +9,7 @@ decoding through the one token loop, save / restore) is in `framecast.engine.cor
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,15 @@ __all__ = ["SessionCore", "Span", "StreamingSession", "TextDelta", "TurnDone"]
 
 
 _DONE = object()
+
+
+def _settle(fut: concurrent.futures.Future, value: Any = None, *, error: BaseException | None = None) -> None:
+    if fut.done():  # cancelled by a reader that left
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(value)
 
 
 @dataclass
@@ -90,14 +100,17 @@ class StreamingSession:
         """Yield `TextDelta`s as tokens come, then one `TurnDone`. Leaving early (break,
         cancellation) interrupts the turn; the worker closes it before any later call runs.
 
-        The turn runs as worker jobs of one or more decode steps: a job hands the worker over
-        as soon as other work is queued (another stream's frame, step or question), so the
-        sessions sharing a model interleave step by step; alone, a turn is one job.
-        One reader at a time: a later call on this session closes a turn still open first."""
+        The turn is one worker job while nothing else waits. When other work is queued
+        (another stream's frame, turn or question), the job goes to the back of the worker's
+        queue after each token, so the sessions sharing a model take turns step by step, in
+        arrival order, without a hop through the event loop.
+        One reader at a time: a later call on this session interrupts a turn still open."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
+        lock = threading.Lock()  # a requeue and `close_turn` never cross
         worker = self.worker
+        result: concurrent.futures.Future = concurrent.futures.Future()
         steps = None
 
         def on_delta(delta: TextDelta) -> None:
@@ -106,46 +119,47 @@ class StreamingSession:
             except RuntimeError:  # the loop is closed: nobody listens, end the turn cleanly
                 stop.set()
 
-        def advance(until_done: bool = False) -> TurnDone | None:
-            """On the worker: decode until the turn ends, or until other work waits."""
+        def step() -> None:
+            """On the worker: decode until the turn ends, or requeue while other work waits."""
             nonlocal steps
-            if steps is None:
-                steps = self.core.turn(prompt, stop=stop, **kw)
-            while True:
-                try:
-                    delta = next(steps)
-                except StopIteration as done:
-                    return done.value
-                if delta is not None:
-                    on_delta(delta)
-                if not until_done and worker.queued:
-                    return None
-
-        async def drive() -> TurnDone:
-            while (done := await worker.run(advance)) is None:
-                pass
-            return done
+            try:
+                if steps is None:
+                    steps = self.core.turn(prompt, stop=stop, **kw)
+                while True:
+                    try:
+                        delta = next(steps)
+                    except StopIteration as done:
+                        _settle(result, done.value)
+                        return
+                    if delta is not None:
+                        on_delta(delta)
+                    if worker.queued:
+                        with lock:  # once stopped, finish here: a later call's job may be queued
+                            if not stop.is_set():
+                                worker.submit_sync(step)
+                                return
+            except BaseException as e:  # delivered to the reader
+                _settle(result, error=e)
 
         def close_turn() -> None:
-            # The reader left (break, cancellation) or a later call came: no further step jobs
-            # from `drive`; one job, queued now, before the later call's, finishes the turn
-            # (closed, `interrupted`). (`async for ... break` closes this generator only later.)
+            # The reader left (break, cancellation) or a later call came: the turn ends after
+            # its next token, on the worker, before any job queued after this (`async for ...
+            # break` closes this generator only later, hence the later call's check).
             if self._open_turn is close_turn:
                 self._open_turn = None
-            if not task.done():
+            with lock:
                 stop.set()
-                task.cancel()
-                worker.submit_sync(lambda: steps is not None and advance(until_done=True))
 
         if self._open_turn is not None:
             self._open_turn()
-        task = asyncio.ensure_future(drive())
-        task.add_done_callback(lambda _t: queue.put_nowait(_DONE))
+        worker.submit_sync(step)
+        done = asyncio.wrap_future(result)
+        done.add_done_callback(lambda _f: queue.put_nowait(_DONE))
         self._open_turn = close_turn
         try:
             while (item := await queue.get()) is not _DONE:
                 yield item
-            yield task.result()
+            yield done.result()
         finally:
             close_turn()
 
