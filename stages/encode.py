@@ -52,8 +52,9 @@ class EncodeStage(Stage):
         self.max_batch = max(1, max_batch)
         self.pack = pack_frames or default_pack(model)
         self.max_slice_nums = max_slice_nums  # 1 = one view per frame (streaming)
-        # `await encoder(pixels, max_slice_nums=)` -> features; several streams share one
-        # `engine.scheduler.BatchEncoder`, which batches their frames into one call
+        # `await encoder(pixels, max_slice_nums=)` -> features (`encoder.group` for 4.5's frame
+        # groups); several streams share one `engine.scheduler.BatchEncoder`, which batches
+        # their frames into one call
         self.encoder = encoder
         self._queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=max(max_pending, self.pack))
         self._task: asyncio.Task | None = None
@@ -167,8 +168,12 @@ class EncodeStage(Stage):
                 self.frames_reused += len(group)
             else:
                 ids = [round((f.pts or 0.0) / TEMPORAL_UNIT_S) for f in group]
-                feats = await self.worker.run(self.model.encode_frame_group, [f.pixels for f in group], ids,
-                                              max_slice_nums=self.max_slice_nums)
+                pixels = [f.pixels for f in group]
+                if self.encoder is not None:
+                    feats = await self.encoder.group(pixels, ids, max_slice_nums=self.max_slice_nums)
+                else:
+                    feats = await self.worker.run(self.model.encode_frame_group, pixels, ids,
+                                                  max_slice_nums=self.max_slice_nums)
                 self.encode_calls += 1
                 self.frames_encoded += len(group)
             group[-1].features = self._last_features = feats

@@ -231,6 +231,45 @@ def _encode(model, images):
     return worker_for(model).submit_sync(model.encode_images, images).result()
 
 
+@pytest.fixture(scope="module")
+def tiny45(tmp_path_factory):
+    from framecast.model.load import load_model
+
+    d = tmp_path_factory.mktemp("tiny-4.5")
+    make_tiny_minicpmv(d, "4.5")
+    return load_model(str(d)), d
+
+
+def test_frame_groups_of_several_streams_encode_in_one_call(tiny45):
+    from framecast.engine.scheduler import BatchEncoder
+
+    model, _ = tiny45
+    enc = BatchEncoder(model, max_batch=16)
+    groups = [([random_image(56, 56, seed=10 * g + f) for f in range(n)], [g * 10 + 3 * f for f in range(n)])
+              for g, n in enumerate((3, 3, 2, 1))]  # a partial group at a stream's end too
+    groups.append(([random_image(84, 56, seed=99)] * 3, [0, 3, 6]))  # another stream's frame size
+
+    async def scenario():
+        import threading
+        release = threading.Event()
+        enc.worker.submit_sync(release.wait, 10)
+        tasks = [asyncio.ensure_future(enc.group(px, ids)) for px, ids in groups]
+        await asyncio.sleep(0.05)
+        release.set()
+        return await asyncio.gather(*tasks)
+
+    got = asyncio.run(scenario())
+    assert enc.calls == 1 and enc.frames == 12
+
+    def compare():
+        for (px, ids), a in zip(groups, got):
+            b = model.encode_frame_group(px, ids, max_slice_nums=1)  # each group alone
+            assert a.features.shape == b.features.shape and a.grid == b.grid and a.temporal_ids == b.temporal_ids
+            np.testing.assert_allclose(np.array(a.features), np.array(b.features), rtol=1e-4, atol=1e-4)
+
+    enc.worker.submit_sync(compare).result()
+
+
 def test_turns_of_two_sessions_interleave_and_match_separate_turns(tiny):
     from framecast.engine.session import StreamingSession, TextDelta, TurnDone
 
@@ -537,3 +576,25 @@ def test_a_signal_stops_every_stream_and_flushes_their_outputs(tmp_path):
         assert any(e["type"] == "status" and e["state"] == "stopped" for e in ev)
         assert (tmp_path / f"{sid}.vtt").read_text().startswith("WEBVTT")
     assert "Traceback" not in err
+
+
+def test_minicpmv45_streams_in_one_run_narrate_as_separate_runs(tmp_path, tiny45):
+    _, model_dir = tiny45
+    overrides = {"streams": [{"id": f"s{i}", "source": {"seed": 20 + i, "max_frames": 9 + 3 * i}} for i in range(3)],
+                 "model.path": str(model_dir), "source.fps": 4.0, "source.width": 112, "source.height": 112,
+                 "narration.interval_s": 1.0, "narration.max_tokens": 5, "outputs.console": False,
+                 "outputs.jsonl": str(tmp_path / "{stream_id}.jsonl")}
+    configs = stream_configs(load_config(None, overrides, env=False))
+    runs = build_streams(configs)
+    results = asyncio.run(run_streams(runs, handle_signals=False))
+    assert all(r.exit_code == 0 for r in results.values())
+    encode = [st for st in runs[0].runtime.stages if st.name == "encode"][0]
+    assert encode.pack == 3 and encode.encoder.calls > 0
+    together = {c.source.stream_id: _narrations(c.outputs.jsonl) for c in configs}
+    shared = SharedModel(encode.model, encode.worker)
+    for cfg in configs:
+        cfg = cfg.model_copy(update={"outputs": cfg.outputs.model_copy(update={"jsonl": str(tmp_path / "alone.jsonl")})})
+        source, stages = build_graph(cfg, shared=shared)
+        assert asyncio.run(Runtime(source, stages).run(handle_signals=False)).exit_code == 0
+        assert _narrations(tmp_path / "alone.jsonl") == together[cfg.source.stream_id]
+    assert all(together.values())

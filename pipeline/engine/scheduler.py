@@ -8,6 +8,9 @@ vision-tower call (`encode_images` on the concatenated frames), each stream gett
 features back in order. A lone stream (or an idle worker) pays nothing extra: its request is one
 worker job, as before.
 
+MiniCPM-V 4.5 frame groups (3D resampler) batch the same way (`BatchEncoder.group`, one
+`encode_frame_groups` call for the groups of all streams).
+
 Decoding is not batched across sessions (each session has its own KV cache of its own length):
 turns run one token per worker job while other work waits (`StreamingSession.narrate`), so the
 sessions' steps, frame prefills and questions interleave fairly on the one thread, in arrival
@@ -32,6 +35,11 @@ class _Request:
     max_slice_nums: int
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    temporal_ids: list[int] | None = None  # a MiniCPM-V 4.5 frame group (3D resampler)
+
+    @property
+    def kind(self) -> tuple[bool, int]:  # requests of one kind share a call
+        return self.temporal_ids is not None, self.max_slice_nums
 
 
 class BatchEncoder:
@@ -55,7 +63,16 @@ class BatchEncoder:
 
     async def __call__(self, pixels: list[Any], *, max_slice_nums: int = 1) -> list[Any]:
         loop = asyncio.get_running_loop()
-        req = _Request(list(pixels), max_slice_nums, loop.create_future(), loop)
+        return await self._submit(_Request(list(pixels), max_slice_nums, loop.create_future(), loop))
+
+    async def group(self, pixels: list[Any], temporal_ids: list[int], *, max_slice_nums: int = 1) -> Any:
+        """One MiniCPM-V 4.5 frame group -> its `ImageFeatures`, like `model.encode_frame_group`,
+        batched with the other streams' waiting groups (`model.encode_frame_groups`)."""
+        loop = asyncio.get_running_loop()
+        req = _Request(list(pixels), max_slice_nums, loop.create_future(), loop, list(temporal_ids))
+        return (await self._submit(req))[0]
+
+    async def _submit(self, req: _Request) -> list[Any]:
         with self._lock:
             self._pending.append(req)
             submit = self._jobs_queued == 0
@@ -66,7 +83,7 @@ class BatchEncoder:
         return await req.future
 
     def _take(self) -> list[_Request]:
-        """The waiting requests that fit one call (same `max_slice_nums`, <= max_batch frames)."""
+        """The waiting requests that fit one call (same kind, <= max_batch frames)."""
         with self._lock:
             self._jobs_queued -= 1
             if not self._pending:
@@ -74,7 +91,7 @@ class BatchEncoder:
             first = self._pending[0]
             taken, rows = [], 0
             for req in list(self._pending):
-                if req.max_slice_nums != first.max_slice_nums:
+                if req.kind != first.kind:
                     continue
                 if taken and rows + len(req.pixels) > self.max_batch:
                     break
@@ -88,13 +105,21 @@ class BatchEncoder:
             return taken
 
     def _run_pending(self) -> None:
-        """On the worker: one `encode_images` call for the waiting requests."""
+        """On the worker: one `encode_images` (or `encode_frame_groups`) call for the waiting requests."""
         taken = self._take()
         if not taken:
             return
         frames = [p for req in taken for p in req.pixels]
+        slices = taken[0].max_slice_nums
         try:
-            feats = self.model.encode_images(frames, max_slice_nums=taken[0].max_slice_nums)
+            if taken[0].temporal_ids is None:
+                feats = self.model.encode_images(frames, max_slice_nums=slices)
+            else:  # one feature set per group: each request gets a list of one
+                groups = [(req.pixels, req.temporal_ids) for req in taken]
+                encode = getattr(self.model, "encode_frame_groups", None)
+                flat = (encode(groups, max_slice_nums=slices) if encode is not None else
+                        [self.model.encode_frame_group(*g, max_slice_nums=slices) for g in groups])
+                feats = list(flat)
         except BaseException as e:  # every stream in the batch hears about it
             for req in taken:
                 _deliver(req, _set_exception, e)
@@ -104,7 +129,8 @@ class BatchEncoder:
         self.max_rows = max(self.max_rows, len(frames))
         at = 0
         for req in taken:
-            part, at = feats[at:at + len(req.pixels)], at + len(req.pixels)
+            n = len(req.pixels) if req.temporal_ids is None else 1
+            part, at = feats[at:at + n], at + n
             _deliver(req, _set_result, part)
 
 
