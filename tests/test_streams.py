@@ -270,6 +270,24 @@ def test_frame_groups_of_several_streams_encode_in_one_call(tiny45):
     enc.worker.submit_sync(compare).result()
 
 
+def test_urgent_jobs_overtake_queued_jobs_and_keep_their_own_order():
+    import threading
+
+    from framecast.engine.worker import ModelWorker
+
+    worker = ModelWorker("order-test")
+    ran: list[str] = []
+    release = threading.Event()
+    worker.submit_sync(release.wait, 10)
+    futs = [worker.submit_sync(ran.append, "n1"), worker.submit_sync(ran.append, "n2"),
+            worker.submit_urgent(ran.append, "u1"), worker.submit_urgent(ran.append, "u2")]
+    assert worker.queued >= 4
+    release.set()
+    for f in futs:
+        f.result(timeout=10)
+    assert ran == ["u1", "u2", "n1", "n2"] and worker.wait_idle(5)
+
+
 def test_turns_of_two_sessions_interleave_and_match_separate_turns(tiny):
     from framecast.engine.session import StreamingSession, TextDelta, TurnDone
 
@@ -304,32 +322,42 @@ def test_turns_of_two_sessions_interleave_and_match_separate_turns(tiny):
     assert order.index(1) < len(order) - 1 - order[::-1].index(0)
 
 
-def test_a_question_is_answered_between_the_steps_of_another_streams_narration(tiny):
+def test_a_question_is_answered_between_the_steps_of_other_streams_narrations(tiny):
     from framecast.engine.session import StreamingSession, TurnDone
 
     feats = _encode(tiny, [random_image(56, 56, seed=3)])
 
     async def scenario():
-        a, b = StreamingSession(tiny), StreamingSession(tiny)
-        await a.add_frame(feats[0], 0.0)
-        await b.add_frame(feats[0], 0.0)
+        narrators = [StreamingSession(tiny) for _ in range(3)]
+        asked = StreamingSession(tiny)
+        for s in (*narrators, asked):
+            await s.add_frame(feats[0], 0.0)
         done: list[str] = []
+        tokens_at_answer: list[int] = []
+        progress = [0] * len(narrators)
 
-        async def narrate():
-            async for ev in a.narrate("Describe it at length.", max_tokens=200, ignore_eos=True):
+        async def narrate(i: int):
+            async for ev in narrators[i].narrate("Describe it at length.", max_tokens=150, ignore_eos=True):
+                progress[i] = narrators[i].core.offset
                 if isinstance(ev, TurnDone):
-                    done.append("narration")
+                    done.append(f"narration{i}")
 
         async def ask():
-            await asyncio.sleep(0.01)
-            async for ev in b.ask("What is it?", max_tokens=3):
+            while not all(progress):  # every narration is decoding
+                await asyncio.sleep(0.001)
+            start = list(progress)
+            async for ev in asked.ask("What is it?", max_tokens=20, ignore_eos=True):
                 if isinstance(ev, TurnDone):
                     done.append("answer")
+                    tokens_at_answer.extend(p - s for p, s in zip(progress, start))
 
-        await asyncio.gather(narrate(), ask())
-        return done
+        await asyncio.gather(*(narrate(i) for i in range(3)), ask())
+        return done, tokens_at_answer
 
-    assert asyncio.run(scenario()) == ["answer", "narration"]
+    done, tokens_at_answer = asyncio.run(scenario())
+    assert done[0] == "answer"
+    # the answer's 20 steps overtook the narrations: they moved on by a few tokens, not 20 each
+    assert max(tokens_at_answer) < 10, tokens_at_answer
 
 
 def test_an_interrupted_interleaved_turn_is_closed_before_the_next_call(tiny):

@@ -53,6 +53,7 @@ class StreamingSession:
     worker: ModelWorker | None = None
     core: SessionCore = field(init=False)
     _open_turn: Any = field(default=None, init=False, repr=False)  # closes a turn still running
+    _last_turn: Any = field(default=None, init=False, repr=False)  # its result (a Future)
 
     def __post_init__(self) -> None:
         self.core = SessionCore(
@@ -96,7 +97,7 @@ class StreamingSession:
     async def add_text(self, text: str, pts: float | None = None) -> int:
         return await self._run(self.core.add_text, text, pts)
 
-    async def narrate(self, prompt: str, **kw: Any) -> AsyncIterator[TextDelta | TurnDone]:
+    async def narrate(self, prompt: str, *, urgent: bool = False, **kw: Any) -> AsyncIterator[TextDelta | TurnDone]:
         """Yield `TextDelta`s as tokens come, then one `TurnDone`. Leaving early (break,
         cancellation) interrupts the turn; the worker closes it before any later call runs.
 
@@ -104,6 +105,8 @@ class StreamingSession:
         (another stream's frame, turn or question), the job goes to the back of the worker's
         queue after each token, so the sessions sharing a model take turns step by step, in
         arrival order, without a hop through the event loop.
+        `urgent` (questions): the turn's steps go ahead of other queued work (other streams'
+        narrations and frames), so an answer takes its own steps, not a share of every stream's.
         One reader at a time: a later call on this session interrupts a turn still open."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -112,6 +115,10 @@ class StreamingSession:
         worker = self.worker
         result: concurrent.futures.Future = concurrent.futures.Future()
         steps = None
+        # An interrupted turn of this session still finishing keeps its place: no overtaking it.
+        urgent = urgent and (self._last_turn is None or self._last_turn.done())
+        submit = worker.submit_urgent if urgent else worker.submit_sync
+        self._last_turn = result
 
         def on_delta(delta: TextDelta) -> None:
             try:
@@ -136,7 +143,7 @@ class StreamingSession:
                     if worker.queued:
                         with lock:  # once stopped, finish here: a later call's job may be queued
                             if not stop.is_set():
-                                worker.submit_sync(step)
+                                submit(step)
                                 return
             except BaseException as e:  # delivered to the reader
                 _settle(result, error=e)
@@ -152,7 +159,7 @@ class StreamingSession:
 
         if self._open_turn is not None:
             self._open_turn()
-        worker.submit_sync(step)
+        submit(step)
         done = asyncio.wrap_future(result)
         done.add_done_callback(lambda _f: queue.put_nowait(_DONE))
         self._open_turn = close_turn
@@ -164,8 +171,9 @@ class StreamingSession:
             close_turn()
 
     async def ask(self, question: str, **kw: Any) -> AsyncIterator[TextDelta | TurnDone]:
-        """Answer from the cached context (no frame is re-encoded): same events as narrate."""
-        async for item in self.narrate(question, **kw):
+        """Answer from the cached context (no frame is re-encoded): same events as narrate.
+        The answer's steps go ahead of other streams' queued work (`urgent`)."""
+        async for item in self.narrate(question, urgent=True, **kw):
             yield item
 
     async def reset(self) -> None:
