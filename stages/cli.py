@@ -50,7 +50,7 @@ def _run_overrides(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def _source_overrides(sources: list[str], ids: list[str]) -> dict[str, Any]:
-    """Repeatable `--source URI[#id]` (+ `--stream-id`, one per source or a single one): one
+    """Repeatable `--source URI[#id]` (or `--stream-id`, one per source, URIs taken whole): one
     source sets `source.uri`; several become the `streams` list. Either way they replace the
     config file's `[[streams]]` (flags win)."""
     from framecast.config import split_stream_uri
@@ -60,10 +60,8 @@ def _source_overrides(sources: list[str], ids: list[str]) -> dict[str, Any]:
                         "(give one per source, or name them as URI#id)")
     if len(ids) > 1 and len(sources) <= 1:
         raise UserError(f"--stream-id given {len(ids)} times for {len(sources)} --source flag(s)")
-    split = [split_stream_uri(raw) for raw in sources]
-    for i, (raw, (_, frag)) in enumerate(zip(sources, split)):
-        if frag and ids:
-            raise UserError(f"--source {raw!r}: named both by '#{frag}' and by --stream-id {ids[i]!r} (give one)")
+    # with --stream-id the URI is taken whole (a URL fragment stays a fragment)
+    split = [(raw, None) for raw in sources] if ids else [split_stream_uri(raw) for raw in sources]
     if len(sources) <= 1:
         uri, frag = split[0] if split else (None, None)
         out = {"source.uri": uri, "source.stream_id": frag or (ids[0] if ids else None)}
