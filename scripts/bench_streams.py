@@ -7,7 +7,8 @@ call for all streams) and each stream's `StreamingSession` prefills its own fram
 `--narrate-every` ticks all N streams narrate at once (`--max-tokens` tokens, EOS ignored),
 their turns interleaving step by step on the worker. Measured per row:
 
-  frames/s      N / (tick wall time): encode + per-stream prefill (median and p95 over ticks)
+  frames/s      N x group / (tick wall time): encode + per-stream prefill (median and the
+                slow 5 % of ticks)
   tok/s         narration tokens of all streams / narration wall time (median, p95 over rounds)
   first ms      trigger -> first token of each stream's narration (p50, p95 over N x rounds)
   peak MB       MLX peak memory during the row (weights included)
@@ -20,6 +21,7 @@ expected to stay near the 1-stream figure; encoding is batched.
     python scripts/bench_streams.py --shapes real           # MiniCPM-V 4.5 shapes (Qwen3-8B +
                                                             # SigLIP-400M), random weights, bf16
     python scripts/bench_streams.py --shapes real --bits 4  # the LM's linears 4-bit (group 64)
+    python scripts/bench_streams.py --shapes real --group 3 # 4.5's 3-frame groups per stream
     ... --json                                              # one JSON object on the last line
 """
 
@@ -61,14 +63,14 @@ REAL_45 = {
 }
 
 
-def build_model(shapes: str, bits: int | None, layers: int | None) -> tuple[MiniCPMV, str]:
+def build_model(shapes: str, bits: int | None, layers: int | None, group: int = 1) -> tuple[MiniCPMV, str]:
     """Random weights with the chosen shapes and the tiny byte-level tokenizer (its ids are
     valid in any vocabulary at least that large: the text only shapes the token count)."""
     tokenizer = Tokenizer(build_tokenizer(), {"eos_token": "<|im_end|>"})
     if shapes == "real":
         cfg, dtype = dict(REAL_45), mx.bfloat16
     else:
-        cfg, dtype = tiny_config("2.6", query_num=64), mx.float32
+        cfg, dtype = tiny_config("4.5" if group > 1 else "2.6", query_num=64), mx.float32
     if layers:
         cfg["num_hidden_layers"] = layers
     model = MiniCPMV.from_config(cfg, tokenizer=tokenizer)
@@ -98,10 +100,10 @@ def _pct(values: list[float], q: float) -> float:
 
 
 async def one_row(model: MiniCPMV, n: int, *, ticks: int, narrate_every: int, max_tokens: int,
-                  image: np.ndarray) -> dict:
+                  image: np.ndarray, group: int = 1) -> dict:
     worker = worker_for(model)
     await worker.run(_reset_peak)
-    encoder = BatchEncoder(model, worker=worker, max_batch=n)
+    encoder = BatchEncoder(model, worker=worker, max_batch=n * group)  # one call a tick
     sessions = [StreamingSession(model, worker=worker, keep_generated=False) for _ in range(n)]
     turn_started: dict[int, float] = {}
     for i, s in enumerate(sessions):  # when each turn really starts on the worker
@@ -109,7 +111,10 @@ async def one_row(model: MiniCPMV, n: int, *, ticks: int, narrate_every: int, ma
     await asyncio.gather(*(s.start() for s in sessions))
 
     async def add(s: StreamingSession, pts: float) -> None:
-        (feat,) = await encoder([image])
+        if group > 1:  # MiniCPM-V 4.5: `group` frames per 3D-resampler group, one span per group
+            feat = await encoder.group([image] * group, [round((pts + k / 10) * 10) for k in range(group)])
+        else:
+            (feat,) = await encoder([image])
         await s.add_frame(feat, pts)
 
     async def narrate(s: StreamingSession) -> TurnDone:
@@ -121,7 +126,7 @@ async def one_row(model: MiniCPMV, n: int, *, ticks: int, narrate_every: int, ma
     for t in range(ticks):
         t0 = time.perf_counter()
         await asyncio.gather(*(add(s, t / 2) for s in sessions))
-        frame_rates.append(n / (time.perf_counter() - t0))
+        frame_rates.append(n * group / (time.perf_counter() - t0))
         if (t + 1) % narrate_every:
             continue
         t1 = time.perf_counter()
@@ -130,7 +135,7 @@ async def one_row(model: MiniCPMV, n: int, *, ticks: int, narrate_every: int, ma
         first_ms += [(turn_started[i] - t1 + d.first_token_s) * 1e3 for i, d in enumerate(done)]
     peak = await worker.run(_peak_mb)
     return {
-        "streams": n, "frames": n * ticks, "encode_calls": encoder.calls, "encode_rows_max": encoder.max_rows,
+        "streams": n, "frames": n * ticks * group, "encode_calls": encoder.calls, "encode_rows_max": encoder.max_rows,
         "frames_per_s": round(float(np.median(frame_rates)), 2),
         "frames_per_s_p95_low": round(_pct(frame_rates, 5), 2),  # the slow 5 % of ticks
         "tok_per_s": round(float(np.median(tok_rates)), 2) if tok_rates else 0.0,
@@ -148,16 +153,16 @@ def _timed(turn, started: dict[int, float], key: int):
 
 
 async def run_async(args: argparse.Namespace) -> dict:
-    model, dtype = build_model(args.shapes, args.bits, args.layers)
+    model, dtype = build_model(args.shapes, args.bits, args.layers, args.group)
     size = 448 if args.shapes == "real" else 56
     image = random_image(size, size, seed=0)
     counts = sorted(set(args.streams) | {1})
     # warm-up: kernels, allocator, attention at the key lengths the rows will see
-    await one_row(model, 2, ticks=2, narrate_every=2, max_tokens=2, image=image)
+    await one_row(model, 2, ticks=2, narrate_every=2, max_tokens=2, image=image, group=args.group)
     rows = []
     for n in counts:
         row = await one_row(model, n, ticks=args.ticks, narrate_every=args.narrate_every,
-                            max_tokens=args.max_tokens, image=image)
+                            max_tokens=args.max_tokens, image=image, group=args.group)
         base = rows[0] if rows else row
         row["x_frames_per_s"] = round(row["frames_per_s"] / base["frames_per_s"], 2)
         row["x_tok_per_s"] = round(row["tok_per_s"] / base["tok_per_s"], 2) if base["tok_per_s"] else 0.0
@@ -168,7 +173,7 @@ async def run_async(args: argparse.Namespace) -> dict:
         "bench": "streams", "shapes": args.shapes, "dtype": dtype,
         "layers": len(model.language_model.layers), "device": str(mx.default_device()),
         "machine": platform.machine(), "ticks": args.ticks, "narrate_every": args.narrate_every,
-        "max_tokens": args.max_tokens, "image": size, "rows": rows,
+        "max_tokens": args.max_tokens, "image": size, "group": args.group, "rows": rows,
     }
 
 
@@ -190,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ticks", type=int, default=20, help="frames per stream (>= 10 samples a row)")
     ap.add_argument("--narrate-every", type=int, default=2, help="ticks between narrations")
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--group", type=int, default=1, choices=range(1, 7), metavar="1-6",
+                    help="frames per 4.5 3D-resampler group (each tick: one group per stream)")
     ap.add_argument("--layers", type=int, default=None, help="override the LM depth (smoke tests)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)

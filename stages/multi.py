@@ -79,8 +79,8 @@ def load_shared_model(configs: list[RunConfig]) -> SharedModel:
     from framecast.engine.worker import worker_for
 
     worker = worker_for(model)
-    # one call batches at most encode_batch frames of every stream
-    max_batch = sum(c.session.encode_batch for c in configs)
+    # one call batches at most encode_batch frames (or 4.5 frame groups) of every stream
+    max_batch = sum(c.session.encode_batch * (c.session.pack_frames or model.default_group_frames) for c in configs)
     return SharedModel(model, worker, BatchEncoder(model, worker=worker, max_batch=max_batch))
 
 

@@ -548,6 +548,11 @@ def test_bench_streams_runs_and_prints_json_last(capsys):
     assert one["streams"] == 1 and three["streams"] == 3 and one["x_frames_per_s"] == 1.0
     assert three["encode_rows_max"] == 3 and three["encode_calls"] == 2  # one call per tick for 3 streams
     assert three["first_samples"] == 6 and three["tok_per_s"] > 0 and three["first_ms_p95"] > 0
+    # MiniCPM-V 4.5: one 3-frame group per stream and tick, all streams' groups in one call
+    assert bench.main(["--streams", "2", "--ticks", "2", "--narrate-every", "2", "--max-tokens", "2",
+                       "--group", "3", "--json"]) == 0
+    two = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][1]
+    assert two["encode_calls"] == 2 and two["encode_rows_max"] == 6 and two["frames"] == 12
 
 
 # ---------------------------------------------------------------- real processes

@@ -79,7 +79,9 @@ class BatchEncoder:
             if submit:
                 self._jobs_queued += 1
         if submit:
-            self.worker.submit_sync(self._run_pending)
+            # After the tasks that are ready now (e.g. the other streams of one `gather`) have
+            # queued their frames too: what arrives in one loop iteration is one call.
+            req.loop.call_soon(self.worker.submit_sync, self._run_pending)
         return await req.future
 
     def _take(self) -> list[_Request]:
