@@ -36,7 +36,6 @@ import time
 import framecast  # noqa: F401  (OpenBLAS preload before mlx)
 import mlx.core as mx
 import numpy as np
-
 from framecast.engine.scheduler import BatchEncoder
 from framecast.engine.session import StreamingSession, TurnDone
 from framecast.engine.worker import worker_for

@@ -26,8 +26,14 @@ from typing import IO, Any
 
 from framecast.config import RunConfig, stream_configs
 from framecast.events import Error
-from framecast.runtime import Runtime, RunResult
-from framecast.stages.app import SharedModel, _print_error, build_graph, format_metrics, load_run_model
+from framecast.runtime import RunResult, Runtime
+from framecast.stages.app import (
+    SharedModel,
+    _print_error,
+    build_graph,
+    format_metrics,
+    load_run_model,
+)
 
 __all__ = ["LabelledWriter", "StreamRun", "build_streams", "load_shared_model", "run_streams",
            "run_streams_main"]
@@ -138,16 +144,17 @@ def _share_process_status(runs: list[StreamRun]) -> None:
     offline, so a stream whose file ended does not mark the others unavailable."""
     from framecast.stages.mqtt.stage import MqttStage
 
-    open_stages = {id(st) for r in runs for st in r.runtime.stages if isinstance(st, MqttStage)}
+    stages = [st for r in runs for st in r.runtime.stages if isinstance(st, MqttStage)]
+    open_stages = {id(st) for st in stages}
 
-    def others_running(stage_id: int) -> bool:
-        open_stages.discard(stage_id)
-        return bool(open_stages)
+    def closing(stage: MqttStage):
+        def others_running() -> bool:
+            open_stages.discard(id(stage))
+            return bool(open_stages)
+        return others_running
 
-    for r in runs:
-        for st in r.runtime.stages:
-            if isinstance(st, MqttStage):
-                st.others_running = lambda sid=id(st): others_running(sid)
+    for st in stages:
+        st.others_running = closing(st)
 
 
 def _metrics_printer(sid: str):

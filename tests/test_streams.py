@@ -10,13 +10,18 @@ import json
 
 import numpy as np
 import pytest
-
 from framecast.config import ConfigError, load_config, stream_configs
 from framecast.events import Frame, Status
 from framecast.runtime import Runtime, Source
 from framecast.stages.app import SharedModel, build_graph
 from framecast.stages.cli import _run_overrides, build_parser
-from framecast.stages.multi import LabelledWriter, StreamRun, build_streams, load_shared_model, run_streams
+from framecast.stages.multi import (
+    LabelledWriter,
+    StreamRun,
+    build_streams,
+    load_shared_model,
+    run_streams,
+)
 from framecast.testing import make_tiny_minicpmv, random_image
 
 
@@ -403,7 +408,7 @@ def _demo_streams(tmp_path, n: int = 4) -> list:
 
 
 def _narrations(path) -> list[tuple]:
-    rows = [json.loads(line) for line in open(path)]
+    rows = _envelopes(path)
     return [(r["pts"], r["trigger"], r["text"]) for r in rows if r["type"] == "narration"]
 
 
@@ -413,7 +418,7 @@ def test_four_streams_in_one_run_narrate_exactly_as_four_separate_runs(tmp_path)
     runs = build_streams(configs)
     results = asyncio.run(run_streams(runs, handle_signals=False))
     assert all(r.exit_code == 0 for r in results.values()), {k: r.errors for k, r in results.items()}
-    encode = [st for st in runs[0].runtime.stages if st.name == "encode"][0]
+    encode = next(st for st in runs[0].runtime.stages if st.name == "encode")
     assert encode.encoder is not None and encode.encoder.max_rows > 1  # frames of several streams in one call
     assert len({id(st.session.model) for r in runs for st in r.runtime.stages if st.name == "decode"}) == 1
 
@@ -432,7 +437,7 @@ def test_four_streams_in_one_run_narrate_exactly_as_four_separate_runs(tmp_path)
     # cam3's file ended first; the others went on to their own end
     assert max(p for p, _, _ in together["cam3"]) < max(p for p, _, _ in together["cam0"])
     for sid in together:
-        rows = [json.loads(line) for line in open(tmp_path / "together" / f"{sid}.jsonl")]
+        rows = _envelopes(tmp_path / "together" / f"{sid}.jsonl")
         assert {r["stream_id"] for r in rows} == {sid}
 
 
@@ -570,7 +575,8 @@ def _framecast(tmp_path, *args: str):
 
 
 def _envelopes(path) -> list[dict]:
-    return [json.loads(line) for line in open(path)]
+    with open(path) as f:
+        return [json.loads(line) for line in f]
 
 
 def test_a_camera_that_fails_leaves_the_other_stream_running_and_the_exit_status_says_so(tmp_path):
@@ -623,7 +629,7 @@ def test_minicpmv45_streams_in_one_run_narrate_as_separate_runs(tmp_path, tiny45
     runs = build_streams(configs)
     results = asyncio.run(run_streams(runs, handle_signals=False))
     assert all(r.exit_code == 0 for r in results.values())
-    encode = [st for st in runs[0].runtime.stages if st.name == "encode"][0]
+    encode = next(st for st in runs[0].runtime.stages if st.name == "encode")
     assert encode.pack == 3 and encode.encoder.calls > 0
     together = {c.source.stream_id: _narrations(c.outputs.jsonl) for c in configs}
     shared = SharedModel(encode.model, encode.worker)

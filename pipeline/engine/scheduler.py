@@ -122,7 +122,7 @@ class BatchEncoder:
                 flat = (encode(groups, max_slice_nums=slices) if encode is not None else
                         [self.model.encode_frame_group(*g, max_slice_nums=slices) for g in groups])
                 feats = list(flat)
-        except BaseException as e:  # every stream in the batch hears about it
+        except BaseException as e:  # noqa: BLE001  (every stream in the batch hears about it)
             for req in taken:
                 _deliver(req, _set_exception, e)
             return
