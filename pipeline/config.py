@@ -10,6 +10,7 @@ turns it into exit status 2.
 
 from __future__ import annotations
 
+import copy
 import os
 import tomllib
 import typing
@@ -165,6 +166,22 @@ class RuntimeConfig(Group):
     capture_only: bool = False  # capture + change detection + outputs, no model (no narration)
 
 
+#: the groups a `[[streams]]` entry may set for itself (the rest is shared by every stream)
+STREAM_GROUPS = ("source", "change", "session", "narration", "outputs")
+
+
+class StreamConfig(Group):
+    """One entry of `[[streams]]`: an id and the groups this stream sets differently. Each group
+    is a partial table merged over the run's own group (checked when the run resolves them)."""
+
+    id: str | None = None  # default: source.stream_id of the entry, else stream<N>
+    source: dict[str, Any] = {}
+    change: dict[str, Any] = {}
+    session: dict[str, Any] = {}
+    narration: dict[str, Any] = {}
+    outputs: dict[str, Any] = {}
+
+
 class RunConfig(Group):
     source: SourceConfig = SourceConfig()
     change: ChangeConfig = ChangeConfig()
@@ -174,6 +191,7 @@ class RunConfig(Group):
     outputs: OutputsConfig = OutputsConfig()
     mqtt: MqttConfig = MqttConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    streams: list[StreamConfig] = []  # several sources in one run (one model); empty = `source` alone
 
 
 # ---------------------------------------------------------------- loading
@@ -265,7 +283,8 @@ def _literal_ints(annotation: Any) -> bool:
 
 
 def env_overrides() -> dict[str, dict[str, Any]]:
-    """`{group: {key: value}}` from the FRAMECAST_<GROUP>__<KEY> variables that are set.
+    """`{group: {key: value}}` from the FRAMECAST_<GROUP>__<KEY> variables that are set
+    (`streams` is a list: files and flags only).
 
     Values stay strings (pydantic parses them as it parses a file's), `null` means None;
     integer-literal keys (`session.kv_bits`) get ints. A variable naming no group: ConfigError.
@@ -275,6 +294,9 @@ def env_overrides() -> dict[str, dict[str, Any]]:
         if not upper.startswith(ENV_PREFIX):
             continue  # (other FRAMECAST_* variables, e.g. FRAMECAST_KERNELS, are not config keys)
         rest = upper[len(ENV_PREFIX):]
+        if rest.lower().split(ENV_NESTED_DELIMITER.lower())[0] == "streams":
+            raise ConfigError(f"environment: {name}: streams are set in a config file ([[streams]]) "
+                              "or with repeated --source flags")
         if rest.lower() in RunConfig.model_fields:
             raise ConfigError(f"environment: {name}: set keys one by one, as {env_var(rest, 'KEY')}")
         if ENV_NESTED_DELIMITER in rest:
@@ -288,6 +310,8 @@ def env_overrides() -> dict[str, dict[str, Any]]:
         raise ConfigError(f"environment: {str(e).splitlines()[0]}") from None
     out: dict[str, dict[str, Any]] = {}
     for group, values in raw.items():
+        if group == "streams":
+            continue
         fields = RunConfig.model_fields[group].annotation.model_fields
         out[group] = {}
         for key, value in values.items():
@@ -323,6 +347,74 @@ def build_config(data: dict[str, Any], origin: str = "config") -> RunConfig:
         raise ConfigError(_one_line(e, origin)) from None
 
 
+# ---------------------------------------------------------------- several streams
+
+
+#: config keys that name a file per stream; `{stream_id}` in them is replaced by the stream's id
+PER_STREAM_PATHS = (("outputs", "jsonl"), ("outputs", "srt"), ("outputs", "vtt"), ("session", "state_file"))
+STREAM_ID_FIELD = "{stream_id}"
+
+
+def split_stream_uri(raw: str) -> tuple[str, str | None]:
+    """`URI#id` -> (URI, id); a fragment that is not a valid stream id stays part of the URI."""
+    uri, sep, frag = raw.rpartition("#")
+    if sep and uri and frag and set(frag) <= STREAM_ID_CHARS and len(frag) <= 64:
+        return uri, frag
+    return raw, None
+
+
+def _expand_paths(data: dict[str, Any], stream_id: str) -> None:
+    for group, key in PER_STREAM_PATHS:
+        value = data.get(group, {}).get(key)
+        if isinstance(value, str) and STREAM_ID_FIELD in value:
+            data[group][key] = value.replace(STREAM_ID_FIELD, stream_id)
+
+
+def stream_configs(cfg: RunConfig, origin: str = "config") -> list[RunConfig]:
+    """One complete `RunConfig` per stream, `streams` emptied: each `[[streams]]` entry's groups
+    merged over the run's own, `source.stream_id` set to the entry's id (default `stream<N>`,
+    N from 1), `{stream_id}` in output / state paths replaced. No entries: `[cfg]` (paths
+    expanded too). Raises ConfigError (one line naming the entry and key) for a bad entry, a
+    duplicate id, or two streams writing one file."""
+    if not cfg.streams:
+        data = cfg.model_dump()
+        _expand_paths(data, cfg.source.stream_id)
+        return [RunConfig.model_validate(data)]
+    base = cfg.model_dump(exclude={"streams"})
+    out: list[RunConfig] = []
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(cfg.streams):
+        where = f"{origin}: streams[{i}]"
+        named = entry.source.get("stream_id")
+        if entry.id is not None and named is not None and named != entry.id:
+            raise ConfigError(f"{where}: id = {entry.id!r} but source.stream_id = {named!r} (give one)")
+        sid = entry.id if entry.id is not None else named if named is not None else f"stream{i + 1}"
+        if not isinstance(sid, str) or not sid or not set(sid) <= STREAM_ID_CHARS or len(sid) > 64:
+            raise ConfigError(f"{where}: id = {_short(sid)}: stream ids use 1-64 of [A-Za-z0-9_.-] "
+                              "(no '/', '+', '#')")
+        if sid in seen:
+            raise ConfigError(f"{where}: stream id {sid!r} is already used by streams[{seen[sid]}]")
+        seen[sid] = i
+        data = deep_merge(copy.deepcopy(base), {g: getattr(entry, g) for g in STREAM_GROUPS if getattr(entry, g)})
+        data["source"]["stream_id"] = sid
+        _expand_paths(data, sid)
+        try:
+            out.append(RunConfig.model_validate(data))
+        except ValidationError as e:
+            raise ConfigError(_one_line(e, where)) from None
+    for group, key in PER_STREAM_PATHS:  # two writers on one file would interleave or clobber
+        owners: dict[str, str] = {}
+        for one in out:
+            path = getattr(getattr(one, group), key)
+            if path is None:
+                continue
+            if path in owners:
+                raise ConfigError(f"{origin}: {group}.{key} = {path!r} is shared by streams {owners[path]!r} and "
+                                  f"{one.source.stream_id!r}: put {STREAM_ID_FIELD} in the path")
+            owners[path] = one.source.stream_id
+    return out
+
+
 def load_config(path: str | None = None, overrides: dict[str, Any] | None = None, *,
                 env: bool = True) -> RunConfig:
     """Load a file or preset (if given), then the FRAMECAST_<GROUP>__<KEY> environment variables
@@ -346,4 +438,6 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
                 cur = cur.setdefault(part, {})
             cur[leaf] = value
         cfg = build_config(deep_merge(cfg.model_dump(), nested), "command line")
+    if cfg.streams:
+        stream_configs(cfg, origin)  # a bad entry fails here (`config check` too), not mid-run
     return cfg

@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
+from typing import IO, Any
 
 from framecast.config import RunConfig
 from framecast.errors import UserError
@@ -14,9 +16,22 @@ from framecast.events import Error
 from framecast.runtime import Runtime, Source, Stage
 
 
-def build_graph(cfg: RunConfig, *, model_loader=None) -> tuple[Source, list[Stage]]:
-    """`model_loader(cfg)` returns the model to watch with (default `load_run_model`); a job
-    worker passes one that loads once and keeps it for every job."""
+@dataclass
+class SharedModel:
+    """What the streams of one run share: the loaded model (None: capture only), its one worker
+    thread, and the encoder that batches their frames (`framecast.engine.scheduler`)."""
+
+    model: Any
+    worker: Any = None
+    encoder: Any = None
+
+
+def build_graph(cfg: RunConfig, *, model_loader=None, shared: SharedModel | None = None,
+                out: IO[str] | None = None) -> tuple[Source, list[Stage]]:
+    """One stream's graph. `model_loader(cfg)` returns the model to watch with (default
+    `load_run_model`); a job worker passes one that loads once and keeps it for every job.
+    `shared`: the model of a multi-stream run, with its worker and batching encoder;
+    `out`: where the terminal view writes its lines (default stdout)."""
     from framecast.stages.change import ChangeDetector
     from framecast.stages.outputs import make_outputs
     from framecast.stages.outputs import check_output_path
@@ -33,8 +48,8 @@ def build_graph(cfg: RunConfig, *, model_loader=None) -> tuple[Source, list[Stag
     if cfg.change.enabled:
         stages.append(ChangeDetector(cfg.change))
     if not cfg.runtime.capture_only:
-        stages.extend(_model_stages(cfg, recorded=not source.live, model_loader=model_loader))
-    stages.extend(make_outputs(cfg.outputs, live=source.live))
+        stages.extend(_model_stages(cfg, recorded=not source.live, model_loader=model_loader, shared=shared))
+    stages.extend(make_outputs(cfg.outputs, live=source.live, out=out))
     if cfg.mqtt.url:
         from framecast.stages.mqtt.stage import MqttStage
 
@@ -62,10 +77,11 @@ def load_run_model(cfg: RunConfig):
     return model
 
 
-def _model_stages(cfg: RunConfig, *, recorded: bool = True, model_loader=None) -> list[Stage]:
+def _model_stages(cfg: RunConfig, *, recorded: bool = True, model_loader=None,
+                  shared: SharedModel | None = None) -> list[Stage]:
     """Encode + decode stages around one streaming session (one KV cache for this stream).
     `recorded`: the input has an end, whose last span gets a closing narration."""
-    model = (model_loader or load_run_model)(cfg)
+    model = shared.model if shared is not None else (model_loader or load_run_model)(cfg)
     if model is None:
         return []
     from framecast.engine.session import StreamingSession
@@ -82,7 +98,8 @@ def _model_stages(cfg: RunConfig, *, recorded: bool = True, model_loader=None) -
     session = StreamingSession.from_config(model, session_cfg, worker=worker, max_slice_nums=cfg.model.max_slice_nums)
     return [
         EncodeStage(model, worker=worker, max_slice_nums=cfg.model.max_slice_nums,
-                    max_batch=cfg.session.encode_batch, pack_frames=cfg.session.pack_frames),
+                    max_batch=cfg.session.encode_batch, pack_frames=cfg.session.pack_frames,
+                    encoder=shared.encoder if shared is not None else None),
         DecodeStage(session, cfg.narration, stream_id=cfg.source.stream_id, state_file=cfg.session.state_file,
                     narrate_at_end=recorded),
     ]
@@ -128,6 +145,13 @@ def _exit_at_once_on_signal() -> None:
 
 
 def run_main(cfg: RunConfig) -> int:
+    if cfg.streams:  # several sources, one model (stages/multi.py)
+        from framecast.stages.multi import run_streams_main
+
+        return run_streams_main(cfg)
+    from framecast.config import stream_configs
+
+    (cfg,) = stream_configs(cfg)  # `{stream_id}` in output paths
     source, stages = build_graph(cfg)
     runtime = Runtime(
         source,

@@ -22,7 +22,7 @@ class _Parser(argparse.ArgumentParser):
 def _run_overrides(a: argparse.Namespace) -> dict[str, Any]:
     """CLI flags as dotted config keys (only those given)."""
     pairs = {
-        "source.uri": a.source, "source.stream_id": a.stream_id, "source.fps": a.fps,
+        **_source_overrides(a.source or [], a.stream_id or []), "source.fps": a.fps,
         "source.max_frames": a.max_frames, "source.start": a.start, "source.end": a.end,
         "source.realtime": a.realtime, "source.seed": a.seed,
         "source.watchdog_s": a.watchdog, "source.open_timeout_s": a.open_timeout,
@@ -47,6 +47,29 @@ def _run_overrides(a: argparse.Namespace) -> dict[str, Any]:
             raise UserError(f"--set {item!r}: expected group.key=value, e.g. source.fps=2")
         out[key.strip()] = _scalar(raw)
     return out
+
+
+def _source_overrides(sources: list[str], ids: list[str]) -> dict[str, Any]:
+    """Repeatable `--source URI[#id]` (or `--stream-id`, one per source, URIs taken whole): one
+    source sets `source.uri`; several become the `streams` list. Either way they replace the
+    config file's `[[streams]]` (flags win)."""
+    from framecast.config import split_stream_uri
+
+    if len(sources) > 1 and ids and len(ids) != len(sources):
+        raise UserError(f"--stream-id given {len(ids)} times for {len(sources)} --source flags "
+                        "(give one per source, or name them as URI#id)")
+    if len(ids) > 1 and len(sources) <= 1:
+        raise UserError(f"--stream-id given {len(ids)} times for {len(sources)} --source flag(s)")
+    # with --stream-id the URI is taken whole (a URL fragment stays a fragment)
+    split = [(raw, None) for raw in sources] if ids else [split_stream_uri(raw) for raw in sources]
+    if len(sources) <= 1:
+        uri, frag = split[0] if split else (None, None)
+        out = {"source.uri": uri, "source.stream_id": frag or (ids[0] if ids else None)}
+        if sources:
+            out["streams"] = []
+        return out
+    return {"streams": [{"id": frag or (ids[i] if ids else None), "source": {"uri": uri}}
+                        for i, (uri, frag) in enumerate(split)]}
 
 
 def _scalar(raw: str) -> Any:
@@ -101,8 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Watch a source and narrate it.\n\nFlags override the --config file; the "
                                    "defaults shown are the built-in ones\n(a preset or config file may change them).")
     r.add_argument("--config", help="TOML/YAML file or preset name (see `framecast config list`) (default: none)")
-    r.add_argument("--source", help=f"demo | FILE | rtsp://… | http(s)://… | camera:N (default: {_d('source.uri')})")
-    r.add_argument("--stream-id", help="name of the stream in events and MQTT topics, 1-64 of [A-Za-z0-9_.-] "
+    r.add_argument("--source", action="append",
+                   help="demo | FILE | rtsp://… | http(s)://… | camera:N; repeat for several streams on one "
+                        f"model, each named URI#id or by --stream-id (default: {_d('source.uri')})")
+    r.add_argument("--stream-id", action="append",
+                   help="name of the stream in events and MQTT topics, 1-64 of [A-Za-z0-9_.-]; one per --source "
+                        "when repeated "
                                        f"(default: {_d('source.stream_id')})")
     r.add_argument("--fps", type=float, help="sample rate in frames per second (default: the source's own rate)")
     r.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames (default: no limit)")
@@ -189,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("question", help="the question, in plain text")
     a.add_argument("--mqtt", required=True, metavar="URL",
                    help="the broker the stream publishes to: mqtt://user:pass@host:port or mqtts://… (required)")
-    a.add_argument("--stream", default="default", help="the stream's id (its --stream-id) (default: %(default)s)")
+    a.add_argument("--stream", default="default", help="the stream's id (its --stream-id; several streams may run on one model) (default: %(default)s)")
     a.add_argument("--prefix", default="framecast", help="the stream's MQTT topic prefix (default: %(default)s)")
     a.add_argument("--timeout", type=float, default=60.0, metavar="S",
                    help="give up after S seconds without an answer (default: %(default)g)")

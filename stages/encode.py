@@ -14,7 +14,7 @@ Items keep their order (frames and data events travel through one queue); contro
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from framecast.events import EndOfStream, Error, Event, Frame
 from framecast.model.protocol import VisionLanguageModel
@@ -43,6 +43,7 @@ class EncodeStage(Stage):
         max_pending: int = DEFAULT_MAX_PENDING,
         pack_frames: int | None = None,
         max_slice_nums: int = 1,
+        encoder: Callable[..., Awaitable[list]] | None = None,
         name: str | None = None,
     ):
         super().__init__(name=name)
@@ -51,6 +52,10 @@ class EncodeStage(Stage):
         self.max_batch = max(1, max_batch)
         self.pack = pack_frames or default_pack(model)
         self.max_slice_nums = max_slice_nums  # 1 = one view per frame (streaming)
+        # `await encoder(pixels, max_slice_nums=)` -> features (`encoder.group` for 4.5's frame
+        # groups); several streams share one `engine.scheduler.BatchEncoder`, which batches
+        # their frames into one call
+        self.encoder = encoder
         self._queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=max(max_pending, self.pack))
         self._task: asyncio.Task | None = None
         self._last_features: Any = None
@@ -120,8 +125,11 @@ class EncodeStage(Stage):
                 todo.append(item)
                 latest = item
         if todo:
-            feats = await self.worker.run(self.model.encode_images, [f.pixels for f in todo],
-                                          max_slice_nums=self.max_slice_nums)
+            pixels = [f.pixels for f in todo]
+            if self.encoder is not None:
+                feats = await self.encoder(pixels, max_slice_nums=self.max_slice_nums)
+            else:
+                feats = await self.worker.run(self.model.encode_images, pixels, max_slice_nums=self.max_slice_nums)
             self.encode_calls += 1
             self.frames_encoded += len(todo)
             for frame, feat in zip(todo, feats):
@@ -160,8 +168,12 @@ class EncodeStage(Stage):
                 self.frames_reused += len(group)
             else:
                 ids = [round((f.pts or 0.0) / TEMPORAL_UNIT_S) for f in group]
-                feats = await self.worker.run(self.model.encode_frame_group, [f.pixels for f in group], ids,
-                                              max_slice_nums=self.max_slice_nums)
+                pixels = [f.pixels for f in group]
+                if self.encoder is not None:
+                    feats = await self.encoder.group(pixels, ids, max_slice_nums=self.max_slice_nums)
+                else:
+                    feats = await self.worker.run(self.model.encode_frame_group, pixels, ids,
+                                                  max_slice_nums=self.max_slice_nums)
                 self.encode_calls += 1
                 self.frames_encoded += len(group)
             group[-1].features = self._last_features = feats

@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Generator
 
 import numpy as np
 
@@ -202,19 +202,37 @@ class SessionCore:
 
     # -- a turn ------------------------------------------------------------------------------
 
-    def generate(
+    def generate(self, prompt: str, *, on_delta: Callable[[TextDelta], None] | None = None,
+                 **kw: Any) -> TurnDone:
+        """One turn: prefill `{prompt}<|im_end|>\\n<|im_start|>assistant\\n`, decode, close.
+
+        `on_delta` gets each `TextDelta` as it comes; the other keywords are `turn`'s.
+        """
+        steps = self.turn(prompt, **kw)
+        while True:
+            try:
+                delta = next(steps)
+            except StopIteration as done:
+                return done.value
+            if delta is not None and on_delta is not None:
+                on_delta(delta)
+
+    def turn(
         self,
         prompt: str,
         *,
         max_tokens: int = DEFAULT_MAX_TOKENS,
         sampler: SamplerFn | None = None,
-        on_delta: Callable[[TextDelta], None] | None = None,
         stop: threading.Event | None = None,
         return_logits: bool = False,
         ignore_eos: bool = False,
-    ) -> TurnDone:
-        """One turn: prefill `{prompt}<|im_end|>\\n<|im_start|>assistant\\n`, decode, close.
+    ) -> Generator[TextDelta | None, None, TurnDone]:
+        """`generate` one step at a time: yields once per decoded token (a `TextDelta`, or None
+        while a UTF-8 character is incomplete) and returns the `TurnDone`.
+        Several sessions on one worker interleave their turns between these steps
+        (`StreamingSession.narrate`).
 
+        Run it to the end (set `stop` to end early): closing it half-way leaves the turn open.
         `sampler`: default greedy; its repetition penalty sees this turn's tokens only.
         `ignore_eos`: decode exactly `max_tokens` (benchmarks force a fixed length).
         """
@@ -244,8 +262,7 @@ class SessionCore:
                     break
                 out_ids.append(token)
                 delta = detok.add(token)  # never half a UTF-8 character
-                if delta and on_delta is not None:
-                    on_delta(TextDelta(delta, len(out_ids)))
+                yield TextDelta(delta, len(out_ids)) if delta else None
                 if len(out_ids) >= max_tokens or (stop is not None and stop.is_set()):
                     stopped = "max_tokens" if len(out_ids) >= max_tokens else "interrupted"
                     break
@@ -254,8 +271,8 @@ class SessionCore:
             if self.offset < turn_start + len(ids) + len(out_ids):
                 prefill(self.model, out_ids[-1:], self.cache)  # the max_tokens-th token is never fed
             tail = detok.finalize()
-            if tail and on_delta is not None:
-                on_delta(TextDelta(tail, len(out_ids)))
+            if tail:
+                yield TextDelta(tail, len(out_ids))
             text = detok.text
         except Exception:
             # A failed turn leaves no trace: the cache goes back to before its prompt, so the

@@ -9,6 +9,7 @@ decoding through the one token loop, save / restore) is in `framecast.engine.cor
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,15 @@ __all__ = ["SessionCore", "Span", "StreamingSession", "TextDelta", "TurnDone"]
 _DONE = object()
 
 
+def _settle(fut: concurrent.futures.Future, value: Any = None, *, error: BaseException | None = None) -> None:
+    if fut.done():  # cancelled by a reader that left
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(value)
+
+
 @dataclass
 class StreamingSession:
     """Async API over a `SessionCore`; every call runs on the model's worker thread."""
@@ -42,6 +52,8 @@ class StreamingSession:
     max_slice_nums: int = 1
     worker: ModelWorker | None = None
     core: SessionCore = field(init=False)
+    _open_turn: Any = field(default=None, init=False, repr=False)  # closes a turn still running
+    _last_turn: Any = field(default=None, init=False, repr=False)  # its result (a Future)
 
     def __post_init__(self) -> None:
         self.core = SessionCore(
@@ -58,12 +70,18 @@ class StreamingSession:
                    sink_tokens=session_cfg.sink_tokens, kv_bits=session_cfg.kv_bits,
                    keep_generated=session_cfg.keep_generated, **kw)
 
+    def _run(self, fn: Any, *args: Any, **kw: Any) -> Any:
+        """Submit to the worker, after closing a turn whose reader left (see `narrate`)."""
+        if self._open_turn is not None:
+            self._open_turn()
+        return self.worker.run(fn, *args, **kw)
+
     @property
     def cache_tokens(self) -> int:
         return self.core.offset
 
     async def start(self) -> None:
-        await self.worker.run(self.core.start)
+        await self._run(self.core.start)
 
     async def add_frame(self, frame: Any, pts: float | None = None) -> int:
         """Append a frame: RGB uint8 pixels [H, W, 3] (encoded here), precomputed features
@@ -73,18 +91,34 @@ class StreamingSession:
             pts = frame.pts if pts is None else pts
             frame = frame.features if frame.features is not None else frame.pixels
         if isinstance(frame, np.ndarray):
-            return await self.worker.run(self.core.add_image, frame, pts)
-        return await self.worker.run(self.core.add_features, frame, pts)
+            return await self._run(self.core.add_image, frame, pts)
+        return await self._run(self.core.add_features, frame, pts)
 
     async def add_text(self, text: str, pts: float | None = None) -> int:
-        return await self.worker.run(self.core.add_text, text, pts)
+        return await self._run(self.core.add_text, text, pts)
 
-    async def narrate(self, prompt: str, **kw: Any) -> AsyncIterator[TextDelta | TurnDone]:
+    async def narrate(self, prompt: str, *, urgent: bool = False, **kw: Any) -> AsyncIterator[TextDelta | TurnDone]:
         """Yield `TextDelta`s as tokens come, then one `TurnDone`. Leaving early (break,
-        cancellation) interrupts the turn; the worker closes it before any later call runs."""
+        cancellation) interrupts the turn; the worker closes it before any later call runs.
+
+        The turn is one worker job while nothing else waits. When other work is queued
+        (another stream's frame, turn or question), the job goes to the back of the worker's
+        queue after each token, so the sessions sharing a model take turns step by step, in
+        arrival order, without a hop through the event loop.
+        `urgent` (questions): the turn's steps go ahead of other queued work (other streams'
+        narrations and frames), so an answer takes its own steps, not a share of every stream's.
+        One reader at a time: a later call on this session interrupts a turn still open."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()
+        lock = threading.Lock()  # a requeue and `close_turn` never cross
+        worker = self.worker
+        result: concurrent.futures.Future = concurrent.futures.Future()
+        steps = None
+        # An interrupted turn of this session still finishing keeps its place: no overtaking it.
+        urgent = urgent and (self._last_turn is None or self._last_turn.done())
+        submit = worker.submit_urgent if urgent else worker.submit_sync
+        self._last_turn = result
 
         def on_delta(delta: TextDelta) -> None:
             try:
@@ -92,26 +126,61 @@ class StreamingSession:
             except RuntimeError:  # the loop is closed: nobody listens, end the turn cleanly
                 stop.set()
 
-        fut = self.worker.submit(self.core.generate, prompt, on_delta=on_delta, stop=stop, **kw)
-        fut.add_done_callback(lambda _f: queue.put_nowait(_DONE))
+        def step() -> None:
+            """On the worker: decode until the turn ends, or requeue while other work waits."""
+            nonlocal steps
+            try:
+                if steps is None:
+                    steps = self.core.turn(prompt, stop=stop, **kw)
+                while True:
+                    try:
+                        delta = next(steps)
+                    except StopIteration as done:
+                        _settle(result, done.value)
+                        return
+                    if delta is not None:
+                        on_delta(delta)
+                    if worker.queued:
+                        with lock:  # once stopped, finish here: a later call's job may be queued
+                            if not stop.is_set():
+                                submit(step)
+                                return
+            except BaseException as e:  # delivered to the reader
+                _settle(result, error=e)
+
+        def close_turn() -> None:
+            # The reader left (break, cancellation) or a later call came: the turn ends after
+            # its next token, on the worker, before any job queued after this (`async for ...
+            # break` closes this generator only later, hence the later call's check).
+            if self._open_turn is close_turn:
+                self._open_turn = None
+            with lock:
+                stop.set()
+
+        if self._open_turn is not None:
+            self._open_turn()
+        submit(step)
+        done = asyncio.wrap_future(result)
+        done.add_done_callback(lambda _f: queue.put_nowait(_DONE))
+        self._open_turn = close_turn
         try:
             while (item := await queue.get()) is not _DONE:
                 yield item
-            yield fut.result()
+            yield done.result()
         finally:
-            if not fut.done():
-                stop.set()
+            close_turn()
 
     async def ask(self, question: str, **kw: Any) -> AsyncIterator[TextDelta | TurnDone]:
-        """Answer from the cached context (no frame is re-encoded): same events as narrate."""
-        async for item in self.narrate(question, **kw):
+        """Answer from the cached context (no frame is re-encoded): same events as narrate.
+        The answer's steps go ahead of other streams' queued work (`urgent`)."""
+        async for item in self.narrate(question, urgent=True, **kw):
             yield item
 
     async def reset(self) -> None:
-        await self.worker.run(self.core.reset)
+        await self._run(self.core.reset)
 
     async def save(self, path: str | Path) -> Path:
-        return await self.worker.run(self.core.save, path)
+        return await self._run(self.core.save, path)
 
     async def load(self, path: str | Path) -> None:
-        await self.worker.run(self.core.load, path)
+        await self._run(self.core.load, path)

@@ -176,22 +176,43 @@ class MiniCPMV(nn.Module):
         Frames must produce the same views (same size -> same grid); view k of every frame is
         merged along the key axis of one resampler call.
         """
+        return self.encode_frame_groups([(images, temporal_ids)], max_slice_nums=max_slice_nums)[0]
+
+    def encode_frame_groups(self, groups: list[tuple[list[np.ndarray], list[int]]], *,
+                            max_slice_nums: int = 1) -> list[ImageFeatures]:
+        """Several frame groups (e.g. one per stream) in one vision-tower and one resampler
+        call: `[(images, temporal_ids), ...]` -> one ImageFeatures per group, each what
+        `encode_frame_group` gives for it alone. Groups may differ in size and frame count."""
         if not self.args.resampler_3d:
             raise UserError(f"MiniCPM-V {self.args.version} has no 3D resampler (frame groups need 4.5)")
-        if not 1 <= len(images) <= MAX_GROUP_FRAMES_3D or len(temporal_ids) != len(images):
-            raise UserError(f"a frame group needs 1-{MAX_GROUP_FRAMES_3D} frames with one temporal id each "
-                            f"(got {len(images)} frames, {len(temporal_ids)} ids)")
-        processed = [self.processor.preprocess(img, max_slice_nums=max_slice_nums) for img in images]
-        grids = {p.grid for p in processed}
-        shapes = {tuple(v.shape for v in p.views) for p in processed}
-        if len(grids) != 1 or len(shapes) != 1:
-            raise UserError("frames of one group must have the same size (their slicings differ)")
-        n_frames, n_views = len(processed), len(processed[0].views)
-        views = [processed[f].views[k] for k in range(n_views) for f in range(n_frames)]  # view-major
-        feats = self._encode_views(views, temporal_ids=[int(t) for t in temporal_ids] * n_views,
-                                   group_sizes=[n_frames] * n_views)
+        views: list[np.ndarray] = []
+        tids: list[int] = []
+        sizes: list[int] = []
+        layout: list[tuple[int, Any, list[int]]] = []  # (views per group, grid, temporal ids)
+        for images, temporal_ids in groups:
+            if not 1 <= len(images) <= MAX_GROUP_FRAMES_3D or len(temporal_ids) != len(images):
+                raise UserError(f"a frame group needs 1-{MAX_GROUP_FRAMES_3D} frames with one temporal id each "
+                                f"(got {len(images)} frames, {len(temporal_ids)} ids)")
+            processed = [self.processor.preprocess(img, max_slice_nums=max_slice_nums) for img in images]
+            grids = {p.grid for p in processed}
+            shapes = {tuple(v.shape for v in p.views) for p in processed}
+            if len(grids) != 1 or len(shapes) != 1:
+                raise UserError("frames of one group must have the same size (their slicings differ)")
+            n_frames, n_views = len(processed), len(processed[0].views)
+            views += [processed[f].views[k] for k in range(n_views) for f in range(n_frames)]  # view-major
+            ids = [int(t) for t in temporal_ids]
+            tids += ids * n_views
+            sizes += [n_frames] * n_views
+            layout.append((n_views, processed[0].grid, ids))
+        if not groups:
+            return []
+        feats = self._encode_views(views, temporal_ids=tids, group_sizes=sizes)  # [sum views, Q, D]
         mx.eval(feats)
-        return ImageFeatures(feats, processed[0].grid, [int(t) for t in temporal_ids])
+        out, start = [], 0
+        for n_views, grid, ids in layout:
+            out.append(ImageFeatures(feats[start:start + n_views], grid, ids))
+            start += n_views
+        return out
 
     # ------------------------------------------------------------ prompt + language model
 

@@ -45,7 +45,7 @@ import random
 import sys
 import time
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from framecast import __version__
 from framecast.config import MqttConfig
@@ -74,6 +74,9 @@ class MqttStage(Stage):
     """Publishes events to MQTT and injects questions from `<prefix>/<stream>/ask`."""
 
     name = "mqtt"
+    #: several streams in one process share `<prefix>/status`: the composition root sets this
+    #: (True while another stream's connection is still up) so only the last one says offline
+    others_running: Callable[[], bool] | None = None
 
     def __init__(self, cfg: MqttConfig, *, stream_id: str, name: str | None = None,
                  first_connect_wait_s: float = FIRST_CONNECT_WAIT_S):
@@ -163,7 +166,9 @@ class MqttStage(Stage):
                 while self.outbox and not self._fatal and time.monotonic() < deadline:
                     await asyncio.sleep(0.02)
             client = self._client if self._connected.is_set() else None
-            if client is not None and not self.outbox:
+            # several streams share <prefix>/status: the last one to close says offline
+            last_stream = self.others_running is None or not self.others_running()
+            if client is not None and not self.outbox and last_stream:
                 offline = Status(state="offline", text="stopped", stream_id=self.topics.stream)
                 try:
                     await client.publish(self._global_status_message(offline), timeout_s=1.0)
