@@ -105,6 +105,28 @@ class NarrationConfig(Group):
     partials: bool = True  # emit narration.partial deltas
 
 
+class ChaptersConfig(Group):
+    enabled: bool | None = None  # None = on for recorded input with a model (or when outputs.chapters is set)
+    min_s: float = Field(default=10.0, gt=0)  # a scene change ends a chapter only this long after it began
+    max_s: float | None = Field(default=300.0, gt=0)  # a chapter this long ends even without a scene change
+    title_max_tokens: int = Field(default=16, ge=1, le=256)
+    prompt_tokens: int = Field(default=1024, ge=64)  # narrations given to a title turn at most (tokens)
+
+    @field_validator("max_s")
+    @classmethod
+    def _max_after_min(cls, v: float | None, info: ValidationInfo) -> float | None:
+        low = info.data.get("min_s", 0.0)
+        if v is not None and v < low:
+            raise ValueError(f"must be at least chapters.min_s ({low:g})")
+        return v
+
+
+class SummaryConfig(Group):
+    enabled: bool | None = None  # None = on for recorded input with a model (or when outputs.summary is set)
+    max_tokens: int = Field(default=96, ge=1, le=4096)
+    prompt_tokens: int = Field(default=1536, ge=64)  # longest prompt of one turn; more => summarised in parts
+
+
 class OutputsConfig(Group):
     console: bool = True
     jsonl: str | None = None
@@ -112,6 +134,9 @@ class OutputsConfig(Group):
     jsonl_partials: bool = False  # also write narration.partial deltas
     srt: str | None = None
     vtt: str | None = None
+    chapters: str | None = None  # WebVTT chapters file (one cue per chapter, its title)
+    summary: str | None = None  # Markdown: the summary, then one section per chapter
+    session: str | None = None  # .fcs archive at the end of the run (cache, narration log, chapters)
     progress: bool | None = None  # None = on for recorded files on a terminal
     metrics: bool = False
     metrics_interval_s: float = Field(default=5.0, gt=0)
@@ -159,6 +184,8 @@ class RunConfig(Group):
     model: ModelConfig = ModelConfig()
     session: SessionConfig = SessionConfig()
     narration: NarrationConfig = NarrationConfig()
+    chapters: ChaptersConfig = ChaptersConfig()
+    summary: SummaryConfig = SummaryConfig()
     outputs: OutputsConfig = OutputsConfig()
     mqtt: MqttConfig = MqttConfig()
     runtime: RuntimeConfig = RuntimeConfig()

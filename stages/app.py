@@ -25,6 +25,7 @@ def build_graph(cfg: RunConfig) -> tuple[Source, list[Stage]]:
         stages.append(ChangeDetector(cfg.change))
     if not cfg.runtime.capture_only:
         stages.extend(_model_stages(cfg))
+    stages.extend(_analysis_stages(cfg, stages, live=source.live))
     stages.extend(make_outputs(cfg.outputs, live=source.live))
     if cfg.mqtt.url:
         from framecast.stages.mqtt.stage import MqttStage
@@ -74,6 +75,64 @@ def _model_stages(cfg: RunConfig) -> list[Stage]:
                     max_batch=cfg.session.encode_batch, pack_frames=cfg.session.pack_frames),
         DecodeStage(session, cfg.narration, stream_id=cfg.source.stream_id, state_file=cfg.session.state_file),
     ]
+
+
+def _analysis_stages(cfg: RunConfig, stages: list[Stage], *, live: bool) -> list[Stage]:
+    """Recorded-video analysis after decode: chapters, the summary, the saved session (`.fcs`).
+
+    Chapters and the summary are on by default for recorded input when a model narrates (and
+    whenever their output file is asked for); a saved session needs a model."""
+    from framecast.stages.decode import DecodeStage
+
+    decode = next((st for st in stages if isinstance(st, DecodeStage)), None)
+    session = decode.session if decode is not None else None
+    recorded = not live and session is not None
+    want_chapters = cfg.chapters.enabled if cfg.chapters.enabled is not None else (recorded or bool(cfg.outputs.chapters))
+    want_summary = cfg.summary.enabled if cfg.summary.enabled is not None else (recorded or bool(cfg.outputs.summary))
+    if cfg.outputs.chapters and not want_chapters:
+        raise UserError(f"outputs.chapters = {cfg.outputs.chapters!r}: chapters.enabled is false")
+    if cfg.outputs.summary and not want_summary:
+        raise UserError(f"outputs.summary = {cfg.outputs.summary!r}: summary.enabled is false")
+    for key, value, wanted in (("outputs.summary", cfg.outputs.summary, want_summary),
+                               ("outputs.session", cfg.outputs.session, True)):
+        if value and wanted and session is None:
+            raise UserError(f"{key} = {value!r}: needs a model, and this run has none (capture-only)")
+    out: list[Stage] = []
+    turns = None
+    if session is not None and (want_chapters or want_summary):
+        from framecast.engine.text_turns import TextTurns
+
+        # Fresh-context text turns on the same model and worker, always greedy (a title or a
+        # summary should not change from run to run).
+        turns = TextTurns(session.model, worker=session.worker, system_prompt=session.system_prompt)
+    if want_chapters:
+        from framecast.stages.chapters import ChapterStage
+
+        out.append(ChapterStage(cfg.chapters, turns, stream_id=cfg.source.stream_id))
+    if want_summary and turns is not None:
+        from framecast.stages.summary import SummaryStage
+
+        out.append(SummaryStage(cfg.summary, turns, stream_id=cfg.source.stream_id))
+    if cfg.outputs.session:
+        from framecast.stages.session_file import SessionArchiveStage
+        from framecast.stages.sources.fingerprint import fingerprint
+
+        settings = {k: getattr(session, k) for k in ("system_prompt", "max_cache_tokens", "max_cache_mb",
+                                                     "sink_tokens", "kv_bits", "keep_generated", "max_slice_nums")}
+        manifest = {"model": cfg.model.model_dump(), "session": settings, "narration": cfg.narration.model_dump(),
+                    "source_uri": cfg.source.uri}
+        out.append(SessionArchiveStage(cfg.outputs.session, session, manifest=manifest,
+                                       fingerprint=fingerprint(cfg.source.uri, cfg.source),
+                                       stream_id=cfg.source.stream_id))
+    if cfg.outputs.chapters:
+        from framecast.stages.outputs.chapters import ChaptersVttOutput
+
+        out.append(ChaptersVttOutput(cfg.outputs.chapters))
+    if cfg.outputs.summary:
+        from framecast.stages.outputs.chapters import SummaryMarkdownOutput
+
+        out.append(SummaryMarkdownOutput(cfg.outputs.summary, source=cfg.source.uri))
+    return out
 
 
 _METRIC_COLUMNS = ("items_in", "items_out", "drops", "queue_depth", "latency_ms_p50", "latency_ms_p95",
@@ -126,3 +185,49 @@ def ask_main(url: str, stream: str, question: str, *, prefix: str, timeout: floa
     from framecast.stages.mqtt.stage import ask_over_mqtt
 
     return ask_over_mqtt(url, stream, question, prefix=prefix, timeout=timeout, ca_file=ca_file)
+
+
+def ask_session_main(path: str, question: str, *, source: str | None = None, force: bool = False,
+                     model_path: str | None = None, max_tokens: int | None = None, as_json: bool = False) -> int:
+    """`framecast ask --session FILE.fcs "question"`: answer offline from a saved session (no video
+    decoding) and say which time span the answer draws on."""
+    import asyncio
+    import tempfile
+
+    from framecast.config import ModelConfig, NarrationConfig
+    from framecast.engine.session import StreamingSession
+    from framecast.engine.text_turns import TextTurns
+    from framecast.engine.worker import worker_for
+    from framecast.stages.ask_session import ask_archive, where
+    from framecast.stages.decode import make_turn_sampler
+    from framecast.stages.session_file import check_source, read_archive
+
+    archive = read_archive(path)
+    warning = check_source(archive, source, force=force)
+    if warning:
+        print(f"framecast: warning: {warning}", file=sys.stderr)
+    saved_model = ModelConfig(**(archive.manifest.get("model") or {}))
+    if model_path is not None:
+        saved_model = saved_model.model_copy(update={"path": model_path, "mmproj": None})
+    model = load_run_model(RunConfig(model=saved_model))
+    if model is None:
+        raise UserError(f"{path}: its model ({saved_model.path or 'the embedded demo model'}) is not available "
+                        "(give one with --model)")
+    narration = NarrationConfig(**(archive.manifest.get("narration") or {}))
+    worker = worker_for(model)
+    session = StreamingSession(model, worker=worker, **(archive.manifest.get("session") or {}))
+    turns = TextTurns(model, worker=worker, system_prompt=session.system_prompt)
+
+    async def go():
+        with tempfile.TemporaryDirectory(prefix="framecast-ask-") as tmp:
+            await session.load(archive.extract_session(tmp))  # also refuses a different model
+        return await ask_archive(question, archive, session, turns, sampler=make_turn_sampler(narration),
+                                 max_tokens=max_tokens or narration.max_tokens)
+
+    answer, chapter = asyncio.run(go())
+    if as_json:
+        print(answer.to_json())
+    else:
+        print(answer.text)
+        print(where(answer, archive, chapter))
+    return 0

@@ -33,6 +33,7 @@ def _run_overrides(a: argparse.Namespace) -> dict[str, Any]:
         "narration.policy": a.policy, "narration.interval_s": a.interval,
         "narration.prompt": a.prompt, "narration.max_tokens": a.max_tokens,
         "outputs.jsonl": a.jsonl, "outputs.srt": a.srt, "outputs.vtt": a.vtt,
+        "outputs.chapters": a.chapters, "outputs.summary": a.summary, "outputs.session": a.save_session,
         "outputs.metrics": a.metrics or None, "outputs.metrics_interval_s": a.metrics_interval,
         "outputs.console": False if a.no_console else None, "outputs.progress": a.progress,
         "mqtt.url": a.mqtt, "mqtt.prefix": a.mqtt_prefix, "mqtt.ha_discovery": a.ha_discovery or None,
@@ -91,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--jsonl")
     r.add_argument("--srt")
     r.add_argument("--vtt")
+    r.add_argument("--chapters", metavar="OUT.vtt", help="WebVTT chapters file (one titled cue per chapter)")
+    r.add_argument("--summary", metavar="OUT.md", help="Markdown summary of the whole video (end of file)")
+    r.add_argument("--save-session", metavar="OUT.fcs",
+                   help="save the stream's state at the end (cache, narration log, chapters) for `ask --session`")
     r.add_argument("--no-console", action="store_true", help="no live terminal view")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     r.add_argument("--metrics", action="store_true", help="print per-stage metrics periodically and at exit")
@@ -129,9 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
 
-    a = sub.add_parser("ask", help="ask a running stream a question over MQTT")
+    a = sub.add_parser("ask", help="ask a running stream (over MQTT) or a saved session (offline) a question")
     a.add_argument("question")
-    a.add_argument("--mqtt", required=True)
+    a.add_argument("--mqtt", help="ask a running stream over this broker")
+    a.add_argument("--session", metavar="FILE.fcs", help="ask a saved session offline (from run --save-session)")
+    a.add_argument("--source", help="with --session: the video it must belong to (checked by fingerprint)")
+    a.add_argument("--force", action="store_true", help="with --session: use it even for another video")
+    a.add_argument("--model", help="with --session: the model to load (default: the one the run used)")
+    a.add_argument("--max-tokens", type=int, help="with --session: answer length (default: the run's)")
+    a.add_argument("--json", action="store_true", help="with --session: print the answer event as JSON")
     a.add_argument("--stream", default="default")
     a.add_argument("--prefix", default="framecast")
     a.add_argument("--timeout", type=float, default=60.0)
@@ -174,6 +185,13 @@ def _cmd_generate(a: argparse.Namespace) -> int:
 
 
 def _cmd_ask(a: argparse.Namespace) -> int:
+    if (a.mqtt is None) == (a.session is None):
+        raise UserError("ask: give either --mqtt URL (a running stream) or --session FILE.fcs (a saved one)")
+    if a.session is not None:
+        from framecast.stages.app import ask_session_main
+
+        return ask_session_main(a.session, a.question, source=a.source, force=a.force, model_path=a.model,
+                                max_tokens=a.max_tokens, as_json=a.json)
     from framecast.stages.app import ask_main
 
     return ask_main(a.mqtt, a.stream, a.question, prefix=a.prefix, timeout=a.timeout, ca_file=a.mqtt_ca)
