@@ -91,6 +91,8 @@ class SessionConfig(Group):
     encode_batch: int = Field(default=4, ge=1, le=64)  # frames per vision-tower call at most
     pack_frames: int | None = Field(default=None, ge=1, le=6)  # 4.5 3D groups; None = model default
     state_file: str | None = None  # restore the cache from here at start (if present), save at exit
+    resume: str | None = None  # a saved session (.fcs) to continue: its cache, narration log and chapters
+    force: bool = False  # resume (or ask) a saved session even for another video than its own
 
 
 class NarrationConfig(Group):

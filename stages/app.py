@@ -19,6 +19,9 @@ def build_graph(cfg: RunConfig) -> tuple[Source, list[Stage]]:
     from framecast.stages.outputs import make_outputs
     from framecast.stages.sources import make_source
 
+    archive = None
+    if cfg.session.resume:
+        archive, cfg = _resume_config(cfg)
     source = make_source(cfg.source)
     stages: list[Stage] = []
     if cfg.change.enabled:
@@ -31,7 +34,50 @@ def build_graph(cfg: RunConfig) -> tuple[Source, list[Stage]]:
         from framecast.stages.mqtt.stage import MqttStage
 
         stages.append(MqttStage(cfg.mqtt, stream_id=cfg.source.stream_id))
+    if archive is not None:
+        _resume_stages(archive, stages)
     return source, stages
+
+
+def _resume_config(cfg: RunConfig):
+    """`session.resume`: read the saved session, refuse another video (unless `session.force`),
+    and continue a file where the saved run ended (unless `source.start` is given)."""
+    from framecast.stages.session_file import check_source, read_archive
+    from framecast.stages.sources import source_kind
+
+    archive = read_archive(cfg.session.resume)
+    warning = check_source(archive, cfg.source.uri, force=cfg.session.force)
+    if warning:
+        print(f"framecast: warning: {warning}", file=sys.stderr)
+    end = archive.manifest.get("media_end")
+    if source_kind(cfg.source.uri) == "file" and not cfg.source.start and end:
+        if cfg.source.end is not None and cfg.source.end <= end:
+            raise UserError(f"source.end = {cfg.source.end:g}: the saved session already reaches {end:g} s")
+        cfg = cfg.model_copy(update={"source": cfg.source.model_copy(update={"start": float(end)})})
+    return archive, cfg
+
+
+def _resume_stages(archive, stages: list[Stage]) -> None:
+    """Load the saved cache into the stream's session and hand the saved narration log and
+    chapters to the stages that build on them (chapter numbering, summary, the next save)."""
+    import asyncio
+    import tempfile
+
+    from framecast.stages.decode import DecodeStage
+
+    decode = next((st for st in stages if isinstance(st, DecodeStage)), None)
+    if decode is None:
+        raise UserError(f"session.resume = {str(archive.path)!r}: needs a model, and this run has none (capture-only)")
+
+    async def load() -> None:
+        with tempfile.TemporaryDirectory(prefix="framecast-resume-") as tmp:
+            await decode.session.load(archive.extract_session(tmp))
+
+    asyncio.run(load())
+    for st in stages:
+        seed = getattr(st, "resume_from", None)
+        if seed is not None:
+            seed(archive)
 
 
 def load_run_model(cfg: RunConfig):

@@ -4,7 +4,8 @@ The change detector marks frames where the picture changed. Many of those are no
 (a shape drifting across a cell, a camera pan), so a scene change ends the current chapter only
 when the chapter is at least `chapters.min_s` seconds old (10 s by default, YouTube's minimum
 chapter length); a chapter that reaches `chapters.max_s` ends at the next frame even without a
-change. At the end of the input, a last piece shorter than `min_s` joins the chapter before it.
+change. At the end of the input, a last piece shorter than `min_s` joins the chapter before it
+(unless that would make it longer than `max_s`).
 
 A closed chapter is held until its successor is `min_s` long (only then is it sure that the tail
 will not be merged into it, and by then the narrations of its last seconds have arrived), then
@@ -84,6 +85,10 @@ class ChapterStage(Stage):
         self._duration: float | None = None
         self.chapters: list[Chapter] = []
         self.title_s = 0.0
+
+    def resume_from(self, archive) -> None:
+        """Continue a saved session: its chapters come first (numbering goes on from them)."""
+        self.chapters = list(archive.chapters)
 
     # -- segmentation -------------------------------------------------------------------------
 
@@ -183,7 +188,9 @@ class ChapterStage(Stage):
         end = self.end_time()
         tail, self._open = self._open, None
         tail.end = max(end, tail.start) if end is not None else tail.start
-        if self._held and tail.end - tail.start < self.cfg.min_s - EPS_S:
+        short = tail.end - tail.start < self.cfg.min_s - EPS_S
+        if short and self._held and (self.cfg.max_s is None
+                                     or tail.end - self._held[-1].start <= self.cfg.max_s + EPS_S):
             last = self._held[-1]  # a short last piece joins the chapter before it
             last.end, last.changes = tail.end, last.changes + tail.changes + 1
             last.narrations.extend(tail.narrations)

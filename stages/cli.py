@@ -39,6 +39,7 @@ def _run_overrides(a: argparse.Namespace) -> dict[str, Any]:
         "mqtt.url": a.mqtt, "mqtt.prefix": a.mqtt_prefix, "mqtt.ha_discovery": a.ha_discovery or None,
         "mqtt.ca_file": a.mqtt_ca, "mqtt.cert_file": a.mqtt_cert, "mqtt.key_file": a.mqtt_key,
         "session.max_cache_tokens": a.max_cache_tokens, "session.kv_bits": a.kv_bits,
+        "session.resume": a.resume, "session.force": a.force or None,
     }
     out = {k: v for k, v in pairs.items() if v is not None}
     for item in a.set or []:  # generic `--set group.key=value`, applied last
@@ -96,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--summary", metavar="OUT.md", help="Markdown summary of the whole video (end of file)")
     r.add_argument("--save-session", metavar="OUT.fcs",
                    help="save the stream's state at the end (cache, narration log, chapters) for `ask --session`")
+    r.add_argument("--resume", metavar="FILE.fcs",
+                   help="continue a saved session on its own video (a file continues where the saved run ended)")
+    r.add_argument("--force", action="store_true", help="with --resume: continue it even on another video")
     r.add_argument("--no-console", action="store_true", help="no live terminal view")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     r.add_argument("--metrics", action="store_true", help="print per-stage metrics periodically and at exit")

@@ -154,6 +154,12 @@ class SessionArchiveStage(Stage):
         self._duration: float | None = None
         self.saved: Path | None = None
 
+    def resume_from(self, archive: Archive) -> None:
+        """Continue a saved session: the new archive holds the old log, transcript and chapters too."""
+        self.narrations = list(archive.narrations)
+        self.transcript = list(archive.transcript)
+        self.chapters = list(archive.chapters)
+
     async def start(self) -> None:
         try:  # a bad path fails now, before any work, with one line
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -120,10 +120,19 @@ class SummaryStage(Stage):
         self._duration: float | None = None
         self.summary: Summary | None = None
 
+    def resume_from(self, archive) -> None:
+        """Continue a saved session: the summary covers its narrations and chapters too."""
+        for n in archive.narrations:
+            self._log(n)
+        self.chapters = list(archive.chapters)
+
+    def _log(self, n: Narration) -> None:
+        start = n.pts_start if n.pts_start is not None else (n.pts or 0.0)
+        self.log.append((midpoint(n), LogLine(start, n.text)))
+
     async def process(self, item: Event) -> AsyncIterator[Event]:
         if isinstance(item, Narration) and item.text.strip():
-            start = item.pts_start if item.pts_start is not None else (item.pts or 0.0)
-            self.log.append((midpoint(item), LogLine(start, item.text)))
+            self._log(item)
         elif isinstance(item, Chapter):
             self.chapters.append(item)
         elif isinstance(item, Frame) and item.pts is not None:
@@ -139,8 +148,9 @@ class SummaryStage(Stage):
     def parts(self) -> list[Part]:
         """Chapters with their narrations (by midpoint); one part for the whole run without chapters."""
         spans = [(c.pts_start, c.pts_end, c.text) for c in self.chapters]
-        if not spans and self._first is not None:
-            spans = [(self._first[0], self.media_end(), "")]
+        if not spans and self.log:
+            start = self._first[0] if self._first is not None else min(ln.pts for _, ln in self.log)
+            spans = [(start, max(self.media_end(), start), "")]
         out = []
         for k, (start, end, title) in enumerate(spans):
             last = k == len(spans) - 1

@@ -28,21 +28,32 @@ class ChaptersVttOutput(Stage):
         self.path = path
         self._f: IO[str] | None = None
         self.cues = 0
+        self._earlier: list[Chapter] = []
+
+    def resume_from(self, archive) -> None:
+        """Continue a saved session: its chapters are written first."""
+        self._earlier = list(archive.chapters)
 
     async def start(self) -> None:
         self._f = open_for_writing(self.path, "chapters")
         self._f.write("WEBVTT\n\n")
         self._f.flush()
+        for ch in self._earlier:
+            self._write(ch)
 
     async def process(self, item: Event) -> AsyncIterator[Event]:
-        if isinstance(item, Chapter) and self._f is not None:
+        if isinstance(item, Chapter):
+            self._write(item)
+        yield item
+
+    def _write(self, item: Chapter) -> None:
+        if self._f is not None:
             self.cues += 1
             start, end = item.pts_start, max(item.pts_end, item.pts_start + 0.001)
             self._f.write(f"{item.index}\n{subtitle_time(start, decimal='.')} --> "
                           f"{subtitle_time(end, decimal='.')}\n{cue_text(item.text, vtt=True)}\n\n")
             self._f.flush()
             self.metrics.extra["cues"] = self.cues
-        yield item
 
     async def close(self) -> None:
         if self._f is not None:
@@ -89,6 +100,11 @@ class SummaryMarkdownOutput(Stage):
         self.chapters: list[Chapter] = []
         self.narrations: list[Narration] = []
         self.written = False
+
+    def resume_from(self, archive) -> None:
+        """Continue a saved session: its chapters and narrations are listed first."""
+        self.chapters = list(archive.chapters)
+        self.narrations = list(archive.narrations)
 
     async def start(self) -> None:
         self._f = open_for_writing(self.path, "summary")  # a bad path fails before any work
