@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from framecast.config import RunConfig
@@ -165,7 +166,11 @@ def _analysis_stages(cfg: RunConfig, stages: list[Stage], *, live: bool) -> list
 
         settings = {k: getattr(session, k) for k in ("system_prompt", "max_cache_tokens", "max_cache_mb",
                                                      "sink_tokens", "kv_bits", "keep_generated", "max_slice_nums")}
-        manifest = {"model": cfg.model.model_dump(), "session": settings, "narration": cfg.narration.model_dump(),
+        model = cfg.model.model_dump()
+        for key in ("path", "mmproj"):  # `ask --session` may run from another directory
+            if model[key] and os.path.exists(model[key]):
+                model[key] = os.path.abspath(model[key])
+        manifest = {"model": model, "session": settings, "narration": cfg.narration.model_dump(),
                     "source_uri": cfg.source.uri}
         out.append(SessionArchiveStage(cfg.outputs.session, session, manifest=manifest,
                                        fingerprint=fingerprint(cfg.source.uri, cfg.source),

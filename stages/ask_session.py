@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from framecast.engine.prompts import QUESTION_FROM_LOG_PROMPT
+from framecast.engine.session import TurnDone
 from framecast.engine.text_turns import LogLine, TextTurns, clock, dedupe, narration_lines, thin
 from framecast.events import Answer, Chapter
 from framecast.stages.chapters import belongs, midpoint
@@ -120,8 +121,8 @@ def where(ans: Answer, archive: Archive, chapter: Chapter | None = None) -> str:
 
 
 async def answer_from_log(question: str, start: float, end: float, archive: Archive, turns: TextTurns,
-                          *, max_tokens: int) -> str | None:
-    """A text-only answer from the narrations of [start, end]; None when nothing was narrated there."""
+                          *, max_tokens: int) -> TurnDone | None:
+    """A text-only turn from the narrations of [start, end]; None when nothing was narrated there."""
     chapters = archive.chapters
     first = not chapters or start <= chapters[0].pts_start
     last = not chapters or end >= chapters[-1].pts_end
@@ -135,9 +136,8 @@ async def answer_from_log(question: str, start: float, end: float, archive: Arch
         return QUESTION_FROM_LOG_PROMPT.format(start=clock(start), end=clock(end),
                                                narrations=narration_lines(pick), question=question)
 
-    done = await turns.run(prompt(thin(lines, lambda p: turns.count(prompt(p)) <= LOG_PROMPT_TOKENS)),
+    return await turns.run(prompt(thin(lines, lambda p: turns.count(prompt(p)) <= LOG_PROMPT_TOKENS)),
                            max_tokens=max_tokens)
-    return done.text
 
 
 async def ask_archive(question: str, archive: Archive, session: Any, turns: TextTurns, *, sampler: Any,
@@ -146,13 +146,14 @@ async def ask_archive(question: str, archive: Archive, session: Any, turns: Text
     basis, start, end, chapter = plan(question, archive)
     stream = archive.manifest.get("stream_id", "default")
     if basis == "narration log":
-        text = await answer_from_log(question, start, end, archive, turns, max_tokens=max_tokens)
-        if text is None:
-            text = f"Nothing was narrated between {clock(start)} and {clock(end)}."
-        return Answer(text=text, request_id="offline", question=question, stream_id=stream, pts=end,
-                      pts_start=start, pts_end=end, basis=basis), chapter
-    from framecast.engine.session import TurnDone
-
+        done = await answer_from_log(question, start, end, archive, turns, max_tokens=max_tokens)
+        if done is None:
+            return Answer(text=f"Nothing was narrated between {clock(start)} and {clock(end)}.",
+                          request_id="offline", question=question, stream_id=stream, pts=end,
+                          pts_start=start, pts_end=end, basis=basis), chapter
+        return Answer(text=done.text, request_id="offline", question=question, stream_id=stream, pts=end,
+                      pts_start=start, pts_end=end, basis=basis, tokens=done.tokens,
+                      tokens_per_s=done.tokens_per_s), chapter
     done = None
     async for ev in session.ask(question, max_tokens=max_tokens, sampler=sampler):
         if isinstance(ev, TurnDone):

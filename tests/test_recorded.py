@@ -269,6 +269,25 @@ def test_capture_only_run_makes_untitled_chapters_at_the_cuts(videos, tmp_path):
     assert (tmp_path / "c.vtt").read_text().count(" --> ") == 3
 
 
+def test_chapters_reach_the_mqtt_event_topic(videos, tmp_path):
+    from broker import Broker, Recorder
+
+    broker = Broker(tmp_path / "broker").start()
+    try:
+        rec = Recorder(broker.port, ["fc/rec/event"])
+        r = framecast("run", "--capture-only", "--source", str(videos[0]), "--fps", "1", "--no-console",
+                      "--stream-id", "rec", "--mqtt", broker.url, "--mqtt-prefix", "fc",
+                      "--set", "chapters.enabled=true", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert rec.wait_for(lambda ms: sum('"chapter"' in m.payload.decode() for m in ms) >= 3, 10)
+        chapters = [m.json() for m in rec.on("fc/rec/event") if m.json()["type"] == "chapter"]
+        assert [(c["index"], c["pts_start"], c["pts_end"]) for c in chapters] == \
+            [(1, 0.0, 10.0), (2, 10.0, 20.0), (3, 20.0, 30.0)]
+        rec.close()
+    finally:
+        broker.stop()
+
+
 @pytest.mark.parametrize("flag", ["--summary", "--save-session"])
 def test_summary_and_saved_session_need_a_model(videos, tmp_path, capsys, flag):
     assert main(["run", "--capture-only", "--source", str(videos[0]), "--no-console", flag, "x"]) == 2

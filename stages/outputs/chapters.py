@@ -62,7 +62,7 @@ class ChaptersVttOutput(Stage):
 
 
 def summary_markdown(summary: Summary | None, chapters: list[Chapter], narrations: list[Narration],
-                     *, source: str = "") -> str:
+                     *, source: str = "", why_none: str = "nothing was narrated") -> str:
     """The summary file: the summary, a line of figures, then each chapter with its narrations."""
     out = [f"# Summary{': ' + source if source else ''}", ""]
     if summary is not None:
@@ -75,7 +75,7 @@ def summary_markdown(summary: Summary | None, chapters: list[Chapter], narration
             facts.append(f"processed at {summary.realtime:.1f}x real time")
         out += ["*" + ", ".join(facts) + "*", ""]
     else:
-        out += ["(no summary: the run ended before the end of the input)", ""]
+        out += [f"(no summary: {why_none})", ""]
     if chapters:
         out += ["## Chapters", ""]
     for k, ch in enumerate(chapters):
@@ -112,7 +112,9 @@ class SummaryMarkdownOutput(Stage):
     def _write(self, summary: Summary | None) -> None:
         if self._f is None or self.written:
             return
-        self._f.write(summary_markdown(summary, self.chapters, self.narrations, source=self.source))
+        ended = getattr(self.runtime, "stopped_by", "eos")
+        why = "nothing was narrated" if ended == "eos" else f"the run ended early ({ended})"
+        self._f.write(summary_markdown(summary, self.chapters, self.narrations, source=self.source, why_none=why))
         self._f.flush()
         self.written = True
 

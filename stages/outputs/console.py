@@ -7,8 +7,8 @@ import sys
 import time
 from typing import IO, AsyncIterator
 
-from framecast.events import (Answer, Error, Event, Flush, Frame, Metrics, Narration,
-                             NarrationDelta, SceneChange, Status)
+from framecast.events import (Answer, Chapter, Error, Event, Flush, Frame, Metrics, Narration,
+                             NarrationDelta, SceneChange, Status, Summary)
 from framecast.runtime import Stage
 
 
@@ -80,6 +80,10 @@ class ConsoleOutput(Stage):
             return f"Q: {ev.question}\nA: {a}" if ev.question else f"A: {a}"
         if isinstance(ev, SceneChange):
             return f"{at}{ev.text}"
+        if isinstance(ev, Chapter):
+            return f"== chapter {ev.index} [{clock(ev.pts_start)}-{clock(ev.pts_end)}] {ev.text}"
+        if isinstance(ev, Summary):
+            return f"== summary: {ev.text}"
         if isinstance(ev, Status):
             return f"-- {ev.state}" + (f": {ev.text}" if ev.text else "")
         return None
