@@ -21,7 +21,6 @@ Events out: `Chapter` (after the frame that made it final, and at the end of the
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator

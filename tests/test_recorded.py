@@ -27,7 +27,7 @@ import pytest
 from framecast.config import ChaptersConfig, load_config
 from framecast.engine.session import TurnDone
 from framecast.engine.text_turns import LogLine, chapter_lines, clock, dedupe, narration_lines, thin
-from framecast.events import Chapter, Frame, Narration, Status, Summary, event_from_dict
+from framecast.events import Chapter, Frame, Narration, Status, event_from_dict
 from framecast.model.load import DEMO_MODEL_DIR
 from framecast.runtime import Runtime
 from framecast.stages.app import build_graph

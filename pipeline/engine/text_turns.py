@@ -22,9 +22,6 @@ from typing import Any, Callable, Iterable, Sequence
 
 from framecast.engine.session import StreamingSession, TurnDone, greedy
 
-#: tokens a title/summary prompt may use before its input is thinned or summarised in parts
-DEFAULT_PROMPT_TOKENS = 1536
-
 
 def clock(seconds: float | None) -> str:
     """Media time as the prompts write it: `m:ss`, or `h:mm:ss` from one hour on."""
