@@ -141,8 +141,13 @@ class ChapterStage(Stage):
 
         prompt = CHAPTER_TITLE_PROMPT.format(narrations=narration_lines(thin(lines, fits)))
         t0 = time.perf_counter()
-        done = await self.turns.run(prompt, max_tokens=self.cfg.title_max_tokens)
-        self.title_s += time.perf_counter() - t0
+        try:
+            done = await self.turns.run(prompt, max_tokens=self.cfg.title_max_tokens)
+        except Exception:  # a title is not worth losing the chapter for: counted, named plainly
+            self.metrics.errors += 1
+            return f"Chapter {index}"
+        finally:
+            self.title_s += time.perf_counter() - t0
         return clean_title(done.text) or f"Chapter {index}"
 
     async def _emit(self, span: _Span) -> Chapter:

@@ -153,6 +153,7 @@ class SessionArchiveStage(Stage):
         self._frame_dt: float | None = None
         self._duration: float | None = None
         self.saved: Path | None = None
+        self.failed = False
 
     def resume_from(self, archive: Archive) -> None:
         """Continue a saved session: the new archive holds the old log, transcript and chapters too."""
@@ -161,12 +162,12 @@ class SessionArchiveStage(Stage):
         self.chapters = list(archive.chapters)
 
     async def start(self) -> None:
-        try:  # a bad path fails now, before any work, with one line
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if self.path.is_dir() or not os.access(self.path.parent, os.W_OK):
-                raise OSError("not writable")
-        except OSError as e:
-            raise FatalError(f"{self.path}: cannot write the saved session: {e.strerror or e}", exit_code=2) from None
+        # A bad path fails now, before any work, with one line (nothing is created).
+        parent = self.path.parent
+        why = ("no such directory" if not parent.is_dir() else "is a directory" if self.path.is_dir()
+               else "permission denied" if not os.access(parent, os.W_OK) else None)
+        if why:
+            raise FatalError(f"{self.path}: cannot write the saved session: {why}", exit_code=2)
 
     async def process(self, item: Event) -> AsyncIterator[Event]:
         if isinstance(item, Narration) and item.text.strip():
@@ -222,14 +223,19 @@ class SessionArchiveStage(Stage):
         return self.saved
 
     async def on_end(self) -> AsyncIterator[Event]:
+        from framecast.stages.summary import report
+
         t0 = time.perf_counter()
-        await self.save()
+        try:
+            await self.save()
+        except Exception as e:  # one line and exit status 1; raising here would stall the end marker
+            self.failed = True
+            yield report(self, f"{self.path}: cannot save the session: {type(e).__name__}: {e}", fatal=True)
+            return
         self.metrics.extra["save_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
-        return
-        yield  # pragma: no cover
 
     async def close(self) -> None:
-        if self.saved is None and self.frames:  # cancelled before the end marker got here
+        if self.saved is None and self.frames and not self.failed:  # cancelled before the end marker
             await self.save()
 
 

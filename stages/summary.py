@@ -22,7 +22,7 @@ from typing import AsyncIterator, Sequence
 from framecast.config import SummaryConfig
 from framecast.engine.prompts import SUMMARY_PROMPT
 from framecast.engine.text_turns import ChapterLine, LogLine, TextTurns, chapter_lines, dedupe
-from framecast.events import Chapter, Event, Frame, Narration, Status, Summary
+from framecast.events import Chapter, Error, Event, Frame, Narration, Status, Summary
 from framecast.runtime import Stage
 from framecast.stages.chapters import belongs, midpoint
 
@@ -104,6 +104,16 @@ async def summarize(parts: Sequence[Part], turns: TextTurns, *, max_tokens: int,
         parts, level = upper, level + 1
 
 
+def report(stage: Stage, text: str, *, fatal: bool) -> Error:
+    """An error raised while the end of the input is being handled, as an event the CLI prints
+    (one line) and, if fatal, a non-zero exit status."""
+    err = Error(text=text, stage=stage.name, fatal=fatal, stream_id=getattr(stage, "stream_id", "default"))
+    record = getattr(stage.runtime, "report", None)
+    if record is not None:
+        record(err)
+    return err
+
+
 class SummaryStage(Stage):
     name = "summary"
 
@@ -169,8 +179,12 @@ class SummaryStage(Stage):
         parts = self.parts()
         if not parts or not any(p.lines for p in parts):
             return  # nothing was narrated: no summary to write (never made up)
-        text, levels = await summarize(parts, self.turns, max_tokens=self.cfg.max_tokens,
-                                       prompt_tokens=self.cfg.prompt_tokens)
+        try:
+            text, levels = await summarize(parts, self.turns, max_tokens=self.cfg.max_tokens,
+                                           prompt_tokens=self.cfg.prompt_tokens)
+        except Exception as e:  # reported as one line; raising here would leave the end marker stuck
+            yield report(self, f"summary failed: {type(e).__name__}: {e}", fatal=False)
+            return
         realtime = None
         if self._first is not None:
             wall = time.time() - self._first[1]

@@ -408,6 +408,36 @@ def test_a_replaced_file_at_the_saved_path_is_refused(videos, tmp_path):
     assert "first frames differ" in check_source(archive, None, force=True)
 
 
+class FailingSession:
+    core = None
+
+    async def save(self, path):
+        raise OSError(28, "No space left on device")
+
+
+def test_a_failed_save_is_one_line_and_exit_1_without_a_hang(tmp_path):
+    from framecast.config import SourceConfig
+    from framecast.stages.session_file import SessionArchiveStage
+    from framecast.stages.sources import make_source
+
+    source = make_source(SourceConfig(uri="demo", max_frames=3, width=64, height=64, realtime=False))
+    stage = SessionArchiveStage(str(tmp_path / "s.fcs"), FailingSession(), manifest={}, fingerprint={})
+    result = asyncio.run(asyncio.wait_for(Runtime(source, [stage]).run(handle_signals=False), 30))
+    assert result.exit_code == 1
+    (err,) = [e for e in result.errors if e.stage == "save_session"]
+    assert "s.fcs: cannot save the session: OSError" in err.text and err.fatal
+    assert list(tmp_path.iterdir()) == []  # no half-written archive
+
+
+@needs_demo
+def test_save_session_into_a_missing_folder_fails_before_work(tmp_path, capsys):
+    target = tmp_path / "nope" / "s.fcs"
+    assert main(["run", "--source", "demo", "--max-frames", "2", "--no-console", "--save-session", str(target)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "s.fcs: cannot write the saved session: no such directory" in line
+    assert not (tmp_path / "nope").exists()
+
+
 @pytest.mark.parametrize("path,why", [("missing.fcs", "not found"), ("bad.fcs", "not a framecast saved session")])
 def test_bad_session_files_give_one_line(tmp_path, capsys, path, why):
     (tmp_path / "bad.fcs").write_bytes(b"not a zip")
