@@ -1,23 +1,31 @@
-"""Typed run configuration: groups of settings, named presets, TOML/YAML files, CLI overrides.
+"""Typed run configuration: groups of settings, named presets, TOML/YAML files, environment
+variables, CLI overrides.
 
-Every model forbids unknown keys. A bad file, key or value raises `ConfigError` whose message
-is one line naming the file, the dotted key and the offending value; the CLI turns it into
-exit status 2.
+Precedence, lowest first: defaults, the config file or preset, `FRAMECAST_<GROUP>__<KEY>`
+environment variables (read through pydantic-settings), CLI flags (`--set` last). Every model
+forbids unknown keys. A bad file, variable, key or value raises `ConfigError` whose message is
+one line naming the file (or the variable), the dotted key and the offending value; the CLI
+turns it into exit status 2.
 """
 
 from __future__ import annotations
 
+import os
 import tomllib
+import typing
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
 from framecast.errors import UserError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, SettingsError
 
 # Presets ship as package data (`configs/` installs as `framecast.configs`), so a wheel has them too.
 CONFIGS_DIR = Path(str(files("framecast.configs")))
 STREAM_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+ENV_PREFIX = "FRAMECAST_"  # FRAMECAST_<GROUP>__<KEY>, e.g. FRAMECAST_MQTT__URL
+ENV_NESTED_DELIMITER = "__"
 
 
 class ConfigError(UserError):
@@ -140,6 +148,7 @@ class OutputsConfig(Group):
     summary: str | None = None  # Markdown: the summary, then one section per chapter
     session: str | None = None  # .fcs archive at the end of the run (cache, narration log, chapters)
     progress: bool | None = None  # None = on for recorded files on a terminal
+    verbose: bool = False  # terminal: also scene-change lines (always in JSONL and on the bus)
     metrics: bool = False
     metrics_interval_s: float = Field(default=5.0, gt=0)
 
@@ -258,6 +267,81 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# ---------------------------------------------------------------- environment
+
+
+class _EnvSettings(BaseSettings, RunConfig):
+    """RunConfig's keys as environment variables; only its settings source is used (to read)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED_DELIMITER,
+                                      case_sensitive=False, env_parse_none_str="null", extra="forbid")
+
+
+def env_var(group: str, key: str) -> str:
+    """The environment variable of a config key: ('mqtt', 'url') -> FRAMECAST_MQTT__URL."""
+    return f"{ENV_PREFIX}{group}{ENV_NESTED_DELIMITER}{key}".upper()
+
+
+def _literal_ints(annotation: Any) -> bool:
+    """Whether a field only takes integer literals (e.g. kv_bits: Literal[4, 8] | None)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is Literal:
+        return all(isinstance(a, int) for a in args)
+    return bool(args) and all(typing.get_origin(a) is Literal and _literal_ints(a) for a in args)
+
+
+def env_overrides() -> dict[str, dict[str, Any]]:
+    """`{group: {key: value}}` from the FRAMECAST_<GROUP>__<KEY> variables that are set.
+
+    Values stay strings (pydantic parses them as it parses a file's), `null` means None;
+    integer-literal keys (`session.kv_bits`) get ints. A variable naming no group: ConfigError.
+    """
+    for name in os.environ:
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX):
+            continue  # (other FRAMECAST_* variables, e.g. FRAMECAST_KERNELS, are not config keys)
+        rest = upper[len(ENV_PREFIX):]
+        if rest.lower() in RunConfig.model_fields:
+            raise ConfigError(f"environment: {name}: set keys one by one, as {env_var(rest, 'KEY')}")
+        if ENV_NESTED_DELIMITER in rest:
+            group = rest.split(ENV_NESTED_DELIMITER, 1)[0].lower()
+            if group not in RunConfig.model_fields:
+                raise ConfigError(f"environment: {name}: unknown config group {group!r} "
+                                  f"(groups: {', '.join(RunConfig.model_fields)})")
+    try:
+        raw = EnvSettingsSource(_EnvSettings)()
+    except SettingsError as e:  # e.g. FRAMECAST_SOURCE='not json'
+        raise ConfigError(f"environment: {str(e).splitlines()[0]}") from None
+    out: dict[str, dict[str, Any]] = {}
+    for group, values in raw.items():
+        fields = RunConfig.model_fields[group].annotation.model_fields
+        out[group] = {}
+        for key, value in values.items():
+            field = fields.get(key)
+            if isinstance(value, str) and field is not None and _literal_ints(field.annotation):
+                value = int(value) if value.strip().lstrip("-").isdigit() else value
+            out[group][key] = value
+    return out
+
+
+def _with_env(cfg: RunConfig, env: dict[str, dict[str, Any]]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(deep_merge(cfg.model_dump(), env))
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = [str(p) for p in err["loc"]]
+        if len(loc) < 2 or loc[1] not in env.get(loc[0], {}):
+            raise ConfigError(_one_line(e, "environment")) from None
+        var = env_var(loc[0], loc[1])
+        if err["type"] == "extra_forbidden":
+            raise ConfigError(f"environment: {var}: unknown key '{loc[0]}.{loc[1]}'") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"environment: {var} = {_short(env[loc[0]][loc[1]])}: {msg}") from None
+
+
+# ---------------------------------------------------------------- building
+
+
 def build_config(data: dict[str, Any], origin: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(data)
@@ -265,8 +349,10 @@ def build_config(data: dict[str, Any], origin: str = "config") -> RunConfig:
         raise ConfigError(_one_line(e, origin)) from None
 
 
-def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Load a file or preset (if given), then apply dotted-key overrides from the CLI."""
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None, *,
+                env: bool = True) -> RunConfig:
+    """Load a file or preset (if given), then the FRAMECAST_<GROUP>__<KEY> environment variables
+    (unless `env` is False), then dotted-key overrides from the CLI: each layer wins over the last."""
     data: dict[str, Any] = {}
     origin = "command line"
     if path:
@@ -274,6 +360,9 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         data = _read_file(p)
         origin = str(p)
     cfg = build_config(data, origin)
+    environment = env_overrides() if env else {}
+    if environment:
+        cfg = _with_env(cfg, environment)
     if overrides:
         nested: dict[str, Any] = {}
         for dotted, value in overrides.items():

@@ -13,6 +13,7 @@ that every output sees all data before it closes.
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from datetime import datetime, timezone
@@ -60,8 +61,8 @@ class Event(BaseModel):
 
 
 def _jsonable(v: Any) -> Any:
-    if isinstance(v, float):
-        return round(v, 6)
+    if isinstance(v, float):  # NaN/inf are not JSON: null, like any unknown value
+        return round(v, 6) if math.isfinite(v) else None
     if isinstance(v, (np.floating, np.integer)):
         return v.item()
     if isinstance(v, dict):
@@ -124,7 +125,7 @@ class Narration(Event):
     narration_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
     pts_start: float | None = None
     pts_end: float | None = None
-    trigger: str = "interval"  # interval | change | question
+    trigger: str = "interval"  # interval | change | end (closing narration at end of input) | question
     first_token_ms: float | None = None
     tokens_per_s: float | None = None
     tokens: int | None = None
@@ -182,7 +183,9 @@ class Summary(Event):
 class Status(Event):
     """Stream state: starting, running, reconnecting, eof, stopped, error.
 
-    `duration` (media seconds) is known for recorded files: progress bars use it.
+    `duration` (media seconds) is known for recorded files: progress bars use it. An `eof`
+    status has `pts` = the media time where the input ended, when the source knows it, and
+    `discontinuities` = how often the source's timestamps jumped back (recorded files, streams).
     """
 
     type: Literal["status"] = "status"
@@ -193,6 +196,7 @@ class Status(Event):
     reconnects: int | None = None
     bad_frames: int | None = None
     duration: float | None = None
+    discontinuities: int | None = None
 
 
 class Metrics(Event):

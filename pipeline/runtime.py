@@ -25,7 +25,8 @@ from typing import Any, AsyncIterator, Callable, Iterable, Literal
 from framecast.errors import FatalError
 from framecast.events import EndOfStream, Error, Event, Frame, Metrics, Stop
 
-__all__ = ["Edge", "FatalError", "Runtime", "RunResult", "Source", "Stage", "StageMetrics", "run_graph"]
+__all__ = ["Edge", "FatalError", "Runtime", "RunResult", "Source", "Stage", "StageHandle", "StageMetrics",
+           "run_graph"]
 
 EdgePolicy = Literal["block", "drop_oldest"]
 
@@ -118,11 +119,53 @@ class StageMetrics:
         return out
 
 
+class StageHandle:
+    """What a stage may ask of the graph it runs in, and nothing more (pipecat's narrow frame
+    processor view): inject an event at the head, fail the run, report an error, see that the
+    run is stopping (and why), read the stream id and the frames dropped so far."""
+
+    def __init__(self, runtime: Runtime, stage: Stage):
+        self._runtime = runtime
+        self._stage = stage
+
+    @property
+    def stopping(self) -> asyncio.Event:
+        """Set once the run is stopping (signal, Stop, fatal error, end of input)."""
+        return self._runtime.source.stopping
+
+    @property
+    def stopped_by(self) -> str:
+        """Why the run is ending: eos | signal | fatal | stop."""
+        return self._runtime.stopped_by
+
+    @property
+    def stream_id(self) -> str:
+        return self._runtime.stream_id
+
+    async def inject(self, event: Event) -> None:
+        """Send an event into the graph at its head (control events overtake queued frames)."""
+        await self._runtime.inject(event)
+
+    def fail(self, message: str, *, exit_code: int = 1) -> Error:
+        """A fatal error of this stage: recorded, and the run stops (nothing produced is lost)."""
+        return self._runtime.fail(message, stage=self._stage.name, exit_code=exit_code)
+
+    def report(self, err: Error) -> None:
+        """Record an error this stage sends downstream itself (fatal ones set the exit code)."""
+        self._runtime.report(err)
+
+    def frames_dropped(self) -> int:
+        """Frames dropped on the graph's edges so far (live sources: the consumer lagged)."""
+        return sum(e.drops for e in self._runtime.edges)
+
+
 class Stage:
     """One step of the graph. Override `process` (data) and/or `on_control` (control).
 
     Stages see events, never another stage. `emit` lets a stage push events on its own
-    (e.g. from a timer or a network callback); `runtime.inject` sends control upstream-to-down.
+    (e.g. from a timer or a network callback); `handle` (set by the Runtime, None outside
+    one) is all a stage may ask of the graph: `handle.inject` sends control upstream-to-down.
+    `runtime` is the Runtime itself, for tests and the composition root, not for stage code.
     """
 
     name: str = "stage"
@@ -132,6 +175,7 @@ class Stage:
             self.name = name
         self.metrics = StageMetrics()
         self.runtime: Runtime | None = None
+        self.handle: StageHandle | None = None
         self._out: Edge | None = None
 
     async def start(self) -> None:
@@ -217,6 +261,7 @@ class Runtime:
         self._stage_tasks: list[asyncio.Task] = []
         for i, st in enumerate([source, *self.stages]):
             st.runtime = self
+            st.handle = StageHandle(self, st)
             st._out = self.edges[i] if i < len(self.edges) else None
 
     # -- control from outside (signals, MQTT questions, tests)

@@ -18,8 +18,16 @@ from framecast.runtime import Runtime, Source, Stage
 def build_graph(cfg: RunConfig) -> tuple[Source, list[Stage]]:
     from framecast.stages.change import ChangeDetector
     from framecast.stages.outputs import make_outputs
+    from framecast.stages.outputs import check_output_path
     from framecast.stages.sources import make_source
 
+    # Every output path is checked before the source opens or the model loads: a bad one stops
+    # the run with one line and nothing created (not even the outputs whose paths were fine).
+    for path, what in ((cfg.outputs.jsonl, "JSONL"), (cfg.outputs.srt, "SRT"), (cfg.outputs.vtt, "VTT"),
+                       (cfg.outputs.chapters, "chapters"), (cfg.outputs.summary, "summary"),
+                       (cfg.outputs.session, "saved session"), (cfg.session.state_file, "session state")):
+        if path:
+            check_output_path(path, what)
     archive = None
     if cfg.session.resume:
         archive, cfg = _resume_config(cfg)
@@ -28,7 +36,7 @@ def build_graph(cfg: RunConfig) -> tuple[Source, list[Stage]]:
     if cfg.change.enabled:
         stages.append(ChangeDetector(cfg.change))
     if not cfg.runtime.capture_only:
-        stages.extend(_model_stages(cfg))
+        stages.extend(_model_stages(cfg, recorded=not source.live))
     stages.extend(_analysis_stages(cfg, stages, live=source.live))
     stages.extend(make_outputs(cfg.outputs, live=source.live))
     if cfg.mqtt.url:
@@ -87,6 +95,7 @@ def load_run_model(cfg: RunConfig):
     Returns None when no path is given and no demo model is installed (capture-only run).
     """
     from framecast.model.load import DEMO_MODEL_DIR, load_model
+    from framecast.model.protocol import VisionLanguageModel
 
     if cfg.model.path is not None:
         model = load_model(cfg.model.path, mmproj=cfg.model.mmproj, dtype=cfg.model.dtype)
@@ -94,14 +103,15 @@ def load_run_model(cfg: RunConfig):
         model = load_model(DEMO_MODEL_DIR, dtype=cfg.model.dtype)
     else:
         return None
-    if not hasattr(model, "encode_images"):
+    if not isinstance(model, VisionLanguageModel):
         raise UserError(f"model.path = {cfg.model.path!r}: a language model alone cannot watch video "
                         "(give its vision GGUF with --mmproj)")
     return model
 
 
-def _model_stages(cfg: RunConfig) -> list[Stage]:
-    """Encode + decode stages around one streaming session (one KV cache for this stream)."""
+def _model_stages(cfg: RunConfig, *, recorded: bool = True) -> list[Stage]:
+    """Encode + decode stages around one streaming session (one KV cache for this stream).
+    `recorded`: the input has an end, whose last span gets a closing narration."""
     model = load_run_model(cfg)
     if model is None:
         return []
@@ -113,14 +123,15 @@ def _model_stages(cfg: RunConfig) -> list[Stage]:
     worker = worker_for(model)  # one thread runs all of this model's MLX work
     # A model may carry session defaults in its config.json (`framecast_session`, e.g. the demo
     # model's cache budget: it was trained on short streams); settings the user gave win.
-    defaults = (getattr(getattr(model, "args", None), "config", None) or {}).get("framecast_session") or {}
+    defaults = model.session_defaults
     unset = {k: v for k, v in defaults.items() if k in type(cfg.session).model_fields and getattr(cfg.session, k) is None}
     session_cfg = cfg.session.model_copy(update=unset) if unset else cfg.session
     session = StreamingSession.from_config(model, session_cfg, worker=worker, max_slice_nums=cfg.model.max_slice_nums)
     return [
         EncodeStage(model, worker=worker, max_slice_nums=cfg.model.max_slice_nums,
                     max_batch=cfg.session.encode_batch, pack_frames=cfg.session.pack_frames),
-        DecodeStage(session, cfg.narration, stream_id=cfg.source.stream_id, state_file=cfg.session.state_file),
+        DecodeStage(session, cfg.narration, stream_id=cfg.source.stream_id, state_file=cfg.session.state_file,
+                    narrate_at_end=recorded),
     ]
 
 

@@ -36,6 +36,7 @@ def _run_overrides(a: argparse.Namespace) -> dict[str, Any]:
         "outputs.chapters": a.chapters, "outputs.summary": a.summary, "outputs.session": a.save_session,
         "outputs.metrics": a.metrics or None, "outputs.metrics_interval_s": a.metrics_interval,
         "outputs.console": False if a.no_console else None, "outputs.progress": a.progress,
+        "outputs.verbose": a.verbose or None,
         "mqtt.url": a.mqtt, "mqtt.prefix": a.mqtt_prefix, "mqtt.ha_discovery": a.ha_discovery or None,
         "mqtt.ca_file": a.mqtt_ca, "mqtt.cert_file": a.mqtt_cert, "mqtt.key_file": a.mqtt_key,
         "session.max_cache_tokens": a.max_cache_tokens, "session.kv_bits": a.kv_bits,
@@ -101,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue a saved session on its own video (a file continues where the saved run ended)")
     r.add_argument("--force", action="store_true", help="with --resume: continue it even on another video")
     r.add_argument("--no-console", action="store_true", help="no live terminal view")
+    r.add_argument("-v", "--verbose", action="store_true",
+                   help="terminal: also show scene changes (always in JSONL and on the bus)")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     r.add_argument("--metrics", action="store_true", help="print per-stage metrics periodically and at exit")
     r.add_argument("--metrics-interval", type=float)

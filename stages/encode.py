@@ -17,19 +17,18 @@ import asyncio
 from typing import Any, AsyncIterator
 
 from framecast.events import EndOfStream, Error, Event, Frame
+from framecast.model.protocol import VisionLanguageModel
 from framecast.runtime import Stage
 from framecast.engine.worker import ModelWorker, worker_for
 
 DEFAULT_MAX_BATCH = 4  # frames per vision-tower call
 DEFAULT_MAX_PENDING = 16  # frames waiting inside the stage before `process` pushes back
-DEFAULT_PACK_45 = 3  # frames per 3D-resampler group (MiniCPM-V 4.5 default packing)
 TEMPORAL_UNIT_S = 0.1
 
 
-def default_pack(model: Any) -> int:
-    """Frames per encoder group: 3 for models with a 3D resampler (4.5), else 1."""
-    version = str(getattr(getattr(model, "args", None), "version", ""))
-    return DEFAULT_PACK_45 if version == "4.5" and hasattr(model, "encode_frame_group") else 1
+def default_pack(model: VisionLanguageModel) -> int:
+    """Frames per encoder group: the model's default (3 with 4.5's 3D resampler, else 1)."""
+    return model.default_group_frames
 
 
 class EncodeStage(Stage):
@@ -37,7 +36,7 @@ class EncodeStage(Stage):
 
     def __init__(
         self,
-        model: Any,
+        model: VisionLanguageModel,
         *,
         worker: ModelWorker | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,

@@ -434,7 +434,7 @@ def test_save_session_into_a_missing_folder_fails_before_work(tmp_path, capsys):
     target = tmp_path / "nope" / "s.fcs"
     assert main(["run", "--source", "demo", "--max-frames", "2", "--no-console", "--save-session", str(target)]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert "s.fcs: cannot write the saved session: no such directory" in line
+    assert "s.fcs: cannot write saved session output: no such directory" in line
     assert not (tmp_path / "nope").exists()
 
 

@@ -249,3 +249,35 @@ def test_report_records_non_fatal_and_fatal_errors():
 
     rt = asyncio.run(main())
     assert [e.text for e in rt.errors] == ["warn", "bad"] and rt._exit_code == 1
+
+
+def test_stages_get_a_narrow_handle_inject_fail_stopping():
+    """A stage reaches the graph only through `handle`: inject (control overtakes), stopping,
+    stream id, dropped frames, fail (fatal: exit code, run stops)."""
+
+    class Asker(Stage):
+        name = "asker"
+
+        def __init__(self):
+            super().__init__()
+            self.views = []
+
+        async def process(self, item):
+            h = self.handle
+            if isinstance(item, Frame) and item.seq == 1:
+                self.views.append((h.stream_id, h.stopping.is_set(), h.stopped_by, h.frames_dropped()))
+                await h.inject(Question(text="what?"))
+            if isinstance(item, Frame) and item.seq == 3:
+                h.fail("asker gave up", exit_code=3)
+                self.views.append((h.stopping.is_set(), h.stopped_by))
+            yield item
+
+    asker, sink = Asker(), Collect()
+    assert asker.handle is None  # outside a graph: no handle
+    res = asyncio.run(Runtime(CountingSource(50, delay=0.01), [asker, sink], stream_id="cam1").run(
+        handle_signals=False))
+    assert asker.views[0] == ("cam1", False, "eos", 0)
+    assert asker.views[1] == (True, "fatal")
+    assert any(isinstance(e, Question) and e.text == "what?" for e in sink.seen)
+    assert res.exit_code == 3 and res.stopped_by == "fatal"
+    assert [e.stage for e in res.errors] == ["asker"] and res.errors[0].text == "asker gave up"

@@ -30,6 +30,8 @@ from framecast.model.vision import SiglipVisionTower, VisionArgs
 log = logging.getLogger("framecast.model")
 
 VISION_BATCH = 16  # views per vision-tower call (bounds activation memory for big images)
+GROUP_FRAMES_3D = 3  # frames per 3D-resampler group a stream packs by default (4.5's video default)
+MAX_GROUP_FRAMES_3D = 6  # the most frames one 3D-resampler group takes
 
 # version -> (LM family, 3D resampler)
 VERSION_LAYOUT = {"2.6": ("qwen2", False), "o-2.6": ("qwen2", False),
@@ -116,6 +118,27 @@ class MiniCPMV(nn.Module):
     def from_config(cls, config: dict, **kw) -> "MiniCPMV":
         return cls(VLMArgs.from_config(config), **kw)
 
+    # ------------------------------------------------------------ what stages ask (model.protocol)
+
+    @property
+    def tokens_per_view(self) -> int:
+        """Image tokens per view (overview or slice): the resampler's query count."""
+        return self.args.query_num
+
+    @property
+    def default_group_frames(self) -> int:
+        """Frames per encoder group by default: 3 with a 3D resampler (4.5), else 1."""
+        return GROUP_FRAMES_3D if self.args.resampler_3d else 1
+
+    @property
+    def session_defaults(self) -> dict[str, Any]:
+        """Session settings the checkpoint recommends (config.json `framecast_session`, e.g. the
+        demo model's cache budget: it was trained on short streams); the user's settings win."""
+        return dict(self.args.config.get("framecast_session") or {})
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        return self.processor.chat_prompt(messages)
+
     # ------------------------------------------------------------ vision
 
     def _encode_views(self, views: list[np.ndarray], *, temporal_ids: list[int] | None = None,
@@ -155,8 +178,8 @@ class MiniCPMV(nn.Module):
         """
         if not self.args.resampler_3d:
             raise UserError(f"MiniCPM-V {self.args.version} has no 3D resampler (frame groups need 4.5)")
-        if not 1 <= len(images) <= 6 or len(temporal_ids) != len(images):
-            raise UserError(f"a frame group needs 1-6 frames with one temporal id each "
+        if not 1 <= len(images) <= MAX_GROUP_FRAMES_3D or len(temporal_ids) != len(images):
+            raise UserError(f"a frame group needs 1-{MAX_GROUP_FRAMES_3D} frames with one temporal id each "
                             f"(got {len(images)} frames, {len(temporal_ids)} ids)")
         processed = [self.processor.preprocess(img, max_slice_nums=max_slice_nums) for img in images]
         grids = {p.grid for p in processed}

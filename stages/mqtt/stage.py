@@ -113,7 +113,7 @@ class MqttStage(Stage):
 
     async def on_end(self) -> AsyncIterator[Event]:
         # `stopping` is set for every stop from outside (signal, Stop, fatal); a natural end is eof
-        stopped = self._stopped or (self.runtime is not None and self.runtime.source.stopping.is_set())
+        stopped = self._stopped or (self.handle is not None and self.handle.stopping.is_set())
         self._set_stream_status("stopped" if stopped else "eof")
         return
         yield  # pragma: no cover
@@ -188,7 +188,7 @@ class MqttStage(Stage):
         return round((len(self._frame_times) - 1) / span, 2) if span > 0 else None
 
     def _set_stream_status(self, state: str, *, text: str = "") -> None:
-        drops = sum(e.drops for e in self.runtime.edges) if self.runtime else None
+        drops = self.handle.frames_dropped() if self.handle else None
         prev = self._stream_status
         # keep what the source said (duration, reconnects, …); refresh state, rate, drops, time
         self._stream_status = prev.model_copy(update={
@@ -239,11 +239,11 @@ class MqttStage(Stage):
         if len(self._pending) >= self.cfg.max_pending_questions:
             self._reject(request_id, f"busy: {len(self._pending)} questions pending", reply_to, corr, text)
             return
-        if self.runtime is None or self._closing:
+        if self.handle is None or self._closing:
             self._reject(request_id, "stream is stopping", reply_to, corr, text)
             return
         self._pending[request_id] = (reply_to, corr, time.monotonic())
-        await self.runtime.inject(Question(text=text, request_id=request_id, reply_to=reply_to, correlation=corr,
+        await self.handle.inject(Question(text=text, request_id=request_id, reply_to=reply_to, correlation=corr,
                                            stream_id=self.topics.stream))
 
     def _reject(self, request_id: str | None, reason: str, reply_to: str | None, corr: bytes | None,
@@ -337,8 +337,8 @@ class MqttStage(Stage):
     def _fail(self, message: str) -> None:
         self._fatal = message
         self._verdict.set()
-        if self._started and self.runtime is not None:  # before that, start() raises it
-            self.runtime.fail(message, stage=self.name)
+        if self._started and self.handle is not None:  # before that, start() raises it
+            self.handle.fail(message)
 
     async def _serve(self, client: BusClient) -> None:
         """One connected session: announce, subscribe, then drain and listen until it drops."""

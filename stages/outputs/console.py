@@ -25,15 +25,16 @@ def clock(seconds: float | None) -> str:
 
 
 class ConsoleOutput(Stage):
-    """The live terminal view: narrations, answers, changes and status as lines (stdout), and a
+    """The live terminal view: narrations, answers and status as lines (stdout), scene changes
+    too when `verbose` (several a second on a busy scene would drown the narrations), and a
     progress bar with ETA for recorded files (stderr). Errors are printed by the CLI itself."""
 
     name = "console"
 
-    def __init__(self, *, lines: bool = True, progress: bool = False, out: IO[str] | None = None,
-                 err: IO[str] | None = None):
+    def __init__(self, *, lines: bool = True, progress: bool = False, verbose: bool = False,
+                 out: IO[str] | None = None, err: IO[str] | None = None):
         super().__init__()
-        self.lines, self.progress = lines, progress
+        self.lines, self.progress, self.verbose = lines, progress, verbose
         self.out, self.err = out or sys.stdout, err or sys.stderr
         self._partial = False  # a partial narration is on screen (TTY only)
         self._bar_shown = False
@@ -79,7 +80,7 @@ class ConsoleOutput(Stage):
             a = f"error: {ev.error}" if ev.error else ev.text
             return f"Q: {ev.question}\nA: {a}" if ev.question else f"A: {a}"
         if isinstance(ev, SceneChange):
-            return f"{at}{ev.text}"
+            return f"{at}{ev.text}" if self.verbose else None
         if isinstance(ev, Chapter):
             return f"== chapter {ev.index} [{clock(ev.pts_start)}-{clock(ev.pts_end)}] {ev.text}"
         if isinstance(ev, Summary):
@@ -159,7 +160,7 @@ class ConsoleOutput(Stage):
 
     async def on_end(self) -> AsyncIterator[Event]:
         if self.progress and self._frames:
-            finished = getattr(self.runtime, "stopped_by", "eos") == "eos"
+            finished = (self.handle.stopped_by if self.handle else "eos") == "eos"
             if finished and self._duration is not None:
                 self._pts = max(self._pts or 0.0, self._duration)  # the last frame starts before the end
             self._draw_bar(force=True)

@@ -44,8 +44,9 @@ class JsonlOutput(Stage):
         yield msg
 
     async def on_end(self) -> AsyncIterator[Event]:
-        self.write(EndOfStream(stream_id=getattr(self.runtime, "stream_id", "default"),
-                               text=getattr(self.runtime, "stopped_by", "eos")))
+        handle = self.handle
+        self.write(EndOfStream(stream_id=handle.stream_id if handle else "default",
+                               text=handle.stopped_by if handle else "eos"))
         return
         yield  # pragma: no cover
 
