@@ -181,7 +181,7 @@ class ChapterStage(Stage):
         if self._last_pts is None:
             return None
         after_last = self._last_pts + (self._frame_dt or 0.0)
-        finished = getattr(self.runtime, "stopped_by", "eos") == "eos"
+        finished = getattr(self.handle, "stopped_by", "eos") == "eos"
         if finished and self._duration is not None and self._duration >= self._last_pts:
             return self._duration
         return after_last

@@ -197,7 +197,7 @@ class SessionArchiveStage(Stage):
     def media_end(self) -> float | None:
         if self._last_pts is None:
             return None
-        finished = getattr(self.runtime, "stopped_by", "eos") == "eos"
+        finished = getattr(self.handle, "stopped_by", "eos") == "eos"
         if finished and self._duration is not None and self._duration >= self._last_pts:
             return self._duration
         return self._last_pts + (self._frame_dt or 0.0)
@@ -214,7 +214,7 @@ class SessionArchiveStage(Stage):
             "frames": self.frames,
             "media_end": self.media_end(),
             "cache_window": [first, self.media_end()],
-            "stopped_by": getattr(self.runtime, "stopped_by", "eos"),
+            "stopped_by": getattr(self.handle, "stopped_by", "eos"),
         }
         with tempfile.TemporaryDirectory(prefix="framecast-fcs-") as tmp:
             cache_file = await self.session.save(Path(tmp) / SESSION_ENTRY)

@@ -108,7 +108,7 @@ def report(stage: Stage, text: str, *, fatal: bool) -> Error:
     """An error raised while the end of the input is being handled, as an event the CLI prints
     (one line) and, if fatal, a non-zero exit status."""
     err = Error(text=text, stage=stage.name, fatal=fatal, stream_id=getattr(stage, "stream_id", "default"))
-    record = getattr(stage.runtime, "report", None)
+    record = getattr(stage.handle, "report", None)
     if record is not None:
         record(err)
     return err
@@ -170,7 +170,7 @@ class SummaryStage(Stage):
 
     def media_end(self) -> float:
         end = (self._last_pts or 0.0) + (self._frame_dt or 0.0)
-        finished = getattr(self.runtime, "stopped_by", "eos") == "eos"
+        finished = getattr(self.handle, "stopped_by", "eos") == "eos"
         if finished and self._duration is not None and self._duration >= (self._last_pts or 0.0):
             end = self._duration
         return end

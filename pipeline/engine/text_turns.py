@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
-from framecast.engine.session import StreamingSession, TurnDone, greedy
+from framecast.engine.session import StreamingSession, TurnDone
 
 
 def clock(seconds: float | None) -> str:
@@ -90,10 +90,11 @@ def thin(lines: Sequence[LogLine], fits: Callable[[Sequence[LogLine]], bool]) ->
 
 class TextTurns:
     """Fresh-context text-only turns on `model`, run on its worker (never in parallel with the
-    stream's own frames and turns). `count(text)` gives the token length of a prompt."""
+    stream's own frames and turns). `count(text)` gives the token length of a prompt. `sampler`:
+    the engine's (None = greedy, the default: a title or a summary should not vary run to run)."""
 
     def __init__(self, model: Any, *, worker: Any = None, system_prompt: str | None = None,
-                 sampler: Callable = greedy):
+                 sampler: Callable | None = None):
         self.model = model
         self.sampler = sampler
         self.session = StreamingSession(model, system_prompt=system_prompt, keep_generated=False,

@@ -112,7 +112,7 @@ class SummaryMarkdownOutput(Stage):
     def _write(self, summary: Summary | None) -> None:
         if self._f is None or self.written:
             return
-        ended = getattr(self.runtime, "stopped_by", "eos")
+        ended = getattr(self.handle, "stopped_by", "eos")
         why = "nothing was narrated" if ended == "eos" else f"the run ended early ({ended})"
         self._f.write(summary_markdown(summary, self.chapters, self.narrations, source=self.source, why_none=why))
         self._f.flush()
