@@ -116,7 +116,7 @@ class NarrationConfig(Group):
 
 
 class ChaptersConfig(Group):
-    enabled: bool | None = None  # None = on for recorded input with a model (or when outputs.chapters is set)
+    enabled: bool | None = None  # None = on for a recorded file with a model (or when outputs.chapters is set)
     min_s: float = Field(default=10.0, gt=0)  # a scene change ends a chapter only this long after it began
     max_s: float | None = Field(default=300.0, gt=0)  # a chapter this long ends even without a scene change
     title_max_tokens: int = Field(default=16, ge=1, le=256)
@@ -132,7 +132,7 @@ class ChaptersConfig(Group):
 
 
 class SummaryConfig(Group):
-    enabled: bool | None = None  # None = on for recorded input with a model (or when outputs.summary is set)
+    enabled: bool | None = None  # None = on for a recorded file with a model (or when outputs.summary is set)
     max_tokens: int = Field(default=96, ge=1, le=4096)
     prompt_tokens: int = Field(default=1536, ge=64)  # longest prompt of one turn; more => summarised in parts
 

@@ -37,7 +37,9 @@ def build_graph(cfg: RunConfig) -> tuple[Source, list[Stage]]:
         stages.append(ChangeDetector(cfg.change))
     if not cfg.runtime.capture_only:
         stages.extend(_model_stages(cfg, recorded=not source.live))
-    stages.extend(_analysis_stages(cfg, stages, live=source.live))
+    from framecast.stages.sources.file import FileSource
+
+    stages.extend(_analysis_stages(cfg, stages, file_input=isinstance(source, FileSource)))
     stages.extend(make_outputs(cfg.outputs, live=source.live))
     if cfg.mqtt.url:
         from framecast.stages.mqtt.stage import MqttStage
@@ -135,16 +137,16 @@ def _model_stages(cfg: RunConfig, *, recorded: bool = True) -> list[Stage]:
     ]
 
 
-def _analysis_stages(cfg: RunConfig, stages: list[Stage], *, live: bool) -> list[Stage]:
+def _analysis_stages(cfg: RunConfig, stages: list[Stage], *, file_input: bool) -> list[Stage]:
     """Recorded-video analysis after decode: chapters, the summary, the saved session (`.fcs`).
 
-    Chapters and the summary are on by default for recorded input when a model narrates (and
+    Chapters and the summary are on by default when a model narrates a recorded file (and
     whenever their output file is asked for); a saved session needs a model."""
     from framecast.stages.decode import DecodeStage
 
     decode = next((st for st in stages if isinstance(st, DecodeStage)), None)
     session = decode.session if decode is not None else None
-    recorded = not live and session is not None
+    recorded = file_input and session is not None
     want_chapters = cfg.chapters.enabled if cfg.chapters.enabled is not None else (recorded or bool(cfg.outputs.chapters))
     want_summary = cfg.summary.enabled if cfg.summary.enabled is not None else (recorded or bool(cfg.outputs.summary))
     if cfg.outputs.chapters and not want_chapters:
