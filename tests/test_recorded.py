@@ -288,6 +288,20 @@ def test_chapters_reach_the_mqtt_event_topic(videos, tmp_path):
         broker.stop()
 
 
+@pytest.mark.parametrize("args,why", [
+    (["--set", "chapters.max_s=5"], "chapters.max_s = 5: must be at least chapters.min_s (10)"),
+    (["--set", "chapters.min_s=0"], "chapters.min_s = 0: Input should be greater than 0"),
+    (["--chapters", "c.vtt", "--set", "chapters.enabled=false"], "outputs.chapters = 'c.vtt': chapters.enabled is false"),
+    (["--set", "summary.prompt_tokens=10"], "summary.prompt_tokens = 10: Input should be greater than or equal to 64"),
+])
+def test_bad_analysis_settings_give_one_line(videos, tmp_path, capsys, monkeypatch, args, why):
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", "--capture-only", "--source", str(videos[0]), "--no-console", *args]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert why in line
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("flag", ["--summary", "--save-session"])
 def test_summary_and_saved_session_need_a_model(videos, tmp_path, capsys, flag):
     assert main(["run", "--capture-only", "--source", str(videos[0]), "--no-console", flag, "x"]) == 2
