@@ -11,8 +11,10 @@ sampled at `--fps`, with the embedded demo model. Rows, measured in the same pro
   narration         + encode + decode (narration every 2 s), no analysis
   analysis          + chapters (titles) + summary + saved session (.fcs)
 
-Speed = media seconds / wall seconds (above 1 = faster than real time); "x narration" is the
-analysis row's wall time over the narration row's (what recorded analysis costs).
+Speed = media seconds / wall seconds (above 1 = faster than real time); "x narration" is a
+row's wall time over the narration row's (what recorded analysis costs). CPU s is the process's
+CPU time (all threads) for the same run: on a shared, loaded machine it moves far less than
+the wall time, so its ratio is the steadier figure. The load average is printed with the table.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -36,7 +39,7 @@ from framecast.stages.sources.clips import write_scene_video
 VIDEO_S = 30.0
 
 
-def once(video: Path, tmp: Path, row: str, fps: float) -> float:
+def once(video: Path, tmp: Path, row: str, fps: float) -> tuple[float, float]:
     over = {"source.uri": str(video), "source.fps": fps, "outputs.console": False,
             "outputs.jsonl": str(tmp / f"{row}.jsonl")}
     if row == "capture only":
@@ -47,12 +50,12 @@ def once(video: Path, tmp: Path, row: str, fps: float) -> float:
         over.update({"outputs.chapters": str(tmp / "c.vtt"), "outputs.summary": str(tmp / "s.md"),
                      "outputs.session": str(tmp / "s.fcs")})
     source, stages = build_graph(load_config(None, over))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = asyncio.run(Runtime(source, stages).run(handle_signals=False))
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     if result.exit_code:
         raise SystemExit(f"{row}: exit {result.exit_code}: {[e.text for e in result.errors]}")
-    return wall
+    return wall, cpu
 
 
 def p95(xs: list[float]) -> float:
@@ -66,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fps", type=float, default=1.0)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
-    rows: dict[str, list[float]] = {"capture only": [], "narration": [], "analysis": []}
+    rows: dict[str, list[tuple[float, float]]] = {"capture only": [], "narration": [], "analysis": []}
+    load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         video = write_scene_video(tmp / "three.mp4")
@@ -74,20 +78,27 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(a.repeats):  # interleaved, so load changes on a shared machine hit every row
             for row in rows:
                 rows[row].append(once(video, tmp, row, a.fps))
-    base = statistics.median(rows["narration"])
+    load1 = os.getloadavg()[0]
+    base = statistics.median(w for w, _ in rows["narration"])
+    base_cpu = statistics.median(c for _, c in rows["narration"])
     table = {}
-    for row, walls in rows.items():
-        med = statistics.median(walls)
+    for row, runs in rows.items():
+        walls, cpus = [w for w, _ in runs], [c for _, c in runs]
+        med, cpu = statistics.median(walls), statistics.median(cpus)
         table[row] = {"wall_s_median": round(med, 3), "wall_s_p95": round(p95(walls), 3),
                       "speed_median": round(VIDEO_S / med, 2), "speed_p95": round(VIDEO_S / p95(walls), 2),
-                      "x_narration": round(med / base, 3), "samples": len(walls)}
-    print(f"{VIDEO_S:.0f} s clip at {a.fps:g} fps, {a.repeats} samples per row (median, p95 = slowest 5%)")
-    print(f"{'row':<14}{'wall s':>9}{'p95':>8}{'speed':>8}{'p95':>8}{'x narration':>13}")
+                      "x_narration": round(med / base, 3), "cpu_s_median": round(cpu, 3),
+                      "cpu_s_p95": round(p95(cpus), 3), "cpu_x_narration": round(cpu / base_cpu, 3),
+                      "samples": len(runs)}
+    print(f"{VIDEO_S:.0f} s clip at {a.fps:g} fps, {a.repeats} samples per row (median, p95 = slowest 5%), "
+          f"load average {load0:.1f} -> {load1:.1f}")
+    print(f"{'row':<14}{'wall s':>9}{'p95':>8}{'speed':>8}{'p95':>8}{'x narr.':>9}{'CPU s':>8}{'p95':>8}{'x narr.':>9}")
     for row, r in table.items():
         print(f"{row:<14}{r['wall_s_median']:>9.2f}{r['wall_s_p95']:>8.2f}{r['speed_median']:>7.1f}x"
-              f"{r['speed_p95']:>7.1f}x{r['x_narration']:>13.2f}")
+              f"{r['speed_p95']:>7.1f}x{r['x_narration']:>9.2f}{r['cpu_s_median']:>8.2f}{r['cpu_s_p95']:>8.2f}"
+              f"{r['cpu_x_narration']:>9.2f}")
     if a.json:
-        print(json.dumps({"video_s": VIDEO_S, "fps": a.fps, "rows": table}))
+        print(json.dumps({"video_s": VIDEO_S, "fps": a.fps, "load_average": [load0, load1], "rows": table}))
     return 0
 
 

@@ -56,6 +56,14 @@ def framecast(*args: str, cwd: Path, timeout: float = 120) -> subprocess.Complet
                           text=True, timeout=timeout)
 
 
+def ask_here(capsys, *args: str) -> tuple[int, str, str]:
+    """`framecast ask ...` in this process (no interpreter start-up): (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    rc = main(["ask", *args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
     d = tmp_path_factory.mktemp("videos")
@@ -260,9 +268,8 @@ def test_narrations_go_to_the_chapter_of_their_midpoint():
 
 
 def test_capture_only_run_makes_untitled_chapters_at_the_cuts(videos, tmp_path):
-    r = framecast("run", "--capture-only", "--source", str(videos[0]), "--fps", "1", "--no-console",
-                  "--jsonl", "o.jsonl", "--chapters", "c.vtt", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    assert main(["run", "--capture-only", "--source", str(videos[0]), "--fps", "1", "--no-console",
+                 "--jsonl", str(tmp_path / "o.jsonl"), "--chapters", str(tmp_path / "c.vtt")]) == 0
     ch = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines() if '"chapter"' in x]
     assert [(c["pts_start"], c["pts_end"], c["text"]) for c in ch] == \
         [(0.0, 10.0, "Chapter 1"), (10.0, 20.0, "Chapter 2"), (20.0, 30.0, "Chapter 3")]
@@ -346,9 +353,9 @@ def test_offline_answer_equals_the_live_answer_before_saving(analysed, tmp_path)
 
 
 @needs_demo
-def test_offline_answers_equal_in_process_answers(analysed, tmp_path):
+def test_offline_answers_equal_in_process_answers(analysed, tmp_path, capsys):
     """More questions the cache answers (no time, or the newest chapter): each asked in this
-    process of the restored state, and by `framecast ask` in a fresh process."""
+    process of the restored state, and by `framecast ask` (its own model and session)."""
     decode, cfg = analysed["decode"], analysed["cfg"]
 
     async def in_process():
@@ -363,37 +370,39 @@ def test_offline_answers_equal_in_process_answers(analysed, tmp_path):
     expected = asyncio.run(in_process())
     assert expected[0] == analysed["live"]
     for q, want in zip(GENERAL, expected):
-        r = framecast("ask", "--session", str(analysed["dir"] / "run.fcs"), q, "--json", cwd=tmp_path)
-        assert r.returncode == 0, r.stderr
-        ans = json.loads(r.stdout)
+        rc, out, err = ask_here(capsys, "--session", str(analysed["dir"] / "run.fcs"), q, "--json")
+        assert rc == 0, err
+        ans = json.loads(out)
         assert ans["basis"] == "cache" and ans["text"] == want, q
 
 
 @needs_demo
-def test_question_about_an_earlier_chapter_is_answered_from_the_log(analysed, tmp_path):
-    r = framecast("ask", "--session", str(analysed["dir"] / "run.fcs"), "what do you see in chapter 1?", "--json",
-                  cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    ans = json.loads(r.stdout)
+def test_question_about_an_earlier_chapter_is_answered_from_the_log(analysed, capsys):
+    rc, out, err = ask_here(capsys, "--session", str(analysed["dir"] / "run.fcs"), "what do you see in chapter 1?",
+                            "--json")
+    assert rc == 0, err
+    ans = json.loads(out)
     assert ans["basis"] == "narration log" and (ans["pts_start"], ans["pts_end"]) == (0.0, 10.0)
     assert ans["text"].strip()
 
 
 @needs_demo
-def test_another_video_is_refused_unless_forced(analysed, videos, tmp_path):
+def test_another_video_is_refused_unless_forced(analysed, videos, tmp_path, capsys):
     fcs = str(analysed["dir"] / "run.fcs")
     r = framecast("ask", "--session", fcs, "--source", str(videos[1]), "what do you see?", cwd=tmp_path)
     assert r.returncode == 2 and r.stdout == ""
     (line,) = r.stderr.strip().splitlines()
     assert "first frames differ" in line and "--force" in line and "other.mp4" in line
-    r = framecast("ask", "--session", fcs, "--source", str(videos[1]), "--force", "what do you see?", cwd=tmp_path)
-    assert r.returncode == 0 and "warning" in r.stderr and r.stdout.strip()
-    r = framecast("run", "--source", str(videos[1]), "--resume", fcs, "--no-console", cwd=tmp_path)
-    assert r.returncode == 2 and "first frames differ" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    rc, out, err = ask_here(capsys, "--session", fcs, "--source", str(videos[1]), "--force", "what do you see?")
+    assert rc == 0 and "warning" in err and out.strip()
+    capsys.readouterr()
+    assert main(["run", "--source", str(videos[1]), "--resume", fcs, "--no-console"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "first frames differ" in line
     copy = tmp_path / "moved.mp4"  # the same video elsewhere is the same video
     shutil.copy(videos[0], copy)
-    r = framecast("ask", "--session", fcs, "--source", str(copy), "what do you see?", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    rc, out, err = ask_here(capsys, "--session", fcs, "--source", str(copy), "what do you see?")
+    assert rc == 0, err
 
 
 def test_fingerprint_kinds(videos, tmp_path):
@@ -495,7 +504,7 @@ def test_before_the_cache_window_means_the_narration_log(window, q, basis):
 
 
 @needs_demo
-def test_small_cache_summary_and_log_cover_what_was_evicted(videos, tmp_path):
+def test_small_cache_summary_and_log_cover_what_was_evicted(videos, tmp_path, capsys):
     """A cache too small for the whole file: early frames are evicted, yet the summary covers all
     three chapters and a question about chapter 1 is answered from the narration log."""
     cfg = load_config(None, {"source.uri": str(videos[0]), "source.fps": 1.0, "session.max_cache_tokens": 300,
@@ -506,20 +515,19 @@ def test_small_cache_summary_and_log_cover_what_was_evicted(videos, tmp_path):
     assert a.manifest["cache_window"][0] > 10.0  # chapter 1 is gone from the cache
     assert a.summary is not None and a.summary.chapters == 3
     assert len(a.narrations) >= 12  # the log kept them all
-    r = framecast("ask", "--session", str(tmp_path / "s.fcs"), "what do you see in chapter 1?", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().splitlines()[-1].startswith("-- from the narration log, 0:00-0:10 (chapter 1 ")
-    assert "before the cache window" in r.stdout
+    rc, out, err = ask_here(capsys, "--session", str(tmp_path / "s.fcs"), "what do you see in chapter 1?")
+    assert rc == 0, err
+    assert out.strip().splitlines()[-1].startswith("-- from the narration log, 0:00-0:10 (chapter 1 ")
+    assert "before the cache window" in out
 
 
 @needs_demo
 def test_resume_continues_where_the_saved_run_ended(videos, tmp_path):
-    r = framecast("run", "--source", str(videos[0]), "--fps", "1", "--end", "15", "--no-console",
-                  "--save-session", "a.fcs", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    r = framecast("run", "--source", str(videos[0]), "--fps", "1", "--no-console", "--resume", "a.fcs",
-                  "--save-session", "b.fcs", "--jsonl", "b.jsonl", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    a_fcs, b_fcs = str(tmp_path / "a.fcs"), str(tmp_path / "b.fcs")
+    assert main(["run", "--source", str(videos[0]), "--fps", "1", "--end", "15", "--no-console",
+                 "--save-session", a_fcs]) == 0
+    assert main(["run", "--source", str(videos[0]), "--fps", "1", "--no-console", "--resume", a_fcs,
+                 "--save-session", b_fcs, "--jsonl", str(tmp_path / "b.jsonl")]) == 0
     ev = [json.loads(x) for x in (tmp_path / "b.jsonl").read_text().splitlines()]
     narr = [e for e in ev if e["type"] == "narration"]
     assert narr and min(e["pts"] for e in narr) > 15.0  # continued, not started over
@@ -580,14 +588,14 @@ def test_content_summary_names_what_each_scene_showed(analysed):
 @needs_demo
 @CONTENT
 @pytest.mark.parametrize("k", [1, 2, 3])
-def test_content_offline_answers_per_chapter(analysed, tmp_path, k):
+def test_content_offline_answers_per_chapter(analysed, capsys, k):
     shape, colour, count = THREE_SCENES[k - 1]
     fcs = str(analysed["dir"] / "run.fcs")
 
     def ask(q: str) -> str:
-        r = framecast("ask", "--session", fcs, q, "--json", cwd=tmp_path)
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout)["text"]
+        rc, out, err = ask_here(capsys, "--session", fcs, q, "--json")
+        assert rc == 0, err
+        return json.loads(out)["text"]
 
     assert _says(ask(f"what colour is the {shape} in chapter {k}?"), colour)
     assert _says(ask(f"what shape is the {colour} object in chapter {k}?"), shape)
