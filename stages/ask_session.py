@@ -23,12 +23,15 @@ from typing import Any, Sequence
 from framecast.engine.prompts import QUESTION_FROM_LOG_PROMPT
 from framecast.engine.session import TurnDone
 from framecast.engine.text_turns import LogLine, TextTurns, clock, dedupe, narration_lines, thin
+from framecast.errors import UserError
 from framecast.events import Answer, Chapter
 from framecast.stages.chapters import belongs, midpoint
 from framecast.stages.session_file import Archive
 
 #: a span whose end is within this of the end of the cache window counts as reaching it (s)
 END_TOL_S = 1.0
+#: a single time outside any chapter (chapters off) stands for this much media around it (s)
+AROUND_S = 5.0
 LOG_PROMPT_TOKENS = 1536
 
 _ORDINALS = {"first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5, "sixth": 6, "seventh": 7,
@@ -70,22 +73,26 @@ def _chapter_at(t: float, chapters: Sequence[Chapter]) -> Chapter | None:
 
 def time_reference(question: str, chapters: Sequence[Chapter], media_end: float | None) -> TimeRef | None:
     """The span a question names, or None. Chapters by number or ordinal; times as m:ss, h:mm:ss,
-    `N s`/`N seconds`/`N min`; two times = a span; `at the start` / `at the end`."""
+    `N s`/`N seconds`/`N min` (the chapter around it, else `AROUND_S` either side); two times =
+    a span; `at the start` / `at the end`. A chapter the session does not have: UserError."""
     end = media_end if media_end is not None else (chapters[-1].pts_end if chapters else None)
     m = _CHAPTER_N.search(question) or _NTH_CHAPTER.search(question)
-    if m and chapters:
+    if m:
         word = m.group(1).lower()
         n = len(chapters) if word in ("last", "final") else int(_NUMBERS.get(word, _ORDINALS.get(word, 0)) or word)
-        if 1 <= n <= len(chapters):
-            c = chapters[n - 1]
-            return TimeRef(c.pts_start, c.pts_end, c)
+        if not 1 <= n <= len(chapters):
+            raise UserError(f"question names chapter {n if n else word}, but this session has "
+                            f"{len(chapters) or 'no'} chapter{'' if len(chapters) == 1 else 's'}")
+        c = chapters[n - 1]
+        return TimeRef(c.pts_start, c.pts_end, c)
     times = [_seconds(x) for x in _TIME.finditer(question)]
     if len(times) >= 2:
         a, b = sorted(times[:2])
         return TimeRef(a, b, _chapter_at(a, chapters))
     if len(times) == 1:
         c = _chapter_at(times[0], chapters)
-        return TimeRef(c.pts_start, c.pts_end, c) if c else TimeRef(times[0], times[0])
+        t = times[0]
+        return TimeRef(c.pts_start, c.pts_end, c) if c else TimeRef(max(0.0, t - AROUND_S), t + AROUND_S)
     if _START.search(question):
         c = chapters[0] if chapters else None
         return TimeRef(c.pts_start, c.pts_end, c) if c else TimeRef(0.0, 0.0)

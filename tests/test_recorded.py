@@ -489,6 +489,15 @@ def test_time_references(q, span):
     assert (None if ref is None else (ref.start, ref.end)) == (None if span is None else tuple(map(float, span)))
 
 
+def test_time_references_without_chapters_and_missing_chapters():
+    ref = time_reference("what was there at 0:12?", [], 30.0)
+    assert (ref.start, ref.end, ref.chapter) == (7.0, 17.0, None)
+    with pytest.raises(UserError, match="question names chapter 4, but this session has 3 chapters"):
+        time_reference("what is in chapter 4?", _chapters(), 30.0)
+    with pytest.raises(UserError, match="has no chapters"):
+        time_reference("what is in the first chapter?", [], 30.0)
+
+
 @pytest.mark.parametrize("window,q,basis", [
     ([0.0, 30.0], "how many shapes?", "cache"), ([0.0, 30.0], "what is in chapter 3?", "cache"),
     ([0.0, 30.0], "what is in chapter 1?", "narration log"), ([14.0, 30.0], "what is in chapter 1?", "narration log"),
