@@ -27,7 +27,7 @@ import pytest
 from framecast.config import ChaptersConfig, load_config
 from framecast.engine.session import TurnDone
 from framecast.engine.text_turns import LogLine, chapter_lines, clock, dedupe, narration_lines, thin
-from framecast.events import Chapter, Frame, Narration, Status, event_from_dict
+from framecast.events import Chapter, Frame, Narration, Status, Summary, event_from_dict
 from framecast.model.load import DEMO_MODEL_DIR
 from framecast.runtime import Runtime
 from framecast.stages.app import build_graph
@@ -568,6 +568,23 @@ def test_progress_bar_shows_speed_and_narrations():
     asyncio.run(feed())
     text = bar.bar_text()
     assert re.search(r" \d+(\.\d)?x 1 narrations$", text) and "ETA" in text and "fps" in text
+
+
+def test_console_lines_for_chapters_and_the_summary():
+    import io
+
+    out = io.StringIO()
+    console = ConsoleOutput(lines=True, progress=False, out=out, err=io.StringIO())
+
+    async def feed():
+        for ev in (Chapter(text="A red circle", index=1, pts_start=0.0, pts_end=10.0),
+                   Summary(text="The video shows a red circle.", pts_start=0.0, pts_end=10.0, chapters=1)):
+            async for _ in console.process(ev):
+                pass
+
+    asyncio.run(feed())
+    assert out.getvalue().splitlines() == ["== chapter 1 [0:00-0:10] A red circle",
+                                           "== summary: The video shows a red circle."]
 
 
 # ---------------------------------------------------------------- content (needs the trained demo model)
