@@ -15,7 +15,9 @@ from framecast.events import Error
 from framecast.runtime import Runtime, Source, Stage
 
 
-def build_graph(cfg: RunConfig) -> tuple[Source, list[Stage]]:
+def build_graph(cfg: RunConfig, *, model_loader=None) -> tuple[Source, list[Stage]]:
+    """`model_loader(cfg)` returns the model to watch with (default `load_run_model`); a job
+    worker passes one that loads once and keeps it for every job."""
     from framecast.stages.change import ChangeDetector
     from framecast.stages.outputs import make_outputs
     from framecast.stages.outputs import check_output_path
@@ -36,7 +38,7 @@ def build_graph(cfg: RunConfig) -> tuple[Source, list[Stage]]:
     if cfg.change.enabled:
         stages.append(ChangeDetector(cfg.change))
     if not cfg.runtime.capture_only:
-        stages.extend(_model_stages(cfg, recorded=not source.live))
+        stages.extend(_model_stages(cfg, recorded=not source.live, model_loader=model_loader))
     from framecast.stages.sources.file import FileSource
 
     stages.extend(_analysis_stages(cfg, stages, file_input=isinstance(source, FileSource)))
@@ -69,22 +71,17 @@ def _resume_config(cfg: RunConfig):
 
 
 def _resume_stages(archive, stages: list[Stage]) -> None:
-    """Load the saved cache into the stream's session and hand the saved narration log and
-    chapters to the stages that build on them (chapter numbering, summary, the next save)."""
-    import asyncio
-    import tempfile
-
+    """Load the saved cache into the stream's session (a stage right after decode does it when
+    the graph starts: build_graph may run inside an event loop, e.g. a job worker's) and hand the
+    saved narration log and chapters to the stages that build on them (chapter numbering,
+    summary, the next save)."""
     from framecast.stages.decode import DecodeStage
+    from framecast.stages.session_file import SessionResume
 
-    decode = next((st for st in stages if isinstance(st, DecodeStage)), None)
-    if decode is None:
+    at = next((i for i, st in enumerate(stages) if isinstance(st, DecodeStage)), None)
+    if at is None:
         raise UserError(f"session.resume = {str(archive.path)!r}: needs a model, and this run has none (capture-only)")
-
-    async def load() -> None:
-        with tempfile.TemporaryDirectory(prefix="framecast-resume-") as tmp:
-            await decode.session.load(archive.extract_session(tmp))
-
-    asyncio.run(load())
+    stages.insert(at + 1, SessionResume(archive, stages[at].session))
     for st in stages:
         seed = getattr(st, "resume_from", None)
         if seed is not None:
@@ -111,10 +108,10 @@ def load_run_model(cfg: RunConfig):
     return model
 
 
-def _model_stages(cfg: RunConfig, *, recorded: bool = True) -> list[Stage]:
+def _model_stages(cfg: RunConfig, *, recorded: bool = True, model_loader=None) -> list[Stage]:
     """Encode + decode stages around one streaming session (one KV cache for this stream).
     `recorded`: the input has an end, whose last span gets a closing narration."""
-    model = load_run_model(cfg)
+    model = (model_loader or load_run_model)(cfg)
     if model is None:
         return []
     from framecast.engine.session import StreamingSession

@@ -1,6 +1,6 @@
 """`framecast` console script: argument parsing and dispatch (part of the composition root).
 
-Subcommands: run, config check, convert, generate, ask. User errors print one line
+Subcommands: run, config check, convert, generate, ask, worker, submit. User errors print one line
 (`framecast: …`) and exit non-zero (2 for bad arguments/config/input); no tracebacks for them.
 """
 
@@ -154,6 +154,45 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--prefix", default="framecast")
     a.add_argument("--timeout", type=float, default=60.0)
     a.add_argument("--mqtt-ca")
+
+    w = sub.add_parser("worker", help="take jobs (or live streams) from an MQTT broker, with other workers")
+    w.add_argument("--mqtt", required=True, help="mqtt://user:pass@host:port or mqtts://… (MQTT 5)")
+    w.add_argument("--group", default="framecast",
+                   help="shared-subscription group: the workers of one prefix share its jobs (one group per prefix)")
+    w.add_argument("--worker-id", help="stable name of this worker (its persistent session); default: host name")
+    w.add_argument("--prefix", default="framecast")
+    w.add_argument("--streams", action="store_true", help="run live streams from <prefix>/streams instead of jobs")
+    w.add_argument("--config", help="TOML/YAML file or preset: the base of every job / stream run")
+    w.add_argument("--set", action="append", metavar="GROUP.KEY=VALUE", help="override a config key (repeatable)")
+    w.add_argument("--capture-only", action="store_true", help="no model (capture, scene changes, outputs)")
+    w.add_argument("--model", help="the model every job uses (loaded once)")
+    w.add_argument("--mmproj")
+    w.add_argument("--max-attempts", type=int, default=3, help="give a job up after this many lost workers")
+    w.add_argument("--output-dir", metavar="DIR", help="job output files (outputs.jsonl/srt/vtt) go under DIR")
+    w.add_argument("--reap-after", type=float, default=60.0, metavar="S",
+                   help="move the queued jobs of a worker gone this long back to the queue (0: never)")
+    w.add_argument("--session-expiry", type=int, default=3600, metavar="S",
+                   help="the broker keeps this worker's queued jobs this long while it is away")
+    w.add_argument("--keepalive", type=int, default=10, metavar="S", help="MQTT keepalive (loss noticed after 1.5x)")
+    w.add_argument("--mqtt-ca")
+    w.add_argument("--mqtt-cert")
+    w.add_argument("--mqtt-key")
+
+    sb = sub.add_parser("submit", help="queue recorded videos for the workers (or publish the live stream list)")
+    sb.add_argument("files", nargs="*", metavar="FILE", help="video files, URLs or `demo`")
+    sb.add_argument("--mqtt", required=True)
+    sb.add_argument("--prefix", default="framecast")
+    sb.add_argument("--wait", action="store_true", help="print results and wait until every job is done")
+    sb.add_argument("--timeout", type=float, default=3600.0, metavar="S", help="--wait gives up after S s")
+    sb.add_argument("--set", action="append", metavar="GROUP.KEY=VALUE",
+                    help="a job setting (source.*, change.*, narration.*, outputs.*, session.*)")
+    sb.add_argument("--as-is", action="store_true", help="send paths unchanged (they exist only on the workers)")
+    sb.add_argument("--force", action="store_true", help="submit even if no job worker has joined the prefix")
+    sb.add_argument("--stream", action="append", metavar="ID=SOURCE",
+                    help="publish the retained live-stream list instead (repeatable; replaces the list)")
+    sb.add_argument("--mqtt-ca")
+    sb.add_argument("--mqtt-cert")
+    sb.add_argument("--mqtt-key")
     return p
 
 
@@ -204,8 +243,48 @@ def _cmd_ask(a: argparse.Namespace) -> int:
     return ask_main(a.mqtt, a.stream, a.question, prefix=a.prefix, timeout=a.timeout, ca_file=a.mqtt_ca)
 
 
+def _sets(items: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or "." not in key:
+            raise UserError(f"--set {item!r}: expected group.key=value, e.g. narration.interval_s=2")
+        out[key.strip()] = _scalar(raw)
+    return out
+
+
+def _cmd_worker(a: argparse.Namespace) -> int:
+    from framecast.config import load_config
+    from framecast.stages.mqtt.client import TlsFiles
+    from framecast.stages.mqtt.worker import worker_main
+
+    overrides = {k: v for k, v in {"runtime.capture_only": a.capture_only or None, "model.path": a.model,
+                                   "model.mmproj": a.mmproj}.items() if v is not None}
+    base = load_config(a.config, {**overrides, **_sets(a.set)})  # bad keys fail here, once
+    run_args = [*(["--config", a.config] if a.config else []), *(["--capture-only"] if a.capture_only else []),
+                *(["--model", a.model] if a.model else []), *(["--mmproj", a.mmproj] if a.mmproj else []),
+                *[f"--set={item}" for item in a.set or []],
+                *[x for flag, v in (("--mqtt-ca", a.mqtt_ca), ("--mqtt-cert", a.mqtt_cert), ("--mqtt-key", a.mqtt_key))
+                  if v for x in (flag, v)]]
+    if a.max_attempts < 1 or a.session_expiry < 0 or a.keepalive < 5 or a.reap_after < 0:
+        raise UserError("--max-attempts must be >= 1, --session-expiry >= 0, --keepalive >= 5, --reap-after >= 0")
+    return worker_main(base, url=a.mqtt, group=a.group, worker_id=a.worker_id, prefix=a.prefix, streams=a.streams,
+                       tls=TlsFiles(a.mqtt_ca, a.mqtt_cert, a.mqtt_key), max_attempts=a.max_attempts,
+                       session_expiry_s=a.session_expiry, keepalive_s=a.keepalive, run_args=run_args,
+                       output_dir=a.output_dir, reap_after_s=a.reap_after)
+
+
+def _cmd_submit(a: argparse.Namespace) -> int:
+    from framecast.stages.mqtt.client import TlsFiles
+    from framecast.stages.mqtt.submit import submit_main
+
+    return submit_main(a.mqtt, a.files, prefix=a.prefix, wait=a.wait, timeout=a.timeout,
+                       settings=_sets(a.set), tls=TlsFiles(a.mqtt_ca, a.mqtt_cert, a.mqtt_key), as_is=a.as_is,
+                       streams=a.stream, require_worker=not a.force)
+
+
 COMMANDS = {"run": _cmd_run, "config": _cmd_config, "convert": _cmd_convert,
-            "generate": _cmd_generate, "ask": _cmd_ask}
+            "generate": _cmd_generate, "ask": _cmd_ask, "worker": _cmd_worker, "submit": _cmd_submit}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -127,6 +127,25 @@ def write_archive(path: str | Path, session_file: Path, manifest: dict[str, Any]
     return path
 
 
+class SessionResume(Stage):
+    """Loads a saved session's cache into the stream's session when the graph starts (after the
+    decode stage's own start, before any frame), then passes everything through."""
+
+    name = "resume"
+
+    def __init__(self, archive: Archive, session: Any):
+        super().__init__()
+        self.archive = archive
+        self.session = session
+
+    async def start(self) -> None:
+        with tempfile.TemporaryDirectory(prefix="framecast-resume-") as tmp:
+            try:
+                await self.session.load(self.archive.extract_session(tmp))
+            except UserError as e:  # e.g. saved for another model: one line, exit 2
+                raise FatalError(str(e), exit_code=2) from None
+
+
 class SessionArchiveStage(Stage):
     """Collects the narration log, transcript, chapters and summary; at the end of the input
     saves them with the stream's KV cache as one `.fcs` archive.

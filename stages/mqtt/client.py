@@ -149,6 +149,7 @@ class BusMessage:
     expiry_s: int | None = None
     response_topic: str | None = None
     correlation: bytes | None = None
+    mid: int | None = None  # packet id of a received QoS 1 message (for `BusClient.ack`)
 
 
 def _properties(msg: BusMessage, packet: int) -> Properties | None:
@@ -201,6 +202,9 @@ class BusClient:
         will: BusMessage | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         persistent_session: bool = False,
+        session_expiry_s: int = 3600,
+        receive_maximum: int | None = None,
+        manual_ack: bool = False,
     ):
         self.address = address
         self.client_id = client_id
@@ -212,6 +216,12 @@ class BusClient:
         # a subscriber that must not miss QoS 1 messages while it reconnects (the broker
         # queues them for its client id); the stage itself always starts clean
         self.persistent_session = persistent_session
+        self.session_expiry_s = session_expiry_s
+        # MQTT 5: at most this many unacknowledged QoS 1 messages in flight to us (job workers: 1)
+        self.receive_maximum = receive_maximum
+        # acknowledge received QoS 1 messages only when `ack` is called (the broker keeps them
+        # in the session until then and sends them again after a reconnect)
+        self.manual_ack = manual_ack
         self._client: aiomqtt.Client | None = None
 
     @property
@@ -225,9 +235,12 @@ class BusClient:
             will = aiomqtt.Will(self.will.topic, self.will.payload, self.will.qos, self.will.retain,
                                 _properties(self.will, PacketTypes.WILLMESSAGE) if self.is_v5 else None)
         connect_props = None
-        if self.is_v5 and self.persistent_session:
+        if self.is_v5 and (self.persistent_session or self.receive_maximum):
             connect_props = Properties(PacketTypes.CONNECT)
-            connect_props.SessionExpiryInterval = 3600
+            if self.persistent_session:
+                connect_props.SessionExpiryInterval = self.session_expiry_s
+            if self.receive_maximum:
+                connect_props.ReceiveMaximum = self.receive_maximum
         client = aiomqtt.Client(
             self.address.host, self.address.port,
             username=self.address.username, password=self.address.password,
@@ -242,6 +255,8 @@ class BusClient:
             clean_start=(not self.persistent_session) if self.is_v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
             properties=connect_props,
         )
+        if self.manual_ack:  # aiomqtt 2.5 does not pass paho's manual_ack through
+            client._client.manual_ack_set(True)  # noqa: SLF001
         try:
             await client.__aenter__()
         except aiomqtt.MqttCodeError as e:
@@ -276,6 +291,25 @@ class BusClient:
         except Exception:  # already gone: nothing to clean up
             pass
 
+    def ack(self, msg: BusMessage) -> None:
+        """Send the PUBACK of a message received with `manual_ack` (no-op for QoS 0)."""
+        if self._client is None:
+            raise BusDisconnected("not connected")
+        if msg.qos > 0 and msg.mid is not None:
+            self._client._client.ack(msg.mid, msg.qos)  # noqa: SLF001
+
+    async def drop(self) -> None:
+        """Close the connection without DISCONNECT, as a crash would: the broker publishes the
+        will. Never raises."""
+        client, self._client = self._client, None
+        if client is None:
+            return
+        _drop_socket(client)
+        try:
+            await asyncio.wait_for(client.__aexit__(None, None, None), timeout=0.5)
+        except Exception:  # the socket is gone: nothing left to say to the broker
+            pass
+
     async def publish(self, msg: BusMessage, *, timeout_s: float | None = None) -> None:
         """Send one message; QoS 1 waits for the broker's acknowledgement."""
         if self._client is None:
@@ -300,6 +334,14 @@ class BusClient:
                 raise BusRefused(f"{self.address.display()} refused the subscription to {topic}: "
                                  f"{'not authorised' if code in (0x80, 0x87) else text}")
 
+    async def unsubscribe(self, topic: str) -> None:
+        if self._client is None:
+            raise BusDisconnected("not connected")
+        try:
+            await self._client.unsubscribe(topic)
+        except aiomqtt.MqttError as e:
+            raise BusDisconnected(f"unsubscribe from {topic} failed: {e}") from None
+
     async def messages(self) -> AsyncIterator[BusMessage]:
         """Incoming messages until the connection drops (then `BusDisconnected`)."""
         if self._client is None:
@@ -316,6 +358,7 @@ class BusClient:
                     content_type=getattr(props, "ContentType", None) if props is not None else None,
                     response_topic=getattr(props, "ResponseTopic", None) if props is not None else None,
                     correlation=bytes(corr) if corr is not None else None,
+                    mid=m.mid,
                 )
         except aiomqtt.MqttError as e:
             raise BusDisconnected(f"connection lost: {e}") from None
