@@ -64,6 +64,10 @@ def _resume_config(cfg: RunConfig):
         print(f"framecast: warning: {warning}", file=sys.stderr)
     end = archive.manifest.get("media_end")
     if source_kind(cfg.source.uri) == "file" and not cfg.source.start and end:
+        duration = (archive.manifest.get("source") or {}).get("duration")
+        if duration is not None and end >= duration - 1e-3:
+            raise UserError(f"{archive.path}: the saved session already reaches the end of {cfg.source.uri} "
+                            f"({end:g} s): nothing to continue")
         if cfg.source.end is not None and cfg.source.end <= end:
             raise UserError(f"source.end = {cfg.source.end:g}: the saved session already reaches {end:g} s")
         cfg = cfg.model_copy(update={"source": cfg.source.model_copy(update={"start": float(end)})})

@@ -531,7 +531,7 @@ def test_small_cache_summary_and_log_cover_what_was_evicted(videos, tmp_path, ca
 
 
 @needs_demo
-def test_resume_continues_where_the_saved_run_ended(videos, tmp_path):
+def test_resume_continues_where_the_saved_run_ended(videos, tmp_path, capsys):
     a_fcs, b_fcs = str(tmp_path / "a.fcs"), str(tmp_path / "b.fcs")
     assert main(["run", "--source", str(videos[0]), "--fps", "1", "--end", "15", "--no-console",
                  "--save-session", a_fcs]) == 0
@@ -544,6 +544,10 @@ def test_resume_continues_where_the_saved_run_ended(videos, tmp_path):
     assert b.narrations[:len(a.narrations)] == a.narrations and len(b.narrations) > len(a.narrations)
     assert [c.index for c in b.chapters] == list(range(1, len(b.chapters) + 1))
     assert b.summary.pts_start == 0.0 and b.summary.pts_end == pytest.approx(30.0)
+    capsys.readouterr()  # b.fcs reaches the end of the file: nothing left to continue
+    assert main(["run", "--source", str(videos[0]), "--fps", "1", "--no-console", "--resume", b_fcs]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "b.fcs: the saved session already reaches the end of" in line and "nothing to continue" in line
 
 
 # ---------------------------------------------------------------- progress
