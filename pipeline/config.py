@@ -119,6 +119,7 @@ class ChaptersConfig(Group):
     enabled: bool | None = None  # None = on for a recorded file with a model (or when outputs.chapters is set)
     min_s: float = Field(default=10.0, gt=0)  # a scene change ends a chapter only this long after it began
     max_s: float | None = Field(default=300.0, gt=0)  # a chapter this long ends even without a scene change
+    cut_threshold: float = Field(default=0.03, ge=0, le=1)  # colour-histogram change a cut needs (0 = any change)
     title_max_tokens: int = Field(default=16, ge=1, le=256)
     prompt_tokens: int = Field(default=1024, ge=64)  # narrations given to a title turn at most (tokens)
 

@@ -2,9 +2,12 @@
 
 The change detector marks frames where the picture changed. Many of those are not new scenes
 (a shape drifting across a cell, a camera pan), so a scene change ends the current chapter only
-when the chapter is at least `chapters.min_s` seconds old (10 s by default, YouTube's minimum
-chapter length); a chapter that reaches `chapters.max_s` ends at the next frame even without a
-change. At the end of the input, a last piece shorter than `min_s` joins the chapter before it
+when it is also a *cut* and the chapter is old enough: the frame's colour histogram differs from
+the previous frame's by at least `chapters.cut_threshold` (the share of pixels whose coarse
+colour changed: motion moves pixels but keeps the histogram, a cut replaces it; classic shot
+boundary detection), and the chapter is at least `chapters.min_s` seconds old (10 s by default,
+YouTube's minimum chapter length). A chapter that reaches `chapters.max_s` ends at the next frame
+even without a change. At the end of the input, a last piece shorter than `min_s` joins the chapter before it
 (unless that would make it longer than `max_s`).
 
 A closed chapter is held until its successor is `min_s` long (only then is it sure that the tail
@@ -25,6 +28,9 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+import cv2
+import numpy as np
+
 from framecast.config import ChaptersConfig
 from framecast.engine.prompts import CHAPTER_TITLE_PROMPT
 from framecast.engine.text_turns import LogLine, TextTurns, dedupe, narration_lines, thin
@@ -33,6 +39,22 @@ from framecast.runtime import Stage
 
 #: scene changes this close to `min_s` still count (frame times are rounded by the container)
 EPS_S = 1e-3
+HIST_SIZE = 64  # frames are shrunk to this side before their histogram is taken
+HIST_BINS = 4  # per channel: coarse, so noise and compression do not move pixels between bins
+
+
+def colour_histogram(pixels: np.ndarray) -> np.ndarray:
+    """RGB uint8 [H, W, 3] -> float32 [HIST_BINS ** 3], summing to 1."""
+    small = cv2.resize(pixels, (HIST_SIZE, HIST_SIZE), interpolation=cv2.INTER_AREA)
+    h = cv2.calcHist([small], [0, 1, 2], None, [HIST_BINS] * 3, [0, 256] * 3).ravel()
+    return h / max(float(h.sum()), 1.0)
+
+
+def histogram_change(a: np.ndarray, b: np.ndarray) -> float:
+    """The share of pixels (0..1) whose coarse colour differs between two histograms."""
+    return 0.5 * float(np.abs(a - b).sum())
+
+
 TITLE_MAX_CHARS = 80
 
 
@@ -82,6 +104,7 @@ class ChapterStage(Stage):
         self._last_pts: float | None = None
         self._frame_dt: float | None = None  # media time between sampled frames (last seen)
         self._duration: float | None = None
+        self._hist: np.ndarray | None = None  # colour histogram of the previous frame
         self.chapters: list[Chapter] = []
         self.title_s = 0.0
 
@@ -91,11 +114,11 @@ class ChapterStage(Stage):
 
     # -- segmentation -------------------------------------------------------------------------
 
-    def _boundary(self, frame: Frame, pts: float) -> bool:
+    def _boundary(self, frame: Frame, pts: float, cut: float) -> bool:
         age = pts - self._open.start
         if self.cfg.max_s is not None and age >= self.cfg.max_s - EPS_S:
             return True
-        return bool(frame.changed) and age >= self.cfg.min_s - EPS_S
+        return bool(frame.changed) and age >= self.cfg.min_s - EPS_S and cut >= self.cfg.cut_threshold
 
     def _on_frame(self, frame: Frame) -> None:
         pts = frame.pts
@@ -104,10 +127,15 @@ class ChapterStage(Stage):
         if self._last_pts is not None and pts > self._last_pts:
             self._frame_dt = pts - self._last_pts
         self._last_pts = pts
+        cut = 1.0  # without pixels (or with the gate off) every scene change may be a cut
+        if self.cfg.cut_threshold > 0 and getattr(frame, "pixels", None) is not None and frame.pixels.ndim == 3:
+            hist = colour_histogram(frame.pixels)
+            cut = histogram_change(hist, self._hist) if self._hist is not None else 1.0
+            self._hist = hist
         if self._open is None:
             self._open = _Span(pts)
             return
-        if self._boundary(frame, pts):
+        if self._boundary(frame, pts, cut):
             self._open.end = pts
             self._held.append(self._open)
             self._open = _Span(pts)

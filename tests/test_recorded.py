@@ -244,20 +244,36 @@ async def _feed(stage, items):
 ])
 def test_scene_segments_merge_into_chapters(changes, n, cfg, spans):
     frames = _frames(changes, n)
-    got = asyncio.run(_feed(ChapterStage(ChaptersConfig(**cfg)), [Status(state="running"), *frames]))
+    stage = ChapterStage(ChaptersConfig(cut_threshold=0, **cfg))  # every marked change may be a cut
+    got = asyncio.run(_feed(stage, [Status(state="running"), *frames]))
     assert [(c.pts_start, c.pts_end) for c in got] == [tuple(map(float, s)) for s in spans]
     assert [c.text for c in got] == [f"Chapter {k + 1}" for k in range(len(spans))]  # no model: no made-up title
 
 
+def test_motion_is_not_a_cut_but_new_colours_are():
+    """The cut gate: a shape that moves keeps the colour histogram (no chapter), a new scene
+    replaces it (a chapter), whatever the change detector marked."""
+    from framecast.stages.sources.clips import scene_frame
+
+    frames = []
+    for t in range(30):  # 0-19 s: one red circle moving (changes marked every 3 s); 20-29 s: blue squares
+        px = scene_frame(float(t) * 3, "circle", "red", 1) if t < 20 else scene_frame(float(t), "square", "blue", 2)
+        frames.append(Frame(pixels=px, pts=float(t), changed=t == 0 or t % 3 == 0 or t == 20))
+    got = asyncio.run(_feed(ChapterStage(ChaptersConfig()), frames))
+    assert [(c.pts_start, c.pts_end) for c in got] == [(0.0, 20.0), (20.0, 30.0)]
+    got = asyncio.run(_feed(ChapterStage(ChaptersConfig(cut_threshold=0)), frames))  # gate off: motion cuts
+    assert [(c.pts_start, c.pts_end) for c in got][0] == (0.0, 12.0)
+
+
 def test_chapters_end_at_the_file_duration():
     frames = _frames({10.0: True}, 20)
-    got = asyncio.run(_feed(ChapterStage(ChaptersConfig()), [Status(state="running", duration=20.5), *frames]))
+    got = asyncio.run(_feed(ChapterStage(ChaptersConfig(cut_threshold=0)), [Status(state="running", duration=20.5), *frames]))
     assert got[-1].pts_end == 20.5
 
 
 def test_narrations_go_to_the_chapter_of_their_midpoint():
     frames = _frames({10.0: True}, 20)
-    stage = ChapterStage(ChaptersConfig())
+    stage = ChapterStage(ChaptersConfig(cut_threshold=0))
     items = []
     for f in frames:
         items.append(f)
@@ -267,12 +283,16 @@ def test_narrations_go_to_the_chapter_of_their_midpoint():
     assert [c.narrations for c in got] == [5, 4]  # the one at 10 s covers 8-10 s: chapter 1
 
 
-def test_capture_only_run_makes_untitled_chapters_at_the_cuts(videos, tmp_path):
-    assert main(["run", "--capture-only", "--source", str(videos[0]), "--fps", "1", "--no-console",
+@pytest.mark.parametrize("fps,lengths", [(1, (10, 10, 10)), (5, (10, 10, 10)), (2, (12, 15, 11)), (3, (25, 11, 14))])
+def test_capture_only_run_makes_untitled_chapters_at_the_cuts(tmp_path, fps, lengths):
+    video = write_scene_video(tmp_path / "v.mp4", scene_s=lengths, fps=10 if fps == 5 else 6, size=96)
+    assert main(["run", "--capture-only", "--source", str(video), "--fps", str(fps), "--no-console",
                  "--jsonl", str(tmp_path / "o.jsonl"), "--chapters", str(tmp_path / "c.vtt")]) == 0
     ch = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines() if '"chapter"' in x]
-    assert [(c["pts_start"], c["pts_end"], c["text"]) for c in ch] == \
-        [(0.0, 10.0, "Chapter 1"), (10.0, 20.0, "Chapter 2"), (20.0, 30.0, "Chapter 3")]
+    cuts = [sum(lengths[:k]) for k in range(len(lengths) + 1)]
+    assert len(ch) == 3 and [c["text"] for c in ch] == ["Chapter 1", "Chapter 2", "Chapter 3"]
+    for c, start, end in zip(ch, cuts, cuts[1:]):
+        assert abs(c["pts_start"] - start) <= 1.0 and abs(c["pts_end"] - end) <= 1.0
     assert (tmp_path / "c.vtt").read_text().count(" --> ") == 3
 
 

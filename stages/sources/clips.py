@@ -8,6 +8,7 @@ scripts/bench_recorded.py; other scene lists make other clips of the same kind.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -31,10 +32,10 @@ def scene_frame(t: float, shape: str, colour: str, count: int, *, size: int = 22
     return img  # [H, W, 3] RGB
 
 
-def write_scene_video(path: Path, scenes=THREE_SCENES, *, scene_s: float = 10.0, fps: int = 5,
-                      size: int = 224) -> Path:
-    """An h264 MP4 of consecutive scenes (`scene_s` seconds each) with hard cuts between them:
-    the recorded-analysis fixture (chapters, summary, saved sessions)."""
+def write_scene_video(path: Path, scenes=THREE_SCENES, *, scene_s: float | Sequence[float] = 10.0,
+                      fps: int = 5, size: int = 224) -> Path:
+    """An h264 MP4 of consecutive scenes (`scene_s` seconds each, or one length per scene) with
+    hard cuts between them: the recorded-analysis fixture (chapters, summary, saved sessions)."""
     import av
 
     with av.open(str(path), "w") as out:
@@ -42,9 +43,9 @@ def write_scene_video(path: Path, scenes=THREE_SCENES, *, scene_s: float = 10.0,
         s.width = s.height = size
         s.pix_fmt = "yuv420p"
         s.codec_context.options = {"preset": "ultrafast"}
-        per_scene = int(round(scene_s * fps))
-        for shape, colour, count in scenes:
-            for i in range(per_scene):
+        lengths = [scene_s] * len(scenes) if isinstance(scene_s, (int, float)) else list(scene_s)
+        for (shape, colour, count), seconds in zip(scenes, lengths):
+            for i in range(int(round(seconds * fps))):
                 img = scene_frame(i / fps, shape, colour, count, size=size)
                 for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                     out.mux(p)
