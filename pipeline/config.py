@@ -165,6 +165,9 @@ class MqttConfig(Group):
     protocol: Literal["auto", "5", "3.1.1"] = "auto"
     keepalive_s: int = Field(default=30, ge=5)
     outbox_size: int = Field(default=1000, ge=1)
+    # largest PUBLISH packet the broker takes (bytes); MQTT 5 brokers announce theirs (the
+    # smaller wins), MQTT 3.1.1 ones cannot: bigger messages are dropped and counted
+    max_packet_size: int | None = Field(default=None, ge=128)
     max_question_bytes: int = Field(default=4096, ge=16)
     partial_expiry_s: int = Field(default=10, ge=1)
     ha_discovery: bool = False

@@ -186,6 +186,7 @@ class Status(Event):
     `duration` (media seconds) is known for recorded files: progress bars use it. An `eof`
     status has `pts` = the media time where the input ended, when the source knows it, and
     `discontinuities` = how often the source's timestamps jumped back (recorded files, streams).
+    `undelivered` (the MQTT stage's statuses only) counts messages that never reached the broker.
     """
 
     type: Literal["status"] = "status"
@@ -197,6 +198,8 @@ class Status(Event):
     bad_frames: int | None = None
     duration: float | None = None
     discontinuities: int | None = None
+    #: set by the bus: messages it could not deliver so far (too large, refused, evicted, unsent)
+    undelivered: int | None = None
 
 
 class Metrics(Event):
@@ -230,6 +233,16 @@ class Question(Event):
     control: ClassVar[bool] = True
 
 
+class QuestionRecord(Event):
+    """What outputs record of a question the decoder took: the same JSON as `Question`
+    (`type` "question"), but data, in order just before its `Answer`. The control `Question`
+    itself is consumed by the decoder."""
+
+    type: Literal["question"] = "question"
+    text: str
+    request_id: str
+
+
 class Stop(Event):
     """Stop producing; downstream drains what is queued and closes."""
 
@@ -256,7 +269,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
     cls.model_fields["type"].default: cls
     for cls in (Frame, SceneChange, NarrationDelta, Narration, Answer, Chapter, Summary, Status, Metrics, Error,
                 Question, Stop, Flush, EndOfStream)
-}
+}  # ("question" parses as the control `Question`; a `QuestionRecord` has the same fields)
 
 
 def event_from_dict(d: dict[str, Any]) -> Event:

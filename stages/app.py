@@ -226,6 +226,19 @@ def _print_error(err: Error, *, source_name: str = "") -> None:
     print(f"framecast: {where}{err.text}", file=sys.stderr, flush=True)
 
 
+def _exit_at_once_on_signal() -> None:
+    """After the run: SIGINT/SIGTERM exit at once with 128 + the signal (instead of a
+    KeyboardInterrupt in the middle of unloading the model and the interpreter)."""
+    import os
+    import signal
+
+    def now(sig: int, _frame: object) -> None:
+        os._exit(128 + sig)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, now)
+
+
 def run_main(cfg: RunConfig) -> int:
     source, stages = build_graph(cfg)
     runtime = Runtime(
@@ -241,15 +254,18 @@ def run_main(cfg: RunConfig) -> int:
     import asyncio
 
     result = asyncio.run(runtime.run())
+    _exit_at_once_on_signal()  # the run is over (files closed): a signal now only cuts the teardown short
     if result.stopped_by == "signal":  # the shell convention: 128 + signal number
         return result.exit_code or 128 + (result.signal or 2)
     return result.exit_code
 
 
-def ask_main(url: str, stream: str, question: str, *, prefix: str, timeout: float, ca_file: str | None) -> int:
+def ask_main(url: str, stream: str, question: str, *, prefix: str, timeout: float, ca_file: str | None,
+             cert_file: str | None = None, key_file: str | None = None) -> int:
     from framecast.stages.mqtt.stage import ask_over_mqtt
 
-    return ask_over_mqtt(url, stream, question, prefix=prefix, timeout=timeout, ca_file=ca_file)
+    return ask_over_mqtt(url, stream, question, prefix=prefix, timeout=timeout, ca_file=ca_file,
+                         cert_file=cert_file, key_file=key_file)
 
 
 def ask_session_main(path: str, question: str, *, source: str | None = None, force: bool = False,

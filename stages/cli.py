@@ -61,62 +61,120 @@ def _scalar(raw: str) -> Any:
         return raw
 
 
+RUN_EXAMPLES = """examples:
+  framecast run                                          # the demo scene, narrated in the terminal
+  framecast run --source talk.mp4 --jsonl talk.jsonl --srt talk.srt
+  framecast run --source camera:0 --fps 2 --policy change
+  framecast run --source rtsp://user:pass@cam.lan/stream1 --stream-id frontdoor \\
+                --mqtt mqtt://user:pass@broker.lan:1883
+  framecast run --config camera-narration --set narration.interval_s=5
+  framecast run --source talk.mp4 --chapters talk.chapters.vtt --summary talk.md --save-session talk.fcs
+
+Ctrl-C stops cleanly (queued events are written, files closed, exit 130); a second Ctrl-C stops
+at once (files still closed); a third exits without waiting."""
+
+ASK_EXAMPLES = """examples:
+  framecast ask --mqtt mqtt://broker.lan:1883 --stream frontdoor "Is the door open?"
+  framecast ask --session talk.fcs "What is on the slide?"                  # offline, no video decoding
+  framecast ask --session talk.fcs --source talk.mp4 "What happened in chapter 2?"
+  framecast ask --mqtt mqtts://cam:secret@broker.lan:8883 --mqtt-ca ca.crt \\
+                --mqtt-cert me.crt --mqtt-key me.key --stream frontdoor "Who is there?"
+  framecast ask --mqtt mqtt://localhost --prefix home/cams --timeout 10 "How many people?"
+"""
+
+
+def _d(key: str) -> str:
+    """The built-in default of config key `group.key`, as a help text shows it."""
+    from framecast.config import RunConfig
+
+    group, name = key.split(".")
+    value = getattr(getattr(RunConfig(), group), name)
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="framecast", description="Streaming video understanding with MiniCPM-V on MLX.")
     p.add_argument("--version", action="version", version=f"framecast {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    r = sub.add_parser("run", help="watch a source and narrate it")
-    r.add_argument("--config", help="TOML/YAML file or preset name (see `framecast config list`)")
-    r.add_argument("--source", help="demo | FILE | rtsp://… | http(s)://… | camera:N")
-    r.add_argument("--stream-id")
-    r.add_argument("--fps", type=float, help="sample rate in frames per second")
-    r.add_argument("--max-frames", type=int)
-    r.add_argument("--start", type=float, help="seconds into a recorded file")
-    r.add_argument("--end", type=float, help="stop at this media time (s)")
-    r.add_argument("--seed", type=int, help="seed of the demo source")
+    r = sub.add_parser("run", help="watch a source and narrate it", epilog=RUN_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Watch a source and narrate it.\n\nFlags override the --config file; the "
+                                   "defaults shown are the built-in ones\n(a preset or config file may change them).")
+    r.add_argument("--config", help="TOML/YAML file or preset name (see `framecast config list`) (default: none)")
+    r.add_argument("--source", help=f"demo | FILE | rtsp://… | http(s)://… | camera:N (default: {_d('source.uri')})")
+    r.add_argument("--stream-id", help="name of the stream in events and MQTT topics, 1-64 of [A-Za-z0-9_.-] "
+                                       f"(default: {_d('source.stream_id')})")
+    r.add_argument("--fps", type=float, help="sample rate in frames per second (default: the source's own rate)")
+    r.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames (default: no limit)")
+    r.add_argument("--start", type=float, metavar="S", help=f"seconds into a recorded file (default: {_d('source.start')})")
+    r.add_argument("--end", type=float, metavar="S", help="stop at this media time in seconds (default: the end)")
+    r.add_argument("--seed", type=int, help=f"seed of the demo source (default: {_d('source.seed')})")
     r.add_argument("--realtime", action=argparse.BooleanOptionalAction, default=None,
-                   help="pace recorded input at its own frame rate")
-    r.add_argument("--watchdog", type=float, metavar="S", help="live sources: reconnect after S s without a frame")
-    r.add_argument("--open-timeout", type=float, metavar="S", help="live sources: give up opening after S s")
-    r.add_argument("--reconnect-max", type=int, metavar="N", help="live sources: attempts before giving up")
-    r.add_argument("--backoff", type=float, metavar="S", help="live sources: first reconnect delay (doubles)")
-    r.add_argument("--change-threshold", type=float, metavar="X", help="scene-change score threshold (0..1)")
-    r.add_argument("--no-change", action="store_true", help="no scene-change detection")
+                   help="pace recorded input at its own frame rate (default: on for the endless demo, off for files)")
+    r.add_argument("--watchdog", type=float, metavar="S",
+                   help=f"live sources: reconnect after S s without a frame (default: {_d('source.watchdog_s')})")
+    r.add_argument("--open-timeout", type=float, metavar="S",
+                   help=f"live sources: give up opening after S s (default: {_d('source.open_timeout_s')})")
+    r.add_argument("--reconnect-max", type=int, metavar="N",
+                   help=f"live sources: attempts before giving up (default: {_d('source.reconnect_max')})")
+    r.add_argument("--backoff", type=float, metavar="S",
+                   help=f"live sources: first reconnect delay, doubling (default: {_d('source.backoff_initial_s')})")
+    r.add_argument("--change-threshold", type=float, metavar="X",
+                   help=f"scene-change score threshold, 0..1 (default: {_d('change.threshold')})")
+    r.add_argument("--no-change", action="store_true", help="no scene-change detection (default: detect)")
     r.add_argument("--capture-only", action="store_true",
-                   help="no model: capture, scene changes and outputs only (status and change events)")
-    r.add_argument("--model", help="HF dir, converted MLX dir, HF repo id or .gguf (default: embedded demo)")
-    r.add_argument("--mmproj", help="vision .gguf for a .gguf language model")
-    r.add_argument("--policy", choices=["interval", "change", "on_demand"])
-    r.add_argument("--interval", type=float, help="seconds of media between narrations")
-    r.add_argument("--prompt")
-    r.add_argument("--max-tokens", type=int)
-    r.add_argument("--jsonl")
-    r.add_argument("--srt")
-    r.add_argument("--vtt")
-    r.add_argument("--chapters", metavar="OUT.vtt", help="WebVTT chapters file (one titled cue per chapter)")
-    r.add_argument("--summary", metavar="OUT.md", help="Markdown summary of the whole video (end of file)")
+                   help="no model: capture, scene changes and outputs only (default: off)")
+    r.add_argument("--model", help="HF dir, converted MLX dir, HF repo id or .gguf (default: the embedded demo model)")
+    r.add_argument("--mmproj", help="vision .gguf for a .gguf language model (default: none)")
+    r.add_argument("--policy", choices=["interval", "change", "on_demand"],
+                   help="when to narrate: every --interval, on a scene change, or only answer questions "
+                        f"(default: {_d('narration.policy')})")
+    r.add_argument("--interval", type=float, metavar="S",
+                   help=f"media seconds between narrations (policy interval) (default: {_d('narration.interval_s')})")
+    r.add_argument("--prompt", help=f"what to ask for each narration (default: {_d('narration.prompt')!r})")
+    r.add_argument("--max-tokens", type=int, metavar="N",
+                   help=f"tokens per narration or answer at most (default: {_d('narration.max_tokens')})")
+    r.add_argument("--jsonl", metavar="FILE", help="write every event as one JSON line (default: none)")
+    r.add_argument("--srt", metavar="FILE", help="write narrations as SRT subtitles (default: none)")
+    r.add_argument("--vtt", metavar="FILE", help="write narrations as WebVTT subtitles (default: none)")
+    r.add_argument("--chapters", metavar="OUT.vtt",
+                   help="write the chapters (titled by the model) as a WebVTT chapters file (default: none)")
+    r.add_argument("--summary", metavar="OUT.md",
+                   help="write the summary of the whole video as Markdown, at the end of the input (default: none)")
     r.add_argument("--save-session", metavar="OUT.fcs",
-                   help="save the stream's state at the end (cache, narration log, chapters) for `ask --session`")
+                   help="save the stream's state at the end (KV cache, narration log, chapters) for "
+                        "`framecast ask --session` and --resume (default: none)")
     r.add_argument("--resume", metavar="FILE.fcs",
-                   help="continue a saved session on its own video (a file continues where the saved run ended)")
-    r.add_argument("--force", action="store_true", help="with --resume: continue it even on another video")
-    r.add_argument("--no-console", action="store_true", help="no live terminal view")
+                   help="continue a saved session on its own video; a file is read on from where the saved run "
+                        "ended (default: none)")
+    r.add_argument("--force", action="store_true",
+                   help="with --resume: continue a saved session even on another video (default: refused)")
+    r.add_argument("--no-console", action="store_true", help="no live terminal view (default: shown)")
     r.add_argument("-v", "--verbose", action="store_true",
-                   help="terminal: also show scene changes (always in JSONL and on the bus)")
-    r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
-    r.add_argument("--metrics", action="store_true", help="print per-stage metrics periodically and at exit")
-    r.add_argument("--metrics-interval", type=float)
-    r.add_argument("--mqtt", help="mqtt://user:pass@host:port or mqtts://…")
-    r.add_argument("--mqtt-prefix")
-    r.add_argument("--mqtt-ca")
-    r.add_argument("--mqtt-cert")
-    r.add_argument("--mqtt-key")
-    r.add_argument("--ha-discovery", action="store_true", help="publish Home Assistant discovery")
-    r.add_argument("--max-cache-tokens", type=int)
-    r.add_argument("--kv-bits", type=int, choices=[4, 8])
+                   help="terminal: also show scene changes, always in JSONL and on the bus (default: off)")
+    r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr (default: on for recorded files when stderr is a terminal)")
+    r.add_argument("--metrics", action="store_true", help="print per-stage metrics periodically and at exit "
+                                                          "(default: off)")
+    r.add_argument("--metrics-interval", type=float, metavar="S",
+                   help=f"seconds between metrics (stderr, MQTT) (default: {_d('outputs.metrics_interval_s')})")
+    r.add_argument("--mqtt", metavar="URL", help="publish to and take questions from an MQTT broker: "
+                                                 "mqtt://user:pass@host:port or mqtts://… (default: none)")
+    r.add_argument("--mqtt-prefix", metavar="PREFIX", help=f"MQTT topic prefix (default: {_d('mqtt.prefix')})")
+    r.add_argument("--mqtt-ca", metavar="FILE", help="CA certificate for mqtts:// (default: the system's)")
+    r.add_argument("--mqtt-cert", metavar="FILE", help="client certificate for mqtts:// (default: none)")
+    r.add_argument("--mqtt-key", metavar="FILE", help="private key of --mqtt-cert (default: none)")
+    r.add_argument("--ha-discovery", action="store_true", help="publish Home Assistant discovery (default: off)")
+    r.add_argument("--max-cache-tokens", type=int, metavar="N",
+                   help="bound the KV cache; older frames are evicted (default: unbounded, or the model's)")
+    r.add_argument("--kv-bits", type=int, choices=[4, 8], help="quantise the KV cache (default: not quantised)")
     r.add_argument("--set", action="append", metavar="GROUP.KEY=VALUE",
-                   help="override any config key (repeatable), e.g. --set source.width=320")
+                   help="override any config key (repeatable), e.g. --set source.width=320 (default: none)")
 
     c = sub.add_parser("config", help="inspect configuration")
     csub = c.add_subparsers(dest="config_command", required=True, parser_class=_Parser)
@@ -141,19 +199,36 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
 
-    a = sub.add_parser("ask", help="ask a running stream (over MQTT) or a saved session (offline) a question")
-    a.add_argument("question")
-    a.add_argument("--mqtt", help="ask a running stream over this broker")
-    a.add_argument("--session", metavar="FILE.fcs", help="ask a saved session offline (from run --save-session)")
-    a.add_argument("--source", help="with --session: the video it must belong to (checked by fingerprint)")
-    a.add_argument("--force", action="store_true", help="with --session: use it even for another video")
+    a = sub.add_parser("ask", help="ask a running stream (over MQTT) or a saved session (offline) a question",
+                       epilog=ASK_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Ask a running stream a question over MQTT, or a saved session (.fcs) offline, "
+                                   "and print the answer.\n\nExit 1 with one line on a timeout, a refused "
+                                   "connection or an error answer; exit 2 for a saved session of another video.")
+    a.add_argument("question", help="the question, in plain text")
+    a.add_argument("--mqtt", metavar="URL",
+                   help="the broker the stream publishes to: mqtt://user:pass@host:port or mqtts://… "
+                        "(default: none; give --mqtt or --session)")
+    a.add_argument("--session", metavar="FILE.fcs",
+                   help="answer offline from a saved session (run --save-session), without the video; says which "
+                        "time span the answer draws on (default: none; give --mqtt or --session)")
+    a.add_argument("--source", metavar="VIDEO",
+                   help="with --session: the video it must belong to, checked by fingerprint (default: the saved "
+                        "path, if the file is still there)")
+    a.add_argument("--force", action="store_true",
+                   help="with --session: use it even for another video (default: refused)")
     a.add_argument("--model", help="with --session: the model to load (default: the one the run used)")
-    a.add_argument("--max-tokens", type=int, help="with --session: answer length (default: the run's)")
-    a.add_argument("--json", action="store_true", help="with --session: print the answer event as JSON")
-    a.add_argument("--stream", default="default")
-    a.add_argument("--prefix", default="framecast")
-    a.add_argument("--timeout", type=float, default=60.0)
-    a.add_argument("--mqtt-ca")
+    a.add_argument("--max-tokens", type=int, metavar="N",
+                   help="with --session: tokens of the answer at most (default: the run's narration.max_tokens)")
+    a.add_argument("--json", action="store_true",
+                   help="with --session: print the answer event as JSON, with pts_start, pts_end, basis "
+                        "(default: the answer, then a line naming its span)")
+    a.add_argument("--stream", default="default", help="the stream's id (its --stream-id) (default: %(default)s)")
+    a.add_argument("--prefix", default="framecast", help="the stream's MQTT topic prefix (default: %(default)s)")
+    a.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                   help="give up after S seconds without an answer (default: %(default)g)")
+    a.add_argument("--mqtt-ca", metavar="FILE", help="CA certificate for mqtts:// (default: the system's)")
+    a.add_argument("--mqtt-cert", metavar="FILE", help="client certificate for mqtts:// (default: none)")
+    a.add_argument("--mqtt-key", metavar="FILE", help="private key of --mqtt-cert (default: none)")
 
     w = sub.add_parser("worker", help="take jobs (or live streams) from an MQTT broker, with other workers")
     w.add_argument("--mqtt", required=True, help="mqtt://user:pass@host:port or mqtts://… (MQTT 5)")
@@ -240,7 +315,8 @@ def _cmd_ask(a: argparse.Namespace) -> int:
                                 max_tokens=a.max_tokens, as_json=a.json)
     from framecast.stages.app import ask_main
 
-    return ask_main(a.mqtt, a.stream, a.question, prefix=a.prefix, timeout=a.timeout, ca_file=a.mqtt_ca)
+    return ask_main(a.mqtt, a.stream, a.question, prefix=a.prefix, timeout=a.timeout, ca_file=a.mqtt_ca,
+                    cert_file=a.mqtt_cert, key_file=a.mqtt_key)
 
 
 def _sets(items: list[str] | None) -> dict[str, Any]:

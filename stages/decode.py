@@ -27,7 +27,8 @@ from typing import AsyncIterator
 
 from framecast.config import NarrationConfig
 from framecast.errors import FatalError, UserError
-from framecast.events import Answer, Event, Frame, Narration, NarrationDelta, Question, SceneChange, Status
+from framecast.events import (Answer, Event, Frame, Narration, NarrationDelta, Question, QuestionRecord, SceneChange,
+                              Status)
 from framecast.runtime import Stage
 from framecast.engine.sampling import Sampler, make_sampler
 from framecast.engine.session import StreamingSession, TextDelta, TurnDone
@@ -42,6 +43,7 @@ def make_turn_sampler(cfg: NarrationConfig) -> Sampler:
 
 class DecodeStage(Stage):
     name = "decode"
+    answers_questions = True  # the bus rejects questions at once on a stream without one
 
     def __init__(self, session: StreamingSession, cfg: NarrationConfig | None = None, *,
                  stream_id: str = "default", state_file: str | None = None, narrate_at_end: bool = True,
@@ -186,6 +188,9 @@ class DecodeStage(Stage):
         if not isinstance(msg, Question):
             yield msg
             return
+        # consumed here; outputs (JSONL, the bus) get a record of it, just before its answer
+        yield QuestionRecord(text=msg.text, request_id=msg.request_id, stream_id=self.stream_id, seq=msg.seq, ts=msg.ts,
+                             pts=msg.pts)
         arrived = msg.ts.timestamp()
         pts = msg.pts if msg.pts is not None else self._last_frame_pts
         text, first_ms, done = "", None, None

@@ -29,7 +29,7 @@ from typing import Any, AsyncIterator
 
 from framecast import __version__
 from framecast.errors import FatalError, UserError
-from framecast.events import (Answer, Chapter, Event, Frame, Narration, Question, Status, Summary,
+from framecast.events import (Answer, Chapter, Event, Frame, Narration, Question, QuestionRecord, Status, Summary,
                               event_from_dict, iso_utc, utc_now)
 from framecast.runtime import Stage
 
@@ -192,7 +192,7 @@ class SessionArchiveStage(Stage):
         if isinstance(item, Narration) and item.text.strip():
             self.narrations.append(item)
             self.transcript.append(item)
-        elif isinstance(item, Answer):
+        elif isinstance(item, (QuestionRecord, Answer)):  # the decoder records each question before its answer
             self.transcript.append(item)
         elif isinstance(item, Chapter):
             self.chapters.append(item)
@@ -207,11 +207,6 @@ class SessionArchiveStage(Stage):
         elif isinstance(item, Status) and item.duration is not None:
             self._duration = item.duration
         yield item
-
-    async def on_control(self, msg: Event) -> AsyncIterator[Event]:
-        if isinstance(msg, Question):
-            self.transcript.append(msg)
-        yield msg
 
     def media_end(self) -> float | None:
         if self._last_pts is None:

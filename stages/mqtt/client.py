@@ -7,12 +7,16 @@ exceptions, so changing the client library later touches only this file:
   password, not authorised, certificate rejected) — the caller treats it as fatal;
 - `BusProtocolRejected`: the broker does not speak the MQTT version we offered (the caller
   falls back from 5 to 3.1.1);
-- `BusDisconnected`: anything transient (refused socket, reset, timeout) — retry later.
+- `BusDisconnected`: anything transient (refused socket, reset, timeout) — retry later;
+- `BusPublishRefused`: this one message can never be delivered (larger than the broker's
+  Maximum Packet Size, or an MQTT 5 PUBACK reason code >= 0x80); the connection is fine and
+  the caller drops the message and goes on with the next.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import socket
 import ssl
@@ -58,6 +62,28 @@ class BusProtocolRejected(Exception):
 
 class BusDisconnected(Exception):
     """The connection failed or dropped for a transient reason."""
+
+
+class BusPublishRefused(Exception):
+    """The broker will never take this message. `kind`: `too_large` (checked before sending,
+    against the broker's Maximum Packet Size) or `refused` (a negative MQTT 5 PUBACK)."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _varint_len(n: int) -> int:
+    """Bytes of MQTT's variable byte integer encoding of n."""
+    size = 1
+    while n >= 128:
+        n //= 128
+        size += 1
+    return size
+
+
+# the mid of the last PUBLISH paho sent from the current asyncio task (to find its PUBACK)
+_LAST_MID: contextvars.ContextVar[int | None] = contextvars.ContextVar("framecast_mqtt_last_mid", default=None)
 
 
 @dataclass(frozen=True)
@@ -223,6 +249,51 @@ class BusClient:
         # in the session until then and sends them again after a reconnect)
         self.manual_ack = manual_ack
         self._client: aiomqtt.Client | None = None
+        #: the broker's Maximum Packet Size from its MQTT 5 CONNACK (None: not announced)
+        self.broker_max_packet_size: int | None = None
+        #: a limit the caller knows (config; the only source for MQTT 3.1.1 brokers)
+        self.max_packet_size: int | None = None
+        self._pubacks: dict[int, object] = {}  # mid -> PUBACK reason code
+
+    @property
+    def packet_limit(self) -> int | None:
+        """The largest PUBLISH packet (bytes) this broker takes, if known."""
+        limits = [x for x in (self.broker_max_packet_size, self.max_packet_size) if x]
+        return min(limits) if limits else None
+
+    def packet_size(self, msg: BusMessage) -> int:
+        """Size in bytes of the PUBLISH packet for `msg` (fixed header included): what a
+        broker's Maximum Packet Size is compared with (MQTT 5 section 3.1.2.11.4)."""
+        size = 2 + len(msg.topic.encode()) + (2 if msg.qos else 0) + len(msg.payload)
+        if self.is_v5:
+            props = _properties(msg, PacketTypes.PUBLISH)
+            size += len(props.pack()) if props is not None else 1  # pack() includes its length
+        return 1 + _varint_len(size) + size
+
+    def _hook(self, client: aiomqtt.Client) -> None:
+        """aiomqtt drops the CONNACK properties and PUBACK reason codes: catch them on the way."""
+        paho_client = client._client  # noqa: SLF001
+        on_connect, on_publish, publish = paho_client.on_connect, paho_client.on_publish, paho_client.publish
+
+        def connect_hook(c, userdata, flags, rc, props=None):  # type: ignore[no-untyped-def]
+            size = getattr(props, "MaximumPacketSize", None) if props is not None else None
+            self.broker_max_packet_size = int(size) if size else None
+            return on_connect(c, userdata, flags, rc, props)
+
+        def publish_hook(c, userdata, mid, rc, props):  # type: ignore[no-untyped-def]
+            if len(self._pubacks) > 1024:  # answers nobody waited for (QoS 0, timeouts)
+                self._pubacks.clear()
+            self._pubacks[mid] = rc
+            return on_publish(c, userdata, mid, rc, props)
+
+        def publish_wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+            info = publish(*args, **kwargs)
+            _LAST_MID.set(info.mid)
+            return info
+
+        paho_client.on_connect = connect_hook
+        paho_client.on_publish = publish_hook
+        paho_client.publish = publish_wrapper
 
     @property
     def is_v5(self) -> bool:
@@ -255,6 +326,7 @@ class BusClient:
             clean_start=(not self.persistent_session) if self.is_v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
             properties=connect_props,
         )
+        self._hook(client)
         if self.manual_ack:  # aiomqtt 2.5 does not pass paho's manual_ack through
             client._client.manual_ack_set(True)  # noqa: SLF001
         try:
@@ -311,15 +383,29 @@ class BusClient:
             pass
 
     async def publish(self, msg: BusMessage, *, timeout_s: float | None = None) -> None:
-        """Send one message; QoS 1 waits for the broker's acknowledgement."""
+        """Send one message; QoS 1 waits for the broker's acknowledgement.
+
+        Raises `BusPublishRefused` (nothing sent) for a message larger than `packet_limit`, or
+        after a negative MQTT 5 PUBACK; `BusDisconnected` when the connection fails."""
         if self._client is None:
             raise BusDisconnected("not connected")
+        limit = self.packet_limit
+        if limit is not None:
+            size = self.packet_size(msg)
+            if size > limit:
+                raise BusPublishRefused(f"{size} bytes > the broker's maximum packet size ({limit} bytes)", "too_large")
         props = _properties(msg, PacketTypes.PUBLISH) if self.is_v5 else None
+        _LAST_MID.set(None)
         try:
             await self._client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain,
                                        properties=props, timeout=timeout_s or self.timeout_s)
         except aiomqtt.MqttError as e:
             raise BusDisconnected(f"publish to {msg.topic} failed: {e}") from None
+        mid = _LAST_MID.get()
+        rc = self._pubacks.pop(mid, None) if mid is not None else None
+        code, text = _reason(rc) if rc is not None else (0, "")
+        if code >= 0x80:
+            raise BusPublishRefused(f"refused by the broker: {text} (reason code 0x{code:02x})", "refused")
 
     async def subscribe(self, topic: str, *, qos: int = 1) -> None:
         if self._client is None:
