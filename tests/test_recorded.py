@@ -458,6 +458,38 @@ class FailingSession:
         raise OSError(28, "No space left on device")
 
 
+class DummySession:
+    core = None
+
+    async def save(self, path):
+        Path(path).write_bytes(b"cache")
+        return Path(path)
+
+
+def test_transcript_keeps_questions_and_answers_in_order(tmp_path):
+    from framecast.events import Answer, QuestionRecord
+    from framecast.stages.session_file import SessionArchiveStage
+
+    stage = SessionArchiveStage(str(tmp_path / "s.fcs"), DummySession(), manifest={}, fingerprint={"kind": "demo"})
+    items = [Narration(text="a red circle.", pts=2.0, pts_start=0.0, pts_end=2.0),
+             QuestionRecord(text="how many?", request_id="q1", pts=3.0),
+             Answer(text="one.", request_id="q1", question="how many?", pts=3.0),
+             Chapter(text="A red circle", index=1, pts_start=0.0, pts_end=4.0)]
+
+    async def feed():
+        for it in items:
+            async for _ in stage.process(it):
+                pass
+        async for _ in stage.on_end():
+            pass
+
+    asyncio.run(feed())
+    a = read_archive(tmp_path / "s.fcs")
+    assert [e.type for e in a.transcript] == ["narration", "question", "answer"]
+    assert [n.text for n in a.narrations] == ["a red circle."] and [c.text for c in a.chapters] == ["A red circle"]
+    assert a.manifest["source"] == {"kind": "demo"} and a.summary is None
+
+
 def test_a_failed_save_is_one_line_and_exit_1_without_a_hang(tmp_path):
     from framecast.config import SourceConfig
     from framecast.stages.session_file import SessionArchiveStage
