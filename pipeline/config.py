@@ -100,6 +100,8 @@ class SessionConfig(Group):
     encode_batch: int = Field(default=4, ge=1, le=64)  # frames per vision-tower call at most
     pack_frames: int | None = Field(default=None, ge=1, le=6)  # 4.5 3D groups; None = model default
     state_file: str | None = None  # restore the cache from here at start (if present), save at exit
+    resume: str | None = None  # a saved session (.fcs) to continue: its cache, narration log and chapters
+    force: bool = False  # resume (or ask) a saved session even for another video than its own
 
 
 class NarrationConfig(Group):
@@ -114,6 +116,29 @@ class NarrationConfig(Group):
     partials: bool = True  # emit narration.partial deltas
 
 
+class ChaptersConfig(Group):
+    enabled: bool | None = None  # None = on for a recorded file with a model (or when outputs.chapters is set)
+    min_s: float = Field(default=10.0, gt=0)  # a scene change ends a chapter only this long after it began
+    max_s: float | None = Field(default=300.0, gt=0)  # a chapter this long ends even without a scene change
+    cut_threshold: float = Field(default=0.03, ge=0, le=1)  # colour-histogram change a cut needs (0 = any change)
+    title_max_tokens: int = Field(default=16, ge=1, le=256)
+    prompt_tokens: int = Field(default=1024, ge=64)  # narrations given to a title turn at most (tokens)
+
+    @field_validator("max_s")
+    @classmethod
+    def _max_after_min(cls, v: float | None, info: ValidationInfo) -> float | None:
+        low = info.data.get("min_s", 0.0)
+        if v is not None and v < low:
+            raise ValueError(f"must be at least chapters.min_s ({low:g})")
+        return v
+
+
+class SummaryConfig(Group):
+    enabled: bool | None = None  # None = on for a recorded file with a model (or when outputs.summary is set)
+    max_tokens: int = Field(default=96, ge=1, le=4096)
+    prompt_tokens: int = Field(default=1536, ge=64)  # longest prompt of one turn; more => summarised in parts
+
+
 class OutputsConfig(Group):
     console: bool = True
     jsonl: str | None = None
@@ -121,6 +146,9 @@ class OutputsConfig(Group):
     jsonl_partials: bool = False  # also write narration.partial deltas
     srt: str | None = None
     vtt: str | None = None
+    chapters: str | None = None  # WebVTT chapters file (one cue per chapter, its title)
+    summary: str | None = None  # Markdown: the summary, then one section per chapter
+    session: str | None = None  # .fcs archive at the end of the run (cache, narration log, chapters)
     progress: bool | None = None  # None = on for recorded files on a terminal
     verbose: bool = False  # terminal: also scene-change lines (always in JSONL and on the bus)
     metrics: bool = False
@@ -188,6 +216,8 @@ class RunConfig(Group):
     model: ModelConfig = ModelConfig()
     session: SessionConfig = SessionConfig()
     narration: NarrationConfig = NarrationConfig()
+    chapters: ChaptersConfig = ChaptersConfig()
+    summary: SummaryConfig = SummaryConfig()
     outputs: OutputsConfig = OutputsConfig()
     mqtt: MqttConfig = MqttConfig()
     runtime: RuntimeConfig = RuntimeConfig()

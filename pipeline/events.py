@@ -144,6 +144,40 @@ class Answer(Event):
     tokens_per_s: float | None = None
     tokens: int | None = None
     cache_tokens: int | None = None
+    #: the media time the answer draws on, and from what (`cache` | `narration log`), when known
+    pts_start: float | None = None
+    pts_end: float | None = None
+    basis: str | None = None
+
+
+class Chapter(Event):
+    """A finished chapter of a recording: scene segments merged to at least `chapters.min_s`
+    seconds. `text` is its title, written by the model from what it narrated in
+    [`pts_start`, `pts_end`) (media seconds); `index` counts from 1; `narrations` is how many
+    narrations the title was written from."""
+
+    type: Literal["chapter"] = "chapter"
+    text: str
+    index: int
+    pts_start: float
+    pts_end: float
+    narrations: int = 0
+
+
+class Summary(Event):
+    """The summary of a whole recording (end of file), written by the model from its chapters
+    (titles and narrations) in text-only turns. `levels` = 1 when all chapters fitted one
+    prompt, 2+ when groups of chapters were summarised first. `realtime` = media seconds
+    processed per wall-clock second (above 1 = faster than real time)."""
+
+    type: Literal["summary"] = "summary"
+    text: str
+    pts_start: float | None = None
+    pts_end: float | None = None
+    chapters: int = 0
+    narrations: int = 0
+    levels: int = 1
+    realtime: float | None = None
 
 
 class Status(Event):
@@ -233,7 +267,7 @@ class EndOfStream(Event):
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.model_fields["type"].default: cls
-    for cls in (Frame, SceneChange, NarrationDelta, Narration, Answer, Status, Metrics, Error,
+    for cls in (Frame, SceneChange, NarrationDelta, Narration, Answer, Chapter, Summary, Status, Metrics, Error,
                 Question, Stop, Flush, EndOfStream)
 }  # ("question" parses as the control `Question`; a `QuestionRecord` has the same fields)
 

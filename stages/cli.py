@@ -33,12 +33,14 @@ def _run_overrides(a: argparse.Namespace) -> dict[str, Any]:
         "narration.policy": a.policy, "narration.interval_s": a.interval,
         "narration.prompt": a.prompt, "narration.max_tokens": a.max_tokens,
         "outputs.jsonl": a.jsonl, "outputs.srt": a.srt, "outputs.vtt": a.vtt,
+        "outputs.chapters": a.chapters, "outputs.summary": a.summary, "outputs.session": a.save_session,
         "outputs.metrics": a.metrics or None, "outputs.metrics_interval_s": a.metrics_interval,
         "outputs.console": False if a.no_console else None, "outputs.progress": a.progress,
         "outputs.verbose": a.verbose or None,
         "mqtt.url": a.mqtt, "mqtt.prefix": a.mqtt_prefix, "mqtt.ha_discovery": a.ha_discovery or None,
         "mqtt.ca_file": a.mqtt_ca, "mqtt.cert_file": a.mqtt_cert, "mqtt.key_file": a.mqtt_key,
         "session.max_cache_tokens": a.max_cache_tokens, "session.kv_bits": a.kv_bits,
+        "session.resume": a.resume, "session.force": a.force or None,
     }
     out = {k: v for k, v in pairs.items() if v is not None}
     for item in a.set or []:  # generic `--set group.key=value`, applied last
@@ -89,12 +91,15 @@ RUN_EXAMPLES = """examples:
   framecast run --source rtsp://user:pass@cam.lan/stream1 --stream-id frontdoor \\
                 --mqtt mqtt://user:pass@broker.lan:1883
   framecast run --config camera-narration --set narration.interval_s=5
+  framecast run --source talk.mp4 --chapters talk.chapters.vtt --summary talk.md --save-session talk.fcs
 
 Ctrl-C stops cleanly (queued events are written, files closed, exit 130); a second Ctrl-C stops
 at once (files still closed); a third exits without waiting."""
 
 ASK_EXAMPLES = """examples:
   framecast ask --mqtt mqtt://broker.lan:1883 --stream frontdoor "Is the door open?"
+  framecast ask --session talk.fcs "What is on the slide?"                  # offline, no video decoding
+  framecast ask --session talk.fcs --source talk.mp4 "What happened in chapter 2?"
   framecast ask --mqtt mqtts://cam:secret@broker.lan:8883 --mqtt-ca ca.crt \\
                 --mqtt-cert me.crt --mqtt-key me.key --stream frontdoor "Who is there?"
   framecast ask --mqtt mqtt://localhost --prefix home/cams --timeout 10 "How many people?"
@@ -164,6 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--jsonl", metavar="FILE", help="write every event as one JSON line (default: none)")
     r.add_argument("--srt", metavar="FILE", help="write narrations as SRT subtitles (default: none)")
     r.add_argument("--vtt", metavar="FILE", help="write narrations as WebVTT subtitles (default: none)")
+    r.add_argument("--chapters", metavar="OUT.vtt",
+                   help="write the chapters (titled by the model) as a WebVTT chapters file (default: none)")
+    r.add_argument("--summary", metavar="OUT.md",
+                   help="write the summary of the whole video as Markdown, at the end of the input (default: none)")
+    r.add_argument("--save-session", metavar="OUT.fcs",
+                   help="save the stream's state at the end (KV cache, narration log, chapters) for "
+                        "`framecast ask --session` and --resume (default: none)")
+    r.add_argument("--resume", metavar="FILE.fcs",
+                   help="continue a saved session on its own video; a file is read on from where the saved run "
+                        "ended (default: none)")
+    r.add_argument("--force", action="store_true",
+                   help="with --resume: continue a saved session even on another video (default: refused)")
     r.add_argument("--no-console", action="store_true", help="no live terminal view (default: shown)")
     r.add_argument("-v", "--verbose", action="store_true",
                    help="terminal: also show scene changes, always in JSONL and on the bus (default: off)")
@@ -209,13 +226,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-chat", action="store_true", help="do not wrap the prompt in the chat template")
 
-    a = sub.add_parser("ask", help="ask a running stream a question over MQTT", epilog=ASK_EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Ask a running stream a question over MQTT and print the answer.\n\nExit 1 "
-                                   "with one line on a timeout, a refused connection or an error answer.")
+    a = sub.add_parser("ask", help="ask a running stream (over MQTT) or a saved session (offline) a question",
+                       epilog=ASK_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Ask a running stream a question over MQTT, or a saved session (.fcs) offline, "
+                                   "and print the answer.\n\nExit 1 with one line on a timeout, a refused "
+                                   "connection or an error answer; exit 2 for a saved session of another video.")
     a.add_argument("question", help="the question, in plain text")
-    a.add_argument("--mqtt", required=True, metavar="URL",
-                   help="the broker the stream publishes to: mqtt://user:pass@host:port or mqtts://… (required)")
+    a.add_argument("--mqtt", metavar="URL",
+                   help="the broker the stream publishes to: mqtt://user:pass@host:port or mqtts://… "
+                        "(default: none; give --mqtt or --session)")
+    a.add_argument("--session", metavar="FILE.fcs",
+                   help="answer offline from a saved session (run --save-session), without the video; says which "
+                        "time span the answer draws on (default: none; give --mqtt or --session)")
+    a.add_argument("--source", metavar="VIDEO",
+                   help="with --session: the video it must belong to, checked by fingerprint (default: the saved "
+                        "path, if the file is still there)")
+    a.add_argument("--force", action="store_true",
+                   help="with --session: use it even for another video (default: refused)")
+    a.add_argument("--model", help="with --session: the model to load (default: the one the run used)")
+    a.add_argument("--max-tokens", type=int, metavar="N",
+                   help="with --session: tokens of the answer at most (default: the run's narration.max_tokens)")
+    a.add_argument("--json", action="store_true",
+                   help="with --session: print the answer event as JSON, with pts_start, pts_end, basis "
+                        "(default: the answer, then a line naming its span)")
     a.add_argument("--stream", default="default", help="the stream's id (its --stream-id; several streams may run on one model) (default: %(default)s)")
     a.add_argument("--prefix", default="framecast", help="the stream's MQTT topic prefix (default: %(default)s)")
     a.add_argument("--timeout", type=float, default=60.0, metavar="S",
@@ -300,6 +333,13 @@ def _cmd_generate(a: argparse.Namespace) -> int:
 
 
 def _cmd_ask(a: argparse.Namespace) -> int:
+    if (a.mqtt is None) == (a.session is None):
+        raise UserError("ask: give either --mqtt URL (a running stream) or --session FILE.fcs (a saved one)")
+    if a.session is not None:
+        from framecast.stages.app import ask_session_main
+
+        return ask_session_main(a.session, a.question, source=a.source, force=a.force, model_path=a.model,
+                                max_tokens=a.max_tokens, as_json=a.json)
     from framecast.stages.app import ask_main
 
     return ask_main(a.mqtt, a.stream, a.question, prefix=a.prefix, timeout=a.timeout, ca_file=a.mqtt_ca,

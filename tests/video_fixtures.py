@@ -107,3 +107,7 @@ def flip_bytes(src: Path, dst: Path, *, every: int = 997, span: int = 8) -> Path
         data[k:k + span] = bytes(b ^ 0xFF for b in data[k:k + span])
     dst.write_bytes(bytes(data))
     return dst
+
+
+# the recorded-analysis clip (three scenes with hard cuts) lives in the package, for scripts too
+from framecast.stages.sources.clips import THREE_SCENES, scene_frame, write_scene_video  # noqa: E402,F401

@@ -7,8 +7,8 @@ import sys
 import time
 from typing import IO, AsyncIterator
 
-from framecast.events import (Answer, Error, Event, Flush, Frame, Metrics, Narration,
-                             NarrationDelta, SceneChange, Status)
+from framecast.events import (Answer, Chapter, Error, Event, Flush, Frame, Metrics, Narration,
+                             NarrationDelta, SceneChange, Status, Summary)
 from framecast.runtime import Stage
 
 
@@ -42,6 +42,7 @@ class ConsoleOutput(Stage):
         self._first_pts: float | None = None
         self._pts: float | None = None
         self._frames = 0
+        self._narrations = 0
         self._t0 = time.monotonic()
         self._last_draw = 0.0
         self._tty = bool(getattr(self.out, "isatty", lambda: False)())
@@ -80,6 +81,10 @@ class ConsoleOutput(Stage):
             return f"Q: {ev.question}\nA: {a}" if ev.question else f"A: {a}"
         if isinstance(ev, SceneChange):
             return f"{at}{ev.text}" if self.verbose else None
+        if isinstance(ev, Chapter):
+            return f"== chapter {ev.index} [{clock(ev.pts_start)}-{clock(ev.pts_end)}] {ev.text}"
+        if isinstance(ev, Summary):
+            return f"== summary: {ev.text}"
         if isinstance(ev, Status):
             return f"-- {ev.state}" + (f": {ev.text}" if ev.text else "")
         return None
@@ -95,14 +100,19 @@ class ConsoleOutput(Stage):
     def bar_text(self) -> str:
         elapsed = time.monotonic() - self._t0
         fps = self._frames / elapsed if elapsed > 0 else 0.0
+        # media seconds per wall second: above 1 = faster than real time
+        speed = ((self._pts - self._first_pts) / elapsed if elapsed > 0 and self._pts is not None
+                 and self._first_pts is not None else 0.0)
+        said = f" {self._narrations} narrations" if self._narrations else ""
         if self._duration and self._pts is not None and self._first_pts is not None:
             total = max(self._duration - self._first_pts, 1e-9)
             frac = min(max((self._pts - self._first_pts) / total, 0.0), 1.0)
             eta = elapsed * (1 - frac) / frac if frac > 0 else None
             filled = int(frac * PROGRESS_WIDTH)
             return (f"[{'#' * filled}{'.' * (PROGRESS_WIDTH - filled)}] {frac * 100:3.0f}% "
-                    f"{clock(self._pts)}/{clock(self._duration)} ETA {clock(eta)} {fps:.1f} fps")
-        return f"{self._frames} frames {clock(self._pts)} {fps:.1f} fps"
+                    f"{clock(self._pts)}/{clock(self._duration)} ETA {clock(eta)} {fps:.1f} fps "
+                    f"{speed:.1f}x{said}")
+        return f"{self._frames} frames {clock(self._pts)} {fps:.1f} fps {speed:.1f}x{said}"
 
     def _draw_bar(self, *, force: bool = False) -> None:
         if not self.progress or self._frames == 0:
@@ -126,6 +136,8 @@ class ConsoleOutput(Stage):
             self._draw_bar()
         elif isinstance(item, Status) and item.duration is not None:
             self._duration = item.duration
+        elif isinstance(item, Narration):
+            self._narrations += 1
         if self.lines:
             if isinstance(item, NarrationDelta) and self._tty:
                 self._clear_bar()
