@@ -9,7 +9,8 @@ import pytest
 
 from framecast.config import RunConfig
 from framecast.errors import UserError
-from framecast.stages.mqtt.jobs import FleetTopics, Job, JobRejected, assign, job_config, parse_job, parse_streams
+from framecast.stages.mqtt.jobs import (FleetTopics, Job, JobRejected, assign, job_config, job_done, parse_job,
+                                         parse_streams)
 from framecast.stages.mqtt.streams import stream_list_payload
 from framecast.stages.mqtt.submit import make_job_id
 
@@ -119,3 +120,38 @@ def test_cli_bad_arguments_are_one_line_and_exit_2(argv, needle, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("framecast: ") and needle in err, err
+
+
+def test_a_result_the_broker_refuses_for_good_is_dropped_counted_and_the_job_goes_on(capsys):
+    """A result over the broker's packet limit can never be delivered: the sink drops and counts
+    it (one warning line), keeps publishing the rest and does not give the job back."""
+    import asyncio
+
+    from framecast.stages.mqtt.client import BusPublishRefused
+    from framecast.stages.mqtt.worker import JobSink
+
+    class FakeWorker:
+        worker_id = "w1"
+        stopped = False
+
+        def __init__(self):
+            self.sent: list[str] = []
+
+        async def publish(self, topic: str, payload: bytes) -> None:
+            if len(payload) > 20:
+                raise BusPublishRefused("40 bytes > the broker's maximum packet size (30 bytes)", "too_large")
+            self.sent.append(topic)
+
+        def stop_job(self) -> None:
+            self.stopped = True
+
+    w = FakeWorker()
+    sink = JobSink(w, parse_job(job()), skip={})
+    outcomes = [asyncio.run(sink._send(f"t/{i}", b"x" * n)) for i, n in enumerate([5, 40, 6, 50])]
+    assert outcomes == [True, False, True, False]
+    assert w.sent == ["t/0", "t/2"] and sink.refused == 2 and not sink.aborted and not w.stopped
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "talk-1" in err[0] and "t/1" in err[0] and "dropped" in err[0]
+    done = json.loads(job_done("talk-1", ok=True, results=2, worker="w1", attempt=1, elapsed_s=1.0,
+                               undelivered=sink.refused))
+    assert done["undelivered"] == 2

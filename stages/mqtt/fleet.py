@@ -18,6 +18,7 @@ from typing import Any
 from framecast.config import RunConfig
 from framecast.errors import UserError
 from framecast.stages.mqtt.client import (BrokerAddress, BusClient, BusDisconnected, BusMessage, BusProtocolRejected,
+                                          BusPublishRefused,
                                           BusRefused, TlsFiles, parse_mqtt_url)
 from framecast.stages.mqtt.jobs import DEFAULT_RETAIN_S, FleetTopics, validate_name, worker_status
 from framecast.stages.mqtt.topics import JSON, validate_prefix
@@ -128,7 +129,7 @@ class FleetMember:
         if self.client is not None:
             try:
                 await self.client.publish(self._presence_message("online"))
-            except BusDisconnected:
+            except (BusDisconnected, BusPublishRefused):  # presence is advisory: the next refresh tries again
                 pass
 
     async def publish(self, topic: str, payload: bytes, *, retain: bool = True) -> None:

@@ -217,12 +217,12 @@ def job_status(job_id: str, state: str, **fields: Any) -> bytes:
 
 
 def job_done(job_id: str, *, ok: bool, results: int, worker: str, attempt: int, elapsed_s: float,
-             error: str | None = None) -> bytes:
+             error: str | None = None, undelivered: int = 0) -> bytes:
     """Retained `<prefix>/jobs/<id>/done`: written once a job is over; a worker that gets the job
     again sees it first and publishes nothing."""
     return json.dumps({"v": 1, "type": "job.done", "job_id": job_id, "state": "done" if ok else "error",
-                       "error": error, "results": results, "worker": worker, "attempt": attempt,
-                       "elapsed_s": round(elapsed_s, 3), "ts": _now()}).encode()
+                       "error": error, "results": results, "undelivered": undelivered, "worker": worker,
+                       "attempt": attempt, "elapsed_s": round(elapsed_s, 3), "ts": _now()}).encode()
 
 
 def worker_status(worker_id: str, state: str, **fields: Any) -> bytes:

@@ -22,6 +22,7 @@ from typing import Any
 from framecast.errors import UserError
 from framecast.events import iso_utc, utc_now
 from framecast.stages.mqtt.client import (BrokerAddress, BusClient, BusDisconnected, BusMessage, BusProtocolRejected,
+                                          BusPublishRefused,
                                           BusRefused, TlsFiles, parse_mqtt_url)
 from framecast.stages.mqtt.jobs import DEFAULT_RETAIN_S, FleetTopics, Job, JobRejected, flat_settings, job_status
 from framecast.stages.mqtt.topics import JSON, validate_prefix
@@ -142,6 +143,9 @@ async def _submit(address: BrokerAddress, tls: TlsFiles, topics: FleetTopics, jo
             return 1
     except BusDisconnected as e:
         print(f"framecast: mqtt: {e}", file=sys.stderr)
+        return 1
+    except BusPublishRefused as e:  # a job the broker will never take (over its packet limit, say)
+        print(f"framecast: mqtt: a job could not be submitted: {e}", file=sys.stderr)
         return 1
     finally:
         await client.disconnect(timeout_s=1.0)

@@ -25,6 +25,7 @@ import asyncio
 import collections
 import json
 import os
+import sys
 import time
 from typing import Any, AsyncIterator
 
@@ -32,7 +33,7 @@ from framecast.config import RunConfig
 from framecast.errors import UserError
 from framecast.events import EndOfStream, Error, Event, Frame, Metrics, NarrationDelta, Status
 from framecast.runtime import Runtime, Stage
-from framecast.stages.mqtt.client import BusClient, BusDisconnected, BusMessage, TlsFiles
+from framecast.stages.mqtt.client import BusClient, BusDisconnected, BusMessage, BusPublishRefused, TlsFiles
 from framecast.stages.mqtt.fleet import FleetMember, default_worker_id, read_retained
 from framecast.stages.mqtt.jobs import (DEFAULT_MAX_ATTEMPTS, Job, JobRejected, check_worker_outputs, job_config,
                                         job_done, job_status, parse_job, result_payload)
@@ -58,6 +59,7 @@ class JobSink(Stage):
         self.pts: float | None = None
         self.duration: float | None = None
         self.aborted = ""
+        self.refused = 0  # results the broker can never take (too large, refused for good): dropped
         self._last_progress = 0.0
 
     async def process(self, item: Event) -> AsyncIterator[Event]:
@@ -98,6 +100,12 @@ class JobSink(Stage):
         except BusDisconnected as e:  # results must not go missing: give the job back
             self.aborted = f"bus lost while publishing: {e}"
             self.worker.stop_job()
+            return False
+        except BusPublishRefused as e:  # it can never be delivered: drop and count it, the rest still flow
+            self.refused += 1
+            if self.refused == 1:
+                print(f"framecast: worker: job {self.job.job_id}: {topic}: {e}; dropped (later ones are only counted)",
+                      file=sys.stderr, flush=True)
             return False
 
 
@@ -268,7 +276,8 @@ class JobWorker(FleetMember):
         try:
             if outcome == "aborted":
                 raise BusDisconnected(error or "stopped")
-            await self._finish(job, ok=outcome == "done", results=results, t0=t0, error=error)
+            await self._finish(job, ok=outcome == "done", results=results, t0=t0, error=error,
+                               undelivered=sink.refused if sink else 0)
         except BusDisconnected as e:
             # give the job back: the lease's will puts it on the queue again (attempt + 1)
             await lease.drop()
@@ -329,12 +338,13 @@ class JobWorker(FleetMember):
             return "error", fatal[0], sink
         return "done", None, sink
 
-    async def _finish(self, job: Job, *, ok: bool, results: int, t0: float, error: str | None) -> None:
+    async def _finish(self, job: Job, *, ok: bool, results: int, t0: float, error: str | None,
+                      undelivered: int = 0) -> None:
         """The done marker first (the exactly-once guard), then the final status."""
         elapsed = time.monotonic() - t0
         await self.publish(self.topics.job(job.job_id, "done"),
                            job_done(job.job_id, ok=ok, results=results, worker=self.worker_id,
-                                    attempt=job.attempt, elapsed_s=elapsed, error=error))
+                                    attempt=job.attempt, elapsed_s=elapsed, error=error, undelivered=undelivered))
         await self.publish(self.topics.job(job.job_id, "status"),
                            job_status(job.job_id, "done" if ok else "error", worker=self.worker_id,
                                       attempt=job.attempt, results=results, error=error))
