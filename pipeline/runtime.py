@@ -425,6 +425,12 @@ class Runtime:
                     await out.put(err)
             finally:
                 st.metrics.latencies.append(time.perf_counter() - t0)
+            if isinstance(item, EndOfStream):
+                # `on_end` failed (its error went out above): the end marker still travels on, or
+                # every stage after this one would wait for it forever
+                if out is not None:
+                    await out.put(item)
+                return
 
     async def _metrics_loop(self) -> None:
         assert self.metrics_interval

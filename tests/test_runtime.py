@@ -371,3 +371,30 @@ def test_stages_get_a_narrow_handle_inject_fail_stopping():
     assert any(isinstance(e, Question) and e.text == "what?" for e in sink.seen)
     assert res.exit_code == 3 and res.stopped_by == "fatal"
     assert [e.stage for e in res.errors] == ["asker"] and res.errors[0].text == "asker gave up"
+
+
+def test_a_stage_whose_on_end_raises_still_passes_the_end_on_and_the_run_ends():
+    """An error in `on_end` (plain or fatal) travels as a message and the end marker still
+    reaches every later stage: the run ends instead of waiting for it forever."""
+    class BadEnd(Stage):
+        name = "badend"
+
+        def __init__(self, exc: Exception):
+            super().__init__()
+            self.exc = exc
+
+        async def process(self, item):
+            yield item
+
+        async def on_end(self):
+            yield Status(state="closing", text="partial result before the failure")
+            raise self.exc
+
+    for exc, code in [(ValueError("summary failed"), 0), (FatalError("cannot write"), 1)]:
+        sink = Collect()
+        res = asyncio.run(asyncio.wait_for(Runtime(CountingSource(3), [BadEnd(exc), sink]).run(handle_signals=False),
+                                           timeout=10))
+        assert isinstance(sink.seen[-1], EndOfStream) and sink.closed
+        assert any(isinstance(e, Status) and e.state == "closing" for e in sink.seen)
+        assert any(isinstance(e, Error) and str(exc) in e.text for e in sink.seen)
+        assert [e.seq for e in sink.seen if isinstance(e, Frame)] == [0, 1, 2] and res.exit_code == code
