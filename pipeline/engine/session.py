@@ -48,6 +48,7 @@ __all__ = ["ModelWorker", "SessionCore", "Span", "StreamingSession", "TextDelta"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant watching a live video. Answer briefly."
 DEFAULT_MAX_TOKENS = 64
 EVICT_LOW_WATER = 0.75  # after an eviction the cache holds at most this share of the budget
+UNBOUNDED_GROWTH = 1.25  # no budget: each cache growth adds at least a quarter (few copies)
 CLOSE_TEXT = "<|im_end|>\n<|im_start|>user\n"
 TURN_END = "<|im_end|>\n"
 SAVE_FORMAT = "framecast-session-1"
@@ -172,6 +173,17 @@ class SessionCore:
         self._prefill(ids, [])
         self.spans = [Span("prefix", len(ids))]
         self._check_budget_fits()
+        self._reserve()
+
+    def _reserve(self) -> None:
+        """Size the cache buffers once (gpt-fast style): the whole budget when there is one, so
+        frames never trigger a growth copy; geometric growth when unbounded."""
+        budget = self.budget_tokens()
+        for c in self.cache:
+            if budget is not None and hasattr(c, "reserve"):
+                c.reserve(budget)
+            elif hasattr(c, "growth"):
+                c.growth = UNBOUNDED_GROWTH
 
     def reset(self) -> None:
         self.cache, self.spans, self.last_turn_ids = [], [], []
@@ -210,15 +222,19 @@ class SessionCore:
     def add_features(self, features: Any, pts: float | None = None) -> int:
         """Append one frame (or one 3D-resampler group) from its vision features."""
         self.start()
-        placeholder = self.model.image_placeholder(features) + "\n"
-        ids = self._placeholder_ids.get(placeholder)
-        if ids is None:
-            ids = self._placeholder_ids[placeholder] = self._encode(placeholder)
+        ids = self._frame_ids(features)
         self._make_room(len(ids))
         self._prefill(ids, [features])
         self.spans.append(Span("frame", len(ids), pts))
         self.frames_added += 1
         return len(ids)
+
+    def _frame_ids(self, features: Any) -> list[int]:
+        placeholder = self.model.image_placeholder(features) + "\n"
+        ids = self._placeholder_ids.get(placeholder)
+        if ids is None:
+            ids = self._placeholder_ids[placeholder] = self._encode(placeholder)
+        return ids
 
     def add_image(self, pixels: np.ndarray, pts: float | None = None) -> int:
         """Encode an RGB uint8 [H, W, 3] frame, then append it."""
@@ -246,16 +262,29 @@ class SessionCore:
         stop: threading.Event | None = None,
         return_logits: bool = False,
         ignore_eos: bool = False,
+        frame: Any = None,
+        pts: float | None = None,
     ) -> TurnDone:
-        """One turn: prefill `{prompt}<|im_end|>\\n<|im_start|>assistant\\n`, decode, close."""
+        """One turn: prefill `{prompt}<|im_end|>\\n<|im_start|>assistant\\n`, decode, close.
+
+        `frame` (vision features of a frame that just arrived, with its `pts`): append it in the
+        same prefill pass as the prompt (one forward over ~80 tokens instead of two; the frame
+        stays in the cache as its own span whatever happens to the turn).
+        """
         self.start()
         t0 = time.perf_counter()
         ids = self._encode(prompt + TURN_END + self.assistant_prefix)
         close_ids = self._encode(CLOSE_TEXT)
-        evicted = self._make_room(len(ids) + max_tokens + len(close_ids))
-        turn_start = self.offset
+        frame_ids = self._frame_ids(frame) if frame is not None else []
+        evicted = self._make_room(len(frame_ids) + len(ids) + max_tokens + len(close_ids))
+        turn_start = self.offset + len(frame_ids)
         try:
-            logits = self._prefill(ids, [], logits=True)
+            if frame is not None:
+                logits = self._prefill(frame_ids + ids, [frame], logits=True)
+                self.spans.append(Span("frame", len(frame_ids), pts))
+                self.frames_added += 1
+            else:
+                logits = self._prefill(ids, [], logits=True)
             prefill_s = time.perf_counter() - t0
             out_ids: list[int] = []
             kept_logits: list[np.ndarray] = []
@@ -434,6 +463,7 @@ class SessionCore:
             n = sum(1 for k in arrays if k.startswith(f"cache.{i}."))
             c.state = tuple(arrays[f"cache.{i}.{j}"] for j in range(n))
         self.cache = cache
+        self._reserve()
         self.system_prompt = meta["system_prompt"]
         self.spans = [Span(**s) for s in meta["spans"]]
         self.evicted_total = meta["evicted_total"]

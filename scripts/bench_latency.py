@@ -1,0 +1,241 @@
+"""Frame arrival -> first narration token, part by part, at 1-10 minutes of streamed context.
+
+Issue 14's breakdown of one streaming step (a new frame arrives and a narration is due on it):
+
+  cpu        preprocessing on the CPU (resize, normalise, patchify: `processor` + `batch_views`)
+  tower      SigLIP vision tower on the one 448-px view
+  resampler  perceiver resampler -> query_num features
+  frame      frame prefill: its placeholder span onto the cache
+  prompt     narration prompt prefill (`{prompt}<|im_end|>\\n<|im_start|>assistant\\n...`)
+  first      sampling the first token (argmax, read back)
+  total      frame arrival -> first token (the sum, measured end to end)
+
+`--fused on` prefills the frame and the prompt in ONE pass (`SessionCore.generate(frame=...)`,
+the narration-due path): `frame` is then 0 and `prompt` holds both; `--fused both` measures
+each implementation both ways (rows `impl` and `impl+fused`).
+
+For each context length (`--minutes` at `--fps`, precomputed random features fill the window)
+and each attention implementation (`--attention`, see `framecast.kernels.cache_attention`), it
+runs `--steps` streaming steps (>= 10 for the README) on the same window (the frames a step
+adds are trimmed before the next implementation), then `--steps` re-prefill steps: the new
+frame's vision as above, then a fresh cache with the whole window + prompt prefilled in
+`--chunk`-token chunks and the first token (what tools without a persistent cache do; older
+frames are not re-encoded, which flatters the baseline). Rows: median and p95 in ms.
+
+    python scripts/bench_latency.py                              # tiny fp32 shapes (CPU smoke)
+    python scripts/bench_latency.py --shape real --json          # MiniCPM-V 4.5 / Qwen3-8B, bf16
+    python scripts/bench_latency.py --shape real --attention sdpa bucket matmul kernel
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import framecast  # noqa: F401  (OpenBLAS preload before mlx)
+import mlx.core as mx
+import numpy as np
+from bench_streaming import PROMPT, build_model, random_features
+
+from framecast.engine.session import SessionCore
+from framecast.kernels import cache_attention as ca
+from framecast.model.vision import batch_views
+from framecast.model.vlm import ImageFeatures
+from framecast.testing import random_image
+
+PARTS = ("cpu", "tower", "resampler", "frame", "prompt", "first", "total")
+
+
+def _stats(samples: list[float]) -> dict:
+    a = np.asarray(samples) * 1e3
+    return {"median": round(float(np.median(a)), 2), "p95": round(float(np.percentile(a, 95)), 2)}
+
+
+def encode_frame(model, image: np.ndarray) -> tuple[ImageFeatures, dict]:
+    """One frame through vision, each part timed to completion (the GPU is drained first)."""
+    t0 = time.perf_counter()
+    processed = model.processor.preprocess(image, max_slice_nums=1)
+    patches, pos, valid, sizes = batch_views(processed.views, model.vpm.args.patch_size,
+                                             model.vpm.args.num_patches_per_side)
+    t1 = time.perf_counter()
+    hidden = model.vpm(mx.array(patches), mx.array(pos), mx.array(valid))
+    mx.eval(hidden)
+    t2 = time.perf_counter()
+    feats = model.resampler(hidden, sizes)
+    mx.eval(feats)
+    t3 = time.perf_counter()
+    return ImageFeatures(feats, processed.grid), {"cpu": t1 - t0, "tower": t2 - t1, "resampler": t3 - t2}
+
+
+def streaming_step(model, core: SessionCore, image: np.ndarray, pts: float, *, fused: bool) -> dict:
+    mx.synchronize()
+    t0 = time.perf_counter()
+    feat, parts = encode_frame(model, image)
+    t_frame = time.perf_counter()
+    if fused:
+        turn = core.generate(PROMPT, max_tokens=1, ignore_eos=True, frame=feat, pts=pts)
+        parts["frame"] = 0.0
+    else:
+        core.add_features(feat, pts)
+        turn = core.generate(PROMPT, max_tokens=1, ignore_eos=True)
+        parts["frame"] = time.perf_counter() - t_frame
+    t_prompt = t_frame + parts["frame"]
+    parts["prompt"] = turn.prefill_s
+    parts["first"] = turn.first_token_s - turn.prefill_s
+    parts["total"] = t_prompt + turn.first_token_s - t0
+    mx.synchronize()  # the speculative next decode step must not leak into the next sample
+    return parts
+
+
+def reprefill_step(model, core: SessionCore, feats: list[ImageFeatures], image: np.ndarray, *, chunk: int) -> float:
+    """Vision of the new frame, then the whole window + prompt from an empty cache: seconds."""
+    mx.synchronize()
+    t0 = time.perf_counter()
+    feat, _ = encode_frame(model, image)
+    window = feats + [feat]
+    text = (f"<|im_start|>system\n{core.system_prompt}<|im_end|>\n<|im_start|>user\n"
+            + "".join(model.image_placeholder(f) + "\n" for f in window)
+            + PROMPT + "<|im_end|>\n" + core.assistant_prefix)
+    ids = model.tokenizer.encode(text)
+    cache = model.make_cache()
+    h = model.embed(mx.array([ids], dtype=mx.int32), window)  # [1, T, D]
+    lm = model.language_model
+    for start in range(0, len(ids) - 1, chunk):
+        out = lm.model(h[:, start:min(start + chunk, len(ids) - 1)], cache)
+        mx.eval(out, [c.state for c in cache])
+    token = mx.argmax(lm(cache=cache, input_embeddings=h[:, len(ids) - 1:], last_only=True)[:, -1, :], axis=-1)
+    token.item()
+    return time.perf_counter() - t0
+
+
+def decode_rate(core: SessionCore, tokens: int) -> float:
+    """Decode tokens/s of one narration on the current window (turn trimmed afterwards)."""
+    turn = core.generate(PROMPT, max_tokens=tokens, ignore_eos=True)
+    return turn.tokens_per_s
+
+
+def run(args: argparse.Namespace) -> dict:
+    model, dtype = build_model(args.shape if args.shape == "real" else "tiny", args.version, args.layers)
+    impls = args.attention or [ca.current_impl()]
+    build_impl = args.build_attention or ca.current_impl()
+    per_frame = 1  # features are precomputed for the window; a step encodes a real image
+    frames_needed = int(max(args.minutes) * 60 * args.fps) + 2
+    feats = random_features(model, frames_needed)
+    size = model.processor.scale_resolution if hasattr(model.processor, "scale_resolution") else 448
+    images = [random_image(size, size, seed=i) for i in range(4)]
+    core = SessionCore(model, keep_generated=False, max_cache_tokens=args.max_cache_tokens)
+
+    # warm-up: every implementation on both paths (kernel compilation, allocator, plans)
+    ca.set_impl(build_impl)
+    for i in range(3):
+        core.add_features(feats[i], float(i))
+    variants = [(impl, fused) for impl in impls for fused in {"off": [False], "on": [True],
+                                                               "both": [False, True]}[args.fused]]
+    for impl, fused in variants:
+        ca.set_impl(impl)
+        for _ in range(2):
+            streaming_step(model, core, images[0], 0.0, fused=fused)
+    ca.set_impl(build_impl)
+    reprefill_step(model, core, feats[:3], images[0], chunk=args.chunk)
+    core.reset()
+
+    rows, added = [], 0
+    for minutes in sorted(args.minutes):
+        target = int(minutes * 60 * args.fps)
+        ca.set_impl(build_impl)
+        while added < target:
+            core.add_features(feats[added], added / args.fps)
+            added += per_frame
+        mx.synchronize()
+        row = {"minutes": minutes, "frames": added, "context_tokens": core.offset,
+               "cache_mb": round(core.nbytes / 2**20, 1), "impls": {}}
+        for impl, fused in variants:
+            ca.set_impl(impl)
+            offset, n_spans, n_frames = core.offset, len(core.spans), core.frames_added
+            samples = [streaming_step(model, core, images[s % len(images)], (added + s) / args.fps, fused=fused)
+                       for s in range(args.steps)]
+            core._rollback(offset)  # the window is the same for every implementation
+            del core.spans[n_spans:]
+            core.frames_added = n_frames
+            entry = {p: _stats([s[p] for s in samples]) for p in PARTS}
+            if args.decode_tokens:
+                entry["decode_tok_s"] = round(float(np.median(
+                    [decode_rate(core, args.decode_tokens) for _ in range(3)])), 1)
+            name = impl + ("+fused" if fused else "")
+            row["impls"][name] = entry
+            if not args.json:
+                print(_line(row, name, entry), flush=True)
+        ca.set_impl(build_impl)
+        if args.reprefill_steps:
+            base = [reprefill_step(model, core, feats[:added], images[s % len(images)], chunk=args.chunk)
+                    for s in range(args.reprefill_steps)]
+            row["reprefill_total"] = _stats(base)
+            best = min(row["impls"].values(), key=lambda e: e["total"]["median"])
+            row["ratio_reprefill_vs_best"] = round(row["reprefill_total"]["median"] / best["total"]["median"], 1)
+            if not args.json:
+                print(f"{minutes:>5} {'re-prefill':<12} total {row['reprefill_total']['median']:.1f} "
+                      f"(p95 {row['reprefill_total']['p95']:.1f}); x {row['ratio_reprefill_vs_best']}", flush=True)
+        rows.append(row)
+    ca.set_impl(None)
+    try:
+        device_name = str(mx.device_info().get("device_name", mx.default_device()))
+    except Exception:  # noqa: BLE001 - a label only
+        device_name = platform.processor() or platform.machine()
+    return {"bench": "latency", "shape": args.shape, "dtype": dtype, "device": str(mx.default_device()),
+            "device_name": device_name, "mlx": mx.__version__, "fps": args.fps, "steps": args.steps,
+            "reprefill_steps": args.reprefill_steps, "chunk": args.chunk, "fused": args.fused,
+            "layers": len(model.language_model.layers), "build_attention": build_impl, "rows": rows}
+
+
+HEADER = (f"{'min':>5} {'impl':<12} {'ctx':>6} " + " ".join(f"{p:>10}" for p in PARTS)
+          + "   (median ms; total p95)")
+
+
+def _line(row: dict, impl: str, e: dict) -> str:
+    cells = " ".join(f"{e[p]['median']:>10.2f}" for p in PARTS)
+    extra = f"  dec {e['decode_tok_s']} tok/s" if "decode_tok_s" in e else ""
+    return f"{row['minutes']:>5} {impl:<12} {row['context_tokens']:>6} {cells}   p95 {e['total']['p95']:.1f}{extra}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=["tiny", "real"], default="tiny",
+                    help="tiny fp32 config (CPU smoke) or MiniCPM-V 4.5 / Qwen3-8B shapes in bf16")
+    ap.add_argument("--version", choices=["2.6", "4.0", "4.5"], default="4.5", help="tiny shapes only")
+    ap.add_argument("--minutes", type=float, nargs="+", default=[1, 2, 5, 10])
+    ap.add_argument("--fps", type=float, default=1.0)
+    ap.add_argument("--steps", type=int, default=10, help="streaming steps per row and implementation")
+    ap.add_argument("--reprefill-steps", type=int, default=None, help="re-prefill samples per row (default --steps; 0 = skip)")
+    ap.add_argument("--attention", nargs="+", choices=ca.IMPLS, default=None,
+                    help="prefill attention implementations to compare (default: this backend's default)")
+    ap.add_argument("--build-attention", choices=ca.IMPLS, default=None,
+                    help="implementation used to fill the window and for re-prefill (default: the backend's)")
+    ap.add_argument("--fused", choices=["off", "on", "both"], default="off",
+                    help="prefill frame + prompt in one pass (on), or measure both ways")
+    ap.add_argument("--decode-tokens", type=int, default=0, help="also measure decode tok/s over this many tokens")
+    ap.add_argument("--chunk", type=int, default=None, help="re-prefill chunk (default 512 CPU, 2048 GPU)")
+    ap.add_argument("--max-cache-tokens", type=int, default=None, help="session budget (default unbounded)")
+    ap.add_argument("--layers", type=int, default=None, help="override the LM depth (smoke tests)")
+    ap.add_argument("--json", action="store_true", help="one JSON object on the last line")
+    args = ap.parse_args(argv)
+    if args.reprefill_steps is None:
+        args.reprefill_steps = args.steps
+    if args.chunk is None:
+        args.chunk = 2048 if mx.default_device() == mx.gpu else 512
+    if not args.json:
+        print(f"bench_latency: shape={args.shape} device={mx.default_device()} fps={args.fps} steps={args.steps}"
+              f" fused={args.fused}", flush=True)
+        print(HEADER, flush=True)
+    result = run(args)
+    if args.json:
+        for row in result["rows"]:
+            for impl, e in row["impls"].items():
+                print(_line(row, impl, e))
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
