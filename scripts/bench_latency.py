@@ -40,6 +40,7 @@ import numpy as np
 from bench_streaming import PROMPT, build_model, random_features
 
 from framecast.engine.session import SessionCore
+from framecast.kernels import _VERIFIED
 from framecast.kernels import cache_attention as ca
 from framecast.model.vision import batch_views
 from framecast.model.vlm import ImageFeatures
@@ -110,6 +111,37 @@ def reprefill_step(model, core: SessionCore, feats: list[ImageFeatures], image: 
     return time.perf_counter() - t0
 
 
+def vision_variants(model, image: np.ndarray, samples: int) -> dict:
+    """Tower and resampler eager vs `mx.compile`d (fixed 448-px shapes: one trace), ms."""
+    processed = model.processor.preprocess(image, max_slice_nums=1)
+    patches, pos, _valid, sizes = batch_views(processed.views, model.vpm.args.patch_size,
+                                              model.vpm.args.num_patches_per_side)
+    patches, pos = mx.array(patches), mx.array(pos)
+    tower = lambda p, q: model.vpm(p, q, None)  # noqa: E731 - one view: every patch valid
+    resampler = lambda h: model.resampler(h, sizes)  # noqa: E731
+    fns = {"tower": (tower, mx.compile(tower), (patches, pos)),
+           "resampler": (resampler, mx.compile(resampler), None)}
+    hidden = tower(patches, pos)
+    mx.eval(hidden)
+    resampler(hidden)  # fills the position-table cache outside any trace
+    out = {}
+    for name, (eager, compiled, inputs) in fns.items():
+        inputs = inputs or (hidden,)
+        for label, fn in (("eager", eager), ("compiled", compiled)):
+            mx.eval(fn(*inputs))
+            times = []
+            for _ in range(samples):
+                mx.synchronize()
+                t0 = time.perf_counter()
+                mx.eval(fn(*inputs))
+                times.append(time.perf_counter() - t0)
+            out[f"{name}_{label}"] = _stats(times)
+        ref, got = eager(*inputs).astype(mx.float32), compiled(*inputs).astype(mx.float32)
+        scale = float(mx.max(mx.abs(ref)).item()) or 1.0  # random weights may give zeros (proj init)
+        out[f"{name}_compiled_rel_err"] = float(f"{float(mx.max(mx.abs(ref - got)).item()) / scale:.3g}")
+    return out
+
+
 def decode_rate(core: SessionCore, tokens: int) -> float:
     """Decode tokens/s of one narration on the current window (turn trimmed afterwards)."""
     turn = core.generate(PROMPT, max_tokens=tokens, ignore_eos=True)
@@ -140,6 +172,10 @@ def run(args: argparse.Namespace) -> dict:
     ca.set_impl(build_impl)
     reprefill_step(model, core, feats[:3], images[0], chunk=args.chunk)
     core.reset()
+    vision = vision_variants(model, images[0], max(args.steps, 3))
+    if not args.json:
+        print("vision (median ms): " + ", ".join(f"{k} {v['median'] if isinstance(v, dict) else v}"
+                                                 for k, v in vision.items()), flush=True)
 
     rows, added = [], 0
     for minutes in sorted(args.minutes):
@@ -160,14 +196,16 @@ def run(args: argparse.Namespace) -> dict:
             del core.spans[n_spans:]
             core.frames_added = n_frames
             entry = {p: _stats([s[p] for s in samples]) for p in PARTS}
-            if args.decode_tokens:
-                entry["decode_tok_s"] = round(float(np.median(
-                    [decode_rate(core, args.decode_tokens) for _ in range(3)])), 1)
             name = impl + ("+fused" if fused else "")
             row["impls"][name] = entry
             if not args.json:
                 print(_line(row, name, entry), flush=True)
         ca.set_impl(build_impl)
+        if args.decode_tokens:  # decode attention is the same for every impl (one query)
+            row["decode_tok_s"] = round(float(np.median([decode_rate(core, args.decode_tokens) for _ in range(3)])), 1)
+            if not args.json:
+                print(f"{minutes:>5} {'decode':<12} {row['decode_tok_s']} tok/s over {args.decode_tokens} tokens",
+                      flush=True)
         if args.reprefill_steps:
             base = [reprefill_step(model, core, feats[:added], images[s % len(images)], chunk=args.chunk)
                     for s in range(args.reprefill_steps)]
@@ -186,7 +224,9 @@ def run(args: argparse.Namespace) -> dict:
     return {"bench": "latency", "shape": args.shape, "dtype": dtype, "device": str(mx.default_device()),
             "device_name": device_name, "mlx": mx.__version__, "fps": args.fps, "steps": args.steps,
             "reprefill_steps": args.reprefill_steps, "chunk": args.chunk, "fused": args.fused,
-            "layers": len(model.language_model.layers), "build_attention": build_impl, "rows": rows}
+            "layers": len(model.language_model.layers), "build_attention": build_impl,
+            "kernels_verified": {"/".join(map(str, k)): v for k, v in _VERIFIED.items()}, "vision": vision,
+            "rows": rows}
 
 
 HEADER = (f"{'min':>5} {'impl':<12} {'ctx':>6} " + " ".join(f"{p:>10}" for p in PARTS)
@@ -195,8 +235,7 @@ HEADER = (f"{'min':>5} {'impl':<12} {'ctx':>6} " + " ".join(f"{p:>10}" for p in 
 
 def _line(row: dict, impl: str, e: dict) -> str:
     cells = " ".join(f"{e[p]['median']:>10.2f}" for p in PARTS)
-    extra = f"  dec {e['decode_tok_s']} tok/s" if "decode_tok_s" in e else ""
-    return f"{row['minutes']:>5} {impl:<12} {row['context_tokens']:>6} {cells}   p95 {e['total']['p95']:.1f}{extra}"
+    return f"{row['minutes']:>5} {impl:<12} {row['context_tokens']:>6} {cells}   p95 {e['total']['p95']:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-cache-tokens", type=int, default=None, help="session budget (default unbounded)")
     ap.add_argument("--layers", type=int, default=None, help="override the LM depth (smoke tests)")
     ap.add_argument("--json", action="store_true", help="one JSON object on the last line")
+    ap.add_argument("--json-out", default=None, help="also write the JSON object to this file")
     args = ap.parse_args(argv)
     if args.reprefill_steps is None:
         args.reprefill_steps = args.steps
@@ -229,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
               f" fused={args.fused}", flush=True)
         print(HEADER, flush=True)
     result = run(args)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=1)
     if args.json:
         for row in result["rows"]:
             for impl, e in row["impls"].items():

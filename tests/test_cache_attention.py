@@ -166,3 +166,172 @@ def test_cuda_kernel_equals_reference(case, dtype):
     err = float(mx.max(mx.abs(got - want)).item()) / float(mx.max(mx.abs(want)).item())
     assert not np.isnan(np.array(got)).any()
     assert err < ca.SELF_CHECK_TOLERANCE[dtype], err
+
+
+# ---------------------------------------------------------------- the CUDA body, executed on CPU
+# Each lane of a warp is an OS thread; warp collectives (__syncwarp, shuffles, votes) meet at a
+# per-warp barrier. A WMMA fragment holds its whole 16x16 tile in every lane (each lane does the
+# full tile product: redundant, but the body's indexing, masks, online softmax and split
+# bookkeeping run exactly as written). T = float, so only the tensor-core rounding is not modelled.
+
+_EMULATOR = r"""
+#include <algorithm>
+#include <array>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <thread>
+#include <vector>
+using std::max;
+using std::min;
+struct U3 { unsigned x, y, z; };
+using Shape = std::array<int32_t, 10>;
+using Strides = std::array<int64_t, 10>;
+struct Warp { std::barrier<>* bar; float f[32]; int i[32]; };
+thread_local U3 blockIdx, threadIdx, blockDim;
+thread_local Warp* W;
+thread_local int LANE;
+static void __syncwarp() { W->bar->arrive_and_wait(); }
+static float __shfl_xor_sync(unsigned, float v, int o) {
+  W->f[LANE] = v; __syncwarp(); float r = W->f[LANE ^ o]; __syncwarp(); return r;
+}
+static int __shfl_xor_sync(unsigned, int v, int o) {
+  W->i[LANE] = v; __syncwarp(); int r = W->i[LANE ^ o]; __syncwarp(); return r;
+}
+static bool __any_sync(unsigned, bool p) {
+  W->i[LANE] = p; __syncwarp(); bool r = false; for (int l = 0; l < 32; ++l) r = r || W->i[l]; __syncwarp(); return r;
+}
+#define __expf(x) std::exp(x)
+namespace nvcuda { namespace wmma {
+struct matrix_a {}; struct matrix_b {}; struct accumulator {}; struct row_major {}; struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+template <class Use, int M, int N, int K, class T, class L = void> struct fragment { float x[256]; };
+template <class Use, class T> void load_matrix_sync(fragment<Use, 16, 16, 16, T, row_major>& f, const T* p, unsigned ld) {
+  for (int r = 0; r < 16; ++r) for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = float(p[r * ld + c]);
+}
+template <class Use, class T> void load_matrix_sync(fragment<Use, 16, 16, 16, T, col_major>& f, const T* p, unsigned ld) {
+  for (int r = 0; r < 16; ++r) for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = float(p[c * ld + r]);
+}
+inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p, unsigned ld, layout_t) {
+  for (int r = 0; r < 16; ++r) for (int c = 0; c < 16; ++c) f.x[r * 16 + c] = p[r * ld + c];
+}
+inline void store_matrix_sync(float* p, const fragment<accumulator, 16, 16, 16, float>& f, unsigned ld, layout_t) {
+  __syncwarp();  // every lane holds the same tile: write it once
+  if (LANE == 0) for (int r = 0; r < 16; ++r) for (int c = 0; c < 16; ++c) p[r * ld + c] = f.x[r * 16 + c];
+  __syncwarp();
+}
+template <class F> void fill_fragment(F& f, float v) { for (float& e : f.x) e = v; }
+template <class A, class B, class C> void mma_sync(C& d, const A& a, const B& b, const C& c) {
+  float out[256];
+  for (int r = 0; r < 16; ++r) for (int n = 0; n < 16; ++n) {
+    float s = c.x[r * 16 + n];
+    for (int k = 0; k < 16; ++k) s += a.x[r * 16 + k] * b.x[k * 16 + n];
+    out[r * 16 + n] = s;
+  }
+  for (int e = 0; e < 256; ++e) d.x[e] = out[e];
+}
+}}  // namespace nvcuda::wmma
+#define __shared__ static
+
+template <typename T, int D>
+static void attn_thread(const T* q, const Shape q_shape, const T* k, const Strides k_strides, const T* v,
+                        const Strides v_strides, const int32_t* meta, const float* scale, float* o_part, float* ml) {
+ATTN_BODY
+}
+
+template <typename T, int D>
+static void combine_thread(const float* o_part, const Shape o_part_shape, const float* ml, T* out) {
+COMBINE_BODY
+}
+
+extern "C" void run_attn(int blocks, const float* q, const int* qs, const float* k, const int64_t* ks, const float* v,
+                         const int64_t* vs, const int32_t* meta, const float* scale, float* o_part, float* ml) {
+  Shape q_shape{}; Strides k_strides{}, v_strides{};
+  for (int i = 0; i < 4; ++i) { q_shape[i] = qs[i]; k_strides[i] = ks[i]; v_strides[i] = vs[i]; }
+  for (int b = 0; b < blocks; ++b) {
+    std::barrier<> b0(32), b1(32), b2(32), b3(32);
+    std::barrier<>* bars[4] = {&b0, &b1, &b2, &b3};
+    std::vector<Warp> warps(4);
+    for (int w = 0; w < 4; ++w) warps[w].bar = bars[w];
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 128; ++t) {
+      threads.emplace_back([&, t] {
+        blockIdx = U3{unsigned(b), 0, 0}; threadIdx = U3{unsigned(t), 0, 0}; blockDim = U3{128, 1, 1};
+        W = &warps[t / 32]; LANE = t % 32;
+        attn_thread<float, EMU_D>(q, q_shape, k, k_strides, v, v_strides, meta, scale, o_part, ml);
+      });
+    }
+    for (auto& th : threads) th.join();
+  }
+}
+
+extern "C" void run_combine(long total, const float* o_part, const int* ps, const float* ml, float* out) {
+  Shape o_part_shape{};
+  for (int i = 0; i < 5; ++i) o_part_shape[i] = ps[i];
+  for (long g = 0; g < total; ++g) {
+    blockIdx = U3{unsigned(g / 256), 0, 0}; threadIdx = U3{unsigned(g % 256), 0, 0}; blockDim = U3{256, 1, 1};
+    combine_thread<float, EMU_D>(o_part, o_part_shape, ml, out);
+  }
+}
+"""
+
+
+def _emulator(tmp_path, head_dim):
+    import ctypes
+
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not installed: the CUDA body is executed only on the GPU machine")
+    src = (_EMULATOR.replace("ATTN_BODY", ca.cuda()).replace("COMBINE_BODY", ca.cuda_combine())
+           .replace("EMU_D", str(head_dim)))
+    path = tmp_path / f"emu{head_dim}.cpp"
+    path.write_text(src)
+    lib = tmp_path / f"emu{head_dim}.so"
+    proc = subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-o", str(lib), str(path)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0 and "barrier: No such file" in proc.stderr:
+        pytest.skip("this g++ has no C++20 <barrier>")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return ctypes.CDLL(str(lib))
+
+
+EMU_CASES = [  # B, Hq, Hkv, Tq, n_keys, capacity, D, target blocks (few = long splits)
+    (1, 8, 2, 37, 300, 320, 64, ca.TARGET_BLOCKS),  # GQA 4: 148 rows -> 3 row tiles, 5 splits
+    (1, 8, 2, 37, 300, 320, 64, 1),   # one split of 5 sub-tiles: the online-softmax rescale path
+    (1, 4, 1, 9, 700, 768, 128, 3),   # head_dim 128, MQA, 3 splits of several sub-tiles
+    (1, 2, 1, 5, 70, 70, 64, ca.TARGET_BLOCKS),  # buffer shorter than whole sub-tiles: host pads
+    (2, 3, 3, 20, 20, 64, 32, ca.TARGET_BLOCKS),  # batch 2, first prefill (block = cache), D 32
+]
+
+
+@pytest.mark.parametrize("case", EMU_CASES)
+def test_cuda_body_executed_on_cpu_equals_float64_attention(tmp_path, case):
+    import ctypes
+
+    B, Hq, Hkv, Tq, n_keys, cap, D, target = case
+    lib = _emulator(tmp_path, D)
+    q = _arr((B, Hq, Tq, D), 21)
+    kb, vb = _arr((B, Hkv, cap, D), 22), _arr((B, Hkv, cap, D), 23)
+    plan = ca.launch_plan(q, kb, vb, n_keys, target_blocks=target)
+    qr, keys, values = (np.ascontiguousarray(np.array(plan[n]), dtype=np.float32) for n in ("q", "keys", "values"))
+    o_part = np.full(plan["part_shape"], np.nan, np.float32)  # poisoned: every element must be written
+    ml = np.full(plan["ml_shape"], np.nan, np.float32)
+    out = np.full(plan["out_shape"], np.nan, np.float32)
+    meta = np.array(plan["meta"], np.int32)
+    scale = np.array([D**-0.5], np.float32)
+
+    def ptr(a, ct=ctypes.c_float):
+        return a.ctypes.data_as(ctypes.POINTER(ct))
+
+    def strides(a):
+        return np.array([s // a.itemsize for s in a.strides], np.int64)
+
+    qs = np.array(qr.shape, np.int32)
+    ks, vs = strides(keys), strides(values)
+    lib.run_attn(ctypes.c_int(plan["blocks"]), ptr(qr), ptr(qs, ctypes.c_int), ptr(keys), ptr(ks, ctypes.c_int64),
+                 ptr(values), ptr(vs, ctypes.c_int64), ptr(meta, ctypes.c_int32), ptr(scale), ptr(o_part), ptr(ml))
+    ps = np.array(plan["part_shape"], np.int32)
+    lib.run_combine(ctypes.c_long(out.size), ptr(o_part), ptr(ps, ctypes.c_int), ptr(ml), ptr(out))
+    assert not np.isnan(o_part).any() and not np.isnan(ml).any() and not np.isnan(out).any()
+    got = out[:, :, : plan["rows"]].reshape(B, Hq, Tq, D)
+    want = _numpy_attention(np.array(q), np.array(kb), np.array(vb), D**-0.5, n_keys)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

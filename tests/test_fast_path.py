@@ -116,7 +116,7 @@ def test_bench_latency_smoke():
         assert set(row["impls"]) == {"sdpa", "sdpa+fused", "kernel", "kernel+fused"}
         for entry in row["impls"].values():
             assert entry["total"]["median"] > 0 and entry["total"]["p95"] >= entry["total"]["median"]
-            assert entry["decode_tok_s"] > 0
+        assert row["decode_tok_s"] > 0
         assert row["impls"]["sdpa+fused"]["frame"]["median"] == 0
         assert row["reprefill_total"]["median"] > 0 and row["ratio_reprefill_vs_best"] > 0
 

@@ -35,6 +35,7 @@ launch combines the splits (log-sum-exp weights). Source of the maths: FlashAtte
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -72,6 +73,7 @@ def _check(q: mx.array, k: mx.array, v: mx.array, n_keys: int) -> None:
         raise ValueError(f"cache_attention: n_keys = {n_keys} must be in [Tq = {Tq}, {min(k.shape[2], v.shape[2])}]")
 
 
+@functools.lru_cache(maxsize=4)  # every layer of one forward asks for the same mask
 def causal_bias(tq: int, n_keys: int, length: int, dtype: mx.Dtype) -> mx.array:
     """[tq, length] additive mask: 0 where query i sees key j (j <= n_keys - tq + i), -inf else."""
     j = mx.arange(length, dtype=mx.int32)[None, :]
@@ -107,7 +109,7 @@ def bucketed(q: mx.array, keys: mx.array, values: mx.array, *, scale: float, n_k
     """
     _check(q, keys, values, n_keys)
     length = min(-(-n_keys // bucket) * bucket, keys.shape[2], values.shape[2])
-    mask = causal_bias(q.shape[2], n_keys, length, q.dtype)  # [Tq, length]
+    mask = causal_bias(q.shape[2], n_keys, length, q.dtype)[None, None]  # [1, 1, Tq, length]
     return mx.fast.scaled_dot_product_attention(q, keys[:, :, :length], values[:, :, :length],
                                                 scale=scale, mask=mask)
 
@@ -116,7 +118,7 @@ def bucketed(q: mx.array, keys: mx.array, values: mx.array, *, scale: float, n_k
 
 _HEADER = "#include <mma.h>\n"
 
-# Template args: T (bf16 | fp16), D (head_dim, a multiple of 16, >= SUB). Inputs: q [B, Hkv,
+# Template args: T (bf16 | fp16), D (head_dim, a multiple of 16). Inputs: q [B, Hkv,
 # R_pad, D] (the G*Tq rows of each KV head, padded to whole 64-row tiles, contiguous), k/v the
 # strided cache buffers (`_strides` locate rows), meta int32 [5] = (n_keys, Tq, rows, chunk,
 # n_splits), scale float32 [1]. Outputs: o_part float [B, Hkv, S, R_pad, D] (un-normalised),
@@ -125,7 +127,8 @@ _CUDA_SOURCE = """
     using namespace nvcuda;
     constexpr int WARPS = 4;
     constexpr int SUBK = 64;
-    __shared__ float s_o[WARPS][16 * D];      // S tile [16][SUBK], then O staging [16][D]
+    constexpr int STAGE = D > SUBK ? D : SUBK;
+    __shared__ float s_o[WARPS][16 * STAGE];  // S tile [16][SUBK], then O staging [16][D]
     __shared__ T s_p[WARPS][16 * SUBK];       // P tile, input dtype (tensor-core operand)
     __shared__ float s_alpha[WARPS][16];
 
@@ -401,15 +404,18 @@ def metal_combine() -> str:
     return _METAL_COMBINE
 
 
-def split_plan(n_keys: int, blocks_per_split: int) -> tuple[int, int]:
-    """(chunk, n_splits): keys per split (a multiple of SUB) so the grid has ~TARGET_BLOCKS blocks."""
-    want = max(1, min(-(-TARGET_BLOCKS // max(1, blocks_per_split)), -(-n_keys // SUB)))
+def split_plan(n_keys: int, blocks_per_split: int, target_blocks: int = TARGET_BLOCKS) -> tuple[int, int]:
+    """(chunk, n_splits): keys per split (a multiple of SUB) so the grid has ~target_blocks blocks."""
+    want = max(1, min(-(-target_blocks // max(1, blocks_per_split)), -(-n_keys // SUB)))
     chunk = -(-(-(-n_keys // want)) // SUB) * SUB
     return chunk, -(-n_keys // chunk)
 
 
-def kernel(kind: str, q: mx.array, keys: mx.array, values: mx.array, *, scale: float, n_keys: int) -> mx.array:
-    """The fused op on `kind` ('cuda' | 'metal'); same contract as `reference` (bf16/fp16 on CUDA)."""
+def launch_plan(q: mx.array, keys: mx.array, values: mx.array, n_keys: int, *,
+                target_blocks: int = TARGET_BLOCKS) -> dict:
+    """Everything the kernels are launched with (shared by `kernel` and the CPU emulation test):
+    q as [B, Hkv, R_pad, D] (rows of one KV head together, padded to whole 64-row tiles), the
+    buffers (padded to whole 64-key sub-tiles if too short), meta, blocks and output shapes."""
     _check(q, keys, values, n_keys)
     B, Hq, Tq, D = q.shape
     Hkv = keys.shape[1]
@@ -426,39 +432,48 @@ def kernel(kind: str, q: mx.array, keys: mx.array, values: mx.array, *, scale: f
     if values.shape[2] < need:
         values = mx.pad(values[:, :, :n_keys], [(0, 0), (0, 0), (0, need - n_keys), (0, 0)])
     n_rb = r_pad // ROWS_PER_BLOCK
-    chunk, n_splits = split_plan(n_keys, n_rb * Hkv * B)
-    meta = mx.array([n_keys, Tq, rows, chunk, n_splits], dtype=mx.int32)
+    chunk, n_splits = split_plan(n_keys, n_rb * Hkv * B, target_blocks)
+    return {"q": qr, "keys": keys, "values": values, "meta": [n_keys, Tq, rows, chunk, n_splits],
+            "blocks": n_rb * n_splits * Hkv * B, "rows": rows,
+            "part_shape": (B, Hkv, n_splits, r_pad, D), "ml_shape": (B, Hkv, n_splits, r_pad, 2),
+            "out_shape": (B, Hkv, r_pad, D)}
+
+
+def kernel(kind: str, q: mx.array, keys: mx.array, values: mx.array, *, scale: float, n_keys: int) -> mx.array:
+    """The fused op on `kind` ('cuda' | 'metal'); same contract as `reference` (bf16/fp16 on CUDA)."""
+    plan = launch_plan(q, keys, values, n_keys)
+    B, Hq, Tq, D = q.shape
+    meta = mx.array(plan["meta"], dtype=mx.int32)
     sc = mx.array([scale], dtype=mx.float32)
     template = [("T", q.dtype), ("D", D)]
     if kind == "cuda":
         attn = build_kernel(kind, "framecast_cache_attention", INPUT_NAMES, OUTPUT_NAMES, cuda(),
                             row_contiguous=False, header=_HEADER)
-        grid = (n_rb * n_splits * Hkv * B * THREADS, 1, 1)
+        grid = (plan["blocks"] * THREADS, 1, 1)
         group = (THREADS, 1, 1)
         combine_src = cuda_combine()
     else:
         attn = build_kernel(kind, "framecast_cache_attention", INPUT_NAMES, OUTPUT_NAMES, metal(),
                             row_contiguous=False)
-        grid = (B * Hkv * n_splits * r_pad * 32, 1, 1)
+        grid = (int(np.prod(plan["ml_shape"][:4])) * 32, 1, 1)
         group = (256, 1, 1)
         combine_src = metal_combine()
     o_part, ml = attn(
-        inputs=[qr, keys, values, meta, sc], template=template, grid=grid, threadgroup=group,
-        output_shapes=[(B, Hkv, n_splits, r_pad, D), (B, Hkv, n_splits, r_pad, 2)],
+        inputs=[plan["q"], plan["keys"], plan["values"], meta, sc], template=template, grid=grid,
+        threadgroup=group, output_shapes=[plan["part_shape"], plan["ml_shape"]],
         output_dtypes=[mx.float32, mx.float32])
     combine = build_kernel(kind, "framecast_cache_attention_combine", COMBINE_INPUTS, COMBINE_OUTPUTS, combine_src)
-    total = B * Hkv * r_pad * D
-    (out,) = combine(inputs=[o_part, ml], template=template, grid=(total, 1, 1),
-                     threadgroup=(COMBINE_THREADS, 1, 1), output_shapes=[(B, Hkv, r_pad, D)],
+    (out,) = combine(inputs=[o_part, ml], template=template, grid=(int(np.prod(plan["out_shape"])), 1, 1),
+                     threadgroup=(COMBINE_THREADS, 1, 1), output_shapes=[plan["out_shape"]],
                      output_dtypes=[q.dtype])
-    return out[:, :, :rows].reshape(B, Hq, Tq, D)
+    return out[:, :, :plan["rows"]].reshape(B, Hq, Tq, D)
 
 
 def kernel_supported(kind: str, q: mx.array) -> bool:
-    """The CUDA kernel runs on tensor cores: bf16/fp16 and head_dim a multiple of 16 (>= 64)."""
+    """The CUDA kernel runs on tensor cores: bf16/fp16 and head_dim a multiple of 16."""
     D = q.shape[-1]
     if kind == "cuda":
-        return q.dtype in (mx.bfloat16, mx.float16) and D % 16 == 0 and D >= SUB
+        return q.dtype in (mx.bfloat16, mx.float16) and D % 16 == 0
     return D % 32 == 0
 
 
