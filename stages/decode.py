@@ -18,7 +18,7 @@ from __future__ import annotations
 import collections
 import time
 from pathlib import Path
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from framecast.config import NarrationConfig
 from framecast.errors import FatalError, UserError
@@ -89,8 +89,6 @@ class DecodeStage(Stage):
         yield item
         if item.features is None:  # an earlier frame of a 3D group, or encoding failed
             return
-        await self.session.add_frame(item.features, item.pts)
-        self.frames_added += 1
         pts = item.pts if item.pts is not None else time.monotonic()
         self._last_frame_pts = item.pts
         if self._span_start_pts is None:
@@ -98,8 +96,12 @@ class DecodeStage(Stage):
         if item.changed:
             self._scene_changed = True
         trigger = self._trigger(pts)
-        if trigger is not None:
-            async for event in self._narrate(item, pts, trigger):
+        self.frames_added += 1
+        if trigger is None:
+            await self.session.add_frame(item.features, item.pts)
+        else:
+            # A narration is due on this frame: one prefill for the frame and the prompt.
+            async for event in self._narrate(item, pts, trigger, features=item.features):
                 yield event
         self.metrics.extra.update({"frames_added": self.frames_added, "narrations": self.narrations,
                                    "answers": self.answers, "cache_tokens": self.session.cache_tokens})
@@ -115,15 +117,17 @@ class DecodeStage(Stage):
             return "change"
         return None
 
-    async def _narrate(self, frame: Frame, pts: float, trigger: str) -> AsyncIterator[Event]:
+    async def _narrate(self, frame: Frame, pts: float, trigger: str, *,
+                       features: Any = None) -> AsyncIterator[Event]:
         self._scene_changed = False
         self._last_narration_pts = pts
         start = Narration(text="", stream_id=self.stream_id)  # only for its fresh narration_id
         nid = start.narration_id
         first_token_wall: float | None = None
         done: TurnDone | None = None
+        extra = {} if features is None else {"frame": features, "pts": frame.pts}
         async for ev in self.session.narrate(self.cfg.prompt, max_tokens=self.cfg.max_tokens,
-                                             sampler=self.sampler):
+                                             sampler=self.sampler, **extra):
             if isinstance(ev, TextDelta):
                 if first_token_wall is None:
                     first_token_wall = time.time()
