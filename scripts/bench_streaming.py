@@ -126,7 +126,8 @@ def streaming_turn(core: SessionCore, feat: ImageFeatures, pts: float, *, max_to
 
 def run(args: argparse.Namespace) -> dict:
     model, dtype = build_model(args.shapes, args.version, args.layers)
-    frames_needed = int(max(args.minutes) * 60 * args.fps) + 2
+    # the window, plus one frame per streaming sample of every row
+    frames_needed = int(max(args.minutes) * 60 * args.fps) + args.repeats * len(args.minutes) + 2
     feats = random_features(model, frames_needed + 8)
     core = SessionCore(model, keep_generated=False)  # the cache holds frames only: same window
     # warm-up (kernel compilation, allocator) on both paths
