@@ -128,9 +128,11 @@ _CUDA_SOURCE = """
     constexpr int WARPS = 4;
     constexpr int SUBK = 64;
     constexpr int STAGE = D > SUBK ? D : SUBK;
-    __shared__ float s_o[WARPS][16 * STAGE];  // S tile [16][SUBK], then O staging [16][D]
-    __shared__ T s_p[WARPS][16 * SUBK];       // P tile, input dtype (tensor-core operand)
+    // WMMA pointers must be 32-byte aligned: so are the arrays and every per-warp slice.
+    __shared__ __align__(32) float s_o[WARPS][16 * STAGE];  // S tile [16][SUBK], then O staging [16][D]
+    __shared__ __align__(32) T s_p[WARPS][16 * SUBK];       // P tile, input dtype (tensor-core operand)
     __shared__ float s_alpha[WARPS][16];
+    const float NEG_INF = __int_as_float(0xff800000);  // no <math.h> INFINITY under NVRTC
 
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
@@ -181,7 +183,7 @@ _CUDA_SOURCE = """
     float* so = s_o[warp];
     T* sp = s_p[warp];
     float* sa = s_alpha[warp];
-    float m_run = -INFINITY;
+    float m_run = NEG_INF;
     float l_run = 0.0f;
 
     for (int key0 = k_begin; key0 < k_end; key0 += SUBK) {
@@ -198,20 +200,20 @@ _CUDA_SOURCE = """
         }
         __syncwarp();
         // Online softmax in fp32 (keys past the row's limit, or past n_keys, weigh 0).
-        float tile_max = -INFINITY;
+        float tile_max = NEG_INF;
         for (int c = 0; c < SUBK / 2; ++c) {
             const int j = key0 + c0 + c;
-            const float s = (j < limit && j < k_end) ? so[row * SUBK + c0 + c] * sc : -INFINITY;
+            const float s = (j < limit && j < k_end) ? so[row * SUBK + c0 + c] * sc : NEG_INF;
             so[row * SUBK + c0 + c] = s;
             tile_max = fmaxf(tile_max, s);
         }
         tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
         const float m_new = fmaxf(m_run, tile_max);
-        const float alpha = m_new == -INFINITY ? 1.0f : __expf(m_run - m_new);
+        const float alpha = m_new == NEG_INF ? 1.0f : __expf(m_run - m_new);
         float sum = 0.0f;
         for (int c = 0; c < SUBK / 2; ++c) {
             const float s = so[row * SUBK + c0 + c];
-            const float p = s == -INFINITY ? 0.0f : __expf(s - m_new);
+            const float p = s == NEG_INF ? 0.0f : __expf(s - m_new);
             sum += p;
             sp[row * SUBK + c0 + c] = static_cast<T>(p);
         }
@@ -262,6 +264,7 @@ _CUDA_SOURCE = """
 
 # One thread per output element (b, h, row, d): weigh each split by exp(m_s - max_s m_s).
 _CUDA_COMBINE = """
+    const float NEG_INF = __int_as_float(0xff800000);
     const int64_t g = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
     const int n_splits = o_part_shape[2];
     const int r_pad = o_part_shape[3];
@@ -273,7 +276,7 @@ _CUDA_COMBINE = """
     const int64_t row = g / D;              // (b * hkv + h) * r_pad + r
     const int64_t bh = row / r_pad;
     const int64_t r = row % r_pad;
-    float m_max = -INFINITY;
+    float m_max = NEG_INF;
     for (int s = 0; s < n_splits; ++s) {
         m_max = fmaxf(m_max, ml[((bh * n_splits + s) * r_pad + r) * 2]);
     }
@@ -282,7 +285,7 @@ _CUDA_COMBINE = """
     for (int s = 0; s < n_splits; ++s) {
         const int64_t at = (bh * n_splits + s) * r_pad + r;
         const float m = ml[at * 2];
-        const float w = m == -INFINITY ? 0.0f : __expf(m - m_max);
+        const float w = m == NEG_INF ? 0.0f : __expf(m - m_max);
         num += w * o_part[at * D + d];
         den += w * ml[at * 2 + 1];
     }
