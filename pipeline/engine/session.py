@@ -293,9 +293,20 @@ class SessionCore:
             history = mx.zeros((0,), dtype=mx.int32)  # this turn's tokens, for the sampler
             y = sampler(logits, history).astype(mx.int32)  # [1], lazy
             mx.async_eval(y)
+            early = None  # the first token, read and published before the next step is queued
             while True:
                 if return_logits:
                     kept_logits.append(np.array(logits[0]))
+                if early is None:
+                    # The first token is what a viewer waits for: read it now, not after
+                    # building the next step's graph (a few ms of Python for a deep model).
+                    early = int(y.item())
+                    t_first = time.perf_counter()
+                    first_token_s = t_first - t0
+                    if not (early in self.stop_ids and not ignore_eos):
+                        delta = detok.add(early)
+                        if delta and on_delta is not None:
+                            on_delta(TextDelta(delta, 1))
                 # Queue the next step (fed with y) before reading y, so building the graph in
                 # Python overlaps the device work (mlx-lm style). Every sampled token is
                 # therefore already in the cache when we look at it; a stop token is trimmed.
@@ -304,17 +315,15 @@ class SessionCore:
                 next_y = sampler(next_logits, history).astype(mx.int32)
                 mx.async_eval(next_y)
                 token = int(y.item())
-                if not out_ids:
-                    t_first = time.perf_counter()
-                    first_token_s = t_first - t0
                 if token in self.stop_ids and not ignore_eos:  # (benchmarks force a fixed length)
                     stopped = "eos"
                     self._rollback(self.offset - 1)  # the stop token was fed speculatively
                     break
                 out_ids.append(token)
-                delta = detok.add(token)  # never half a UTF-8 character
-                if delta and on_delta is not None:
-                    on_delta(TextDelta(delta, len(out_ids)))
+                if len(out_ids) > 1:  # the first one was published above
+                    delta = detok.add(token)  # never half a UTF-8 character
+                    if delta and on_delta is not None:
+                        on_delta(TextDelta(delta, len(out_ids)))
                 if len(out_ids) >= max_tokens or (stop is not None and stop.is_set()):
                     stopped = "max_tokens" if len(out_ids) >= max_tokens else "interrupted"
                     break
