@@ -12,7 +12,8 @@ the plan build. This op offers four ways to compute the same thing, chosen per c
   bucket   the same kernel on the cache BUFFER cut at a bucket boundary (`BUCKET_TOKENS`) with
            an additive mask hiding keys past the live ones: the shapes cuDNN sees change once
            per bucket, not once per frame;
-  matmul   plain matmul-softmax-matmul (`reference`): cuBLAS GEMMs, no plan build;
+  matmul   plain matmul-softmax-matmul (`reference`): cuBLAS GEMMs, no cuDNN plan build;
+  matmul_bucket  the same on the buffer cut at a bucket boundary, masked (cuBLAS sees few shapes);
   kernel   a fused split-K kernel (`cuda()` / `metal()`): every key length runs the same
            compiled kernel (token counts travel in a small `meta` input, never as template
            arguments), keys and values are read in place from the strided cache buffers.
@@ -45,7 +46,7 @@ import numpy as np
 from framecast.errors import UserError
 from framecast.kernels import backend, build_kernel, kernel_verified
 
-IMPLS = ("sdpa", "bucket", "matmul", "kernel")
+IMPLS = ("sdpa", "bucket", "matmul", "matmul_bucket", "kernel")
 ENV_VAR = "FRAMECAST_ATTENTION"
 # Per backend; measured on one H200 (see README "GPU fast path"); CPU/Metal keep MLX's SDPA.
 DEFAULT_IMPL = {"cuda": "bucket", "metal": "sdpa", "reference": "sdpa"}
@@ -81,22 +82,25 @@ def causal_bias(tq: int, n_keys: int, length: int, dtype: mx.Dtype) -> mx.array:
     return mx.where(j <= limit, mx.array(0.0, dtype), mx.array(-math.inf, dtype))
 
 
-def reference(q: mx.array, k: mx.array, v: mx.array, *, scale: float, n_keys: int | None = None) -> mx.array:
+def reference(q: mx.array, k: mx.array, v: mx.array, *, scale: float, n_keys: int | None = None,
+              length: int | None = None) -> mx.array:
     """Matmul-softmax-matmul: q [B, Hq, Tq, D], k/v [B, Hkv, >= n_keys, D] -> [B, Hq, Tq, D].
 
-    Scores in q's dtype (as MLX's own SDPA fallback), softmax in fp32 (`precise`).
+    Scores in q's dtype (as MLX's own SDPA fallback), softmax in fp32 (`precise`). `length`
+    (>= n_keys): attend over that many buffer rows, the ones past n_keys masked (bucketing).
     """
     n_keys = k.shape[2] if n_keys is None else n_keys
     _check(q, k, v, n_keys)
     B, Hq, Tq, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
-    k, v = k[:, :, :n_keys], v[:, :, :n_keys]
+    length = n_keys if length is None else length
+    k, v = k[:, :, :length], v[:, :, :length]
     qg = (q * mx.array(scale, q.dtype)).reshape(B, Hkv, G * Tq, D)  # rows of one KV head together
-    scores = qg @ k.transpose(0, 1, 3, 2)  # [B, Hkv, G*Tq, n_keys]
-    if Tq > 1:
-        scores = scores.reshape(B, Hkv, G, Tq, n_keys) + causal_bias(Tq, n_keys, n_keys, scores.dtype)
-        scores = scores.reshape(B, Hkv, G * Tq, n_keys)
+    scores = qg @ k.transpose(0, 1, 3, 2)  # [B, Hkv, G*Tq, length]
+    if Tq > 1 or length > n_keys:
+        scores = scores.reshape(B, Hkv, G, Tq, length) + causal_bias(Tq, n_keys, length, scores.dtype)
+        scores = scores.reshape(B, Hkv, G * Tq, length)
     probs = mx.softmax(scores, axis=-1, precise=True)
     return (probs @ v).reshape(B, Hq, Tq, D)
 
@@ -540,6 +544,9 @@ def cache_attention(q: mx.array, keys: mx.array, values: mx.array, *, scale: flo
     kb, vb = buffers if buffers is not None else (keys, values)
     if impl == "bucket":
         return bucketed(q, kb, vb, scale=scale, n_keys=n_keys)
+    if impl == "matmul_bucket":
+        length = min(-(-n_keys // BUCKET_TOKENS) * BUCKET_TOKENS, kb.shape[2], vb.shape[2])
+        return reference(q, kb, vb, scale=scale, n_keys=n_keys, length=length)
     if impl == "matmul":
         return reference(q, keys, values, scale=scale, n_keys=n_keys)
     if impl == "kernel":
