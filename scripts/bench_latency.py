@@ -42,6 +42,9 @@ from bench_streaming import PROMPT, build_model, random_features
 from framecast.engine.session import SessionCore
 from framecast.kernels import _VERIFIED
 from framecast.kernels import cache_attention as ca
+import mlx.nn as nn  # noqa: E402
+
+from framecast.model.lm.base import MLP, Attention
 from framecast.model.resampler import sincos_2d
 from framecast.model.vision import batch_views
 from framecast.model.vlm import ImageFeatures
@@ -163,6 +166,43 @@ def vision_variants(model, image: np.ndarray, samples: int) -> dict:
     return out
 
 
+# ---- a prototype, measured here only: q/k/v and gate/up as one matmul each (fewer launches)
+
+
+class _FusedQKV(Attention):
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        B, L, _ = x.shape
+        hd, nq, nkv = self.head_dim, self.n_heads, self.n_kv_heads
+        qkv = (x @ self.qkv_weight.T).reshape(B, L, nq + 2 * nkv, hd)  # [B, L, heads, hd]
+        q, k, v = qkv[:, :, :nq], qkv[:, :, nq:nq + nkv], qkv[:, :, nq + nkv:]
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+        q = self.rope(q, offset=cache.offset)
+        k = self.rope(k, offset=cache.offset)
+        k, v = cache.update_and_fetch(k, v)
+        out = ca.cache_attention(q, k, v, scale=self.scale, buffers=getattr(cache, "buffers", None))
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class _FusedGateUp(MLP):
+    def __call__(self, x: mx.array) -> mx.array:
+        gate, up = mx.split(x @ self.gate_up_weight.T, 2, axis=-1)
+        return self.down_proj(nn.silu(gate) * up)
+
+
+def fuse_projections(model, on: bool) -> None:
+    """Switch every decoder layer to (on) / from (off) the fused projections; weights kept both ways."""
+    for layer in model.language_model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if on and "qkv_weight" not in attn:
+            attn.qkv_weight = mx.concatenate([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+            mlp.gate_up_weight = mx.concatenate([mlp.gate_proj.weight, mlp.up_proj.weight])
+            mx.eval(attn.qkv_weight, mlp.gate_up_weight)
+        attn.__class__ = _FusedQKV if on else Attention
+        mlp.__class__ = _FusedGateUp if on else MLP
+
+
 def decode_rate(core: SessionCore, tokens: int) -> float:
     """Decode tokens/s of one narration on the current window (turn trimmed afterwards)."""
     turn = core.generate(PROMPT, max_tokens=tokens, ignore_eos=True)
@@ -184,12 +224,15 @@ def run(args: argparse.Namespace) -> dict:
     ca.set_impl(build_impl)
     for i in range(3):
         core.add_features(feats[i], float(i))
-    variants = [(impl, fused) for impl in impls for fused in {"off": [False], "on": [True],
-                                                               "both": [False, True]}[args.fused]]
-    for impl, fused in variants:
+    variants = [(impl, fused, False) for impl in impls for fused in {"off": [False], "on": [True],
+                                                                      "both": [False, True]}[args.fused]]
+    variants += [(impl, True, True) for impl in args.fuse_proj or []]
+    for impl, fused, fp in variants:
         ca.set_impl(impl)
+        fuse_projections(model, fp)
         for _ in range(2):
             streaming_step(model, core, images[0], 0.0, fused=fused)
+    fuse_projections(model, False)
     ca.set_impl(build_impl)
     reprefill_step(model, core, feats[:3], images[0], chunk=args.chunk)
     core.reset()
@@ -208,8 +251,9 @@ def run(args: argparse.Namespace) -> dict:
         mx.synchronize()
         row = {"minutes": minutes, "frames": added, "context_tokens": core.offset,
                "cache_mb": round(core.nbytes / 2**20, 1), "impls": {}}
-        for impl, fused in variants:
+        for impl, fused, fp in variants:
             ca.set_impl(impl)
+            fuse_projections(model, fp)
             offset, n_spans, n_frames = core.offset, len(core.spans), core.frames_added
             samples = [streaming_step(model, core, images[s % len(images)], (added + s) / args.fps, fused=fused)
                        for s in range(args.steps)]
@@ -217,16 +261,21 @@ def run(args: argparse.Namespace) -> dict:
             del core.spans[n_spans:]
             core.frames_added = n_frames
             entry = {p: _stats([s[p] for s in samples]) for p in PARTS}
-            name = impl + ("+fused" if fused else "")
+            name = impl + ("+fused" if fused else "") + ("+qkv" if fp else "")
             row["impls"][name] = entry
             if not args.json:
                 print(_line(row, name, entry), flush=True)
         ca.set_impl(build_impl)
+        fuse_projections(model, False)
         if args.decode_tokens:  # decode attention is the same for every impl (one query)
-            row["decode_tok_s"] = round(float(np.median([decode_rate(core, args.decode_tokens) for _ in range(3)])), 1)
-            if not args.json:
-                print(f"{minutes:>5} {'decode':<12} {row['decode_tok_s']} tok/s over {args.decode_tokens} tokens",
-                      flush=True)
+            for fp in [False, True] if args.fuse_proj else [False]:
+                fuse_projections(model, fp)
+                key = "decode_tok_s" + ("_qkv" if fp else "")
+                row[key] = round(float(np.median([decode_rate(core, args.decode_tokens) for _ in range(3)])), 1)
+                if not args.json:
+                    print(f"{minutes:>5} {'decode' + ('+qkv' if fp else ''):<12} {row[key]} tok/s over "
+                          f"{args.decode_tokens} tokens", flush=True)
+            fuse_projections(model, False)
         if args.reprefill_steps:
             base = [reprefill_step(model, core, feats[:added], images[s % len(images)], chunk=args.chunk)
                     for s in range(args.reprefill_steps)]
@@ -274,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="implementation used to fill the window and for re-prefill (default: the backend's)")
     ap.add_argument("--fused", choices=["off", "on", "both"], default="off",
                     help="prefill frame + prompt in one pass (on), or measure both ways")
+    ap.add_argument("--fuse-proj", nargs="+", choices=ca.IMPLS, default=None,
+                    help="also measure these impls (fused frame+prompt) with q/k/v and gate/up as one matmul each")
     ap.add_argument("--decode-tokens", type=int, default=0, help="also measure decode tok/s over this many tokens")
     ap.add_argument("--chunk", type=int, default=None, help="re-prefill chunk (default 512 CPU, 2048 GPU)")
     ap.add_argument("--max-cache-tokens", type=int, default=None, help="session budget (default unbounded)")
