@@ -273,7 +273,7 @@ def run(args: argparse.Namespace) -> dict:
                 key = "decode_tok_s" + ("_qkv" if fp else "")
                 row[key] = round(float(np.median([decode_rate(core, args.decode_tokens) for _ in range(3)])), 1)
                 if not args.json:
-                    print(f"{minutes:>5} {'decode' + ('+qkv' if fp else ''):<12} {row[key]} tok/s over "
+                    print(f"{minutes:>5} {'decode' + ('+qkv' if fp else ''):<20} {row[key]} tok/s over "
                           f"{args.decode_tokens} tokens", flush=True)
             fuse_projections(model, False)
         if args.reprefill_steps:
@@ -283,7 +283,7 @@ def run(args: argparse.Namespace) -> dict:
             best = min(row["impls"].values(), key=lambda e: e["total"]["median"])
             row["ratio_reprefill_vs_best"] = round(row["reprefill_total"]["median"] / best["total"]["median"], 1)
             if not args.json:
-                print(f"{minutes:>5} {'re-prefill':<12} total {row['reprefill_total']['median']:.1f} "
+                print(f"{minutes:>5} {'re-prefill':<20} total {row['reprefill_total']['median']:.1f} "
                       f"(p95 {row['reprefill_total']['p95']:.1f}); x {row['ratio_reprefill_vs_best']}", flush=True)
         rows.append(row)
     ca.set_impl(None)
@@ -299,13 +299,13 @@ def run(args: argparse.Namespace) -> dict:
             "rows": rows}
 
 
-HEADER = (f"{'min':>5} {'impl':<12} {'ctx':>6} " + " ".join(f"{p:>10}" for p in PARTS)
+HEADER = (f"{'min':>5} {'impl':<20} {'ctx':>6} " + " ".join(f"{p:>10}" for p in PARTS)
           + "   (median ms; total p95)")
 
 
 def _line(row: dict, impl: str, e: dict) -> str:
     cells = " ".join(f"{e[p]['median']:>10.2f}" for p in PARTS)
-    return f"{row['minutes']:>5} {impl:<12} {row['context_tokens']:>6} {cells}   p95 {e['total']['p95']:.1f}"
+    return f"{row['minutes']:>5} {impl:<20} {row['context_tokens']:>6} {cells}   p95 {e['total']['p95']:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:
