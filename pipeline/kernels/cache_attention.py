@@ -48,8 +48,11 @@ from framecast.kernels import backend, build_kernel, kernel_verified
 
 IMPLS = ("sdpa", "bucket", "matmul", "matmul_bucket", "kernel")
 ENV_VAR = "FRAMECAST_ATTENTION"
-# Per backend; measured on one H200 (see README "GPU fast path"); CPU/Metal keep MLX's SDPA.
-DEFAULT_IMPL = {"cuda": "bucket", "metal": "sdpa", "reference": "sdpa"}
+# Per backend. CUDA: `matmul_bucket` had the lowest median at 1, 2 and 10 minutes and the lowest
+# p95 everywhere in one H200 run (README "GPU fast path"; `bucket` pays a cuDNN plan build at
+# each bucket crossing, the fused kernel is correct but 1.5-3x slower at 20-40k keys).
+# CPU and Metal keep MLX's SDPA (no per-shape set-up there).
+DEFAULT_IMPL = {"cuda": "matmul_bucket", "metal": "sdpa", "reference": "sdpa"}
 BUCKET_TOKENS = 2048  # `bucket`: key lengths are rounded up to this (one plan per bucket)
 SUB = 64  # kernel: keys per sub-tile (the online-softmax step)
 ROWS_PER_BLOCK = 64  # kernel: 4 warps x 16 query rows
