@@ -1,23 +1,32 @@
-"""Typed run configuration: groups of settings, named presets, TOML/YAML files, CLI overrides.
+"""Typed run configuration: groups of settings, named presets, TOML/YAML files, environment
+variables, CLI overrides.
 
-Every model forbids unknown keys. A bad file, key or value raises `ConfigError` whose message
-is one line naming the file, the dotted key and the offending value; the CLI turns it into
-exit status 2.
+Precedence, lowest first: defaults, the config file or preset, `FRAMECAST_<GROUP>__<KEY>`
+environment variables (read through pydantic-settings), CLI flags (`--set` last). Every model
+forbids unknown keys. A bad file, variable, key or value raises `ConfigError` whose message is
+one line naming the file (or the variable), the dotted key and the offending value; the CLI
+turns it into exit status 2.
 """
 
 from __future__ import annotations
 
+import copy
+import os
 import tomllib
+import typing
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
 from framecast.errors import UserError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, SettingsError
 
 # Presets ship as package data (`configs/` installs as `framecast.configs`), so a wheel has them too.
 CONFIGS_DIR = Path(str(files("framecast.configs")))
 STREAM_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
+ENV_PREFIX = "FRAMECAST_"  # FRAMECAST_<GROUP>__<KEY>, e.g. FRAMECAST_MQTT__URL
+ENV_NESTED_DELIMITER = "__"
 
 
 class ConfigError(UserError):
@@ -91,6 +100,8 @@ class SessionConfig(Group):
     encode_batch: int = Field(default=4, ge=1, le=64)  # frames per vision-tower call at most
     pack_frames: int | None = Field(default=None, ge=1, le=6)  # 4.5 3D groups; None = model default
     state_file: str | None = None  # restore the cache from here at start (if present), save at exit
+    resume: str | None = None  # a saved session (.fcs) to continue: its cache, narration log and chapters
+    force: bool = False  # resume (or ask) a saved session even for another video than its own
 
 
 class NarrationConfig(Group):
@@ -105,6 +116,29 @@ class NarrationConfig(Group):
     partials: bool = True  # emit narration.partial deltas
 
 
+class ChaptersConfig(Group):
+    enabled: bool | None = None  # None = on for a recorded file with a model (or when outputs.chapters is set)
+    min_s: float = Field(default=10.0, gt=0)  # a scene change ends a chapter only this long after it began
+    max_s: float | None = Field(default=300.0, gt=0)  # a chapter this long ends even without a scene change
+    cut_threshold: float = Field(default=0.03, ge=0, le=1)  # colour-histogram change a cut needs (0 = any change)
+    title_max_tokens: int = Field(default=16, ge=1, le=256)
+    prompt_tokens: int = Field(default=1024, ge=64)  # narrations given to a title turn at most (tokens)
+
+    @field_validator("max_s")
+    @classmethod
+    def _max_after_min(cls, v: float | None, info: ValidationInfo) -> float | None:
+        low = info.data.get("min_s", 0.0)
+        if v is not None and v < low:
+            raise ValueError(f"must be at least chapters.min_s ({low:g})")
+        return v
+
+
+class SummaryConfig(Group):
+    enabled: bool | None = None  # None = on for a recorded file with a model (or when outputs.summary is set)
+    max_tokens: int = Field(default=96, ge=1, le=4096)
+    prompt_tokens: int = Field(default=1536, ge=64)  # longest prompt of one turn; more => summarised in parts
+
+
 class OutputsConfig(Group):
     console: bool = True
     jsonl: str | None = None
@@ -112,7 +146,11 @@ class OutputsConfig(Group):
     jsonl_partials: bool = False  # also write narration.partial deltas
     srt: str | None = None
     vtt: str | None = None
+    chapters: str | None = None  # WebVTT chapters file (one cue per chapter, its title)
+    summary: str | None = None  # Markdown: the summary, then one section per chapter
+    session: str | None = None  # .fcs archive at the end of the run (cache, narration log, chapters)
     progress: bool | None = None  # None = on for recorded files on a terminal
+    verbose: bool = False  # terminal: also scene-change lines (always in JSONL and on the bus)
     metrics: bool = False
     metrics_interval_s: float = Field(default=5.0, gt=0)
 
@@ -128,6 +166,9 @@ class MqttConfig(Group):
     protocol: Literal["auto", "5", "3.1.1"] = "auto"
     keepalive_s: int = Field(default=30, ge=5)
     outbox_size: int = Field(default=1000, ge=1)
+    # largest PUBLISH packet the broker takes (bytes); MQTT 5 brokers announce theirs (the
+    # smaller wins), MQTT 3.1.1 ones cannot: bigger messages are dropped and counted
+    max_packet_size: int | None = Field(default=None, ge=128)
     max_question_bytes: int = Field(default=4096, ge=16)
     partial_expiry_s: int = Field(default=10, ge=1)
     ha_discovery: bool = False
@@ -153,15 +194,34 @@ class RuntimeConfig(Group):
     capture_only: bool = False  # capture + change detection + outputs, no model (no narration)
 
 
+#: the groups a `[[streams]]` entry may set for itself (the rest is shared by every stream)
+STREAM_GROUPS = ("source", "change", "session", "narration", "outputs")
+
+
+class StreamConfig(Group):
+    """One entry of `[[streams]]`: an id and the groups this stream sets differently. Each group
+    is a partial table merged over the run's own group (checked when the run resolves them)."""
+
+    id: str | None = None  # default: source.stream_id of the entry, else stream<N>
+    source: dict[str, Any] = {}
+    change: dict[str, Any] = {}
+    session: dict[str, Any] = {}
+    narration: dict[str, Any] = {}
+    outputs: dict[str, Any] = {}
+
+
 class RunConfig(Group):
     source: SourceConfig = SourceConfig()
     change: ChangeConfig = ChangeConfig()
     model: ModelConfig = ModelConfig()
     session: SessionConfig = SessionConfig()
     narration: NarrationConfig = NarrationConfig()
+    chapters: ChaptersConfig = ChaptersConfig()
+    summary: SummaryConfig = SummaryConfig()
     outputs: OutputsConfig = OutputsConfig()
     mqtt: MqttConfig = MqttConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    streams: list[StreamConfig] = []  # several sources in one run (one model); empty = `source` alone
 
 
 # ---------------------------------------------------------------- loading
@@ -229,6 +289,87 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# ---------------------------------------------------------------- environment
+
+
+class _EnvSettings(BaseSettings, RunConfig):
+    """RunConfig's keys as environment variables; only its settings source is used (to read)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_NESTED_DELIMITER,
+                                      case_sensitive=False, env_parse_none_str="null", extra="forbid")
+
+
+def env_var(group: str, key: str) -> str:
+    """The environment variable of a config key: ('mqtt', 'url') -> FRAMECAST_MQTT__URL."""
+    return f"{ENV_PREFIX}{group}{ENV_NESTED_DELIMITER}{key}".upper()
+
+
+def _literal_ints(annotation: Any) -> bool:
+    """Whether a field only takes integer literals (e.g. kv_bits: Literal[4, 8] | None)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is Literal:
+        return all(isinstance(a, int) for a in args)
+    return bool(args) and all(typing.get_origin(a) is Literal and _literal_ints(a) for a in args)
+
+
+def env_overrides() -> dict[str, dict[str, Any]]:
+    """`{group: {key: value}}` from the FRAMECAST_<GROUP>__<KEY> variables that are set
+    (`streams` is a list: files and flags only).
+
+    Values stay strings (pydantic parses them as it parses a file's), `null` means None;
+    integer-literal keys (`session.kv_bits`) get ints. A variable naming no group: ConfigError.
+    """
+    for name in os.environ:
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX):
+            continue  # (other FRAMECAST_* variables, e.g. FRAMECAST_KERNELS, are not config keys)
+        rest = upper[len(ENV_PREFIX):]
+        if rest.lower().split(ENV_NESTED_DELIMITER.lower())[0] == "streams":
+            raise ConfigError(f"environment: {name}: streams are set in a config file ([[streams]]) "
+                              "or with repeated --source flags")
+        if rest.lower() in RunConfig.model_fields:
+            raise ConfigError(f"environment: {name}: set keys one by one, as {env_var(rest, 'KEY')}")
+        if ENV_NESTED_DELIMITER in rest:
+            group = rest.split(ENV_NESTED_DELIMITER, 1)[0].lower()
+            if group not in RunConfig.model_fields:
+                raise ConfigError(f"environment: {name}: unknown config group {group!r} "
+                                  f"(groups: {', '.join(RunConfig.model_fields)})")
+    try:
+        raw = EnvSettingsSource(_EnvSettings)()
+    except SettingsError as e:  # e.g. FRAMECAST_SOURCE='not json'
+        raise ConfigError(f"environment: {str(e).splitlines()[0]}") from None
+    out: dict[str, dict[str, Any]] = {}
+    for group, values in raw.items():
+        if group == "streams":
+            continue
+        fields = RunConfig.model_fields[group].annotation.model_fields
+        out[group] = {}
+        for key, value in values.items():
+            field = fields.get(key)
+            if isinstance(value, str) and field is not None and _literal_ints(field.annotation):
+                value = int(value) if value.strip().lstrip("-").isdigit() else value
+            out[group][key] = value
+    return out
+
+
+def _with_env(cfg: RunConfig, env: dict[str, dict[str, Any]]) -> RunConfig:
+    try:
+        return RunConfig.model_validate(deep_merge(cfg.model_dump(), env))
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = [str(p) for p in err["loc"]]
+        if len(loc) < 2 or loc[1] not in env.get(loc[0], {}):
+            raise ConfigError(_one_line(e, "environment")) from None
+        var = env_var(loc[0], loc[1])
+        if err["type"] == "extra_forbidden":
+            raise ConfigError(f"environment: {var}: unknown key '{loc[0]}.{loc[1]}'") from None
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"environment: {var} = {_short(env[loc[0]][loc[1]])}: {msg}") from None
+
+
+# ---------------------------------------------------------------- building
+
+
 def build_config(data: dict[str, Any], origin: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(data)
@@ -236,8 +377,78 @@ def build_config(data: dict[str, Any], origin: str = "config") -> RunConfig:
         raise ConfigError(_one_line(e, origin)) from None
 
 
-def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Load a file or preset (if given), then apply dotted-key overrides from the CLI."""
+# ---------------------------------------------------------------- several streams
+
+
+#: config keys that name a file per stream; `{stream_id}` in them is replaced by the stream's id
+PER_STREAM_PATHS = (("outputs", "jsonl"), ("outputs", "srt"), ("outputs", "vtt"), ("session", "state_file"))
+STREAM_ID_FIELD = "{stream_id}"
+
+
+def split_stream_uri(raw: str) -> tuple[str, str | None]:
+    """`URI#id` -> (URI, id); a fragment that is not a valid stream id stays part of the URI."""
+    uri, sep, frag = raw.rpartition("#")
+    if sep and uri and frag and set(frag) <= STREAM_ID_CHARS and len(frag) <= 64:
+        return uri, frag
+    return raw, None
+
+
+def _expand_paths(data: dict[str, Any], stream_id: str) -> None:
+    for group, key in PER_STREAM_PATHS:
+        value = data.get(group, {}).get(key)
+        if isinstance(value, str) and STREAM_ID_FIELD in value:
+            data[group][key] = value.replace(STREAM_ID_FIELD, stream_id)
+
+
+def stream_configs(cfg: RunConfig, origin: str = "config") -> list[RunConfig]:
+    """One complete `RunConfig` per stream, `streams` emptied: each `[[streams]]` entry's groups
+    merged over the run's own, `source.stream_id` set to the entry's id (default `stream<N>`,
+    N from 1), `{stream_id}` in output / state paths replaced. No entries: `[cfg]` (paths
+    expanded too). Raises ConfigError (one line naming the entry and key) for a bad entry, a
+    duplicate id, or two streams writing one file."""
+    if not cfg.streams:
+        data = cfg.model_dump()
+        _expand_paths(data, cfg.source.stream_id)
+        return [RunConfig.model_validate(data)]
+    base = cfg.model_dump(exclude={"streams"})
+    out: list[RunConfig] = []
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(cfg.streams):
+        where = f"{origin}: streams[{i}]"
+        named = entry.source.get("stream_id")
+        if entry.id is not None and named is not None and named != entry.id:
+            raise ConfigError(f"{where}: id = {entry.id!r} but source.stream_id = {named!r} (give one)")
+        sid = entry.id if entry.id is not None else named if named is not None else f"stream{i + 1}"
+        if not isinstance(sid, str) or not sid or not set(sid) <= STREAM_ID_CHARS or len(sid) > 64:
+            raise ConfigError(f"{where}: id = {_short(sid)}: stream ids use 1-64 of [A-Za-z0-9_.-] "
+                              "(no '/', '+', '#')")
+        if sid in seen:
+            raise ConfigError(f"{where}: stream id {sid!r} is already used by streams[{seen[sid]}]")
+        seen[sid] = i
+        data = deep_merge(copy.deepcopy(base), {g: getattr(entry, g) for g in STREAM_GROUPS if getattr(entry, g)})
+        data["source"]["stream_id"] = sid
+        _expand_paths(data, sid)
+        try:
+            out.append(RunConfig.model_validate(data))
+        except ValidationError as e:
+            raise ConfigError(_one_line(e, where)) from None
+    for group, key in PER_STREAM_PATHS:  # two writers on one file would interleave or clobber
+        owners: dict[str, str] = {}
+        for one in out:
+            path = getattr(getattr(one, group), key)
+            if path is None:
+                continue
+            if path in owners:
+                raise ConfigError(f"{origin}: {group}.{key} = {path!r} is shared by streams {owners[path]!r} and "
+                                  f"{one.source.stream_id!r}: put {STREAM_ID_FIELD} in the path")
+            owners[path] = one.source.stream_id
+    return out
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None, *,
+                env: bool = True) -> RunConfig:
+    """Load a file or preset (if given), then the FRAMECAST_<GROUP>__<KEY> environment variables
+    (unless `env` is False), then dotted-key overrides from the CLI: each layer wins over the last."""
     data: dict[str, Any] = {}
     origin = "command line"
     if path:
@@ -245,6 +456,9 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         data = _read_file(p)
         origin = str(p)
     cfg = build_config(data, origin)
+    environment = env_overrides() if env else {}
+    if environment:
+        cfg = _with_env(cfg, environment)
     if overrides:
         nested: dict[str, Any] = {}
         for dotted, value in overrides.items():
@@ -254,4 +468,6 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
                 cur = cur.setdefault(part, {})
             cur[leaf] = value
         cfg = build_config(deep_merge(cfg.model_dump(), nested), "command line")
+    if cfg.streams:
+        stream_configs(cfg, origin)  # a bad entry fails here (`config check` too), not mid-run
     return cfg

@@ -13,6 +13,7 @@ that every output sees all data before it closes.
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from datetime import datetime, timezone
@@ -60,8 +61,8 @@ class Event(BaseModel):
 
 
 def _jsonable(v: Any) -> Any:
-    if isinstance(v, float):
-        return round(v, 6)
+    if isinstance(v, float):  # NaN/inf are not JSON: null, like any unknown value
+        return round(v, 6) if math.isfinite(v) else None
     if isinstance(v, (np.floating, np.integer)):
         return v.item()
     if isinstance(v, dict):
@@ -124,7 +125,7 @@ class Narration(Event):
     narration_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
     pts_start: float | None = None
     pts_end: float | None = None
-    trigger: str = "interval"  # interval | change | question
+    trigger: str = "interval"  # interval | change | end (closing narration at end of input) | question
     first_token_ms: float | None = None
     tokens_per_s: float | None = None
     tokens: int | None = None
@@ -143,12 +144,49 @@ class Answer(Event):
     tokens_per_s: float | None = None
     tokens: int | None = None
     cache_tokens: int | None = None
+    #: the media time the answer draws on, and from what (`cache` | `narration log`), when known
+    pts_start: float | None = None
+    pts_end: float | None = None
+    basis: str | None = None
+
+
+class Chapter(Event):
+    """A finished chapter of a recording: scene segments merged to at least `chapters.min_s`
+    seconds. `text` is its title, written by the model from what it narrated in
+    [`pts_start`, `pts_end`) (media seconds); `index` counts from 1; `narrations` is how many
+    narrations the title was written from."""
+
+    type: Literal["chapter"] = "chapter"
+    text: str
+    index: int
+    pts_start: float
+    pts_end: float
+    narrations: int = 0
+
+
+class Summary(Event):
+    """The summary of a whole recording (end of file), written by the model from its chapters
+    (titles and narrations) in text-only turns. `levels` = 1 when all chapters fitted one
+    prompt, 2+ when groups of chapters were summarised first. `realtime` = media seconds
+    processed per wall-clock second (above 1 = faster than real time)."""
+
+    type: Literal["summary"] = "summary"
+    text: str
+    pts_start: float | None = None
+    pts_end: float | None = None
+    chapters: int = 0
+    narrations: int = 0
+    levels: int = 1
+    realtime: float | None = None
 
 
 class Status(Event):
     """Stream state: starting, running, reconnecting, eof, stopped, error.
 
-    `duration` (media seconds) is known for recorded files: progress bars use it.
+    `duration` (media seconds) is known for recorded files: progress bars use it. An `eof`
+    status has `pts` = the media time where the input ended, when the source knows it, and
+    `discontinuities` = how often the source's timestamps jumped back (recorded files, streams).
+    `undelivered` (the MQTT stage's statuses only) counts messages that never reached the broker.
     """
 
     type: Literal["status"] = "status"
@@ -159,6 +197,9 @@ class Status(Event):
     reconnects: int | None = None
     bad_frames: int | None = None
     duration: float | None = None
+    discontinuities: int | None = None
+    #: set by the bus: messages it could not deliver so far (too large, refused, evicted, unsent)
+    undelivered: int | None = None
 
 
 class Metrics(Event):
@@ -192,6 +233,16 @@ class Question(Event):
     control: ClassVar[bool] = True
 
 
+class QuestionRecord(Event):
+    """What outputs record of a question the decoder took: the same JSON as `Question`
+    (`type` "question"), but data, in order just before its `Answer`. The control `Question`
+    itself is consumed by the decoder."""
+
+    type: Literal["question"] = "question"
+    text: str
+    request_id: str
+
+
 class Stop(Event):
     """Stop producing; downstream drains what is queued and closes."""
 
@@ -216,9 +267,9 @@ class EndOfStream(Event):
 
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.model_fields["type"].default: cls
-    for cls in (Frame, SceneChange, NarrationDelta, Narration, Answer, Status, Metrics, Error,
+    for cls in (Frame, SceneChange, NarrationDelta, Narration, Answer, Chapter, Summary, Status, Metrics, Error,
                 Question, Stop, Flush, EndOfStream)
-}
+}  # ("question" parses as the control `Question`; a `QuestionRecord` has the same fields)
 
 
 def event_from_dict(d: dict[str, Any]) -> Event:

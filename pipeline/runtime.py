@@ -11,13 +11,19 @@ before it. A stage that raises reports an `Error` event downstream and keeps goi
 `FatalError` stops the graph with a non-zero exit code. Stopping (SIGINT/SIGTERM, `Stop`, end of
 input) drains the edges within `stop_timeout` seconds, then cancels, then closes every stage
 (outputs flush there) — so nothing already produced is lost.
+
+Every wait on the way out has a bound: the source gets `SOURCE_GRACE_S` to notice a stop, the
+stages `stop_timeout` to drain, each `close` `DEFAULT_CLOSE_TIMEOUT`. A second SIGINT/SIGTERM
+hurries all of it (cancel at once, `HURRY_CLOSE_S` per close); a third exits at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterable, Literal
@@ -25,13 +31,17 @@ from typing import Any, AsyncIterator, Callable, Iterable, Literal
 from framecast.errors import FatalError
 from framecast.events import EndOfStream, Error, Event, Frame, Metrics, Stop
 
-__all__ = ["Edge", "FatalError", "Runtime", "RunResult", "Source", "Stage", "StageMetrics", "run_graph"]
+__all__ = ["Edge", "FatalError", "Runtime", "RunResult", "Source", "Stage", "StageHandle", "StageMetrics",
+           "run_graph"]
 
 EdgePolicy = Literal["block", "drop_oldest"]
 
 DEFAULT_EDGE_SIZE = 8
 DEFAULT_STOP_TIMEOUT = 10.0
 DEFAULT_CLOSE_TIMEOUT = 5.0
+SOURCE_GRACE_S = 2.0  # a stopped source gets this long to end by itself before it is cancelled
+CANCEL_GRACE_S = 1.0  # a cancelled task gets this long to unwind before the runtime moves on
+HURRY_CLOSE_S = 0.5  # after a second signal: each stage's close gets this long
 LATENCY_WINDOW = 256
 
 
@@ -118,11 +128,60 @@ class StageMetrics:
         return out
 
 
+class StageHandle:
+    """What a stage may ask of the graph it runs in, and nothing more (pipecat's narrow frame
+    processor view): inject an event at the head, fail the run, report an error, see that the
+    run is stopping (and why), read the stream id and the frames dropped so far."""
+
+    def __init__(self, runtime: Runtime, stage: Stage):
+        self._runtime = runtime
+        self._stage = stage
+
+    @property
+    def stopping(self) -> asyncio.Event:
+        """Set once the run is stopping (signal, Stop, fatal error, end of input)."""
+        return self._runtime.source.stopping
+
+    @property
+    def stopped_by(self) -> str:
+        """Why the run is ending: eos | signal | fatal | stop."""
+        return self._runtime.stopped_by
+
+    @property
+    def stream_id(self) -> str:
+        return self._runtime.stream_id
+
+    async def inject(self, event: Event, *, force: bool = False) -> None:
+        """Send an event into the graph at its head (control events overtake queued frames).
+        `force`: never wait for room (a stage injecting from inside the graph must not wait on
+        itself: it may be what empties the edges)."""
+        await self._runtime.inject(event, force=force)
+
+    @property
+    def answers_questions(self) -> bool:
+        """Whether some stage of the graph answers `Question`s (declares `answers_questions`)."""
+        return any(getattr(st, "answers_questions", False) for st in self._runtime.stages)
+
+    def fail(self, message: str, *, exit_code: int = 1) -> Error:
+        """A fatal error of this stage: recorded, and the run stops (nothing produced is lost)."""
+        return self._runtime.fail(message, stage=self._stage.name, exit_code=exit_code)
+
+    def report(self, err: Error) -> None:
+        """Record an error this stage sends downstream itself (fatal ones set the exit code)."""
+        self._runtime.report(err)
+
+    def frames_dropped(self) -> int:
+        """Frames dropped on the graph's edges so far (live sources: the consumer lagged)."""
+        return sum(e.drops for e in self._runtime.edges)
+
+
 class Stage:
     """One step of the graph. Override `process` (data) and/or `on_control` (control).
 
     Stages see events, never another stage. `emit` lets a stage push events on its own
-    (e.g. from a timer or a network callback); `runtime.inject` sends control upstream-to-down.
+    (e.g. from a timer or a network callback); `handle` (set by the Runtime, None outside
+    one) is all a stage may ask of the graph: `handle.inject` sends control upstream-to-down.
+    `runtime` is the Runtime itself, for tests and the composition root, not for stage code.
     """
 
     name: str = "stage"
@@ -132,6 +191,7 @@ class Stage:
             self.name = name
         self.metrics = StageMetrics()
         self.runtime: Runtime | None = None
+        self.handle: StageHandle | None = None
         self._out: Edge | None = None
 
     async def start(self) -> None:
@@ -214,22 +274,31 @@ class Runtime:
         self._stopped_by = "eos"
         self._metrics_seq = 0
         self._signal: int | None = None
+        self._signals = 0
         self._stage_tasks: list[asyncio.Task] = []
+        self._source_task: asyncio.Task | None = None
+        self._eos_sent = False
+        self._hurry = asyncio.Event()  # a second signal: stop waiting for anything
         for i, st in enumerate([source, *self.stages]):
             st.runtime = self
+            st.handle = StageHandle(self, st)
             st._out = self.edges[i] if i < len(self.edges) else None
 
     # -- control from outside (signals, MQTT questions, tests)
 
-    async def inject(self, msg: Event) -> None:
-        """Put a control message (or data) at the head of the chain, after the source."""
+    async def inject(self, msg: Event, *, force: bool = False) -> None:
+        """Put a control message (or data) at the head of the chain, after the source. `force`:
+        never wait for room (a stage injecting from inside the graph must not wait on itself)."""
         if self.edges:
-            await self.edges[0].put(msg)
+            await self.edges[0].put(msg, force=force)
 
     @property
     def stopped_by(self) -> str:
-        """Why the run is ending: eos (input exhausted) | signal | fatal | stop."""
-        return self._stopped_by
+        """Why the run is ending: eos (input exhausted) | signal | fatal | stop.
+
+        `fatal` whenever a fatal error was recorded (the exit status is then non-zero), even
+        if a signal or the end of input came first: end markers and exit status always agree."""
+        return "fatal" if self._exit_code else self._stopped_by
 
     def request_stop(self, reason: str = "stop") -> None:
         if not self.source.stopping.is_set():
@@ -237,14 +306,23 @@ class Runtime:
             self.source.stopping.set()
 
     def _on_signal(self, sig: int) -> None:
-        """First SIGINT/SIGTERM: stop cleanly (drain, flush, close). A second one: stop waiting
-        for stages to drain (they are cancelled; outputs still flush in `close`)."""
-        if self._signal is None:
+        """First SIGINT/SIGTERM: stop cleanly (drain, flush, close). A second one: hurry — the
+        source and the stages are cancelled at once and each close gets `HURRY_CLOSE_S` (files
+        still get their end marker). A third: exit at once (the files keep every line already
+        written, without the end marker)."""
+        self._signals += 1
+        if self._signals == 1:
             self._signal = sig
             self.request_stop("signal")
             return
-        for t in self._stage_tasks:
-            t.cancel()
+        if self._signals == 2:
+            self._hurry.set()
+            for t in [self._source_task, *self._stage_tasks]:
+                if t is not None:
+                    t.cancel()
+            return
+        print("framecast: third signal: exiting without waiting", file=sys.stderr, flush=True)
+        os._exit(128 + sig)
 
     def metrics_snapshot(self) -> dict[str, dict[str, float]]:
         snap = {self.source.name: self.source.metrics.snapshot(None)}
@@ -275,6 +353,7 @@ class Runtime:
 
     async def _run_source(self) -> None:
         src, out = self.source, self.edges[0] if self.edges else None
+        cancelled = False
         try:
             await src.start()
             # Sources watch `stopping` themselves and end with a final status event; one that
@@ -289,14 +368,23 @@ class Runtime:
             if out is not None:
                 await out.put(err)
         except asyncio.CancelledError:
+            cancelled = True
             raise
         except Exception as e:  # a bug or an unexpected library error: report, do not vanish
             err = self.fail(f"{type(e).__name__}: {e}", stage=src.name)
             if out is not None:
                 await out.put(err)
         finally:
-            if out is not None:
-                await out.put(EndOfStream(stream_id=self.stream_id, text=self._stopped_by))
+            # after a cancel (stop, second signal) the consumer may be gone for good: an await
+            # for room on its full edge would never return (the run would hang), so force it
+            await self._send_eos(force=cancelled)
+
+    async def _send_eos(self, *, force: bool) -> None:
+        """The end-of-stream marker, once. `force`: never wait for room (only the edge's lock)."""
+        if self._eos_sent or not self.edges:
+            return
+        await self.edges[0].put(EndOfStream(stream_id=self.stream_id, text=self.stopped_by), force=force)
+        self._eos_sent = True
 
     async def _run_stage(self, idx: int) -> None:
         st, inp = self.stages[idx], self.edges[idx]
@@ -352,6 +440,36 @@ class Runtime:
         if self.edges:  # as data, so the bus and files see it too; never dropped (not a Frame)
             await self.edges[0].put(Metrics(stages=snap, stream_id=self.stream_id, seq=self._metrics_seq))
 
+    async def _wait(self, tasks: Iterable[asyncio.Task], timeout: float | None = None, *,
+                    until: asyncio.Event | None = None, hurry: bool = True) -> None:
+        """Wait until every task is done, `timeout` passes, `until` is set or (with `hurry`) a
+        second signal comes, whichever is first. Never raises, never cancels."""
+        pending = {t for t in tasks if not t.done()}
+        events = [e for e in (self._hurry if hurry else None, until) if e is not None]
+        cutters = [asyncio.ensure_future(e.wait()) for e in events]
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        try:
+            while pending and not any(c.done() for c in cutters):
+                left = None if deadline is None else deadline - loop.time()
+                if left is not None and left <= 0:
+                    return
+                done, _ = await asyncio.wait(pending | set(cutters), timeout=left,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                pending -= done
+        finally:
+            for c in cutters:
+                c.cancel()
+
+    async def _cancel(self, tasks: Iterable[asyncio.Task]) -> None:
+        """Cancel and give them `CANCEL_GRACE_S` to unwind (a task that ignores cancellation is
+        left behind rather than allowed to hang the shutdown)."""
+        tasks = [t for t in tasks if not t.done()]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=CANCEL_GRACE_S)
+
     async def run(self, *, handle_signals: bool = True) -> RunResult:
         loop = asyncio.get_running_loop()
         installed: list[int] = []
@@ -362,59 +480,68 @@ class Runtime:
                     installed.append(sig)
                 except (NotImplementedError, RuntimeError, ValueError):
                     pass
+        try:
+            return await self._run()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+    async def _run(self) -> RunResult:
         for st in self.stages:
             try:
                 await st.start()
             except FatalError as e:
                 self.fail(str(e), stage=st.name, exit_code=e.exit_code)
-                await self._close_all()
-                return RunResult(self._exit_code, self.errors, self.metrics_snapshot(), "fatal", self._signal)
+                await self._close_all()  # outputs already opened still get their end marker
+                return RunResult(self._exit_code, self.errors, self.metrics_snapshot(), self.stopped_by, self._signal)
         stage_tasks = [asyncio.create_task(self._run_stage(i), name=st.name) for i, st in enumerate(self.stages)]
         self._stage_tasks = stage_tasks
-        source_task = asyncio.create_task(self._run_source(), name=self.source.name)
+        source_task = self._source_task = asyncio.create_task(self._run_source(), name=self.source.name)
         metrics_task = asyncio.create_task(self._metrics_loop()) if self.metrics_interval else None
+        stopping = self.source.stopping
         try:
-            stop_wait = asyncio.create_task(self.source.stopping.wait())
-            await asyncio.wait([source_task, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+            # 1. the source runs until its input ends or a stop is requested ...
+            await self._wait([source_task], until=stopping)
             if not source_task.done():
-                # Stopped from outside: give the source a moment to notice, then cancel it
-                # (a hung capture library must not block shutdown).
-                done, _ = await asyncio.wait([source_task], timeout=min(2.0, self.stop_timeout))
-                if not done:
-                    source_task.cancel()
-                    await asyncio.gather(source_task, return_exceptions=True)
-                    if self.edges:
-                        await self.edges[0].put(EndOfStream(stream_id=self.stream_id, text=self._stopped_by),
-                                                force=True)
-            stop_wait.cancel()
+                # ... then gets a moment to notice and end with its final status; a hung capture
+                # library is cancelled (it must not block shutdown)
+                await self._wait([source_task], timeout=min(SOURCE_GRACE_S, self.stop_timeout))
+                await self._cancel([source_task])
+            await self._send_eos(force=True)  # if the source could not (cancelled in its `finally`)
+            # 2. the stages drain: without a bound after a natural end (a recording is processed to
+            # its end) until a stop is requested; then within `stop_timeout`; a second signal: now
+            await self._wait(stage_tasks, until=stopping)
             if self._stopped_by != "eos" and self.edges:
                 await self.edges[0].put(Stop(stream_id=self.stream_id, text=self._stopped_by))
-            deadline = self.stop_timeout if self._stopped_by != "eos" else None
-            _, pending = await asyncio.wait(stage_tasks, timeout=deadline) if stage_tasks else (set(), set())
-            for t in pending:
-                t.cancel()
-            await asyncio.gather(*stage_tasks, return_exceptions=True)
+            await self._wait(stage_tasks, timeout=self.stop_timeout)
+            await self._cancel(stage_tasks)
         except asyncio.CancelledError:
-            for t in [source_task, *stage_tasks]:
-                t.cancel()
+            await self._cancel([source_task, *stage_tasks])
             raise
         finally:
             if metrics_task:
-                metrics_task.cancel()
-                await asyncio.gather(metrics_task, return_exceptions=True)
+                await self._cancel([metrics_task])
             await self._close_all()
-            for sig in installed:
-                loop.remove_signal_handler(sig)
         snap = self.metrics_snapshot()
         if self.on_metrics and self.metrics_interval:
             self.on_metrics(snap)
-        return RunResult(self._exit_code, self.errors, snap, self._stopped_by, self._signal)
+        return RunResult(self._exit_code, self.errors, snap, self.stopped_by, self._signal)
 
     async def _close_all(self) -> None:
+        """Close every stage once, in graph order, each within `DEFAULT_CLOSE_TIMEOUT` (after a
+        second signal `HURRY_CLOSE_S`); a close that overruns is cancelled and reported."""
         for st in [self.source, *self.stages]:
-            try:
-                await asyncio.wait_for(st.close(), timeout=DEFAULT_CLOSE_TIMEOUT)
-            except Exception as e:  # closing must never hide the rest
+            task = asyncio.ensure_future(st.close())
+            if not self._hurry.is_set():
+                await self._wait([task], timeout=DEFAULT_CLOSE_TIMEOUT)
+            if not task.done():
+                await self._wait([task], timeout=HURRY_CLOSE_S, hurry=False)
+            if not task.done():
+                await self._cancel([task])
+                self._record_error(Error(text="close timed out", stage=st.name, stream_id=self.stream_id))
+                continue
+            if not task.cancelled() and task.exception() is not None:
+                e = task.exception()  # closing must never hide the rest
                 self._record_error(Error(text=f"close failed: {type(e).__name__}: {e}", stage=st.name,
                                          stream_id=self.stream_id))
 

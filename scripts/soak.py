@@ -3,12 +3,15 @@ memory, queue depths and drops.
 
     python scripts/soak.py --minutes 10                  # starts its own mosquitto
     python scripts/soak.py --minutes 10 --restart-every 120 --json
+    python scripts/soak.py --minutes 10 --restart-every 120 --max-packet-size 330   # a strict broker
     python scripts/soak.py --mqtt mqtt://broker.lan:1883 --minutes 60
 
 The graph is what `framecast run --source demo --mqtt …` builds (demo source, change
 detector, model stages when present, outputs, bus). A subscriber in the same process counts
 what arrives; a question is asked every `--ask-every` seconds; `--restart-every` restarts the
-local broker to soak the reconnect path too. Prints a table; `--json` adds one JSON object on
+local broker to soak the reconnect path too; `--max-packet-size` gives the local broker a
+packet limit (mosquitto `max_packet_size`), so messages it can never take are dropped and
+counted while the rest flow. Prints a table; `--json` adds one JSON object on
 the last line. Not part of CI.
 """
 
@@ -62,14 +65,15 @@ def rss_mb() -> float:
 class LocalBroker:
     """mosquitto on a free loopback port, config in a temporary directory."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_packet_size: int | None = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="framecast-soak-"))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         (self.dir / "mosquitto.conf").write_text(
             f"user root\nlistener {self.port} 127.0.0.1\nallow_anonymous true\n"
-            f"persistence true\npersistence_location {self.dir}/\nlog_dest none\n")
+            f"persistence true\npersistence_location {self.dir}/\nlog_dest none\n"
+            + (f"max_packet_size {max_packet_size}\n" if max_packet_size else ""))
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
 
@@ -214,6 +218,10 @@ async def soak(args: argparse.Namespace, url: str, broker: LocalBroker | None) -
         h.cancel()
     await asyncio.gather(*helpers, return_exceptions=True)
     summary = summarise(result, stages, samples, watcher, asked, broker, time.monotonic() - t0)
+    bus = next((st for st in stages if st.name == "mqtt"), None)
+    if bus is not None:  # what the bus gave up on, by why and what (e.g. too_large/narration)
+        summary["bus_discarded"] = {f"{r}/{k}": n for (r, k), n in sorted(bus.outbox.discarded.items())}
+        summary["undelivered"] = result.metrics.get("mqtt", {}).get("undelivered")
     summary["questions_not_sent_broker_down"] = unsent_questions[0]
     return summary
 
@@ -270,6 +278,7 @@ def print_table(s: dict) -> None:
             ("published / reconnects / broker restarts", f"{s['published']} / {s['reconnects']} / {s['broker_restarts']}"),
             ("model stages", s["model_stages"] or "none (capture only)"),
             ("narrations made / received", f"{s['narrations_made']} / {s['narrations_received']}"),
+            ("undelivered; discarded by the bus (why/what)", f"{s.get('undelivered')}; {s.get('bus_discarded') or 0}"),
             ("questions asked / answered / errors (+ not sent: broker down)",
              f"{s['questions_asked']} / {s['answers_received']} / {s['answer_errors']} "
              f"(+ {s['questions_not_sent_broker_down']})"),
@@ -292,10 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--metrics-s", type=float, default=10.0, help="metrics publishing interval")
     ap.add_argument("--ask-every", type=float, default=30.0)
     ap.add_argument("--restart-every", type=float, default=0.0, help="restart the local broker every N s")
+    ap.add_argument("--max-packet-size", type=int, help="the local broker's max_packet_size (bytes)")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    broker = None if args.mqtt else LocalBroker()
+    broker = None if args.mqtt else LocalBroker(max_packet_size=args.max_packet_size)
     try:
         if broker:
             broker.start()

@@ -9,9 +9,9 @@ corner below any useful threshold, while a cell mean still averages away pixel n
 than the previous frame means a slow drift (a shape creeping across, light fading) adds up
 until it crosses the threshold, instead of staying under it forever.
 
-The first frame of a stream is always changed (there is nothing to compare it with). Later
-stages use `Frame.changed` to skip re-encoding unchanged frames and to narrate on change;
-a `SceneChange` event follows every changed frame except the first.
+The first frame of a stream is always changed (there is nothing to compare it with, score
+1.0). Later stages use `Frame.changed` to skip re-encoding unchanged frames and to narrate on
+change; a `SceneChange` event follows every changed frame, the first one included.
 """
 
 from __future__ import annotations
@@ -70,8 +70,9 @@ class ChangeDetector(Stage):
         item.change_score = round(score, 6)
         self.metrics.extra["changes"] = self.metrics.extra.get("changes", 0) + int(item.changed)
         yield item
-        if item.changed and not first:
+        if item.changed:
             seq = self._seq.get(item.stream_id, 0)
             self._seq[item.stream_id] = seq + 1
+            what = "first frame" if first else f"score {score:.3f}"
             yield SceneChange(score=round(score, 6), stream_id=item.stream_id, seq=seq, pts=item.pts,
-                              text=f"scene change (score {score:.3f})")
+                              text=f"scene change ({what})")

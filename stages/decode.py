@@ -8,6 +8,11 @@ Policies (`narration.policy`):
 A `Question` (control lane, overtakes queued frames) is answered between frames from what the
 cache already holds: no frame is re-encoded. The `Answer` carries the question's `request_id`.
 
+End of input (`narrate_at_end`, recorded input): when the input ends by itself (an `eof`
+status), the span after the last narration gets a closing narration (`trigger="end"`) from
+its start to the end of the input (the eof status's pts), so subtitles cover every second of
+a file, a clip shorter than `interval_s` included. Not after a stop (signal, fatal error).
+
 Events out: `NarrationDelta` (partial text, if `partials`), `Narration`, `Answer`, each with
 timings — `first_token_ms` (frame arrival, or question arrival, to first token),
 `tokens_per_s`, `cache_tokens`. Frames pass through (outputs may show them).
@@ -18,29 +23,31 @@ from __future__ import annotations
 import collections
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 from framecast.config import NarrationConfig
 from framecast.errors import FatalError, UserError
-from framecast.events import Answer, Event, Frame, Narration, NarrationDelta, Question, SceneChange
+from framecast.events import (Answer, Event, Frame, Narration, NarrationDelta, Question, QuestionRecord, SceneChange,
+                              Status)
 from framecast.runtime import Stage
-from framecast.engine.session import StreamingSession, TextDelta, TurnDone, greedy
+from framecast.engine.sampling import Sampler, make_sampler
+from framecast.engine.session import StreamingSession, TextDelta, TurnDone
 
 
-def make_turn_sampler(cfg: NarrationConfig):
-    """Greedy at temperature 0, else the engine's seeded sampler with the configured filters."""
+def make_turn_sampler(cfg: NarrationConfig) -> Sampler:
+    """Greedy at temperature 0, else seeded, with the configured filters (`engine.sampling`)."""
     if cfg.temperature == 0 and not cfg.repetition_penalty:
-        return greedy
-    from framecast.engine.sampling import make_sampler
-
+        return make_sampler(0.0)
     return make_sampler(cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty, seed=0)
 
 
 class DecodeStage(Stage):
     name = "decode"
+    answers_questions = True  # the bus rejects questions at once on a stream without one
 
     def __init__(self, session: StreamingSession, cfg: NarrationConfig | None = None, *,
-                 stream_id: str = "default", state_file: str | None = None, name: str | None = None):
+                 stream_id: str = "default", state_file: str | None = None, narrate_at_end: bool = True,
+                 name: str | None = None):
         super().__init__(name=name)
         self.session = session
         self.state_file = Path(state_file) if state_file else None
@@ -52,6 +59,10 @@ class DecodeStage(Stage):
         self._span_start_pts: float | None = None
         self._scene_changed = False
         self._last_frame_pts: float | None = None  # what an answer refers to
+        self.narrate_at_end = narrate_at_end
+        self._last_frame_wall: float | None = None
+        self._frames_since_narration = 0
+        self._input_end: float | None = None  # set by an eof status: the input ended by itself
         self.frames_added = 0
         self.narrations = 0
         self.answers = 0
@@ -80,28 +91,36 @@ class DecodeStage(Stage):
 
     async def process(self, item: Event) -> AsyncIterator[Event]:
         if isinstance(item, SceneChange):
-            self._scene_changed = True
+            # The detector marks the frame too (`changed`), and its event follows the frame:
+            # only a change ahead of the frames seen (a frame held in a 3D group) is news here.
+            if self._last_frame_pts is None or (item.pts is not None and item.pts > self._last_frame_pts):
+                self._scene_changed = True
             yield item
             return
+        if isinstance(item, Status) and item.state == "eof":
+            self._input_end = item.pts if item.pts is not None else self._last_frame_pts
         if not isinstance(item, Frame):
             yield item
             return
         yield item
+        if item.changed:
+            self._scene_changed = True
         if item.features is None:  # an earlier frame of a 3D group, or encoding failed
             return
         pts = item.pts if item.pts is not None else time.monotonic()
-        self._last_frame_pts = item.pts
-        if self._span_start_pts is None:
-            self._span_start_pts = pts
-        if item.changed:
-            self._scene_changed = True
         trigger = self._trigger(pts)
-        self.frames_added += 1
         if trigger is None:
             await self.session.add_frame(item.features, item.pts)
-        else:
+        self.frames_added += 1
+        self._frames_since_narration += 1
+        self._last_frame_pts = item.pts
+        self._last_frame_wall = item.wall_time
+        if self._span_start_pts is None:
+            self._span_start_pts = pts
+        if trigger is not None:
             # A narration is due on this frame: one prefill for the frame and the prompt.
-            async for event in self._narrate(item, pts, trigger, features=item.features):
+            async for event in self._narrate(item.wall_time, pts, trigger,
+                                             frame=(item.features, item.pts)):
                 yield event
         self.metrics.extra.update({"frames_added": self.frames_added, "narrations": self.narrations,
                                    "answers": self.answers, "cache_tokens": self.session.cache_tokens})
@@ -117,15 +136,32 @@ class DecodeStage(Stage):
             return "change"
         return None
 
-    async def _narrate(self, frame: Frame, pts: float, trigger: str, *,
-                       features: Any = None) -> AsyncIterator[Event]:
+    async def on_end(self) -> AsyncIterator[Event]:
+        # A closing narration for the last span, when the input ended by itself (eof status;
+        # not after a signal or a fatal error) and frames came after the last narration. Here
+        # rather than at the eof status: a 3D-group encoder flushes its last frames at the end.
+        if (not self.narrate_at_end or self._input_end is None or self.cfg.policy == "on_demand"
+                or not self._frames_since_narration or self._last_frame_pts is None):
+            return
+        end = max(self._input_end, self._last_frame_pts)
+        async for event in self._narrate(self._last_frame_wall, self._last_frame_pts, "end", pts_end=end):
+            yield event
+        self.metrics.extra.update({"narrations": self.narrations, "cache_tokens": self.session.cache_tokens})
+
+    async def _narrate(self, arrived: float | None, pts: float, trigger: str, *,
+                       pts_end: float | None = None, frame: tuple | None = None) -> AsyncIterator[Event]:
+        """One narration turn about the span since the last one, up to `pts` (the frame that
+        triggered it); `pts_end` (default `pts`) is where the span it describes ends.
+        `arrived`: wall time the triggering frame arrived (first_token_ms counts from it).
+        `frame`: (features, pts) of a frame not yet in the cache, prefilled with the prompt."""
         self._scene_changed = False
+        self._frames_since_narration = 0
         self._last_narration_pts = pts
         start = Narration(text="", stream_id=self.stream_id)  # only for its fresh narration_id
         nid = start.narration_id
         first_token_wall: float | None = None
         done: TurnDone | None = None
-        extra = {} if features is None else {"frame": features, "pts": frame.pts}
+        extra = {} if frame is None else {"frame": frame[0], "pts": frame[1]}
         async for ev in self.session.narrate(self.cfg.prompt, max_tokens=self.cfg.max_tokens,
                                              sampler=self.sampler, **extra):
             if isinstance(ev, TextDelta):
@@ -137,15 +173,18 @@ class DecodeStage(Stage):
             else:
                 done = ev
         assert done is not None
-        span_start, self._span_start_pts = self._span_start_pts, pts
         self.turn_log.append((pts, trigger, done.text))
         if not done.text.strip():
-            return  # the model had nothing to say: no empty subtitles
+            # The model had nothing to say: no empty subtitle, and the span stays open, so the
+            # next narration covers it (no second of the input goes without a cue).
+            return
+        span_start, self._span_start_pts = self._span_start_pts, pts
         self.narrations += 1
-        first_ms = (first_token_wall - frame.wall_time) * 1e3 if first_token_wall else None
+        first_ms = (first_token_wall - arrived) * 1e3 if first_token_wall and arrived else None
         yield Narration(
             text=done.text.strip(), narration_id=nid, stream_id=self.stream_id, seq=self._next_seq(),
-            pts=pts, pts_start=span_start, pts_end=pts, trigger=trigger, first_token_ms=first_ms,
+            pts=pts, pts_start=span_start, pts_end=pts if pts_end is None else pts_end, trigger=trigger,
+            first_token_ms=first_ms,
             tokens_per_s=done.tokens_per_s, tokens=done.tokens, cache_tokens=done.cache_tokens)
 
     # -- control -----------------------------------------------------------------------------
@@ -154,6 +193,9 @@ class DecodeStage(Stage):
         if not isinstance(msg, Question):
             yield msg
             return
+        # consumed here; outputs (JSONL, the bus) get a record of it, just before its answer
+        yield QuestionRecord(text=msg.text, request_id=msg.request_id, stream_id=self.stream_id, seq=msg.seq, ts=msg.ts,
+                             pts=msg.pts)
         arrived = msg.ts.timestamp()
         pts = msg.pts if msg.pts is not None else self._last_frame_pts
         text, first_ms, done = "", None, None

@@ -14,22 +14,21 @@ Items keep their order (frames and data events travel through one queue); contro
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from framecast.events import EndOfStream, Error, Event, Frame
+from framecast.model.protocol import VisionLanguageModel
 from framecast.runtime import Stage
 from framecast.engine.worker import ModelWorker, worker_for
 
 DEFAULT_MAX_BATCH = 4  # frames per vision-tower call
 DEFAULT_MAX_PENDING = 16  # frames waiting inside the stage before `process` pushes back
-DEFAULT_PACK_45 = 3  # frames per 3D-resampler group (MiniCPM-V 4.5 default packing)
 TEMPORAL_UNIT_S = 0.1
 
 
-def default_pack(model: Any) -> int:
-    """Frames per encoder group: 3 for models with a 3D resampler (4.5), else 1."""
-    version = str(getattr(getattr(model, "args", None), "version", ""))
-    return DEFAULT_PACK_45 if version == "4.5" and hasattr(model, "encode_frame_group") else 1
+def default_pack(model: VisionLanguageModel) -> int:
+    """Frames per encoder group: the model's default (3 with 4.5's 3D resampler, else 1)."""
+    return model.default_group_frames
 
 
 class EncodeStage(Stage):
@@ -37,13 +36,14 @@ class EncodeStage(Stage):
 
     def __init__(
         self,
-        model: Any,
+        model: VisionLanguageModel,
         *,
         worker: ModelWorker | None = None,
         max_batch: int = DEFAULT_MAX_BATCH,
         max_pending: int = DEFAULT_MAX_PENDING,
         pack_frames: int | None = None,
         max_slice_nums: int = 1,
+        encoder: Callable[..., Awaitable[list]] | None = None,
         name: str | None = None,
     ):
         super().__init__(name=name)
@@ -52,6 +52,10 @@ class EncodeStage(Stage):
         self.max_batch = max(1, max_batch)
         self.pack = pack_frames or default_pack(model)
         self.max_slice_nums = max_slice_nums  # 1 = one view per frame (streaming)
+        # `await encoder(pixels, max_slice_nums=)` -> features (`encoder.group` for 4.5's frame
+        # groups); several streams share one `engine.scheduler.BatchEncoder`, which batches
+        # their frames into one call
+        self.encoder = encoder
         self._queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=max(max_pending, self.pack))
         self._task: asyncio.Task | None = None
         self._last_features: Any = None
@@ -121,8 +125,11 @@ class EncodeStage(Stage):
                 todo.append(item)
                 latest = item
         if todo:
-            feats = await self.worker.run(self.model.encode_images, [f.pixels for f in todo],
-                                          max_slice_nums=self.max_slice_nums)
+            pixels = [f.pixels for f in todo]
+            if self.encoder is not None:
+                feats = await self.encoder(pixels, max_slice_nums=self.max_slice_nums)
+            else:
+                feats = await self.worker.run(self.model.encode_images, pixels, max_slice_nums=self.max_slice_nums)
             self.encode_calls += 1
             self.frames_encoded += len(todo)
             for frame, feat in zip(todo, feats):
@@ -161,8 +168,12 @@ class EncodeStage(Stage):
                 self.frames_reused += len(group)
             else:
                 ids = [round((f.pts or 0.0) / TEMPORAL_UNIT_S) for f in group]
-                feats = await self.worker.run(self.model.encode_frame_group, [f.pixels for f in group], ids,
-                                              max_slice_nums=self.max_slice_nums)
+                pixels = [f.pixels for f in group]
+                if self.encoder is not None:
+                    feats = await self.encoder.group(pixels, ids, max_slice_nums=self.max_slice_nums)
+                else:
+                    feats = await self.worker.run(self.model.encode_frame_group, pixels, ids,
+                                                  max_slice_nums=self.max_slice_nums)
                 self.encode_calls += 1
                 self.frames_encoded += len(group)
             group[-1].features = self._last_features = feats

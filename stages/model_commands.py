@@ -10,6 +10,7 @@ import mlx.core as mx
 from framecast.engine.generate import DEFAULT_MAX_TOKENS, generate_tokens
 from framecast.errors import UserError
 from framecast.model.convert import GROUP_SIZE, convert_model
+from framecast.model.protocol import TextModel
 
 
 def convert_main(src: str, out: str, *, mmproj: str | None = None, bits: int | None = None,
@@ -22,16 +23,8 @@ def convert_main(src: str, out: str, *, mmproj: str | None = None, bits: int | N
     return 0
 
 
-def _prompt_text(model, prompt: str, chat: bool) -> str:
-    if not chat:
-        return prompt
-    proc = getattr(model, "processor", None)
-    if proc is None:  # a text-only GGUF: pick the template from its language-model family
-        from framecast.model.processor import MiniCPMVProcessor
-
-        family = (getattr(model, "config", {}) or {}).get("model_type", "qwen2")
-        proc = MiniCPMVProcessor(version={"qwen3": "4.5", "llama": "4.0", "minicpm": "4.0"}.get(family, "2.6"))
-    return proc.chat_prompt([{"role": "user", "content": prompt}])
+def _prompt_text(model: TextModel, prompt: str, chat: bool) -> str:
+    return model.chat_prompt([{"role": "user", "content": prompt}]) if chat else prompt
 
 
 def generate_main(model: str, prompt: str, *, max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = 0.0,

@@ -4,6 +4,8 @@
 free loopback port: optionally with a password file (via `mosquitto_passwd`), a TLS listener
 with a CA, server and client certificates made on the spot (`cryptography`), and persistence
 (so a restart keeps sessions and retained messages, as a production broker would).
+`extra` adds config lines (`max_packet_size 330`); a broker made but not yet started is a
+broker that comes up late (its port is fixed at construction).
 `Recorder` is a paho-mqtt subscriber on its own thread that records what arrives.
 """
 
@@ -120,7 +122,7 @@ class Broker:
     """One mosquitto process; `restart()` keeps the port (and, with persistence, the state)."""
 
     def __init__(self, directory: Path, *, users: dict[str, str] | None = None, tls: bool = False,
-                 persistence: bool = False):
+                 persistence: bool = False, extra: list[str] | None = None):
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -128,6 +130,7 @@ class Broker:
         self.tls = make_certs(self.dir / "certs") if tls else None
         self.users = users
         self.persistence = persistence
+        self.extra = list(extra or [])  # more mosquitto.conf lines, e.g. "max_packet_size 330"
         self.proc: subprocess.Popen | None = None
         self.conf = self.dir / "mosquitto.conf"
         self.log = self.dir / "mosquitto.log"
@@ -144,6 +147,7 @@ class Broker:
             f"log_dest file {self.log}",
             "log_type error", "log_type warning", "log_type notice",
             "max_queued_messages 10000",
+            *self.extra,
         ]
         if self.users:
             if MOSQUITTO_PASSWD is None:

@@ -224,3 +224,27 @@ def test_stop_while_a_live_source_hangs_is_prompt_and_ends_with_a_status(silent_
     res, took = asyncio.run(main_())
     assert took < 1.0 and res.stopped_by == "signal"
     assert [s.state for s in seen if isinstance(s, Status)] == ["starting", "stopped"]
+
+
+@pytest.mark.parametrize("flag,what,name", [
+    ("--jsonl", "JSONL", "x.jsonl"), ("--srt", "SRT", "x.srt"), ("--vtt", "VTT", "x.vtt"),
+    ("session.state_file", "session state", "state.safetensors"),
+])
+def test_output_in_a_missing_directory_is_refused_and_nothing_is_created(capsys, tmp_path, flag, what, name):
+    bad = tmp_path / "no" / "such" / name
+    good = tmp_path / "good.jsonl" if flag != "--jsonl" else tmp_path / "good.srt"
+    other = "--srt" if flag == "--jsonl" else "--jsonl"
+    arg = ["--set", f"{flag}={bad}"] if "." in flag else [flag, str(bad)]
+    code, err = cli(capsys, "--source", "demo", "--max-frames", "2", other, str(good), *arg)
+    assert code == 2
+    assert one_line(err) == f"framecast: {bad}: cannot write {what} output: no such directory '{bad.parent}'"
+    assert not (tmp_path / "no").exists() and not good.exists()  # no directory made, no other output begun
+
+
+def test_output_paths_literal_nonexistent_and_a_directory(capsys, tmp_path):
+    code, err = cli(capsys, "--source", "demo", "--max-frames", "2", "--jsonl", "/nonexistent/dir/x.jsonl")
+    assert code == 2 and one_line(err) == ("framecast: /nonexistent/dir/x.jsonl: cannot write JSONL output: "
+                                           "no such directory '/nonexistent/dir'")
+    assert not __import__("os").path.exists("/nonexistent")
+    code, err = cli(capsys, "--source", "demo", "--max-frames", "2", "--srt", str(tmp_path))
+    assert code == 2 and one_line(err) == f"framecast: {tmp_path}: cannot write SRT output: is a directory"

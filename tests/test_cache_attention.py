@@ -203,7 +203,7 @@ static bool __any_sync(unsigned, bool p) {
   W->i[LANE] = p; __syncwarp(); bool r = false; for (int l = 0; l < 32; ++l) r = r || W->i[l]; __syncwarp(); return r;
 }
 #define __expf(x) std::exp(x)
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))
 static float __int_as_float(unsigned bits) { float f; std::memcpy(&f, &bits, 4); return f; }
 namespace nvcuda { namespace wmma {
 struct matrix_a {}; struct matrix_b {}; struct accumulator {}; struct row_major {}; struct col_major {};

@@ -37,7 +37,10 @@ def test_first_frame_changed_identical_frames_not_and_big_change_emits_event():
     assert [f.changed for f in frames] == [True, False, True, False]
     assert frames[1].change_score == 0.0 and frames[2].change_score > 0.3
     changes = [e for e in out if isinstance(e, SceneChange)]
-    assert len(changes) == 1 and changes[0].pts == frames[2].pts and changes[0].score == frames[2].change_score
+    # issue 12: the first frame counts as changed AND emits its event (README and behaviour agree)
+    assert len(changes) == 2 and changes[1].pts == frames[2].pts and changes[1].score == frames[2].change_score
+    assert changes[0].pts == frames[0].pts and changes[0].score == 1.0 and "first frame" in changes[0].text
+    assert [c.seq for c in changes] == [0, 1]
 
 
 def test_slow_drift_adds_up_against_the_last_changed_frame():
@@ -93,4 +96,4 @@ def test_detector_in_a_graph_marks_every_demo_frame_and_sees_appearances():
     appear = [i for i in range(120) if any(e.kind == "appear" for e in gen.truth(i).events)]
     assert appear and all(frames[i].changed for i in appear)
     n_changes = sum(isinstance(e, SceneChange) for e in sink.seen)
-    assert n_changes == sum(f.changed for f in frames) - 1 < 120
+    assert n_changes == sum(f.changed for f in frames) < 120  # one event per changed frame, the first too

@@ -65,3 +65,68 @@ def test_override_errors_name_the_command_line():
     with pytest.raises(ConfigError) as e:
         load_config(None, {"source.max_frames": 0})
     assert str(e.value) == "command line: source.max_frames = 0: Input should be greater than or equal to 1"
+
+
+# ---------------------------------------------------------------- environment variables
+
+
+@pytest.fixture
+def env(monkeypatch):
+    """Set FRAMECAST_* variables for one test (monkeypatch undoes them)."""
+    def set_(**values):
+        for name, value in values.items():
+            monkeypatch.setenv(name, value)
+    return set_
+
+
+def test_every_key_has_an_environment_variable(env):
+    from framecast.config import env_var
+
+    env(FRAMECAST_SOURCE__FPS="2.5", FRAMECAST_SOURCE__STREAM_ID="cam1", FRAMECAST_SOURCE__REALTIME="false",
+        FRAMECAST_MQTT__URL="mqtt://broker:1883", FRAMECAST_MQTT__PROTOCOL="5", FRAMECAST_SESSION__KV_BITS="8",
+        FRAMECAST_NARRATION__PROMPT="yes", FRAMECAST_OUTPUTS__SRT="null", FRAMECAST_RUNTIME__EDGE_SIZE="16",
+        framecast_change__threshold="0.1", FRAMECAST_KERNELS="reference")  # (not a config key: ignored)
+    cfg = load_config()
+    assert cfg.source.fps == 2.5 and cfg.source.stream_id == "cam1" and cfg.source.realtime is False
+    assert cfg.mqtt.url == "mqtt://broker:1883" and cfg.mqtt.protocol == "5" and cfg.session.kv_bits == 8
+    assert cfg.narration.prompt == "yes" and cfg.outputs.srt is None and cfg.runtime.edge_size == 16
+    assert cfg.change.threshold == 0.1  # names are case-insensitive
+    assert env_var("mqtt", "ha_discovery") == "FRAMECAST_MQTT__HA_DISCOVERY"
+    assert load_config(env=False) == RunConfig()
+
+
+def test_precedence_flag_over_env_over_file_over_defaults(env, tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text('[source]\nuri = "file.mp4"\nfps = 1\nmax_frames = 5\n[mqtt]\nprefix = "from-file"\n')
+    env(FRAMECAST_SOURCE__FPS="3", FRAMECAST_SOURCE__MAX_FRAMES="7", FRAMECAST_MQTT__PREFIX="from-env")
+    cfg = load_config(str(p), {"source.max_frames": 9})
+    assert cfg.source.uri == "file.mp4"  # file over default
+    assert cfg.source.fps == 3.0 and cfg.mqtt.prefix == "from-env"  # env over file
+    assert cfg.source.max_frames == 9  # flag over env
+    assert cfg.source.width == 448  # default
+
+
+@pytest.mark.parametrize("name,value,expected", [
+    ("FRAMECAST_SOURCE__FPS", "-3", "environment: FRAMECAST_SOURCE__FPS = '-3': Input should be greater than 0"),
+    ("FRAMECAST_SESSION__KV_BITS", "5", "environment: FRAMECAST_SESSION__KV_BITS = 5: Input should be 4 or 8"),
+    ("FRAMECAST_OUTPUTS__CONSOLE", "maybe", "environment: FRAMECAST_OUTPUTS__CONSOLE = 'maybe': Input should be a valid boolean"),
+    ("FRAMECAST_MQTT__PREFIX", "a/#", "environment: FRAMECAST_MQTT__PREFIX = 'a/#': topic prefixes may not contain"),
+    ("FRAMECAST_SOURCE__FSP", "2", "environment: FRAMECAST_SOURCE__FSP: unknown key 'source.fsp'"),
+    ("FRAMECAST_SORCE__FPS", "2", "environment: FRAMECAST_SORCE__FPS: unknown config group 'sorce'"),
+    ("FRAMECAST_SOURCE", '{"fps": 2}', "environment: FRAMECAST_SOURCE: set keys one by one, as FRAMECAST_SOURCE__KEY"),
+])
+def test_bad_variables_raise_one_line_naming_the_variable(env, name, value, expected):
+    env(**{name: value})
+    with pytest.raises(ConfigError) as e:
+        load_config()
+    msg = str(e.value)
+    assert msg.startswith(expected) and "\n" not in msg and e.value.exit_code == 2
+
+
+def test_cli_reports_a_bad_variable_as_one_line_and_exit_2(env, capsys):
+    from framecast.stages.cli import main
+
+    env(FRAMECAST_NARRATION__MAX_TOKENS="0")
+    assert main(["config", "show"]) == 2
+    assert capsys.readouterr().err == ("framecast: environment: FRAMECAST_NARRATION__MAX_TOKENS = '0': "
+                                       "Input should be greater than or equal to 1\n")

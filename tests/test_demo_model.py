@@ -104,7 +104,7 @@ def _one_shot_greedy(model, frames, prompt: str, max_tokens: int = 40) -> str:
     """Batch narration: every frame's placeholder and the prompt in ONE prefill, then greedy."""
     import mlx.core as mx
 
-    from framecast.engine.session import DEFAULT_SYSTEM_PROMPT
+    from framecast.engine.layout import DEFAULT_SYSTEM_PROMPT
 
     feats = model.encode_images(frames)
     text = f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"

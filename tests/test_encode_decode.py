@@ -222,3 +222,56 @@ def test_state_file_continues_the_conversation_across_runs(tmp_path):
         core = stages[1].session.core
         counts.append((core.frames_added, [s.kind for s in core.spans].count("frame")))
     assert state.is_file() and counts == [(3, 3), (6, 6)]
+
+
+class DetectorLikeSource(Source):
+    """Frames at 1 fps like the change detector leaves them: a changed frame is followed by its
+    SceneChange event (the first frame too); then an eof status ending the input at `end`."""
+
+    def __init__(self, changed: list[bool], *, end: float | None = None):
+        super().__init__(name="frames")
+        self.changed, self.end = changed, end
+
+    async def frames(self):
+        from framecast.events import SceneChange, Status
+
+        for i, ch in enumerate(self.changed):
+            yield Frame(pixels=random_image(56, 56, seed=i), pts=float(i), changed=ch)
+            if ch:
+                yield SceneChange(score=0.5, pts=float(i))
+        if self.end is not None:
+            yield Status(state="eof", pts=self.end)
+
+
+def _run_detector_like(model, changed, narration, *, end=None, pack=None, narrate_at_end=True):
+    session = StreamingSession(model)
+    decode = DecodeStage(session, narration, narrate_at_end=narrate_at_end)
+    collect = Collect()
+    stages = [EncodeStage(model, worker=session.worker, pack_frames=pack), decode, collect]
+    result = asyncio.run(Runtime(DetectorLikeSource(changed, end=end), stages).run(handle_signals=False))
+    assert result.exit_code == 0 and not result.errors, result.errors
+    return decode, [e for e in collect.items if isinstance(e, Narration)]
+
+
+def test_change_policy_narrates_once_per_change_with_the_detector_events(models):
+    cfg = NarrationConfig(policy="change", max_tokens=3)
+    decode, _ = _run_detector_like(models["2.6"], [True, False, True, False, False, True, False], cfg)
+    # the event after its frame is not a second change (it used to re-trigger on the next frame)
+    assert [(p, t) for p, t, _ in decode.turn_log] == [(0.0, "change"), (2.0, "change"), (5.0, "change")]
+
+
+@pytest.mark.parametrize("version", ["2.6", "4.5"])
+def test_closing_narration_covers_the_last_span_at_end_of_input(models, version):
+    cfg = NarrationConfig(policy="interval", interval_s=3.0, max_tokens=3)
+    decode, nars = _run_detector_like(models[version], [True] * 8, cfg, end=8.0)
+    turns = [(p, t) for p, t, _ in decode.turn_log]
+    # 4.5 packs 3 frames per group (features on frames 2, 5, 7), and the last, partial group is
+    # flushed only at the end of the stream: the closing turn still comes after every frame
+    assert turns == ([(3.0, "interval"), (6.0, "interval"), (7.0, "end")] if version == "2.6"
+                     else [(5.0, "interval"), (7.0, "end")])
+    end = [n for n in nars if n.trigger == "end"]
+    assert all(n.pts == 7.0 and n.pts_end == 8.0 for n in end)  # (a turn with no words has no event)
+    _, nars = _run_detector_like(models[version], [True] * 8, cfg, end=None)  # no eof (stopped): no closing
+    assert all(n.trigger != "end" for n in nars)
+    decode, _ = _run_detector_like(models[version], [True] * 8, cfg, end=8.0, narrate_at_end=False)
+    assert all(t != "end" for _, t, _ in decode.turn_log)

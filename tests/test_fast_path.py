@@ -14,7 +14,7 @@ import pytest
 
 import framecast.kernels.cache_attention as ca
 
-from framecast.engine.session import UNBOUNDED_GROWTH, SessionCore
+from framecast.engine.core import UNBOUNDED_GROWTH, SessionCore
 from framecast.model.load import load_model
 from framecast.testing import make_tiny_minicpmv, random_image
 

@@ -39,6 +39,7 @@ class FakeNarrator(Stage):
     """Test double for the decode stage: narrations (with partials) and answers."""
 
     name = "fake_narrator"
+    answers_questions = True  # as the decode stage
 
     def __init__(self, *, every_n: int = 5):
         super().__init__()
@@ -267,10 +268,20 @@ def test_questions_answered_and_bad_ones_get_errors(broker):
 
 
 def test_unanswered_duplicate_and_excess_questions_get_errors(broker):
-    """No decoder in this graph: questions wait, then time out with an error answer."""
+    """A decoder that never answers: questions wait, then time out with an error answer.
+    (A graph without any decoder rejects questions at once: test_mqtt_faults.py.)"""
+
+    class Mute(Stage):
+        name = "mute"
+        answers_questions = True
+
+        async def on_control(self, msg):
+            if not isinstance(msg, Question):
+                yield msg
+
     rec = Recorder(broker.port, [topic("answer")])
     bus = MqttStage(bus_cfg(broker.url, max_pending_questions=2, question_timeout_s=0.5), stream_id=STREAM)
-    runtime = Runtime(demo_source(realtime=True), [bus], stream_id=STREAM, metrics_interval=0.1)
+    runtime = Runtime(demo_source(realtime=True), [Mute(), bus], stream_id=STREAM, metrics_interval=0.1)
 
     async def scenario():
         task = asyncio.create_task(runtime.run(handle_signals=False))

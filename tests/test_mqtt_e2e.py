@@ -69,6 +69,9 @@ def test_decoder_narrations_and_answers_over_mqtt(tmp_path, tiny_model, capsys):
         answers = [m.json() for m in rec.on(f"{P}/{STREAM}/answer")]
         assert len(answers) == 1 and answers[0]["error"] is None and answers[0]["question"] == "What do you see?"
         assert answers[0]["text"] == printed and answers[0]["cache_tokens"] > 0
+        # the decoder's record of the question went out too (the JSONL gets the same event)
+        asked = [m.json() for m in rec.on(f"{P}/{STREAM}/event") if m.json()["type"] == "question"]
+        assert [(q["request_id"], q["text"]) for q in asked] == [(answers[0]["request_id"], "What do you see?")]
         reply = [m for m in rec.messages if m.topic.startswith(f"{P}/{STREAM}/answer/")]
         assert len(reply) == 1 and reply[0].props["CorrelationData"] == answers[0]["request_id"].encode()
     finally:

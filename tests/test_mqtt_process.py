@@ -128,3 +128,22 @@ def test_ask_times_out_with_one_line(broker):
     out, err = proc.communicate(timeout=START_TIMEOUT_S)
     assert proc.returncode == 1 and out == ""
     assert err.strip().splitlines() == [f"framecast: no answer from stream 'nobody' at {broker.url} within 1 s"]
+
+
+def test_a_broker_with_a_small_packet_limit_takes_our_connection(tmp_path):
+    """Issue 13 case 1 as a user meets it: mosquitto `max_packet_size 330`, default prefix and
+    stream id. Our CONNECT (it carries the Last Will) fits, so the run connects and delivers."""
+    b = Broker(tmp_path / "small", extra=["max_packet_size 330"]).start()
+    rec = Recorder(b.port, ["framecast/#"])
+    try:
+        proc = framecast("run", "--source", "demo", "--capture-only", "--max-frames", "30", "--fps", "10",
+                         "--no-console", "--mqtt", b.url)
+        _, err = proc.communicate(timeout=START_TIMEOUT_S)
+        assert proc.returncode == 0, err
+        assert "never connected" not in err and "retrying" not in err, err
+        assert rec.wait_for(lambda ms: any(m.topic == "framecast/default/status" and m.json()["state"] == "eof"
+                                           for m in ms), 5), err
+        assert last_state(rec, "framecast/status")["state"] == "offline"  # our clean exit, not the will
+    finally:
+        rec.close()
+        b.stop()

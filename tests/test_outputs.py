@@ -7,6 +7,7 @@ import io
 import json
 
 import numpy as np
+import pytest
 
 from framecast.config import OutputsConfig
 from framecast.events import Answer, Event, Frame, Narration, NarrationDelta, SceneChange, Status
@@ -51,6 +52,7 @@ def test_srt_and_vtt_from_narrations(tmp_path):
     events = [Status(state="running"), narr("A red circle appears.", 0.0, 0.5), Frame(pixels=np.zeros((2, 2, 3), np.uint8)),
               narr("It moves --> left.", 2.5, 2.6), NarrationDelta(text="ignored"), narr("Gone.", 3661.25, 3663.0)]
     srt, vtt = tmp_path / "o.srt", tmp_path / "sub" / "o.vtt"
+    vtt.parent.mkdir()  # outputs never create directories (issue 12)
     run(events, [SubtitleOutput(str(srt), fmt="srt"), SubtitleOutput(str(vtt), fmt="vtt")])
     assert srt.read_text() == (
         "1\n00:00:00,000 --> 00:00:02,500\nA red circle appears.\n\n"
@@ -130,3 +132,112 @@ def test_console_survives_a_closed_pipe():
     con = ConsoleOutput(lines=True, out=Gone(), err=io.StringIO())
     res = run([Status(state="running"), narr("x", 0.0), narr("y", 1.0)], [con])
     assert res.exit_code == 0 and not res.errors and not con.lines
+
+
+# ---------------------------------------------------------------- issue 12: text and times that break subtitles
+
+BREAKERS = [
+    "arrow --> inside", "long arrow ---> inside", "longer ----> and --->> too", "-->",
+    "a\n00:00:01,000 --> 00:00:02,000\nb",
+    "blank\n\nline", "blank\n \t \nline with spaces", "\n\nleading and trailing blank lines\n\n",
+    "cr\ronly", "crlf\r\nline", "unicode\u2028line\u2029paragraph", "vt\x0bff\x0cnel\x85fs\x1cgs\x1drs\x1e",
+    "   leading and trailing whitespace   ", "\tindented\n  second  ", "nul\x00and\x07bell\x1b[31mescape",
+    "1\n2", "", "   ", "\n\n\n", "<b>markup</b> & entities &amp;", "WEBVTT\nNOTE not a note",
+]
+LINE_BREAKS = set("\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+SRT_TIME = r"\d{2,}:\d{2}:\d{2},\d{3}"
+VTT_TIME = r"\d{2,}:\d{2}:\d{2}\.\d{3}"
+
+
+def parse_cues(text: str, fmt: str) -> list[tuple[float, float, list[str]]]:
+    """A strict reader: blocks separated by one blank line; SRT `index`, `timing`, text lines;
+    WebVTT a `WEBVTT` header, then `timing`, text lines. Fails on anything else."""
+    import re
+
+    assert not (set(text) & LINE_BREAKS) and text.endswith("\n\n")
+    if fmt == "vtt":
+        assert text.startswith("WEBVTT\n\n")
+        text = text[len("WEBVTT\n\n"):]
+    timing = re.compile(rf"^({SRT_TIME if fmt == 'srt' else VTT_TIME}) --> ({SRT_TIME if fmt == 'srt' else VTT_TIME})$")
+
+    def sec(t: str) -> float:
+        h, m, s = t.replace(",", ".").split(":")
+        return int(h) * 3600 + int(m) * 60 + float(s)
+
+    cues = []
+    for k, block in enumerate(text[:-2].split("\n\n") if text else [], start=1):
+        lines = block.split("\n")
+        if fmt == "srt":
+            assert lines.pop(0) == str(k), block
+        m = timing.match(lines.pop(0))
+        assert m, block
+        assert lines and all(line and line == line.strip() and "-->" not in line for line in lines), block
+        if fmt == "vtt":
+            assert all("<" not in line and re.sub(r"&(amp|lt|gt);", "", line).count("&") == 0 for line in lines)
+        cues.append((sec(m.group(1)), sec(m.group(2)), lines))
+    return cues
+
+
+def test_no_text_can_break_either_subtitle_format(tmp_path):
+    events = [narr(text, float(i), float(i) + 0.5) for i, text in enumerate(BREAKERS)]
+    srt, vtt = tmp_path / "x.srt", tmp_path / "x.vtt"
+    run(events, [SubtitleOutput(str(srt), fmt="srt"), SubtitleOutput(str(vtt), fmt="vtt")])
+    for path, fmt in ((srt, "srt"), (vtt, "vtt")):
+        cues = parse_cues(path.read_text(encoding="utf-8"), fmt)
+        # empty texts are skipped (no narration), everything else is one cue each
+        kept = [t for t in BREAKERS if t.strip()]
+        assert len(cues) == len(kept)
+        assert [c[0] for c in cues] == [float(BREAKERS.index(t)) for t in kept]
+    assert cue_text("long arrow ---> inside", vtt=False) == "long arrow -> inside"
+    assert cue_text("a\r\nb\rc\u2028d\x85e", vtt=False) == "a\nb\nc\nd\ne"
+    assert cue_text("  x  \n\n  y  ", vtt=False) == "x\ny"
+    assert cue_text("\x00\x07", vtt=False) == "..."
+
+
+def test_non_finite_and_negative_times_still_make_valid_ordered_cues(tmp_path):
+    nan, inf = float("nan"), float("inf")
+    events = [Narration(text="nan start", pts=nan, pts_start=nan, pts_end=nan),
+              narr("negative", -5.0, -4.0), narr("fine", 2.0, 3.0),
+              Narration(text="inf end", pts=4.0, pts_start=4.0, pts_end=inf),
+              Narration(text="inf start", pts=inf, pts_start=-inf, pts_end=nan),
+              Narration(text="nothing known", pts=None)]
+    srt, vtt, jl = tmp_path / "t.srt", tmp_path / "t.vtt", tmp_path / "t.jsonl"
+    run(events, [SubtitleOutput(str(srt), fmt="srt"), SubtitleOutput(str(vtt), fmt="vtt"), JsonlOutput(str(jl))])
+    for path, fmt in ((srt, "srt"), (vtt, "vtt")):
+        cues = parse_cues(path.read_text(), fmt)
+        assert len(cues) == 6
+        starts = [c[0] for c in cues]
+        assert starts == sorted(starts) and all(0 <= s < e for s, e, _ in cues), cues
+    for line in jl.read_text().splitlines():  # strict JSON: NaN/Infinity are not JSON, null is
+        d = json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+        assert d["type"] in ("narration", "eos")
+
+
+def test_last_cue_lasts_until_the_end_of_input():
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "e.srt"
+        run([narr("Start.", 0.0, 2.0), Status(state="eof", pts=3.5)], [SubtitleOutput(str(p), fmt="srt")])
+        assert p.read_text() == "1\n00:00:00,000 --> 00:00:03,500\nStart.\n\n"
+
+
+def test_console_scene_changes_only_when_verbose():
+    events = [Status(state="running"), SceneChange(score=0.5, pts=0.1, text="scene change (score 0.500)"),
+              narr("A red circle.", 2.0)]
+    quiet, loud = io.StringIO(), io.StringIO()
+    run(events, [ConsoleOutput(out=quiet, err=io.StringIO())])
+    run(events, [ConsoleOutput(verbose=True, out=loud, err=io.StringIO())])
+    assert quiet.getvalue().splitlines() == ["-- running", "[0:02] A red circle."]
+    assert loud.getvalue().splitlines() == ["-- running", "[0:00] scene change (score 0.500)", "[0:02] A red circle."]
+    cfg = OutputsConfig(verbose=True, progress=False)
+    assert [s.verbose for s in make_outputs(cfg, live=True) if s.name == "console"] == [True]
+
+
+def test_verbose_flag_sets_the_config_key():
+    from framecast.config import load_config
+    from framecast.stages.cli import _run_overrides, build_parser
+
+    for argv, want in ((["run", "--verbose"], True), (["run", "-v"], True), (["run"], False)):
+        assert load_config(None, _run_overrides(build_parser().parse_args(argv))).outputs.verbose is want

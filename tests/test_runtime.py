@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 
@@ -249,3 +250,124 @@ def test_report_records_non_fatal_and_fatal_errors():
 
     rt = asyncio.run(main())
     assert [e.text for e in rt.errors] == ["warn", "bad"] and rt._exit_code == 1
+
+
+def test_second_signal_while_the_source_waits_on_a_full_edge_never_hangs():
+    """Issue 13 case 5: the source is blocked on a full edge (recorded input, slow consumer) when
+    the second signal cancels the consumer. The end-of-stream marker must not wait for room that
+    will never come; the run ends at once and every stage is closed."""
+    import signal
+
+    slow = Collect(delay=0.2)
+
+    async def main(gap: float):
+        rt = Runtime(CountingSource(10**6), [slow], stop_timeout=30, edge_size=2)
+        task = asyncio.create_task(rt.run(handle_signals=False))
+        await asyncio.sleep(0.1)
+        rt._on_signal(signal.SIGINT)
+        await asyncio.sleep(gap)
+        t0 = time.monotonic()
+        rt._on_signal(signal.SIGINT)
+        res = await asyncio.wait_for(task, 5)
+        return res, time.monotonic() - t0
+
+    for gap in (0.0, 0.05, 0.3):
+        slow.closed = False
+        res, took = asyncio.run(main(gap))
+        assert res.stopped_by == "signal" and slow.closed and took < 1.5, (gap, took)
+
+
+def test_first_signal_after_the_input_ended_bounds_the_drain():
+    """The input is exhausted and the stages still drain (no bound: a recording is processed to
+    its end) — until a signal comes: then `stop_timeout` bounds it."""
+    slow = Collect(delay=0.5)
+
+    async def main():
+        rt = Runtime(CountingSource(40), [slow], stop_timeout=0.3, edge_size=64)
+        task = asyncio.create_task(rt.run(handle_signals=False))
+        await asyncio.sleep(0.3)  # the source is done, 39 frames still queued
+        rt.request_stop("signal")
+        t0 = time.monotonic()
+        res = await asyncio.wait_for(task, 5)
+        return res, time.monotonic() - t0
+
+    res, took = asyncio.run(main())
+    assert res.stopped_by == "signal" and slow.closed and took < 1.5
+
+
+def test_fatal_error_wins_over_an_earlier_signal_in_stopped_by():
+    class Boom(Stage):
+        name = "boom"
+
+        async def process(self, item):
+            if isinstance(item, Frame) and item.seq == 5:
+                raise FatalError("broken")
+            yield item
+
+    async def main():
+        rt = Runtime(CountingSource(10**6, delay=0.001), [Boom()])
+        task = asyncio.create_task(rt.run(handle_signals=False))
+        rt.request_stop("signal")
+        return await asyncio.wait_for(task, 5)
+
+    res = asyncio.run(main())
+    assert res.stopped_by in ("signal", "fatal") and (res.stopped_by == "fatal") == (res.exit_code != 0)
+
+
+def test_a_hung_close_is_cut_short_after_a_second_signal_and_the_rest_still_close():
+    import signal
+
+    class HangsOnClose(Collect):
+        name = "hangs"
+
+        async def close(self):
+            await asyncio.sleep(3600)
+
+    after = Collect()
+
+    async def main():
+        rt = Runtime(CountingSource(10**6, live=True, delay=0.001), [HangsOnClose(), after], stop_timeout=30)
+        task = asyncio.create_task(rt.run(handle_signals=False))
+        await asyncio.sleep(0.1)
+        rt._on_signal(signal.SIGINT)
+        await asyncio.sleep(0.3)  # closing by now, stuck in the hung close (bounded at 5 s)
+        t0 = time.monotonic()
+        rt._on_signal(signal.SIGINT)
+        res = await asyncio.wait_for(task, 5)
+        return res, time.monotonic() - t0
+
+    res, took = asyncio.run(main())
+    assert after.closed and took < 1.5 and res.stopped_by == "signal"
+    assert any(e.text == "close timed out" and e.stage == "hangs" for e in res.errors)
+
+
+def test_stages_get_a_narrow_handle_inject_fail_stopping():
+    """A stage reaches the graph only through `handle`: inject (control overtakes), stopping,
+    stream id, dropped frames, fail (fatal: exit code, run stops)."""
+
+    class Asker(Stage):
+        name = "asker"
+
+        def __init__(self):
+            super().__init__()
+            self.views = []
+
+        async def process(self, item):
+            h = self.handle
+            if isinstance(item, Frame) and item.seq == 1:
+                self.views.append((h.stream_id, h.stopping.is_set(), h.stopped_by, h.frames_dropped()))
+                await h.inject(Question(text="what?"))
+            if isinstance(item, Frame) and item.seq == 3:
+                h.fail("asker gave up", exit_code=3)
+                self.views.append((h.stopping.is_set(), h.stopped_by))
+            yield item
+
+    asker, sink = Asker(), Collect()
+    assert asker.handle is None  # outside a graph: no handle
+    res = asyncio.run(Runtime(CountingSource(50, delay=0.01), [asker, sink], stream_id="cam1").run(
+        handle_signals=False))
+    assert asker.views[0] == ("cam1", False, "eos", 0)
+    assert asker.views[1] == (True, "fatal")
+    assert any(isinstance(e, Question) and e.text == "what?" for e in sink.seen)
+    assert res.exit_code == 3 and res.stopped_by == "fatal"
+    assert [e.stage for e in res.errors] == ["asker"] and res.errors[0].text == "asker gave up"

@@ -1,79 +1,139 @@
-"""Text generation: `generate_tokens`, the one token loop (the `framecast generate` command is in
-`framecast.stages.model_commands`).
+"""THE token loop: `prefill` a prompt on a KV cache, then `generate_step` one token at a time.
 
-`generate_tokens` prefills the prompt on a cache in chunks, then decodes one token per step.
-The next step is queued (`mx.async_eval`) before the current token is handed out, so Python
-overhead overlaps device work; when the handed-out token turns out to be a stop token, that
-extra step is trimmed off the cache again. Contract: after the generator finishes, the cache
-holds the prompt and every yielded token except a final stop token.
+Every generation in framecast runs through here: `framecast generate`
+(`framecast.stages.model_commands`, via `generate_tokens`), and the streaming session's
+narrations and answers (`framecast.engine.core.SessionCore.generate`).
+
+The shape is mlx-lm's `generate_step`: a sampler and a cache in, `(token, logits)` out. From
+the second token on, the next step is queued (`mx.async_eval`) before the current token is
+handed out, so Python overhead overlaps device work; when the handed-out token turns out to be a
+stop token, that extra step is trimmed off the cache again. The first token is handed out before
+anything is queued (its latency is the one a viewer waits for). Contract: when the loop ends, the cache holds every
+yielded token except a final stop token and the `max_tokens`-th token (nothing follows it, so it
+is never fed); a consumer that stops early (break) leaves every token it saw in the cache.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import mlx.core as mx
 
+from framecast.engine.sampling import make_sampler
 from framecast.errors import UserError
 
-PREFILL_STEP = 512  # prompt tokens per forward call during prefill
+PREFILL_STEP = 512  # prompt tokens per forward call during prefill (bounds activation memory)
 DEFAULT_MAX_TOKENS = 64
 
-
-def _lm_step(model):
-    """(ids [1,T] | None, cache, embeddings | None) -> logits, for a MiniCPMV or a bare LM holder."""
-    lm = getattr(model, "language_model", model)
-
-    def step(ids, cache, embeddings=None):
-        if embeddings is not None:
-            return lm(None, cache=cache, input_embeddings=embeddings)
-        return lm(ids, cache=cache)
-
-    return step
+#: `sampler(logits [1, V], history [N] int32) -> token ids [1]` (e.g. `engine.sampling.Sampler`)
+SamplerFn = Callable[[mx.array, mx.array], mx.array]
 
 
-def generate_tokens(model, prompt_ids: list[int], *, max_tokens: int = DEFAULT_MAX_TOKENS, sampler=None,
-                    cache: list | None = None, images=(), stop_ids: set[int] | None = None,
-                    prefill_step: int = PREFILL_STEP) -> Iterator[int]:
-    """Yield generated token ids (the last may be a stop token) for `prompt_ids` on `cache`.
+def language_model(model):
+    """The causal LM of a MiniCPMV (`.language_model`) or of a text-only model; a bare LM itself."""
+    return getattr(model, "language_model", model)
 
-    `images`: ImageFeatures whose placeholders are in the prompt (MiniCPMV only).
-    `stop_ids`: default the tokenizer's eos ids. `sampler`: default greedy.
+
+def prefill(model, ids: list[int], cache: list, *, images=(), prefill_step: int = PREFILL_STEP,
+            logits: bool = False) -> mx.array | None:
+    """Run prompt `ids` through the LM on `cache`, `prefill_step` tokens per call.
+
+    `images`: ImageFeatures whose placeholders are in `ids` (MiniCPMV `embed` scatters them in).
+    Returns the last position's logits [1, V] (evaluated) when `logits`, else None: the cache is
+    all a frame or a text span needs, and the V-wide head never runs for it. A failure leaves the
+    cache as it was (every layer trimmed back), so no half-written span remains.
     """
-    from framecast.engine.sampling import make_sampler
+    lm = language_model(model)
+    start = cache[0].offset if cache else 0
+    try:
+        tokens = mx.array([ids], dtype=mx.int32)  # [1, T]
+        embeddings = model.embed(tokens, list(images)) if images else None  # [1, T, D]
+        n = len(ids)
+        for begin in range(0, n, prefill_step):
+            end = min(begin + prefill_step, n)
+            chunk = dict(input_embeddings=embeddings[:, begin:end]) if embeddings is not None else {}
+            inputs = None if embeddings is not None else tokens[:, begin:end]
+            if logits and end == n:
+                last = lm(inputs, cache=cache, last_only=True, **chunk)[:, -1, :]  # [1, V]
+                mx.eval(last)
+                return last
+            # Only the cache is evaluated: the lazily built head and norm are never computed.
+            lm(inputs, cache=cache, **chunk)
+            mx.eval([c.state for c in cache])
+        return None
+    except BaseException:
+        for c in cache:
+            c.trim(c.offset - start)
+        raise
 
-    if not prompt_ids:
-        raise UserError("generate: the prompt is empty")
+
+def generate_step(model, cache: list, logits: mx.array, *, sampler: SamplerFn | None = None,
+                  max_tokens: int = DEFAULT_MAX_TOKENS, stop_ids: Iterable[int] = (),
+                  history: Iterable[int] = ()) -> Iterator[tuple[int, mx.array]]:
+    """Yield `(token, logits)` pairs, starting from the prefilled prompt's `logits` [1, V].
+
+    `logits` of a pair is the row [1, V] the token was drawn from (lazy until read).
+    `sampler`: default greedy. `history`: token ids the sampler's repetition penalty sees
+    before this turn's own (the prompt for `generate`, none for a session turn).
+    `stop_ids`: a token in it is yielded last and taken back out of the cache.
+    """
+    lm = language_model(model)
     sampler = sampler or make_sampler(0.0)
-    cache = cache if cache is not None else model.make_cache()
-    stops = stop_ids if stop_ids is not None else set(getattr(model.tokenizer, "eos_ids", set()))
-    step = _lm_step(model)
-    history = list(prompt_ids)
-
-    ids = mx.array([prompt_ids])
-    embeddings = model.embed(ids, images) if images else None  # [1, T, D]
-    for start in range(0, len(prompt_ids) - 1, prefill_step):  # all but the last token
-        end = min(start + prefill_step, len(prompt_ids) - 1)
-        step(ids[:, start:end], cache, None if embeddings is None else embeddings[:, start:end])
-        mx.eval([c.state for c in cache])  # the chunk's logits are never needed: not computed
-    logits = step(ids[:, -1:], cache, None if embeddings is None else embeddings[:, -1:])
-    y = sampler(logits[:, -1, :], history)
+    stops = set(stop_ids)
+    seen = mx.array(list(history), dtype=mx.int32)  # [N], grows on the device
+    y = sampler(logits, seen).astype(mx.int32)  # [1], lazy
     mx.async_eval(y)
     for n in range(max_tokens):
         queued = n + 1 < max_tokens
-        if queued:  # queue the next step before looking at y (overlaps device and host)
-            next_logits = step(y.reshape(1, 1), cache)
+        if n == 0:
+            # The first token is the one a viewer waits for: hand it out before spending a few
+            # ms of Python on the next step's graph (one step without overlap per turn).
+            token = int(y.item())
+            try:
+                yield token, logits
+            except GeneratorExit:
+                if queued and token not in stops:  # keep the contract: every token seen is cached
+                    lm(y.reshape(1, 1), cache=cache)
+                    mx.eval([c.state for c in cache])
+                raise
+            if token in stops or not queued:
+                return
+            seen = mx.concatenate([seen, y])
+            logits = lm(y.reshape(1, 1), cache=cache)[:, -1, :]  # [1, V]
+            y = sampler(logits, seen).astype(mx.int32)
+            mx.async_eval(y)
+            continue
+        if queued:  # queue the next step before reading y (overlaps device and host)
+            seen = mx.concatenate([seen, y])
+            next_logits = lm(y.reshape(1, 1), cache=cache)[:, -1, :]  # [1, V]
+            next_y = sampler(next_logits, seen).astype(mx.int32)
+            mx.async_eval(next_y)
         token = int(y.item())
-        history.append(token)
-        if queued:
-            y_next = sampler(next_logits[:, -1, :], history)
-            mx.async_eval(y_next)
         if token in stops:
             if queued:
                 for c in cache:
                     c.trim(1)  # the stop token was fed ahead of time: take it back out
-            yield token
+            yield token, logits
             return
-        yield token
+        yield token, logits
         if queued:
-            y = y_next
+            logits, y = next_logits, next_y
+
+
+def generate_tokens(model, prompt_ids: list[int], *, max_tokens: int = DEFAULT_MAX_TOKENS,
+                    sampler: SamplerFn | None = None, cache: list | None = None, images=(),
+                    stop_ids: set[int] | None = None, prefill_step: int = PREFILL_STEP) -> Iterator[int]:
+    """Yield generated token ids (the last may be a stop token) for `prompt_ids` on `cache`.
+
+    `images`: ImageFeatures whose placeholders are in the prompt (MiniCPMV only).
+    `stop_ids`: default the tokenizer's eos ids. `sampler`: default greedy; its repetition
+    penalty sees the prompt too. Cache contract as `generate_step`.
+    """
+    if not prompt_ids:
+        raise UserError("generate: the prompt is empty")
+    cache = cache if cache is not None else model.make_cache()
+    stops = stop_ids if stop_ids is not None else set(getattr(model.tokenizer, "eos_ids", set()))
+    logits = prefill(model, prompt_ids, cache, images=images, prefill_step=prefill_step, logits=True)
+    for token, _ in generate_step(model, cache, logits, sampler=sampler, max_tokens=max_tokens,
+                                  stop_ids=stops, history=prompt_ids):
+        yield token

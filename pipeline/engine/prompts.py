@@ -13,3 +13,7 @@ CHAPTER_TITLE_PROMPT = "Give this part of the video a short title. What was narr
 
 #: the summary of a whole recording, written from its chapters (one or a few sentences)
 SUMMARY_PROMPT = "Summarize the whole video in a few sentences. Its chapters:\n{chapters}"
+
+#: a question about a time span answered from the narration log (offline `framecast ask` on a saved
+#: session, when the span lies before what the KV cache still holds): `{start}`/`{end}` are m:ss
+QUESTION_FROM_LOG_PROMPT = "What was narrated from {start} to {end}:\n{narrations}\nQuestion: {question}"

@@ -37,14 +37,28 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 @dataclass
 class TextOnlyModel:
-    """A language model alone (converted from a language-model GGUF): enough for `generate`."""
+    """A language model alone (converted from a language-model GGUF): enough for `generate`
+    (a `framecast.model.protocol.TextModel`).
+
+    `processor`: what renders chat prompts (a GGUF's own template); None: the ChatML of the
+    language-model family's MiniCPM-V version (`processor.family_processor`).
+    """
 
     language_model: Any
     tokenizer: Any
     config: dict[str, Any]
+    processor: Any = None
 
     def make_cache(self) -> list:
         return self.language_model.make_cache()
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        proc = self.processor
+        if proc is None:
+            from framecast.model.processor import family_processor
+
+            proc = family_processor((self.config or {}).get("model_type", "qwen2"))
+        return proc.chat_prompt(messages)
 
 
 # ---------------------------------------------------------------- entry point

@@ -248,3 +248,13 @@ class MiniCPMVProcessor:
                 **{"bos_token": "", "eos_token": "", **self.special_tokens})
         except Exception as e:  # a template that does not parse or rejects the messages
             raise UserError(f"tokenizer_config.json chat_template: {str(e).splitlines()[0]}") from None
+
+
+# language-model family -> the MiniCPM-V version whose chat layout it speaks
+FAMILY_VERSIONS = {"qwen2": "2.6", "qwen3": "4.5", "llama": "4.0", "minicpm": "4.0"}
+
+
+def family_processor(model_type: str) -> MiniCPMVProcessor:
+    """The prompt side for a language model alone (a text-only GGUF without a chat template):
+    the ChatML of the MiniCPM-V version built on that family (2.6 for an unknown one)."""
+    return MiniCPMVProcessor(version=FAMILY_VERSIONS.get(model_type, "2.6"))

@@ -30,6 +30,8 @@ from framecast.model.vision import SiglipVisionTower, VisionArgs
 log = logging.getLogger("framecast.model")
 
 VISION_BATCH = 16  # views per vision-tower call (bounds activation memory for big images)
+GROUP_FRAMES_3D = 3  # frames per 3D-resampler group a stream packs by default (4.5's video default)
+MAX_GROUP_FRAMES_3D = 6  # the most frames one 3D-resampler group takes
 
 # version -> (LM family, 3D resampler)
 VERSION_LAYOUT = {"2.6": ("qwen2", False), "o-2.6": ("qwen2", False),
@@ -116,6 +118,27 @@ class MiniCPMV(nn.Module):
     def from_config(cls, config: dict, **kw) -> "MiniCPMV":
         return cls(VLMArgs.from_config(config), **kw)
 
+    # ------------------------------------------------------------ what stages ask (model.protocol)
+
+    @property
+    def tokens_per_view(self) -> int:
+        """Image tokens per view (overview or slice): the resampler's query count."""
+        return self.args.query_num
+
+    @property
+    def default_group_frames(self) -> int:
+        """Frames per encoder group by default: 3 with a 3D resampler (4.5), else 1."""
+        return GROUP_FRAMES_3D if self.args.resampler_3d else 1
+
+    @property
+    def session_defaults(self) -> dict[str, Any]:
+        """Session settings the checkpoint recommends (config.json `framecast_session`, e.g. the
+        demo model's cache budget: it was trained on short streams); the user's settings win."""
+        return dict(self.args.config.get("framecast_session") or {})
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        return self.processor.chat_prompt(messages)
+
     # ------------------------------------------------------------ vision
 
     def _encode_views(self, views: list[np.ndarray], *, temporal_ids: list[int] | None = None,
@@ -153,22 +176,43 @@ class MiniCPMV(nn.Module):
         Frames must produce the same views (same size -> same grid); view k of every frame is
         merged along the key axis of one resampler call.
         """
+        return self.encode_frame_groups([(images, temporal_ids)], max_slice_nums=max_slice_nums)[0]
+
+    def encode_frame_groups(self, groups: list[tuple[list[np.ndarray], list[int]]], *,
+                            max_slice_nums: int = 1) -> list[ImageFeatures]:
+        """Several frame groups (e.g. one per stream) in one vision-tower and one resampler
+        call: `[(images, temporal_ids), ...]` -> one ImageFeatures per group, each what
+        `encode_frame_group` gives for it alone. Groups may differ in size and frame count."""
         if not self.args.resampler_3d:
             raise UserError(f"MiniCPM-V {self.args.version} has no 3D resampler (frame groups need 4.5)")
-        if not 1 <= len(images) <= 6 or len(temporal_ids) != len(images):
-            raise UserError(f"a frame group needs 1-6 frames with one temporal id each "
-                            f"(got {len(images)} frames, {len(temporal_ids)} ids)")
-        processed = [self.processor.preprocess(img, max_slice_nums=max_slice_nums) for img in images]
-        grids = {p.grid for p in processed}
-        shapes = {tuple(v.shape for v in p.views) for p in processed}
-        if len(grids) != 1 or len(shapes) != 1:
-            raise UserError("frames of one group must have the same size (their slicings differ)")
-        n_frames, n_views = len(processed), len(processed[0].views)
-        views = [processed[f].views[k] for k in range(n_views) for f in range(n_frames)]  # view-major
-        feats = self._encode_views(views, temporal_ids=[int(t) for t in temporal_ids] * n_views,
-                                   group_sizes=[n_frames] * n_views)
+        views: list[np.ndarray] = []
+        tids: list[int] = []
+        sizes: list[int] = []
+        layout: list[tuple[int, Any, list[int]]] = []  # (views per group, grid, temporal ids)
+        for images, temporal_ids in groups:
+            if not 1 <= len(images) <= MAX_GROUP_FRAMES_3D or len(temporal_ids) != len(images):
+                raise UserError(f"a frame group needs 1-{MAX_GROUP_FRAMES_3D} frames with one temporal id each "
+                                f"(got {len(images)} frames, {len(temporal_ids)} ids)")
+            processed = [self.processor.preprocess(img, max_slice_nums=max_slice_nums) for img in images]
+            grids = {p.grid for p in processed}
+            shapes = {tuple(v.shape for v in p.views) for p in processed}
+            if len(grids) != 1 or len(shapes) != 1:
+                raise UserError("frames of one group must have the same size (their slicings differ)")
+            n_frames, n_views = len(processed), len(processed[0].views)
+            views += [processed[f].views[k] for k in range(n_views) for f in range(n_frames)]  # view-major
+            ids = [int(t) for t in temporal_ids]
+            tids += ids * n_views
+            sizes += [n_frames] * n_views
+            layout.append((n_views, processed[0].grid, ids))
+        if not groups:
+            return []
+        feats = self._encode_views(views, temporal_ids=tids, group_sizes=sizes)  # [sum views, Q, D]
         mx.eval(feats)
-        return ImageFeatures(feats, processed[0].grid, [int(t) for t in temporal_ids])
+        out, start = [], 0
+        for n_views, grid, ids in layout:
+            out.append(ImageFeatures(feats[start:start + n_views], grid, ids))
+            start += n_views
+        return out
 
     # ------------------------------------------------------------ prompt + language model
 

@@ -7,7 +7,7 @@ SigLIP NaViT tower, the 2D resampler with few queries and a small qwen2 decoder,
 byte-level BPE `tokenizers` tokenizer fitted to the grammar's vocabulary with the special
 tokens the processor needs. Deterministic from `--seed` (data, init, batches).
 
-Training examples use the STREAMING layout of the session (`framecast.engine.session`), token for
+Training examples use the STREAMING layout of the session (`framecast.engine.layout`), token for
 token: the prefix, then one `{image placeholder}\\n` span per frame, and at random points a turn
 `{prompt}<|im_end|>\\n<|im_start|>assistant\\n{reply}<|im_end|>\\n<|im_start|>user\\n` (several
 turns per stream). The loss is on the replies and their `<|im_end|>` only.
@@ -42,16 +42,21 @@ import numpy as np  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 
 import framecast.stages.demo_training.data as D  # noqa: E402
+from framecast.engine.layout import (  # noqa: E402
+    CLOSE_TEXT,
+    DEFAULT_ASSISTANT_PREFIX,
+    DEFAULT_SYSTEM_PROMPT,
+    TURN_END,
+)
 
 SPECIAL_TOKENS = [
     "<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>", "</s>",
     "<image>", "</image>", "<slice>", "</slice>", "<image_id>", "</image_id>",
     "<think>", "</think>", "<ref>", "</ref>", "<box>", "</box>",
 ]
-SESSION_SYSTEM_PROMPT = "You are a helpful assistant watching a live video. Answer briefly."
-CLOSE_TEXT = "<|im_end|>\n<|im_start|>user\n"
-TURN_END = "<|im_end|>\n"
-ASSISTANT_PREFIX = "<|im_start|>assistant\n"
+# the session's streaming layout, token for token (one definition: framecast.engine.layout)
+SESSION_SYSTEM_PROMPT = DEFAULT_SYSTEM_PROMPT
+ASSISTANT_PREFIX = DEFAULT_ASSISTANT_PREFIX
 
 # model shape (tiny: CPU inference must beat real time)
 VOCAB_SIZE = 640
@@ -227,7 +232,7 @@ class DemoVLM(nn.Module):
 
     def __init__(self, cfg: dict):
         super().__init__()
-        from framecast.model.lm.qwen2 import Model as Qwen2, ModelArgs
+        from framecast.model.lm import build_lm
         from framecast.model.resampler import Resampler
         from framecast.model.vision import SiglipVisionTower, VisionArgs
 
@@ -237,7 +242,7 @@ class DemoVLM(nn.Module):
         # HF init of the two bare parameters (the engine's zeros are placeholders for loading)
         self.resampler.query = 0.02 * mx.random.normal((cfg["query_num"], d))
         self.resampler.proj = d ** -0.5 * mx.random.normal((d, d))
-        self.llm = Qwen2(ModelArgs.from_dict(cfg))
+        self.llm = build_lm({**cfg, "model_type": "qwen2"})
         # Training only (never saved): per-query logits of what a frame shows, max over the
         # queries. A direct signal for the vision tower: without it the LM first learns the
         # grammar, rewards a constant "image token" vector and the tower collapses (all

@@ -14,7 +14,7 @@ import uuid
 
 from framecast.errors import UserError
 from framecast.stages.mqtt.client import (BrokerAddress, BusClient, BusDisconnected, BusMessage, BusProtocolRejected,
-                                BusRefused, TlsFiles, parse_mqtt_url)
+                                          BusPublishRefused, BusRefused, TlsFiles, parse_mqtt_url)
 from framecast.stages.mqtt.topics import JSON, Topics, validate_prefix, validate_stream_id
 
 
@@ -43,7 +43,10 @@ async def _ask(address: BrokerAddress, topics: Topics, question: str, *, timeout
             await candidate.connect()
         except BusProtocolRejected:
             continue
-        except (BusRefused, BusDisconnected) as e:
+        except BusRefused as e:  # the refusal names the broker already
+            print(f"framecast: mqtt: {e}", file=sys.stderr)
+            return 1
+        except BusDisconnected as e:
             print(f"framecast: mqtt: cannot connect to {address.display()}: {e}", file=sys.stderr)
             return 1
         client = candidate
@@ -66,6 +69,9 @@ async def _ask(address: BrokerAddress, topics: Topics, question: str, *, timeout
         return 1
     except (BusRefused, BusDisconnected) as e:
         print(f"framecast: mqtt: {e}", file=sys.stderr)
+        return 1
+    except BusPublishRefused as e:  # e.g. larger than the broker's maximum packet size
+        print(f"framecast: mqtt: {address.display()} did not take the question: {e}", file=sys.stderr)
         return 1
     finally:
         await client.disconnect(timeout_s=1.0)

@@ -7,12 +7,16 @@ exceptions, so changing the client library later touches only this file:
   password, not authorised, certificate rejected) — the caller treats it as fatal;
 - `BusProtocolRejected`: the broker does not speak the MQTT version we offered (the caller
   falls back from 5 to 3.1.1);
-- `BusDisconnected`: anything transient (refused socket, reset, timeout) — retry later.
+- `BusDisconnected`: anything transient (refused socket, reset, timeout) — retry later;
+- `BusPublishRefused`: this one message can never be delivered (larger than the broker's
+  Maximum Packet Size, or an MQTT 5 PUBACK reason code >= 0x80); the connection is fine and
+  the caller drops the message and goes on with the next.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import socket
 import ssl
@@ -58,6 +62,28 @@ class BusProtocolRejected(Exception):
 
 class BusDisconnected(Exception):
     """The connection failed or dropped for a transient reason."""
+
+
+class BusPublishRefused(Exception):
+    """The broker will never take this message. `kind`: `too_large` (checked before sending,
+    against the broker's Maximum Packet Size) or `refused` (a negative MQTT 5 PUBACK)."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _varint_len(n: int) -> int:
+    """Bytes of MQTT's variable byte integer encoding of n."""
+    size = 1
+    while n >= 128:
+        n //= 128
+        size += 1
+    return size
+
+
+# the mid of the last PUBLISH paho sent from the current asyncio task (to find its PUBACK)
+_LAST_MID: contextvars.ContextVar[int | None] = contextvars.ContextVar("framecast_mqtt_last_mid", default=None)
 
 
 @dataclass(frozen=True)
@@ -149,6 +175,7 @@ class BusMessage:
     expiry_s: int | None = None
     response_topic: str | None = None
     correlation: bytes | None = None
+    mid: int | None = None  # packet id of a received QoS 1 message (for `BusClient.ack`)
 
 
 def _properties(msg: BusMessage, packet: int) -> Properties | None:
@@ -201,6 +228,9 @@ class BusClient:
         will: BusMessage | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         persistent_session: bool = False,
+        session_expiry_s: int = 3600,
+        receive_maximum: int | None = None,
+        manual_ack: bool = False,
     ):
         self.address = address
         self.client_id = client_id
@@ -212,7 +242,58 @@ class BusClient:
         # a subscriber that must not miss QoS 1 messages while it reconnects (the broker
         # queues them for its client id); the stage itself always starts clean
         self.persistent_session = persistent_session
+        self.session_expiry_s = session_expiry_s
+        # MQTT 5: at most this many unacknowledged QoS 1 messages in flight to us (job workers: 1)
+        self.receive_maximum = receive_maximum
+        # acknowledge received QoS 1 messages only when `ack` is called (the broker keeps them
+        # in the session until then and sends them again after a reconnect)
+        self.manual_ack = manual_ack
         self._client: aiomqtt.Client | None = None
+        #: the broker's Maximum Packet Size from its MQTT 5 CONNACK (None: not announced)
+        self.broker_max_packet_size: int | None = None
+        #: a limit the caller knows (config; the only source for MQTT 3.1.1 brokers)
+        self.max_packet_size: int | None = None
+        self._pubacks: dict[int, object] = {}  # mid -> PUBACK reason code
+
+    @property
+    def packet_limit(self) -> int | None:
+        """The largest PUBLISH packet (bytes) this broker takes, if known."""
+        limits = [x for x in (self.broker_max_packet_size, self.max_packet_size) if x]
+        return min(limits) if limits else None
+
+    def packet_size(self, msg: BusMessage) -> int:
+        """Size in bytes of the PUBLISH packet for `msg` (fixed header included): what a
+        broker's Maximum Packet Size is compared with (MQTT 5 section 3.1.2.11.4)."""
+        size = 2 + len(msg.topic.encode()) + (2 if msg.qos else 0) + len(msg.payload)
+        if self.is_v5:
+            props = _properties(msg, PacketTypes.PUBLISH)
+            size += len(props.pack()) if props is not None else 1  # pack() includes its length
+        return 1 + _varint_len(size) + size
+
+    def _hook(self, client: aiomqtt.Client) -> None:
+        """aiomqtt drops the CONNACK properties and PUBACK reason codes: catch them on the way."""
+        paho_client = client._client  # noqa: SLF001
+        on_connect, on_publish, publish = paho_client.on_connect, paho_client.on_publish, paho_client.publish
+
+        def connect_hook(c, userdata, flags, rc, props=None):  # type: ignore[no-untyped-def]
+            size = getattr(props, "MaximumPacketSize", None) if props is not None else None
+            self.broker_max_packet_size = int(size) if size else None
+            return on_connect(c, userdata, flags, rc, props)
+
+        def publish_hook(c, userdata, mid, rc, props):  # type: ignore[no-untyped-def]
+            if len(self._pubacks) > 1024:  # answers nobody waited for (QoS 0, timeouts)
+                self._pubacks.clear()
+            self._pubacks[mid] = rc
+            return on_publish(c, userdata, mid, rc, props)
+
+        def publish_wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+            info = publish(*args, **kwargs)
+            _LAST_MID.set(info.mid)
+            return info
+
+        paho_client.on_connect = connect_hook
+        paho_client.on_publish = publish_hook
+        paho_client.publish = publish_wrapper
 
     @property
     def is_v5(self) -> bool:
@@ -225,9 +306,12 @@ class BusClient:
             will = aiomqtt.Will(self.will.topic, self.will.payload, self.will.qos, self.will.retain,
                                 _properties(self.will, PacketTypes.WILLMESSAGE) if self.is_v5 else None)
         connect_props = None
-        if self.is_v5 and self.persistent_session:
+        if self.is_v5 and (self.persistent_session or self.receive_maximum):
             connect_props = Properties(PacketTypes.CONNECT)
-            connect_props.SessionExpiryInterval = 3600
+            if self.persistent_session:
+                connect_props.SessionExpiryInterval = self.session_expiry_s
+            if self.receive_maximum:
+                connect_props.ReceiveMaximum = self.receive_maximum
         client = aiomqtt.Client(
             self.address.host, self.address.port,
             username=self.address.username, password=self.address.password,
@@ -242,6 +326,9 @@ class BusClient:
             clean_start=(not self.persistent_session) if self.is_v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
             properties=connect_props,
         )
+        self._hook(client)
+        if self.manual_ack:  # aiomqtt 2.5 does not pass paho's manual_ack through
+            client._client.manual_ack_set(True)  # noqa: SLF001
         try:
             await client.__aenter__()
         except aiomqtt.MqttCodeError as e:
@@ -276,16 +363,49 @@ class BusClient:
         except Exception:  # already gone: nothing to clean up
             pass
 
-    async def publish(self, msg: BusMessage, *, timeout_s: float | None = None) -> None:
-        """Send one message; QoS 1 waits for the broker's acknowledgement."""
+    def ack(self, msg: BusMessage) -> None:
+        """Send the PUBACK of a message received with `manual_ack` (no-op for QoS 0)."""
         if self._client is None:
             raise BusDisconnected("not connected")
+        if msg.qos > 0 and msg.mid is not None:
+            self._client._client.ack(msg.mid, msg.qos)  # noqa: SLF001
+
+    async def drop(self) -> None:
+        """Close the connection without DISCONNECT, as a crash would: the broker publishes the
+        will. Never raises."""
+        client, self._client = self._client, None
+        if client is None:
+            return
+        _drop_socket(client)
+        try:
+            await asyncio.wait_for(client.__aexit__(None, None, None), timeout=0.5)
+        except Exception:  # the socket is gone: nothing left to say to the broker
+            pass
+
+    async def publish(self, msg: BusMessage, *, timeout_s: float | None = None) -> None:
+        """Send one message; QoS 1 waits for the broker's acknowledgement.
+
+        Raises `BusPublishRefused` (nothing sent) for a message larger than `packet_limit`, or
+        after a negative MQTT 5 PUBACK; `BusDisconnected` when the connection fails."""
+        if self._client is None:
+            raise BusDisconnected("not connected")
+        limit = self.packet_limit
+        if limit is not None:
+            size = self.packet_size(msg)
+            if size > limit:
+                raise BusPublishRefused(f"{size} bytes > the broker's maximum packet size ({limit} bytes)", "too_large")
         props = _properties(msg, PacketTypes.PUBLISH) if self.is_v5 else None
+        _LAST_MID.set(None)
         try:
             await self._client.publish(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain,
                                        properties=props, timeout=timeout_s or self.timeout_s)
         except aiomqtt.MqttError as e:
             raise BusDisconnected(f"publish to {msg.topic} failed: {e}") from None
+        mid = _LAST_MID.get()
+        rc = self._pubacks.pop(mid, None) if mid is not None else None
+        code, text = _reason(rc) if rc is not None else (0, "")
+        if code >= 0x80:
+            raise BusPublishRefused(f"refused by the broker: {text} (reason code 0x{code:02x})", "refused")
 
     async def subscribe(self, topic: str, *, qos: int = 1) -> None:
         if self._client is None:
@@ -299,6 +419,14 @@ class BusClient:
             if code >= 0x80:
                 raise BusRefused(f"{self.address.display()} refused the subscription to {topic}: "
                                  f"{'not authorised' if code in (0x80, 0x87) else text}")
+
+    async def unsubscribe(self, topic: str) -> None:
+        if self._client is None:
+            raise BusDisconnected("not connected")
+        try:
+            await self._client.unsubscribe(topic)
+        except aiomqtt.MqttError as e:
+            raise BusDisconnected(f"unsubscribe from {topic} failed: {e}") from None
 
     async def messages(self) -> AsyncIterator[BusMessage]:
         """Incoming messages until the connection drops (then `BusDisconnected`)."""
@@ -316,6 +444,7 @@ class BusClient:
                     content_type=getattr(props, "ContentType", None) if props is not None else None,
                     response_topic=getattr(props, "ResponseTopic", None) if props is not None else None,
                     correlation=bytes(corr) if corr is not None else None,
+                    mid=m.mid,
                 )
         except aiomqtt.MqttError as e:
             raise BusDisconnected(f"connection lost: {e}") from None

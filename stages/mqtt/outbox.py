@@ -3,6 +3,11 @@
 When it is full the lowest priority goes first: partial narrations (PARTIAL), then
 superseded periodic messages (PERIODIC: metrics, status), then the oldest finals (FINAL:
 narrations, answers, events). Every eviction is counted by kind in `drops`.
+
+A message with a `key` (a retained state topic: the stream status) replaces the one with the
+same key still waiting: a retained topic only ever needs its latest state, so a broker that
+comes up late gets each state once and in order, never a replay of every state since start.
+Replacements are counted in `superseded`, not as drops (nothing was lost).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ class Outgoing:
     msg: BusMessage
     kind: str  # partial | metrics | status | narration | event | answer
     priority: int
+    key: str | None = None  # same key: the newer message replaces the waiting one
     created: float = field(default_factory=time.monotonic)
 
     def remaining_expiry(self, now: float) -> int | None:
@@ -44,13 +50,20 @@ class Outbox:
         self._count = [0, 0, 0]  # items per priority
         self._nonempty = asyncio.Event()
         self.drops: collections.Counter[str] = collections.Counter()
+        self.discarded: collections.Counter[tuple[str, str]] = collections.Counter()  # (reason, kind)
         self.max_depth = 0
+        self.superseded = 0
         self._inflight: Outgoing | None = None
 
     def __len__(self) -> int:
         return len(self._items)
 
     def put(self, item: Outgoing) -> None:
+        if item.key is not None:
+            for old in self._items:
+                if old.key == item.key and old is not self._inflight and self._remove(old):
+                    self.superseded += 1
+                    break  # at most one waits per key
         if len(self._items) >= self.maxsize:
             victim = self._victim()
             if victim is None or item.priority < victim.priority:
@@ -91,12 +104,20 @@ class Outbox:
         self._inflight = None
         self._remove(item)
 
-    def discard_all(self, reason: str) -> None:
-        for item in list(self._items):
+    def discard_all(self, reason: str) -> int:
+        """Drop everything still waiting (counted under `reason`); returns how many."""
+        items = list(self._items)
+        for item in items:
             self.discard(item, reason)
+        return len(items)
+
+    def kinds(self) -> collections.Counter[str]:
+        """What is waiting, by kind."""
+        return collections.Counter(x.kind for x in self._items)
 
     def discard(self, item: Outgoing, reason: str) -> None:
         if item is self._inflight:
             self._inflight = None
         if self._remove(item):
             self.drops[reason] += 1
+            self.discarded[reason, item.kind] += 1

@@ -19,9 +19,21 @@ When the outbox is full, partial narrations go first, then superseded periodic m
 a broker restart loses no final narration (it may deliver one twice: deduplicate on
 `narration_id`).
 
-Files: this stage; mqtt_topics.py (topic layout, name and question validation, Home
-Assistant discovery); mqtt_outbox.py; mqtt_client.py (the only file that touches aiomqtt);
-mqtt_ask.py (`framecast ask`).
+Faults of the bus itself: a message the broker can never take (larger than its Maximum
+Packet Size — announced in the MQTT 5 CONNACK, or `max_packet_size` for 3.1.1 — or refused in
+a PUBACK) is dropped and counted, one warning line, and never blocks the ones behind it; a
+message on which the broker closed the connection `POISON_LIMIT` times in a row counts as
+refused too. The retained stream status is coalesced in the outbox (only its latest state
+waits) and carries the stage's own `seq`. What is still queued at exit is counted in one
+stderr line and in `undelivered` (metrics, and the final status).
+
+Files and bus see one event stream: the decoder's record of each question (`question`, on
+`event`) and every answer, including the error answers to refused questions, pass through the
+graph, so JSONL records them too.
+
+Files: this stage; topics.py (topic layout, name and question validation, Home Assistant
+discovery); questions.py (checks, timeouts and answer routes); outbox.py; client.py (the only
+file that touches aiomqtt); ask.py (`framecast ask`).
 """
 
 from __future__ import annotations
@@ -33,7 +45,7 @@ import random
 import sys
 import time
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from framecast import __version__
 from framecast.config import MqttConfig
@@ -43,19 +55,28 @@ from framecast.events import (Answer, EndOfStream, Error, Event, Frame, Metrics,
 from framecast.runtime import Stage
 from framecast.stages.mqtt.ask import ask_over_mqtt  # noqa: F401  (`framecast ask` imports it from here)
 from framecast.stages.mqtt.client import (BrokerAddress, BusClient, BusDisconnected, BusMessage, BusProtocolRejected,
-                                BusRefused, TlsFiles, parse_mqtt_url)
+                                          BusPublishRefused, BusRefused, TlsFiles, parse_mqtt_url)
 from framecast.stages.mqtt.outbox import FINAL, PARTIAL, PERIODIC, Outbox, Outgoing
-from framecast.stages.mqtt.topics import (JSON, REQUEST_ID_RE, QuestionRejected, Topics, ha_discovery, parse_question,
-                                valid_response_topic, validate_prefix, validate_stream_id)
+from framecast.stages.mqtt.questions import QuestionDesk, Route
+from framecast.stages.mqtt.topics import JSON, Topics, ha_discovery, validate_prefix, validate_stream_id
 
 FIRST_CONNECT_WAIT_S = 2.0  # start() waits this long for a verdict (auth errors fail fast)
 FPS_WINDOW_S = 5.0
+POISON_LIMIT = 3  # the broker dropped the connection this often on one message: it refuses it
+CLOSE_CANCEL_GRACE_S = 1.5  # the connection task's clean disconnect at exit
+
+# why a message was not delivered, as the exit line says it (outbox drop reason -> words)
+_DROP_WORDS = {"too_large": "too large for the broker", "refused": "refused by the broker",
+               "unsent_at_close": "still queued at exit"}
 
 
 class MqttStage(Stage):
     """Publishes events to MQTT and injects questions from `<prefix>/<stream>/ask`."""
 
     name = "mqtt"
+    #: several streams in one process share `<prefix>/status`: the composition root sets this
+    #: (True while another stream's connection is still up) so only the last one says offline
+    others_running: Callable[[], bool] | None = None
 
     def __init__(self, cfg: MqttConfig, *, stream_id: str, name: str | None = None,
                  first_connect_wait_s: float = FIRST_CONNECT_WAIT_S):
@@ -82,12 +103,16 @@ class MqttStage(Stage):
         self._closing = False
         self._started = False
         self._stopped = False
-        self._pending: collections.OrderedDict[str, tuple[str | None, bytes | None, float]] = collections.OrderedDict()
+        self.questions = QuestionDesk(cfg, stream_id, post=self._post_answer)
         self._frame_times: collections.deque[float] = collections.deque()
         self._stream_status = Status(state="starting", stream_id=stream_id)
-        self._counters = collections.Counter({"published": 0, "connects": 0, "questions": 0,
-                                              "questions_rejected": 0, "answers": 0})
-        self._last_error = ""
+        self._counters = collections.Counter({"published": 0, "connects": 0})
+        self._last_error = ""  # the outage reported on stderr (cleared once connected)
+        self._dropped = ""  # why the last session ended (reported only if the outage lasts)
+        self._status_seq = 0  # this stage's own numbering of <prefix>/<stream>/status
+        self._publishing: Outgoing | None = None  # the message on the wire (poison detection)
+        self._poison: tuple[Outgoing | None, int] = (None, 0)
+        self._warned: set[str] = set()
 
     # -- lifecycle
 
@@ -103,42 +128,83 @@ class MqttStage(Stage):
         self._update_metrics()
 
     async def process(self, item: Event) -> AsyncIterator[Event]:
+        if isinstance(item, Metrics):
+            await self.questions.expire(self.handle)
         self._publish_event(item)
         yield item
 
     async def on_control(self, msg: Event) -> AsyncIterator[Event]:
         if isinstance(msg, Stop):
             self._stopped = True
+        elif isinstance(msg, Question):  # the files record it (JSONL): so does the bus
+            self._enqueue(self.topics.event, msg, "event", FINAL, qos=1)
+            self._update_metrics()
         yield msg
 
     async def on_end(self) -> AsyncIterator[Event]:
+        self.questions.close()
         # `stopping` is set for every stop from outside (signal, Stop, fatal); a natural end is eof
-        stopped = self._stopped or (self.runtime is not None and self.runtime.source.stopping.is_set())
-        self._set_stream_status("stopped" if stopped else "eof")
+        stopped = self._stopped or (self.handle is not None and self.handle.stopping.is_set())
+        if self._stream_status.state != "error":  # a fatal error's status stays the last word
+            self._set_stream_status("stopped" if stopped else "eof")
         return
         yield  # pragma: no cover
 
     async def close(self) -> None:
-        """Flush finals (bounded), publish `offline`, disconnect cleanly."""
+        """Flush what is queued (bounded by `close_timeout_s`), publish `offline`, disconnect
+        cleanly; count what could not be sent (one stderr line, `undelivered`). Safe to cancel:
+        the counting and the disconnect happen on the way out either way."""
         self._closing = True
         self._wake.set()  # a reconnect sleeping in backoff tries again now
-        deadline = time.monotonic() + self.cfg.close_timeout_s
-        # finals still queued get until the deadline, even across a reconnect
-        while self.outbox and not self._fatal and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        client = self._client if self._connected.is_set() else None
-        if client is not None:
-            offline = Status(state="offline", text="stopped", stream_id=self.topics.stream)
-            try:
-                await client.publish(self._status_message(self._stream_status), timeout_s=1.0)
-                await client.publish(self._global_status_message(offline), timeout_s=1.0)
-            except BusDisconnected:
-                pass
-        if self._conn_task is not None:
-            self._conn_task.cancel()
-            await asyncio.gather(self._conn_task, return_exceptions=True)
-        self.outbox.discard_all("unsent_at_close")  # what could not be sent in time is counted, not hidden
-        self._update_metrics()
+        self.questions.close()
+        try:
+            deadline = time.monotonic() + self.cfg.close_timeout_s
+            for _ in range(2):  # the final status, with its counts up to date once the flush is done
+                if not self._fatal:
+                    self._set_stream_status(self._stream_status.state)  # no message if nothing changed
+                # what is queued gets until the deadline, even across a reconnect
+                while self.outbox and not self._fatal and time.monotonic() < deadline:
+                    await asyncio.sleep(0.02)
+            client = self._client if self._connected.is_set() else None
+            # several streams share <prefix>/status: the last one to close says offline
+            last_stream = self.others_running is None or not self.others_running()
+            if client is not None and not self.outbox and last_stream:
+                offline = Status(state="offline", text="stopped", stream_id=self.topics.stream)
+                try:
+                    await client.publish(self._global_status_message(offline), timeout_s=1.0)
+                except (BusDisconnected, BusPublishRefused):
+                    pass
+        finally:
+            waiting = self.outbox.kinds()
+            self.outbox.discard_all("unsent_at_close")  # what could not be sent in time is counted, not hidden
+            self._report_undelivered(waiting)
+            self._update_metrics()
+            if self._conn_task is not None:
+                self._conn_task.cancel()
+                await asyncio.wait([self._conn_task], timeout=CLOSE_CANCEL_GRACE_S)
+
+    def _undelivered(self) -> int:
+        """Messages that will never reach the broker (expired partials are not counted: they
+        are worthless by then, which is why they expire)."""
+        return sum(v for k, v in self.outbox.drops.items() if k != "expired")
+
+    def _report_undelivered(self, waiting: collections.Counter[str]) -> None:
+        total = self._undelivered()
+        if not total:
+            return
+        parts = []
+        for reason, n in sorted(self.outbox.drops.items(), key=lambda kv: -kv[1]):
+            if reason == "expired" or not n:
+                continue
+            words = _DROP_WORDS.get(reason, f"{reason} dropped from the full outbox")
+            if reason == "unsent_at_close":
+                what = ", ".join(f"{c} {k}" for k, c in waiting.most_common())
+                why = "never connected" if not self._counters["connects"] else "not connected at exit"
+                words += f" ({what}; {why})" if what else f" ({why})"
+            parts.append(f"{n} {words}")
+        sent = self._counters["published"]
+        print(f"framecast: mqtt: {total} message{'s' if total != 1 else ''} not delivered to "
+              f"{self.address.display()} ({sent} delivered): {'; '.join(parts)}", file=sys.stderr, flush=True)
 
     # -- events -> outbox
 
@@ -151,15 +217,13 @@ class MqttStage(Stage):
         elif isinstance(item, Narration):
             self._enqueue(t.narration, item, "narration", FINAL, qos=1, retain=True)
         elif isinstance(item, Answer):
-            self._send_answer(item)
+            self.questions.send(item)
         elif isinstance(item, Status):
-            self._stream_status = item
-            self._enqueue(t.stream_status, item, "status", PERIODIC, qos=1, retain=True)
+            self._put_status(item.model_copy(update={"undelivered": self._undelivered()}))
         elif isinstance(item, Metrics):
-            self._expire_questions()
             self._update_metrics()
             self._enqueue(t.metrics, item, "metrics", PERIODIC, qos=0)
-            self._set_stream_status(self._stream_status.state)  # refresh fps / drops
+            self._set_stream_status(self._stream_status.state, refresh=True)  # fresh fps / drops
         elif isinstance(item, EndOfStream) or item.control:
             pass
         else:  # SceneChange, Error and whatever else the graph grows
@@ -169,9 +233,9 @@ class MqttStage(Stage):
         self._update_metrics()
 
     def _enqueue(self, topic: str, event: Event, kind: str, priority: int, *, qos: int, retain: bool = False,
-                 expiry_s: int | None = None) -> None:
+                 expiry_s: int | None = None, key: str | None = None) -> None:
         msg = BusMessage(topic, event.to_json().encode(), qos=qos, retain=retain, content_type=JSON, expiry_s=expiry_s)
-        self.outbox.put(Outgoing(msg, kind, priority))
+        self.outbox.put(Outgoing(msg, kind, priority, key=key))
 
     def _on_frame(self) -> None:
         now = time.monotonic()
@@ -187,17 +251,39 @@ class MqttStage(Stage):
         span = self._frame_times[-1] - self._frame_times[0]
         return round((len(self._frame_times) - 1) / span, 2) if span > 0 else None
 
-    def _set_stream_status(self, state: str, *, text: str = "") -> None:
-        drops = sum(e.drops for e in self.runtime.edges) if self.runtime else None
+    def _set_stream_status(self, state: str, *, text: str = "", refresh: bool = False) -> None:
+        """A new stream status when the state, its text or `undelivered` changes; the rate and
+        drops alone only on a `refresh` (each metrics interval). So each state is published once
+        (the source's `eof` is not repeated by ours) and figures stay fresh."""
+        drops = self.handle.frames_dropped() if self.handle else None
         prev = self._stream_status
         # keep what the source said (duration, reconnects, …); refresh state, rate, drops, time
-        self._stream_status = prev.model_copy(update={
-            "state": state, "text": text or (prev.text if prev.state == state else ""), "fps": self._fps(),
-            "drops": drops, "ts": utc_now(), "stream_id": self.topics.stream})
-        self._enqueue(self.topics.stream_status, self._stream_status, "status", PERIODIC, qos=1, retain=True)
+        update = {"state": state, "text": text or (prev.text if prev.state == state else ""), "fps": self._fps(),
+                  "drops": drops, "undelivered": self._undelivered()}
+        changed = {k for k, v in update.items() if getattr(prev, k) != v}
+        if prev.seq and not (changed & {"state", "text", "undelivered"} or (refresh and changed)):
+            return
+        self._put_status(prev.model_copy(update={**update, "ts": utc_now()}))
 
-    def _status_message(self, status: Status) -> BusMessage:
-        return BusMessage(self.topics.stream_status, status.to_json().encode(), qos=1, retain=True, content_type=JSON)
+    def _put_status(self, status: Status) -> None:
+        """Number it (this stage's own `seq`: the topic merges the source's states and ours) and
+        queue it; a status still waiting in the outbox is replaced (retained: latest state only)."""
+        self._status_seq += 1
+        self._stream_status = status.model_copy(update={"seq": self._status_seq, "stream_id": self.topics.stream})
+        self._queue_stream_status()
+
+    def _queue_stream_status(self) -> None:
+        t = self.topics.stream_status
+        self._enqueue(t, self._stream_status, "status", PERIODIC, qos=1, retain=True, key=t)
+
+    def _will_message(self) -> BusMessage:
+        """The Last Will: `offline` on `<prefix>/status`, compact — no `ts` (the broker sends it
+        later, at a time we cannot know) and no unset fields. It travels inside every CONNECT,
+        which must stay under small broker packet limits (mosquitto `max_packet_size 330`)."""
+        will = Status(state="offline", text="connection lost", stream_id=self.topics.stream).to_dict()
+        compact = {k: v for k, v in will.items() if v is not None and k != "ts"}
+        return BusMessage(self.topics.status, json.dumps(compact, separators=(",", ":")).encode(), qos=1, retain=True,
+                          content_type=JSON)
 
     def _global_status_message(self, status: Status) -> BusMessage:
         return BusMessage(self.topics.status, status.to_json().encode(), qos=1, retain=True, content_type=JSON)
@@ -206,75 +292,29 @@ class MqttStage(Stage):
         ex = self.metrics.extra
         ex["outbox_depth"] = len(self.outbox)
         ex["outbox_max_depth"] = self.outbox.max_depth
-        ex["outbox_drops"] = sum(v for k, v in self.outbox.drops.items() if k != "expired")
+        ex["outbox_drops"] = ex["undelivered"] = self._undelivered()
+        ex["outbox_superseded"] = self.outbox.superseded
         for kind, n in self.outbox.drops.items():
             ex[f"outbox_drops_{kind}"] = n
         ex["connected"] = 1 if self._connected.is_set() else 0
         ex["reconnects"] = max(0, self._counters["connects"] - 1)
-        for k in ("published", "questions", "questions_rejected", "answers"):
-            ex[k] = self._counters[k]
-        ex["questions_pending"] = len(self._pending)
+        ex["published"] = self._counters["published"]
+        ex.update(self.questions.counts)
+        ex["questions_pending"] = len(self.questions.pending)
 
-    # -- questions and answers
+    # -- answers
 
-    async def _on_question(self, m: BusMessage) -> None:
-        if m.retain:  # a retained question would be re-asked on every reconnect
-            return
-        reply_to = m.response_topic if valid_response_topic(m.response_topic) else None
-        corr = m.correlation
-        fallback_id = None
-        if corr is not None:
-            text = corr.decode("ascii", "replace")
-            fallback_id = text if REQUEST_ID_RE.match(text) else None
-        self._counters["questions"] += 1
-        try:
-            text, request_id = parse_question(m.payload, max_bytes=self.cfg.max_question_bytes)
-        except QuestionRejected as e:
-            self._reject(e.request_id or fallback_id, str(e), reply_to, corr)
-            return
-        request_id = request_id or fallback_id or uuid.uuid4().hex[:12]
-        if request_id in self._pending:
-            self._reject(request_id, f"request_id {request_id!r} is already pending", reply_to, corr, text)
-            return
-        if len(self._pending) >= self.cfg.max_pending_questions:
-            self._reject(request_id, f"busy: {len(self._pending)} questions pending", reply_to, corr, text)
-            return
-        if self.runtime is None or self._closing:
-            self._reject(request_id, "stream is stopping", reply_to, corr, text)
-            return
-        self._pending[request_id] = (reply_to, corr, time.monotonic())
-        await self.runtime.inject(Question(text=text, request_id=request_id, reply_to=reply_to, correlation=corr,
-                                           stream_id=self.topics.stream))
-
-    def _reject(self, request_id: str | None, reason: str, reply_to: str | None, corr: bytes | None,
-                question: str = "") -> None:
-        self._counters["questions_rejected"] += 1
-        rid = request_id or uuid.uuid4().hex[:12]
-        self._send_answer(Answer(text="", error=reason, request_id=rid, question=question[:200],
-                                 stream_id=self.topics.stream), route=(reply_to, corr))
-
-    def _send_answer(self, answer: Answer, route: tuple[str | None, bytes | None] | None = None) -> None:
-        if route is None:
-            reply_to, corr, _ = self._pending.pop(answer.request_id, (None, None, 0.0))
-        else:
-            reply_to, corr = route
+    def _post_answer(self, answer: Answer, route: Route) -> None:
+        """Publish an answer (the desk decides the route): the stream's answer topic, and the
+        question's MQTT 5 response topic with its correlation data."""
+        reply_to, corr = route
         payload = answer.to_json().encode()
-        self._counters["answers"] += 1
         self.outbox.put(Outgoing(BusMessage(self.topics.answer, payload, qos=1, content_type=JSON,
                                             correlation=corr), "answer", FINAL))
         if reply_to and reply_to != self.topics.answer:
             self.outbox.put(Outgoing(BusMessage(reply_to, payload, qos=1, content_type=JSON, correlation=corr),
                                      "answer", FINAL))
         self._update_metrics()
-
-    def _expire_questions(self) -> None:
-        now = time.monotonic()
-        while self._pending:
-            rid, (reply_to, corr, t0) = next(iter(self._pending.items()))
-            if now - t0 < self.cfg.question_timeout_s:
-                break
-            del self._pending[rid]
-            self._reject(rid, f"not answered within {self.cfg.question_timeout_s:g} s", reply_to, corr)
 
     # -- connection
 
@@ -287,10 +327,10 @@ class MqttStage(Stage):
         attempt = 0
         while not self._fatal:
             protocol = "3.1.1" if self._protocol == "3.1.1" else "5"
-            will = Status(state="offline", text="connection lost", stream_id=self.topics.stream)
             client = BusClient(self.address, client_id=self.client_id, protocol=protocol, tls=self.tls,
-                               keepalive_s=self.cfg.keepalive_s, will=self._global_status_message(will),
+                               keepalive_s=self.cfg.keepalive_s, will=self._will_message(),
                                timeout_s=self.cfg.publish_timeout_s)
+            client.max_packet_size = self.cfg.max_packet_size
             try:
                 await client.connect()
                 if self._protocol == "auto":
@@ -307,10 +347,16 @@ class MqttStage(Stage):
                 self._fail(f"mqtt: {e}")
                 return
             except BusDisconnected as e:
-                if not self._last_error and not self._closing:  # one line per outage, not per attempt
-                    print(f"framecast: mqtt: {self.address.display()}: {e}; retrying in the background",
-                          file=sys.stderr, flush=True)
-                self._last_error = str(e)
+                self._check_poison()
+                if self._connected.is_set():
+                    # a session ended: a line only if reconnecting fails too (an outage, not a blip
+                    # such as a broker closing the connection on a message; `reconnects` counts all)
+                    self._dropped = str(e)
+                else:
+                    if not self._last_error and not self._closing:  # one line per outage, not per attempt
+                        print(f"framecast: mqtt: {self.address.display()}: {self._dropped or e}; "
+                              "retrying in the background", file=sys.stderr, flush=True)
+                    self._last_error = str(e)
             except UserError as e:  # TLS files that cannot be loaded
                 self._fail(str(e))
                 return
@@ -337,22 +383,57 @@ class MqttStage(Stage):
     def _fail(self, message: str) -> None:
         self._fatal = message
         self._verdict.set()
-        if self._started and self.runtime is not None:  # before that, start() raises it
-            self.runtime.fail(message, stage=self.name)
+        if self._closing:  # the run has ended already: what it produced stands, say why the rest did not go
+            print(f"framecast: {message} (while sending what was queued at exit)", file=sys.stderr, flush=True)
+        elif self._started and self.handle is not None:  # before that, start() raises it
+            self.handle.fail(message)
+
+    def _check_poison(self) -> None:
+        """The connection dropped while a message was on the wire. The same message, POISON_LIMIT
+        times in a row: the broker refuses it (e.g. an MQTT 3.1.1 broker's packet limit, which
+        it does not announce) — drop it so that the ones behind it go."""
+        item, self._publishing = self._publishing, None
+        if item is None:
+            return
+        last, n = self._poison
+        n = n + 1 if item is last else 1
+        self._poison = (item, n)
+        if n >= POISON_LIMIT:
+            self._poison = (None, 0)
+            self.outbox.discard(item, "refused")
+            self._warn_drop("refused", item, f"the broker closed the connection {n} times while taking it "
+                                             "(a packet size limit? set mqtt.max_packet_size)")
+
+    def _warn_drop(self, reason: str, item: Outgoing, why: str) -> None:
+        """One line for the first message dropped for `reason`; later ones are only counted."""
+        self._update_metrics()
+        if reason in self._warned:
+            return
+        self._warned.add(reason)
+        print(f"framecast: mqtt: dropped a {len(item.msg.payload)}-byte {item.kind} message to {item.msg.topic}: "
+              f"{why}; further ones are counted (outbox_drops_{reason}, undelivered)", file=sys.stderr, flush=True)
 
     async def _serve(self, client: BusClient) -> None:
         """One connected session: announce, subscribe, then drain and listen until it drops."""
         online = Status(state="online", text=f"framecast {__version__}", stream_id=self.topics.stream)
-        await client.publish(self._global_status_message(online))
-        await client.publish(self._status_message(self._stream_status))
+        await self._publish_now(client, Outgoing(self._global_status_message(online), "status", PERIODIC))
+        # the stream's retained status goes through the outbox: it replaces a waiting older one,
+        # and leaves after what was queued before it (states arrive once and in order)
+        if self._stream_status.seq:
+            self._queue_stream_status()
+        else:
+            self._put_status(self._stream_status)
         if self.cfg.ha_discovery:
             topic, config = ha_discovery(self.topics, self.cfg.ha_prefix)
-            await client.publish(BusMessage(topic, json.dumps(config).encode(), qos=1, retain=True, content_type=JSON))
+            await self._publish_now(client, Outgoing(BusMessage(topic, json.dumps(config).encode(), qos=1, retain=True,
+                                                                content_type=JSON), "discovery", PERIODIC))
         await client.subscribe(self.topics.ask, qos=1)
         self._client = client
-        if self._last_error:
-            print(f"framecast: mqtt: connected to {self.address.display()} again", file=sys.stderr, flush=True)
+        if self._last_error:  # a first connection after failures, or a reconnection: say which
+            again = " again" if self._counters["connects"] else ""
+            print(f"framecast: mqtt: connected to {self.address.display()}{again}", file=sys.stderr, flush=True)
             self._last_error = ""
+        self._dropped = ""
         self._counters["connects"] += 1
         self._connected.set()
         self._verdict.set()
@@ -368,6 +449,16 @@ class MqttStage(Stage):
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def _publish_now(self, client: BusClient, item: Outgoing) -> None:
+        """Publish outside the outbox (connection announcements); one the broker refuses for good
+        is counted and skipped like any other."""
+        try:
+            await client.publish(item.msg, timeout_s=self.cfg.publish_timeout_s)
+            self._counters["published"] += 1
+        except BusPublishRefused as e:
+            self.outbox.drops[e.kind] += 1
+            self._warn_drop(e.kind, item, str(e))
+
     async def _drain(self, client: BusClient) -> None:
         while True:
             item = await self.outbox.head()
@@ -380,7 +471,17 @@ class MqttStage(Stage):
             if remaining is not None and remaining != msg.expiry_s:
                 msg = BusMessage(msg.topic, msg.payload, qos=msg.qos, retain=msg.retain, content_type=msg.content_type,
                                  expiry_s=remaining, response_topic=msg.response_topic, correlation=msg.correlation)
-            await client.publish(msg, timeout_s=self.cfg.publish_timeout_s)
+            self._publishing = item
+            try:
+                await client.publish(msg, timeout_s=self.cfg.publish_timeout_s)
+            except BusPublishRefused as e:  # never deliverable: it must not block the ones behind it
+                self._publishing = None
+                self.outbox.discard(item, e.kind)
+                self._warn_drop(e.kind, item, str(e))
+                continue
+            self._publishing = None
+            if self._poison[0] is item:
+                self._poison = (None, 0)
             self.outbox.done(item)
             self._counters["published"] += 1
 
@@ -388,7 +489,7 @@ class MqttStage(Stage):
         async for m in client.messages():
             if m.topic == self.topics.ask:
                 try:
-                    await self._on_question(m)
+                    await self.questions.take(m, self.handle)
                 except Exception as e:  # one bad question must never end the session
                     print(f"framecast: mqtt: question handling failed: {type(e).__name__}: {e}", file=sys.stderr)
                 self._update_metrics()

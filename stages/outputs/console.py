@@ -7,8 +7,8 @@ import sys
 import time
 from typing import IO, AsyncIterator
 
-from framecast.events import (Answer, Error, Event, Flush, Frame, Metrics, Narration,
-                             NarrationDelta, SceneChange, Status)
+from framecast.events import (Answer, Chapter, Error, Event, Flush, Frame, Metrics, Narration,
+                             NarrationDelta, SceneChange, Status, Summary)
 from framecast.runtime import Stage
 
 
@@ -25,15 +25,16 @@ def clock(seconds: float | None) -> str:
 
 
 class ConsoleOutput(Stage):
-    """The live terminal view: narrations, answers, changes and status as lines (stdout), and a
+    """The live terminal view: narrations, answers and status as lines (stdout), scene changes
+    too when `verbose` (several a second on a busy scene would drown the narrations), and a
     progress bar with ETA for recorded files (stderr). Errors are printed by the CLI itself."""
 
     name = "console"
 
-    def __init__(self, *, lines: bool = True, progress: bool = False, out: IO[str] | None = None,
-                 err: IO[str] | None = None):
+    def __init__(self, *, lines: bool = True, progress: bool = False, verbose: bool = False,
+                 out: IO[str] | None = None, err: IO[str] | None = None):
         super().__init__()
-        self.lines, self.progress = lines, progress
+        self.lines, self.progress, self.verbose = lines, progress, verbose
         self.out, self.err = out or sys.stdout, err or sys.stderr
         self._partial = False  # a partial narration is on screen (TTY only)
         self._bar_shown = False
@@ -41,6 +42,7 @@ class ConsoleOutput(Stage):
         self._first_pts: float | None = None
         self._pts: float | None = None
         self._frames = 0
+        self._narrations = 0
         self._t0 = time.monotonic()
         self._last_draw = 0.0
         self._tty = bool(getattr(self.out, "isatty", lambda: False)())
@@ -78,7 +80,11 @@ class ConsoleOutput(Stage):
             a = f"error: {ev.error}" if ev.error else ev.text
             return f"Q: {ev.question}\nA: {a}" if ev.question else f"A: {a}"
         if isinstance(ev, SceneChange):
-            return f"{at}{ev.text}"
+            return f"{at}{ev.text}" if self.verbose else None
+        if isinstance(ev, Chapter):
+            return f"== chapter {ev.index} [{clock(ev.pts_start)}-{clock(ev.pts_end)}] {ev.text}"
+        if isinstance(ev, Summary):
+            return f"== summary: {ev.text}"
         if isinstance(ev, Status):
             return f"-- {ev.state}" + (f": {ev.text}" if ev.text else "")
         return None
@@ -94,14 +100,19 @@ class ConsoleOutput(Stage):
     def bar_text(self) -> str:
         elapsed = time.monotonic() - self._t0
         fps = self._frames / elapsed if elapsed > 0 else 0.0
+        # media seconds per wall second: above 1 = faster than real time
+        speed = ((self._pts - self._first_pts) / elapsed if elapsed > 0 and self._pts is not None
+                 and self._first_pts is not None else 0.0)
+        said = f" {self._narrations} narrations" if self._narrations else ""
         if self._duration and self._pts is not None and self._first_pts is not None:
             total = max(self._duration - self._first_pts, 1e-9)
             frac = min(max((self._pts - self._first_pts) / total, 0.0), 1.0)
             eta = elapsed * (1 - frac) / frac if frac > 0 else None
             filled = int(frac * PROGRESS_WIDTH)
             return (f"[{'#' * filled}{'.' * (PROGRESS_WIDTH - filled)}] {frac * 100:3.0f}% "
-                    f"{clock(self._pts)}/{clock(self._duration)} ETA {clock(eta)} {fps:.1f} fps")
-        return f"{self._frames} frames {clock(self._pts)} {fps:.1f} fps"
+                    f"{clock(self._pts)}/{clock(self._duration)} ETA {clock(eta)} {fps:.1f} fps "
+                    f"{speed:.1f}x{said}")
+        return f"{self._frames} frames {clock(self._pts)} {fps:.1f} fps {speed:.1f}x{said}"
 
     def _draw_bar(self, *, force: bool = False) -> None:
         if not self.progress or self._frames == 0:
@@ -125,6 +136,8 @@ class ConsoleOutput(Stage):
             self._draw_bar()
         elif isinstance(item, Status) and item.duration is not None:
             self._duration = item.duration
+        elif isinstance(item, Narration):
+            self._narrations += 1
         if self.lines:
             if isinstance(item, NarrationDelta) and self._tty:
                 self._clear_bar()
@@ -147,7 +160,7 @@ class ConsoleOutput(Stage):
 
     async def on_end(self) -> AsyncIterator[Event]:
         if self.progress and self._frames:
-            finished = getattr(self.runtime, "stopped_by", "eos") == "eos"
+            finished = (self.handle.stopped_by if self.handle else "eos") == "eos"
             if finished and self._duration is not None:
                 self._pts = max(self._pts or 0.0, self._duration)  # the last frame starts before the end
             self._draw_bar(force=True)

@@ -4,7 +4,9 @@ bridge so blocking libraries (PyAV, OpenCV) never block the event loop.
 A capture source implements `capture()`, an async generator of Frame/Status events;
 `CaptureSource.frames()` wraps it with the start/end Status events, `max_frames` and the
 `stopping` flag, and counts what the source saw in `metrics.extra` (frames, bad_frames,
-reconnects, skipped_by_fps, ...), which `--metrics` prints.
+reconnects, skipped_by_fps, discontinuities, made_up_pts, ...), which `--metrics` prints.
+`MediaClock` turns a container's timestamps (missing, repeated, jumping back) into media time
+that only ever goes forward.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ DEFAULT_BRIDGE_SIZE = 4
 STOP_POLL_S = 0.1
 #: timestamps closer than this are equal (container time bases round)
 PTS_EPS = 1e-6
+#: frame rate assumed for a stream that states none (FFmpeg's own default for raw streams)
+FALLBACK_FPS = 25.0
 
 
 class _End:
@@ -143,6 +147,55 @@ class FpsGate:
         return True
 
 
+class MediaClock:
+    """Media time (s) from a stream's raw timestamps, never going backwards.
+
+    `time(raw)` maps a frame's raw pts (seconds in the stream's own clock, or None) to media
+    time counted from `origin`:
+    - a frame without a pts is one frame duration (`step`) after the previous one, so a raw
+      H.264/HEVC elementary stream gets `n * step` from frame order;
+    - a repeated pts (equal to the previous one) is moved one `step` on;
+    - a pts that goes back (a pts reset, `cat`-joined MPEG-TS files, a wrapped counter) is a
+      *discontinuity*: media time carries on one `step` after the previous frame and the
+      offset is kept, so the frames after the jump keep their spacing.
+    Counters: `made_up` (missing or repeated pts), `discontinuities` (jumps back), and
+    `last_jump` = (raw pts before, raw pts after) of the latest jump.
+    """
+
+    def __init__(self, step: float, *, origin: float = 0.0):
+        self.step = step if step > 0 else 1.0 / FALLBACK_FPS
+        self.origin = origin
+        self.offset = 0.0  # added to raw - origin; grows at every discontinuity
+        self.last: float | None = None  # media time of the previous frame
+        self.last_raw: float | None = None
+        self.made_up = 0
+        self.discontinuities = 0
+        self.last_jump: tuple[float, float] | None = None
+
+    def time(self, raw: float | None) -> float:
+        if self.last is None:  # the first frame
+            t = 0.0 if raw is None else raw - self.origin + self.offset
+            if raw is None:
+                self.made_up += 1
+        elif raw is None:
+            t = self.last + self.step
+            self.made_up += 1
+        else:
+            t = raw - self.origin + self.offset
+            if t <= self.last + PTS_EPS:
+                if self.last_raw is not None and raw < self.last_raw - PTS_EPS:
+                    self.discontinuities += 1
+                    self.last_jump = (self.last_raw, raw)
+                else:  # repeated (or behind made-up times): not a jump of the source's clock
+                    self.made_up += 1
+                t = self.last + self.step
+                self.offset = t - (raw - self.origin)
+        self.last = t
+        if raw is not None:
+            self.last_raw = raw
+        return t
+
+
 class CaptureSource(Source):
     """Base of the capture stages. Subclasses implement `capture()`."""
 
@@ -205,7 +258,14 @@ class CaptureSource(Source):
                 if self.stopping.is_set() or (limit is not None and n >= limit):
                     break
         state = "stopped" if self.stopping.is_set() else "eof"
-        yield self.make_status(state, f"{self.uri}: {state} after {n} frames", **self._final_counts())
+        # An eof status carries, as its pts, the media time where the input ended (the end of
+        # its last frame) when the source knows it: closing narrations and subtitles use it.
+        end = self.end_pts(by_limit=limit is not None and n >= limit) if state == "eof" else None
+        yield self.make_status(state, f"{self.uri}: {state} after {n} frames", pts=end, **self._final_counts())
+
+    def end_pts(self, *, by_limit: bool) -> float | None:
+        """Media time where the input ended (s), or None when unknown. `by_limit`: max_frames."""
+        return None
 
     def _final_counts(self) -> dict[str, Any]:
         e = self.metrics.extra
@@ -216,4 +276,6 @@ class CaptureSource(Source):
             out["bad_frames"] = int(e["bad_frames"])
         if "drops" in e:
             out["drops"] = int(e["drops"])
+        if "discontinuities" in e:
+            out["discontinuities"] = int(e["discontinuities"])
         return out

@@ -1,19 +1,32 @@
 """Recorded files through PyAV, decoded in a thread.
 
+- Media time: pts are seconds from the first frame of the video stream. Frames without a pts
+  (raw H.264/HEVC elementary streams), repeated pts and pts that jump back (`cat`-joined
+  MPEG-TS, a pts reset) go through `MediaClock`, so media time always moves forward: missing
+  times are made up from the stream's frame rate (25 fps when it states none), a jump back is
+  one warning line and a `discontinuities` count in the final status.
 - Sampling by PTS: at a target fps the first frame of every 1/fps slot is kept, whatever the
   source rate (variable frame rate included); no frame is ever duplicated.
-- `start`/`end` offsets in media seconds (seek, then skip to the first frame at/after start).
-- Rotation metadata (the display matrix) is applied, so portrait phone videos come out upright.
+- `start`/`end` offsets in media seconds. Seeking is checked: containers without an index
+  (MPEG-TS) land after the target, so a seek that lands late is retried further back (1, 2,
+  4, ... s), and as a last resort the file is decoded from its start; raw streams, which have
+  no timestamps to seek by, always are. Frames before `start` are decoded and skipped.
+- Orientation (orientation.py): the whole display matrix is applied (rotation and mirror, all
+  eight cases), the same way FFmpeg's command line autorotates, so phone videos come out upright.
 - Corrupt data: packets the decoder rejects and frames it flags corrupt are skipped and counted
   (`bad_frames`); the run continues. Only a file that cannot be opened or has no video stops it.
-- pts are seconds from the start of the video stream (its own start_time is subtracted).
+- Truncation: a file whose frames stop more than `TRUNCATION_SLACK_S` before the *video
+  stream's own* duration is reported truncated (exit 1). The container's duration is never
+  used for that verdict: an audio track may be longer than the video.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import threading
 from dataclasses import dataclass
+from itertools import chain
 from typing import AsyncIterator, Iterator
 
 import av
@@ -22,22 +35,45 @@ import numpy as np
 from framecast.config import SourceConfig
 from framecast.errors import FatalError
 from framecast.events import Error, Event
-from framecast.stages.sources.base import PTS_EPS, CaptureSource, FpsGate, ThreadReader
+from framecast.stages.sources.base import FALLBACK_FPS, PTS_EPS, CaptureSource, FpsGate, MediaClock, ThreadReader
+from framecast.stages.sources.orientation import UPRIGHT, Orientation, frame_orientation
 
 #: consecutive demux errors after which a file is treated as unreadable from there on
 MAX_CONSECUTIVE_ERRORS = 64
-#: frames may end this much before the container's announced duration before we call it truncated
+#: frames may end this much before the video stream's duration before we call it truncated
 TRUNCATION_SLACK_S = 1.0
+#: how far before `start` a seek that landed late is retried first (s); doubles per retry
+SEEK_RETRY_S = 1.0
+#: seek retries before the file is decoded from its start instead
+SEEK_MAX_RETRIES = 8
+
+
+def _tag_seconds(text: str | None) -> float | None:
+    """'HH:MM:SS.fffffffff' (Matroska's per-track DURATION tag) -> seconds."""
+    m = re.fullmatch(r"\s*(\d+):(\d{1,2}):(\d{1,2}(?:\.\d*)?)\s*", text or "")
+    return int(m.group(1)) * 3600 + int(m.group(2)) * 60 + float(m.group(3)) if m else None
+
+
+def video_duration(vs: av.video.stream.VideoStream) -> float | None:
+    """The video stream's own duration (s): its header, or Matroska's per-track tag; None when
+    the file does not say (never the container's, which may be an audio track's)."""
+    if vs.duration and vs.time_base:
+        return float(vs.duration * vs.time_base)
+    meta = vs.metadata or {}
+    return _tag_seconds(meta.get("DURATION") or meta.get("duration"))
 
 
 @dataclass
 class _Info:
-    duration: float | None
+    duration: float | None  # the video stream's own: truncation verdicts
+    length: float | None  # best guess for progress bars (may be the container's)
     fps: float | None
     width: int
     height: int
-    rotation: int
+    orientation: Orientation
+    rotation: int  # degrees, for the status line
     codec: str
+    timed: bool  # False: the stream has no timestamps, they are made up
 
 
 @dataclass
@@ -50,6 +86,13 @@ class _Decoded:
 class _Bad:
     pts: float | None
     reason: str
+
+
+@dataclass
+class _Jump:
+    pts: float  # media time given to the first frame after the jump
+    before: float  # the stream's own times (s from its first frame) around the jump
+    after: float
 
 
 def _ffmpeg_reason(e: Exception) -> str:
@@ -91,12 +134,6 @@ def mp4_problem(path: str) -> str | None:
     return None
 
 
-def upright(pixels: np.ndarray, rotation: float) -> np.ndarray:
-    """Apply a display-matrix rotation (degrees counter-clockwise, multiples of 90)."""
-    k = int(round(rotation / 90)) % 4
-    return np.ascontiguousarray(np.rot90(pixels, k)) if k else pixels
-
-
 class FileSource(CaptureSource):
     name = "file"
 
@@ -109,84 +146,164 @@ class FileSource(CaptureSource):
         self.live = bool(cfg.realtime)  # a paced replay behaves like a live stream
         self.info: _Info | None = None
         self._last_pts: float | None = None  # last frame emitted
-        self._last_seen_pts: float | None = None  # last frame decoded (written by the reader thread)
+        # written by the reader thread, read by the loop once the thread is done with them
+        self._last_seen_pts: float | None = None  # last frame decoded
+        self._step = 1.0 / FALLBACK_FPS  # one frame's duration (s)
+        self._media_end: float | None = None  # where decoding ended by itself (end of file / `end`)
+        self._clock: MediaClock | None = None
+        self._containers: list[av.container.InputContainer] = []
 
-    def _decode(self, stop: threading.Event) -> Iterator[object]:
-        """Runs in the reader thread: open, then yield _Info, _Decoded and _Bad items."""
+    # -- the reader thread
+
+    def _open(self) -> av.container.InputContainer:
         try:
             timeout = (self.cfg.open_timeout_s, self.cfg.watchdog_s) if self.remote else None
             container = av.open(self.path, mode="r", timeout=timeout)
         except av.error.FFmpegError as e:
             why = (None if self.remote else mp4_problem(self.path)) or _ffmpeg_reason(e)
             raise FatalError(f"{self.path}: cannot open as video: {why}", exit_code=2) from None
-        with container:
-            if not container.streams.video:
-                what = " (audio only)" if container.streams.audio else ""
-                raise FatalError(f"{self.path}: no video stream{what}", exit_code=2)
-            vs = container.streams.video[0]
-            vs.thread_type = "AUTO"
-            tb = float(vs.time_base) if vs.time_base else 1e-6
-            t0 = float(vs.start_time * tb) if vs.start_time is not None else None
-            if vs.duration:
-                duration = float(vs.duration * tb)
-            elif container.duration:
-                duration = container.duration / 1e6
-            else:
-                duration = None
-            rate = float(vs.average_rate) if vs.average_rate else None
-            rot = 0
-            first_frame = True
-            fps, start, end = self.cfg.fps, self.cfg.start, self.cfg.end
-            if start > 0:
-                # Seek to the keyframe before `start` (in the stream's time base); decoding from
-                # there to `start` is what the skip below is for.
-                container.seek(int(((t0 or 0.0) + start) / tb), stream=vs, backward=True)
-            gate = FpsGate(fps, origin=start)
-            demux = container.demux(vs)
-            errors_in_row = 0
-            while not stop.is_set():
-                try:
-                    packet = next(demux)
-                    errors_in_row = 0
-                except StopIteration:
+        self._containers.append(container)
+        if not container.streams.video:
+            what = " (audio only)" if container.streams.audio else ""
+            raise FatalError(f"{self.path}: no video stream{what}", exit_code=2)
+        vs = container.streams.video[0]
+        vs.thread_type = "AUTO"
+        return container
+
+    def _frames(self, container: av.container.InputContainer, stop: threading.Event) -> Iterator[object]:
+        """Decoded frames (av.VideoFrame) in presentation order and _Bad items, from wherever
+        the container stands."""
+        vs = container.streams.video[0]
+        demux = container.demux(vs)
+        errors_in_row = 0
+        while not stop.is_set():
+            try:
+                packet = next(demux)
+                errors_in_row = 0
+            except StopIteration:
+                return
+            except av.error.FFmpegError as e:
+                errors_in_row += 1
+                if errors_in_row > MAX_CONSECUTIVE_ERRORS:
+                    yield _Bad(None, f"unreadable from here on: {_ffmpeg_reason(e)}")
                     return
-                except av.error.FFmpegError as e:
-                    errors_in_row += 1
-                    if errors_in_row > MAX_CONSECUTIVE_ERRORS:
-                        yield _Bad(None, f"unreadable from here on: {_ffmpeg_reason(e)}")
-                        return
-                    yield _Bad(None, _ffmpeg_reason(e))
-                    demux = container.demux(vs)
-                    continue
-                try:
-                    frames = packet.decode()
-                except av.error.FFmpegError as e:
-                    pts = float(packet.pts * tb) - (t0 or 0.0) if packet.pts is not None else None
-                    yield _Bad(pts, _ffmpeg_reason(e))
-                    continue
-                for frame in frames:
-                    if frame.pts is None:
-                        continue
-                    if t0 is None:
-                        t0 = float(frame.pts * tb)
-                    t = float(frame.pts * tb) - t0
-                    self._last_seen_pts = t
-                    if frame.is_corrupt:
-                        yield _Bad(t, "corrupt frame")
-                        continue
-                    if first_frame:
-                        rot = frame.rotation or 0
-                        w, h = (frame.height, frame.width) if rot % 180 else (frame.width, frame.height)
-                        yield _Info(duration, rate, w, h, rot, vs.codec_context.name)
-                        first_frame = False
-                    if t + PTS_EPS < start:
-                        continue
-                    if end is not None and t >= end - PTS_EPS:
-                        return
-                    if not gate.accept(t):
-                        yield "skipped"
-                        continue
-                    yield _Decoded(upright(frame.to_ndarray(format="rgb24"), rot), t)
+                yield _Bad(None, _ffmpeg_reason(e))
+                demux = container.demux(vs)
+                continue
+            try:
+                yield from packet.decode()
+            except av.error.FFmpegError as e:
+                yield _Bad(None, _ffmpeg_reason(e))
+
+    def _seek(self, container: av.container.InputContainer, target: float, stop: threading.Event
+              ) -> tuple[av.container.InputContainer, Iterator[object]]:
+        """Position at or before `target` (raw stream seconds) and check where we landed: the
+        first frame decoded after a seek must not be later than the target. Containers without
+        an index (MPEG-TS) land on the next keyframe instead, so a late landing is retried
+        further back, and the file is decoded from its start as a last resort. Returns the
+        container to read and its frames, the landing frame first."""
+        vs = container.streams.video[0]
+        tb = float(vs.time_base)
+        back = 0.0
+        for _ in range(SEEK_MAX_RETRIES):
+            pos = target - back
+            if pos <= 0:
+                break
+            try:
+                container.seek(math.floor(pos / tb), stream=vs, backward=True)
+            except av.error.FFmpegError:
+                break
+            frames = self._frames(container, stop)
+            first = next((f for f in frames if not isinstance(f, _Bad)), None)
+            if first is None or first.pts is None:
+                break  # nothing, or nothing to check the landing by
+            if float(first.pts * tb) <= target + PTS_EPS:
+                return container, chain([first], frames)
+            back = SEEK_RETRY_S if back == 0 else back * 2
+        fresh = self._open()  # from the start: always right, only slower
+        return fresh, self._frames(fresh, stop)
+
+    def _decode(self, stop: threading.Event) -> Iterator[object]:
+        """Runs in the reader thread: open, then yield _Info, _Decoded, _Bad and _Jump items."""
+        try:
+            yield from self._decode_all(stop)
+        finally:
+            for c in self._containers:
+                c.close()
+
+    def _decode_all(self, stop: threading.Event) -> Iterator[object]:
+        container = self._open()
+        vs = container.streams.video[0]
+        tb = float(vs.time_base) if vs.time_base else 1e-6
+        frames = self._frames(container, stop)
+        # The first frame fixes the origin of media time, the orientation and the size.
+        first = None
+        for item in frames:
+            if isinstance(item, _Bad):
+                yield item
+                continue
+            first = item
+            break
+        if first is None:
+            return
+        timed = first.pts is not None
+        origin = float(first.pts * tb) if timed else 0.0
+        # One frame's duration, for made-up times. An elementary stream's rate is the one in its
+        # bitstream (the codec's): the raw demuxer reports its own 25 fps default as the average.
+        rates = (vs.average_rate, vs.guessed_rate, vs.base_rate) if timed else \
+            (vs.codec_context.framerate, vs.guessed_rate, vs.average_rate)
+        rate = next((float(r) for r in rates if r), None)
+        self._step = 1.0 / rate if rate else 1.0 / FALLBACK_FPS
+        orient = frame_orientation(first)
+        w, h = (first.height, first.width) if orient.transpose else (first.width, first.height)
+        rotation = int(getattr(first, "rotation", 0) or 0)
+        whole = container.duration / 1e6 if container.duration else None  # every stream's, the longest
+        duration = video_duration(vs)
+        if duration is None and len(container.streams.video) == 1 and not container.streams.audio:
+            duration = whole  # nothing else in the file: the container's duration is the video's
+        yield _Info(duration, duration or whole, rate, w, h, orient, rotation,
+                    vs.codec_context.name, timed)
+
+        fps, start, end = self.cfg.fps, self.cfg.start, self.cfg.end
+        pending: Iterator[object] = chain([first], frames)
+        if start > 0 and timed:  # raw streams have no timestamps to seek by: decode from the start
+            container, pending = self._seek(container, origin + start, stop)
+        clock = self._clock = MediaClock(self._step, origin=origin)
+        gate = FpsGate(fps, origin=start)
+        jumps = 0
+        for frame in pending:
+            if stop.is_set():
+                return
+            if isinstance(frame, _Bad):
+                yield frame
+                continue
+            t = clock.time(float(frame.pts * tb) if frame.pts is not None else None)
+            if clock.discontinuities > jumps:
+                jumps = clock.discontinuities
+                before, after = clock.last_jump
+                yield _Jump(t, before - origin, after - origin)
+            self._last_seen_pts = t
+            if t + PTS_EPS < start:  # decoded only to reach `start` (damage there is not ours)
+                continue
+            if end is not None and t >= end - PTS_EPS:
+                self._media_end = end
+                return
+            if frame.is_corrupt:
+                yield _Bad(t, "corrupt frame")
+                continue
+            if not gate.accept(t):
+                yield "skipped"
+                continue
+            yield _Decoded(orient.apply(frame.to_ndarray(format="rgb24")), t)
+        if not stop.is_set() and self._last_seen_pts is not None:
+            self._media_end = self._last_seen_pts + self._step  # the end of the last frame
+
+    # -- the event loop side
+
+    def end_pts(self, *, by_limit: bool) -> float | None:
+        if by_limit and self._last_pts is not None:  # max_frames: the last frame's own span
+            return round(self._last_pts + max(self._step, 1.0 / self.cfg.fps if self.cfg.fps else 0.0), 6)
+        return None if self._media_end is None else round(self._media_end, 6)
 
     async def capture(self) -> AsyncIterator[Event]:
         reader = ThreadReader(self._decode, live=False, name=f"pyav:{self.path}").start()
@@ -211,18 +328,37 @@ class FileSource(CaptureSource):
                     self.count("bad_frames")
                     if len(bad_reasons) < 3 and item.reason not in bad_reasons:
                         bad_reasons.append(item.reason)
+                elif isinstance(item, _Jump):
+                    self.count("discontinuities")
+                    if self.metrics.extra["discontinuities"] == 1:  # one line; the final status counts them
+                        warn = Error(text=f"{self.path}: time jumps back at {item.pts:.2f} s (pts {item.after:.2f} s "
+                                     f"after {item.before:.2f} s); media time carries on", stage=self.name,
+                                     stream_id=self.stream_id, pts=item.pts)
+                        if self.handle is not None:
+                            self.handle.report(warn)
+                        yield warn
                 elif isinstance(item, _Info):
                     self.info = item
-                    rot = f", rotated {item.rotation}°" if item.rotation else ""
-                    dur = f"{item.duration:.2f} s" if item.duration else "unknown length"
-                    # `duration` = media time where this run will end (progress bars use it)
-                    until = min(item.duration, self.cfg.end or math.inf) if item.duration else self.cfg.end
-                    yield self.make_status("running", f"{self.path}: {item.codec} {item.width}x{item.height}, "
-                                           f"{dur}{rot}", fps=item.fps, duration=until)
+                    yield self._running_status(item)
         finally:
             reader.stop()
+        if self._clock is not None and self._clock.made_up:
+            self.metrics.extra["made_up_pts"] = self._clock.made_up
         for ev in self._warnings(bad_reasons):
             yield ev
+
+    def _running_status(self, info: _Info) -> Event:
+        o = info.orientation
+        how = []
+        if o != UPRIGHT:
+            how.append(f"rotated {info.rotation % 360}°" if not o.mirrored else "mirrored")
+        if not info.timed:
+            how.append(f"no timestamps (made up at {1 / self._step:g} fps)")
+        dur = f"{info.length:.2f} s" if info.length else "unknown length"
+        # `duration` = media time where this run will end (progress bars use it)
+        until = min(info.length, self.cfg.end or math.inf) if info.length else self.cfg.end
+        return self.make_status("running", f"{self.path}: {info.codec} {info.width}x{info.height}, {dur}"
+                                + "".join(f", {x}" for x in how), fps=info.fps, duration=until)
 
     def _warnings(self, bad_reasons: list[str]) -> list[Event]:
         """Non-fatal problems, reported once at the end (the run continued past them)."""
@@ -235,8 +371,13 @@ class FileSource(CaptureSource):
         if info is None and not self.stopping.is_set():
             why = f" ({'; '.join(bad_reasons)})" if bad_reasons else ""
             raise FatalError(f"{self.path}: no decodable video frames{why}", exit_code=2)
-        # Only reached when decoding ended by itself (max_frames closes this generator first).
         last = self._last_seen_pts
+        if (self._last_pts is None and self.cfg.start > 0 and last is not None and self._media_end is not None
+                and not self.stopping.is_set()):
+            raise FatalError(f"{self.path}: source.start = {self.cfg.start:g} s is past the end of the video "
+                             f"({self._media_end:.2f} s)", exit_code=2)
+        # Only reached when decoding ended by itself (max_frames closes this generator first).
+        # The verdict uses the video stream's own duration: an audio track may run longer.
         expected = min(info.duration, self.cfg.end or math.inf) if info and info.duration else None
         if (expected is not None and not self.stopping.is_set() and last is not None
                 and last + TRUNCATION_SLACK_S < expected):
@@ -246,6 +387,6 @@ class FileSource(CaptureSource):
                              f"{info.duration:.2f} s", stage=self.name, stream_id=self.stream_id, pts=last,
                              fatal=True))
         for err in out:
-            if self.runtime is not None:
-                self.runtime.report(err)
+            if self.handle is not None:
+                self.handle.report(err)
         return out

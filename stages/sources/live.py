@@ -11,6 +11,11 @@ attempt is counted (`reconnects`) and announced as a Status `reconnecting` event
 A first connection that fails fast (refused, no such device, not a video) is bad input and
 stops the run at once; a timeout is treated like a hang and retried.
 
+Media time (pts) counts from the first connection and keeps going across reconnects. Within a
+connection the stream's own timestamps go through `MediaClock`: a pts reset or a jump back
+(an encoder restart, joined segments) is one warning line and a `discontinuities` count in the
+final status, and media time carries on instead of stalling until the old times come back.
+
 Frames are sampled at `fps` (by pts) inside the reader thread, so colour conversion is only
 paid for frames that are kept. The reader never blocks on a slow consumer: it drops the
 oldest undelivered frame (counted as `drops`), like the runtime's live edges.
@@ -28,8 +33,8 @@ import numpy as np
 
 from framecast.config import SourceConfig
 from framecast.errors import FatalError
-from framecast.events import Event
-from framecast.stages.sources.base import CaptureSource, FpsGate, ThreadReader
+from framecast.events import Error, Event
+from framecast.stages.sources.base import FALLBACK_FPS, CaptureSource, FpsGate, MediaClock, ThreadReader
 
 #: frames a live reader thread may hold for the loop (older ones are dropped)
 LIVE_BRIDGE_SIZE = 2
@@ -49,6 +54,7 @@ class WatchedSource(CaptureSource):
     def __init__(self, cfg: SourceConfig, *, name: str):
         super().__init__(cfg, name=name)
         self._t_origin: float | None = None  # monotonic origin of pts: the first connection
+        self._jumps = 0  # times the stream's clock went back (written by the reader thread)
 
     def _read(self, stop: threading.Event) -> Iterator[tuple[np.ndarray, float]]:
         """Open, then yield (rgb [H, W, 3] uint8, pts s) until the source ends; raise OpenFailed."""
@@ -93,6 +99,15 @@ class WatchedSource(CaptureSource):
                     except Exception as e:  # the library failed mid-stream: reconnect
                         reason = f"{type(e).__name__}: {e}"
                         break
+                    if self._jumps > self.metrics.extra.get("discontinuities", 0):
+                        first_jump = "discontinuities" not in self.metrics.extra
+                        self.metrics.extra["discontinuities"] = self._jumps
+                        if first_jump:  # one line; the final status counts them all
+                            warn = Error(text=f"{self.uri}: time jumps back at {pts:.2f} s; media time carries on",
+                                         stage=self.name, stream_id=self.stream_id, pts=pts)
+                            if self.handle is not None:
+                                self.handle.report(warn)
+                            yield warn
                     if not got_frame:
                         got_frame = ever_connected = True
                         attempts, backoff = 0, cfg.backoff_initial_s
@@ -159,7 +174,9 @@ class StreamSource(WatchedSource):
                 raise OpenFailed("no video stream")
             vs = container.streams.video[0]
             tb = float(vs.time_base) if vs.time_base else 0.0
-            first: float | None = None
+            rate = next((float(r) for r in (vs.average_rate, vs.guessed_rate) if r), FALLBACK_FPS)
+            clock: MediaClock | None = None
+            counted = 0  # this connection's jumps already added to self._jumps
             base = self._session_pts()  # pts continue across reconnects
             last = -1.0
             for packet in container.demux(vs):
@@ -175,9 +192,12 @@ class StreamSource(WatchedSource):
                     if frame.pts is None or not tb:
                         t = self._session_pts()
                     else:
-                        if first is None:
-                            first = float(frame.pts * tb)
-                        t = base + float(frame.pts * tb) - first
+                        raw = float(frame.pts * tb)
+                        if clock is None:
+                            clock = MediaClock(1.0 / rate, origin=raw)
+                        t = base + clock.time(raw)
+                        self._jumps += clock.discontinuities - counted
+                        counted = clock.discontinuities
                     # A frame without a timestamp (first frames before RTCP sync) got the clock
                     # instead; keep pts strictly increasing whatever the mix.
                     t = last = max(t, last + 1e-3)

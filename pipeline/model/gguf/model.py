@@ -29,6 +29,7 @@ import mlx.nn as nn
 
 from framecast.errors import ModelLoadError
 from framecast.model.gguf.file import GROUP_SIZE, GGUFHeader, cast_floats, default_dtype, read_header, read_tensors
+from framecast.model.load import TextOnlyModel
 
 LM_ARCHS = ("qwen2", "qwen3", "llama", "minicpm")
 PERMUTED_ARCHS = ("llama", "minicpm")  # q/k rows interleaved by convert_hf_to_gguf.py
@@ -298,20 +299,13 @@ def gguf_chat_template(header: GGUFHeader) -> GGUFChatTemplate | None:
 
 
 @dataclass
-class GGUFLanguageModel:
+class GGUFLanguageModel(TextOnlyModel):
     """A text-only model from a language-model GGUF: what `framecast generate` needs.
 
     `processor` renders the GGUF's chat template (None: generate uses the family's ChatML).
     """
 
-    language_model: Any
-    tokenizer: Any
-    config: dict[str, Any]
-    path: str
-    processor: GGUFChatTemplate | None = None
-
-    def make_cache(self) -> list:
-        return self.language_model.make_cache()
+    path: str = ""
 
 
 def load_gguf_tokenizer(header: GGUFHeader):
@@ -332,7 +326,7 @@ def load_gguf(path: str | Path, mmproj: str | Path | None = None, dtype=None):
     lm, cfg = build_lm_from_gguf(header, dtype=dtype)
     tokenizer = load_gguf_tokenizer(header)
     if mmproj is None:
-        return GGUFLanguageModel(lm, tokenizer, cfg, str(path), gguf_chat_template(header))
+        return GGUFLanguageModel(lm, tokenizer, cfg, processor=gguf_chat_template(header), path=str(path))
     from framecast.model.gguf.mmproj import load_mmproj_model
 
     return load_mmproj_model(read_header(mmproj), lm, cfg, tokenizer, header, dtype=dtype)

@@ -1,0 +1,65 @@
+"""Save and restore a session: its KV cache, spans and counters in one safetensors file.
+
+The file holds `cache.<layer>.<i>` arrays (each layer's `state`) and, in the metadata key
+`framecast_session`, JSON with the format tag, a fingerprint of the model (layers, KV heads,
+head_dim, kv_bits: a cache only fits the model that wrote it), the system prompt and the spans.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from framecast.engine.layout import Span
+from framecast.errors import UserError
+
+SAVE_FORMAT = "framecast-session-1"
+
+
+def fingerprint(lm, kv_bits: int | None) -> dict[str, Any]:
+    attn = lm.layers[0].self_attn
+    return {"layers": len(lm.layers), "n_kv": attn.n_kv_heads, "head_dim": attn.head_dim,
+            "kv_bits": kv_bits or 0}
+
+
+def save_session(path: str | Path, cache: list, spans: list[Span], *, fingerprint: dict[str, Any],
+                 system_prompt: str, evicted_total: int, frames_added: int) -> Path:
+    path = Path(path)
+    arrays = {f"cache.{i}.{j}": a for i, c in enumerate(cache) for j, a in enumerate(c.state)}
+    meta = {
+        "format": SAVE_FORMAT,
+        "fingerprint": fingerprint,
+        "system_prompt": system_prompt,
+        "spans": [asdict(s) for s in spans],
+        "evicted_total": evicted_total,
+        "frames_added": frames_added,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(path), arrays, metadata={"framecast_session": json.dumps(meta)})
+    return path
+
+
+def load_session(path: str | Path, new_cache: list, *, fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """Fill `new_cache` (fresh, of the session's kind) from `path`; returns the metadata with
+    `spans` as `Span`s. UserError (one line naming the file) for anything that does not fit."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: session file not found")
+    try:
+        arrays, metadata = mx.load(str(path), return_metadata=True)
+        meta = json.loads(metadata["framecast_session"])
+    except Exception as e:
+        raise UserError(f"{path}: not a framecast session file ({type(e).__name__})") from None
+    if meta.get("format") != SAVE_FORMAT:
+        raise UserError(f"{path}: unsupported session format {meta.get('format')!r}")
+    if meta["fingerprint"] != fingerprint:
+        raise UserError(f"{path}: saved for a different model or kv_bits ({meta['fingerprint']})")
+    for i, c in enumerate(new_cache):
+        n = sum(1 for k in arrays if k.startswith(f"cache.{i}."))
+        c.state = tuple(arrays[f"cache.{i}.{j}"] for j in range(n))
+    meta["spans"] = [Span(**s) for s in meta["spans"]]
+    return meta

@@ -1,0 +1,153 @@
+"""Sharing one model between several streams: vision encoding batched across streams.
+
+Every stream has its own `EncodeStage` and `StreamingSession`, but all of them submit their MLX
+work to the model's one worker thread (`framecast.engine.worker`). `BatchEncoder` is what the
+encode stages of a multi-stream run call instead of `model.encode_images`: requests that arrive
+while the worker is busy wait together, and when the worker gets to them they run as ONE
+vision-tower call (`encode_images` on the concatenated frames), each stream getting its own
+features back in order. A lone stream (or an idle worker) pays nothing extra: its request is one
+worker job, as before.
+
+MiniCPM-V 4.5 frame groups (3D resampler) batch the same way (`BatchEncoder.group`, one
+`encode_frame_groups` call for the groups of all streams).
+
+Decoding is not batched across sessions (each session has its own KV cache of its own length):
+turns run one token per worker job while other work waits (`StreamingSession.narrate`), so the
+sessions' steps, frame prefills and questions interleave fairly on the one thread, in arrival
+order. Greedy results are exactly those of separate runs (each session's math is unchanged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from framecast.engine.worker import ModelWorker, worker_for
+
+DEFAULT_MAX_BATCH = 64  # frames per vision-tower call across all streams
+
+
+@dataclass
+class _Request:
+    pixels: list[Any]  # RGB uint8 [H, W, 3] each
+    max_slice_nums: int
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    temporal_ids: list[int] | None = None  # a MiniCPM-V 4.5 frame group (3D resampler)
+
+    @property
+    def kind(self) -> tuple[bool, int]:  # requests of one kind share a call
+        return self.temporal_ids is not None, self.max_slice_nums
+
+
+class BatchEncoder:
+    """`await encoder(pixels, max_slice_nums=1)` -> one `ImageFeatures` per frame, like
+    `model.encode_images`, but batched with the other streams' waiting requests.
+
+    `max_batch`: frames per vision-tower call at most (a request is never split: one that is
+    larger than this runs alone). Counters: `calls` (vision-tower calls), `frames`, `max_rows`.
+    """
+
+    def __init__(self, model: Any, *, worker: ModelWorker | None = None, max_batch: int = DEFAULT_MAX_BATCH):
+        self.model = model
+        self.worker = worker or worker_for(model)
+        self.max_batch = max(1, max_batch)
+        self._pending: list[_Request] = []
+        self._lock = threading.Lock()
+        self._jobs_queued = 0  # worker jobs submitted that have not yet taken their requests
+        self.calls = 0
+        self.frames = 0
+        self.max_rows = 0
+
+    async def __call__(self, pixels: list[Any], *, max_slice_nums: int = 1) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        return await self._submit(_Request(list(pixels), max_slice_nums, loop.create_future(), loop))
+
+    async def group(self, pixels: list[Any], temporal_ids: list[int], *, max_slice_nums: int = 1) -> Any:
+        """One MiniCPM-V 4.5 frame group -> its `ImageFeatures`, like `model.encode_frame_group`,
+        batched with the other streams' waiting groups (`model.encode_frame_groups`)."""
+        loop = asyncio.get_running_loop()
+        req = _Request(list(pixels), max_slice_nums, loop.create_future(), loop, list(temporal_ids))
+        return (await self._submit(req))[0]
+
+    async def _submit(self, req: _Request) -> list[Any]:
+        with self._lock:
+            self._pending.append(req)
+            submit = self._jobs_queued == 0
+            if submit:
+                self._jobs_queued += 1
+        if submit:
+            # After the tasks that are ready now (e.g. the other streams of one `gather`) have
+            # queued their frames too: what arrives in one loop iteration is one call.
+            req.loop.call_soon(self.worker.submit_sync, self._run_pending)
+        return await req.future
+
+    def _take(self) -> list[_Request]:
+        """The waiting requests that fit one call (same kind, <= max_batch frames)."""
+        with self._lock:
+            self._jobs_queued -= 1
+            if not self._pending:
+                return []
+            first = self._pending[0]
+            taken, rows = [], 0
+            for req in list(self._pending):
+                if req.kind != first.kind:
+                    continue
+                if taken and rows + len(req.pixels) > self.max_batch:
+                    break
+                taken.append(req)
+                rows += len(req.pixels)
+            for req in taken:
+                self._pending.remove(req)
+            if self._pending:  # the rest go in the next call, after what is queued meanwhile
+                self._jobs_queued += 1
+                self.worker.submit_sync(self._run_pending)
+            return taken
+
+    def _run_pending(self) -> None:
+        """On the worker: one `encode_images` (or `encode_frame_groups`) call for the waiting requests."""
+        taken = self._take()
+        if not taken:
+            return
+        frames = [p for req in taken for p in req.pixels]
+        slices = taken[0].max_slice_nums
+        try:
+            if taken[0].temporal_ids is None:
+                feats = self.model.encode_images(frames, max_slice_nums=slices)
+            else:  # one feature set per group: each request gets a list of one
+                groups = [(req.pixels, req.temporal_ids) for req in taken]
+                encode = getattr(self.model, "encode_frame_groups", None)
+                flat = (encode(groups, max_slice_nums=slices) if encode is not None else
+                        [self.model.encode_frame_group(*g, max_slice_nums=slices) for g in groups])
+                feats = list(flat)
+        except BaseException as e:  # noqa: BLE001  (every stream in the batch hears about it)
+            for req in taken:
+                _deliver(req, _set_exception, e)
+            return
+        self.calls += 1
+        self.frames += len(frames)
+        self.max_rows = max(self.max_rows, len(frames))
+        at = 0
+        for req in taken:
+            n = len(req.pixels) if req.temporal_ids is None else 1
+            part, at = feats[at:at + n], at + n
+            _deliver(req, _set_result, part)
+
+
+def _deliver(req: _Request, fn: Any, value: Any) -> None:
+    try:
+        req.loop.call_soon_threadsafe(fn, req.future, value)
+    except RuntimeError:  # that stream's loop is closed: nobody waits for it any more
+        pass
+
+
+def _set_result(fut: asyncio.Future, value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
