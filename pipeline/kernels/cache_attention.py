@@ -32,9 +32,10 @@ and O += P V on tensor cores (WMMA bf16/fp16, fp32 accumulation), online softmax
 between them. Splits write un-normalised partial outputs and (max, sum) per row; a second
 launch combines the splits (log-sum-exp weights). Source of the maths: FlashAttention
 (Dao et al. 2022) and its split-K decoding variant (Flash-Decoding, Dao et al. 2023).
-Measured on one H200 (README "GPU fast path"): correct, no per-shape cost, but 1.5-3x slower
-than `matmul_bucket` at 20-40k keys (fragments loaded straight from global memory, accumulator
-rescaled through shared memory); the CUDA default is `matmul_bucket`.
+Measured on one H200 (README "GPU fast path"): correct, no per-shape cost, but 3-6x slower than
+`matmul_bucket` (1.6 ms a layer at 20k keys, ~14 TFLOP/s: every warp loads its K/V fragments
+straight from global memory, 64-key sub-tiles, accumulator rescaled through shared memory); the
+CUDA default is `matmul_bucket`.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ IMPLS = ("sdpa", "bucket", "matmul", "matmul_bucket", "kernel")
 ENV_VAR = "FRAMECAST_ATTENTION"
 # Per backend. CUDA: `matmul_bucket` had the lowest median at 1, 2 and 10 minutes and the lowest
 # p95 everywhere in one H200 run (README "GPU fast path"; `bucket` pays a cuDNN plan build at
-# each bucket crossing, the fused kernel is correct but 1.5-3x slower at 20-40k keys).
+# each bucket crossing, the fused kernel is correct but 3-6x slower).
 # CPU and Metal keep MLX's SDPA (no per-shape set-up there).
 DEFAULT_IMPL = {"cuda": "matmul_bucket", "metal": "sdpa", "reference": "sdpa"}
 BUCKET_TOKENS = 2048  # `bucket`: key lengths are rounded up to this (one plan per bucket)
