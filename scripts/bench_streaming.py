@@ -10,8 +10,9 @@ span), measure on the same model and machine:
 
 Both use precomputed vision features (the re-prefill baseline is NOT charged for re-encoding
 every frame, which real tools also pay), the same prompt and a fixed number of generated tokens
-(EOS ignored). Reported: time to first token and total turn time, and their ratio
-(re-prefill / streaming).
+(EOS ignored). Reported per row: the median (and p95) over `--repeats` samples (default 10;
+each streaming sample adds one frame) of the time to first token and the total turn time, and
+their ratio (re-prefill / streaming, medians).
 
     python scripts/bench_streaming.py                  # tiny config, fp32 (CPU-friendly)
     python scripts/bench_streaming.py --shapes real    # MiniCPM-V 4.5 shapes (Qwen3-8B), bf16,
@@ -125,7 +126,8 @@ def streaming_turn(core: SessionCore, feat: ImageFeatures, pts: float, *, max_to
 
 def run(args: argparse.Namespace) -> dict:
     model, dtype = build_model(args.shapes, args.version, args.layers)
-    frames_needed = int(max(args.minutes) * 60 * args.fps) + 2
+    # the window, plus one frame per streaming sample of every row
+    frames_needed = int(max(args.minutes) * 60 * args.fps) + args.repeats * len(args.minutes) + 2
     feats = random_features(model, frames_needed + 8)
     core = SessionCore(model, keep_generated=False)  # the cache holds frames only: same window
     # warm-up (kernel compilation, allocator) on both paths
@@ -149,11 +151,14 @@ def run(args: argparse.Namespace) -> dict:
             baseline.append(reprefill_turn(model, core, feats[:added], max_tokens=args.max_tokens, chunk=args.chunk))
         s_frame, s_first, s_total = (float(np.median([r[i] for r in stream])) for i in range(3))
         b_first, b_total = (float(np.median([r[i] for r in baseline])) for i in range(2))
+        s_first_p95 = float(np.percentile([r[1] for r in stream], 95))
+        b_first_p95 = float(np.percentile([r[0] for r in baseline], 95))
         rows.append({
             "minutes": minutes, "frames": target, "context_tokens": window,
             "cache_mb": round(core.nbytes / 2**20, 1),
             "stream_frame_ms": round(s_frame * 1e3, 2),
             "stream_first_ms": round(s_first * 1e3, 2), "stream_total_ms": round(s_total * 1e3, 2),
+            "stream_first_p95_ms": round(s_first_p95 * 1e3, 2), "reprefill_first_p95_ms": round(b_first_p95 * 1e3, 2),
             "reprefill_first_ms": round(b_first * 1e3, 2), "reprefill_total_ms": round(b_total * 1e3, 2),
             "ratio_first": round(b_first / s_first, 2), "ratio_total": round(b_total / s_total, 2),
         })
@@ -188,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fps", type=float, default=1.0)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--chunk", type=int, default=None, help="re-prefill chunk (default 512 CPU, 2048 GPU)")
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=10, help="samples per row (median and p95)")
     ap.add_argument("--layers", type=int, default=None, help="override the LM depth (smoke tests)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)

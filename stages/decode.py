@@ -107,17 +107,20 @@ class DecodeStage(Stage):
             self._scene_changed = True
         if item.features is None:  # an earlier frame of a 3D group, or encoding failed
             return
-        await self.session.add_frame(item.features, item.pts)
+        pts = item.pts if item.pts is not None else time.monotonic()
+        trigger = self._trigger(pts)
+        if trigger is None:
+            await self.session.add_frame(item.features, item.pts)
         self.frames_added += 1
         self._frames_since_narration += 1
-        pts = item.pts if item.pts is not None else time.monotonic()
         self._last_frame_pts = item.pts
         self._last_frame_wall = item.wall_time
         if self._span_start_pts is None:
             self._span_start_pts = pts
-        trigger = self._trigger(pts)
         if trigger is not None:
-            async for event in self._narrate(item.wall_time, pts, trigger):
+            # A narration is due on this frame: one prefill for the frame and the prompt.
+            async for event in self._narrate(item.wall_time, pts, trigger,
+                                             frame=(item.features, item.pts)):
                 yield event
         self.metrics.extra.update({"frames_added": self.frames_added, "narrations": self.narrations,
                                    "answers": self.answers, "cache_tokens": self.session.cache_tokens})
@@ -146,10 +149,11 @@ class DecodeStage(Stage):
         self.metrics.extra.update({"narrations": self.narrations, "cache_tokens": self.session.cache_tokens})
 
     async def _narrate(self, arrived: float | None, pts: float, trigger: str, *,
-                       pts_end: float | None = None) -> AsyncIterator[Event]:
+                       pts_end: float | None = None, frame: tuple | None = None) -> AsyncIterator[Event]:
         """One narration turn about the span since the last one, up to `pts` (the frame that
         triggered it); `pts_end` (default `pts`) is where the span it describes ends.
-        `arrived`: wall time the triggering frame arrived (first_token_ms counts from it)."""
+        `arrived`: wall time the triggering frame arrived (first_token_ms counts from it).
+        `frame`: (features, pts) of a frame not yet in the cache, prefilled with the prompt."""
         self._scene_changed = False
         self._frames_since_narration = 0
         self._last_narration_pts = pts
@@ -157,8 +161,9 @@ class DecodeStage(Stage):
         nid = start.narration_id
         first_token_wall: float | None = None
         done: TurnDone | None = None
+        extra = {} if frame is None else {"frame": frame[0], "pts": frame[1]}
         async for ev in self.session.narrate(self.cfg.prompt, max_tokens=self.cfg.max_tokens,
-                                             sampler=self.sampler):
+                                             sampler=self.sampler, **extra):
             if isinstance(ev, TextDelta):
                 if first_token_wall is None:
                     first_token_wall = time.time()

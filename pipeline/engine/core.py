@@ -37,6 +37,8 @@ from framecast.model.cache import QuantizedKVCache
 
 __all__ = ["DEFAULT_MAX_TOKENS", "SessionCore", "Span", "TextDelta", "TurnDone"]
 
+UNBOUNDED_GROWTH = 1.25  # no budget: each cache growth adds at least a quarter (few copies)
+
 
 # ---------------------------------------------------------------- what a session yields
 
@@ -146,6 +148,17 @@ class SessionCore:
         prefill(self.model, ids, self.cache)
         self.spans = [Span("prefix", len(ids))]
         self.budget.check_fits(self.cache, self.spans)
+        self._reserve()
+
+    def _reserve(self) -> None:
+        """Size the cache buffers once (gpt-fast style): the whole budget when there is one, so
+        frames never trigger a growth copy; geometric growth when unbounded."""
+        budget = self.budget_tokens()
+        for c in self.cache:
+            if budget is not None and hasattr(c, "reserve"):
+                c.reserve(budget)
+            elif hasattr(c, "growth"):
+                c.growth = UNBOUNDED_GROWTH
 
     def reset(self) -> None:
         self.cache, self.spans, self.last_turn_ids = [], [], []
@@ -173,13 +186,17 @@ class SessionCore:
 
     # -- adding context ----------------------------------------------------------------------
 
-    def add_features(self, features: Any, pts: float | None = None) -> int:
-        """Append one frame (or one 3D-resampler group) from its vision features."""
-        self.start()
+    def _frame_ids(self, features: Any) -> list[int]:
         placeholder = layout.frame_text(self.model.image_placeholder(features))
         ids = self._placeholder_ids.get(placeholder)
         if ids is None:
             ids = self._placeholder_ids[placeholder] = self._encode(placeholder)
+        return ids
+
+    def add_features(self, features: Any, pts: float | None = None) -> int:
+        """Append one frame (or one 3D-resampler group) from its vision features."""
+        self.start()
+        ids = self._frame_ids(features)
         self._make_room(len(ids))
         prefill(self.model, ids, self.cache, images=[features])
         self.spans.append(Span("frame", len(ids), pts))
@@ -226,6 +243,8 @@ class SessionCore:
         stop: threading.Event | None = None,
         return_logits: bool = False,
         ignore_eos: bool = False,
+        frame: Any = None,
+        pts: float | None = None,
     ) -> Generator[TextDelta | None, None, TurnDone]:
         """`generate` one step at a time: yields once per decoded token (a `TextDelta`, or None
         while a UTF-8 character is incomplete) and returns the `TurnDone`.
@@ -235,15 +254,24 @@ class SessionCore:
         Run it to the end (set `stop` to end early): closing it half-way leaves the turn open.
         `sampler`: default greedy; its repetition penalty sees this turn's tokens only.
         `ignore_eos`: decode exactly `max_tokens` (benchmarks force a fixed length).
+        `frame` (vision features of a frame that just arrived, with its `pts`): append it in the
+        same prefill pass as the prompt (one forward over ~80 tokens instead of two); the frame
+        stays in the cache as its own span whatever happens to the turn.
         """
         self.start()
         t0 = time.perf_counter()
         ids = self._encode(layout.turn_text(prompt, self.assistant_prefix))
         close_ids = self._encode(layout.CLOSE_TEXT)
-        evicted = self._make_room(len(ids) + max_tokens + len(close_ids))
-        turn_start = self.offset
+        frame_ids = self._frame_ids(frame) if frame is not None else []
+        evicted = self._make_room(len(frame_ids) + len(ids) + max_tokens + len(close_ids))
+        turn_start = self.offset + len(frame_ids)
         try:
-            logits = prefill(self.model, ids, self.cache, logits=True)  # [1, V]
+            if frame is not None:
+                logits = prefill(self.model, frame_ids + ids, self.cache, images=[frame], logits=True)  # [1, V]
+                self.spans.append(Span("frame", len(frame_ids), pts))
+                self.frames_added += 1
+            else:
+                logits = prefill(self.model, ids, self.cache, logits=True)  # [1, V]
             prefill_s = time.perf_counter() - t0
             out_ids: list[int] = []
             kept_logits: list[np.ndarray] = []
@@ -317,6 +345,7 @@ class SessionCore:
         cache = self._new_cache()
         meta = load_session(path, cache, fingerprint=self._fingerprint())
         self.cache = cache
+        self._reserve()
         self.system_prompt = meta["system_prompt"]
         self.spans = meta["spans"]
         self.evicted_total = meta["evicted_total"]

@@ -4,10 +4,11 @@ Every generation in framecast runs through here: `framecast generate`
 (`framecast.stages.model_commands`, via `generate_tokens`), and the streaming session's
 narrations and answers (`framecast.engine.core.SessionCore.generate`).
 
-The shape is mlx-lm's `generate_step`: a sampler and a cache in, `(token, logits)` out. The
-next step is queued (`mx.async_eval`) before the current token is handed out, so Python
-overhead overlaps device work; when the handed-out token turns out to be a stop token, that
-extra step is trimmed off the cache again. Contract: when the loop ends, the cache holds every
+The shape is mlx-lm's `generate_step`: a sampler and a cache in, `(token, logits)` out. From
+the second token on, the next step is queued (`mx.async_eval`) before the current token is
+handed out, so Python overhead overlaps device work; when the handed-out token turns out to be a
+stop token, that extra step is trimmed off the cache again. The first token is handed out before
+anything is queued (its latency is the one a viewer waits for). Contract: when the loop ends, the cache holds every
 yielded token except a final stop token and the `max_tokens`-th token (nothing follows it, so it
 is never fed); a consumer that stops early (break) leaves every token it saw in the cache.
 """
@@ -84,6 +85,24 @@ def generate_step(model, cache: list, logits: mx.array, *, sampler: SamplerFn | 
     mx.async_eval(y)
     for n in range(max_tokens):
         queued = n + 1 < max_tokens
+        if n == 0:
+            # The first token is the one a viewer waits for: hand it out before spending a few
+            # ms of Python on the next step's graph (one step without overlap per turn).
+            token = int(y.item())
+            try:
+                yield token, logits
+            except GeneratorExit:
+                if queued and token not in stops:  # keep the contract: every token seen is cached
+                    lm(y.reshape(1, 1), cache=cache)
+                    mx.eval([c.state for c in cache])
+                raise
+            if token in stops or not queued:
+                return
+            seen = mx.concatenate([seen, y])
+            logits = lm(y.reshape(1, 1), cache=cache)[:, -1, :]  # [1, V]
+            y = sampler(logits, seen).astype(mx.int32)
+            mx.async_eval(y)
+            continue
         if queued:  # queue the next step before reading y (overlaps device and host)
             seen = mx.concatenate([seen, y])
             next_logits = lm(y.reshape(1, 1), cache=cache)[:, -1, :]  # [1, V]

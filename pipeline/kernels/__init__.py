@@ -48,7 +48,7 @@ def backend() -> str:
 
 @functools.cache
 def build_kernel(kind: str, name: str, input_names: tuple[str, ...], output_names: tuple[str, ...],
-                 source: str, *, row_contiguous: bool = True):
+                 source: str, *, row_contiguous: bool = True, header: str = ""):
     """The `mx.fast` kernel object for `kind` ('metal' | 'cuda'), built once and cached.
 
     MLX compiles per template instantiation on first call and caches that too, so callers pass
@@ -58,10 +58,10 @@ def build_kernel(kind: str, name: str, input_names: tuple[str, ...], output_name
     """
     # MLX's CUDA backend caches compiled PTX on disk by kernel name (+ template args), across
     # processes: a name that carries the source hash means an edited kernel is never served stale.
-    tag = hashlib.sha1(source.encode()).hexdigest()[:10]
+    tag = hashlib.sha1((header + source).encode()).hexdigest()[:10]
     make = mx.fast.metal_kernel if kind == "metal" else mx.fast.cuda_kernel
     return make(name=f"{name}_{tag}", input_names=list(input_names), output_names=list(output_names),
-                source=source, ensure_row_contiguous=row_contiguous)
+                source=source, header=header, ensure_row_contiguous=row_contiguous)
 
 
 _VERIFIED: dict[tuple, bool] = {}

@@ -3,6 +3,10 @@
 `KVCache` is a gpt-fast style preallocated buffer per layer: keys and values live in arrays of
 shape [B, n_kv, capacity, head_dim] that grow along T in whole steps (default 256 tokens), so
 streaming decode writes one token into existing memory instead of concatenating every step.
+A session that knows its token budget calls `reserve(budget)` once: the first write allocates
+the whole budget and the buffer never grows or copies again (eviction compacts in place). An
+unbounded session sets `growth` (e.g. 1.25): each growth then adds at least a quarter of the
+capacity, so a cache that reaches 40k tokens copies itself ~10 times instead of ~150.
 
 Protocol the models rely on (duck-typed: the session may pass other cache classes):
   - `offset`: tokens held, which is also the RoPE position of the next token;
@@ -24,13 +28,17 @@ DEFAULT_STEP = 256  # tokens added per growth; one frame (64-ish tokens) rarely 
 class KVCache:
     """Preallocated per-layer key/value buffer that grows in steps along T."""
 
-    def __init__(self, *, step: int = DEFAULT_STEP):
+    def __init__(self, *, step: int = DEFAULT_STEP, capacity: int = 0, growth: float = 1.0):
         if step < 1:
             raise ValueError(f"KVCache step must be >= 1, got {step}")
+        if growth < 1.0:
+            raise ValueError(f"KVCache growth must be >= 1, got {growth}")
         self.step = step
+        self.growth = growth  # each growth reaches at least capacity * growth
         self.keys: mx.array | None = None  # [B, n_kv, capacity, head_dim]
         self.values: mx.array | None = None  # [B, n_kv, capacity, head_dim_v]
         self.offset = 0
+        self._reserved = max(0, int(capacity))  # tokens the first allocation makes room for
 
     # -- core -------------------------------------------------------------------------------
 
@@ -42,6 +50,7 @@ class KVCache:
         """Make room for `needed` tokens in total, rounding capacity up to whole steps."""
         B, n_kv, _, k_dim = keys.shape
         v_dim = values.shape[3]
+        needed = max(needed, self._reserved, int(self.capacity * self.growth))
         new_capacity = ((needed + self.step - 1) // self.step) * self.step
         extra = new_capacity - (0 if self.keys is None else self.offset)
         k_new = mx.zeros((B, n_kv, extra, k_dim), dtype=keys.dtype)
@@ -66,6 +75,22 @@ class KVCache:
         self.offset = end
         # [B, n_kv, offset, head_dim]
         return self.keys[..., :end, :], self.values[..., :end, :]
+
+    def reserve(self, tokens: int) -> None:
+        """Make room for `tokens` in total now (or at the first write when nothing is allocated
+        yet), rounded up to whole steps: later appends up to that count never grow or copy."""
+        self._reserved = max(self._reserved, int(tokens))
+        if self.keys is not None and self.capacity < tokens:
+            held_k, held_v = self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
+            self._grow(held_k, held_v, tokens)
+
+    @property
+    def buffers(self) -> tuple[mx.array, mx.array] | None:
+        """The whole (keys, values) buffers [B, n_kv, capacity, D]; the first `offset` rows are
+        live. Attention kernels read them in place (`framecast.kernels.cache_attention`)."""
+        if self.keys is None:
+            return None
+        return self.keys, self.values
 
     # -- editing ----------------------------------------------------------------------------
 

@@ -104,13 +104,15 @@ class Resampler(nn.Module):
         self.ln_post = nn.LayerNorm(embed_dim, eps=LN_EPS)
         self.proj = mx.zeros((embed_dim, embed_dim))  # applied as x @ proj (not a Linear)
 
-    def _key_positions(self, tgt_sizes: list[tuple[int, int]], max_len: int) -> tuple[np.ndarray, np.ndarray]:
-        pos = np.zeros((len(tgt_sizes), max_len, self.embed_dim), np.float32)
-        valid = np.zeros((len(tgt_sizes), max_len), bool)
-        for i, (h, w) in enumerate(tgt_sizes):
-            pos[i, : h * w] = sincos_2d(self.embed_dim, h, w).reshape(h * w, -1)
-            valid[i, : h * w] = True
-        return pos, valid
+    def _key_positions(self, tgt_sizes: list[tuple[int, int]], max_len: int,
+                       dtype: mx.Dtype) -> tuple[mx.array, mx.array, bool]:
+        """(pos [B, L, D] in `dtype`, valid [B, L], all valid) on the device, cached by shape.
+
+        Built per call, the table was a fresh [B, L, D] float32 numpy array (16 MB for one
+        448-px view at D = 4096) filled and copied to the device on every frame: most of the
+        resampler's time. A stream repeats the same view sizes, so it is built once.
+        """
+        return _key_positions(self.embed_dim, tuple(tuple(t) for t in tgt_sizes), max_len, dtype)
 
     def __call__(self, x: mx.array, tgt_sizes: list[tuple[int, int]], *,
                  temporal_ids: list[int] | None = None, group_sizes: list[int] | None = None) -> mx.array:
@@ -123,16 +125,15 @@ class Resampler(nn.Module):
         if "kv_proj" in self:
             x = self.kv_proj(x)
         x = self.ln_kv(x)  # [B, L, D]
-        pos, valid_np = self._key_positions(tgt_sizes, l)
-        k = x + mx.array(pos).astype(x.dtype)
+        pos, valid, all_valid = self._key_positions(tgt_sizes, l, x.dtype)
+        k = x + pos
         if temporal_ids is not None and max(temporal_ids) > -1:
             k = k + mx.array(sincos_temporal(self.embed_dim, temporal_ids)).astype(x.dtype)[:, None, :]
         v = x
-        valid = mx.array(valid_np)
         if group_sizes is not None:
             k, v, valid = _merge_groups(k, v, valid, group_sizes)
         q = self.ln_q(self.query)  # [Q, D], no position on queries
-        out = self.attn(q, k, v, None if bool(mx.all(valid)) else valid)
+        out = self.attn(q, k, v, None if all_valid else valid)
         return self.ln_post(out) @ self.proj  # [B or G, Q, D]
 
     @staticmethod
@@ -147,6 +148,18 @@ class Resampler(nn.Module):
             else:
                 out[name] = value
         return out
+
+
+@lru_cache(maxsize=16)
+def _key_positions(embed_dim: int, tgt_sizes: tuple, max_len: int, dtype: mx.Dtype) -> tuple[mx.array, mx.array, bool]:
+    pos = np.zeros((len(tgt_sizes), max_len, embed_dim), np.float32)
+    valid = np.zeros((len(tgt_sizes), max_len), bool)
+    for i, (h, w) in enumerate(tgt_sizes):
+        pos[i, : h * w] = sincos_2d(embed_dim, h, w).reshape(h * w, -1)
+        valid[i, : h * w] = True
+    pos_mx, valid_mx = mx.array(pos).astype(dtype), mx.array(valid)
+    mx.eval(pos_mx, valid_mx)
+    return pos_mx, valid_mx, bool(valid.all())
 
 
 def _merge_groups(k: mx.array, v: mx.array, valid: mx.array, group_sizes: list[int]):

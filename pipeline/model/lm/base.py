@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from framecast.errors import ModelLoadError
+from framecast.kernels.cache_attention import cache_attention
 
 
 @dataclass
@@ -194,8 +195,13 @@ class Attention(nn.Module):
         else:
             q = self.rope(q)
             k = self.rope(k)
-        # GQA is handled inside the kernel (n_heads a multiple of n_kv_heads).
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
+        # GQA is handled inside the kernels (n_heads a multiple of n_kv_heads).
+        if cache is not None and ((isinstance(mask, str) and mask == "causal") or (mask is None and L == 1)):
+            # New tokens onto a cache (causal inside the block): the op picks an implementation
+            # with no per-key-length set-up on CUDA and may read the cache buffers in place.
+            out = cache_attention(q, k, v, scale=self.scale, buffers=getattr(cache, "buffers", None))
+        else:
+            out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)  # [B, L, n_heads*head_dim]
         return self.o_proj(out)
 
