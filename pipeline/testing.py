@@ -289,6 +289,23 @@ def make_tiny_minicpmv(out_dir: str | Path, version: str = "2.6", *, seed: int =
     return out
 
 
+# The real MiniCPM-V 4.5 shapes (Qwen3-8B language model, SigLIP-400M vision; see
+# shared/reference/minicpm-v.md) for benchmarks with random weights: no download, same cost.
+REAL_45 = {
+    "model_type": "minicpmv", "version": 4.5, "hidden_size": 4096, "num_hidden_layers": 36,
+    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+    "intermediate_size": 12288, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "vocab_size": 151748,
+    "max_position_embeddings": 40960, "tie_word_embeddings": False, "attention_bias": False,
+    "query_num": 64, "image_size": 448, "patch_size": 14, "slice_mode": True,
+    "slice_config": {"max_slice_nums": 1, "patch_size": 14, "scale_resolution": 448},
+    "batch_vision_input": True, "batch_3d_resampler": True, "drop_vision_last_layer": False,
+    "use_image_id": False,
+    "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 1152, "image_size": 980,
+                      "intermediate_size": 4304, "num_attention_heads": 16, "num_hidden_layers": 27,
+                      "patch_size": 14, "layer_norm_eps": 1e-6},
+}
+
+
 def random_image(h: int, w: int, *, seed: int = 0) -> np.ndarray:
     """A smooth-ish random RGB uint8 image [h, w, 3] (gradients + noise, so resizes matter)."""
     rng = np.random.default_rng(seed)

@@ -41,26 +41,12 @@ from framecast.engine.session import SessionCore  # noqa: E402
 PROMPT = "Describe what happens now in one short sentence."
 DEFAULT_MINUTES = (1, 2, 5, 10)
 
-# MiniCPM-V 4.5: Qwen3-8B language model (see shared/reference/minicpm-v.md), SigLIP-400M.
-REAL_45 = {
-    "model_type": "minicpmv", "version": 4.5, "hidden_size": 4096, "num_hidden_layers": 36,
-    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
-    "intermediate_size": 12288, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "vocab_size": 151748,
-    "max_position_embeddings": 40960, "tie_word_embeddings": False, "attention_bias": False,
-    "query_num": 64, "image_size": 448, "patch_size": 14, "slice_mode": True,
-    "slice_config": {"max_slice_nums": 1, "patch_size": 14, "scale_resolution": 448},
-    "batch_vision_input": True, "batch_3d_resampler": True, "drop_vision_last_layer": False,
-    "use_image_id": False,
-    "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 1152, "image_size": 980,
-                      "intermediate_size": 4304, "num_attention_heads": 16, "num_hidden_layers": 27,
-                      "patch_size": 14, "layer_norm_eps": 1e-6},
-}
 
 
 def build_model(shapes: str, version: str, layers: int | None = None) -> tuple[MiniCPMV, str]:
     """Random-weight model with the chosen shapes and the tiny byte-level tokenizer (its ids are
     valid in any vocabulary at least that large: the text only shapes the token count)."""
-    from framecast.testing import build_tokenizer, tiny_config
+    from framecast.testing import REAL_45, build_tokenizer, tiny_config
 
     tokenizer = Tokenizer(build_tokenizer(), {"eos_token": "<|im_end|>"})
     if shapes == "real":

@@ -13,34 +13,17 @@ from pathlib import Path
 import pytest
 
 from framecast.config import SourceConfig
-from framecast.events import Error, Event, Frame, Status
-from framecast.runtime import Runtime, Stage
+from framecast.events import Error
+from framecast.runtime import Runtime
 from framecast.stages.cli import main
 from framecast.stages.sources import make_source
 from framecast.stages.sources.base import FALLBACK_FPS, MediaClock
 from video_fixtures import corner_of, index_of, write_video
+from collect import Collect
 
 U = 1 << 16  # 1.0 in a display matrix's 16.16 fixed point
 W1 = 1 << 30  # its last element (2.30 fixed point)
 RAW = {"h264": "libx264", "hevc": "libx265"}  # elementary streams: no container, no timestamps
-
-
-class Collect(Stage):
-    name = "collect"
-
-    def __init__(self):
-        super().__init__()
-        self.seen: list[Event] = []
-
-    async def process(self, item):
-        self.seen.append(item)
-        yield item
-
-    def frames(self) -> list[Frame]:
-        return [e for e in self.seen if isinstance(e, Frame)]
-
-    def statuses(self) -> list[Status]:
-        return [e for e in self.seen if isinstance(e, Status)]
 
 
 def run_source(**kw):

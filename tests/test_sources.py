@@ -8,28 +8,11 @@ import numpy as np
 import pytest
 
 from framecast.config import SourceConfig
-from framecast.events import Event, Frame, Status
-from framecast.runtime import Runtime, Stage
+from framecast.runtime import Runtime
 from framecast.stages.sources import make_source
 from framecast.stages.sources.scene import SceneGenerator
 
-
-class Collect(Stage):
-    name = "collect"
-
-    def __init__(self):
-        super().__init__()
-        self.seen: list[Event] = []
-
-    async def process(self, item):
-        self.seen.append(item)
-        yield item
-
-    def frames(self) -> list[Frame]:
-        return [e for e in self.seen if isinstance(e, Frame)]
-
-    def statuses(self) -> list[Status]:
-        return [e for e in self.seen if isinstance(e, Status)]
+from collect import Collect
 
 
 def run_source(cfg: SourceConfig, **kw):
