@@ -71,7 +71,7 @@ VOCAB_SIZE = 768
 SCALE_RESOLUTION = 196  # 14 x 14 patches for a square frame
 GRID = 3  # slot grid: query k <-> cell (k // GRID, k % GRID) of the frame
 QUERY_NUM = GRID * GRID
-VISION = dict(hidden_size=192, intermediate_size=768, num_attention_heads=3, num_hidden_layers=6,
+VISION = dict(hidden_size=192, intermediate_size=768, num_attention_heads=3, num_hidden_layers=4,
               patch_size=14, image_size=224)  # 16 x 16 learned position grid
 LLM = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=4,
            num_key_value_heads=2, rope_theta=10000.0, max_position_embeddings=8192,
@@ -650,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log-every", type=int, default=100)
     ap.add_argument("--ckpt", default=None, help="checkpoint directory (resumed from when it holds one)")
     ap.add_argument("--ckpt-every", type=float, default=120.0, help="seconds between checkpoints")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="unix time by which training must end (the schedule is shortened to fit)")
     ap.add_argument("--tiny", action="store_true", help="a toy-sized model (tests of the trainer itself)")
     a = ap.parse_args(argv)
 
@@ -707,6 +709,9 @@ def main(argv: list[str] | None = None) -> int:
 
     t_run = time.time()
     train_s0 = state["train_s"]
+    if a.deadline is not None:  # a device call has a hard limit: end the schedule before it
+        a.time_budget = min(a.time_budget, train_s0 + a.deadline - t_run)
+        print(f"time budget {a.time_budget:.0f}s of training ({train_s0:.0f}s done)", flush=True)
     last_ckpt = time.time()
     parts_log: list[list[float]] = []
     history = state["history"]
