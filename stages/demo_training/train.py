@@ -84,13 +84,18 @@ DEFAULT_STREAMS = 1600
 DEFAULT_FRAMES = 64  # frames rendered per stream; clips are windows of them
 DEFAULT_LR = 1e-3
 DEFAULT_VISION_LR_SCALE = 0.5
-SHORT_PHASE = 0.15  # share of the run on 1-6 frame clips with dense questions
+DEFAULT_VISION_PHASE = 0.25  # share of the run training the vision side alone (dense + slot targets)
+SHORT_PHASE = 0.12  # then this share on 1-6 frame clips with dense questions
+VISION_BATCH = 768  # frames per step in the vision phase
 TEXT_ROWS = 6  # text-only conversations (title / summary) per step
 PATCH_WEIGHT = 1.0
 SLOT_WEIGHT = 1.0
-OBJECT_PATCH_WEIGHT = 4.0  # object patches are rare next to background ones
+OBJECT_PATCH_WEIGHT = 4.0
+CONTENT_WEIGHT = 3.0  # reply tokens naming a colour, shape, count, place or motion  # object patches are rare next to background ones
 N_COL, N_SHP = len(COLOURS), len(SHAPES)
 SLOT_DIM = 1 + N_COL + N_SHP + 2  # objectness, colour, shape, centre (x, y)
+PATCH_Y = 6  # colour, shape, own x, y, object centre x, y
+PATCH_OUT = 1 + N_COL + 1 + N_SHP + 4
 
 # reply words by attribute: the content tokens the log scores separately
 CONTENT_WORDS = {
@@ -184,20 +189,26 @@ def write_tokenizer_files(out: Path, tok, cfg: dict) -> None:
 def frame_labels(truth, width: int, height: int, nh: int, nw: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-patch and per-slot targets of one frame.
 
-    patch [nh*nw, 2] int8: colour id + 1 and shape id + 1 of the object under each patch centre
-    (0 = background), from an object-id map drawn at the frame's own resolution.
-    slots [QUERY_NUM, SLOT_DIM - 2 + 2] float32: objectness, colour id, shape id, x, y of the
-    object whose centre lies in the cell (the one nearest the cell centre if two do).
+    patch [nh*nw, PATCH_Y] float32: colour id + 1 and shape id + 1 of the object under each patch
+    centre (0 = background, from one mask per object drawn at the frame's own resolution), the
+    patch's own centre (x, y) in [0, 1] and its object's centre (x, y) (own centre on background):
+    position must survive in the tower output, since the resampler's values carry no position.
+    slots [QUERY_NUM, 5] float32: objectness, colour id, shape id, x, y of the object whose
+    centre lies in the cell (the one nearest the cell centre if two do).
     """
     ys = ((np.arange(nh) + 0.5) / nh * height).astype(int).clip(0, height - 1)
     xs = ((np.arange(nw) + 0.5) / nw * width).astype(int).clip(0, width - 1)
-    patch = np.zeros((nh * nw, 2), np.int8)
+    patch = np.zeros((nh * nw, PATCH_Y), np.float32)
+    gx, gy = np.meshgrid((np.arange(nw) + 0.5) / nw, (np.arange(nh) + 0.5) / nh)
+    patch[:, 2], patch[:, 3] = gx.reshape(-1), gy.reshape(-1)
+    patch[:, 4], patch[:, 5] = patch[:, 2], patch[:, 3]
     for o in truth.objects:  # one mask per object (anti-aliased edges thresholded at half)
         mask = np.zeros((height, width, 3), np.uint8)
         draw_shape(mask, o.shape, (255, 0, 0), (o.x * width, o.y * height), SIZES[o.size] * min(width, height))
         hit = mask[ys[:, None], xs[None, :], 0].reshape(-1) >= 128
         patch[hit, 0] = list(COLOURS).index(o.colour) + 1
         patch[hit, 1] = SHAPES.index(o.shape) + 1
+        patch[hit, 4], patch[hit, 5] = o.x, o.y
     slots = np.zeros((QUERY_NUM, 5), np.float32)
     best = np.full(QUERY_NUM, np.inf)
     for o in truth.objects:
@@ -307,7 +318,7 @@ class AuxHeads(nn.Module):
 
     def __init__(self, dv: int, d: int):
         super().__init__()
-        self.patch = nn.Linear(dv, 1 + N_COL + 1 + N_SHP)
+        self.patch = nn.Linear(dv, PATCH_OUT)
         self.slot = nn.Linear(d, SLOT_DIM)
 
 
@@ -372,12 +383,13 @@ def encode_views(model: DemoVLM, views: mx.array) -> mx.array:
 
 def vision_losses(model: DemoVLM, hidden: mx.array, feats: mx.array, patch_y: mx.array, slot_y: mx.array):
     """Dense patch loss and slot loss (scalars) with their logits, for logging."""
-    pl = model.aux.patch(hidden)  # [N, L, 1+C+1+S]
-    pc, ps = pl[..., :1 + N_COL], pl[..., 1 + N_COL:]
+    pl = model.aux.patch(hidden)  # [N, L, PATCH_OUT]
+    pc, ps = pl[..., :1 + N_COL], pl[..., 1 + N_COL:2 + N_COL + N_SHP]
     yc, ys = patch_y[..., 0].astype(mx.int32), patch_y[..., 1].astype(mx.int32)
     w = mx.where(yc > 0, OBJECT_PATCH_WEIGHT, 1.0)
-    patch = ((nn.losses.cross_entropy(pc, yc, reduction="none") + nn.losses.cross_entropy(ps, ys, reduction="none"))
-             * w).sum() / w.sum()
+    xy = ((mx.sigmoid(pl[..., -4:]) - patch_y[..., 2:6]) ** 2).sum(-1)
+    patch = ((nn.losses.cross_entropy(pc, yc, reduction="none") + nn.losses.cross_entropy(ps, ys, reduction="none")
+              + 20.0 * xy) * w).sum() / w.sum()
     sl = model.aux.slot(feats)  # [N, Q, SLOT_DIM]
     obj = slot_y[..., 0]
     occ = obj.sum() + 1.0
@@ -409,6 +421,13 @@ def loss_fn(model, views, patch_y, slot_y, inputs, targets, loss_mask, is_img, s
     text_ce = masked_ce(model.llm(t_inputs), t_targets, t_mask)
     total = ce + 0.3 * text_ce + PATCH_WEIGHT * patch + SLOT_WEIGHT * slot_loss
     return total, (ce, text_ce, patch, slot_loss)
+
+
+def vision_loss_fn(model, views, patch_y, slot_y):
+    """The vision phase: tower and resampler against the dense and slot targets only."""
+    hidden, grid = vision_hidden(model, views)
+    patch, slot_loss, _, _ = vision_losses(model, hidden, resample(model, hidden, grid), patch_y, slot_y)
+    return PATCH_WEIGHT * patch + SLOT_WEIGHT * slot_loss, (patch, slot_loss)
 
 
 def hf_weights(model: DemoVLM, dtype=None) -> dict[str, mx.array]:
@@ -524,6 +543,19 @@ BATCH_ORDER = ("views", "patch_y", "slot_y", "inputs", "targets", "loss_mask", "
 # ---------------------------------------------------------------- measuring grounding
 
 
+def content_table(tok) -> np.ndarray:
+    """[vocab + slack] bool: the token is a content word of some attribute (colour, shape, ...)."""
+    words = [tok.decode([i]).strip().lower().strip(".,") for i in range(tok.get_vocab_size())]
+    every = set().union(*CONTENT_WORDS.values())
+    return np.array([w in every for w in words] + [False] * 4096)
+
+
+def weight_content(batch: dict, table: np.ndarray) -> None:
+    """Reply tokens that name what is seen weigh CONTENT_WEIGHT: the grammar is easy, seeing is not."""
+    t = np.array(batch["targets"])
+    batch["loss_mask"] = batch["loss_mask"] * mx.array(1.0 + (CONTENT_WEIGHT - 1.0) * table[t])
+
+
 def content_masks(tok, targets: mx.array, loss_mask: mx.array) -> dict[str, mx.array]:
     """[B, T] masks of reply tokens that are a content word of each attribute."""
     vocab = tok.get_vocab_size()
@@ -569,7 +601,9 @@ def grounding_report(model: DemoVLM, batch: dict, tok, n_frames: int) -> dict:
     objp = yc > 0
     n_obj = mx.maximum(objp.sum(), 1)
     rep["patch_colour_acc"] = float(((mx.argmax(pl[..., :1 + N_COL], -1) == yc) * objp).sum() / n_obj)
-    rep["patch_shape_acc"] = float(((mx.argmax(pl[..., 1 + N_COL:], -1) == ys) * objp).sum() / n_obj)
+    rep["patch_shape_acc"] = float(((mx.argmax(pl[..., 1 + N_COL:2 + N_COL + N_SHP], -1) == ys) * objp).sum() / n_obj)
+    rep["patch_centre_err"] = float(mx.sqrt((((mx.sigmoid(pl[..., -2:]) - batch["patch_y"][..., 4:6]) ** 2).sum(-1)
+                                             * objp).sum() / n_obj))
     rep["patch_bg_acc"] = float(((mx.argmax(pl[..., :1 + N_COL], -1) == 0) * (1 - objp)).sum() / mx.maximum((1 - objp).sum(), 1))
     obj = batch["slot_y"][..., 0]
     rep["slot_obj_acc"] = float(((sl[..., 0] > 0) == (obj > 0.5)).mean())
@@ -602,13 +636,30 @@ def format_report(step: int, rep: dict) -> str:
     c = " ".join(f"{n[:3]} {rep[f'{n}_acc_real']:.2f}/{rep[f'{n}_acc_shuf']:.2f}" for n in CONTENT_WORDS)
     return (f"  held-out: ce {rep['ce_real']:.3f} (shuffled {rep['ce_shuf']:.3f}); content acc real/shuffled: {c}\n"
             f"  vision: patch colour {rep['patch_colour_acc']:.2f} shape {rep['patch_shape_acc']:.2f} "
-            f"(always-background 0.00; bg acc {rep['patch_bg_acc']:.2f}); slot obj {rep['slot_obj_acc']:.2f} "
+            f"(always-background 0.00; bg acc {rep['patch_bg_acc']:.2f}) centre err {rep['patch_centre_err']:.3f}; slot obj {rep['slot_obj_acc']:.2f} "
             f"(always-empty {rep['slot_obj_baseline']:.2f}) colour {rep['slot_colour_acc']:.2f} shape "
             f"{rep['slot_shape_acc']:.2f} (chance {1 / N_COL:.2f}/{1 / N_SHP:.2f}) xy err {rep['slot_xy_err']:.3f}; "
             f"attention on image tokens per layer {rep['attn_img']}")
 
 
 # ---------------------------------------------------------------- checkpoints
+
+
+def load_hf_weights(model: DemoVLM, directory: Path) -> None:
+    """Start from an HF-layout checkpoint this trainer wrote (the inverse of `hf_weights`)."""
+    w = mx.load(str(Path(directory) / "model.safetensors"))
+    out = {}
+    for k, v in w.items():
+        v = v.astype(mx.float32)
+        if k == "vpm.embeddings.patch_embedding.weight":  # Conv2d [D, 3, p, p] -> Linear [D, p*p*3]
+            v = v.transpose(0, 2, 3, 1).reshape(v.shape[0], -1)
+        if k.startswith("resampler.attn.in_proj_"):
+            kind = k.rsplit("_", 1)[1]
+            for part, chunk in zip(("q_proj", "k_proj", "v_proj"), mx.split(v, 3, axis=0)):
+                out[f"resampler.attn.{part}.{kind}"] = chunk
+            continue
+        out[k] = v
+    model.load_weights(list(out.items()), strict=False)
 
 
 def save_checkpoint(path: Path, model: DemoVLM, opt, state: dict) -> None:
@@ -652,6 +703,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ckpt-every", type=float, default=120.0, help="seconds between checkpoints")
     ap.add_argument("--deadline", type=float, default=None,
                     help="unix time by which training must end (the schedule is shortened to fit)")
+    ap.add_argument("--vision-phase", type=float, default=DEFAULT_VISION_PHASE,
+                    help="share of the run that trains the vision side alone, first")
+    ap.add_argument("--init-from", default=None, help="HF-layout model dir (this trainer's) to start from")
     ap.add_argument("--tiny", action="store_true", help="a toy-sized model (tests of the trainer itself)")
     a = ap.parse_args(argv)
 
@@ -681,6 +735,9 @@ def main(argv: list[str] | None = None) -> int:
     mx.random.seed(a.seed)
     model = DemoVLM(cfg)
     mx.eval(model.parameters())
+    if a.init_from:
+        load_hf_weights(model, Path(a.init_from))
+        print(f"initialised from {a.init_from} (training heads fresh)", flush=True)
     n_params = sum(v.size for k, v in tree_flatten(model.parameters()) if not k.startswith("aux."))
     print(f"model: {n_params / 1e6:.2f}M parameters (+ training heads); device {mx.default_device()}", flush=True)
     scales = (a.vision_lr_scale, 1.0)
@@ -700,6 +757,8 @@ def main(argv: list[str] | None = None) -> int:
     if state.get("rng"):
         rng.bit_generator.state = state["rng"]
     step_fn = nn.value_and_grad(model, loss_fn)
+    vision_step = nn.value_and_grad(model, vision_loss_fn)
+    table = content_table(tok)
 
     val_frames = min(a.max_clip, a.frames)
     vrng = np.random.default_rng(1)
@@ -724,16 +783,29 @@ def main(argv: list[str] | None = None) -> int:
             state["step"] += 1
             step = state["step"]
             lr = lr_at(frac, a.lr)
+            vision_only = frac < a.vision_phase
             for o, sc in zip(opt.optimizers, scales):
-                o.learning_rate = lr * sc
-            if frac < SHORT_PHASE:  # single frames and short clips, a question every frame or so
-                n = int(rng.integers(1, 7))
-                batch = make_batch(pool.clips(rng, a.batch * 3, n), n, builder, rng, dense=1.0, max_tokens=a.max_tokens)
+                o.learning_rate = lr * (1.0 if vision_only else sc)
+            if vision_only:  # frames from many streams, no text: the tower and resampler learn to see
+                views, patch_y, slot_y = [], [], []
+                for d, f in pool.clips(rng, VISION_BATCH // 2, 2):
+                    views.append(d["views"][f:f + 2])
+                    patch_y.append(d["patch"][f:f + 2])
+                    slot_y.append(d["slots"][f:f + 2])
+                (loss, parts), grads = vision_step(model, mx.concatenate(views), mx.concatenate(patch_y),
+                                                   mx.concatenate(slot_y))
+                parts = (mx.array(0.0), mx.array(0.0), *parts)
             else:
-                n = int(rng.integers(min(8, a.max_clip), a.max_clip + 1))
-                batch = make_batch(pool.clips(rng, a.batch, n), n, builder, rng, dense=0.3, max_tokens=a.max_tokens)
-            batch.update(text_batch(builder, rng, TEXT_ROWS))
-            (loss, parts), grads = step_fn(model, *[batch[k] for k in BATCH_ORDER])
+                if frac < a.vision_phase + SHORT_PHASE:  # short clips, a question every frame or so
+                    n = int(rng.integers(1, 7))
+                    batch = make_batch(pool.clips(rng, a.batch * 3, n), n, builder, rng, dense=1.0,
+                                       max_tokens=a.max_tokens)
+                else:
+                    n = int(rng.integers(min(8, a.max_clip), a.max_clip + 1))
+                    batch = make_batch(pool.clips(rng, a.batch, n), n, builder, rng, dense=0.3, max_tokens=a.max_tokens)
+                weight_content(batch, table)
+                batch.update(text_batch(builder, rng, TEXT_ROWS))
+                (loss, parts), grads = step_fn(model, *[batch[k] for k in BATCH_ORDER])
             grads, _ = optim.clip_grad_norm(grads, 1.0)
             opt.update(model, grads)
             mx.eval(loss, parts, model.parameters(), opt.state)
