@@ -294,3 +294,18 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def score_narration_events(narrations: list[dict], truths: list[D.FrameTruth], fps: float,
+                           scores: Scores | None = None) -> Scores:
+    """Score `framecast run` narration events (JSONL dicts with text, pts_start, pts_end) against
+    the scene generator's ground truth: each event covers the frames after the previous narration
+    up to its own frame, the window the model is trained to narrate."""
+    scores = scores or Scores()
+    prev = -1
+    for n in sorted(narrations, key=lambda e: e["pts_end"] if e.get("pts_end") is not None else e["pts"]):
+        end = int(round((n.get("pts_end") if n.get("pts_end") is not None else n["pts"]) * fps))
+        end = min(end, len(truths) - 1)
+        scores.add_narration(D.window_clauses(truths, prev + 1, end), n["text"])
+        prev = end
+    return scores

@@ -833,7 +833,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "training.json").write_text(json.dumps({
         "seed": a.seed, "steps": state["step"], "batch": a.batch, "streams": a.streams, "frames": a.frames,
         "max_clip": a.max_clip, "max_tokens": a.max_tokens, "lr": a.lr, "vision_lr_scale": a.vision_lr_scale,
-        "codec": a.codec, "params": n_params, "data_s": round(t_data, 1), "train_s": round(state["train_s"], 1),
+        "codec": a.codec, "init_from": a.init_from, "vision_phase": a.vision_phase, "params": n_params, "data_s": round(t_data, 1), "train_s": round(state["train_s"], 1),
         "time_budget": a.time_budget, "device": str(mx.default_device()), "history": history,
     }, indent=1) + "\n")
     print(f"saved {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.1f} MB); {state['step']} steps, "
