@@ -1,5 +1,7 @@
 """The embedded demo model: shipped files, the default of `framecast run`, training/inference
-parity, streaming == batch narration, accuracy on held-out seeds, a foreign MP4, speed."""
+parity, streaming == batch narration, the training data (codec switch, mid-scene clips, dense
+labels, text-only turns), the trainer itself (tiny, resumable), the decoder-can-read check,
+accuracy on held-out seeds, plain OpenCV MP4s, the demo run against its ground truth, speed."""
 
 from __future__ import annotations
 
@@ -48,9 +50,24 @@ def test_shipped_model_is_small_hf_layout_package_data():
     names = {p.name for p in DEMO_DIR.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
     size = sum(p.stat().st_size for p in DEMO_DIR.iterdir())
-    assert size < 20e6
+    assert size < 40e6
     cfg = json.loads((DEMO_DIR / "config.json").read_text())
     assert (cfg["model_type"], cfg["version"]) == ("minicpmv", 2.6)
+    # the session budget it ships with is the longest clip training saw
+    training = json.loads((DEMO_DIR / "training.json").read_text())
+    assert cfg["framecast_session"]["max_cache_tokens"] == training["max_tokens"]
+    header = json.loads((DEMO_DIR / "model.safetensors").read_bytes()[8:8 + int.from_bytes(
+        (DEMO_DIR / "model.safetensors").read_bytes()[:8], "little")])
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F16"}
+
+
+def test_loader_computes_the_demo_model_in_float32(model):
+    """Stored in float16 (half the package), computed in float32 (fast on CPU, as trained)."""
+    from mlx.utils import tree_flatten
+
+    import mlx.core as mx
+
+    assert {v.dtype for _, v in tree_flatten(model.parameters())} == {mx.float32}
     assert '"framecast.demo_model" = ["*.json", "*.safetensors"]' in (ROOT / "pyproject.toml").read_text()
 
 
@@ -76,7 +93,7 @@ def test_training_forward_equals_engine_inference(model):
     cfg = json.loads((DEMO_DIR / "config.json").read_text())
     trainer_model = T.DemoVLM(cfg)
     weights = model.sanitize(mx.load(str(DEMO_DIR / "model.safetensors")))
-    loaded = [(k.replace("language_model.", "llm."), v) for k, v in weights.items()]
+    loaded = [(k.replace("language_model.", "llm."), v.astype(mx.float32)) for k, v in weights.items()]
     trainer_model.load_weights(loaded, strict=False)  # only the training-time aux head is not shipped
     from mlx.utils import tree_flatten
     assert {k for k, _ in tree_flatten(trainer_model.parameters()) if not k.startswith("aux.")} == {k for k, _ in loaded}
@@ -147,21 +164,185 @@ def test_heldout_accuracy(model):
     assert scores.narration_accuracy >= NARRATION_FLOOR and scores.qa_accuracy >= QA_FLOOR
 
 
-# Floors for the shipped weights. The goal of issue 6 is 0.9 for both; the shipped weights are
-# at chance (README `demo`), so these only guard that the evaluation runs end to end.
+# Floors for the shipped weights. The goal of issue 11 is 0.9 for both; the shipped weights are
+# at their shuffled-frames baseline (README `demo`), so these only guard that the evaluation runs.
 NARRATION_FLOOR = 0.0
 QA_FLOOR = 0.0
+BLIND = ("the shipped demo weights do not see yet (vision tower learns colour per patch, not shape or "
+         "position, in the GPU time spent so far; README `demo`): the run works, the words are not right")
 
 
-def write_red_circle_mp4(path: Path, *, n: int = 30, fps: int = 10) -> Path:
-    """Plain OpenCV drawing: a filled red circle sliding left on black, 640x480, h264."""
+# ---------------------------------------------------------------- training data and trainer
+
+
+def test_codec_switch_needs_no_pyav_for_jpeg():
+    raw = D.make_stream(21, 4, codec="none")
+    jpeg = D.make_stream(21, 4, codec="jpeg")
+    assert jpeg.codec in ("jpeg", "none") and len(jpeg.frames) == 4
+    if jpeg.codec == "jpeg":  # lossy but close: artefacts, not another picture
+        diff = np.abs(jpeg.frames[0].astype(int) - raw.frames[0].astype(int))
+        assert 0 < diff.mean() < 12
+    with pytest.raises(ValueError, match="codec 'mp3'"):
+        D.make_stream(21, 2, codec="mp3")
+
+
+def test_mid_scene_clip_reports_no_news_on_its_first_frame():
+    """A clip that starts mid-scene (as the cache after an eviction) has no appear/disappear
+    clauses for its first frame: the viewer never saw the frame before it."""
+    s = D.make_stream(4, 30, codec="none", start=57)
+    assert s.truths[0].index == 57
+    first = D.window_clauses(s.truths, 0, 0)
+    assert all(c.action not in ("appear", "disappear") for c in first)
+    assert [c.colour + c.shape for c in first] == [o.colour + o.shape for o in
+                                                   sorted(s.truths[0].objects, key=lambda o: (o.x, o.y))][:3]
+
+
+def test_dense_labels_sit_on_the_drawn_objects():
+    import framecast.stages.demo_training.train as T
+    from framecast.stages.sources.scene import COLOURS, SceneGenerator
+
+    gen = SceneGenerator(seed=3, width=448, height=448, max_objects=3)
+    img, truth = gen.frame(0)
+    patch, slots = T.frame_labels(truth, 448, 448, 14, 14)
+    assert patch.shape == (196, T.PATCH_Y) and slots.shape == (T.QUERY_NUM, 5)
+    for o in truth.objects:
+        r, c = min(int(o.y * 14), 13), min(int(o.x * 14), 13)  # the patch under the object's centre
+        assert patch[r * 14 + c, 0] == list(COLOURS).index(o.colour) + 1
+        k = min(int(o.y * 3), 2) * 3 + min(int(o.x * 3), 2)
+        assert slots[k, 0] == 1 and abs(slots[k, 3] - o.x) < 1e-6
+    assert slots[:, 0].sum() == len({(min(int(o.y * 3), 2), min(int(o.x * 3), 2)) for o in truth.objects})
+    assert (patch[:, 0] > 0).sum() < 196 // 2  # mostly background
+
+
+def test_title_and_summary_turns_round_trip():
+    from framecast.engine.prompts import CHAPTER_TITLE_PROMPT, SUMMARY_PROMPT
+
+    texts = ["a red circle moves to the left.", "the red circle vanishes and a blue square appears on the right.",
+             "nothing is there."]
+    assert D.title_of(texts) == "a red circle and a blue square"
+    assert D.title_of(["the scene is empty."]) == D.EMPTY_TITLE
+    summary = D.summary_of(["a red circle and a blue square", D.EMPTY_TITLE])
+    assert D.parse_summary(summary) == [[("red", "circle"), ("blue", "square")], []]
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        prompt, reply = D.title_example(rng)
+        assert prompt.startswith(CHAPTER_TITLE_PROMPT.split("{")[0]) and "[" in prompt
+        assert D.parse_title(reply) is not None and not reply.endswith(".")
+        prompt, reply = D.summary_example(rng)
+        assert prompt.startswith(SUMMARY_PROMPT.split("{")[0]) and D.parse_summary(reply) is not None
+
+
+def test_trainer_runs_resumes_and_writes_a_loadable_model(tmp_path):
+    """The real trainer on a toy model: vision phase, clips, text turns, a checkpoint, a resume,
+    an HF-layout float16 directory that `load_model` reads and a session narrates with.
+    (Step 1 is the vision-only phase, the next ones short clips with text turns.)"""
+    import framecast.stages.demo_training.train as T
+    from framecast.engine.session import SessionCore
+    from framecast.model.load import load_model
+
+    out, ckpt = tmp_path / "model", tmp_path / "ckpt"
+    args = ["--tiny", "--out", str(out), "--ckpt", str(ckpt), "--streams", "4", "--frames", "4", "--max-clip", "4",
+            "--batch", "2", "--workers", "1", "--log-every", "100", "--time-budget", "1000", "--vision-phase", "0.0001"]
+    assert T.main(args + ["--max-steps", "2"]) == 0
+    assert json.loads((ckpt / "state.json").read_text())["step"] == 2
+    assert T.main(args + ["--max-steps", "3"]) == 0  # resumes at step 2
+    info = json.loads((out / "training.json").read_text())
+    assert info["steps"] == 3 and info["history"][0]["step"] == 1 and "ce_shuf" in info["history"][0]
+    m = load_model(out)
+    core = SessionCore(m, max_cache_tokens=json.loads((out / "config.json").read_text())["framecast_session"]["max_cache_tokens"])
+    core.add_image(np.zeros((120, 160, 3), np.uint8))
+    done = core.generate("what do you see?", max_tokens=3)
+    assert done.stopped in ("eos", "max_tokens") and core.positions_contiguous()
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="measured on the 2-core CPU: 26 % of colour/shape words after 250 steps of batch 32 "
+                          "(the issue saw 100 % at step 250 only with batch 64 on an H200); not yet a fast check",
+                   strict=False)
+def test_decoder_can_read_an_attribute_code():
+    """The decoder side alone: with a fixed code of the true colour and shape in the image
+    positions, a small qwen2 should learn to name both (> 90 % of those words). If this fails
+    with enough steps, blame the decoder or the layout, not the vision tower.
+    Slow on CPU: runs only with FRAMECAST_DECODER_CHECK_STEPS set (e.g. 250)."""
+    import os
+
+    steps = int(os.environ.get("FRAMECAST_DECODER_CHECK_STEPS", "0"))
+    if steps <= 0:
+        pytest.skip("set FRAMECAST_DECODER_CHECK_STEPS (e.g. 250) to run the decoder-can-read check")
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from framecast.model.lm.qwen2 import Model as Qwen2, ModelArgs
+
+    import framecast.stages.demo_training.train as T
+    from framecast.stages.sources.scene import COLOURS, SHAPES
+
+    tok = T.build_tokenizer(0)
+    builder = T.SequenceBuilder(tok)
+    cfg = T.model_config(tok, tiny=True)
+    cfg.update(hidden_size=64, num_hidden_layers=2, intermediate_size=128)
+    mx.random.seed(0)
+    lm = Qwen2(ModelArgs.from_dict(cfg))
+    colours, shapes = list(COLOURS), list(SHAPES)
+    table = T.content_table(tok)
+
+    def batch(rng, n):
+        seqs, codes = [], np.zeros((n, T.QUERY_NUM, 64), np.float32)
+        for b in range(n):
+            c, s = int(rng.integers(len(colours))), int(rng.integers(len(shapes)))
+            codes[b, int(rng.integers(T.QUERY_NUM)), [c, 8 + s]] = 4.0  # the object's cell carries the code
+            turn = D.Turn(0, "question", "what do you see?", f"{D.article(colours[c])} {colours[c]} {shapes[s]}.")
+            seqs.append(builder.build(1, [turn], T.SESSION_SYSTEM_PROMPT))
+        a = T.token_arrays(seqs, builder.pad, builder.unk, 1)
+        return a, mx.array(codes)
+
+    def logits(model, a, codes):
+        h = mx.where(a["is_img"][..., None], codes.reshape(-1, 64)[a["slot"]], model.embed_tokens(a["inputs"]))
+        return model(input_embeddings=h)
+
+    def loss(model, a, codes):
+        return T.masked_ce(logits(model, a, codes), a["targets"], a["loss_mask"])
+
+    opt, step = optim.Adam(learning_rate=3e-3), nn.value_and_grad(lm, loss)
+    rng = np.random.default_rng(0)
+    for _ in range(steps):
+        a, codes = batch(rng, 32)
+        _, g = step(lm, a, codes)
+        opt.update(lm, g)
+        mx.eval(lm.parameters(), opt.state)
+    a, codes = batch(np.random.default_rng(1), 64)
+    content = mx.array(table[np.array(a["targets"])]) * a["loss_mask"]
+    right = mx.argmax(logits(lm, a, codes), -1) == a["targets"]
+    acc = float((right * content).sum() / content.sum())
+    assert acc > 0.9, f"colour/shape words right {acc:.2f} with the true code in the image positions"
+
+
+# ---------------------------------------------------------------- plain OpenCV videos
+
+
+def write_shape_mp4(path: Path, *, shape: str = "circle", bgr: tuple[int, int, int] = (0, 0, 255),
+                    direction: str = "left", background: int = 0, radius: int = 40, n: int = 30,
+                    fps: int = 10) -> Path:
+    """Plain OpenCV drawing of one filled shape moving on a flat background, 640x480, h264."""
     import av
     import cv2
 
+    step = {"left": (-16, 0), "right": (16, 0), "up": (0, -10), "down": (0, 10), "still": (0, 0)}[direction]
+    start = {"left": (560, 240), "right": (80, 240), "up": (320, 400), "down": (320, 80), "still": (320, 240)}[direction]
     frames = []
     for i in range(n):
-        img = np.zeros((480, 640, 3), np.uint8)
-        cv2.circle(img, (int(560 - 16 * i), 240), 40, (0, 0, 255), -1)  # BGR red
+        img = np.full((480, 640, 3), background, np.uint8)
+        cx, cy = start[0] + step[0] * i, start[1] + step[1] * i
+        if shape == "circle":
+            cv2.circle(img, (cx, cy), radius, bgr, -1)
+        elif shape == "square":
+            cv2.rectangle(img, (cx - radius, cy - radius), (cx + radius, cy + radius), bgr, -1)
+        elif shape == "triangle":
+            pts = np.array([[cx, cy - radius], [cx + radius, cy + radius], [cx - radius, cy + radius]], np.int32)
+            cv2.fillPoly(img, [pts], bgr)
+        else:
+            raise ValueError(shape)
         frames.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
     # OpenCV's own writer has no h264 encoder in the pip wheels: PyAV (libx264) encodes.
     with av.open(str(path), "w") as out:
@@ -175,32 +356,101 @@ def write_red_circle_mp4(path: Path, *, n: int = 30, fps: int = 10) -> Path:
     return path
 
 
+def write_red_circle_mp4(path: Path, *, n: int = 30, fps: int = 10) -> Path:
+    """Plain OpenCV drawing: a filled red circle sliding left on black, 640x480, h264."""
+    return write_shape_mp4(path, n=n, fps=fps)
+
+
 def _narrations(jsonl: Path) -> list[str]:
+    return [e["text"] for e in _narration_events(jsonl)]
+
+
+def _narration_events(jsonl: Path) -> list[dict]:
     events = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-    return [e["text"] for e in events if e["type"] == "narration"]
+    return [e for e in events if e["type"] == "narration"]
 
 
-@pytest.mark.xfail(reason="the shipped demo weights do not use their vision features yet (collapsed tower, "
-                          "see README `demo`): the run works, the words are not right", strict=False)
-def test_opencv_red_circle_mp4_is_narrated(tmp_path):
+def _run_and_check(video: Path, out: Path, want: tuple[str, str, str]) -> None:
     from framecast.stages.cli import main
 
-    video = write_red_circle_mp4(tmp_path / "circle.mp4")
-    out = tmp_path / "out.jsonl"
     assert main(["run", "--source", str(video), "--jsonl", str(out), "--no-console"]) == 0
     texts = _narrations(out)
-    assert texts, "no narration"  # 3 s of video: one interval narration and one at the end
+    assert texts, "no narration"  # a few seconds of video: one interval narration and one at the end
     for text in texts:
         said = D.parse_narration(text)
-        assert said and any((c.colour, c.shape, c.action) == ("red", "circle", "left") for c in said), texts
+        assert said and any((c.colour, c.shape, c.action) == want for c in said), texts
 
 
-def test_demo_run_is_faster_than_real_time(tmp_path):
+@pytest.mark.xfail(reason=BLIND, strict=False)
+def test_opencv_red_circle_mp4_is_narrated(tmp_path):
+    video = write_red_circle_mp4(tmp_path / "circle.mp4")
+    _run_and_check(video, tmp_path / "out.jsonl", ("red", "circle", "left"))
+
+
+OPENCV_DRAWINGS = [  # other colours, shapes, directions, sizes and backgrounds
+    dict(shape="square", bgr=(230, 80, 40), direction="right", background=235, radius=50, want=("blue", "square", "right")),
+    dict(shape="triangle", bgr=(60, 180, 40), direction="up", background=120, radius=45, want=("green", "triangle", "up")),
+    dict(shape="circle", bgr=(40, 220, 240), direction="still", background=20, radius=70, want=("yellow", "circle", "still")),
+    dict(shape="square", bgr=(245, 245, 245), direction="down", background=20, radius=24, want=("white", "square", "down")),
+]
+
+
+@pytest.mark.xfail(reason=BLIND, strict=False)
+@pytest.mark.parametrize("drawing", OPENCV_DRAWINGS, ids=lambda d: "-".join(d["want"]))
+def test_other_opencv_drawings_are_narrated(tmp_path, drawing):
+    spec = dict(drawing)
+    want = spec.pop("want")
+    video = write_shape_mp4(tmp_path / "shape.mp4", n=24, **spec)
+    _run_and_check(video, tmp_path / "out.jsonl", want)
+
+
+# ---------------------------------------------------------------- the demo source
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """`framecast run --source demo --max-frames 120` once: (jsonl path, wall seconds)."""
     from framecast.stages.cli import main
 
-    out = tmp_path / "out.jsonl"
+    out = tmp_path_factory.mktemp("demo") / "out.jsonl"
     t0 = time.perf_counter()
     assert main(["run", "--source", "demo", "--max-frames", "120", "--jsonl", str(out), "--no-console"]) == 0
-    wall = time.perf_counter() - t0
+    return out, time.perf_counter() - t0
+
+
+def test_demo_narrations_scorer_against_the_generator():
+    """The scorer of demo-run narrations: the ground truth's own sentences score 100 %,
+    sentences about another scene score (close to) nothing."""
+    import framecast.stages.demo_training.evaluate as E
+    from framecast.stages.sources.scene import SceneGenerator
+
+    gen = SceneGenerator(seed=0, width=448, height=448, fps=10.0)
+    truths = [gen.truth(i) for i in range(120)]
+    rng = np.random.default_rng(0)
+    events, prev = [], -1
+    for end in range(20, 120, 20):
+        events.append({"text": D.narration_text(D.window_clauses(truths, prev + 1, end), rng),
+                       "pts_start": (prev if prev >= 0 else 0) / 10.0, "pts_end": end / 10.0, "pts": end / 10.0})
+        prev = end
+    assert E.score_narration_events(events, truths, 10.0).narration_accuracy == 1.0
+    other = SceneGenerator(seed=99, width=448, height=448, fps=10.0)
+    wrong = E.score_narration_events(events, [other.truth(i) for i in range(120)], 10.0)
+    assert wrong.narration_accuracy < 0.5
+
+
+@pytest.mark.xfail(reason=BLIND, strict=False)
+def test_demo_run_narrates_the_drawn_scene(demo_run):
+    import framecast.stages.demo_training.evaluate as E
+    from framecast.stages.sources.scene import SceneGenerator
+
+    out, _wall = demo_run
+    gen = SceneGenerator(seed=0, width=448, height=448, fps=10.0)  # the demo source's defaults
+    scores = E.score_narration_events(_narration_events(out), [gen.truth(i) for i in range(120)], 10.0)
+    assert scores.narration_accuracy >= 0.9, scores.report()
+
+
+def test_demo_run_is_faster_than_real_time(demo_run):
+    out, wall = demo_run
     assert len(_narrations(out)) >= 5
+    assert all(D.parse_narration(t) is not None for t in _narrations(out))  # grammar sentences
     assert wall < 12.0 * 1.5, f"120 demo frames (12 s of video) took {wall:.1f}s"

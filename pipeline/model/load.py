@@ -84,6 +84,10 @@ def load_model(path_or_id: str | Path, *, mmproj: str | Path | None = None, dtyp
     if not path.is_dir():
         raise ModelLoadError(f"{path}: expected a model directory or a .gguf file")
     config = read_json(path / "config.json", required=True)
+    if dtype is None and config.get("framecast_demo"):
+        # The demo model is stored in float16 (half the package size) but computes in float32:
+        # half-precision matmuls are slow on CPU and it was trained in float32.
+        dtype = "float32"
     if config.get(MLX_FORMAT_KEY):
         return load_mlx_dir(path, config, dtype=dtype)
     return load_hf_dir(path, config, dtype=dtype)

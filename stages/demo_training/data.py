@@ -1,10 +1,12 @@
 """Training and evaluation data for the embedded demo model.
 
 A *stream* is a seeded `framecast.stages.sources.scene.SceneGenerator` scene rendered at one of several
-resolutions and frame rates, passed through a real video codec round trip (PyAV: h264 or
-mpeg4 in an in-memory MP4, random quality) so the model learns on compression artefacts, with
-a *turn schedule* on top: after some frames the user asks for a narration or asks a
-question, and the assistant answers from the ground truth.
+resolutions and frame rates, from frame 0 or from a later frame (what the session's cache holds
+after an eviction), passed through a lossy round trip so the model learns on compression
+artefacts (`codec`: "av" = PyAV h264/mpeg4 in an in-memory MP4; "jpeg" = OpenCV JPEG per frame,
+no PyAV needed, what the GPU machine uses; "none"), with a *turn schedule* on top: after some
+frames the user asks for a narration or asks a question, and the assistant answers from the
+ground truth.
 
 The text comes from a small grammar with variety; `parse_narration` / `parse_answer` read
 any sentence the grammar can produce back into attributes, which is how the accuracy
@@ -14,8 +16,10 @@ Narration semantics (what the model is trained to say): the objects that appeare
 disappeared since the previous narration, then how every other visible object moves, left
 to right, at most `MAX_CLAUSES` clauses. Questions are about the last frame.
 
-Imports only numpy, cv2, PyAV and `framecast.stages.sources.scene` (itself numpy + cv2), so it also runs
-on the GPU machine where pydantic is missing.
+Text-only turns (no frames, a fresh conversation): the chapter title and summary instructions of
+`framecast.engine.prompts`, answered from the narration text (`title_example`, `summary_example`).
+
+Imports only numpy, cv2 (PyAV lazily, for codec "av") and `framecast.stages.sources.scene`.
 """
 
 from __future__ import annotations
@@ -73,6 +77,28 @@ CODECS = ("h264", "h264", "h264", "mpeg4", "mpeg4", "none")  # "none": raw rende
 # ---------------------------------------------------------------- scenes through a codec
 
 
+def jpeg_round_trip(frames: list[np.ndarray], *, quality: int = 60) -> list[np.ndarray]:
+    """Each RGB frame through an OpenCV JPEG encode/decode (4:2:0 chroma, blocking, ringing):
+    codec artefacts without PyAV. `quality` 0-100."""
+    import cv2
+
+    out = []
+    for f in frames:
+        ok, buf = cv2.imencode(".jpg", f[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+        if not ok:
+            raise RuntimeError("cv2.imencode failed on a frame")
+        out.append(np.ascontiguousarray(cv2.imdecode(buf, cv2.IMREAD_COLOR)[..., ::-1]))
+    return out
+
+
+def have_pyav() -> bool:
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def codec_round_trip(frames: list[np.ndarray], *, fps: float, codec: str = "h264",
                      quality: int = 28) -> list[np.ndarray]:
     """Encode RGB frames into an in-memory MP4 with PyAV and decode them back (yuv420p)."""
@@ -124,28 +150,40 @@ def stream_params(seed: int) -> dict:
                 colour_jitter=float(rng.uniform(0, 30)))
 
 
-def make_stream(seed: int, n_frames: int, *, codec: bool = True, **overrides) -> Stream:
-    """Stream `seed` (variety from `stream_params`, or `overrides`); `codec=False` skips the round trip."""
+CODEC_MODES = ("auto", "av", "jpeg", "none")
+
+
+def make_stream(seed: int, n_frames: int, *, codec: bool | str = True, start: int = 0, **overrides) -> Stream:
+    """Stream `seed` (variety from `stream_params`, or `overrides`), frames start..start+n-1.
+
+    `codec`: "av" (PyAV h264/mpeg4, the stream's own choice), "jpeg" (OpenCV, per frame, the
+    stream's quality mapped to JPEG quality), "none"/False, or "auto"/True (av when PyAV is
+    installed, else jpeg). Streams whose drawn codec is "none" stay raw in every mode.
+    """
+    if codec is True:
+        codec = "auto"
+    if codec is False:
+        codec = "none"
+    if codec not in CODEC_MODES:
+        raise ValueError(f"codec {codec!r}: choose from {', '.join(CODEC_MODES)}")
+    if codec == "auto":
+        codec = "av" if have_pyav() else "jpeg"
     p = {**stream_params(seed), **overrides}
     gen = SceneGenerator(seed=seed, width=p["width"], height=p["height"], fps=p["fps"],
-                         speed=p["speed"], max_objects=p["max_objects"], **_jitter_kw(p))
+                         speed=p["speed"], max_objects=p["max_objects"], colour_jitter=p["colour_jitter"])
     frames, truths = [], []
-    for img, t in gen.frames(n_frames):
+    for img, t in gen.frames(n_frames, start=start):
         frames.append(img)
         truths.append(t)
-    codec = codec and p["codec"] != "none"
-    if codec:
+    used = "none"
+    if codec == "av" and p["codec"] != "none":
         frames = codec_round_trip(frames, fps=p["fps"], codec=p["codec"], quality=p["quality"])
-    return Stream(seed, p["width"], p["height"], p["fps"], p["codec"] if codec else "none", frames, truths)
-
-
-def _jitter_kw(p: dict) -> dict:
-    import inspect
-
-    # colour jitter exists in newer generators only
-    if "colour_jitter" in inspect.signature(SceneGenerator.__init__).parameters:
-        return {"colour_jitter": p["colour_jitter"]}
-    return {}
+        used = p["codec"]
+    elif codec == "jpeg" and p["codec"] != "none":
+        # crf-like 20..33 -> JPEG quality 85..35 (higher crf = worse, as for the video codecs)
+        frames = jpeg_round_trip(frames, quality=int(85 - (p["quality"] - 20) * 50 / 13))
+        used = "jpeg"
+    return Stream(seed, p["width"], p["height"], p["fps"], used, frames, truths)
 
 
 # ---------------------------------------------------------------- ground truth -> clauses
@@ -169,11 +207,14 @@ def zone_of(o: SceneObject) -> tuple[str, bool]:
 
 
 def window_clauses(truths: list[FrameTruth], start: int, end: int) -> list[Clause]:
-    """What happened in frames start..end (inclusive), as seen on frame `end`."""
+    """What happened in frames start..end (list indices, inclusive), as seen on frame `end`.
+
+    Events on the list's first frame are not news: the viewer never saw the frame before it
+    (the scene's first frame, or a stream that starts mid-scene as after a cache eviction)."""
     appeared, disappeared = {}, {}
-    for t in truths[start:end + 1]:
-        for ev in t.events:
-            if ev.kind == "appear" and t.index > 0:
+    for j in range(max(start, 1), end + 1):
+        for ev in truths[j].events:
+            if ev.kind == "appear":
                 appeared[ev.object.id] = ev.object
             elif ev.kind == "disappear":
                 disappeared[ev.object.id] = ev.object
@@ -457,3 +498,111 @@ def corpus(n: int = 4000, seed: int = 0) -> list[str]:
         qa = make_question(t, rng)
         texts += [qa.question, qa.answer]
     return texts
+
+
+# ---------------------------------------------------------------- text-only turns (chapters, summary)
+
+EMPTY_TITLE = "an empty scene"
+MAX_TITLE_OBJECTS = 3
+MAX_SUMMARY_CHAPTERS = 6
+
+
+def _mmss(t: float) -> str:
+    t = max(0, int(t))
+    return f"{t // 60}:{t % 60:02d}"
+
+
+def title_of(narrations: list[str]) -> str:
+    """A chapter title from its narrations: the distinct objects named, in order of first mention
+    (at most `MAX_TITLE_OBJECTS`), e.g. 'a red circle and a blue square'; no object: EMPTY_TITLE."""
+    seen: list[tuple[str, str]] = []
+    for text in narrations:
+        for c in parse_narration(text) or []:
+            if (c.colour, c.shape) not in seen:
+                seen.append((c.colour, c.shape))
+    if not seen:
+        return EMPTY_TITLE
+    names = [f"{article(c)} {c} {s}" for c, s in seen[:MAX_TITLE_OBJECTS]]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def summary_of(titles: list[str]) -> str:
+    """The summary of a recording from its chapter titles, e.g.
+    'The video shows a red circle, then a blue square and a green star.'"""
+    return "The video shows " + ", then ".join(titles) + "."
+
+
+def parse_title(text: str) -> list[tuple[str, str]] | None:
+    """(colour, shape) pairs of a title; [] for EMPTY_TITLE; None if it is not one."""
+    t = text.strip().lower().rstrip(".")
+    if t == EMPTY_TITLE:
+        return []
+    got = []
+    for it in re.split(r", | and ", t):
+        m = re.match(rf"^an? ({_COLOURS_RE}) ({_SHAPES_RE})$", it.strip())
+        if not m:
+            return None
+        got.append((m.group(1), m.group(2)))
+    return got
+
+
+def parse_summary(text: str) -> list[list[tuple[str, str]]] | None:
+    t = text.strip()
+    if not t.lower().startswith("the video shows "):
+        return None
+    out = []
+    for part in t[len("the video shows "):].rstrip(".").split(", then "):
+        parsed = parse_title(part)
+        if parsed is None:
+            return None
+        out.append(parsed)
+    return out
+
+
+def random_narrations(rng: np.random.Generator, n: int) -> list[str]:
+    """`n` grammar narrations about a small cast of objects (as one chapter would hold)."""
+    actions = ("appear", "disappear", "still", "left", "right", "up", "down")
+    cast = [(_pick(rng, tuple(COLOURS)), _pick(rng, SHAPES)) for _ in range(int(rng.integers(1, 4)))]
+    out = []
+    for _ in range(n):
+        if rng.random() < 0.08:
+            out.append(_pick(rng, EMPTY_SENTENCES))
+            continue
+        k = int(rng.integers(1, min(len(cast), MAX_CLAUSES) + 1))
+        chosen = [cast[i] for i in sorted(rng.choice(len(cast), size=k, replace=False))]
+        cl = [Clause(c, s, _pick(rng, actions), _pick(rng, tuple(ZONES.values()))) for c, s in chosen]
+        out.append(narration_text(cl, rng))
+    return out
+
+
+def narration_lines(texts: list[str], start_s: float, rng: np.random.Generator) -> tuple[str, float]:
+    """`[m:ss] text` lines (CHAPTER_TITLE_PROMPT's format) and the time after the last one."""
+    t, lines = start_s, []
+    for text in texts:
+        lines.append(f"[{_mmss(t)}] {text}")
+        t += float(rng.choice([1.0, 2.0, 2.0, 3.0, 4.0]))
+    return "\n".join(lines), t
+
+
+def title_example(rng: np.random.Generator) -> tuple[str, str]:
+    """(user prompt, assistant reply) of one chapter-title turn."""
+    from framecast.engine.prompts import CHAPTER_TITLE_PROMPT
+
+    texts = random_narrations(rng, int(rng.integers(1, 7)))
+    lines, _ = narration_lines(texts, float(rng.integers(0, 600)), rng)
+    return CHAPTER_TITLE_PROMPT.format(narrations=lines), title_of(texts)
+
+
+def summary_example(rng: np.random.Generator) -> tuple[str, str]:
+    """(user prompt, assistant reply) of one summary turn over 1-6 chapters."""
+    from framecast.engine.prompts import SUMMARY_PROMPT
+
+    t, rows, titles = 0.0, [], []
+    for i in range(int(rng.integers(1, MAX_SUMMARY_CHAPTERS + 1))):
+        texts = random_narrations(rng, int(rng.integers(1, 4)))
+        title = title_of(texts)
+        end = t + float(rng.integers(4, 40))
+        rows.append(f"{i + 1}. [{_mmss(t)}-{_mmss(end)}] {title}: {' '.join(texts)}")
+        titles.append(title)
+        t = end
+    return SUMMARY_PROMPT.format(chapters="\n".join(rows)), summary_of(titles)

@@ -3,8 +3,10 @@
     python scripts/eval_demo_model.py [--model DIR] [--streams 30] [--frames 120] [--json]
 
 Each held-out stream (seeds 0.. ; training uses seeds >= 1,000,000) is rendered by
-`framecast.stages.sources.scene`, passed through a PyAV h264/mpeg4 round trip, and fed frame by frame into a
-`framecast.engine.session.SessionCore` (greedy). At the points of a seeded turn schedule it asks for a
+`framecast.stages.sources.scene`, passed through a lossy round trip (`--codec`: PyAV h264/mpeg4 by
+default when PyAV is installed, which training never saw; `jpeg` otherwise) and fed frame by
+frame into a `framecast.engine.session.SessionCore` (greedy) with the model's own cache budget,
+so long streams go through evictions as in `framecast run`. At the points of a seeded turn schedule it asks for a
 narration or asks a question, exactly as `framecast run` would; the answers are parsed with the
 grammar (`framecast.stages.demo_training.data`) and compared with the ground truth.
 
@@ -13,6 +15,12 @@ left/right/up/down, still) is an event; it counts as correct when a clause of th
 names the same colour, shape and action. Questions: correct when the parsed answer matches.
 Prints the accuracy, the confusion per attribute and per question kind; `--json` adds one
 JSON object on the last line.
+
+Baselines, so that a number means the model sees: `--shuffled` runs the same turns on the frames
+of ANOTHER stream (features that carry nothing about the scored scene: what the decoder gets
+from priors alone); the report also gives the trivial answers (always the most frequent answer
+of each question kind, "nothing is there" for every narration = 0 events) and chance.
+Text-only turns (chapter titles, summaries) are scored on `--text N` grammar examples.
 """
 
 from __future__ import annotations
@@ -166,16 +174,84 @@ def _confusion_table(conf: Counter) -> list[str]:
     return out
 
 
-def evaluate(model, seeds: list[int], n_frames: int, *, scores: Scores | None = None, **stream_kw) -> Scores:
+SHUFFLE_OFFSET = 500_000  # --shuffled: stream `seed` is scored on the frames of seed + this
+
+
+def evaluate(model, seeds: list[int], n_frames: int, *, scores: Scores | None = None, shuffled: bool = False,
+             **stream_kw) -> Scores:
+    """Scores of `model` on streams `seeds`; `shuffled`: frames from other streams (baseline)."""
     scores = scores or Scores()
     for seed in seeds:
         stream = D.make_stream(seed, n_frames, **stream_kw)
         turns = D.make_turns(stream.truths, stream.fps, np.random.default_rng((seed, 5)))
-        for t, text in zip(turns, run_stream(model, stream, turns)):
+        shown = stream
+        if shuffled:  # same size and rate, another scene
+            other = D.make_stream(seed + SHUFFLE_OFFSET, n_frames, **stream_kw)
+            shown = D.Stream(seed, stream.width, stream.height, stream.fps, stream.codec,
+                             [_fit(f, stream.width, stream.height) for f in other.frames], stream.truths)
+        for t, text in zip(turns, run_stream(model, shown, turns)):
             if t.kind == "narration":
                 scores.add_narration(t.clauses, text)
             else:
                 scores.add_answer(t.qa, text)
+    return scores
+
+
+def _fit(frame: np.ndarray, width: int, height: int) -> np.ndarray:
+    import cv2
+
+    if frame.shape[:2] == (height, width):
+        return frame
+    return cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
+
+
+def trivial_baselines(scores: Scores) -> dict:
+    """Accuracy of always giving each question kind's most frequent true answer (from the
+    confusion counts), and the chance of naming an event's colour, shape and action."""
+    best = 0
+    for kind, conf in scores.qa_confusion.items():
+        by_truth = Counter()
+        for (truth, _said), n in conf.items():
+            by_truth[truth] += n
+        best += max(by_truth.values()) if by_truth else 0
+    best += 0  # "list" questions: no single answer fits many frames
+    n_q = max(1, sum(scores.qa.values()))
+    return {"qa_majority": round(best / n_q, 4), "narration_absent": 0.0,
+            "narration_chance": round(1 / (len(D.COLOURS) * len(D.SHAPES) * 7), 4)}
+
+
+class TextScores:
+    """Chapter titles and summaries: exact object lists (order kept) against the grammar's."""
+
+    def __init__(self):
+        self.n = {"title": 0, "summary": 0}
+        self.ok = {"title": 0, "summary": 0}
+        self.examples: list[tuple[str, str]] = []
+
+    def add(self, kind: str, expected: str, said: str) -> None:
+        parse = D.parse_title if kind == "title" else D.parse_summary
+        ok = parse(said) is not None and parse(said) == parse(expected)
+        self.n[kind] += 1
+        self.ok[kind] += ok
+        if not ok and len(self.examples) < 4:
+            self.examples.append((expected, said))
+
+    def report(self) -> str:
+        return "text-only turns: " + ", ".join(f"{k} {self.ok[k]}/{self.n[k]}" for k in self.n) + "".join(
+            f"\n  expected {e!r} | said {s!r}" for e, s in self.examples)
+
+
+def evaluate_text(model, n: int, seed: int = 7) -> TextScores:
+    """Title and summary turns in a fresh conversation each (system + user + assistant)."""
+    from framecast.engine.session import SessionCore
+
+    rng = np.random.default_rng(seed)
+    scores = TextScores()
+    for i in range(n):
+        kind = "title" if i % 2 == 0 else "summary"
+        prompt, reply = D.title_example(rng) if kind == "title" else D.summary_example(rng)
+        core = SessionCore(model)
+        scores.add(kind, reply, core.generate(prompt, max_tokens=120).text)
     return scores
 
 
@@ -185,18 +261,51 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--streams", type=int, default=30)
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--frames", type=int, default=120)
+    ap.add_argument("--codec", default="auto", choices=D.CODEC_MODES)
+    ap.add_argument("--shuffled", action="store_true", help="also run the shuffled-frames baseline")
+    ap.add_argument("--text", type=int, default=0, help="also score this many title/summary turns")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     t0 = time.time()
     model = load(a.model)
-    scores = evaluate(model, list(range(a.first_seed, a.first_seed + a.streams)), a.frames)
-    print(f"held-out seeds {a.first_seed}..{a.first_seed + a.streams - 1}, {a.frames} frames each, "
+    seeds = list(range(a.first_seed, a.first_seed + a.streams))
+    scores = evaluate(model, seeds, a.frames, codec=a.codec)
+    print(f"held-out seeds {a.first_seed}..{a.first_seed + a.streams - 1}, {a.frames} frames each, codec {a.codec}, "
           f"model {a.model} ({time.time() - t0:.0f}s)")
     print(scores.report())
+    result = {"real": scores.to_dict(), "trivial": trivial_baselines(scores)}
+    print(f"trivial baselines: {result['trivial']}")
+    if a.shuffled:
+        sh = evaluate(model, seeds, a.frames, codec=a.codec, shuffled=True)
+        result["shuffled"] = sh.to_dict()
+        print(f"shuffled frames (another stream's): narration {sh.events_ok}/{sh.events} "
+              f"({100 * sh.narration_accuracy:.1f} %), questions {sum(sh.qa_ok.values())}/{sum(sh.qa.values())} "
+              f"({100 * sh.qa_accuracy:.1f} %)")
+        for k in sorted(sh.qa):
+            print(f"  {k:<9} {sh.qa_ok[k]:>4}/{sh.qa[k]:<4} {100 * sh.qa_ok[k] / sh.qa[k]:5.1f} %")
+    if a.text:
+        ts = evaluate_text(model, a.text)
+        result["text"] = {k: round(ts.ok[k] / max(1, ts.n[k]), 4) for k in ts.n}
+        print(ts.report())
     if a.json:
-        print(json.dumps(scores.to_dict()))
+        print(json.dumps(result))
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def score_narration_events(narrations: list[dict], truths: list[D.FrameTruth], fps: float,
+                           scores: Scores | None = None) -> Scores:
+    """Score `framecast run` narration events (JSONL dicts with text, pts_start, pts_end) against
+    the scene generator's ground truth: each event covers the frames after the previous narration
+    up to its own frame, the window the model is trained to narrate."""
+    scores = scores or Scores()
+    prev = -1
+    for n in sorted(narrations, key=lambda e: e["pts_end"] if e.get("pts_end") is not None else e["pts"]):
+        end = int(round((n.get("pts_end") if n.get("pts_end") is not None else n["pts"]) * fps))
+        end = min(end, len(truths) - 1)
+        scores.add_narration(D.window_clauses(truths, prev + 1, end), n["text"])
+        prev = end
+    return scores

@@ -1,24 +1,38 @@
 """Train the embedded demo model: a tiny MiniCPM-V (2.6 layout) that narrates synthetic shapes.
 
-    python scripts/train_demo_model.py --out pipeline/demo_model [--steps N] [--streams N] ...
+    python scripts/train_demo_model.py --out pipeline/demo_model --time-budget 420 [--codec jpeg] ...
 
 Exactly the MiniCPM-V architecture and the engine's own classes (`framecast.model.vlm`): a small
-SigLIP NaViT tower, the 2D resampler with few queries and a small qwen2 decoder, plus a
-byte-level BPE `tokenizers` tokenizer fitted to the grammar's vocabulary with the special
-tokens the processor needs. Deterministic from `--seed` (data, init, batches).
+SigLIP NaViT tower, the 2D resampler with 9 queries and a small qwen2 decoder, plus a byte-level
+BPE `tokenizers` tokenizer fitted to the grammar's vocabulary with the special tokens the
+processor needs. Deterministic from `--seed` (data, init, batches) up to device arithmetic.
+
+Why it sees (issue 11): the vision side is taught directly, not only through the decoder.
+Two training-only heads (never shipped) supervise it with the generator's ground truth:
+- a dense per-patch head on the tower output: the colour and the shape of the object under
+  each patch centre (or background), a segmentation-style signal every patch gets;
+- a slot head on the resampler output: query k answers for the k-th cell of a 3x3 grid of the
+  frame (row-major; the same 3x3 zones the position questions use): is an object's centre in
+  it, its colour, shape and centre (x, y). The features the decoder reads are therefore a
+  fixed, linearly readable code per cell, like the attribute code of the decoder-can-read test.
+The decoder loss (replies only) flows into the whole vision side as well.
 
 Training examples use the STREAMING layout of the session (`framecast.engine.layout`), token for
 token: the prefix, then one `{image placeholder}\\n` span per frame, and at random points a turn
-`{prompt}<|im_end|>\\n<|im_start|>assistant\\n{reply}<|im_end|>\\n<|im_start|>user\\n` (several
-turns per stream). The loss is on the replies and their `<|im_end|>` only.
+`{prompt}<|im_end|>\\n<|im_start|>assistant\\n{reply}<|im_end|>\\n<|im_start|>user\\n`. Clips start
+at frame 0 or mid-scene (what the cache holds after the session evicts the oldest spans) and
+never exceed `DEMO_MAX_CACHE_TOKENS`, the budget the shipped config.json gives the session.
+Curriculum: short clips with dense per-frame questions first, then clips up to the budget.
+Text-only conversations (chapter titles and summaries, `framecast.engine.prompts`) ride along.
 
-Data (`data.py`): scenes from `framecast.stages.sources.scene`, rendered at several resolutions,
-through a PyAV h264/mpeg4 round trip, resized by the engine's processor; generated once in a
-process pool, then every step draws streams and a fresh turn schedule.
+Resumable: `--ckpt DIR` holds the full state (weights, optimiser, step, time); a later run with
+the same DIR continues; `--stop-after S` ends this run early (checkpoint written), and
+`--time-budget` is the whole training time the learning-rate schedule spans.
 
-Writes an HF-layout checkpoint: config.json, preprocessor_config.json, model.safetensors,
-tokenizer.json, tokenizer_config.json, generation_config.json, training.json (the recipe and
-the measured time). Imports only what the GPU machine has (mlx, numpy, cv2, av, PIL, tokenizers).
+Writes an HF-layout checkpoint (float16 weights, the loader casts to float32 on CPU):
+config.json, preprocessor_config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
+generation_config.json, training.json (the recipe, the measured time and the log).
+Imports only what the GPU machine has (mlx, numpy, cv2, PIL, tokenizers; PyAV only with --codec av).
 """
 
 from __future__ import annotations
@@ -31,23 +45,17 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from framecast.model.load import DEMO_MODEL_DIR
+import framecast  # noqa: F401  (OpenBLAS preload before mlx)
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
 
-from framecast.model.load import DEMO_MODEL_DIR  # noqa: E402
-import framecast  # noqa: E402,F401  (OpenBLAS preload before mlx)
-import mlx.core as mx  # noqa: E402
-import mlx.nn as nn  # noqa: E402
-import mlx.optimizers as optim  # noqa: E402
-import numpy as np  # noqa: E402
-from mlx.utils import tree_flatten  # noqa: E402
-
-import framecast.stages.demo_training.data as D  # noqa: E402
-from framecast.engine.layout import (  # noqa: E402
-    CLOSE_TEXT,
-    DEFAULT_ASSISTANT_PREFIX,
-    DEFAULT_SYSTEM_PROMPT,
-    TURN_END,
-)
+import framecast.stages.demo_training.data as D
+from framecast.engine.layout import CLOSE_TEXT, DEFAULT_ASSISTANT_PREFIX, DEFAULT_SYSTEM_PROMPT, TURN_END
+from framecast.stages.sources.scene import COLOURS, SHAPES, SIZES, draw_shape
 
 SPECIAL_TOKENS = [
     "<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>", "</s>",
@@ -59,30 +67,45 @@ SESSION_SYSTEM_PROMPT = DEFAULT_SYSTEM_PROMPT
 ASSISTANT_PREFIX = DEFAULT_ASSISTANT_PREFIX
 
 # model shape (tiny: CPU inference must beat real time)
-VOCAB_SIZE = 640
+VOCAB_SIZE = 768
 SCALE_RESOLUTION = 196  # 14 x 14 patches for a square frame
-QUERY_NUM = 16
-VISION = dict(hidden_size=128, intermediate_size=512, num_attention_heads=2, num_hidden_layers=4,
+GRID = 3  # slot grid: query k <-> cell (k // GRID, k % GRID) of the frame
+QUERY_NUM = GRID * GRID
+VISION = dict(hidden_size=192, intermediate_size=768, num_attention_heads=3, num_hidden_layers=4,
               patch_size=14, image_size=224)  # 16 x 16 learned position grid
-LLM = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+LLM = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=4,
            num_key_value_heads=2, rope_theta=10000.0, max_position_embeddings=8192,
            rms_norm_eps=1e-6, tie_word_embeddings=True)
+DEMO_MAX_CACHE_TOKENS = 1024  # session budget shipped in config.json = the longest training clip
 
-DEFAULT_STEPS = 100_000
-DEMO_MAX_CACHE_TOKENS = 640  # session budget shipped in config.json (sinks + window eviction)
-DEFAULT_BATCH = 16
-DEFAULT_STREAMS = 1200
-DEFAULT_FRAMES = 120
-DEFAULT_LR = 1.5e-3
-DENSE_SHARE = 0.5  # streams with a turn every 1-3 frames (direct signal for the vision tower)
-DEFAULT_EMBED_LR_SCALE = 0.07  # learning-rate factor of the patch embedding (see main)
-DEFAULT_VISION_LR_SCALE = 0.07  # of the rest of the vision tower (Adam + correlated inputs, see main)
-DEFAULT_RESAMPLER_LR_SCALE = 0.07  # lr 1e-4 on the whole vision side: no collapse in 80 CPU steps
-DEFAULT_VISION_WARMUP = 0.0
-AUX_COLOURS = tuple(D.COLOURS)
-AUX_SHAPES = tuple(D.SHAPES)
-N_AUX = len(AUX_COLOURS) + len(AUX_SHAPES) + 9 + 4
-AUX_WEIGHT = 2.0
+# training recipe
+DEFAULT_BATCH = 24  # clips per step in the long phase (the short phase uses 3x as many)
+DEFAULT_STREAMS = 1600
+DEFAULT_FRAMES = 64  # frames rendered per stream; clips are windows of them
+DEFAULT_LR = 1e-3
+DEFAULT_VISION_LR_SCALE = 0.5
+DEFAULT_VISION_PHASE = 0.25  # share of the run training the vision side alone (dense + slot targets)
+SHORT_PHASE = 0.12  # then this share on 1-6 frame clips with dense questions
+VISION_BATCH = 768  # frames per step in the vision phase
+TEXT_ROWS = 6  # text-only conversations (title / summary) per step
+PATCH_WEIGHT = 1.0
+SLOT_WEIGHT = 1.0
+OBJECT_PATCH_WEIGHT = 4.0
+CONTENT_WEIGHT = 3.0  # reply tokens naming a colour, shape, count, place or motion  # object patches are rare next to background ones
+N_COL, N_SHP = len(COLOURS), len(SHAPES)
+SLOT_DIM = 1 + N_COL + N_SHP + 2  # objectness, colour, shape, centre (x, y)
+PATCH_Y = 6  # colour, shape, own x, y, object centre x, y
+PATCH_OUT = 1 + N_COL + 1 + N_SHP + 4
+
+# reply words by attribute: the content tokens the log scores separately
+CONTENT_WORDS = {
+    "colour": set(COLOURS),
+    "shape": set(SHAPES),
+    "count": set(D.NUMBER_WORDS) | {"yes", "no", "nothing"},
+    "position": {"top", "bottom", "left", "right", "center"},
+    "motion": {"left", "right", "up", "down", "upward", "downward", "still", "place", "not", "appears",
+               "vanishes", "disappears", "gone", "shows", "comes"},
+}
 
 
 # ---------------------------------------------------------------- tokenizer and config
@@ -97,19 +120,28 @@ def build_tokenizer(seed: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    rng = np.random.default_rng((seed, 3))
     texts = D.corpus(6000, seed) + [SESSION_SYSTEM_PROMPT] + list(D.SYSTEM_PROMPTS)
+    for _ in range(300):
+        texts += list(D.title_example(rng)) + list(D.summary_example(rng))
     tok.train_from_iterator(texts, trainer)
     return tok
 
 
-def model_config(tok) -> dict:
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_attention_heads=1, num_hidden_layers=1)
+TINY_LLM = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=1)
+
+
+def model_config(tok, *, tiny: bool = False) -> dict:
+    """The shipped shape; `tiny` = a toy of the same layout for CPU tests of the trainer."""
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     vocab = -(-tok.get_vocab_size() // 64) * 64  # rows for every id, padded for the kernels
     return {
         "architectures": ["MiniCPMV"],
         "model_type": "minicpmv",
         "version": 2.6,
-        **LLM,
+        **LLM, **(TINY_LLM if tiny else {}),
         "vocab_size": vocab,
         "query_num": QUERY_NUM,
         "image_size": SCALE_RESOLUTION,
@@ -121,12 +153,12 @@ def model_config(tok) -> dict:
         "drop_vision_last_layer": False,
         "use_image_id": False,
         "vision_config": {"model_type": "siglip_vision_model", "num_channels": 3, "layer_norm_eps": 1e-6,
-                          "hidden_act": "gelu_pytorch_tanh", **VISION},
-        "torch_dtype": "float32",
+                          "hidden_act": "gelu_pytorch_tanh", **VISION, **(TINY_VISION if tiny else {})},
+        "torch_dtype": "float16",
         "bos_token_id": None,
         "eos_token_id": ids["<|im_end|>"],
         "framecast_demo": True,
-        # trained on short streams: `framecast run` keeps the cache within what the model has seen
+        # the longest clip training saw: `framecast run` keeps its cache within it (sinks + window)
         "framecast_session": {"max_cache_tokens": DEMO_MAX_CACHE_TOKENS},
     }
 
@@ -151,18 +183,56 @@ def write_tokenizer_files(out: Path, tok, cfg: dict) -> None:
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
-# ---------------------------------------------------------------- data
+# ---------------------------------------------------------------- data: pixels and dense labels
 
 
-def _make_stream_job(args: tuple[int, int, int, int]):
-    """Worker: one stream -> (uint8 views [F, h, w, 3] at model resolution, truths, fps)."""
-    seed, n_frames, scale, patch = args
+def frame_labels(truth, width: int, height: int, nh: int, nw: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-patch and per-slot targets of one frame.
+
+    patch [nh*nw, PATCH_Y] float32: colour id + 1 and shape id + 1 of the object under each patch
+    centre (0 = background, from one mask per object drawn at the frame's own resolution), the
+    patch's own centre (x, y) in [0, 1] and its object's centre (x, y) (own centre on background):
+    position must survive in the tower output, since the resampler's values carry no position.
+    slots [QUERY_NUM, 5] float32: objectness, colour id, shape id, x, y of the object whose
+    centre lies in the cell (the one nearest the cell centre if two do).
+    """
+    ys = ((np.arange(nh) + 0.5) / nh * height).astype(int).clip(0, height - 1)
+    xs = ((np.arange(nw) + 0.5) / nw * width).astype(int).clip(0, width - 1)
+    patch = np.zeros((nh * nw, PATCH_Y), np.float32)
+    gx, gy = np.meshgrid((np.arange(nw) + 0.5) / nw, (np.arange(nh) + 0.5) / nh)
+    patch[:, 2], patch[:, 3] = gx.reshape(-1), gy.reshape(-1)
+    patch[:, 4], patch[:, 5] = patch[:, 2], patch[:, 3]
+    for o in truth.objects:  # one mask per object (anti-aliased edges thresholded at half)
+        mask = np.zeros((height, width, 3), np.uint8)
+        draw_shape(mask, o.shape, (255, 0, 0), (o.x * width, o.y * height), SIZES[o.size] * min(width, height))
+        hit = mask[ys[:, None], xs[None, :], 0].reshape(-1) >= 128
+        patch[hit, 0] = list(COLOURS).index(o.colour) + 1
+        patch[hit, 1] = SHAPES.index(o.shape) + 1
+        patch[hit, 4], patch[hit, 5] = o.x, o.y
+    slots = np.zeros((QUERY_NUM, 5), np.float32)
+    best = np.full(QUERY_NUM, np.inf)
+    for o in truth.objects:
+        r, c = min(int(o.y * GRID), GRID - 1), min(int(o.x * GRID), GRID - 1)
+        k = r * GRID + c
+        d = (o.x - (c + 0.5) / GRID) ** 2 + (o.y - (r + 0.5) / GRID) ** 2
+        if d < best[k]:
+            best[k] = d
+            slots[k] = (1.0, list(COLOURS).index(o.colour), SHAPES.index(o.shape), o.x, o.y)
+    return patch, slots
+
+
+def _make_stream_job(args: tuple):
+    """Worker: one stream -> dict of uint8 views [F, h, w, 3] at model resolution, labels, truths."""
+    seed, n_frames, start, codec = args
     from framecast.model.processor import MiniCPMVProcessor
 
-    proc = MiniCPMVProcessor(scale_resolution=scale, patch_size=patch, max_slice_nums=1, query_num=QUERY_NUM)
-    s = D.make_stream(seed, n_frames)
+    proc = MiniCPMVProcessor(scale_resolution=SCALE_RESOLUTION, patch_size=14, max_slice_nums=1, query_num=QUERY_NUM)
+    s = D.make_stream(seed, n_frames, codec=codec, start=start)
     views = np.stack([resize_like_processor(proc, f) for f in s.frames])
-    return seed, views, s.truths, s.fps
+    nh, nw = views.shape[1] // 14, views.shape[2] // 14
+    labels = [frame_labels(t, s.width, s.height, nh, nw) for t in s.truths]
+    return {"seed": seed, "views": views, "patch": np.stack([p for p, _ in labels]),
+            "slots": np.stack([q for _, q in labels]), "truths": s.truths, "fps": s.fps}
 
 
 def resize_like_processor(proc, frame: np.ndarray) -> np.ndarray:
@@ -173,19 +243,28 @@ def resize_like_processor(proc, frame: np.ndarray) -> np.ndarray:
     return np.asarray(overview, dtype=np.uint8)
 
 
-def generate_streams(seeds: list[int], n_frames: int, workers: int) -> list[tuple]:
-    jobs = [(s, n_frames, SCALE_RESOLUTION, 14) for s in seeds]
+def stream_jobs(seeds: list[int], n_frames: int, codec: str) -> list[tuple]:
+    """Half the streams start at the scene's first frame, half mid-scene (seeded offset)."""
+    jobs = []
+    for s in seeds:
+        rng = np.random.default_rng((s, 13))
+        start = 0 if rng.random() < 0.5 else int(rng.integers(1, 300))
+        jobs.append((s, n_frames, start, codec))
+    return jobs
+
+
+def generate_streams(jobs: list[tuple], workers: int) -> list[dict]:
     if workers <= 1:
         return [_make_stream_job(j) for j in jobs]
     import multiprocessing as mp
 
     # spawn, not fork: the parent may already hold a GPU context
     with mp.get_context("spawn").Pool(workers) as pool:
-        return pool.map(_make_stream_job, jobs, chunksize=4)
+        return list(pool.imap(_make_stream_job, jobs, chunksize=8))
 
 
 class SequenceBuilder:
-    """Token ids of one training stream in the session's exact segmentation."""
+    """Token ids of one training clip in the session's exact segmentation."""
 
     def __init__(self, tok):
         self.tok = tok
@@ -201,31 +280,52 @@ class SequenceBuilder:
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
-    def build(self, n_frames: int, turns: list[D.Turn], system: str) -> tuple[list[int], list[int]]:
-        """(ids, loss flags): flag 1 where the token is a target (reply + its <|im_end|>)."""
+    def build(self, n_frames: int, turns: list[D.Turn], system: str,
+              max_tokens: int | None = None) -> tuple[list[int], list[int]]:
+        """(ids, loss flags): flag 1 where the token is a target (reply + its <|im_end|>).
+        With `max_tokens`, frames stop being added (with their turns) before the limit."""
         ids = self.encode(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n")
         loss = [0] * len(ids)
         by_frame: dict[int, list[D.Turn]] = {}
         for t in turns:
             by_frame.setdefault(t.frame, []).append(t)
         for f in range(n_frames):
-            ids += self.frame_ids
-            loss += [0] * len(self.frame_ids)
+            add, flags = list(self.frame_ids), [0] * len(self.frame_ids)
             for t in by_frame.get(f, []):
                 p = self.encode(t.prompt + TURN_END + ASSISTANT_PREFIX)
                 r = self.encode(t.reply)
-                ids += p + r + self.close_ids
-                loss += [0] * len(p) + [1] * (len(r) + 1) + [0] * (len(self.close_ids) - 1)
+                add += p + r + self.close_ids
+                flags += [0] * len(p) + [1] * (len(r) + 1) + [0] * (len(self.close_ids) - 1)
+            if max_tokens is not None and len(ids) + len(add) > max_tokens and f > 0:
+                break
+            ids += add
+            loss += flags
         return ids, loss
+
+    def build_text(self, system: str, prompt: str, reply: str) -> tuple[list[int], list[int]]:
+        """A fresh text-only conversation: system, one user message, the assistant's reply."""
+        p = self.encode(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{prompt}"
+                        + TURN_END + ASSISTANT_PREFIX)
+        r = self.encode(reply)
+        return p + r + [self.im_end], [0] * len(p) + [1] * (len(r) + 1)
 
 
 # ---------------------------------------------------------------- model
 
 
+class AuxHeads(nn.Module):
+    """Training-only readouts (never saved): per patch on the tower, per slot on the resampler."""
+
+    def __init__(self, dv: int, d: int):
+        super().__init__()
+        self.patch = nn.Linear(dv, PATCH_OUT)
+        self.slot = nn.Linear(d, SLOT_DIM)
+
+
 class DemoVLM(nn.Module):
     """The engine's own modules (vision tower, resampler, qwen2 LM) under the HF prefixes.
 
-    Training needs a batched forward over many streams at once; inference goes through
+    Training needs a batched forward over many clips at once; inference goes through
     `framecast.model.vlm` (loaded from the HF files this writes), which runs the same modules.
     `tests/test_demo_model.py` checks that both paths give the same features and logits.
     """
@@ -243,11 +343,7 @@ class DemoVLM(nn.Module):
         self.resampler.query = 0.02 * mx.random.normal((cfg["query_num"], d))
         self.resampler.proj = d ** -0.5 * mx.random.normal((d, d))
         self.llm = build_lm({**cfg, "model_type": "qwen2"})
-        # Training only (never saved): per-query logits of what a frame shows, max over the
-        # queries. A direct signal for the vision tower: without it the LM first learns the
-        # grammar, rewards a constant "image token" vector and the tower collapses (all
-        # frames' features identical after ~25 steps, seen on GPU and CPU).
-        self.aux = nn.Linear(d, N_AUX)
+        self.aux = AuxHeads(dv, d)
 
 
 def vision_hidden(model: DemoVLM, views_u8: mx.array) -> tuple[mx.array, tuple[int, int]]:
@@ -280,65 +376,63 @@ def resample(model: DemoVLM, hidden: mx.array, grid: tuple[int, int]) -> mx.arra
     return r.ln_post(out) @ r.proj
 
 
-FEATURES = (0, 0)  # grid marker: `views` already are resampled features [N, Q, D]
-
-
-def encode_views(model: DemoVLM, views: mx.array, grid: tuple[int, int] | None = None) -> mx.array:
-    """uint8 views [N, h, w, 3] (or, with `grid`, precomputed vision hidden states) -> [N, Q, D]."""
-    if grid == FEATURES:
-        return views
-    if grid is not None:
-        return resample(model, views, grid)
+def encode_views(model: DemoVLM, views: mx.array) -> mx.array:
+    """uint8 views [N, h, w, 3] -> resampled features [N, Q, D] (what the decoder reads)."""
     return resample(model, *vision_hidden(model, views))
 
 
-def aux_labels(truths) -> np.ndarray:
-    """[N_AUX] multi-hot of one frame: colours, shapes, 3x3 zones occupied, object count."""
-    y = np.zeros(N_AUX, np.float32)
-    for o in truths.objects:
-        y[AUX_COLOURS.index(o.colour)] = 1
-        y[len(AUX_COLOURS) + AUX_SHAPES.index(o.shape)] = 1
-        y[len(AUX_COLOURS) + len(AUX_SHAPES) + min(int(o.y * 3), 2) * 3 + min(int(o.x * 3), 2)] = 1
-    y[N_AUX - 4 + min(len(truths.objects), 3)] = 1
-    return y
+def vision_losses(model: DemoVLM, hidden: mx.array, feats: mx.array, patch_y: mx.array, slot_y: mx.array):
+    """Dense patch loss and slot loss (scalars) with their logits, for logging."""
+    pl = model.aux.patch(hidden)  # [N, L, PATCH_OUT]
+    pc, ps = pl[..., :1 + N_COL], pl[..., 1 + N_COL:2 + N_COL + N_SHP]
+    yc, ys = patch_y[..., 0].astype(mx.int32), patch_y[..., 1].astype(mx.int32)
+    w = mx.where(yc > 0, OBJECT_PATCH_WEIGHT, 1.0)
+    xy = ((mx.sigmoid(pl[..., -4:]) - patch_y[..., 2:6]) ** 2).sum(-1)
+    patch = ((nn.losses.cross_entropy(pc, yc, reduction="none") + nn.losses.cross_entropy(ps, ys, reduction="none")
+              + 20.0 * xy) * w).sum() / w.sum()
+    sl = model.aux.slot(feats)  # [N, Q, SLOT_DIM]
+    obj = slot_y[..., 0]
+    occ = obj.sum() + 1.0
+    slot = nn.losses.binary_cross_entropy(sl[..., 0], obj, reduction="mean")
+    slot = slot + (nn.losses.cross_entropy(sl[..., 1:1 + N_COL], slot_y[..., 1].astype(mx.int32), reduction="none") * obj).sum() / occ
+    slot = slot + (nn.losses.cross_entropy(sl[..., 1 + N_COL:1 + N_COL + N_SHP], slot_y[..., 2].astype(mx.int32),
+                                           reduction="none") * obj).sum() / occ
+    slot = slot + 20.0 * (((mx.sigmoid(sl[..., -2:]) - slot_y[..., 3:5]) ** 2).sum(-1) * obj).sum() / occ
+    return patch, slot, pl, sl
 
 
-def loss_fn(model, inputs, targets, loss_mask, is_img, slot, aux_y, views, lm_to_vision: bool = True,
-            grid: tuple[int, int] | None = None):
-    feats = encode_views(model, views, grid)  # [B*F, Q, D]
-    aux_logits = model.aux(feats).max(axis=1)  # [B*F, N_AUX]
-    aux = nn.losses.binary_cross_entropy(aux_logits, aux_y, reduction="mean")
-    if not lm_to_vision:  # warm-up phase: the vision side learns from the per-frame labels only
-        feats = mx.stop_gradient(feats)
+def lm_logits(model: DemoVLM, feats: mx.array, inputs: mx.array, is_img: mx.array, slot: mx.array) -> mx.array:
     flat = feats.reshape(-1, feats.shape[-1])  # [B*F*Q, D]
     text = model.llm.embed_tokens(inputs)  # [B, T, D]
     h = mx.where(is_img[..., None], flat[slot], text)  # features scattered into the <unk> slots
-    logits = model.llm(input_embeddings=h)  # [B, T, V]
+    return model.llm(input_embeddings=h)  # [B, T, V]
+
+
+def masked_ce(logits: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
     ce = nn.losses.cross_entropy(logits, targets, reduction="none")
-    return (ce * loss_mask).sum() / mx.maximum(loss_mask.sum(), 1.0) + AUX_WEIGHT * aux
+    return (ce * mask).sum() / mx.maximum(mask.sum(), 1.0)
 
 
-# Weights fed by inputs that share one sign (pixels, GELU outputs, attention averages): Adam steps
-# every weight of a row the same way, the row's sum (its response to a uniform input) grows by
-# fan_in * lr per step, each layer adds one big vector common to all patches and the features
-# collapse to a constant (measured: identical across frames within ~20 steps, GPU and CPU).
-COMMON_MODE_WEIGHTS = ("patch_embedding.weight", "mlp.fc2.weight", "out_proj.weight", "resampler.proj")
+def loss_fn(model, views, patch_y, slot_y, inputs, targets, loss_mask, is_img, slot, t_inputs, t_targets, t_mask):
+    hidden, grid = vision_hidden(model, views)  # [N, L, Dv]
+    feats = resample(model, hidden, grid)  # [N, Q, D]
+    patch, slot_loss, _, _ = vision_losses(model, hidden, feats, patch_y, slot_y)
+    ce = masked_ce(lm_logits(model, feats, inputs, is_img, slot), targets, loss_mask)
+    text_ce = masked_ce(model.llm(t_inputs), t_targets, t_mask)
+    total = ce + 0.3 * text_ce + PATCH_WEIGHT * patch + SLOT_WEIGHT * slot_loss
+    return total, (ce, text_ce, patch, slot_loss)
 
 
-def center_common_mode(grads: dict) -> dict:
-    """Remove each row's mean from those weights' gradients (biases still learn offsets)."""
-    def fix(path: str, g: mx.array) -> mx.array:
-        if g.ndim == 2 and path.endswith(COMMON_MODE_WEIGHTS) and not path.startswith("llm."):
-            axis = 0 if path.endswith("resampler.proj") else 1  # proj is used as x @ proj: [in, out]
-            return g - g.mean(axis=axis, keepdims=True)
-        return g
-    from mlx.utils import tree_map_with_path
-
-    return tree_map_with_path(lambda p, g: fix(p, g), grads)
+def vision_loss_fn(model, views, patch_y, slot_y):
+    """The vision phase: tower and resampler against the dense and slot targets only."""
+    hidden, grid = vision_hidden(model, views)
+    patch, slot_loss, _, _ = vision_losses(model, hidden, resample(model, hidden, grid), patch_y, slot_y)
+    return PATCH_WEIGHT * patch + SLOT_WEIGHT * slot_loss, (patch, slot_loss)
 
 
-def hf_weights(model: DemoVLM) -> dict[str, mx.array]:
-    """Our parameters under HF names and layouts (the inverse of the engine's sanitize)."""
+def hf_weights(model: DemoVLM, dtype=None) -> dict[str, mx.array]:
+    """Our parameters under HF names and layouts (the inverse of the engine's sanitize); the
+    training-only heads are left out."""
     out = {}
     for k, v in tree_flatten(model.vpm.parameters()):
         if k == "embeddings.patch_embedding.weight":  # Linear [D, p*p*3] -> Conv2d [D, 3, p, p]
@@ -351,214 +445,399 @@ def hf_weights(model: DemoVLM) -> dict[str, mx.array]:
             [res.pop(f"attn.{q}_proj.{kind}") for q in ("q", "k", "v")], axis=0)
     out.update({f"resampler.{k}": v for k, v in res.items()})
     out.update({f"llm.{k}": v for k, v in tree_flatten(model.llm.parameters())})
-    return {k: mx.contiguous(v) for k, v in sorted(out.items())}
+    return {k: mx.contiguous(v if dtype is None else v.astype(dtype)) for k, v in sorted(out.items())}
 
 
-# ---------------------------------------------------------------- main
+# ---------------------------------------------------------------- batches
 
 
-def lr_at(frac: float, peak: float, warmup_frac: float = 0.08, floor: float = 0.05) -> float:
-    """Warmup then cosine decay over the fraction of the run done (steps or time budget)."""
+def lr_at(frac: float, peak: float, warmup_frac: float = 0.05, floor: float = 0.05) -> float:
+    """Warmup then cosine decay over the fraction of the run done (time budget)."""
     if frac < warmup_frac:
         return peak * max(frac / warmup_frac, 0.01)
     t = min(1.0, (frac - warmup_frac) / (1 - warmup_frac))
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-class Buckets:
-    """Streams grouped by view size; each stream one uint8 array on the device [F, h, w, 3]
-    (one array per stream: a whole group would pass 2^31 elements, past int32 indexing)."""
+class Pool:
+    """Rendered streams grouped by view size; pixels and labels on the device, one array per
+    stream and kind (a whole group would pass 2^31 elements, past int32 indexing)."""
 
-    def __init__(self, data: list[tuple], n_frames: int):
-        groups: dict[tuple[int, int], list[tuple]] = {}
+    def __init__(self, data: list[dict]):
+        groups: dict[tuple[int, int], list[dict]] = {}
         for item in data:
-            groups.setdefault(item[1].shape[1:3], []).append(item)
+            groups.setdefault(item["views"].shape[1:3], []).append(item)
         self.keys = sorted(groups)
-        self.meta = {k: [(seed, truths, fps) for seed, _v, truths, fps in groups[k]] for k in self.keys}
-        self.views = {k: [mx.array(v[:n_frames]) for _s, v, _t, _f in groups[k]] for k in self.keys}
-        mx.eval([a for arrays in self.views.values() for a in arrays])
+        self.items = {k: [{"seed": d["seed"], "truths": d["truths"], "fps": d["fps"], "views": mx.array(d["views"]),
+                           "patch": mx.array(d["patch"]), "slots": mx.array(d["slots"])} for d in groups[k]]
+                      for k in self.keys}
+        mx.eval([[d["views"], d["patch"], d["slots"]] for g in self.items.values() for d in g])
         self.sizes = np.array([len(groups[k]) for k in self.keys], np.float64)
 
-    def precompute_vision(self, model: DemoVLM, chunk: int = 64, *, resampled: bool = False) -> None:
-        """Frozen tower (and resampler): run it once per frame and keep its output, not the pixels."""
-        self.grids = {}
-        for k in self.keys:
-            out = []
-            for v in self.views[k]:
-                hid = [vision_hidden(model, v[i:i + chunk]) for i in range(0, v.shape[0], chunk)]
-                grid = hid[0][1]
-                out.append(mx.concatenate([resample(model, h, grid) if resampled else h for h, _g in hid]))
-                self.grids[k] = FEATURES if resampled else grid
-                mx.eval(out[-1])
-            self.views[k] = out
-
-    def sample(self, rng: np.random.Generator, batch: int):
+    def clips(self, rng: np.random.Generator, rows: int, n_frames: int) -> list[tuple[dict, int]]:
         key = self.keys[int(rng.choice(len(self.keys), p=self.sizes / self.sizes.sum()))]
-        n = len(self.meta[key])
-        idx = np.sort(rng.choice(n, size=min(batch, n), replace=False))
-        views = mx.concatenate([self.views[key][i] for i in idx])  # [B*F, h, w, 3] or [B*F, L, Dv]
-        self.last_grid = getattr(self, "grids", {}).get(key)
-        return [self.meta[key][i] for i in idx], views
+        group = self.items[key]
+        idx = rng.choice(len(group), size=min(rows, len(group)), replace=False)
+        out = []
+        for i in idx:
+            d = group[int(i)]
+            n_all = len(d["truths"])
+            a = 0 if rng.random() < 0.3 else int(rng.integers(0, max(1, n_all - n_frames + 1)))
+            out.append((d, min(a, n_all - n_frames)))
+        return out
 
 
-def batch_arrays(meta: list[tuple], builder: SequenceBuilder, rng: np.random.Generator, n_frames: int):
-    """Token-side arrays of a batch (views come from `Buckets`)."""
+def make_batch(clips: list[tuple[dict, int]], n_frames: int, builder: SequenceBuilder, rng: np.random.Generator,
+               *, dense: float, max_tokens: int) -> dict:
+    """Arrays of one batch of clips: pixels and vision labels [B*F, ...], tokens [B, T]."""
     seqs = []
-    for _seed, truths, fps in meta:
-        turns = D.make_turns(truths[:n_frames], fps, rng, dense=rng.random() < DENSE_SHARE)
+    for d, a in clips:
+        truths = d["truths"][a:a + n_frames]
+        turns = D.make_turns(truths, d["fps"], rng, dense=rng.random() < dense)
+        if dense >= 1.0 and not any(t.frame == len(truths) - 1 for t in turns):
+            for _ in range(int(rng.integers(1, 4))):  # short clips always end with questions
+                qa = D.make_question(truths[-1], rng)
+                turns.append(D.Turn(len(truths) - 1, "question", qa.question, qa.answer, qa=qa))
         system = SESSION_SYSTEM_PROMPT if rng.random() < 0.6 else D._pick(rng, D.SYSTEM_PROMPTS)
-        seqs.append(builder.build(n_frames, turns, system))
+        seqs.append(builder.build(n_frames, turns, system, max_tokens=max_tokens))
+    out = {"views": mx.concatenate([d["views"][a:a + n_frames] for d, a in clips]),
+           "patch_y": mx.concatenate([d["patch"][a:a + n_frames] for d, a in clips]),
+           "slot_y": mx.concatenate([d["slots"][a:a + n_frames] for d, a in clips])}
+    out.update(token_arrays(seqs, builder.pad, builder.unk, n_frames))
+    return out
+
+
+def token_arrays(seqs: list[tuple[list[int], list[int]]], pad: int, unk: int | None, n_frames: int = 0) -> dict:
     T = max(len(ids) for ids, _ in seqs)
     B = len(seqs)
-    ids = np.full((B, T + 1), builder.pad, np.int32)
+    ids = np.full((B, T + 1), pad, np.int32)
     mask = np.zeros((B, T + 1), np.float32)
     for b, (s, l) in enumerate(seqs):
         ids[b, :len(s)] = s
         mask[b, :len(l)] = l
     inputs, targets, loss_mask = ids[:, :-1], ids[:, 1:], mask[:, 1:]
-    is_img = inputs == builder.unk
-    # the k-th <unk> of stream b is query k % Q of frame k // Q: an index into [B*F*Q] features
-    slot = np.cumsum(is_img, axis=1) - 1
-    slot = np.where(is_img, slot + np.arange(B)[:, None] * n_frames * QUERY_NUM, 0).astype(np.int32)
-    aux_y = np.stack([aux_labels(t) for _s, truths, _f in meta for t in truths[:n_frames]])  # [B*F, N_AUX]
-    return [mx.array(x) for x in (inputs, targets, loss_mask, is_img, slot, aux_y)]
+    out = {"inputs": inputs, "targets": targets, "loss_mask": loss_mask}
+    if unk is not None:
+        is_img = inputs == unk
+        # the k-th <unk> of clip b is query k % Q of frame k // Q: an index into [B*F*Q] features
+        slot = np.cumsum(is_img, axis=1) - 1
+        out["is_img"] = is_img
+        out["slot"] = np.where(is_img, slot + np.arange(B)[:, None] * n_frames * QUERY_NUM, 0).astype(np.int32)
+    return {k: mx.array(v) for k, v in out.items()}
 
 
-def reply_token_accuracy(model, arrays, views, grid=None) -> float:
-    """Teacher-forced share of reply tokens predicted exactly (held-out streams), and the spread
-    of the vision features across frames (near 0 = collapsed tower)."""
-    inputs, targets, loss_mask, is_img, slot, aux_y = arrays
-    feats = encode_views(model, views, grid)
-    h = mx.where(is_img[..., None], feats.reshape(-1, feats.shape[-1])[slot], model.llm.embed_tokens(inputs))
-    pred = mx.argmax(model.llm(input_embeddings=h), axis=-1)
-    acc = float(((pred == targets) * loss_mask).sum() / loss_mask.sum())
-    # collapse check: how much the features differ between frames, relative to their size
-    spread = float(feats.std(axis=0).mean() / (mx.abs(feats).mean() + 1e-6))
-    aux_acc = float(((model.aux(feats).max(axis=1) > 0) == (aux_y > 0.5)).mean())
-    return acc, spread, aux_acc
+def text_batch(builder: SequenceBuilder, rng: np.random.Generator, rows: int) -> dict:
+    seqs = []
+    for _ in range(rows):
+        prompt, reply = D.title_example(rng) if rng.random() < 0.6 else D.summary_example(rng)
+        system = SESSION_SYSTEM_PROMPT if rng.random() < 0.7 else D._pick(rng, D.SYSTEM_PROMPTS)
+        seqs.append(builder.build_text(system, prompt, reply))
+    a = token_arrays(seqs, builder.pad, None)
+    return {"t_inputs": a["inputs"], "t_targets": a["targets"], "t_mask": a["loss_mask"]}
+
+
+BATCH_ORDER = ("views", "patch_y", "slot_y", "inputs", "targets", "loss_mask", "is_img", "slot",
+               "t_inputs", "t_targets", "t_mask")
+
+
+# ---------------------------------------------------------------- measuring grounding
+
+
+def content_table(tok) -> np.ndarray:
+    """[vocab + slack] bool: the token is a content word of some attribute (colour, shape, ...)."""
+    words = [tok.decode([i]).strip().lower().strip(".,") for i in range(tok.get_vocab_size())]
+    every = set().union(*CONTENT_WORDS.values())
+    return np.array([w in every for w in words] + [False] * 4096)
+
+
+def weight_content(batch: dict, table: np.ndarray) -> None:
+    """Reply tokens that name what is seen weigh CONTENT_WEIGHT: the grammar is easy, seeing is not."""
+    t = np.array(batch["targets"])
+    batch["loss_mask"] = batch["loss_mask"] * mx.array(1.0 + (CONTENT_WEIGHT - 1.0) * table[t])
+
+
+def content_masks(tok, targets: mx.array, loss_mask: mx.array) -> dict[str, mx.array]:
+    """[B, T] masks of reply tokens that are a content word of each attribute."""
+    vocab = tok.get_vocab_size()
+    words = [tok.decode([i]).strip().lower().strip(".,") for i in range(vocab)]
+    out = {}
+    t = np.array(targets)
+    for name, ws in CONTENT_WORDS.items():
+        table = np.array([w in ws for w in words] + [False] * 4096)
+        out[name] = mx.array(table[t]) * loss_mask
+    return out
+
+
+def attention_mass(model: DemoVLM, h: mx.array, is_img: mx.array, loss_mask: mx.array) -> list[float]:
+    """Per decoder layer: the share of attention that reply tokens give to image tokens."""
+    from framecast.model.lm.base import causal_mask
+
+    out = []
+    T = h.shape[1]
+    causal = mx.tril(mx.ones((T, T), dtype=mx.bool_))
+    for layer in model.llm.layers:
+        a = layer.self_attn
+        x = layer.input_layernorm(h)
+        B = x.shape[0]
+        q = a.rope(a.q_proj(x).reshape(B, T, a.n_heads, a.head_dim).transpose(0, 2, 1, 3))
+        k = a.rope(a.k_proj(x).reshape(B, T, a.n_kv_heads, a.head_dim).transpose(0, 2, 1, 3))
+        k = mx.repeat(k, a.n_heads // a.n_kv_heads, axis=1)
+        s = (q * a.scale) @ k.transpose(0, 1, 3, 2)  # [B, H, T, T]
+        p = mx.softmax(mx.where(causal, s, -1e9), axis=-1)
+        mass = (p * is_img[:, None, None, :]).sum(-1).mean(1)  # [B, T]
+        out.append(float((mass * loss_mask).sum() / mx.maximum(loss_mask.sum(), 1)))
+        h = layer(h, causal_mask(T), None)
+    return out
+
+
+def grounding_report(model: DemoVLM, batch: dict, tok, n_frames: int) -> dict:
+    """Held-out CE and accuracy on content tokens with real vs shuffled features (features of
+    another clip), vision-head accuracies with their trivial baselines, attention mass."""
+    hidden, grid = vision_hidden(model, batch["views"])
+    feats = resample(model, hidden, grid)
+    _, _, pl, sl = vision_losses(model, hidden, feats, batch["patch_y"], batch["slot_y"])
+    rep = {}
+    yc, ys = batch["patch_y"][..., 0].astype(mx.int32), batch["patch_y"][..., 1].astype(mx.int32)
+    objp = yc > 0
+    n_obj = mx.maximum(objp.sum(), 1)
+    rep["patch_colour_acc"] = float(((mx.argmax(pl[..., :1 + N_COL], -1) == yc) * objp).sum() / n_obj)
+    rep["patch_shape_acc"] = float(((mx.argmax(pl[..., 1 + N_COL:2 + N_COL + N_SHP], -1) == ys) * objp).sum() / n_obj)
+    rep["patch_centre_err"] = float(mx.sqrt((((mx.sigmoid(pl[..., -2:]) - batch["patch_y"][..., 4:6]) ** 2).sum(-1)
+                                             * objp).sum() / n_obj))
+    rep["patch_bg_acc"] = float(((mx.argmax(pl[..., :1 + N_COL], -1) == 0) * (1 - objp)).sum() / mx.maximum((1 - objp).sum(), 1))
+    obj = batch["slot_y"][..., 0]
+    rep["slot_obj_acc"] = float(((sl[..., 0] > 0) == (obj > 0.5)).mean())
+    rep["slot_obj_baseline"] = float(1 - obj.mean())  # always "empty"
+    occ = mx.maximum(obj.sum(), 1)
+    rep["slot_colour_acc"] = float(((mx.argmax(sl[..., 1:1 + N_COL], -1) == batch["slot_y"][..., 1]) * obj).sum() / occ)
+    rep["slot_shape_acc"] = float(((mx.argmax(sl[..., 1 + N_COL:1 + N_COL + N_SHP], -1) == batch["slot_y"][..., 2])
+                                   * obj).sum() / occ)
+    rep["slot_xy_err"] = float(mx.sqrt((((mx.sigmoid(sl[..., -2:]) - batch["slot_y"][..., 3:5]) ** 2).sum(-1) * obj).sum() / occ))
+    B = batch["inputs"].shape[0]
+    shuffled = feats.reshape(B, n_frames, *feats.shape[1:])
+    shuffled = mx.concatenate([shuffled[1:], shuffled[:1]]).reshape(feats.shape)  # clip b sees clip b+1
+    masks = content_masks(tok, batch["targets"], batch["loss_mask"])
+    for tag, f in (("real", feats), ("shuf", shuffled)):
+        logits = lm_logits(model, f, batch["inputs"], batch["is_img"], batch["slot"])
+        ce = nn.losses.cross_entropy(logits, batch["targets"], reduction="none")
+        right = mx.argmax(logits, -1) == batch["targets"]
+        rep[f"ce_{tag}"] = float((ce * batch["loss_mask"]).sum() / batch["loss_mask"].sum())
+        for name, m in masks.items():
+            n = mx.maximum(m.sum(), 1)
+            rep[f"{name}_acc_{tag}"] = float((right * m).sum() / n)
+            rep[f"{name}_ce_{tag}"] = float((ce * m).sum() / n)
+    flat = feats.reshape(-1, feats.shape[-1])
+    h = mx.where(batch["is_img"][..., None], flat[batch["slot"]], model.llm.embed_tokens(batch["inputs"]))
+    rep["attn_img"] = [round(x, 3) for x in attention_mass(model, h, batch["is_img"], batch["loss_mask"])]
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rep.items()}
+
+
+def format_report(step: int, rep: dict) -> str:
+    c = " ".join(f"{n[:3]} {rep[f'{n}_acc_real']:.2f}/{rep[f'{n}_acc_shuf']:.2f}" for n in CONTENT_WORDS)
+    return (f"  held-out: ce {rep['ce_real']:.3f} (shuffled {rep['ce_shuf']:.3f}); content acc real/shuffled: {c}\n"
+            f"  vision: patch colour {rep['patch_colour_acc']:.2f} shape {rep['patch_shape_acc']:.2f} "
+            f"(always-background 0.00; bg acc {rep['patch_bg_acc']:.2f}) centre err {rep['patch_centre_err']:.3f}; slot obj {rep['slot_obj_acc']:.2f} "
+            f"(always-empty {rep['slot_obj_baseline']:.2f}) colour {rep['slot_colour_acc']:.2f} shape "
+            f"{rep['slot_shape_acc']:.2f} (chance {1 / N_COL:.2f}/{1 / N_SHP:.2f}) xy err {rep['slot_xy_err']:.3f}; "
+            f"attention on image tokens per layer {rep['attn_img']}")
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def load_hf_weights(model: DemoVLM, directory: Path) -> None:
+    """Start from an HF-layout checkpoint this trainer wrote (the inverse of `hf_weights`)."""
+    w = mx.load(str(Path(directory) / "model.safetensors"))
+    out = {}
+    for k, v in w.items():
+        v = v.astype(mx.float32)
+        if k == "vpm.embeddings.patch_embedding.weight":  # Conv2d [D, 3, p, p] -> Linear [D, p*p*3]
+            v = v.transpose(0, 2, 3, 1).reshape(v.shape[0], -1)
+        if k.startswith("resampler.attn.in_proj_"):
+            kind = k.rsplit("_", 1)[1]
+            for part, chunk in zip(("q_proj", "k_proj", "v_proj"), mx.split(v, 3, axis=0)):
+                out[f"resampler.attn.{part}.{kind}"] = chunk
+            continue
+        out[k] = v
+    model.load_weights(list(out.items()), strict=False)
+
+
+def save_checkpoint(path: Path, model: DemoVLM, opt, state: dict) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    mx.save_safetensors(str(path / "optimizer.safetensors"),
+                        {k: v for k, v in tree_flatten(opt.state) if isinstance(v, mx.array)})
+    (path / "state.json").write_text(json.dumps(state))
+
+
+def load_checkpoint(path: Path, model: DemoVLM, opt) -> dict | None:
+    if not (path / "state.json").is_file():
+        return None
+    model.load_weights(list(mx.load(str(path / "model.safetensors")).items()), strict=True)
+    if (path / "optimizer.safetensors").is_file():
+        opt.state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
+    return json.loads((path / "state.json").read_text())
+
+
+# ---------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(DEMO_MODEL_DIR))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="upper bound when --time-budget is given")
-    ap.add_argument("--time-budget", type=float, default=None,
-                    help="train for this many seconds (the LR schedule follows time, not steps)")
+    ap.add_argument("--time-budget", type=float, default=420.0, help="training seconds the LR schedule spans")
+    ap.add_argument("--stop-after", type=float, default=None, help="end this run after so many seconds (resume later)")
+    ap.add_argument("--max-steps", type=int, default=10**9)
     ap.add_argument("--batch", type=int, default=DEFAULT_BATCH)
     ap.add_argument("--streams", type=int, default=DEFAULT_STREAMS)
     ap.add_argument("--frames", type=int, default=DEFAULT_FRAMES)
+    ap.add_argument("--max-clip", type=int, default=48, help="frames of the longest clip (then cut at the token budget)")
+    ap.add_argument("--max-tokens", type=int, default=DEMO_MAX_CACHE_TOKENS)
     ap.add_argument("--lr", type=float, default=DEFAULT_LR)
+    ap.add_argument("--vision-lr-scale", type=float, default=DEFAULT_VISION_LR_SCALE)
+    ap.add_argument("--codec", default="jpeg", choices=D.CODEC_MODES, help="lossy round trip of the data")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
-    ap.add_argument("--log-every", type=int, default=50)
-    ap.add_argument("--embed-lr-scale", type=float, default=DEFAULT_EMBED_LR_SCALE)
-    ap.add_argument("--vision-lr-scale", type=float, default=DEFAULT_VISION_LR_SCALE,
-                    help="0 together with --embed-lr-scale 0: keep the tower as initialised (features computed once)")
-    ap.add_argument("--resampler-lr-scale", type=float, default=DEFAULT_RESAMPLER_LR_SCALE)
-    ap.add_argument("--init-lm-from", help="HF-layout model dir whose llm.* weights start the decoder")
-    ap.add_argument("--vision-warmup", type=float, default=DEFAULT_VISION_WARMUP,
-                    help="share of the run during which the LM loss does not reach the vision side")
+    ap.add_argument("--log-every", type=int, default=100)
+    ap.add_argument("--ckpt", default=None, help="checkpoint directory (resumed from when it holds one)")
+    ap.add_argument("--ckpt-every", type=float, default=120.0, help="seconds between checkpoints")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="unix time by which training must end (the schedule is shortened to fit)")
+    ap.add_argument("--vision-phase", type=float, default=DEFAULT_VISION_PHASE,
+                    help="share of the run that trains the vision side alone, first")
+    ap.add_argument("--init-from", default=None, help="HF-layout model dir (this trainer's) to start from")
+    ap.add_argument("--tiny", action="store_true", help="a toy-sized model (tests of the trainer itself)")
     a = ap.parse_args(argv)
 
     t_start = time.time()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(a.seed)
-    cfg = model_config(tok)
+    cfg = model_config(tok, tiny=a.tiny)
     write_tokenizer_files(out, tok, cfg)
     builder = SequenceBuilder(tok)
-    print(f"tokenizer: {tok.get_vocab_size()} ids", flush=True)
+    print(f"tokenizer: {tok.get_vocab_size()} ids; frame span {len(builder.frame_ids)} tokens", flush=True)
 
     t0 = time.time()
-    # Training seeds start at 1,000,000; evaluation uses small seeds (held out).
+    # Training seeds start at 1,000,000; evaluation uses small seeds (held out); 900,000+ = log.
     train_seeds = [1_000_000 + a.seed * 100_000 + i for i in range(a.streams)]
-    val_seeds = set(range(900_000, 900_000 + min(16, max(4, a.streams // 4))))
-    data = generate_streams(train_seeds + sorted(val_seeds), a.frames, a.workers)
-    val_data = [d for d in data if d[0] in val_seeds]
-    val = Buckets([d for d in val_data if d[1].shape == val_data[0][1].shape], a.frames)  # one view size
-    buckets = Buckets([d for d in data if d[0] not in val_seeds], a.frames)
-    del data
+    val_seeds = [900_000 + i for i in range(min(48, max(4, a.streams // 8)))]
+    data = generate_streams(stream_jobs(train_seeds + val_seeds, a.frames, a.codec), a.workers)
+    val_data = [d for d in data if d["seed"] >= 900_000 and d["seed"] < 1_000_000]
+    shape0 = val_data[0]["views"].shape
+    val = Pool([d for d in val_data if d["views"].shape == shape0])
+    pool = Pool([d for d in data if d["seed"] >= 1_000_000])
+    del data, val_data
     t_data = time.time() - t0
-    print(f"data: {a.streams} streams x {a.frames} frames in {t_data:.1f}s; buckets "
-          f"{dict(zip(buckets.keys, buckets.sizes.astype(int).tolist()))}", flush=True)
+    print(f"data: {a.streams} streams x {a.frames} frames ({a.codec}) in {t_data:.1f}s; view sizes "
+          f"{dict(zip(pool.keys, pool.sizes.astype(int).tolist()))}", flush=True)
 
     mx.random.seed(a.seed)
     model = DemoVLM(cfg)
     mx.eval(model.parameters())
-    if a.init_lm_from:  # start the decoder from an earlier run (its grammar), vision side fresh
-        prev = {k[4:]: v for k, v in mx.load(str(Path(a.init_lm_from) / "model.safetensors")).items()
-                if k.startswith("llm.")}
-        model.llm.load_weights(list(prev.items()), strict=True)
-        print(f"decoder initialised from {a.init_lm_from}", flush=True)
-    frozen_vision = a.vision_lr_scale == 0 and a.embed_lr_scale == 0
-    if frozen_vision:  # a random SigLIP tower kept as initialised: its features computed once
-        model.vpm.freeze()
-        if a.resampler_lr_scale == 0:
-            model.resampler.freeze()
-        t1 = time.time()
-        buckets.precompute_vision(model, resampled=a.resampler_lr_scale == 0)
-        val.precompute_vision(model, resampled=a.resampler_lr_scale == 0)
-        print(f"frozen vision tower: features precomputed in {time.time() - t1:.0f}s", flush=True)
-    n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
-    print(f"model: {n_params / 1e6:.2f}M parameters; device {mx.default_device()}", flush=True)
-
-    # The patch embedding sees 588 strongly correlated inputs (a flat background is one value
-    # repeated): at the shared learning rate Adam moves every weight of a row the same way, the
-    # rows' sums explode and the tower's output becomes one constant vector for every patch (seen:
-    # features identical across frames after 1,368 steps). A much smaller rate there fixes it.
-    scales = (a.embed_lr_scale, a.vision_lr_scale, a.resampler_lr_scale, 1.0)
+    if a.init_from:
+        load_hf_weights(model, Path(a.init_from))
+        print(f"initialised from {a.init_from} (training heads fresh)", flush=True)
+    n_params = sum(v.size for k, v in tree_flatten(model.parameters()) if not k.startswith("aux."))
+    print(f"model: {n_params / 1e6:.2f}M parameters (+ training heads); device {mx.default_device()}", flush=True)
+    scales = (a.vision_lr_scale, 1.0)
     opt = optim.MultiOptimizer(
         [optim.AdamW(learning_rate=a.lr * sc, weight_decay=0.01) for sc in scales],
-        [lambda path, _w: "patch_embedding" in path, lambda path, _w: path.startswith("vpm."),
-         lambda path, _w: path.startswith("resampler.")])
-    step_fn = nn.value_and_grad(model, loss_fn)
+        [lambda path, _w: path.startswith(("vpm.", "resampler."))])
+    state = {"step": 0, "train_s": 0.0, "history": [], "rng": None}
+    ckpt = Path(a.ckpt) if a.ckpt else None
+    if ckpt is not None:
+        # the optimiser needs its state tree before loading into it
+        opt.init(model.trainable_parameters())
+        got = load_checkpoint(ckpt, model, opt)
+        if got is not None:
+            state = got
+            print(f"resumed from {ckpt}: step {state['step']}, {state['train_s']:.0f}s trained", flush=True)
     rng = np.random.default_rng(a.seed)
-    val_meta, val_views = val.sample(np.random.default_rng(1), 6)
-    val_grid = val.last_grid
-    val_arrays = batch_arrays(val_meta, builder, np.random.default_rng(2), a.frames)
+    if state.get("rng"):
+        rng.bit_generator.state = state["rng"]
+    step_fn = nn.value_and_grad(model, loss_fn)
+    vision_step = nn.value_and_grad(model, vision_loss_fn)
+    table = content_table(tok)
 
-    t_train = time.time()
-    losses: list[float] = []
-    history = []
-    step = 0
+    val_frames = min(a.max_clip, a.frames)
+    vrng = np.random.default_rng(1)
+    val_batch = make_batch(val.clips(vrng, 12, val_frames), val_frames, builder, vrng, dense=0.3,
+                           max_tokens=a.max_tokens)
+    val_batch.update(text_batch(builder, vrng, 4))
+
+    t_run = time.time()
+    train_s0 = state["train_s"]
+    if a.deadline is not None:  # a device call has a hard limit: end the schedule before it
+        a.time_budget = min(a.time_budget, train_s0 + a.deadline - t_run)
+        print(f"time budget {a.time_budget:.0f}s of training ({train_s0:.0f}s done)", flush=True)
+    last_ckpt = time.time()
+    parts_log: list[list[float]] = []
+    history = state["history"]
     try:
-        while step < a.steps:
-            frac = (time.time() - t_train) / a.time_budget if a.time_budget else step / a.steps
-            if frac >= 1.0:
+        while state["step"] < a.max_steps:
+            train_s = train_s0 + time.time() - t_run
+            frac = train_s / a.time_budget
+            if frac >= 1.0 or (a.stop_after and time.time() - t_run >= a.stop_after):
                 break
-            step += 1
+            state["step"] += 1
+            step = state["step"]
             lr = lr_at(frac, a.lr)
+            vision_only = frac < a.vision_phase
             for o, sc in zip(opt.optimizers, scales):
-                o.learning_rate = lr * sc
-            meta, views = buckets.sample(rng, a.batch)
-            arrays = batch_arrays(meta, builder, rng, a.frames)
-            loss, grads = step_fn(model, *arrays, views, frac >= a.vision_warmup, buckets.last_grid)
-            grads = center_common_mode(grads)
+                o.learning_rate = lr * (1.0 if vision_only else sc)
+            if vision_only:  # frames from many streams, no text: the tower and resampler learn to see
+                views, patch_y, slot_y = [], [], []
+                for d, f in pool.clips(rng, VISION_BATCH // 2, 2):
+                    views.append(d["views"][f:f + 2])
+                    patch_y.append(d["patch"][f:f + 2])
+                    slot_y.append(d["slots"][f:f + 2])
+                (loss, parts), grads = vision_step(model, mx.concatenate(views), mx.concatenate(patch_y),
+                                                   mx.concatenate(slot_y))
+                parts = (mx.array(0.0), mx.array(0.0), *parts)
+            else:
+                if frac < a.vision_phase + SHORT_PHASE:  # short clips, a question every frame or so
+                    n = int(rng.integers(1, 7))
+                    batch = make_batch(pool.clips(rng, a.batch * 3, n), n, builder, rng, dense=1.0,
+                                       max_tokens=a.max_tokens)
+                else:
+                    n = int(rng.integers(min(8, a.max_clip), a.max_clip + 1))
+                    batch = make_batch(pool.clips(rng, a.batch, n), n, builder, rng, dense=0.3, max_tokens=a.max_tokens)
+                weight_content(batch, table)
+                batch.update(text_batch(builder, rng, TEXT_ROWS))
+                (loss, parts), grads = step_fn(model, *[batch[k] for k in BATCH_ORDER])
             grads, _ = optim.clip_grad_norm(grads, 1.0)
             opt.update(model, grads)
-            mx.eval(loss, model.parameters(), opt.state)
-            losses.append(float(loss))
+            mx.eval(loss, parts, model.parameters(), opt.state)
+            parts_log.append([float(loss)] + [float(p) for p in parts])
             if step % a.log_every == 0 or step == 1:
-                el = time.time() - t_train
-                acc, spread, aux_acc = reply_token_accuracy(model, val_arrays, val_views, val_grid)
-                history.append({"step": step, "loss": round(float(np.mean(losses[-a.log_every:])), 4),
-                                "val_token_acc": round(acc, 4),
-                                "feature_spread": round(spread, 4), "aux_acc": round(aux_acc, 4), "s": round(el, 1)})
-                print(f"step {step:5d}  loss {np.mean(losses[-a.log_every:]):.4f}  val reply-token acc {acc:.3f}  "
-                      f"feature spread {spread:.3f}  aux acc {aux_acc:.3f}  lr {lr:.2e}  {el:.0f}s ({el / step:.3f}s/step)", flush=True)
+                m = np.mean(parts_log[-a.log_every:], axis=0)
+                el = train_s0 + time.time() - t_run
+                rep = grounding_report(model, val_batch, tok, val_frames)
+                history.append({"step": step, "s": round(el, 1), "loss": round(float(m[0]), 4),
+                                "reply_ce": round(float(m[1]), 4), "text_ce": round(float(m[2]), 4),
+                                "patch": round(float(m[3]), 4), "slot": round(float(m[4]), 4), **rep})
+                print(f"step {step:5d} {el:6.0f}s lr {lr:.1e}  loss {m[0]:.3f} (reply {m[1]:.3f} text {m[2]:.3f} "
+                      f"patch {m[3]:.3f} slot {m[4]:.3f})\n" + format_report(step, rep), flush=True)
+            if ckpt is not None and time.time() - last_ckpt > a.ckpt_every:
+                state.update(train_s=train_s0 + time.time() - t_run, rng=rng.bit_generator.state, history=history)
+                save_checkpoint(ckpt, model, opt, state)
+                last_ckpt = time.time()
     except KeyboardInterrupt:
-        print(f"interrupted at step {step}: saving", flush=True)
-    train_s = time.time() - t_train
+        print(f"interrupted at step {state['step']}: saving", flush=True)
+    state.update(train_s=train_s0 + time.time() - t_run, rng=rng.bit_generator.state, history=history)
+    if ckpt is not None:
+        save_checkpoint(ckpt, model, opt, state)
 
-    mx.save_safetensors(str(out / "model.safetensors"), hf_weights(model), metadata={"format": "pt"})
+    mx.save_safetensors(str(out / "model.safetensors"), hf_weights(model, mx.float16), metadata={"format": "pt"})
     (out / "training.json").write_text(json.dumps({
-        "seed": a.seed, "steps": step, "batch": a.batch, "streams": a.streams, "frames": a.frames, "lr": a.lr,
-        "params": n_params, "final_loss": float(np.mean(losses[-50:])) if losses else None,
-        "data_s": round(t_data, 1), "train_s": round(train_s, 1), "total_s": round(time.time() - t_start, 1),
-        "device": str(mx.default_device()), "history": history,
-    }, indent=2) + "\n")
-    print(f"saved {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.1f} MB); "
-          f"{step} steps, train {train_s:.0f}s, total {time.time() - t_start:.0f}s", flush=True)
+        "seed": a.seed, "steps": state["step"], "batch": a.batch, "streams": a.streams, "frames": a.frames,
+        "max_clip": a.max_clip, "max_tokens": a.max_tokens, "lr": a.lr, "vision_lr_scale": a.vision_lr_scale,
+        "codec": a.codec, "init_from": a.init_from, "vision_phase": a.vision_phase, "params": n_params, "data_s": round(t_data, 1), "train_s": round(state["train_s"], 1),
+        "time_budget": a.time_budget, "device": str(mx.default_device()), "history": history,
+    }, indent=1) + "\n")
+    print(f"saved {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.1f} MB); {state['step']} steps, "
+          f"trained {state['train_s']:.0f}s, this run {time.time() - t_start:.0f}s", flush=True)
     return 0
 
 
