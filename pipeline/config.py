@@ -153,6 +153,9 @@ class OutputsConfig(Group):
     verbose: bool = False  # terminal: also scene-change lines (always in JSONL and on the bus)
     metrics: bool = False
     metrics_interval_s: float = Field(default=5.0, gt=0)
+    preview: bool = False  # a window with the newest frame, subtitles and a heads-up line
+    annotate: str | None = None  # MP4 (H.264) with the narrations burned in, + a WebVTT beside it
+    report: str | None = None  # one self-contained HTML file: video, captions, timeline, search
 
 
 class MqttConfig(Group):

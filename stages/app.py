@@ -57,7 +57,8 @@ def build_graph(cfg: RunConfig, *, model_loader=None, shared: SharedModel | None
     from framecast.stages.sources.file import FileSource
 
     stages.extend(_analysis_stages(cfg, stages, file_input=isinstance(source, FileSource)))
-    stages.extend(make_outputs(cfg.outputs, live=source.live, out=out))
+    stages.extend(make_outputs(cfg.outputs, live=source.live, out=out, source_uri=cfg.source.uri,
+                               stream_id=cfg.source.stream_id))
     if cfg.mqtt.url:
         from framecast.stages.mqtt.stage import MqttStage
 

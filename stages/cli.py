@@ -36,7 +36,8 @@ def _run_overrides(a: argparse.Namespace) -> dict[str, Any]:
         "outputs.chapters": a.chapters, "outputs.summary": a.summary, "outputs.session": a.save_session,
         "outputs.metrics": a.metrics or None, "outputs.metrics_interval_s": a.metrics_interval,
         "outputs.console": False if a.no_console else None, "outputs.progress": a.progress,
-        "outputs.verbose": a.verbose or None,
+        "outputs.verbose": a.verbose or None, "outputs.preview": a.preview or None,
+        "outputs.annotate": a.annotate, "outputs.report": a.report,
         "mqtt.url": a.mqtt, "mqtt.prefix": a.mqtt_prefix, "mqtt.ha_discovery": a.ha_discovery or None,
         "mqtt.ca_file": a.mqtt_ca, "mqtt.cert_file": a.mqtt_cert, "mqtt.key_file": a.mqtt_key,
         "session.max_cache_tokens": a.max_cache_tokens, "session.kv_bits": a.kv_bits,
@@ -184,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-console", action="store_true", help="no live terminal view (default: shown)")
     r.add_argument("-v", "--verbose", action="store_true",
                    help="terminal: also show scene changes, always in JSONL and on the bus (default: off)")
+    r.add_argument("--preview", action="store_true",
+                   help="a window with the newest frame and the narration as subtitles; q/Esc stops like Ctrl-C "
+                        "(default: off)")
+    r.add_argument("--annotate", metavar="OUT.mp4",
+                   help="write the video with the narrations burned in, and OUT.vtt beside it (default: none)")
+    r.add_argument("--report", metavar="OUT.html", help="write a self-contained HTML report (default: none)")
     r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: on for recorded files when stderr is a terminal)")
     r.add_argument("--metrics", action="store_true", help="print per-stage metrics periodically and at exit "

@@ -1,76 +1,69 @@
-"""The live terminal view: event lines and, for recorded input, a progress bar."""
+"""The live terminal view.
+
+stdout is a terminal: a `rich` live panel (`panel.RichView`) with the newest narration, the
+partial text, the last answer, stream state and, for recorded input, a progress bar with ETA;
+event lines scroll above it. stdout is not a terminal (pipes, CI, files): plain lines, one per
+event, exactly as before rich, and the progress bar (when on) is a plain line redrawn on stderr.
+Scene-change lines show only with `verbose` (they stay in JSONL and on the bus).
+"""
 
 from __future__ import annotations
 
-import math
+import os
 import sys
 import time
 from typing import IO, AsyncIterator
 
 from framecast.events import (Answer, Chapter, Error, Event, Flush, Frame, Metrics, Narration,
-                             NarrationDelta, SceneChange, Status, Summary)
+                              NarrationDelta, SceneChange, Status, Summary)
 from framecast.runtime import Stage
+from framecast.stages.outputs.state import StreamState, clock
 
+__all__ = ["ConsoleOutput", "clock"]
 
-#: the progress bar redraws at most this often (s)
+#: the plain progress bar redraws at most this often (s)
 PROGRESS_INTERVAL_S = 0.1
 PROGRESS_WIDTH = 28
 
 
-def clock(seconds: float | None) -> str:
-    if seconds is None or math.isnan(seconds):
-        return "--:--"
-    s = int(seconds)
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+def _isatty(f: IO[str]) -> bool:
+    try:
+        return bool(f.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 class ConsoleOutput(Stage):
-    """The live terminal view: narrations, answers and status as lines (stdout), scene changes
-    too when `verbose` (several a second on a busy scene would drown the narrations), and a
-    progress bar with ETA for recorded files (stderr). Errors are printed by the CLI itself."""
+    """The live terminal view: narrations, answers, status (and scene changes with `verbose`)
+    on stdout; a progress bar with ETA for recorded files. Errors are printed by the CLI itself.
+
+    `rich_view`: None = a rich panel when `out` is a terminal and `lines` is on; True/False force it.
+    """
 
     name = "console"
 
     def __init__(self, *, lines: bool = True, progress: bool = False, verbose: bool = False,
-                 out: IO[str] | None = None, err: IO[str] | None = None):
+                 out: IO[str] | None = None, err: IO[str] | None = None, rich_view: bool | None = None,
+                 width: int | None = None):
         super().__init__()
         self.lines, self.progress, self.verbose = lines, progress, verbose
         self.out, self.err = out or sys.stdout, err or sys.stderr
-        self._partial = False  # a partial narration is on screen (TTY only)
+        self._tty = _isatty(self.out)
+        self.state = StreamState()
+        self.view = None
+        if (rich_view if rich_view is not None else (self._tty and lines)):
+            from framecast.stages.outputs.panel import RichView
+
+            self.view = RichView(self.state, self.out, progress=progress, width=width)
+        self._partial = False  # plain view: a partial narration is on screen (terminal only)
         self._bar_shown = False
-        self._duration: float | None = None
-        self._first_pts: float | None = None
-        self._pts: float | None = None
-        self._frames = 0
-        self._narrations = 0
-        self._t0 = time.monotonic()
         self._last_draw = 0.0
-        self._tty = bool(getattr(self.out, "isatty", lambda: False)())
 
-    # -- lines
+    async def start(self) -> None:
+        if self.view is not None:
+            self.view.start()
 
-    def _line(self, text: str) -> None:
-        self._clear_bar()
-        try:
-            if self._partial:
-                self.out.write("\r\033[K")
-                self._partial = False
-            self.out.write(text + "\n")
-            self.out.flush()
-        except BrokenPipeError:  # `framecast run | head`: the reader left; the run goes on
-            self._stdout_gone()
-        self._draw_bar(force=True)
-
-    def _stdout_gone(self) -> None:
-        self.lines = False
-        try:  # point the fd at /dev/null so the interpreter's final flush cannot fail either
-            import os
-
-            fd = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(fd, self.out.fileno())
-            os.close(fd)
-        except (OSError, ValueError, AttributeError):
-            pass
+    # -- what a line says (both views)
 
     def _format(self, ev: Event) -> str | None:
         at = f"[{clock(ev.pts)}] " if ev.pts is not None else ""
@@ -87,9 +80,32 @@ class ConsoleOutput(Stage):
             return f"== summary: {ev.text}"
         if isinstance(ev, Status):
             return f"-- {ev.state}" + (f": {ev.text}" if ev.text else "")
-        return None
+        return None  # frames, metrics, errors (the CLI prints those), and types unknown here
 
-    # -- progress bar
+    # -- plain view: lines on stdout
+
+    def _line(self, text: str) -> None:
+        self._clear_bar()
+        try:
+            if self._partial:
+                self.out.write("\r\033[K")
+                self._partial = False
+            self.out.write(text + "\n")
+            self.out.flush()
+        except BrokenPipeError:  # `framecast run | head`: the reader left; the run goes on
+            self._stdout_gone()
+        self._draw_bar(force=True)
+
+    def _stdout_gone(self) -> None:
+        self.lines = False
+        try:  # point the fd at /dev/null so the interpreter's final flush cannot fail either
+            fd = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(fd, self.out.fileno())
+            os.close(fd)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    # -- plain view: progress bar on stderr
 
     def _clear_bar(self) -> None:
         if self._bar_shown:
@@ -98,24 +114,20 @@ class ConsoleOutput(Stage):
             self._bar_shown = False
 
     def bar_text(self) -> str:
-        elapsed = time.monotonic() - self._t0
-        fps = self._frames / elapsed if elapsed > 0 else 0.0
-        # media seconds per wall second: above 1 = faster than real time
-        speed = ((self._pts - self._first_pts) / elapsed if elapsed > 0 and self._pts is not None
-                 and self._first_pts is not None else 0.0)
-        said = f" {self._narrations} narrations" if self._narrations else ""
-        if self._duration and self._pts is not None and self._first_pts is not None:
-            total = max(self._duration - self._first_pts, 1e-9)
-            frac = min(max((self._pts - self._first_pts) / total, 0.0), 1.0)
+        s = self.state
+        elapsed = time.monotonic() - s.started
+        fps = s.frames / elapsed if elapsed > 0 else 0.0
+        said = f" {s.narrations} narrations" if s.narrations else ""
+        frac = s.fraction
+        if frac is not None:
             eta = elapsed * (1 - frac) / frac if frac > 0 else None
             filled = int(frac * PROGRESS_WIDTH)
             return (f"[{'#' * filled}{'.' * (PROGRESS_WIDTH - filled)}] {frac * 100:3.0f}% "
-                    f"{clock(self._pts)}/{clock(self._duration)} ETA {clock(eta)} {fps:.1f} fps "
-                    f"{speed:.1f}x{said}")
-        return f"{self._frames} frames {clock(self._pts)} {fps:.1f} fps {speed:.1f}x{said}"
+                    f"{clock(s.pts)}/{clock(s.duration)} ETA {clock(eta)} {fps:.1f} fps {s.speed:.1f}x{said}")
+        return f"{s.frames} frames {clock(s.pts)} {fps:.1f} fps {s.speed:.1f}x{said}"
 
     def _draw_bar(self, *, force: bool = False) -> None:
-        if not self.progress or self._frames == 0:
+        if not self.progress or self.view is not None or self.state.frames == 0:
             return
         now = time.monotonic()
         if not force and now - self._last_draw < PROGRESS_INTERVAL_S:
@@ -128,17 +140,15 @@ class ConsoleOutput(Stage):
     # -- stage
 
     async def process(self, item: Event) -> AsyncIterator[Event]:
+        self.state.update(item)
         if isinstance(item, Frame):
-            self._frames += 1
-            self._pts = item.pts
-            if self._first_pts is None:
-                self._first_pts = item.pts
             self._draw_bar()
-        elif isinstance(item, Status) and item.duration is not None:
-            self._duration = item.duration
-        elif isinstance(item, Narration):
-            self._narrations += 1
-        if self.lines:
+        if self.view is not None:
+            if not isinstance(item, (Frame, Metrics, Error, NarrationDelta)):
+                text = self._format(item)
+                if text is not None:
+                    self.view.line(text, style="bold" if isinstance(item, Narration) else "")
+        elif self.lines:
             if isinstance(item, NarrationDelta) and self._tty:
                 self._clear_bar()
                 try:
@@ -159,10 +169,13 @@ class ConsoleOutput(Stage):
         yield msg
 
     async def on_end(self) -> AsyncIterator[Event]:
-        if self.progress and self._frames:
-            finished = (self.handle.stopped_by if self.handle else "eos") == "eos"
-            if finished and self._duration is not None:
-                self._pts = max(self._pts or 0.0, self._duration)  # the last frame starts before the end
+        finished = (self.handle.stopped_by if self.handle else "eos") == "eos"
+        s = self.state
+        if finished and s.duration is not None and s.frames:
+            s.pts = max(s.pts or 0.0, s.duration)  # the last frame starts before the end
+        if self.view is not None:
+            self.view.refresh()
+        elif self.progress and s.frames:
             self._draw_bar(force=True)
             self.err.write("\n")
             self.err.flush()
@@ -171,8 +184,13 @@ class ConsoleOutput(Stage):
         yield  # pragma: no cover
 
     async def close(self) -> None:
+        if self.view is not None:
+            self.view.stop()
         if self._bar_shown:
             self.err.write("\n")
             self.err.flush()
             self._bar_shown = False
-        self.out.flush()
+        try:
+            self.out.flush()
+        except (BrokenPipeError, ValueError):
+            pass
