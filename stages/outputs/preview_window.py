@@ -55,17 +55,19 @@ def compose(frame: np.ndarray, state: dict, *, narration_age: float, answer_age:
     else:
         frame = frame.copy()
     h, w = frame.shape[:2]
-    small = font_px(h, 0.032)
+    small, big = font_px(h, 0.028), font_px(h, 0.042)
     y = 0
     if state.get("hud"):
-        y = draw_band(frame, [state["hud"]], bottom=False, size=small, colour=GREY)[1]
+        hud = wrap(state["hud"], font(small), int(w * 0.96), max_lines=2)
+        y = draw_band(frame, hud, bottom=False, size=small, colour=GREY)[1]
     if state.get("answer"):
         lines = wrap(state["answer"], font(small), int(w * 0.9), max_lines=3)
         draw_band(frame, lines, bottom=False, size=small, colour=YELLOW, offset=y,
                   alpha=fade(answer_age, ANSWER_HOLD_S))
     y0 = h  # top of the subtitle band: the partial text sits on it
     if state.get("narration"):
-        top, bottom = draw_caption(frame, state["narration"], alpha=fade(narration_age, NARRATION_HOLD_S))
+        top, bottom = draw_caption(frame, state["narration"], size=big,
+                                   alpha=fade(narration_age, NARRATION_HOLD_S))
         if bottom:
             y0 = top
     if state.get("partial"):
