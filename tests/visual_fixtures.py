@@ -105,13 +105,14 @@ class Chromium:
         deadline = time.monotonic() + 30
         while not (port_file.exists() and port_file.read_text().strip()):
             if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.close()
+                self.proc.kill()
                 pytest.fail("chromium did not open its DevTools port")
             time.sleep(0.05)
         port = int(port_file.read_text().split()[0])
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as resp:
             pages = [t for t in json.load(resp) if t.get("type") == "page"]
-        self.ws = connect(pages[0]["webSocketDebuggerUrl"], max_size=None, open_timeout=10)
+        self._stack = contextlib.ExitStack()
+        self.ws = self._stack.enter_context(connect(pages[0]["webSocketDebuggerUrl"], max_size=None, open_timeout=10))
         self._id = 0
         self.events: list[dict] = []
 
@@ -163,7 +164,7 @@ class Chromium:
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            self.ws.close()
+            self._stack.close()
         self.proc.terminate()
         try:
             self.proc.wait(timeout=5)

@@ -1,0 +1,142 @@
+"""HTML report: one self-contained file (no network), opened in headless Chromium: the
+screenshot is not blank and shows the timeline, the search box filters it (checked through the
+DevTools protocol), the video plays from its relative path with the captions track loaded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from framecast.events import Answer, Event, Frame, Narration, Status
+from framecast.runtime import Runtime, Source
+from framecast.stages.outputs import ReportOutput
+from visual_fixtures import Chromium, keep_screenshot, marked_frame, write_marked_video
+
+REPO = Path(__file__).resolve().parent.parent
+
+NARRATIONS = ["A red square enters from the left.", "The red square moves right across the grey floor.",
+              "A green block stays still on the left.", "The red square leaves; only the green block is left."]
+
+
+class ChapterEvent(Event):  # the shape of the chapter stage's events (duck-typed by the report)
+    type: Literal["chapter"] = "chapter"
+    text: str
+    index: int = 1
+    pts_start: float = 0.0
+    pts_end: float = 0.0
+
+
+class SummaryEvent(Event):
+    type: Literal["summary"] = "summary"
+    text: str
+
+
+class MysteryEvent(Event):  # a type no output knows
+    type: Literal["mystery"] = "mystery"
+    text: str = "?"
+
+
+class ListSource(Source):
+    name = "list"
+
+    def __init__(self, events: list[Event]):
+        super().__init__()
+        self.events = events
+
+    async def frames(self):
+        for e in self.events:
+            yield e
+
+
+def report_events() -> list[Event]:
+    ev: list[Event] = [Status(state="running", text="clip.mp4: h264 320x240, 4.00 s", duration=4.0, fps=10.0)]
+    for i in range(40):
+        ev.append(Frame(pixels=marked_frame(i), pts=i / 10))
+        if i % 10 == 9:
+            k = i // 10
+            ev.append(Narration(text=NARRATIONS[k], pts=(i + 1) / 10, pts_start=k * 1.0, pts_end=(i + 1) / 10))
+        if i == 19:
+            ev += [ChapterEvent(text="The square arrives", index=1, pts_start=0.0, pts_end=2.0),
+                   Answer(text="red", request_id="r1", question="What colour is the square?", pts=2.0),
+                   MysteryEvent()]
+    ev += [ChapterEvent(text="The square goes", index=2, pts_start=2.0, pts_end=4.0),
+           SummaryEvent(text="A red square crosses a grey floor past a green block."), Status(state="eof")]
+    return ev
+
+
+def test_report_is_one_self_contained_file(tmp_path):
+    write_marked_video(tmp_path / "clip.mp4", 40)
+    out = tmp_path / "site" / "report.html"
+    stage = ReportOutput(str(out), video=str(tmp_path / "clip.mp4"))
+    res = asyncio.run(Runtime(ListSource(report_events()), [stage]).run(handle_signals=False))
+    assert res.exit_code == 0 and not res.errors
+    page = out.read_text()
+    assert 'src="../clip.mp4"' in page  # relative to the report
+    assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing from the network
+    assert page.count('src="data:image/jpeg;base64,') == len(NARRATIONS)
+    assert 'src="data:text/vtt;base64,' in page and "<script>" in page and "<style>" in page
+    assert "Chapter 2" in page and "A red square crosses" in page and "What colour is the square?" in page
+    assert not (tmp_path / "site" / "report.html.tmp").exists()
+
+
+def test_report_in_headless_chromium_timeline_search_video_and_captions(tmp_path):
+    write_marked_video(tmp_path / "clip.mp4", 40)
+    out = tmp_path / "report.html"
+    asyncio.run(Runtime(ListSource(report_events()), [ReportOutput(str(out), video=str(tmp_path / "clip.mp4"))])
+                .run(handle_signals=False))
+    browser = Chromium(tmp_path / "profile", width=1200, height=820)
+    try:
+        browser.open(out.as_uri())
+        png = tmp_path / "report.png"
+        shot = browser.screenshot(png)
+        # not blank: many colours, and the timeline drawn with its thumbnails and text
+        assert shot.shape[0] > 500 and len(np.unique(shot.reshape(-1, 3), axis=0)) > 200
+        box = browser.eval("(() => { const r = document.getElementById('timeline').getBoundingClientRect();"
+                           " return [r.left, r.top, r.width, r.height]; })()")
+        assert box[2] > 200 and box[3] > 200 and box[1] < shot.shape[0]
+        x, y, w, h = (int(v) for v in box)
+        region = shot[y:min(y + h, shot.shape[0]), x:x + w]
+        assert region.std() > 20  # thumbnails and text, not an empty box
+        assert browser.eval("document.querySelectorAll('#timeline li.narration img').length") == 4
+        assert browser.eval("document.querySelectorAll('#timeline li.chapter').length") == 2
+
+        def search(q: str) -> tuple[int, str, int]:
+            browser.eval(f"(() => {{ const s = document.getElementById('search'); s.value = {json.dumps(q)};"
+                         " s.dispatchEvent(new Event('input')); })()")
+            return (browser.eval("document.querySelectorAll('#timeline li.narration:not(.hidden)').length"),
+                    browser.eval("document.getElementById('count').textContent"),
+                    browser.eval("document.querySelectorAll('#timeline li.chapter:not(.hidden)').length"))
+
+        assert search("green") == (2, "2 of 4", 1)  # both in chapter 2: chapter 1 hides
+        assert search("ENTERS") == (1, "1 of 4", 1)  # case-insensitive
+        assert search("purple") == (0, "0 of 4", 0)
+        assert search("") == (4, "4 narrations", 2)
+        # the video plays from its relative path, with the narrations as a loaded captions track
+        assert browser.wait_for("document.getElementById('video').readyState >= 1") is True
+        assert abs(browser.eval("document.getElementById('video').duration") - 4.0) < 0.2
+        assert browser.wait_for("(() => { const t = document.getElementById('video').textTracks[0];"
+                                " return t.cues && t.cues.length; })()") == 4
+        keep_screenshot(png, "report.png")
+    finally:
+        browser.close()
+
+
+def test_report_from_a_real_run_with_annotate(tmp_path):
+    """The CLI writes the report next to the annotated video, which the report plays."""
+    write_marked_video(tmp_path / "clip.mp4", 30)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-m", "framecast", "run", "--source", "clip.mp4", "--interval", "1",
+                        "--annotate", "out/ann.mp4", "--report", "out/report.html"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert 'src="ann.mp4"' in page and "<track" in page and " default " not in page  # burned in: track off
+    assert page.count('<li class="narration"') >= 1
