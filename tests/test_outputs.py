@@ -5,15 +5,19 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
+from typing import Literal
 
 import numpy as np
 import pytest
 
 from framecast.config import OutputsConfig
 from framecast.events import Answer, Event, Frame, Narration, NarrationDelta, SceneChange, Status
-from framecast.runtime import Runtime, Source
-from framecast.stages.outputs import (ConsoleOutput, JsonlOutput, SubtitleOutput, cue_text, make_outputs,
-                            subtitle_time)
+from framecast.runtime import Runtime, Source, Stage
+from framecast.stages.outputs import (AnnotateOutput, ConsoleOutput, JsonlOutput, PreviewOutput, ReportOutput,
+                                      SubtitleOutput, cue_text, make_outputs, subtitle_time)
+from framecast.stages.outputs.panel import RichView
+from framecast.stages.outputs.state import StreamState
 
 
 class ListSource(Source):
@@ -241,3 +245,83 @@ def test_verbose_flag_sets_the_config_key():
 
     for argv, want in ((["run", "--verbose"], True), (["run", "-v"], True), (["run"], False)):
         assert load_config(None, _run_overrides(build_parser().parse_args(argv))).outputs.verbose is want
+
+
+# ---------------------------------------------------------------- issue 17: the rich terminal view, unknown events
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_console_on_a_terminal_is_a_rich_panel_with_progress_and_lines():
+    out, err = Terminal(), io.StringIO()
+    con = ConsoleOutput(lines=True, progress=True, out=out, err=err, width=100)
+    assert con.view is not None  # a terminal: the rich view
+    events = [Status(state="running", text="x.mp4", duration=10.0)]
+    events += [Frame(pixels=np.zeros((2, 2, 3), np.uint8), pts=i * 1.0) for i in range(6)]
+    events += [SceneChange(score=0.5, pts=5.0), NarrationDelta(text="A blue", narration_id="n1", pts=5.0),
+               narr("A blue star.", 5.0), Answer(text="yes", request_id="r", question="is it blue?", pts=5.0,
+                                                 cache_tokens=321)]
+    run(events, [con])
+    text = ANSI.sub("", out.getvalue())
+    assert "-- running: x.mp4" in text and "[0:05] A blue star." in text
+    assert "Q: is it blue?" in text and "A: yes" in text
+    assert "scene change" not in text  # only with --verbose
+    assert "\u256d\u2500 framecast" in text  # the panel's frame and title
+    assert "100% 0:10/0:10 ETA" in text and "cache 321 tok" in text and "1 narration" in text
+    assert err.getvalue() == ""  # no second progress bar on stderr
+
+
+def test_rich_panel_shows_partial_text_answer_and_hud():
+    from rich.console import Console
+
+    state = StreamState()
+    for ev in [Status(state="running", text="cam", duration=None), Frame(pixels=np.zeros((2, 2, 3), np.uint8), pts=3.0),
+               narr("A red circle.", 2.0), NarrationDelta(text="Now a gre", narration_id="n2"),
+               Answer(text="", error="busy", request_id="r", question="what?")]:
+        state.update(ev)
+    rec = Console(record=True, width=90, file=io.StringIO())
+    rec.print(RichView(state, io.StringIO(), progress=True).render())
+    text = rec.export_text()
+    assert "[0:02] A red circle." in text and "Now a gre" in text and "error: busy" in text
+    assert "running | 0:03" in text and "drops 0" in text
+    assert "ETA" not in text  # a live source: no length, no progress bar
+
+
+class MysteryEvent(Event):
+    type: Literal["mystery"] = "mystery"
+    text: str = "from a stage added later"
+
+
+class Sink(Stage):
+    name = "sink"
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    async def process(self, item):
+        self.seen.append(item.type)
+        yield item
+
+
+def test_every_output_passes_an_unknown_event_type_through(tmp_path, monkeypatch):
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("QT_QPA_PLATFORM", raising=False)
+    err = io.StringIO()
+    stages = [JsonlOutput(str(tmp_path / "a.jsonl")), SubtitleOutput(str(tmp_path / "a.srt"), fmt="srt"),
+              SubtitleOutput(str(tmp_path / "a.vtt"), fmt="vtt"), AnnotateOutput(str(tmp_path / "a.mp4")),
+              ReportOutput(str(tmp_path / "a.html")), PreviewOutput(err=err),
+              ConsoleOutput(out=io.StringIO(), err=io.StringIO()), ConsoleOutput(out=Terminal(), err=io.StringIO()),
+              Sink()]
+    frame = Frame(pixels=np.full((48, 64, 3), 90, np.uint8), pts=0.0)
+    res = run([frame, MysteryEvent(pts=0.5), narr("Still fine.", 0.5, 1.0)], stages)
+    assert res.exit_code == 0 and not res.errors
+    assert stages[-1].seen == ["frame", "mystery", "narration"]
+    assert '"type":"mystery"' in (tmp_path / "a.jsonl").read_text()
+    assert "Still fine." in (tmp_path / "a.html").read_text() and "Still fine." in (tmp_path / "a.vtt").read_text()
+    assert err.getvalue().startswith("framecast: preview: no display")

@@ -8,6 +8,7 @@ first-token ms, cache tokens). rich redraws it from its own refresh thread (no M
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import IO
 
@@ -41,8 +42,10 @@ class RichView:
                  width: int | None = None):
         self.state, self.progress, self.title = state, progress, title
         self.console = Console(file=out, force_terminal=True, width=width, highlight=False, soft_wrap=False)
+        # On the process's own stdout, other prints (the CLI's error lines) go above the panel.
+        mine = out is sys.stdout
         self.live = Live(console=self.console, get_renderable=self.render, refresh_per_second=REFRESH_PER_S,
-                         transient=False, redirect_stdout=False, redirect_stderr=False)
+                         transient=False, redirect_stdout=mine, redirect_stderr=mine)
         self._started = False
 
     def start(self) -> None:
@@ -87,12 +90,13 @@ class RichView:
         if self.progress and s.fraction is not None:
             rows.append(self._progress_row())
         rows.append(Text(self._hud(), style="dim"))
-        sub = f"stream {s.state_text}" if s.state_text else None
+        sub = s.state_text or None
         return Panel(Group(*rows), title=f"[b]{self.title}[/b]", title_align="left", subtitle=sub,
                      subtitle_align="right", border_style="blue")
 
     def _hud(self) -> str:
-        return f"{self.state.hud()} | {self.state.narrations} narrations"
+        n = self.state.narrations
+        return f"{self.state.hud()} | {n} narration{'' if n == 1 else 's'}"
 
     def _progress_row(self) -> RenderableType:
         s = self.state
