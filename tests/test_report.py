@@ -92,7 +92,7 @@ def test_report_in_headless_chromium_timeline_search_video_and_captions(tmp_path
     out = tmp_path / "report.html"
     asyncio.run(Runtime(ListSource(report_events()), [ReportOutput(str(out), video=str(tmp_path / "clip.mp4"))])
                 .run(handle_signals=False))
-    browser = Chromium(tmp_path / "profile", width=1200, height=820)
+    browser = Chromium(tmp_path / "profile", width=1200, height=900)
     try:
         browser.open(out.as_uri())
         # the video plays from its relative path (its first picture is up before the screenshot)

@@ -115,6 +115,8 @@ class Chromium:
         self.ws = self._stack.enter_context(connect(pages[0]["webSocketDebuggerUrl"], max_size=None, open_timeout=10))
         self._id = 0
         self.events: list[dict] = []
+        # headless windows lose some height to invisible browser chrome: fix the page's viewport
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
 
     def call(self, method: str, timeout: float = 20, **params: Any) -> dict:
         self._id += 1
