@@ -5,6 +5,7 @@ not keep up never holds the pipeline back."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import subprocess
@@ -145,3 +146,24 @@ def test_preview_window_under_xvfb_shows_frame_and_subtitle_and_q_stops_like_ctr
     events = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert events[-1]["type"] == "eos" and events[-1]["text"] == "signal"
     assert any(e["type"] == "narration" for e in events)
+
+
+def test_a_window_process_that_fails_gives_one_line(tmp_path, monkeypatch):
+    broken = tmp_path / "broken-window"
+    broken.write_text("#!/bin/sh\necho 'qt.qpa.xcb: could not connect to display :9' >&2\n"
+                      "echo 'Aborted (core dumped)' >&2\nexit 134\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("QT_QPA_PLATFORM", "offscreen")
+    err = io.StringIO()
+    prev, count = PreviewOutput(python=str(broken), err=err), Count()
+
+    class Slow(FrameSource):  # long enough for the child to die while the run goes on
+        async def frames(self):
+            async for ev in super().frames():
+                yield ev
+                await asyncio.sleep(0.01)
+
+    res = asyncio.run(Runtime(Slow(50), [prev, count]).run(handle_signals=False))
+    assert res.exit_code == 0 and count.frames == 50
+    assert err.getvalue() == ("framecast: preview: the window could not open (qt.qpa.xcb: could not connect to "
+                              "display :9); going on without a window\n")
