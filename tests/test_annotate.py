@@ -128,12 +128,13 @@ def test_unsupported_container_is_one_line(tmp_path, name):
     assert res.exit_code == 2 and "must be one of .mp4" in res.errors[0].text
 
 
-def test_cli_annotate_with_the_demo_model(tmp_path):
-    """End to end: real narrations of the embedded model on a real file."""
+def test_cli_annotate_and_report_with_the_demo_model(tmp_path):
+    """End to end: real narrations of the embedded model on a real file; the report plays the
+    annotated video (captions burned in, so its track starts off)."""
     write_marked_video(tmp_path / "clip.mp4", 40)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-m", "framecast", "run", "--source", "clip.mp4", "--interval", "1",
-                        "--annotate", "ann.mp4", "--jsonl", "out.jsonl"], cwd=tmp_path, env=env,
+                        "--annotate", "ann.mp4", "--jsonl", "out.jsonl", "--report", "site/report.html"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     narrations = [e for e in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())
@@ -148,3 +149,6 @@ def test_cli_annotate_with_the_demo_model(tmp_path):
         expected = marked_frame(round(t * 10))
         assert np.abs(img[:150].astype(int) - expected[:150]).mean() < 4  # the picture itself, above the caption
         assert has_caption(img) if inside else plain_bottom(img), t
+    page = (tmp_path / "site" / "report.html").read_text()
+    assert 'src="../ann.mp4"' in page and "<track" in page and " default " not in page
+    assert page.count('<li class="narration"') == len(narrations)

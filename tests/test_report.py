@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Literal
 
@@ -19,8 +16,6 @@ from framecast.events import Answer, Event, Frame, Narration, Status
 from framecast.runtime import Runtime, Source
 from framecast.stages.outputs import ReportOutput
 from visual_fixtures import Chromium, keep_screenshot, marked_frame, write_marked_video
-
-REPO = Path(__file__).resolve().parent.parent
 
 NARRATIONS = ["A red square enters from the left.", "The red square moves right across the grey floor.",
               "A green block stays still on the left.", "The red square leaves; only the green block is left."]
@@ -128,16 +123,3 @@ def test_report_in_headless_chromium_timeline_search_video_and_captions(tmp_path
         keep_screenshot(png, "report.png")
     finally:
         browser.close()
-
-
-def test_report_from_a_real_run_with_annotate(tmp_path):
-    """The CLI writes the report next to the annotated video, which the report plays."""
-    write_marked_video(tmp_path / "clip.mp4", 30)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-m", "framecast", "run", "--source", "clip.mp4", "--interval", "1",
-                        "--annotate", "out/ann.mp4", "--report", "out/report.html"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    page = (tmp_path / "out" / "report.html").read_text()
-    assert 'src="ann.mp4"' in page and "<track" in page and " default " not in page  # burned in: track off
-    assert page.count('<li class="narration"') >= 1

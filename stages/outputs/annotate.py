@@ -34,6 +34,8 @@ from framecast.stages.outputs.overlay import draw_caption, even_size
 from framecast.stages.outputs.subtitles import DEFAULT_LAST_CUE_S, cue_text, subtitle_time
 
 DEFAULT_MAX_PENDING_MB = 256
+#: frames handed to the writer thread and not yet encoded, at most (then the stage waits for it)
+MAX_IN_FLIGHT = 8
 DEFAULT_CRF = 23
 DEFAULT_PRESET = "veryfast"
 #: frame rate assumed for the last frame's length when the source says nothing (fps)
@@ -79,6 +81,7 @@ class AnnotateOutput(Stage):
         self._vtt: IO[str] | None = None
         self._run: tuple[float, str] | None = None  # the caption now burned in, since when
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._in_flight: collections.deque[asyncio.Future] = collections.deque()
         self._finished = False
 
     async def start(self) -> None:
@@ -136,7 +139,15 @@ class AnnotateOutput(Stage):
                 caption = self._cues[-1].text if self._cues and t >= self._starts[-1] else ""
             self._pending.popleft()
             self._pending_bytes -= pixels.nbytes
-            await asyncio.get_running_loop().run_in_executor(self._pool, self._write, t, pixels, caption)
+            # One writer thread keeps the order; the stage goes on while it encodes, and waits
+            # only when MAX_IN_FLIGHT frames are queued there (backpressure, nothing dropped).
+            self._in_flight.append(asyncio.get_running_loop().run_in_executor(self._pool, self._write, t, pixels, caption))
+            while len(self._in_flight) > MAX_IN_FLIGHT:
+                await self._in_flight.popleft()
+
+    async def _drain(self) -> None:
+        while self._in_flight:
+            await self._in_flight.popleft()
 
     # -- the writer thread
 
@@ -218,6 +229,7 @@ class AnnotateOutput(Stage):
 
     async def on_end(self) -> AsyncIterator[Event]:
         await self._flush(final=True)
+        await self._drain()
         return
         yield  # pragma: no cover
 
@@ -227,6 +239,7 @@ class AnnotateOutput(Stage):
         loop = asyncio.get_running_loop()
         try:  # a cancelled run still writes what it has, captions as far as they are known
             await self._flush(final=True)
+            await self._drain()
         finally:
             await loop.run_in_executor(self._pool, self._finish)
             self._pool.shutdown(wait=True)

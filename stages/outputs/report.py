@@ -36,8 +36,9 @@ from framecast.stages.outputs.subtitles import DEFAULT_LAST_CUE_S, cue_text, sub
 
 THUMB_WIDTH = 160
 THUMB_QUALITY = 70  # JPEG
-#: recent frames kept (downscaled) to pick a narration's thumbnail from
-THUMB_RING = 64
+#: recent frames kept (references, no copies) to pick a narration's thumbnail from: a narration
+#: arrives right after the frame it was made at, so a few are enough
+THUMB_RING = 4
 DEFAULT_WRITE_INTERVAL_S = 10.0
 
 
@@ -95,7 +96,7 @@ class ReportOutput(Stage):
     async def process(self, item: Event) -> AsyncIterator[Event]:
         kind = getattr(item, "type", "")
         if isinstance(item, Frame):
-            self._ring.append((item.pts, thumbnail(item.pixels)))
+            self._ring.append((item.pts, item.pixels))  # frames are never changed in place
         elif isinstance(item, Narration) and item.text.strip():
             self.narrations.append({"pts": item.pts, "start": item.pts_start, "end": item.pts_end,
                                     "text": item.text.strip(), "trigger": item.trigger,
@@ -125,9 +126,9 @@ class ReportOutput(Stage):
         if not self._ring:
             return ""
         if pts is None:
-            return jpeg_data_uri(self._ring[-1][1])
+            return jpeg_data_uri(thumbnail(self._ring[-1][1]))
         best = min(self._ring, key=lambda r: abs((r[0] if r[0] is not None else pts) - pts))
-        return jpeg_data_uri(best[1])
+        return jpeg_data_uri(thumbnail(best[1]))
 
     async def on_end(self) -> AsyncIterator[Event]:
         self.write()
