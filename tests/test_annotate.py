@@ -115,10 +115,15 @@ def test_frames_waiting_for_a_caption_are_bounded_and_the_vtt_says_what_was_burn
 
 def test_frames_without_any_narration_and_odd_sizes(tmp_path):
     frames = [Frame(pixels=np.full((121, 163, 3), GREY, np.uint8), pts=i / 5) for i in range(6)]
+    bigger = np.zeros((242, 326, 3), np.uint8)  # a camera that comes back at another size
+    bigger[:, 163:] = 250
+    frames.append(Frame(pixels=bigger, pts=1.2))
     out = tmp_path / "odd.mp4"
     asyncio.run(Runtime(ListSource([*frames, Status(state="eof")]), [AnnotateOutput(str(out))]).run(handle_signals=False))
     decoded = decode(out)
-    assert len(decoded) == 6 and decoded[0][1].shape == (120, 162, 3)  # H.264 4:2:0 wants even sides
+    assert len(decoded) == 7 and decoded[0][1].shape == (120, 162, 3)  # H.264 4:2:0 wants even sides
+    last = decoded[-1][1].astype(int)  # scaled to the first size, not cropped
+    assert last[:, :70].mean() < 20 and last[:, 92:].mean() > 230
     assert (tmp_path / "odd.vtt").read_text() == "WEBVTT\n\n"
 
 

@@ -182,8 +182,10 @@ class AnnotateOutput(Stage):
             self._gap = t - self._last_t
         self._last_ms, self._last_t = ms, t
         w, h = self._size
-        img = pixels[:h, :w] if pixels.shape[0] >= h and pixels.shape[1] >= w else None
-        if img is None or img.shape[:2] != (h, w):  # a source that changed size mid-run
+        ph, pw = pixels.shape[:2]
+        if 0 <= ph - h <= 1 and 0 <= pw - w <= 1:
+            img = pixels[:h, :w]  # an odd side loses its last row/column
+        else:  # a source that changed size mid-run: scaled to the first frame's size
             img = cv2.resize(pixels, (w, h), interpolation=cv2.INTER_AREA)
         img = np.ascontiguousarray(img[:, :, :3]) if img.ndim == 3 else np.repeat(img[:, :, None], 3, axis=2)
         if caption:
