@@ -63,6 +63,7 @@ def test_captions_burned_in_at_their_cue_times_and_vtt_beside(tmp_path):
                            Narration(text="A first caption.", pts=1.5, pts_start=1.0, pts_end=1.5), *frames[15:25],
                            Narration(text="A second --> caption <b>.", pts=2.5, pts_start=1.5, pts_end=2.5),
                            *frames[25:]]
+    (tmp_path / "sub").mkdir()
     out = tmp_path / "sub" / "ann.mp4"
     stage = AnnotateOutput(str(out))
     res = asyncio.run(Runtime(ListSource(events), [stage]).run(handle_signals=False))
@@ -137,6 +138,7 @@ def test_cli_annotate_and_report_with_the_demo_model(tmp_path):
     """End to end: real narrations of the embedded model on a real file; the report plays the
     annotated video (captions burned in, so its track starts off)."""
     write_marked_video(tmp_path / "clip.mp4", 40)
+    (tmp_path / "site").mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-m", "framecast", "run", "--source", "clip.mp4", "--interval", "1",
                         "--annotate", "ann.mp4", "--jsonl", "out.jsonl", "--report", "site/report.html"], cwd=tmp_path, env=env,

@@ -69,6 +69,7 @@ def report_events() -> list[Event]:
 
 def test_report_is_one_self_contained_file(tmp_path):
     write_marked_video(tmp_path / "clip.mp4", 40)
+    (tmp_path / "site").mkdir()
     out = tmp_path / "site" / "report.html"
     stage = ReportOutput(str(out), video=str(tmp_path / "clip.mp4"))
     res = asyncio.run(Runtime(ListSource(report_events()), [stage]).run(handle_signals=False))

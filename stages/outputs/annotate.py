@@ -19,6 +19,7 @@ import asyncio
 import bisect
 import collections
 import concurrent.futures
+import math
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -83,6 +84,7 @@ class AnnotateOutput(Stage):
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._in_flight: collections.deque[asyncio.Future] = collections.deque()
         self._finished = False
+        self._media_end: float | None = None
 
     async def start(self) -> None:
         if Path(self.path).suffix.lower() not in CONTAINERS:
@@ -97,30 +99,41 @@ class AnnotateOutput(Stage):
 
     def caption_at(self, t: float, *, final: bool) -> str | None:
         """The caption for media time `t` ('' = none), or None while a narration still to come
-        may decide it (`final`: no more narrations will come)."""
+        may decide it (`final`: no more narrations will come). The last cue lasts until its
+        span's end, and at least until the input ended (as the subtitle outputs do)."""
         i = bisect.bisect_right(self._starts, t) - 1
         if i + 1 < len(self._cues):  # a later cue exists: the one at or before `t` is settled
             return self._cues[i].text if i >= 0 else ""
         if not final:
             return None
-        return self._cues[i].text if i >= 0 and t < self._cues[i].end_hint else ""
+        if i < 0:
+            return ""
+        cue = self._cues[i]
+        end = max(cue.end_hint, self._media_end) if self._media_end is not None else cue.end_hint
+        return cue.text if t < end else ""
 
     # -- events
 
     async def process(self, item: Event) -> AsyncIterator[Event]:
-        if isinstance(item, Status) and item.fps:
-            self._rate = item.fps
+        if isinstance(item, Status):
+            if item.fps:
+                self._rate = item.fps
+            if item.state == "eof" and item.pts is not None and math.isfinite(item.pts):
+                self._media_end = item.pts  # where the input ended: the last cue lasts until then
         elif isinstance(item, Narration) and item.text.strip():
-            start = next((t for t in (item.pts_start, item.pts) if t is not None), 0.0)
+            # a missing or non-finite time, or one before the previous cue, starts where it started
+            start = next((t for t in (item.pts_start, item.pts) if t is not None and math.isfinite(t)),
+                         self._starts[-1] if self._starts else 0.0)
             if self._starts and start < self._starts[-1]:
                 start = self._starts[-1]  # cues never go back in time
-            end = item.pts_end if item.pts_end is not None and item.pts_end > start else start + DEFAULT_LAST_CUE_S
+            end = (item.pts_end if item.pts_end is not None and math.isfinite(item.pts_end) and item.pts_end > start
+                   else start + DEFAULT_LAST_CUE_S)
             self._cues.append(_Cue(start, end, item.text.strip()))
             self._starts.append(start)
             await self._flush(final=False)
         elif isinstance(item, Frame):
             t = item.pts
-            if t is None:  # no media time: wall time since the first frame
+            if t is None or not math.isfinite(t):  # no media time: wall time since the first frame
                 self._t0_wall = self._t0_wall if self._t0_wall is not None else item.wall_time
                 t = item.wall_time - self._t0_wall
             self._pending.append((t, item.pixels))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import collections
 import html
+import math
 import os
 import time
 from datetime import datetime, timezone
@@ -40,6 +41,11 @@ THUMB_QUALITY = 70  # JPEG
 #: arrives right after the frame it was made at, so a few are enough
 THUMB_RING = 4
 DEFAULT_WRITE_INTERVAL_S = 10.0
+
+
+def finite(t: object) -> float | None:
+    """A media time the page can use: a finite number, else None (unknown)."""
+    return float(t) if isinstance(t, (int, float)) and math.isfinite(t) else None
 
 
 def thumbnail(pixels: np.ndarray, width: int = THUMB_WIDTH) -> np.ndarray:
@@ -82,6 +88,7 @@ class ReportOutput(Stage):
         self.summary: str | None = None
         self.source_text = ""
         self.duration: float | None = None
+        self.media_end: float | None = None  # where the input ended (the last cue lasts until then)
         self._ring: collections.deque[tuple[float | None, np.ndarray]] = collections.deque(maxlen=THUMB_RING)
         self._last_write = 0.0
         self._dirty = False
@@ -98,21 +105,24 @@ class ReportOutput(Stage):
         if isinstance(item, Frame):
             self._ring.append((item.pts, item.pixels))  # frames are never changed in place
         elif isinstance(item, Narration) and item.text.strip():
-            self.narrations.append({"pts": item.pts, "start": item.pts_start, "end": item.pts_end,
-                                    "text": item.text.strip(), "trigger": item.trigger,
+            self.narrations.append({"pts": finite(item.pts), "start": finite(item.pts_start),
+                                    "end": finite(item.pts_end), "text": item.text.strip(), "trigger": item.trigger,
                                     "thumb": self._thumb_at(item.pts)})
             self._dirty = True
         elif isinstance(item, Answer):
-            self.answers.append({"pts": item.pts, "question": item.question, "text": item.text,
+            self.answers.append({"pts": finite(item.pts), "question": item.question, "text": item.text,
                                  "error": item.error})
             self._dirty = True
         elif isinstance(item, Status):
             if item.state == "running" and item.text:
                 self.source_text = item.text
+            if item.state == "eof" and item.pts is not None and math.isfinite(item.pts):
+                self.media_end = item.pts
             if item.duration is not None:
                 self.duration = item.duration
         elif kind == "chapter":  # duck-typed: the chapter/summary stages may be absent
-            self.chapters.append({"start": getattr(item, "pts_start", None), "end": getattr(item, "pts_end", None),
+            self.chapters.append({"start": finite(getattr(item, "pts_start", None)),
+                                  "end": finite(getattr(item, "pts_end", None)),
                                   "title": str(getattr(item, "text", "") or getattr(item, "title", ""))})
             self._dirty = True
         elif kind == "summary":
@@ -151,16 +161,19 @@ class ReportOutput(Stage):
     def captions_vtt(self) -> str:
         """The narrations as WebVTT, cue rules as the subtitle outputs."""
         out = ["WEBVTT", ""]
+        last = 0.0
+        starts = []
+        for n in self.narrations:  # finite and in order, as WebVTT requires
+            last = max(last, next((t for t in (n["start"], n["pts"]) if t is not None and math.isfinite(t)), last))
+            starts.append(last)
         for i, n in enumerate(self.narrations):
-            start = next((t for t in (n["start"], n["pts"]) if t is not None), 0.0)
-            nxt = self.narrations[i + 1] if i + 1 < len(self.narrations) else None
-            nxt_start = next((t for t in (nxt["start"], nxt["pts"]) if t is not None), None) if nxt else None
+            start = starts[i]
+            nxt_start = starts[i + 1] if i + 1 < len(starts) else None
             if nxt_start is not None and nxt_start > start:
                 end = nxt_start
-            elif n["end"] is not None and n["end"] > start:
-                end = n["end"]
             else:
-                end = start + DEFAULT_LAST_CUE_S
+                ends = [t for t in (n["end"], self.media_end) if t is not None and math.isfinite(t) and t > start]
+                end = max(ends) if ends else start + DEFAULT_LAST_CUE_S
             out += [f"{subtitle_time(start, decimal='.')} --> {subtitle_time(end, decimal='.')}",
                     cue_text(n["text"], vtt=True), ""]
         return "\n".join(out) + "\n"
