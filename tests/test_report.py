@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pytest
 
 from framecast.events import Answer, Event, Frame, Narration, Status
 from framecast.runtime import Runtime, Source
@@ -124,3 +125,19 @@ def test_report_in_headless_chromium_timeline_search_video_and_captions(tmp_path
         keep_screenshot(png, "report.png")
     finally:
         browser.close()
+
+
+@pytest.mark.parametrize("flag, path, why", [
+    ("--report", "nodir/report.html", "no such directory"),
+    ("--annotate", "nodir/ann.mp4", "no such directory"),
+    ("--annotate", "ann.gif", "must be one of .mp4"),
+    ("--report", ".", "is a directory"),
+])
+def test_bad_visual_output_paths_are_one_line_and_create_nothing(tmp_path, monkeypatch, capsys, flag, path, why):
+    from framecast.stages.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["run", "--source", "demo", "--max-frames", "2", "--capture-only", "--no-console", flag, path])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"framecast: {path}: ") and why in err
+    assert list(tmp_path.iterdir()) == []
