@@ -4,8 +4,9 @@ Every row runs the runtime over the same pre-rendered frames (demo scene, with a
 `--every` frames, recorded-input edges: a slow stage holds the source back), `--repeats` times;
 the figures are the steady-state wall time per frame (first to last frame reaching a sink after
 the output; median and p95 over the runs) and its ratio to the baseline row's median, and the
-whole run's time (start and close included: a window process to spawn, an encoder to flush). The preview row uses a window process that never reads (its worst case: what the
-stage itself costs); with `--display` set to a running X server it uses the real window.
+whole run's time (start and close included: a window process to spawn, an encoder to flush).
+The preview row uses a window process that never reads (its worst case: what the stage itself
+costs); with `--display` set to a running X server it uses the real window.
 
     python scripts/bench_outputs.py [--frames 60] [--width 448 --height 448] [--repeats 10] [--json]
 """

@@ -120,7 +120,8 @@ def test_frames_without_any_narration_and_odd_sizes(tmp_path):
     bigger[:, 163:] = 250
     frames.append(Frame(pixels=bigger, pts=1.2))
     out = tmp_path / "odd.mp4"
-    asyncio.run(Runtime(ListSource([*frames, Status(state="eof")]), [AnnotateOutput(str(out))]).run(handle_signals=False))
+    runtime = Runtime(ListSource([*frames, Status(state="eof")]), [AnnotateOutput(str(out))])
+    asyncio.run(runtime.run(handle_signals=False))
     decoded = decode(out)
     assert len(decoded) == 7 and decoded[0][1].shape == (120, 162, 3)  # H.264 4:2:0 wants even sides
     last = decoded[-1][1].astype(int)  # scaled to the first size, not cropped
@@ -141,7 +142,8 @@ def test_cli_annotate_and_report_with_the_demo_model(tmp_path):
     (tmp_path / "site").mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-m", "framecast", "run", "--source", "clip.mp4", "--interval", "1",
-                        "--annotate", "ann.mp4", "--jsonl", "out.jsonl", "--report", "site/report.html"], cwd=tmp_path, env=env,
+                        "--annotate", "ann.mp4", "--jsonl", "out.jsonl", "--report", "site/report.html"],
+                       cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     narrations = [e for e in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())

@@ -98,7 +98,8 @@ class Chromium:
         profile.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--no-default-browser-check",
-             "--disable-extensions", "--disable-dev-shm-usage", "--hide-scrollbars", "--mute-audio", f"--user-data-dir={profile}",
+             "--disable-extensions", "--disable-dev-shm-usage", "--hide-scrollbars", "--mute-audio",
+             f"--user-data-dir={profile}",
              f"--window-size={width},{height}", "--remote-debugging-port=0", "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         port_file = profile / "DevToolsActivePort"

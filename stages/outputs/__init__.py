@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import IO
 
 from framecast.config import OutputsConfig
-from framecast.runtime import Stage
 from framecast.errors import UserError
+from framecast.runtime import Stage
 from framecast.stages.outputs.annotate import CONTAINERS, AnnotateOutput, vtt_beside
 from framecast.stages.outputs.console import ConsoleOutput, clock
 from framecast.stages.outputs.files import check_output_path

@@ -154,7 +154,8 @@ class AnnotateOutput(Stage):
             self._pending_bytes -= pixels.nbytes
             # One writer thread keeps the order; the stage goes on while it encodes, and waits
             # only when MAX_IN_FLIGHT frames are queued there (backpressure, nothing dropped).
-            self._in_flight.append(asyncio.get_running_loop().run_in_executor(self._pool, self._write, t, pixels, caption))
+            loop = asyncio.get_running_loop()
+            self._in_flight.append(loop.run_in_executor(self._pool, self._write, t, pixels, caption))
             while len(self._in_flight) > MAX_IN_FLIGHT:
                 await self._in_flight.popleft()
 
@@ -222,7 +223,8 @@ class AnnotateOutput(Stage):
     def _end_run(self, t: float) -> None:
         if self._run is not None and self._run[1] and self._vtt is not None:
             start, text = self._run
-            self._vtt.write(f"{subtitle_time(start, decimal='.')} --> {subtitle_time(max(t, start + 0.001), decimal='.')}\n"
+            end = max(t, start + 0.001)
+            self._vtt.write(f"{subtitle_time(start, decimal='.')} --> {subtitle_time(end, decimal='.')}\n"
                             f"{cue_text(text, vtt=True)}\n\n")
             self._vtt.flush()
         self._run = None

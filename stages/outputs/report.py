@@ -188,7 +188,8 @@ class ReportOutput(Stage):
         parts = [f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
                  f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
                  f"<title>{e(self.title)}</title><style>{PAGE_STYLE}</style></head><body>",
-                 f"<header><h1>{e(self.title)}</h1><p class=\"meta\">{' &middot; '.join(m for m in meta if m)}</p></header>",
+                 f"<header><h1>{e(self.title)}</h1>"
+                 f"<p class=\"meta\">{' &middot; '.join(m for m in meta if m)}</p></header>",
                  "<main>", self._player()]
         if self.summary:
             parts.append(f"<section id=\"summary\"><h2>Summary</h2><p>{e(self.summary)}</p></section>")
@@ -225,11 +226,13 @@ class ReportOutput(Stage):
         for i, c in enumerate(self.chapters, 1):
             start = c["start"] if c["start"] is not None else 0.0
             span = f"{clock(c['start'])}&ndash;{clock(c['end'])}"
-            items.append((start, 0, f"<li class=\"chapter\" data-t=\"{start}\"><h3><span class=\"n\">Chapter {i}</span> "
+            items.append((start, 0, f"<li class=\"chapter\" data-t=\"{start}\">"
+                                    f"<h3><span class=\"n\">Chapter {i}</span> "
                                     f"<time>{span}</time> {e(c['title'])}</h3></li>"))
         for n in self.narrations:
             t = n["start"] if n["start"] is not None else (n["pts"] or 0.0)
-            img = f"<img alt=\"frame at {clock(n['pts'])}\" src=\"{n['thumb']}\">" if n["thumb"] else "<div class=\"noimg\"></div>"
+            img = (f"<img alt=\"frame at {clock(n['pts'])}\" src=\"{n['thumb']}\">" if n["thumb"]
+                   else "<div class=\"noimg\"></div>")
             span = f"{clock(t)}&ndash;{clock(n['pts'])}" if n["pts"] is not None and n["pts"] > t else clock(t)
             items.append((t, 1, f"<li class=\"narration\" data-t=\"{t}\">{img}<div><time>{span}</time>"
                                 f"<p class=\"text\">{e(n['text'])}</p></div></li>"))

@@ -82,7 +82,9 @@ PAGE_SCRIPT = """
   if (video) {
     video.addEventListener('timeupdate', function () {
       var now = null;
-      narrations.forEach(function (li) { if (parseFloat(li.getAttribute('data-t')) <= video.currentTime + 0.05) now = li; });
+      narrations.forEach(function (li) {
+        if (parseFloat(li.getAttribute('data-t')) <= video.currentTime + 0.05) now = li;
+      });
       narrations.forEach(function (li) { li.classList.toggle('now', li === now); });
     });
   }
