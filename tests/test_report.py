@@ -141,3 +141,22 @@ def test_bad_visual_output_paths_are_one_line_and_create_nothing(tmp_path, monke
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith(f"framecast: {path}: ") and why in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_report_on_disk_while_the_run_goes_on(tmp_path):
+    """Rewritten atomically as narrations come (here at every one): a run killed midway still
+    leaves a complete page with everything narrated so far."""
+    out = tmp_path / "live.html"
+    seen: list[int] = []
+
+    class Probe(ListSource):
+        async def frames(self):
+            for e in self.events:
+                yield e
+                await asyncio.sleep(0.01)
+                seen.append(out.read_text().count('<li class="narration"') if out.exists() else -1)
+
+    events = [Frame(pixels=marked_frame(0), pts=0.0), Narration(text="One.", pts=0.0), Narration(text="Two.", pts=1.0)]
+    asyncio.run(Runtime(Probe(events), [ReportOutput(str(out), write_interval_s=0)]).run(handle_signals=False))
+    assert seen == [0, 1, 2]
+    assert out.read_text().rstrip().endswith("</html>") and not list(tmp_path.glob("*.tmp"))
