@@ -89,6 +89,7 @@ class PreviewOutput(Stage):
         self._tasks: list[asyncio.Task] = []
         self._stderr_tail: list[str] = []
         self._gone = False
+        self._closing = False
 
     def _say(self, text: str) -> None:
         print(f"framecast: preview: {text}", file=self.err, flush=True)
@@ -172,8 +173,9 @@ class PreviewOutput(Stage):
             self._gone = True
 
     async def _read_words(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        async for raw in self._proc.stdout:
+        proc = self._proc
+        assert proc is not None and proc.stdout is not None
+        async for raw in proc.stdout:
             word = raw.decode(errors="replace").strip()
             if word == "ready":
                 self.window_open = True
@@ -181,14 +183,17 @@ class PreviewOutput(Stage):
                 os.kill(os.getpid(), signal.SIGINT)
             elif word == "closed":  # the user closed the window: the run goes on without it
                 self._gone = True
-        code = await self._proc.wait()
+        code = await proc.wait()
         self._gone = True
-        if not self.window_open or code not in (0, None):
-            self._say(f"the window could not open ({self._reason(code)}); going on without a window")
+        if code == 0 or (self.window_open and self._closing):
+            return  # a normal end (or our own kill at exit)
+        what = "closed" if self.window_open else "could not open"
+        self._say(f"the window {what} ({self._reason(code)}); going on without a window")
 
     async def _read_stderr(self) -> None:
-        assert self._proc is not None and self._proc.stderr is not None
-        async for raw in self._proc.stderr:  # drained always: a full pipe would stall the child
+        proc = self._proc
+        assert proc is not None and proc.stderr is not None
+        async for raw in proc.stderr:  # drained always: a full pipe would stall the child
             line = raw.decode(errors="replace").strip()
             if line:
                 self._stderr_tail = (self._stderr_tail + [line])[-20:]
@@ -201,7 +206,7 @@ class PreviewOutput(Stage):
         return tail[-1] if tail else f"exit status {code}"
 
     async def close(self) -> None:
-        self._gone = True
+        self._gone = self._closing = True
         proc, self._proc = self._proc, None
         send = self._tasks[0] if self._tasks else None
         if send is not None:
