@@ -291,6 +291,14 @@ def test_rich_panel_shows_partial_text_answer_and_hud():
     assert "running | 0:03" in text and "drops 0" in text
     assert "ETA" not in text  # a live source: no length, no progress bar
 
+    class Handle:  # the stage's handle: frames dropped on the edges so far (no --metrics needed)
+        def frames_dropped(self):
+            return 7
+
+    state.count_drops(Handle())
+    state.count_drops(None)  # outside a run
+    assert "drops 7" in state.hud()
+
 
 class MysteryEvent(Event):
     type: Literal["mystery"] = "mystery"

@@ -142,7 +142,7 @@ class ConsoleOutput(Stage):
     async def process(self, item: Event) -> AsyncIterator[Event]:
         self.state.update(item)
         if isinstance(item, Frame):
-            self.state.count_drops(self.runtime)
+            self.state.count_drops(self.handle)
             self._draw_bar()
         if self.view is not None:
             if not isinstance(item, (Frame, Metrics, Error, NarrationDelta)):

@@ -118,7 +118,7 @@ class PreviewOutput(Stage):
         self.state.update(item)
         if not self._gone:
             if isinstance(item, Frame):
-                self.state.count_drops(self.runtime)
+                self.state.count_drops(self.handle)
                 self._frame = item.pixels  # a reference: frames are never changed in place
                 self._wake.set()
             elif isinstance(item, (Narration, NarrationDelta, Answer, Status, Metrics)):

@@ -84,12 +84,11 @@ class StreamState:
         elif isinstance(ev, Metrics):
             self.drops = max(self.drops, int(sum(m.get("drops", 0) for m in ev.stages.values())))
 
-    def count_drops(self, runtime: object) -> None:
+    def count_drops(self, handle: object) -> None:
         """Frames dropped so far on the run's edges (live input drops the oldest frame when a
-        stage lags). Read on the event loop, so it needs no `--metrics`."""
-        edges = getattr(runtime, "edges", None)
-        if edges:
-            self.drops = max(self.drops, sum(getattr(e, "drops", 0) for e in edges))
+        stage lags), from the stage's handle (None outside a run). Needs no `--metrics`."""
+        if handle is not None:
+            self.drops = max(self.drops, int(handle.frames_dropped()))
 
     def _timings(self, first_token_ms: float | None, cache_tokens: int | None) -> None:
         if first_token_ms is not None:
