@@ -32,6 +32,7 @@ class StreamState:
     """The stream as the visual outputs show it. Times: `pts` in media seconds, `*_at` in
     `time.monotonic()` seconds (fading captions use them)."""
 
+    stream_id: str = ""
     state: str = "starting"
     state_text: str = ""
     frames: int = 0
@@ -54,6 +55,7 @@ class StreamState:
 
     def update(self, ev: Event) -> None:
         now = time.monotonic()
+        self.stream_id = ev.stream_id or self.stream_id
         if isinstance(ev, Frame):
             self.frames += 1
             self._frame_times.append(now)
@@ -122,8 +124,10 @@ class StreamState:
         return min(max((self.pts - self.first_pts) / total, 0.0), 1.0)
 
     def hud(self) -> str:
-        """One heads-up line, e.g. `running | 0:12 | 9.8 fps | drops 0 | first token 85 ms | cache 1,204 tok`."""
-        parts = [self.state, clock(self.pts), f"{self.fps:.1f} fps", f"drops {self.drops}"]
+        """One heads-up line, e.g.
+        `cam1: running | 0:12 | 9.8 fps | drops 0 | first token 85 ms | cache 1,204 tok`."""
+        state = f"{self.stream_id}: {self.state}" if self.stream_id else self.state
+        parts = [state, clock(self.pts), f"{self.fps:.1f} fps", f"drops {self.drops}"]
         if self.first_token_ms is not None:
             parts.append(f"first token {self.first_token_ms:.0f} ms")
         if self.cache_tokens is not None:
