@@ -167,3 +167,30 @@ def test_a_window_process_that_fails_gives_one_line(tmp_path, monkeypatch):
     assert res.exit_code == 0 and count.frames == 50
     assert err.getvalue() == ("framecast: preview: the window could not open (qt.qpa.xcb: could not connect to "
                               "display :9); going on without a window\n")
+
+
+def test_window_picture_fades_the_subtitle_and_scales_small_frames():
+    from framecast.stages.outputs.preview_window import FADE_S, NARRATION_HOLD_S, compose
+
+    frame = np.full((240, 320, 3), GREY, np.uint8)
+    state = {"hud": "cam: running | 0:03", "narration": "[0:02] A red square.", "partial": "Now a gre",
+             "answer": "Q: colour?  A: red"}
+
+    def bands(bgr):
+        rgb = bgr[:, :, ::-1]
+        return caption_pixels(rgb[int(rgb.shape[0] * 0.9):]), caption_pixels(rgb[:int(rgb.shape[0] * 0.05)])
+
+    fresh = compose(frame, state, narration_age=0.0, answer_age=0.0)
+    assert fresh.shape == (480, 640, 3)  # narrow frames are shown 2x so the text stays readable
+    (bright, dark), (hud_bright, hud_dark) = bands(fresh)
+    assert bright > 100 and dark > 0.4 and hud_bright > 20 and hud_dark > 0.4
+    done = {k: v for k, v in state.items() if k != "partial"}  # no narration being written now
+    half = compose(frame, done, narration_age=NARRATION_HOLD_S + FADE_S / 2, answer_age=0.0)
+    gone = compose(frame, done, narration_age=NARRATION_HOLD_S + FADE_S + 1, answer_age=0.0)
+    fresh = compose(frame, done, narration_age=0.0, answer_age=0.0)
+    def change(bgr):  # how far the subtitle rows are from the frame's own grey
+        return float(np.abs(bgr[int(480 * 0.9):].astype(int) - GREY).mean())
+
+    assert change(fresh) > change(half) > 0 and 0.3 < change(half) / change(fresh) < 0.7  # fading
+    assert change(gone) == 0  # faded out: the bottom is the frame again
+    assert np.array_equal(frame, np.full((240, 320, 3), GREY, np.uint8))  # the frame itself is never drawn on
