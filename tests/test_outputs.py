@@ -329,9 +329,10 @@ def test_every_output_passes_an_unknown_event_type_through(tmp_path, monkeypatch
     frame = Frame(pixels=np.full((48, 64, 3), 90, np.uint8), pts=0.0)
     nan = float("nan")
     res = run([frame, MysteryEvent(pts=0.5), narr("Still fine.", 0.5, 1.0),
-               Narration(text="No time known.", pts=nan, pts_start=nan, pts_end=float("inf"))], stages)
+               Narration(text="No time known.", pts=nan, pts_start=nan, pts_end=float("inf")),
+               Narration(text="Time beyond the end.", pts=float("inf"))], stages)
     assert res.exit_code == 0 and not res.errors
-    assert stages[-1].seen == ["frame", "mystery", "narration", "narration"]
+    assert stages[-1].seen == ["frame", "mystery", "narration", "narration", "narration"]
     assert '"type":"mystery"' in (tmp_path / "a.jsonl").read_text()
     assert "Still fine." in (tmp_path / "a.html").read_text() and "Still fine." in (tmp_path / "a.vtt").read_text()
     assert err.getvalue().startswith("framecast: preview: no display")

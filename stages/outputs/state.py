@@ -21,7 +21,7 @@ FPS_WINDOW = 30
 
 def clock(seconds: float | None) -> str:
     """Media time as M:SS, or H:MM:SS from one hour; `--:--` when unknown."""
-    if seconds is None or math.isnan(seconds):
+    if seconds is None or not math.isfinite(seconds):
         return "--:--"
     s = int(seconds)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
@@ -59,7 +59,7 @@ class StreamState:
         if isinstance(ev, Frame):
             self.frames += 1
             self._frame_times.append(now)
-            if ev.pts is not None:
+            if ev.pts is not None and math.isfinite(ev.pts):
                 self.pts = ev.pts
                 if self.first_pts is None:
                     self.first_pts = ev.pts
