@@ -88,6 +88,7 @@ class PreviewOutput(Stage):
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._stderr_tail: list[str] = []
+        self._stderr_done = asyncio.Event()
         self._gone = False
         self._closing = False
 
@@ -185,6 +186,8 @@ class PreviewOutput(Stage):
                 self._gone = True
         code = await proc.wait()
         self._gone = True
+        with contextlib.suppress(asyncio.TimeoutError):  # its last words say why
+            await asyncio.wait_for(self._stderr_done.wait(), timeout=1.0)
         if code == 0 or (self.window_open and self._closing):
             return  # a normal end (or our own kill at exit)
         what = "closed" if self.window_open else "could not open"
@@ -197,6 +200,7 @@ class PreviewOutput(Stage):
             line = raw.decode(errors="replace").strip()
             if line:
                 self._stderr_tail = (self._stderr_tail + [line])[-20:]
+        self._stderr_done.set()
 
     def _reason(self, code: int | None) -> str:
         for line in self._stderr_tail:
