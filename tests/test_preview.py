@@ -98,49 +98,66 @@ def test_a_window_that_never_reads_never_holds_the_pipeline(tmp_path, monkeypatc
     assert 1 <= prev.sent <= 5  # the pipe holds one message or so; the rest were replaced by newer ones
 
 
+#: Qt on a bare X server (no window manager) now and then leaves a window black for good (see
+#: preview_window.main); a run whose window never shows its frame is started again, this often
+BLACK_WINDOW_RUNS = 4
+
+
 def test_preview_window_under_xvfb_shows_frame_and_subtitle_and_q_stops_like_ctrl_c(tmp_path):
     need("Xvfb")
     xdotool = need("xdotool")
     write_marked_video(tmp_path / "clip.mp4", 300)  # 30 s at its own pace: q ends it long before
-    with xvfb() as display:
-        env = {**os.environ, "DISPLAY": display}
-        p = framecast_proc("run", "--source", "clip.mp4", "--realtime", "--preview", "--interval", "0.5",
-                           "--jsonl", "out.jsonl", cwd=tmp_path, env=env)
-        try:
-            shot, box, bright, dark = None, None, 0, 0.0
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and p.poll() is None:
-                time.sleep(0.3)
-                shot = grab(display)
-                box = find_marker(shot)
+    black: list[str] = []
+    for _ in range(BLACK_WINDOW_RUNS):
+        with xvfb() as display:
+            env = {**os.environ, "DISPLAY": display}
+            p = framecast_proc("run", "--source", "clip.mp4", "--realtime", "--preview", "--interval", "0.5",
+                               "--jsonl", "out.jsonl", cwd=tmp_path, env=env)
+            try:
+                shot, box, bright, dark = None, None, 0, 0.0
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline and p.poll() is None:
+                    time.sleep(0.3)
+                    shot = grab(display)
+                    box = find_marker(shot)
+                    if box is None:
+                        if time.monotonic() > deadline - 40:  # 20 s and still no picture
+                            break
+                        continue
+                    # the frame is shown 2x (narrow frames are scaled up to 640 px): the marker says where
+                    scale = (box[2] - box[0]) / (MARKER_BOX[2] - MARKER_BOX[0])
+                    x0, y0 = round(box[0] - MARKER_BOX[0] * scale), round(box[1] - MARKER_BOX[1] * scale)
+                    w, h = round(320 * scale), round(240 * scale)
+                    bright, dark = caption_pixels(shot[y0 + int(h * 0.8):y0 + h, x0:x0 + w])
+                    if bright > 150 and dark > 0.4:
+                        break
                 if box is None:
+                    if p.poll() is None:
+                        p.kill()
+                    out, err = p.communicate()
+                    black.append(f"exit {p.returncode}: {err[-500:]}")
                     continue
-                # the frame is shown 2x (narrow frames are scaled up to 640 px): the marker tells where
-                scale = (box[2] - box[0]) / (MARKER_BOX[2] - MARKER_BOX[0])
-                x0, y0 = round(box[0] - MARKER_BOX[0] * scale), round(box[1] - MARKER_BOX[1] * scale)
-                w, h = round(320 * scale), round(240 * scale)
-                bright, dark = caption_pixels(shot[y0 + int(h * 0.8):y0 + h, x0:x0 + w])
-                if bright > 150 and dark > 0.4:
-                    break
-            assert box is not None, "the window never showed the frame"
-            assert scale == pytest.approx(2.0, abs=0.05)
-            window = shot[y0:y0 + h, x0:x0 + w]
-            mid = window[int(h * 0.45):int(h * 0.55), int(w * 0.6):int(w * 0.9)]
-            assert np.abs(mid.astype(int) - GREY).max() < 12  # the frame's own grey, untouched
-            assert bright > 150 and dark > 0.4, f"no subtitle band: {bright} text px, {dark:.2f} dark"
-            top_bright, top_dark = caption_pixels(window[:int(h * 0.06)])
-            assert top_bright > 50 and top_dark > 0.4  # the heads-up line
-            keep_screenshot(save_png(window, tmp_path / "preview.png"), "preview.png")
+                assert scale == pytest.approx(2.0, abs=0.05)
+                window = shot[y0:y0 + h, x0:x0 + w]
+                mid = window[int(h * 0.45):int(h * 0.55), int(w * 0.6):int(w * 0.9)]
+                assert np.abs(mid.astype(int) - GREY).max() < 12  # the frame's own grey, untouched
+                assert bright > 150 and dark > 0.4, f"no subtitle band: {bright} text px, {dark:.2f} dark"
+                top_bright, top_dark = caption_pixels(window[:int(h * 0.06)])
+                assert top_bright > 50 and top_dark > 0.4  # the heads-up line
+                keep_screenshot(save_png(window, tmp_path / "preview.png"), "preview.png")
 
-            wid = subprocess.run([xdotool, "search", "--name", "framecast"], env=env, capture_output=True,
-                                 text=True, timeout=10).stdout.split()[0]
-            subprocess.run([xdotool, "windowfocus", "--sync", wid], env=env, timeout=10, check=True)
-            subprocess.run([xdotool, "key", "--window", wid, "q"], env=env, timeout=10, check=True)
-            out, err = p.communicate(timeout=30)
-        finally:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
+                wid = subprocess.run([xdotool, "search", "--name", "framecast"], env=env, capture_output=True,
+                                     text=True, timeout=10).stdout.split()[0]
+                subprocess.run([xdotool, "windowfocus", "--sync", wid], env=env, timeout=10, check=True)
+                subprocess.run([xdotool, "key", "--window", wid, "q"], env=env, timeout=10, check=True)
+                out, err = p.communicate(timeout=30)
+            finally:
+                if p.poll() is None:
+                    p.kill()
+                    p.communicate()
+        break
+    else:
+        pytest.fail(f"the window never showed the frame in {BLACK_WINDOW_RUNS} runs: {black}")
     assert p.returncode == 130, err  # exactly what Ctrl-C gives
     assert "Traceback" not in err
     events = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]

@@ -45,19 +45,39 @@ def keep_screenshot(png: Path, name: str) -> None:
 
 @contextlib.contextmanager
 def xvfb(width: int = 1024, height: int = 768) -> Iterator[str]:
-    """A private X server; yields its DISPLAY name (e.g. ':5'). `-displayfd` lets Xvfb pick a
-    free display number and tell it once it accepts connections."""
+    """A private X server; yields its DISPLAY name (e.g. ':517'). The number is drawn at random
+    well above the usual ones (another X server, or one of a parallel test run, may hold the low
+    numbers); `-displayfd` tells when the server accepts connections, and one real client
+    connection (a screen grab) proves it before the test starts. `-noreset`: an X server with no
+    client left resets itself, and a client connecting meanwhile (the window, after the grab or
+    framecast's display probe) is refused; a desktop always has clients, a bare Xvfb does not."""
+    import random
+
     exe = need("Xvfb")
+    for _ in range(20):
+        number = random.randrange(100, 30000)
+        if not Path(f"/tmp/.X{number}-lock").exists() and not Path(f"/tmp/.X11-unix/X{number}").exists():
+            break
     r, w = os.pipe()
-    proc = subprocess.Popen([exe, "-displayfd", str(w), "-screen", "0", f"{width}x{height}x24", "-nolisten", "tcp"],
-                            pass_fds=(w,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([exe, f":{number}", "-displayfd", str(w), "-screen", "0", f"{width}x{height}x24",
+                             "-nolisten", "tcp", "-noreset"], pass_fds=(w,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.close(w)
     try:
         with os.fdopen(r) as f:
-            number = f.readline().strip()
-        if not number:
-            pytest.fail("Xvfb did not start")
-        yield f":{number}"
+            ready = f.readline().strip()
+        if ready != str(number):
+            pytest.fail(f"Xvfb did not start on :{number}")
+        display = f":{number}"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                grab(display)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield display
     finally:
         proc.terminate()
         try:

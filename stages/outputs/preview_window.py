@@ -32,6 +32,8 @@ ANSWER_HOLD_S = 12.0
 FADE_S = 2.0
 #: frames narrower than this are scaled up so the text stays legible (pixels)
 MIN_WIDTH = 640
+#: how long the first window lives while Qt starts (see `main`) (ms)
+STARTUP_MS = 300
 QUIT_KEYS = {ord("q"), ord("Q"), 27}  # 27 = Esc
 
 WHITE, CYAN, YELLOW, GREY = (255, 255, 255), (120, 230, 255), (255, 220, 90), (210, 210, 210)
@@ -132,14 +134,23 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it closes our stdin
     title = argv[0] if argv else "framecast"
-    cv2.namedWindow(title, cv2.WINDOW_AUTOSIZE | cv2.WINDOW_GUI_NORMAL)
+    flags = cv2.WINDOW_AUTOSIZE | cv2.WINDOW_GUI_NORMAL
+    # Without a window manager (Xvfb, kiosks), Qt sometimes never paints the first window it
+    # makes while it is still starting up: it stays black for good (about one try in three on
+    # this 2-core VM with Qt alone; 0 in 40 with this throwaway window first).
+    cv2.namedWindow(title, flags)
+    cv2.imshow(title, np.zeros((MIN_WIDTH * 3 // 4, MIN_WIDTH, 3), np.uint8))
+    cv2.waitKey(STARTUP_MS)
+    cv2.destroyWindow(title)
+    cv2.waitKey(50)
+    cv2.namedWindow(title, flags)
     say("ready")
     reader = _Reader(sys.stdin.buffer)
     reader.start()
     state: dict = {}
     frame: np.ndarray | None = None
     narration_at = answer_at = time.monotonic()
-    shown_once = False
+    shown_once = seen_visible = False
     while not reader.eof:
         new_state, new_frame = reader.take()
         now = time.monotonic()
@@ -159,9 +170,15 @@ def main(argv: list[str]) -> int:
         key = cv2.waitKey(REFRESH_MS)
         if key != -1 and (key & 0xFF) in QUIT_KEYS:
             say("quit")
-        if shown_once and cv2.getWindowProperty(title, cv2.WND_PROP_VISIBLE) < 1:
-            say("closed")
-            break
+        if shown_once:
+            # Closed by the user = it was visible and is not any more (a window that has not
+            # been mapped yet, on a busy machine, is not visible either).
+            visible = cv2.getWindowProperty(title, cv2.WND_PROP_VISIBLE) >= 1
+            if visible:
+                seen_visible = True
+            elif seen_visible:
+                say("closed")
+                break
     cv2.destroyAllWindows()
     return 0
 
