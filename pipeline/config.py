@@ -384,7 +384,8 @@ def build_config(data: dict[str, Any], origin: str = "config") -> RunConfig:
 
 
 #: config keys that name a file per stream; `{stream_id}` in them is replaced by the stream's id
-PER_STREAM_PATHS = (("outputs", "jsonl"), ("outputs", "srt"), ("outputs", "vtt"), ("session", "state_file"))
+PER_STREAM_PATHS = (("outputs", "jsonl"), ("outputs", "srt"), ("outputs", "vtt"), ("outputs", "annotate"),
+                    ("outputs", "report"), ("session", "state_file"))
 STREAM_ID_FIELD = "{stream_id}"
 
 

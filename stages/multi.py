@@ -113,6 +113,7 @@ def build_streams(configs: list[RunConfig], *, shared: SharedModel | None = None
 
     for cfg in configs:
         for path, what in ((cfg.outputs.jsonl, "JSONL"), (cfg.outputs.srt, "SRT"), (cfg.outputs.vtt, "VTT"),
+                           (cfg.outputs.annotate, "annotated video"), (cfg.outputs.report, "HTML report"),
                            (cfg.session.state_file, "session state")):
             if path:
                 check_output_path(path, f"{what} (stream {cfg.source.stream_id})")

@@ -336,3 +336,13 @@ def test_every_output_passes_an_unknown_event_type_through(tmp_path, monkeypatch
     assert '"type":"mystery"' in (tmp_path / "a.jsonl").read_text()
     assert "Still fine." in (tmp_path / "a.html").read_text() and "Still fine." in (tmp_path / "a.vtt").read_text()
     assert err.getvalue().startswith("framecast: preview: no display")
+
+
+def test_several_streams_on_one_terminal_get_labelled_plain_lines():
+    from framecast.stages.multi import LabelledWriter
+
+    term = Terminal()
+    con = ConsoleOutput(out=LabelledWriter(term, "door"), err=io.StringIO())
+    assert con.view is None  # two live panels on one terminal would overwrite each other
+    run([narr("A cat.", 1.0)], [con])
+    assert term.getvalue() == "[door] [0:01] A cat.\n"

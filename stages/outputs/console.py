@@ -9,6 +9,7 @@ Scene-change lines show only with `verbose` (they stay in JSONL and on the bus).
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 import time
@@ -33,6 +34,13 @@ def _isatty(f: IO[str]) -> bool:
         return False
 
 
+def _own_terminal(f: IO[str]) -> bool:
+    """A real terminal stream of this stage's own: several streams share stdout through
+    labelled writers, and several live panels on one terminal would overwrite each other, so
+    those get plain (labelled) lines."""
+    return isinstance(f, io.TextIOBase) and _isatty(f)
+
+
 class ConsoleOutput(Stage):
     """The live terminal view: narrations, answers, status (and scene changes with `verbose`)
     on stdout; a progress bar with ETA for recorded files. Errors are printed by the CLI itself.
@@ -51,7 +59,7 @@ class ConsoleOutput(Stage):
         self._tty = _isatty(self.out)
         self.state = StreamState()
         self.view = None
-        if (rich_view if rich_view is not None else (self._tty and lines)):
+        if (rich_view if rich_view is not None else (lines and _own_terminal(self.out))):
             from framecast.stages.outputs.panel import RichView
 
             self.view = RichView(self.state, self.out, progress=progress, width=width)
