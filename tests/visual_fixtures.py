@@ -60,7 +60,8 @@ def xvfb(width: int = 1024, height: int = 768) -> Iterator[str]:
             break
     r, w = os.pipe()
     proc = subprocess.Popen([exe, f":{number}", "-displayfd", str(w), "-screen", "0", f"{width}x{height}x24",
-                             "-nolisten", "tcp", "-noreset"], pass_fds=(w,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "-nolisten", "tcp", "-noreset"], pass_fds=(w,), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     os.close(w)
     try:
         with os.fdopen(r) as f:
