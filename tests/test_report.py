@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
