@@ -164,9 +164,8 @@ def test_a_job_cannot_leave_the_directory_through_a_symbolic_link(tmp_path):
     with pytest.raises(JobRejected, match="leaves the worker's output directory"):
         job_config(RunConfig(), Job(job_id="t1", source="x", settings={"outputs.summary": "link/esc.md"}),
                    output_dir=str(out))
-    cfg = job_config(RunConfig(), Job(job_id="t1", source="x",
-                                      settings={"outputs.session": "{stream_id}.fcs", "outputs.summary": "{job_id}.md"}),
-                     output_dir=str(out))
+    settings = {"outputs.session": "{stream_id}.fcs", "outputs.summary": "{job_id}.md"}
+    cfg = job_config(RunConfig(), Job(job_id="t1", source="x", settings=settings), output_dir=str(out))
     assert cfg.outputs.session == str(out / "t1.fcs") and cfg.outputs.summary == str(out / "t1.md")
 
 
@@ -224,9 +223,14 @@ def test_a_run_that_reads_frames_replaces_existing_outputs(capsys, tmp_path, vid
 def test_a_saved_session_is_kept_when_the_run_fails_before_its_first_frame(capsys, tmp_path, video):
     keep = tmp_path / "keep.fcs"
     keep.write_bytes(b"an earlier session")
-    code, err = run(capsys, "--source", str(video), "--start", "10", "--save-session", str(keep))
+    others = {"--chapters": tmp_path / "keep-chapters.vtt", "--summary": tmp_path / "keep.md",
+              "--report": tmp_path / "keep.html", "--srt": tmp_path / "keep.srt"}
+    for p in others.values():
+        p.write_text("earlier\n")
+    code, err = run(capsys, "--source", str(video), "--start", "10", "--save-session", str(keep), *_args(others))
     assert code == 2 and "start" in one_line(err)
     assert keep.read_bytes() == b"an earlier session"
+    assert all(p.read_text() == "earlier\n" for p in others.values())
 
 
 def test_a_garbage_state_file_is_bad_input_and_kept(capsys, tmp_path):
