@@ -383,10 +383,51 @@ def build_config(data: dict[str, Any], origin: str = "config") -> RunConfig:
 # ---------------------------------------------------------------- several streams
 
 
-#: config keys that name a file per stream; `{stream_id}` in them is replaced by the stream's id
-PER_STREAM_PATHS = (("outputs", "jsonl"), ("outputs", "srt"), ("outputs", "vtt"), ("outputs", "annotate"),
-                    ("outputs", "report"), ("session", "state_file"))
+#: config keys that name a file the run writes, each with what it is called in messages;
+#: `{stream_id}` in any of them is replaced by the stream's id (every one is per stream)
+OUTPUT_PATHS = ((("outputs", "jsonl"), "JSONL"), (("outputs", "srt"), "SRT"), (("outputs", "vtt"), "VTT"),
+                (("outputs", "chapters"), "chapters"), (("outputs", "summary"), "summary"),
+                (("outputs", "session"), "saved session"), (("outputs", "annotate"), "annotated video"),
+                (("outputs", "report"), "HTML report"), (("session", "state_file"), "session state"))
+PER_STREAM_PATHS = tuple(key for key, _ in OUTPUT_PATHS)
 STREAM_ID_FIELD = "{stream_id}"
+
+
+def output_paths(cfg: RunConfig) -> list[tuple[str, str, str]]:
+    """Every file one stream's run writes: `(dotted key, path, what)`, the annotated video's
+    WebVTT beside it included (`outputs.annotate` with the suffix `.vtt`)."""
+    out = []
+    for (group, key), what in OUTPUT_PATHS:
+        path = getattr(getattr(cfg, group), key)
+        if path:
+            out.append((f"{group}.{key}", path, what))
+            if key == "annotate":
+                out.append(("outputs.annotate (its WebVTT)", str(Path(path).with_suffix(".vtt")), "WebVTT"))
+    return out
+
+
+def same_path_key(path: str) -> str:
+    """A path's identity for clash checks before anything exists: absolute, normalised, with
+    symbolic links resolved as far as they exist."""
+    return os.path.realpath(os.path.abspath(os.path.expanduser(path)))
+
+
+def check_output_clashes(configs: list[RunConfig], origin: str = "config") -> None:
+    """Refuse (ConfigError, one line) two outputs of a run on one file: two keys of one stream,
+    or one key shared by several streams (their writers would interleave or clobber)."""
+    owners: dict[str, tuple[str, str]] = {}
+    for one in configs:
+        sid = one.source.stream_id
+        for key, path, _what in output_paths(one):
+            ident = same_path_key(path)
+            if ident not in owners:
+                owners[ident] = (key, sid)
+                continue
+            other_key, other_sid = owners[ident]
+            if other_sid != sid:
+                raise ConfigError(f"{origin}: {key} = {path!r} is shared by streams {other_sid!r} and {sid!r}: "
+                                  f"put {STREAM_ID_FIELD} in the path")
+            raise ConfigError(f"{origin}: {key} = {path!r}: the same file as {other_key} (give each output its own)")
 
 
 def split_stream_uri(raw: str) -> tuple[str, str | None]:
@@ -413,7 +454,9 @@ def stream_configs(cfg: RunConfig, origin: str = "config") -> list[RunConfig]:
     if not cfg.streams:
         data = cfg.model_dump()
         _expand_paths(data, cfg.source.stream_id)
-        return [RunConfig.model_validate(data)]
+        out = [RunConfig.model_validate(data)]
+        check_output_clashes(out, origin)
+        return out
     base = cfg.model_dump(exclude={"streams"})
     out: list[RunConfig] = []
     seen: dict[str, int] = {}
@@ -436,16 +479,7 @@ def stream_configs(cfg: RunConfig, origin: str = "config") -> list[RunConfig]:
             out.append(RunConfig.model_validate(data))
         except ValidationError as e:
             raise ConfigError(_one_line(e, where)) from None
-    for group, key in PER_STREAM_PATHS:  # two writers on one file would interleave or clobber
-        owners: dict[str, str] = {}
-        for one in out:
-            path = getattr(getattr(one, group), key)
-            if path is None:
-                continue
-            if path in owners:
-                raise ConfigError(f"{origin}: {group}.{key} = {path!r} is shared by streams {owners[path]!r} and "
-                                  f"{one.source.stream_id!r}: put {STREAM_ID_FIELD} in the path")
-            owners[path] = one.source.stream_id
+    check_output_clashes(out, origin)
     return out
 
 
@@ -472,6 +506,5 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
                 cur = cur.setdefault(part, {})
             cur[leaf] = value
         cfg = build_config(deep_merge(cfg.model_dump(), nested), "command line")
-    if cfg.streams:
-        stream_configs(cfg, origin)  # a bad entry fails here (`config check` too), not mid-run
+    stream_configs(cfg, origin)  # a bad entry or two outputs on one file fail here (`config check` too)
     return cfg

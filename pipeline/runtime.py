@@ -170,6 +170,12 @@ class StageHandle:
         """Record an error this stage sends downstream itself (fatal ones set the exit code)."""
         self._runtime.report(err)
 
+    @property
+    def frames_read(self) -> int:
+        """Frames the source has delivered so far. Until the first one, an output leaves a file
+        that already exists as it was (a run that fails at its start destroys nothing)."""
+        return self._runtime.frames_read
+
     def frames_dropped(self) -> int:
         """Frames dropped on the graph's edges so far (live sources: the consumer lagged)."""
         return sum(e.drops for e in self._runtime.edges)
@@ -278,6 +284,7 @@ class Runtime:
         self._stage_tasks: list[asyncio.Task] = []
         self._source_task: asyncio.Task | None = None
         self._eos_sent = False
+        self.frames_read = 0  # frames the source delivered: outputs replace an existing file only after the first
         self._hurry = asyncio.Event()  # a second signal: stop waiting for anything
         for i, st in enumerate([source, *self.stages]):
             st.runtime = self
@@ -360,6 +367,8 @@ class Runtime:
             # does not is cancelled by `run` after a grace period.
             async for item in src.frames():
                 src.metrics.items_in += 1
+                if isinstance(item, Frame):
+                    self.frames_read += 1
                 if out is not None:
                     await out.put(item)
                     src.metrics.items_out += 1

@@ -35,16 +35,13 @@ def build_graph(cfg: RunConfig, *, model_loader=None, shared: SharedModel | None
     `out`: where the terminal view writes its lines (default stdout)."""
     from framecast.stages.change import ChangeDetector
     from framecast.stages.outputs import make_outputs
-    from framecast.stages.outputs import check_output_path
+    from framecast.stages.outputs.files import check_run_outputs
     from framecast.stages.sources import make_source
 
-    # Every output path is checked before the source opens or the model loads: a bad one stops
-    # the run with one line and nothing created (not even the outputs whose paths were fine).
-    for path, what in ((cfg.outputs.jsonl, "JSONL"), (cfg.outputs.srt, "SRT"), (cfg.outputs.vtt, "VTT"),
-                       (cfg.outputs.chapters, "chapters"), (cfg.outputs.summary, "summary"),
-                       (cfg.outputs.session, "saved session"), (cfg.session.state_file, "session state")):
-        if path:
-            check_output_path(path, what)
+    # Every output path is checked before the source opens or the model loads (here, and for
+    # all streams together in `multi.build_streams`): a bad one stops the run with one line and
+    # nothing created, and no output may be an input or another output.
+    check_run_outputs([cfg])
     archive = None
     if cfg.session.resume:
         archive, cfg = _resume_config(cfg)

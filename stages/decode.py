@@ -67,21 +67,29 @@ class DecodeStage(Stage):
         self.narrations = 0
         self.answers = 0
         self.turn_log: collections.deque = collections.deque(maxlen=256)  # (pts, trigger, text)
+        self._state_unreadable = False
 
     async def start(self) -> None:
         if self.state_file is not None and self.state_file.is_file():
             try:  # continue the conversation where the last run stopped
                 await self.session.load(self.state_file)
-            except UserError as e:
-                raise FatalError(f"session.state_file: {e}") from None
+            except Exception as e:  # not a saved cache (or another model's): bad input, and kept as it is
+                self._state_unreadable = True
+                text = str(e).splitlines()[0] if str(e) else type(e).__name__
+                if not isinstance(e, UserError):
+                    text = f"{self.state_file}: not a saved session cache ({text})"
+                raise FatalError(f"session.state_file: {text}", exit_code=2) from None
         try:
             await self.session.start()
         except UserError as e:  # e.g. a budget too small for the system prompt: stop the run
             raise FatalError(str(e)) from None
 
     async def close(self) -> None:
-        if self.state_file is not None:
-            await self.session.save(self.state_file)
+        from framecast.stages.outputs.files import keep_existing
+
+        if self.state_file is None or self._state_unreadable or keep_existing(self.state_file, self.handle):
+            return  # a file it could not read, or a run that read no frame, leaves the file as it was
+        await self.session.save(self.state_file)
 
     def _next_seq(self) -> int:
         self._seq += 1

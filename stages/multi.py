@@ -109,14 +109,9 @@ def build_streams(configs: list[RunConfig], *, shared: SharedModel | None = None
 
     Every stream's output paths are checked before the model loads or any source opens: a bad
     one stops the run with one line (UserError) and nothing is created."""
-    from framecast.stages.outputs import check_output_path
+    from framecast.stages.outputs.files import check_run_outputs
 
-    for cfg in configs:
-        for path, what in ((cfg.outputs.jsonl, "JSONL"), (cfg.outputs.srt, "SRT"), (cfg.outputs.vtt, "VTT"),
-                           (cfg.outputs.annotate, "annotated video"), (cfg.outputs.report, "HTML report"),
-                           (cfg.session.state_file, "session state")):
-            if path:
-                check_output_path(path, f"{what} (stream {cfg.source.stream_id})")
+    check_run_outputs(configs)
     if shared is None:
         shared = load_shared_model(configs)
     stdout = out or sys.stdout

@@ -239,6 +239,10 @@ class SessionArchiveStage(Stage):
     async def on_end(self) -> AsyncIterator[Event]:
         from framecast.stages.summary import report
 
+        from framecast.stages.outputs.files import keep_existing
+
+        if keep_existing(self.path, self.handle):  # no frame read: an earlier session stays as it was
+            return
         t0 = time.perf_counter()
         try:
             await self.save()

@@ -321,8 +321,9 @@ def test_every_output_passes_an_unknown_event_type_through(tmp_path, monkeypatch
     monkeypatch.delenv("DISPLAY", raising=False)
     monkeypatch.delenv("QT_QPA_PLATFORM", raising=False)
     err = io.StringIO()
+    # (the annotated video is b.mp4: its WebVTT beside it must not be a.vtt, another output)
     stages = [JsonlOutput(str(tmp_path / "a.jsonl")), SubtitleOutput(str(tmp_path / "a.srt"), fmt="srt"),
-              SubtitleOutput(str(tmp_path / "a.vtt"), fmt="vtt"), AnnotateOutput(str(tmp_path / "a.mp4")),
+              SubtitleOutput(str(tmp_path / "a.vtt"), fmt="vtt"), AnnotateOutput(str(tmp_path / "b.mp4")),
               ReportOutput(str(tmp_path / "a.html")), PreviewOutput(err=err),
               ConsoleOutput(out=io.StringIO(), err=io.StringIO()), ConsoleOutput(out=Terminal(), err=io.StringIO()),
               Sink()]

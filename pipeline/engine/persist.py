@@ -51,9 +51,12 @@ def load_session(path: str | Path, new_cache: list, *, fingerprint: dict[str, An
         raise UserError(f"{path}: session file not found")
     try:
         arrays, metadata = mx.load(str(path), return_metadata=True)
+    except Exception:  # mlx says RuntimeError for anything it cannot parse
+        raise UserError(f"{path}: not a framecast session file (not readable as safetensors)") from None
+    try:
         meta = json.loads(metadata["framecast_session"])
-    except Exception as e:
-        raise UserError(f"{path}: not a framecast session file ({type(e).__name__})") from None
+    except Exception:
+        raise UserError(f"{path}: not a framecast session file (no framecast_session metadata)") from None
     if meta.get("format") != SAVE_FORMAT:
         raise UserError(f"{path}: unsupported session format {meta.get('format')!r}")
     if meta["fingerprint"] != fingerprint:

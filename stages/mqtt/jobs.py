@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from framecast.config import ConfigError, RunConfig, build_config, deep_merge
+from framecast.config import PER_STREAM_PATHS, ConfigError, RunConfig, build_config, deep_merge
 from framecast.events import Event, iso_utc, utc_now
 
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # also the job's stream id: same alphabet
@@ -123,50 +124,74 @@ def flat_settings(settings: dict[str, Any], job_id: str | None = None) -> dict[s
     return out
 
 
-OUTPUT_FILES = ("jsonl", "srt", "vtt")
+#: every config key that names a file a job writes (`framecast.config.OUTPUT_PATHS`): all of them
+#: are confined to the worker's output directory
+OUTPUT_FILES = tuple(f"{group}.{key}" for group, key in PER_STREAM_PATHS)
+JOB_FIELDS = ("{job_id}", "{stream_id}")  # a job's stream id is its job id
 
 
 def check_worker_outputs(base: RunConfig) -> None:
     """A worker config that names an output file must make it per job (`{job_id}`): otherwise
     every job would write over the last one."""
-    for key in OUTPUT_FILES:
-        path = getattr(base.outputs, key)
-        if path and "{job_id}" not in path:
-            from framecast.errors import UserError
+    from framecast.errors import UserError
 
-            raise UserError(f"outputs.{key} = {path!r}: a worker writes one file per job; put {{job_id}} in "
+    for dotted in OUTPUT_FILES:
+        group, _, key = dotted.partition(".")
+        path = getattr(getattr(base, group), key)
+        if path and not any(field in path for field in JOB_FIELDS):
+            raise UserError(f"{dotted} = {path!r}: a worker writes one file per job; put {{job_id}} in "
                             f"the name, e.g. {{job_id}}.{key}")
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether `path` (symbolic links resolved) lies inside `folder`."""
+    real, top = os.path.realpath(path), os.path.realpath(folder)
+    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
 
 
 def job_config(base: RunConfig, job: Job, *, output_dir: str | None = None) -> RunConfig:
     """The run config of `job`: the worker's config, the job's settings, the job's source and id
     (the job id is the stream id), no terminal views and no bus stage (the worker publishes).
 
-    Output files (`outputs.jsonl|srt|vtt`) are paths relative to the worker's `output_dir`
-    (default: its working directory) with `{job_id}` replaced; a job may not name an absolute
-    path or leave the directory with `..`.
+    Every output file (`OUTPUT_FILES`: outputs.jsonl|srt|vtt|chapters|summary|session|annotate|
+    report and session.state_file) is a path relative to the worker's `output_dir` (default: its
+    working directory) with `{job_id}` (and `{stream_id}`) replaced; a job may not name an
+    absolute path, leave the directory with `..`, or reach out of it through a symbolic link.
     """
     nested: dict[str, Any] = {}
     for key, value in flat_settings(job.settings, job.job_id).items():
         group, _, leaf = key.partition(".")
-        if group == "outputs" and leaf in OUTPUT_FILES and value is not None:
+        if key in OUTPUT_FILES and value is not None:
             if not isinstance(value, str) or value.startswith(("/", "~")) or ".." in Path(value).parts:
-                raise JobRejected(f"job setting 'outputs.{leaf}' = {value!r}: give a file name relative to the "
+                raise JobRejected(f"job setting '{key}' = {value!r}: give a file name relative to the "
                                   "worker's output directory", job.job_id)
         nested.setdefault(group, {})[leaf] = value
     fixed: dict[str, Any] = {"source": {"uri": job.source, "stream_id": job.job_id},
                              "outputs": {"console": False, "progress": False, "metrics": False}, "mqtt": {"url": None}}
     merged = deep_merge(base.model_dump(), nested)
-    for leaf in OUTPUT_FILES:
-        path = merged["outputs"].get(leaf)
+    top = output_dir or "."
+    for dotted in OUTPUT_FILES:
+        group, _, leaf = dotted.partition(".")
+        path = merged[group].get(leaf)
         if isinstance(path, str) and path:
-            path = path.replace("{job_id}", job.job_id)
-            fixed["outputs"][leaf] = str(Path(output_dir) / path) if output_dir and not Path(path).is_absolute() else path
+            for field in JOB_FIELDS:
+                path = path.replace(field, job.job_id)
+            if output_dir and not Path(path).is_absolute():  # (an absolute path here is the worker's own)
+                path = str(Path(output_dir) / path)
+            if key_from_job(job, dotted) and not _inside(path, top):
+                raise JobRejected(f"job setting '{dotted}' = {path!r}: leaves the worker's output directory",
+                                  job.job_id)
+            fixed.setdefault(group, {})[leaf] = path
     data = deep_merge(merged, fixed)
     try:
         return build_config(data, origin=f"job {job.job_id}")
     except ConfigError as e:
         raise JobRejected(str(e), job.job_id) from None
+
+
+def key_from_job(job: Job, dotted: str) -> bool:
+    """Whether the job itself set `dotted` (the worker's own settings are trusted)."""
+    return dotted in flat_settings(job.settings, job.job_id)
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,12 @@ runs from its narration's start until the next narration starts (the last one un
 `pts_end`, and at least until the end of the input when the eof status says where that is),
 because a narration describes the scene until something new is said.
 
-Output paths are checked before anything starts (`check_output_path`): a missing parent
-directory, a directory, or an unwritable place is exit 2 with one line, and nothing is created.
+Output paths are checked before anything starts (`files.check_run_outputs`, for every stream
+together): a missing parent directory, a directory, an unwritable place, a file the run reads
+(the source, a resumed session, the model) or one file for two outputs is exit 2 with one line,
+and nothing is created. A file that already exists is replaced only once the source has
+delivered its first frame (`files.OutputFile`, `files.keep_existing`): a run that fails at its
+start leaves earlier results as they were.
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ class AnnotateOutput(Stage):
         if Path(self.path).suffix.lower() not in CONTAINERS:
             raise FatalError(f"{self.path}: the annotated video must be one of {', '.join(CONTAINERS)}",
                              exit_code=2)
-        self._vtt = open_for_writing(self.vtt_path, "WebVTT")
+        self._vtt = open_for_writing(self.vtt_path, "WebVTT", self.handle)
         self._vtt.write("WEBVTT\n\n")
         self._vtt.flush()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="annotate")

@@ -35,7 +35,7 @@ class ChaptersVttOutput(Stage):
         self._earlier = list(archive.chapters)
 
     async def start(self) -> None:
-        self._f = open_for_writing(self.path, "chapters")
+        self._f = open_for_writing(self.path, "chapters", self.handle)
         self._f.write("WEBVTT\n\n")
         self._f.flush()
         for ch in self._earlier:
@@ -107,7 +107,7 @@ class SummaryMarkdownOutput(Stage):
         self.narrations = list(archive.narrations)
 
     async def start(self) -> None:
-        self._f = open_for_writing(self.path, "summary")  # a bad path fails before any work
+        self._f = open_for_writing(self.path, "summary", self.handle)  # a bad path fails before any work
 
     def _write(self, summary: Summary | None) -> None:
         if self._f is None or self.written:

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import IO
 
+from framecast.config import check_output_clashes, output_paths, same_path_key
 from framecast.errors import FatalError, UserError
 
 
@@ -26,9 +27,131 @@ def check_output_path(path: str, what: str) -> None:
         raise UserError(f"{path}: cannot write {what} output: permission denied")
 
 
-def open_for_writing(path: str, stage: str) -> IO[str]:
-    """Open (truncate) an output file, line buffered. A missing directory is not created."""
-    try:
-        return open(Path(path), "w", encoding="utf-8", buffering=1, newline="\n")  # line buffered
-    except OSError as e:
-        raise FatalError(f"{path}: cannot write {stage} output: {e.strerror or e}", exit_code=2) from None
+def _input_files(cfg) -> list[tuple[str, str]]:
+    """The local files a run reads: `(dotted key, path)` (a URL, a camera or the demo has none)."""
+    from urllib.parse import unquote, urlsplit
+
+    out = []
+    uri = cfg.source.uri
+    if uri.lower().startswith("file://"):
+        out.append(("source.uri", unquote(urlsplit(uri).path)))
+    elif uri != "demo" and "://" not in uri and not uri.startswith(("camera:", "/dev/video")):
+        out.append(("source.uri", uri))
+    for key, path in (("session.resume", cfg.session.resume), ("model.path", cfg.model.path),
+                      ("model.mmproj", cfg.model.mmproj)):
+        if path and os.path.isfile(path):
+            out.append((key, path))
+    return out
+
+
+def _same_file(a: str, b: str) -> bool:
+    if same_path_key(a) == same_path_key(b):
+        return True
+    try:  # hard links (and anything else the file system knows is one file)
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def check_run_outputs(configs: list) -> None:
+    """The one up-front check of every file a run (all its streams) will write, before the
+    model loads or any source opens: each path must be writable (`check_output_path`), no output
+    may be a file the run reads (the source video, the session it resumes, the model), and no
+    two outputs may be one file (same path, a symbolic or a hard link). `session.state_file` is
+    read and written by design, and `outputs.session` may replace the session it resumes (it is
+    read first and written by a rename). Raises UserError (exit 2) with one line; nothing is
+    created or truncated then."""
+    check_output_clashes(configs)
+    written: list[tuple[str, str, str]] = []
+    for cfg in configs:
+        sid = cfg.source.stream_id
+        for key, path, what in output_paths(cfg):
+            check_output_path(path, what if len(configs) == 1 else f"{what} (stream {sid})")
+            for in_key, in_path in _input_files(cfg):
+                if key in ("session.state_file", "outputs.session") and in_key == "session.resume":
+                    continue
+                if _same_file(path, in_path):
+                    raise UserError(f"{path}: {key} is the file {in_key} reads: writing it would destroy the "
+                                    "input (give the output another name)")
+            for other_key, other_path, other_sid in written:
+                if _same_file(path, other_path):
+                    whose = f" of stream {other_sid!r}" if other_sid != sid else ""
+                    raise UserError(f"{path}: {key} is the same file as {other_key}{whose} "
+                                    "(give each output its own file)")
+            written.append((key, path, sid))
+    for cfg in configs:  # several streams: one stream's output must not be another's input
+        for other in configs:
+            if other is cfg:
+                continue
+            for key, path, _what in output_paths(cfg):
+                for in_key, in_path in _input_files(other):
+                    if _same_file(path, in_path):
+                        raise UserError(f"{path}: {key} of stream {cfg.source.stream_id!r} is the file {in_key} of "
+                                        f"stream {other.source.stream_id!r} reads (give the output another name)")
+
+
+def frames_read(handle: object) -> int:
+    """Frames the run's source has delivered (outside a runtime: taken as started)."""
+    return getattr(handle, "frames_read", 1) if handle is not None else 1
+
+
+def keep_existing(path: str | Path, handle: object) -> bool:
+    """Whether a whole-file output must leave `path` alone: it exists and the run has not read
+    its first frame (it failed or was stopped at its start), so there is nothing to replace it with."""
+    return frames_read(handle) == 0 and os.path.lexists(path)
+
+
+class OutputFile:
+    """A text output file that destroys nothing until the run has something to put in it.
+
+    A new path is created at once (line buffered). A file that already exists is not
+    truncated until the run's source delivers its first frame: what is written before that
+    (a `running` status, a header) waits in memory and goes out then. A run that ends before
+    its first frame leaves an existing file exactly as it was, and its buffered lines are
+    dropped. `flush` and `close` are safe to call at any time."""
+
+    def __init__(self, path: str, stage: str, handle: object = None):
+        self.path, self.stage, self.handle = path, stage, handle
+        self._buf: list[str] = []
+        self._f: IO[str] | None = None
+        self.kept = False  # an existing file was left alone (the run read no frame)
+        if not os.path.lexists(path):
+            self._open()
+
+    def _open(self) -> None:
+        try:
+            self._f = open(Path(self.path), "w", encoding="utf-8", buffering=1, newline="\n")
+        except OSError as e:
+            raise FatalError(f"{self.path}: cannot write {self.stage} output: {e.strerror or e}", exit_code=2) from None
+        if self._buf:
+            self._f.write("".join(self._buf))
+            self._buf.clear()
+
+    def write(self, text: str) -> int:
+        if self._f is None and frames_read(self.handle) > 0:
+            self._open()
+        if self._f is None:
+            self._buf.append(text)
+        else:
+            self._f.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        if self._f is not None:
+            self._f.flush()
+
+    def close(self) -> None:
+        if self._f is None and frames_read(self.handle) > 0:
+            self._open()  # what was buffered (e.g. a WebVTT header) replaces the earlier file
+        if self._f is None:
+            self.kept = bool(self._buf) or os.path.lexists(self.path)
+            self._buf.clear()
+            return
+        self._f.close()
+
+
+def open_for_writing(path: str, stage: str, handle: object = None) -> OutputFile:
+    """Open an output file for writing, line buffered; a missing directory is not created. With
+    the stage's `handle`, an existing file is truncated only once the run has read a frame
+    (`OutputFile`). Raises FatalError (exit 2, one line) when the file cannot be opened."""
+    return OutputFile(path, stage, handle)

@@ -21,7 +21,7 @@ class JsonlOutput(Stage):
         self._f: IO[str] | None = None
 
     async def start(self) -> None:
-        self._f = open_for_writing(self.path, "JSONL")
+        self._f = open_for_writing(self.path, "JSONL", self.handle)
 
     def write(self, ev: Event) -> None:
         if self._f is None:

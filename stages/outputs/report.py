@@ -30,7 +30,7 @@ import numpy as np
 
 from framecast.events import Answer, Event, Frame, Narration, Status
 from framecast.runtime import Stage
-from framecast.stages.outputs.files import open_for_writing
+from framecast.stages.outputs.files import keep_existing, open_for_writing
 from framecast.stages.outputs.report_page import PAGE_SCRIPT, PAGE_STYLE
 from framecast.stages.outputs.state import clock
 from framecast.stages.outputs.subtitles import DEFAULT_LAST_CUE_S, cue_text, subtitle_time
@@ -95,7 +95,7 @@ class ReportOutput(Stage):
         self.writes = 0
 
     async def start(self) -> None:
-        open_for_writing(self.path, "HTML report").close()  # a bad path fails now, with one line
+        open_for_writing(self.path, "HTML report", self.handle).close()  # a bad path fails now, with one line
         self.write()
 
     # -- events
@@ -152,6 +152,8 @@ class ReportOutput(Stage):
     # -- the page
 
     def write(self) -> None:
+        if keep_existing(self.path, self.handle):  # no frame yet: an earlier report stays as it was
+            return
         tmp = Path(f"{self.path}.tmp")
         tmp.write_text(self.render(), encoding="utf-8")
         os.replace(tmp, self.path)

@@ -67,7 +67,7 @@ class SubtitleOutput(Stage):
         self._media_end: float | None = None  # from the eof status: the last cue lasts until then
 
     async def start(self) -> None:
-        self._f = open_for_writing(self.path, self.fmt.upper())
+        self._f = open_for_writing(self.path, self.fmt.upper(), self.handle)
         if self.fmt == "vtt":
             self._f.write("WEBVTT\n\n")
             self._f.flush()
