@@ -28,7 +28,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from framecast.events import Answer, Event, Frame, Narration, Status
+from framecast.events import Answer, Event, Frame, Narration, Status, plural
 from framecast.runtime import Stage
 from framecast.stages.outputs.files import open_for_writing
 from framecast.stages.outputs.report_page import PAGE_SCRIPT, PAGE_STYLE
@@ -182,8 +182,8 @@ class ReportOutput(Stage):
         e = html.escape
         made = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         meta = [e(self.source_text) if self.source_text else "",
-                f"{len(self.narrations)} narrations",
-                f"{len(self.chapters)} chapters" if self.chapters else "",
+                plural(len(self.narrations), "narration"),
+                plural(len(self.chapters), "chapter") if self.chapters else "",
                 f"length {clock(self.duration)}" if self.duration else "", f"made {made}"]
         parts = [f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
                  f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
