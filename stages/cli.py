@@ -336,8 +336,8 @@ def _cmd_config(a: argparse.Namespace) -> int:
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
-    from framecast.stages.app import run_main
     from framecast.config import load_config
+    from framecast.stages.app import run_main
 
     return run_main(load_config(a.config, _run_overrides(a)))
 

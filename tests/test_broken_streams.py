@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from framecast.stages.cli import main
 from video_fixtures import write_video
 
@@ -72,8 +71,8 @@ def test_console_to_a_closed_stdout_is_quiet(media):
 
 
 @pytest.mark.parametrize("cmd", ["framecast config show | head -1", "framecast config list | head -c 1",
-                                 "framecast run --help | head -1", "framecast run --capture-only --source ok.mp4 "
-                                 "--max-frames 5 | head -1"])
+                                 "framecast run --help | head -1",
+                                 "framecast run --capture-only --source ok.mp4 --max-frames 5 | head -1"])
 def test_stdout_reader_leaving_is_not_a_traceback(media, cmd):
     r = sh(f"{cmd} >/dev/null; echo rc=${{PIPESTATUS[0]}}", media)
     assert r.stdout.strip() == "rc=0" and r.stderr == "", r.stderr
@@ -125,10 +124,14 @@ def test_convert_onto_an_existing_file_is_one_line(capsys, tmp_path, make):
 
 def test_ctrl_c_while_starting_exits_130_without_a_traceback(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    for delay in (0.15, 0.3, 0.6):
+    t0 = time.monotonic()  # the bare interpreter's start-up (site) is before any of our code runs
+    subprocess.run([sys.executable, "-c", "pass"], env=env, check=True)
+    boot = time.monotonic() - t0
+    for delay in (boot + 0.05, boot + 0.2, boot + 0.6):
         p = subprocess.Popen([sys.executable, "-m", "framecast", "run", "--capture-only", "--no-console"],
                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(delay)
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=60)
-        assert p.returncode == 130 and "Traceback" not in err, (delay, err)
+        # -SIGINT: the signal came before the interpreter took it over (the shell shows 130 too)
+        assert p.returncode in (130, -signal.SIGINT) and "Traceback" not in err, (delay, p.returncode, err)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from framecast.config import split_stream_uri
 from framecast.stages.cli import build_parser, main
 from video_fixtures import write_video
@@ -134,3 +133,12 @@ def test_worker_and_submit_help_shows_defaults(command):
     for action in sub._actions:
         if action.option_strings and action.dest != "help":
             assert action.help and ("default:" in action.help or "required" in action.help), action.option_strings
+
+
+@pytest.mark.parametrize("key, value", [("session.state_file", ""), ("source.uri", "x.mp4"),
+                                        ("outputs.console", "false")])
+def test_a_refused_job_setting_is_not_listed_as_allowed(capsys, key, value):
+    assert main(["submit", "--mqtt", "mqtt://127.0.0.1:9", "--set", f"{key}={value}", "demo"]) == 2
+    line = one_line(capsys)
+    allowed, _, refused = line.partition("except")
+    assert key in refused, line

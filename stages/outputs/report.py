@@ -28,6 +28,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from framecast.errors import FatalError
 from framecast.events import Answer, Event, Frame, Narration, Status, plural
 from framecast.runtime import Stage
 from framecast.stages.outputs.files import open_for_writing
@@ -91,7 +92,7 @@ class ReportOutput(Stage):
         self.media_end: float | None = None  # where the input ended (the last cue lasts until then)
         self._ring: collections.deque[tuple[float | None, np.ndarray]] = collections.deque(maxlen=THUMB_RING)
         self._last_write = 0.0
-        self._dirty = False
+        self._dirty = self._failed = False
         self.writes = 0
 
     async def start(self) -> None:
@@ -152,9 +153,18 @@ class ReportOutput(Stage):
     # -- the page
 
     def write(self) -> None:
+        """Write the page atomically. Raises FatalError (one line) when it cannot be written
+        (a full disk): an output that can no longer write ends the run."""
+        if self._failed:
+            return
         tmp = Path(f"{self.path}.tmp")
-        tmp.write_text(self.render(), encoding="utf-8")
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text(self.render(), encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError as e:
+            self._failed = True
+            tmp.unlink(missing_ok=True)
+            raise FatalError(f"{self.path}: cannot write HTML report output: {e.strerror or e}") from None
         self._last_write, self._dirty = time.monotonic(), False
         self.writes += 1
 
