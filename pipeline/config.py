@@ -59,7 +59,8 @@ def check_source_uri(uri: str) -> str:
         parts.port  # noqa: B018 -- raises for a bad port
     except ValueError as e:
         raise ValueError(f"not a valid URL: {e}") from None
-    if scheme != "file" and not parts.hostname:
+    # udp://@:1234, tcp://:1234?listen and srt://:1234?mode=listener listen without a host
+    if scheme in ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https") and not parts.hostname:
         raise ValueError(f"a {scheme} URL needs a host: {scheme}://host/path")
     return uri
 

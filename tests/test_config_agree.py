@@ -142,3 +142,12 @@ def test_a_refused_job_setting_is_not_listed_as_allowed(capsys, key, value):
     line = one_line(capsys)
     allowed, _, refused = line.partition("except")
     assert key in refused, line
+
+
+@pytest.mark.parametrize("uri", ["udp://@:1234", "tcp://:1234?listen", "srt://:9000?mode=listener",
+                                 "rtsp://user:pass@cam.lan:554/s", "camera:/dev/video0", "/dev/video0", "clip:2.mp4",
+                                 "file:///v/take%232.mp4"])
+def test_valid_source_forms_pass_the_config(uri):
+    from framecast.config import SourceConfig
+
+    assert SourceConfig(uri=uri).uri == uri
