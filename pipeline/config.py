@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import tomllib
 import typing
 from importlib.resources import files
@@ -24,6 +25,66 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDic
 
 # Presets ship as package data (`configs/` installs as `framecast.configs`), so a wheel has them too.
 CONFIGS_DIR = Path(str(files("framecast.configs")))
+# URL schemes a source may use (stages/sources picks the capture stage from them)
+SOURCE_NETWORK_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "tcp", "srt")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+_CAMERA = re.compile(r"^camera:(\d+|/.+)$")
+
+
+def check_source_uri(uri: str) -> str:
+    """The form of a source URI, checked without touching the file or network: not empty, a
+    supported scheme (`scheme://…` with a host for network ones), `camera:N`/`camera:/path`.
+    Raises ValueError (one line) otherwise. A file's existence is checked when the run starts."""
+    from urllib.parse import urlsplit
+
+    if not uri.strip():
+        raise ValueError("empty source (give demo, a file, camera:N or a URL)")
+    if uri == "demo" or _CAMERA.match(uri):
+        return uri
+    if uri.startswith("camera:"):
+        raise ValueError("camera sources are camera:N (a device index) or camera:/path, e.g. camera:0")
+    m = _SCHEME.match(uri)
+    if not m or os.path.exists(uri):  # a plain path (even one with a colon that exists)
+        return uri
+    scheme = m.group(1).lower()
+    if scheme not in (*SOURCE_NETWORK_SCHEMES, "file"):
+        if "://" not in uri:
+            return uri  # e.g. `clip:2.mp4`, a file name with a colon (reported missing at start)
+        raise ValueError(f"unsupported source scheme '{scheme}://' "
+                         f"(use demo, a file, camera:N or {', '.join(s + '://' for s in SOURCE_NETWORK_SCHEMES)})")
+    if not uri[m.end():].startswith("//"):
+        raise ValueError(f"a {scheme} URL is {scheme}://host/path")
+    try:
+        parts = urlsplit(uri)
+        parts.port  # noqa: B018 -- raises for a bad port
+    except ValueError as e:
+        raise ValueError(f"not a valid URL: {e}") from None
+    # udp://@:1234, tcp://:1234?listen and srt://:1234?mode=listener listen without a host
+    if scheme in ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https") and not parts.hostname:
+        raise ValueError(f"a {scheme} URL needs a host: {scheme}://host/path")
+    return uri
+
+
+def check_mqtt_url(url: str | None) -> str | None:
+    """`mqtt://[user[:pass]@]host[:port]` or `mqtts://…`: the form only (ValueError, one line)."""
+    from urllib.parse import urlsplit
+
+    if url is None:
+        return None
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 -- raises for a bad port
+    except ValueError as e:
+        raise ValueError(f"not a valid URL: {e}") from None
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise ValueError("scheme must be mqtt:// or mqtts://")
+    if not parts.hostname:
+        raise ValueError("no host (use mqtt://user:pass@host:port)")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError("unexpected path or query (use mqtt://user:pass@host:port)")
+    return url
+
+
 STREAM_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 ENV_PREFIX = "FRAMECAST_"  # FRAMECAST_<GROUP>__<KEY>, e.g. FRAMECAST_MQTT__URL
 ENV_NESTED_DELIMITER = "__"
@@ -50,7 +111,7 @@ class SourceConfig(Group):
     # synthetic demo source
     width: int = Field(default=448, ge=16, le=4096)
     height: int = Field(default=448, ge=16, le=4096)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**63)
     duration: float | None = Field(default=None, gt=0)  # demo: seconds of video (None = endless)
     # live sources
     watchdog_s: float = Field(default=5.0, gt=0)  # no frame for this long => reconnect
@@ -66,6 +127,11 @@ class SourceConfig(Group):
         if v is not None and v <= start:
             raise ValueError(f"must be after source.start ({start:g})")
         return v
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_form(cls, v: str) -> str:
+        return check_source_uri(v)
 
     @field_validator("stream_id")
     @classmethod
@@ -88,6 +154,13 @@ class ModelConfig(Group):
     mmproj: str | None = None  # vision GGUF that goes with a .gguf language model
     dtype: Literal["float32", "float16", "bfloat16"] | None = None  # None = as stored
     max_slice_nums: int = Field(default=1, ge=1, le=9)  # 1 = one view per frame (streaming)
+
+    @field_validator("mmproj")
+    @classmethod
+    def _mmproj_needs_a_model(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is not None and info.data.get("path") is None:
+            raise ValueError("a vision .gguf goes with a .gguf language model: give model.path (--model) too")
+        return v
 
 
 class SessionConfig(Group):
@@ -183,6 +256,11 @@ class MqttConfig(Group):
     max_pending_questions: int = Field(default=32, ge=1)  # more => answered "busy"
     question_timeout_s: float = Field(default=120.0, gt=0)  # unanswered => error answer
 
+    @field_validator("url")
+    @classmethod
+    def _url_form(cls, v: str | None) -> str | None:
+        return check_mqtt_url(v)
+
     @field_validator("prefix", "ha_prefix")
     @classmethod
     def _safe_prefix(cls, v: str) -> str:
@@ -235,20 +313,31 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _hide_password(value: Any) -> Any:
+    """`scheme://user:secret@host` -> `scheme://user:***@host` (error messages only)."""
+    if isinstance(value, str):
+        return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:]*:)[^/@]*@", r"\1***@", value)
+    return value
+
+
 def _one_line(e: ValidationError, origin: str) -> str:
     """The first problem as one line: `<file>: <dotted.key> = <value>: <why>`."""
     err = e.errors()[0]
     key = ".".join(str(p) for p in err["loc"])
-    value = err.get("input")
+    value = _hide_password(err.get("input"))
     if err["type"] == "extra_forbidden":
         return f"{origin}: unknown key '{key}' = {_short(value)}"
     msg = err["msg"].removeprefix("Value error, ")
+    if key.endswith("source.uri") and isinstance(value, str) and value:  # the source first, as at run time
+        return f"{value}: {msg} ({origin}: {key})"
     if not key:
         return f"{origin}: {msg}"
     return f"{origin}: {key} = {_short(value)}: {msg}"
 
 
 def _read_file(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a config file (TOML or YAML)")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     text = path.read_text(encoding="utf-8", errors="replace")
@@ -430,9 +519,24 @@ def check_output_clashes(configs: list[RunConfig], origin: str = "config") -> No
             raise ConfigError(f"{origin}: {key} = {path!r}: the same file as {other_key} (give each output its own)")
 
 
+def local_path(uri: str) -> str:
+    """The file a source URI names: `file://` URIs percent-decoded (`file:///v/take%232.mp4` ->
+    `/v/take#2.mp4`), anything else as given."""
+    from urllib.parse import unquote
+
+    if uri[:7].lower() == "file://":
+        rest = uri[7:]
+        return unquote(rest[rest.index("/"):] if "/" in rest else rest)  # drop a `localhost` authority
+    return uri
+
+
 def split_stream_uri(raw: str) -> tuple[str, str | None]:
-    """`URI#id` -> (URI, id); a fragment that is not a valid stream id stays part of the URI."""
+    """`URI#id` -> (URI, id). Not split when the whole of `raw` names an existing file (a file
+    name may contain `#`: `take#2.mp4`), and a fragment that is not a valid stream id stays part
+    of the URI."""
     uri, sep, frag = raw.rpartition("#")
+    if os.path.exists(local_path(raw)):
+        return raw, None
     if sep and uri and frag and set(frag) <= STREAM_ID_CHARS and len(frag) <= 64:
         return uri, frag
     return raw, None

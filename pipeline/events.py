@@ -22,6 +22,11 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+
+def plural(n: int | float, noun: str) -> str:
+    """`1 frame`, `2 frames`, `0 chapters` (English count wording for messages)."""
+    return f"{n:g} {noun}" if n == 1 else f"{n:g} {noun}s"
+
 SCHEMA_VERSION = 1
 
 

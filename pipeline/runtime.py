@@ -340,7 +340,10 @@ class Runtime:
     def _record_error(self, err: Error) -> None:
         self.errors.append(err)
         if self.on_error:
-            self.on_error(err)
+            try:
+                self.on_error(err)
+            except Exception:  # noqa: BLE001 -- e.g. stderr is a closed pipe or a full disk:
+                pass  # reporting must never change how the run ends, or leave a stage task dead
 
     def report(self, err: Error) -> None:
         """Record an error a stage sends downstream itself (e.g. a non-fatal capture warning)."""
@@ -351,9 +354,9 @@ class Runtime:
     def fail(self, message: str, *, stage: str, exit_code: int = 1) -> Error:
         """Record a fatal error and stop the graph (nothing produced so far is lost)."""
         err = Error(text=message, stage=stage, fatal=True, stream_id=self.stream_id)
-        self._record_error(err)
-        self._exit_code = self._exit_code or exit_code
+        self._exit_code = self._exit_code or exit_code  # before reporting: the outcome is settled first
         self.request_stop("fatal")
+        self._record_error(err)
         return err
 
     # -- tasks
@@ -557,6 +560,9 @@ class Runtime:
                 continue
             if not task.cancelled() and task.exception() is not None:
                 e = task.exception()  # closing must never hide the rest
+                if isinstance(e, FatalError):  # e.g. the end marker could not be written: disk full
+                    self.fail(str(e), stage=st.name, exit_code=e.exit_code)
+                    continue
                 self._record_error(Error(text=f"close failed: {type(e).__name__}: {e}", stage=st.name,
                                          stream_id=self.stream_id))
 

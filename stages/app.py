@@ -172,7 +172,8 @@ def _analysis_stages(cfg: RunConfig, stages: list[Stage], *, file_input: bool) -
     for key, value, wanted in (("outputs.summary", cfg.outputs.summary, want_summary),
                                ("outputs.session", cfg.outputs.session, True)):
         if value and wanted and session is None:
-            raise UserError(f"{key} = {value!r}: needs a model, and this run has none (capture-only)")
+            raise UserError(f"{key} = {value!r}: needs a model, and a capture-only run has none "
+                            f"(turn it off with --set {key}= , or drop --capture-only)")
     out: list[Stage] = []
     turns = None
     if session is not None and (want_chapters or want_summary):

@@ -7,6 +7,8 @@ Subcommands: run, config check, convert, generate, ask, worker, submit. User err
 from __future__ import annotations
 
 import argparse
+import io
+import os
 import sys
 from typing import Any
 
@@ -265,43 +267,57 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--mqtt-key", metavar="FILE", help="private key of --mqtt-cert (default: none)")
 
     w = sub.add_parser("worker", help="take jobs (or live streams) from an MQTT broker, with other workers")
-    w.add_argument("--mqtt", required=True, help="mqtt://user:pass@host:port or mqtts://… (MQTT 5)")
+    w.add_argument("--mqtt", required=True, help="mqtt://user:pass@host:port or mqtts://… (MQTT 5) (required)")
     w.add_argument("--group", default="framecast",
-                   help="shared-subscription group: the workers of one prefix share its jobs (one group per prefix)")
-    w.add_argument("--worker-id", help="stable name of this worker (its persistent session); default: host name")
-    w.add_argument("--prefix", default="framecast")
-    w.add_argument("--streams", action="store_true", help="run live streams from <prefix>/streams instead of jobs")
-    w.add_argument("--config", help="TOML/YAML file or preset: the base of every job / stream run")
-    w.add_argument("--set", action="append", metavar="GROUP.KEY=VALUE", help="override a config key (repeatable)")
-    w.add_argument("--capture-only", action="store_true", help="no model (capture, scene changes, outputs)")
-    w.add_argument("--model", help="the model every job uses (loaded once)")
-    w.add_argument("--mmproj")
-    w.add_argument("--max-attempts", type=int, default=3, help="give a job up after this many lost workers")
-    w.add_argument("--output-dir", metavar="DIR", help="job output files (outputs.jsonl/srt/vtt) go under DIR")
+                   help="shared-subscription group: the workers of one prefix share its jobs (one group per prefix) "
+                        "(default: %(default)s)")
+    w.add_argument("--worker-id", help="stable name of this worker (its persistent session) (default: the host name)")
+    w.add_argument("--prefix", default="framecast", help="MQTT topic prefix (default: %(default)s)")
+    w.add_argument("--streams", action="store_true",
+                   help="run live streams from <prefix>/streams instead of jobs (default: off, jobs)")
+    w.add_argument("--config", help="TOML/YAML file or preset: the base of every job / stream run (default: none)")
+    w.add_argument("--set", action="append", metavar="GROUP.KEY=VALUE",
+                   help="override a config key (repeatable) (default: none)")
+    w.add_argument("--capture-only", action="store_true",
+                   help="no model (capture, scene changes, outputs) (default: off)")
+    w.add_argument("--model", help="the model every job uses (loaded once) (default: the embedded demo model)")
+    w.add_argument("--mmproj", help="vision .gguf for a .gguf language model (default: none)")
+    w.add_argument("--max-attempts", type=int, default=3,
+                   help="give a job up after this many lost workers (default: %(default)s)")
+    w.add_argument("--output-dir", metavar="DIR",
+                   help="job output files go under DIR (default: none, the paths as the job gives them)")
     w.add_argument("--reap-after", type=float, default=60.0, metavar="S",
-                   help="move the queued jobs of a worker gone this long back to the queue (0: never)")
+                   help="move the queued jobs of a worker gone this long back to the queue (0: never) "
+                        "(default: %(default)g)")
     w.add_argument("--session-expiry", type=int, default=3600, metavar="S",
-                   help="the broker keeps this worker's queued jobs this long while it is away")
-    w.add_argument("--keepalive", type=int, default=10, metavar="S", help="MQTT keepalive (loss noticed after 1.5x)")
-    w.add_argument("--mqtt-ca")
-    w.add_argument("--mqtt-cert")
-    w.add_argument("--mqtt-key")
+                   help="the broker keeps this worker's queued jobs this long while it is away (default: %(default)s)")
+    w.add_argument("--keepalive", type=int, default=10, metavar="S",
+                   help="MQTT keepalive (loss noticed after 1.5x) (default: %(default)s)")
+    w.add_argument("--mqtt-ca", metavar="FILE", help="CA certificate for mqtts:// (default: the system's)")
+    w.add_argument("--mqtt-cert", metavar="FILE", help="client certificate for mqtts:// (default: none)")
+    w.add_argument("--mqtt-key", metavar="FILE", help="private key of --mqtt-cert (default: none)")
 
     sb = sub.add_parser("submit", help="queue recorded videos for the workers (or publish the live stream list)")
     sb.add_argument("files", nargs="*", metavar="FILE", help="video files, URLs or `demo`")
-    sb.add_argument("--mqtt", required=True)
-    sb.add_argument("--prefix", default="framecast")
-    sb.add_argument("--wait", action="store_true", help="print results and wait until every job is done")
-    sb.add_argument("--timeout", type=float, default=3600.0, metavar="S", help="--wait gives up after S s")
+    sb.add_argument("--mqtt", required=True, metavar="URL",
+                    help="the broker the workers use: mqtt://user:pass@host:port or mqtts://… (required)")
+    sb.add_argument("--prefix", default="framecast", help="MQTT topic prefix of the workers (default: %(default)s)")
+    sb.add_argument("--wait", action="store_true",
+                    help="print results and wait until every job is done (default: off, return once queued)")
+    sb.add_argument("--timeout", type=float, default=3600.0, metavar="S",
+                    help="--wait gives up after S s (default: %(default)g)")
     sb.add_argument("--set", action="append", metavar="GROUP.KEY=VALUE",
-                    help="a job setting (source.*, change.*, narration.*, outputs.*, session.*)")
-    sb.add_argument("--as-is", action="store_true", help="send paths unchanged (they exist only on the workers)")
-    sb.add_argument("--force", action="store_true", help="submit even if no job worker has joined the prefix")
+                    help="a job setting (source.*, change.*, narration.*, outputs.*, session.*) (default: none)")
+    sb.add_argument("--as-is", action="store_true",
+                    help="send paths unchanged (they exist only on the workers) (default: off, made absolute)")
+    sb.add_argument("--force", action="store_true",
+                    help="submit even if no job worker has joined the prefix (default: refused)")
     sb.add_argument("--stream", action="append", metavar="ID=SOURCE",
-                    help="publish the retained live-stream list instead (repeatable; replaces the list)")
-    sb.add_argument("--mqtt-ca")
-    sb.add_argument("--mqtt-cert")
-    sb.add_argument("--mqtt-key")
+                    help="publish the retained live-stream list instead (repeatable; replaces the list) "
+                         "(default: none)")
+    sb.add_argument("--mqtt-ca", metavar="FILE", help="CA certificate for mqtts:// (default: the system's)")
+    sb.add_argument("--mqtt-cert", metavar="FILE", help="client certificate for mqtts:// (default: none)")
+    sb.add_argument("--mqtt-key", metavar="FILE", help="private key of --mqtt-cert (default: none)")
     return p
 
 
@@ -320,8 +336,8 @@ def _cmd_config(a: argparse.Namespace) -> int:
 
 
 def _cmd_run(a: argparse.Namespace) -> int:
-    from framecast.stages.app import run_main
     from framecast.config import load_config
+    from framecast.stages.app import run_main
 
     return run_main(load_config(a.config, _run_overrides(a)))
 
@@ -342,6 +358,8 @@ def _cmd_generate(a: argparse.Namespace) -> int:
 def _cmd_ask(a: argparse.Namespace) -> int:
     if (a.mqtt is None) == (a.session is None):
         raise UserError("ask: give either --mqtt URL (a running stream) or --session FILE.fcs (a saved one)")
+    if a.max_tokens is not None and a.max_tokens < 1:
+        raise UserError(f"--max-tokens {a.max_tokens}: must be at least 1")
     if a.session is not None:
         from framecast.stages.app import ask_session_main
 
@@ -385,11 +403,14 @@ def _cmd_worker(a: argparse.Namespace) -> int:
 
 
 def _cmd_submit(a: argparse.Namespace) -> int:
+    from framecast.config import load_config
     from framecast.stages.mqtt.client import TlsFiles
     from framecast.stages.mqtt.submit import submit_main
 
+    settings = _sets(a.set)
+    load_config(None, settings, env=False)  # a job setting the workers would refuse fails here, before it is queued
     return submit_main(a.mqtt, a.files, prefix=a.prefix, wait=a.wait, timeout=a.timeout,
-                       settings=_sets(a.set), tls=TlsFiles(a.mqtt_ca, a.mqtt_cert, a.mqtt_key), as_is=a.as_is,
+                       settings=settings, tls=TlsFiles(a.mqtt_ca, a.mqtt_cert, a.mqtt_key), as_is=a.as_is,
                        streams=a.stream, require_worker=not a.force)
 
 
@@ -397,15 +418,88 @@ COMMANDS = {"run": _cmd_run, "config": _cmd_config, "convert": _cmd_convert,
             "generate": _cmd_generate, "ask": _cmd_ask, "worker": _cmd_worker, "submit": _cmd_submit}
 
 
+class _SafeStream(io.TextIOBase):
+    """stdout/stderr as this process may find them: a pipe whose reader left (`| head`), a full
+    disk (`2>/dev/full`), or closed (`>&-`). A failed write points the descriptor at /dev/null
+    (so the interpreter's final flush cannot fail either) and every later write is dropped: a
+    message that cannot be shown must never change how a run ends, or hang it."""
+
+    def __init__(self, stream: Any):
+        self._stream = stream
+        self.gone = stream is None
+
+    def _drop(self) -> None:
+        self.gone = True
+        try:
+            fd = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(fd, self._stream.fileno())
+            os.close(fd)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                return self._stream.write(text)
+            except (OSError, ValueError):
+                self._drop()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self._drop()
+
+    def isatty(self) -> bool:
+        try:
+            return not self.gone and bool(self._stream.isatty())
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def fileno(self) -> int:
+        if self._stream is None:
+            raise OSError("stream closed")
+        return self._stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self._stream, "encoding", None) or "utf-8"
+
+    @property
+    def errors(self) -> str | None:  # type: ignore[override]
+        return getattr(self._stream, "errors", None)
+
+    @property
+    def closed(self) -> bool:  # type: ignore[override]
+        return False
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:  # the process's own stream is not ours to close
+        pass
+
+    def __getattr__(self, name: str) -> Any:  # buffer, ...
+        return getattr(self._stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _SafeStream(sys.stdout), _SafeStream(sys.stderr)
     try:
+        args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except UserError as e:
         print(f"framecast: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # also during start-up (imports, parsing)
         return 130
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        sys.stdout, sys.stderr = saved
 
 
 if __name__ == "__main__":

@@ -623,7 +623,7 @@ def test_progress_bar_shows_speed_and_narrations():
 
     asyncio.run(feed())
     text = bar.bar_text()
-    assert re.search(r" \d+(\.\d)?x 1 narrations$", text) and "ETA" in text and "fps" in text
+    assert re.search(r" \d+(\.\d)?x 1 narration$", text) and "ETA" in text and "fps" in text
 
 
 def test_console_lines_for_chapters_and_the_summary():

@@ -89,6 +89,8 @@ def convert_model(src: str, out: str, *, mmproj: str | None = None, bits: int | 
     if bits not in (None, 4, 8):
         raise UserError(f"--bits {bits}: choose 4 or 8")
     out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: output exists and is not a directory (give a new or empty directory)")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir}: output directory exists and is not empty")
     model = load_model(src, mmproj=mmproj, dtype=dtype)
@@ -97,7 +99,10 @@ def convert_model(src: str, out: str, *, mmproj: str | None = None, bits: int | 
     weights = dict(tree_flatten(module.parameters()))
     mx.eval(weights)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out_dir}: cannot create the output directory: {e.strerror or e}") from None
     config = _config_of(model)
     config[MLX_FORMAT_KEY] = MLX_FORMAT_VERSION
     config.pop("quantization", None)

@@ -119,8 +119,9 @@ def flat_settings(settings: dict[str, Any], job_id: str | None = None) -> dict[s
         if "." not in key:
             raise JobRejected(f"job setting {key!r}: expected group.key, e.g. narration.interval_s", job_id)
         if key in _FORBIDDEN or not key.startswith(_ALLOWED):
-            raise JobRejected(f"job setting {key!r} is the worker's to choose (a job may set "
-                              "source.*, change.*, narration.*, outputs.*, session.*, runtime.capture_only)", job_id)
+            raise JobRejected(f"job setting {key!r} is the worker's to choose (a job may set source.*, change.*, "
+                              "narration.*, outputs.*, session.* and runtime.capture_only, except "
+                              f"{', '.join(sorted(_FORBIDDEN))})", job_id)
     return out
 
 

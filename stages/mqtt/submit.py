@@ -43,6 +43,8 @@ def job_source(item: str, *, as_is: bool) -> str:
     if item == "demo" or "://" in item or as_is:
         return item
     path = Path(item)
+    if path.is_dir():
+        raise UserError(f"{item}: is a directory, not a video file")
     if not path.is_file():
         raise UserError(f"{item}: no such file (use --as-is for paths that exist only on the workers)")
     return str(path.resolve())

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import IO
 
-from framecast.config import OutputsConfig
+from framecast.config import OutputsConfig, local_path
 from framecast.errors import UserError
 from framecast.runtime import Stage
 from framecast.stages.outputs.annotate import CONTAINERS, AnnotateOutput, vtt_beside
@@ -46,8 +46,8 @@ def local_video_file(uri: str | None) -> str | None:
     """The file behind a source URI when it is a local recording (for the report's video)."""
     if not uri or uri == "demo" or uri.startswith(("camera:", "/dev/video")):
         return None
-    if uri.startswith("file://"):
-        uri = uri[len("file://"):]
+    if uri[:7].lower() == "file://":
+        uri = local_path(uri)
     elif "://" in uri:
         return None
     return uri if Path(uri).is_file() else None

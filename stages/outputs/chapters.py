@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import IO, AsyncIterator
 
 from framecast.engine.text_turns import clock
-from framecast.events import Chapter, Event, Narration, Summary
+from framecast.events import Chapter, Event, Narration, Summary, plural
 from framecast.runtime import Stage
 from framecast.stages.chapters import belongs, midpoint
 from framecast.stages.outputs.files import open_for_writing
@@ -67,8 +67,8 @@ def summary_markdown(summary: Summary | None, chapters: list[Chapter], narration
     out = [f"# Summary{': ' + source if source else ''}", ""]
     if summary is not None:
         out += [summary.text.strip() or "(empty)", ""]
-        facts = [f"{clock(summary.pts_start)}-{clock(summary.pts_end)}", f"{summary.chapters} chapters",
-                 f"{summary.narrations} narrations"]
+        facts = [f"{clock(summary.pts_start)}-{clock(summary.pts_end)}", plural(summary.chapters, "chapter"),
+                 plural(summary.narrations, "narration")]
         if summary.levels > 1:
             facts.append(f"summarised in {summary.levels} levels")
         if summary.realtime:

@@ -16,7 +16,7 @@ import time
 from typing import IO, AsyncIterator
 
 from framecast.events import (Answer, Chapter, Error, Event, Flush, Frame, Metrics, Narration,
-                              NarrationDelta, SceneChange, Status, Summary)
+                              NarrationDelta, SceneChange, Status, Summary, plural)
 from framecast.runtime import Stage
 from framecast.stages.outputs.state import StreamState, clock
 
@@ -125,14 +125,14 @@ class ConsoleOutput(Stage):
         s = self.state
         elapsed = time.monotonic() - s.started
         fps = s.frames / elapsed if elapsed > 0 else 0.0
-        said = f" {s.narrations} narrations" if s.narrations else ""
+        said = f" {plural(s.narrations, 'narration')}" if s.narrations else ""
         frac = s.fraction
         if frac is not None:
             eta = elapsed * (1 - frac) / frac if frac > 0 else None
             filled = int(frac * PROGRESS_WIDTH)
             return (f"[{'#' * filled}{'.' * (PROGRESS_WIDTH - filled)}] {frac * 100:3.0f}% "
                     f"{clock(s.pts)}/{clock(s.duration)} ETA {clock(eta)} {fps:.1f} fps {s.speed:.1f}x{said}")
-        return f"{s.frames} frames {clock(s.pts)} {fps:.1f} fps {s.speed:.1f}x{said}"
+        return f"{plural(s.frames, 'frame')} {clock(s.pts)} {fps:.1f} fps {s.speed:.1f}x{said}"
 
     def _draw_bar(self, *, force: bool = False) -> None:
         if not self.progress or self.view is not None or self.state.frames == 0:

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import IO
 
-from framecast.config import check_output_clashes, output_paths, same_path_key
+from framecast.config import check_output_clashes, local_path, output_paths, same_path_key
 from framecast.errors import FatalError, UserError
 
 
@@ -29,12 +29,10 @@ def check_output_path(path: str, what: str) -> None:
 
 def _input_files(cfg) -> list[tuple[str, str]]:
     """The local files a run reads: `(dotted key, path)` (a URL, a camera or the demo has none)."""
-    from urllib.parse import unquote, urlsplit
-
     out = []
     uri = cfg.source.uri
     if uri.lower().startswith("file://"):
-        out.append(("source.uri", unquote(urlsplit(uri).path)))
+        out.append(("source.uri", local_path(uri)))
     elif uri != "demo" and "://" not in uri and not uri.startswith(("camera:", "/dev/video")):
         out.append(("source.uri", uri))
     for key, path in (("session.resume", cfg.session.resume), ("model.path", cfg.model.path),
@@ -102,19 +100,24 @@ def keep_existing(path: str | Path, handle: object) -> bool:
 
 
 class OutputFile:
-    """A text output file that destroys nothing until the run has something to put in it.
+    """A text output file that destroys nothing until the run has something to put in it, and
+    reports a failure to write once.
 
     A new path is created at once (line buffered). A file that already exists is not
     truncated until the run's source delivers its first frame: what is written before that
     (a `running` status, a header) waits in memory and goes out then. A run that ends before
     its first frame leaves an existing file exactly as it was, and its buffered lines are
-    dropped. `flush` and `close` are safe to call at any time."""
+    dropped. The first failed write (disk full, I/O error, a device that refuses data) raises
+    one `FatalError` naming the file (an output that can no longer write ends the run) and
+    makes every later write, flush and close a quiet no-op, so closing the other outputs goes
+    on. `flush` and `close` are safe to call at any time."""
 
     def __init__(self, path: str, stage: str, handle: object = None):
         self.path, self.stage, self.handle = path, stage, handle
         self._buf: list[str] = []
         self._f: IO[str] | None = None
         self.kept = False  # an existing file was left alone (the run read no frame)
+        self.failed = False
         if not os.path.lexists(path):
             self._open()
 
@@ -124,34 +127,65 @@ class OutputFile:
         except OSError as e:
             raise FatalError(f"{self.path}: cannot write {self.stage} output: {e.strerror or e}", exit_code=2) from None
         if self._buf:
-            self._f.write("".join(self._buf))
-            self._buf.clear()
+            pending, self._buf = "".join(self._buf), []
+            self._write(pending)
+
+    def _fail(self, e: OSError) -> FatalError:
+        self.failed = True
+        try:
+            if self._f is not None:
+                self._f.close()
+        except OSError:
+            pass  # the buffered rest cannot be written either; the failure is already reported
+        return FatalError(f"{self.path}: cannot write {self.stage} output: {e.strerror or e}")
+
+    def _write(self, text: str) -> int:
+        assert self._f is not None
+        try:
+            return self._f.write(text)
+        except OSError as e:
+            raise self._fail(e) from None
 
     def write(self, text: str) -> int:
+        if self.failed:
+            return 0
         if self._f is None and frames_read(self.handle) > 0:
             self._open()
         if self._f is None:
             self._buf.append(text)
-        else:
-            self._f.write(text)
-        return len(text)
+            return len(text)
+        return self._write(text)
 
     def flush(self) -> None:
-        if self._f is not None:
+        if self.failed or self._f is None:
+            return
+        try:
             self._f.flush()
+        except OSError as e:
+            raise self._fail(e) from None
 
     def close(self) -> None:
+        if self.failed:
+            return
         if self._f is None and frames_read(self.handle) > 0:
             self._open()  # what was buffered (e.g. a WebVTT header) replaces the earlier file
         if self._f is None:
             self.kept = bool(self._buf) or os.path.lexists(self.path)
             self._buf.clear()
             return
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError as e:
+            raise self._fail(e) from None
+
+    @property
+    def closed(self) -> bool:
+        return self.failed or (self._f is not None and self._f.closed)
 
 
 def open_for_writing(path: str, stage: str, handle: object = None) -> OutputFile:
     """Open an output file for writing, line buffered; a missing directory is not created. With
     the stage's `handle`, an existing file is truncated only once the run has read a frame
-    (`OutputFile`). Raises FatalError (exit 2, one line) when the file cannot be opened."""
+    (`OutputFile`). Raises FatalError (exit 2, one line) when the file cannot be opened, and
+    once (exit 1) when a write fails."""
     return OutputFile(path, stage, handle)

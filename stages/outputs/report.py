@@ -28,7 +28,8 @@ from urllib.parse import quote
 
 import numpy as np
 
-from framecast.events import Answer, Event, Frame, Narration, Status
+from framecast.errors import FatalError
+from framecast.events import Answer, Event, Frame, Narration, Status, plural
 from framecast.runtime import Stage
 from framecast.stages.outputs.files import keep_existing, open_for_writing
 from framecast.stages.outputs.report_page import PAGE_SCRIPT, PAGE_STYLE
@@ -91,7 +92,7 @@ class ReportOutput(Stage):
         self.media_end: float | None = None  # where the input ended (the last cue lasts until then)
         self._ring: collections.deque[tuple[float | None, np.ndarray]] = collections.deque(maxlen=THUMB_RING)
         self._last_write = 0.0
-        self._dirty = False
+        self._dirty = self._failed = False
         self.writes = 0
 
     async def start(self) -> None:
@@ -152,11 +153,19 @@ class ReportOutput(Stage):
     # -- the page
 
     def write(self) -> None:
-        if keep_existing(self.path, self.handle):  # no frame yet: an earlier report stays as it was
+        """Write the page atomically. Raises FatalError (one line) when it cannot be written
+        (a full disk): an output that can no longer write ends the run. Before the first frame an
+        earlier report stays as it was."""
+        if self._failed or keep_existing(self.path, self.handle):
             return
         tmp = Path(f"{self.path}.tmp")
-        tmp.write_text(self.render(), encoding="utf-8")
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text(self.render(), encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError as e:
+            self._failed = True
+            tmp.unlink(missing_ok=True)
+            raise FatalError(f"{self.path}: cannot write HTML report output: {e.strerror or e}") from None
         self._last_write, self._dirty = time.monotonic(), False
         self.writes += 1
 
@@ -184,8 +193,8 @@ class ReportOutput(Stage):
         e = html.escape
         made = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         meta = [e(self.source_text) if self.source_text else "",
-                f"{len(self.narrations)} narrations",
-                f"{len(self.chapters)} chapters" if self.chapters else "",
+                plural(len(self.narrations), "narration"),
+                plural(len(self.chapters), "chapter") if self.chapters else "",
                 f"length {clock(self.duration)}" if self.duration else "", f"made {made}"]
         parts = [f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
                  f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"

@@ -17,12 +17,12 @@ import os
 import re
 from urllib.parse import urlsplit
 
-from framecast.config import SourceConfig
+from framecast.config import SOURCE_NETWORK_SCHEMES, SourceConfig, local_path
 from framecast.errors import UserError
 from framecast.stages.sources.base import CaptureSource
 
 RECORDING_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".wmv", ".mpg", ".mpeg")
-NETWORK_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "tcp", "srt")
+NETWORK_SCHEMES = SOURCE_NETWORK_SCHEMES
 _CAMERA = re.compile(r"^camera:(\d+|/.+)$")
 _DEVICE = re.compile(r"^/dev/video\d+$")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -51,7 +51,7 @@ def source_kind(uri: str) -> str:
 
 
 def _file_path(uri: str) -> str:
-    path = urlsplit(uri).path if uri.lower().startswith("file://") else uri
+    path = local_path(uri)
     if not os.path.exists(path):
         raise UserError(f"{path}: no such file")
     if os.path.isdir(path):

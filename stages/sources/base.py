@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 import numpy as np
 
 from framecast.config import SourceConfig
-from framecast.events import Event, Frame, Status
+from framecast.events import Event, Frame, Status, plural
 from framecast.runtime import Source
 
 #: how often a blocked reader thread re-checks its stop flag (s)
@@ -261,7 +261,8 @@ class CaptureSource(Source):
         # An eof status carries, as its pts, the media time where the input ended (the end of
         # its last frame) when the source knows it: closing narrations and subtitles use it.
         end = self.end_pts(by_limit=limit is not None and n >= limit) if state == "eof" else None
-        yield self.make_status(state, f"{self.uri}: {state} after {n} frames", pts=end, **self._final_counts())
+        yield self.make_status(state, f"{self.uri}: {state} after {plural(n, 'frame')}", pts=end,
+                               **self._final_counts())
 
     def end_pts(self, *, by_limit: bool) -> float | None:
         """Media time where the input ended (s), or None when unknown. `by_limit`: max_frames."""

@@ -19,9 +19,8 @@ from __future__ import annotations
 import hashlib
 import os
 from typing import Any
-from urllib.parse import urlsplit
 
-from framecast.config import SourceConfig
+from framecast.config import SourceConfig, local_path
 from framecast.errors import UserError
 
 FIRST_PACKETS = 10
@@ -66,7 +65,7 @@ def fingerprint(uri: str, cfg: SourceConfig | None = None) -> dict[str, Any]:
 
     kind = source_kind(uri)
     if kind == "file":
-        path = urlsplit(uri).path if uri.lower().startswith("file://") else uri
+        path = local_path(uri)
         return _file_fingerprint(path)
     if kind == "demo":
         cfg = cfg or SourceConfig()
