@@ -682,3 +682,76 @@ def test_content_offline_answers_per_chapter(analysed, capsys, k):
     assert _says(ask(f"what colour is the {shape} in chapter {k}?"), colour)
     assert _says(ask(f"what shape is the {colour} object in chapter {k}?"), shape)
     assert any(_says(ask(f"how many shapes do you see in chapter {k}?"), w) for w in NUMBER_WORDS[count])
+
+
+# ---------------------------------------------------------------- the end is where reading stopped (QA 5)
+
+@pytest.mark.parametrize("events,stopped_by,end", [
+    ([Status(state="running", duration=10.0), 0, 1, 2, 3, Status(state="eof", pts=4.0)], "eos", 4.0),  # max_frames
+    ([Status(state="running", duration=10.0), 0, 1, 2, 3, Status(state="eof", pts=9.98)], "eos", 10.0),  # read to end
+    ([Status(state="running", duration=10.0), 0, 1, 2, 3], "eos", 10.0),  # no eof pts: the file's length
+    ([Status(state="running", duration=10.0), 0, 1, 2, 3, Status(state="stopped")], "signal", 4.0),  # Ctrl-C
+    ([Status(state="running", duration=10.0), 0, 1, 2], "fatal", 3.0),
+    ([Status(state="running")], "eos", None),  # no frame: no end
+])
+def test_media_end_is_where_reading_stopped(events, stopped_by, end):
+    from framecast.stages.media_end import MediaEnd
+
+    m = MediaEnd()
+    for ev in events:
+        m.see(_frames({}, ev + 1)[-1] if isinstance(ev, int) else ev)
+    assert m.end(stopped_by) == end
+
+
+def test_chapters_and_summary_end_at_the_eof_pts_not_the_duration():
+    from framecast.stages.summary import SummaryStage
+
+    frames = _frames({2.0: True}, 4)
+    items = [Status(state="running", duration=20.0), *frames, Status(state="eof", pts=4.0)]
+    got = asyncio.run(_feed(ChapterStage(ChaptersConfig(cut_threshold=0, min_s=1.0)), items))
+    assert got[-1].pts_end == 4.0
+    stage = SummaryStage(None, None)  # no turns needed to follow the media span
+
+    async def feed():
+        for it in items:
+            [e async for e in stage.process(it)]
+    asyncio.run(feed())
+    assert stage.media_end() == 4.0
+
+
+@pytest.mark.parametrize("args,end", [(["--max-frames", "4"], 4.0), (["--max-frames", "7"], 7.0),
+                                      (["--end", "5"], 5.0)])
+def test_capture_only_chapters_end_where_reading_stopped(videos, tmp_path, args, end):
+    assert main(["run", "--capture-only", "--source", str(videos[0]), "--fps", "1", "--no-console", *args,
+                 "--jsonl", str(tmp_path / "o.jsonl"), "--chapters", str(tmp_path / "c.vtt")]) == 0
+    ev = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    (ch,) = [e for e in ev if e["type"] == "chapter"]
+    assert ch["pts_end"] == pytest.approx(end)
+    (eof,) = [e for e in ev if e["type"] == "status" and e["state"] == "eof"]
+    assert eof["pts"] == pytest.approx(end)
+
+
+def test_demo_source_max_frames_ends_after_the_last_frame(tmp_path):
+    assert main(["run", "--capture-only", "--source", "demo", "--max-frames", "3", "--fps", "2", "--no-console",
+                 "--jsonl", str(tmp_path / "o.jsonl")]) == 0
+    ev = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    (eof,) = [e for e in ev if e["type"] == "status" and e["state"] == "eof"]
+    assert eof["pts"] == pytest.approx(1.5)
+
+
+@needs_demo
+def test_max_frames_session_ends_where_reading_stopped_and_resumes(videos, tmp_path, capsys):
+    a_fcs = str(tmp_path / "a.fcs")
+    assert main(["run", "--source", str(videos[0]), "--fps", "1", "--max-frames", "4", "--no-console",
+                 "--save-session", a_fcs, "--chapters", str(tmp_path / "c.vtt")]) == 0
+    a = read_archive(tmp_path / "a.fcs")
+    assert a.manifest["media_end"] == pytest.approx(4.0) and a.manifest["cache_window"][1] == pytest.approx(4.0)
+    assert a.chapters[-1].pts_end == pytest.approx(4.0)
+    if a.summary is not None:
+        assert a.summary.pts_end == pytest.approx(4.0)
+    capsys.readouterr()
+    assert main(["run", "--source", str(videos[0]), "--fps", "1", "--max-frames", "2", "--no-console",
+                 "--resume", a_fcs, "--jsonl", str(tmp_path / "b.jsonl")]) == 0, capsys.readouterr().err
+    ev = [json.loads(x) for x in (tmp_path / "b.jsonl").read_text().splitlines()]
+    (eof,) = [e for e in ev if e["type"] == "status" and e["state"] == "eof"]
+    assert eof["pts"] == pytest.approx(6.0)  # continued from 4 s, two more frames

@@ -246,6 +246,7 @@ class CaptureSource(Source):
     async def frames(self) -> AsyncIterator[Event]:
         limit = self.cfg.max_frames
         n = 0
+        last: list[float] = []  # the last two frame pts (for a limit the source cannot place)
         gen = self.capture()
         async with contextlib.aclosing(gen):
             async for ev in gen:
@@ -254,13 +255,18 @@ class CaptureSource(Source):
                         break
                     n += 1
                     self.count("frames")
+                    if ev.pts is not None:
+                        last = [*last[-1:], ev.pts]
                 yield ev
                 if self.stopping.is_set() or (limit is not None and n >= limit):
                     break
         state = "stopped" if self.stopping.is_set() else "eof"
         # An eof status carries, as its pts, the media time where the input ended (the end of
         # its last frame) when the source knows it: closing narrations and subtitles use it.
-        end = self.end_pts(by_limit=limit is not None and n >= limit) if state == "eof" else None
+        by_limit = limit is not None and n >= limit
+        end = self.end_pts(by_limit=by_limit) if state == "eof" else None
+        if end is None and by_limit and last:  # reading stopped here, whatever the media's length
+            end = round(last[-1] + (last[-1] - last[0] if len(last) == 2 else 0.0), 6)
         yield self.make_status(state, f"{self.uri}: {state} after {n} frames", pts=end, **self._final_counts())
 
     def end_pts(self, *, by_limit: bool) -> float | None:
