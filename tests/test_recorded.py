@@ -755,3 +755,37 @@ def test_max_frames_session_ends_where_reading_stopped_and_resumes(videos, tmp_p
     ev = [json.loads(x) for x in (tmp_path / "b.jsonl").read_text().splitlines()]
     (eof,) = [e for e in ev if e["type"] == "status" and e["state"] == "eof"]
     assert eof["pts"] == pytest.approx(6.0)  # continued from 4 s, two more frames
+
+
+# ---------------------------------------------------------------- times outside the session (QA 14)
+
+@pytest.mark.parametrize("q,named", [
+    ("what happened between 5:00 and 6:00?", "5:00-6:00"), ("what was there at 99 s?", "1:39"),
+    ("what did you see at 0:45?", "0:45"), ("what was there at 2 min?", "2:00"),
+])
+def test_a_time_outside_the_session_is_refused(q, named):
+    with pytest.raises(UserError, match=f"question names {named}, but this session covers 0:00-0:30"):
+        time_reference(q, _chapters(), 30.0)
+    with pytest.raises(UserError, match=f"question names {named}, but this session covers 0:00-0:30"):
+        time_reference(q, [], 30.0)
+
+
+def test_a_time_before_the_session_start_is_refused_and_spans_are_cut_to_the_session():
+    with pytest.raises(UserError, match="question names 0:02, but this session covers 0:10-0:30"):
+        time_reference("what was there at 0:02?", [], 30.0, media_start=10.0)
+    ref = time_reference("what happened between 0:25 and 0:50?", [], 30.0)
+    assert (ref.start, ref.end) == (25.0, 30.0)
+    ref = time_reference("what was there at 0:30?", _chapters(), 30.0)  # the very end still counts
+    assert ref.chapter.index == 3
+
+
+@needs_demo
+@pytest.mark.parametrize("q", ["what happened between 5:00 and 6:00?", "what was there at 99 s?"])
+def test_ask_session_refuses_a_time_outside_it_with_one_line(tmp_path, capsys, q):
+    fcs = tmp_path / "d.fcs"
+    assert main(["run", "--source", "demo", "--max-frames", "3", "--fps", "1", "--no-console",
+                 "--save-session", str(fcs)]) == 0
+    rc, out, err = ask_here(capsys, "--session", str(fcs), q)
+    assert rc == 2 and out == ""
+    (line,) = err.strip().splitlines()
+    assert "question names" in line and "but this session covers 0:00-0:03" in line
