@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -217,3 +219,42 @@ def test_camera_through_opencv_with_a_path(mp4):
     idx = [index_of(f.pixels) for f in frames]
     assert idx == sorted(set(idx)) and frames[0].pixels.shape == (48, 64, 3)
     assert frames[0].pixels[-1, -1].min() > 200  # RGB, upright
+
+
+# ---------------------------------------------------------------- passwords in source URLs (QA 7)
+
+@pytest.mark.parametrize("text,shown", [
+    ("rtsp://user:secret@127.0.0.1:9/x", "rtsp://user:***@127.0.0.1:9/x"),
+    ("http://u:p%40ss@host/v.mp4: cannot open", "http://u:***@host/v.mp4: cannot open"),
+    ("mqtts://bob:s3cr@t@broker:8883", "mqtts://bob:***@broker:8883"),  # an unescaped @ in the password
+    ("rtsp://user@host/x and rtsp://a:b@h/y", "rtsp://user@host/x and rtsp://a:***@h/y"),
+    ("no url at all", "no url at all"), ("'rtmp://k:v@h/live'", "'rtmp://k:***@h/live'"),
+])
+def test_redact_hides_every_password(text, shown):
+    from framecast.redact import redact_text
+
+    assert redact_text(text) == shown
+
+
+def test_status_and_error_texts_never_carry_a_password():
+    from framecast.events import Error, Status
+
+    assert "secret" not in Error(text="ffmpeg: rtsp://u:secret@h/x refused").text
+    assert "secret" not in Status(state="starting", text="rtsp://u:secret@h/x: connecting").text
+    from framecast.stages.mqtt.client import parse_mqtt_url
+    from framecast.errors import UserError
+    with pytest.raises(UserError) as e:
+        parse_mqtt_url("ftp://u:secret@h")
+    assert "secret" not in str(e.value) and "u:***@h" in str(e.value)
+
+
+@pytest.mark.parametrize("uri", ["rtsp://user:secret@127.0.0.1:9/x", "http://user:secret@127.0.0.1:9/x.mp4",
+                                 "rtmp://user:secret@127.0.0.1:9/live"])
+def test_a_source_password_reaches_neither_stderr_nor_the_jsonl(tmp_path, uri):
+    out = tmp_path / "pw.jsonl"
+    p = subprocess.run([sys.executable, "-m", "framecast", "run", "--capture-only", "--no-console", "--source", uri,
+                        "--jsonl", str(out)], capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0
+    assert "secret" not in p.stderr and "secret" not in p.stdout and "user:***@" in p.stderr
+    text = out.read_text()
+    assert "secret" not in text and "user:***@" in text

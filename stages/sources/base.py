@@ -23,6 +23,7 @@ import numpy as np
 
 from framecast.config import SourceConfig
 from framecast.events import Event, Frame, Status
+from framecast.redact import redact_url
 from framecast.runtime import Source
 
 #: how often a blocked reader thread re-checks its stop flag (s)
@@ -204,7 +205,7 @@ class CaptureSource(Source):
     def __init__(self, cfg: SourceConfig, *, name: str = "source"):
         super().__init__(name=name)
         self.cfg = cfg
-        self.uri = cfg.uri
+        self.uri = redact_url(cfg.uri)  # for messages; the real URI stays in cfg.uri
         self.stream_id = cfg.stream_id
         self._frame_seq = 0
         self._status_seq = 0

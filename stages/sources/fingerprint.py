@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from framecast.config import SourceConfig
 from framecast.errors import UserError
+from framecast.redact import redact_url
 
 FIRST_PACKETS = 10
 DURATION_TOL_S = 0.01
@@ -71,7 +72,7 @@ def fingerprint(uri: str, cfg: SourceConfig | None = None) -> dict[str, Any]:
     if kind == "demo":
         cfg = cfg or SourceConfig()
         return {"kind": "demo", "seed": cfg.seed, "width": cfg.width, "height": cfg.height}
-    return {"kind": kind, "uri": uri}
+    return {"kind": kind, "uri": redact_url(uri)}  # saved sessions never hold a password
 
 
 def describe(fp: dict[str, Any]) -> str:
