@@ -211,6 +211,12 @@ class CaptureSource(Source):
         self._status_seq = 0
         self._pace_origin: tuple[float, float] | None = None  # (wall, pts) of the first paced frame
 
+    @property
+    def endless(self) -> bool:
+        """Whether the input may never end by itself (a camera, a stream): such a source is a
+        stream, not a job. A paced replay of a file (`live`) still ends with the file."""
+        return bool(getattr(self, "live", False))
+
     # ---- helpers for subclasses
 
     def count(self, key: str, n: int = 1) -> None:

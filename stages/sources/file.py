@@ -137,6 +137,7 @@ def mp4_problem(path: str) -> str | None:
 
 class FileSource(CaptureSource):
     name = "file"
+    endless = False  # a file ends, paced (`source.realtime`) or not
 
     def __init__(self, cfg: SourceConfig, path: str, *, remote: bool = False):
         super().__init__(cfg, name="file")
