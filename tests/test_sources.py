@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from framecast.config import SourceConfig
+from framecast.events import Frame
 from framecast.runtime import Runtime
 from framecast.stages.sources import make_source
 from framecast.stages.sources.scene import SceneGenerator
@@ -258,3 +259,42 @@ def test_a_source_password_reaches_neither_stderr_nor_the_jsonl(tmp_path, uri):
     assert "secret" not in p.stderr and "secret" not in p.stdout and "user:***@" in p.stderr
     text = out.read_text()
     assert "secret" not in text and "user:***@" in text
+
+
+# ---------------------------------------------------------------- drops in the final status (README)
+
+class _Slow(Collect):
+    def __init__(self, delay: float):
+        super().__init__()
+        self.delay = delay
+
+    async def process(self, item):
+        if isinstance(item, Frame) and self.delay:
+            await asyncio.sleep(self.delay)
+        async for ev in super().process(item):
+            yield ev
+
+
+@pytest.mark.parametrize("delay,some", [(0.0, False), (0.25, True)])
+def test_final_status_of_a_live_source_counts_drops(delay, some):
+    src = make_source(SourceConfig(uri="demo", realtime=True, fps=20.0, width=64, height=64))
+    sink = _Slow(delay)
+    rt = Runtime(src, [sink], edge_size=2)
+
+    async def scenario():
+        task = asyncio.create_task(rt.run(handle_signals=False))
+        await asyncio.sleep(1.5)
+        rt.request_stop("stop")
+        return await task
+
+    asyncio.run(scenario())
+    final = sink.statuses()[-1]
+    assert final.state == "stopped" and isinstance(final.drops, int)
+    assert (final.drops > 0) is some
+
+
+def test_final_status_of_a_file_leaves_drops_out(tmp_path):
+    video = write_video(tmp_path / "v.mp4", n=5)
+    sink = Collect()
+    asyncio.run(Runtime(make_source(SourceConfig(uri=str(video))), [sink]).run(handle_signals=False))
+    assert sink.statuses()[-1].state == "eof" and sink.statuses()[-1].drops is None

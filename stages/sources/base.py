@@ -287,8 +287,11 @@ class CaptureSource(Source):
             out["reconnects"] = int(e["reconnects"])
         if "bad_frames" in e:
             out["bad_frames"] = int(e["bad_frames"])
-        if "drops" in e:
-            out["drops"] = int(e["drops"])
+        if "drops" in e or getattr(self, "live", False):
+            # live input: the frames this source's reader dropped plus those dropped on the
+            # graph's edges (a slow stage), 0 when none was (the final status always says)
+            edges = self.handle.frames_dropped() if getattr(self, "handle", None) is not None else 0
+            out["drops"] = int(e.get("drops", 0)) + int(edges)
         if "discontinuities" in e:
             out["discontinuities"] = int(e["discontinuities"])
         return out
