@@ -789,3 +789,31 @@ def test_ask_session_refuses_a_time_outside_it_with_one_line(tmp_path, capsys, q
     assert rc == 2 and out == ""
     (line,) = err.strip().splitlines()
     assert "question names" in line and "but this session covers 0:00-0:03" in line
+
+
+# ---------------------------------------------------------------- summary.md without chapters (README)
+
+def _narrs(n: int) -> list[Narration]:
+    return [Narration(text=f"line {k}", pts=2.0 * k + 2, pts_start=2.0 * k, pts_end=2.0 * k + 2) for k in range(n)]
+
+
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_summary_file_without_chapters_lists_the_narrations(n):
+    from framecast.stages.outputs.chapters import summary_markdown
+
+    s = Summary(text="what happened", pts_start=0.0, pts_end=2.0 * n, chapters=0, narrations=n)
+    md = summary_markdown(s, [], _narrs(n))
+    assert "0 chapters" not in md and "chapters" not in md.split("\n## ")[0].splitlines()[-1]
+    assert f"{n} narration{'' if n == 1 else 's'}" in md and "## Narrations" in md
+    assert [ln for ln in md.splitlines() if ln.startswith("- [")] == [f"- [{clock(2.0 * k)}] line {k}"
+                                                                        for k in range(n)]
+
+
+def test_summary_file_with_chapters_keeps_its_figures_and_sections():
+    from framecast.stages.outputs.chapters import summary_markdown
+
+    chs = [Chapter(text="one", index=1, pts_start=0.0, pts_end=4.0)]
+    s = Summary(text="x", pts_start=0.0, pts_end=4.0, chapters=1, narrations=2)
+    md = summary_markdown(s, chs, _narrs(2))
+    assert "*0:00-0:04, 1 chapter, 2 narrations*" in md and "## Chapters" in md and "## Narrations" not in md
+    assert md.count("- [") == 2
