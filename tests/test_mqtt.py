@@ -559,3 +559,16 @@ def test_bad_questions_are_answered_at_once_and_recorded_in_the_jsonl(broker, tm
     recorded = [e for e in lines if e["type"] == "answer" and e.get("error")]
     assert len(recorded) == len(bad)  # the files record the error answers too (README)
     rec.close()
+
+
+def test_a_source_password_never_reaches_the_bus(broker):
+    """Statuses and errors of a source with a password in its URL reach the bus redacted."""
+    rec = Recorder(broker.port, [f"{P}/#"])
+    bus = MqttStage(bus_cfg(broker.url), stream_id=STREAM)
+    src = make_source(SourceConfig(uri="rtsp://user:secret@127.0.0.1:9/x", stream_id=STREAM, open_timeout_s=2))
+    result = asyncio.run(Runtime(src, [bus], stream_id=STREAM).run(handle_signals=False))
+    assert result.exit_code != 0
+    assert rec.wait_for(lambda ms: any(m.topic == topic("event") or m.topic == topic("status") for m in ms), 5)
+    payloads = b"".join(m.payload for m in rec.messages)
+    assert b"secret" not in payloads and b"user:***@127.0.0.1" in payloads
+    rec.close()

@@ -32,7 +32,7 @@ from typing import Any, AsyncIterator
 from framecast.config import RunConfig
 from framecast.errors import UserError
 from framecast.events import EndOfStream, Error, Event, Frame, Metrics, NarrationDelta, Status
-from framecast.redact import redact_url
+from framecast.redact import redact_text, redact_url
 from framecast.runtime import Runtime, Stage
 from framecast.stages.mqtt.client import BusClient, BusDisconnected, BusMessage, BusPublishRefused, TlsFiles
 from framecast.stages.mqtt.fleet import FleetMember, default_worker_id, read_retained
@@ -347,7 +347,8 @@ class JobWorker(FleetMember):
         elapsed = time.monotonic() - t0
         await self.publish(self.topics.job(job.job_id, "done"),
                            job_done(job.job_id, ok=ok, results=results, worker=self.worker_id,
-                                    attempt=job.attempt, elapsed_s=elapsed, error=error, undelivered=undelivered))
+                                    attempt=job.attempt, elapsed_s=elapsed,
+                                    error=redact_text(error) if error else error, undelivered=undelivered))
         await self.publish(self.topics.job(job.job_id, "status"),
                            job_status(job.job_id, "done" if ok else "error", worker=self.worker_id,
                                       attempt=job.attempt, results=results, error=error))
