@@ -20,7 +20,9 @@ from datetime import datetime, timezone
 from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from framecast.redact import redact_text
 
 
 def plural(n: int | float, noun: str) -> str:
@@ -206,6 +208,8 @@ class Status(Event):
     #: set by the bus: messages it could not deliver so far (too large, refused, evicted, unsent)
     undelivered: int | None = None
 
+    _no_passwords = field_validator("text")(lambda cls, v: redact_text(v))  # a source URL's password
+
 
 class Metrics(Event):
     """Per-stage figures: {stage: {items, drops, queue_depth, latency_ms_p50, ...}}."""
@@ -221,6 +225,8 @@ class Error(Event):
     text: str
     stage: str = ""
     fatal: bool = False
+
+    _no_passwords = field_validator("text")(lambda cls, v: redact_text(v))  # FFmpeg repeats the URL
 
 
 # ---------------------------------------------------------------- control

@@ -157,6 +157,11 @@ class StageHandle:
         itself: it may be what empties the edges)."""
         await self._runtime.inject(event, force=force)
 
+    async def inject_answer(self, event: Event) -> None:
+        """Send an answer made outside the answering stage (an error answer) to the stages
+        after it, at once: it never waits behind frames or for room on an edge."""
+        await self._runtime.inject_after_answerers(event)
+
     @property
     def answers_questions(self) -> bool:
         """Whether some stage of the graph answers `Question`s (declares `answers_questions`)."""
@@ -292,6 +297,14 @@ class Runtime:
             st._out = self.edges[i] if i < len(self.edges) else None
 
     # -- control from outside (signals, MQTT questions, tests)
+
+    async def inject_after_answerers(self, msg: Event) -> None:
+        """Put `msg` on the edge just after the last stage that answers questions (so the
+        outputs see it next), never waiting for room: an error answer to a refused question
+        must neither queue behind frames nor stall the code that refuses questions."""
+        k = max((i + 1 for i, st in enumerate(self.stages) if getattr(st, "answers_questions", False)), default=0)
+        if k < len(self.edges):
+            await self.edges[k].put(msg, force=True)
 
     async def inject(self, msg: Event, *, force: bool = False) -> None:
         """Put a control message (or data) at the head of the chain, after the source. `force`:

@@ -14,6 +14,7 @@ from typing import IO, Any
 from framecast.config import RunConfig
 from framecast.errors import UserError
 from framecast.events import Error
+from framecast.redact import redact_url
 from framecast.runtime import Runtime, Source, Stage
 
 
@@ -201,7 +202,7 @@ def _analysis_stages(cfg: RunConfig, stages: list[Stage], *, file_input: bool) -
             if model[key] and os.path.exists(model[key]):
                 model[key] = os.path.abspath(model[key])
         manifest = {"model": model, "session": settings, "narration": cfg.narration.model_dump(),
-                    "source_uri": cfg.source.uri}
+                    "source_uri": redact_url(cfg.source.uri)}
         out.append(SessionArchiveStage(cfg.outputs.session, session, manifest=manifest,
                                        fingerprint=fingerprint(cfg.source.uri, cfg.source),
                                        stream_id=cfg.source.stream_id))

@@ -71,10 +71,12 @@ def _chapter_at(t: float, chapters: Sequence[Chapter]) -> Chapter | None:
     return None
 
 
-def time_reference(question: str, chapters: Sequence[Chapter], media_end: float | None) -> TimeRef | None:
+def time_reference(question: str, chapters: Sequence[Chapter], media_end: float | None, *,
+                   media_start: float = 0.0) -> TimeRef | None:
     """The span a question names, or None. Chapters by number or ordinal; times as m:ss, h:mm:ss,
     `N s`/`N seconds`/`N min` (the chapter around it, else `AROUND_S` either side); two times =
-    a span; `at the start` / `at the end`. A chapter the session does not have: UserError."""
+    a span; `at the start` / `at the end`. A chapter the session does not have, or a time outside
+    `media_start`..`media_end` (s, `END_TOL_S` either side): UserError."""
     end = media_end if media_end is not None else (chapters[-1].pts_end if chapters else None)
     m = _CHAPTER_N.search(question) or _NTH_CHAPTER.search(question)
     if m:
@@ -86,8 +88,15 @@ def time_reference(question: str, chapters: Sequence[Chapter], media_end: float 
         c = chapters[n - 1]
         return TimeRef(c.pts_start, c.pts_end, c)
     times = [_seconds(x) for x in _TIME.finditer(question)]
+    if times and end is not None:
+        a, b = sorted(times[:2]) if len(times) >= 2 else (times[0], times[0])
+        if a > end + END_TOL_S or b < media_start - END_TOL_S:
+            named = clock(a) if a == b else f"{clock(a)}-{clock(b)}"
+            raise UserError(f"question names {named}, but this session covers {clock(media_start)}-{clock(end)}")
     if len(times) >= 2:
         a, b = sorted(times[:2])
+        if end is not None:  # a span reaching past the session: what the session has of it
+            a, b = max(a, media_start), min(b, max(end, media_start))
         return TimeRef(a, b, _chapter_at(a, chapters))
     if len(times) == 1:
         c = _chapter_at(times[0], chapters)
@@ -106,7 +115,11 @@ def plan(question: str, archive: Archive) -> tuple[str, float | None, float | No
     """(basis, span start, span end, chapter): `cache` or `narration log`, and what it draws on."""
     m = archive.manifest
     w0, w1 = (m.get("cache_window") or [None, None])[:2]
-    ref = time_reference(question, archive.chapters, m.get("media_end"))
+    starts = [archive.chapters[0].pts_start] if archive.chapters else []
+    starts += [n.pts_start if n.pts_start is not None else n.pts for n in archive.narrations[:1]]
+    starts += [w0] if w0 is not None else []
+    starts = [t for t in starts if t is not None]
+    ref = time_reference(question, archive.chapters, m.get("media_end"), media_start=min(starts, default=0.0))
     if ref is None:
         return "cache", w0, w1, None
     newest = w0 is not None and w1 is not None and ref.start >= w0 - 1e-3 and ref.end >= w1 - END_TOL_S

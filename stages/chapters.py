@@ -35,6 +35,7 @@ from framecast.config import ChaptersConfig
 from framecast.engine.prompts import CHAPTER_TITLE_PROMPT
 from framecast.engine.text_turns import LogLine, TextTurns, dedupe, narration_lines, thin
 from framecast.events import Chapter, Event, Frame, Narration, Status
+from framecast.stages.media_end import MediaEnd
 from framecast.runtime import Stage
 
 #: scene changes this close to `min_s` still count (frame times are rounded by the container)
@@ -103,7 +104,7 @@ class ChapterStage(Stage):
         self._held: list[_Span] = []
         self._last_pts: float | None = None
         self._frame_dt: float | None = None  # media time between sampled frames (last seen)
-        self._duration: float | None = None
+        self._end = MediaEnd()
         self._hist: np.ndarray | None = None  # colour histogram of the previous frame
         self.chapters: list[Chapter] = []
         self.title_s = 0.0
@@ -200,19 +201,13 @@ class ChapterStage(Stage):
                 yield await self._emit(self._held.pop(0))
         elif isinstance(item, Narration):
             self._on_narration(item)
-        elif isinstance(item, Status) and item.duration is not None:
-            self._duration = item.duration
+        if isinstance(item, (Frame, Status)):
+            self._end.see(item)
 
     def end_time(self) -> float | None:
         """Where the last chapter ends: the file's end when it was read to the end, else one
         frame interval after the last frame."""
-        if self._last_pts is None:
-            return None
-        after_last = self._last_pts + (self._frame_dt or 0.0)
-        finished = getattr(self.handle, "stopped_by", "eos") == "eos"
-        if finished and self._duration is not None and self._duration >= self._last_pts:
-            return self._duration
-        return after_last
+        return self._end.end(getattr(self.handle, "stopped_by", "eos"))
 
     async def on_end(self) -> AsyncIterator[Event]:
         if self._open is None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from framecast import __version__
 from framecast.errors import UserError
+from framecast.redact import redact_text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -492,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
     except UserError as e:
-        print(f"framecast: {e}", file=sys.stderr)
+        print(redact_text(f"framecast: {e}"), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:  # also during start-up (imports, parsing)
         return 130

@@ -32,6 +32,7 @@ from framecast.errors import FatalError, UserError
 from framecast.events import (Answer, Chapter, Event, Frame, Narration, Question, QuestionRecord, Status, Summary,
                               event_from_dict, iso_utc, utc_now)
 from framecast.runtime import Stage
+from framecast.stages.media_end import MediaEnd
 
 ARCHIVE_FORMAT = "framecast-fcs-1"
 SESSION_ENTRY = "session.safetensors"
@@ -170,7 +171,7 @@ class SessionArchiveStage(Stage):
         self.frames = 0
         self._last_pts: float | None = None
         self._frame_dt: float | None = None
-        self._duration: float | None = None
+        self._end = MediaEnd()
         self.saved: Path | None = None
         self.failed = False
 
@@ -204,17 +205,12 @@ class SessionArchiveStage(Stage):
                 if self._last_pts is not None and item.pts > self._last_pts:
                     self._frame_dt = item.pts - self._last_pts
                 self._last_pts = item.pts
-        elif isinstance(item, Status) and item.duration is not None:
-            self._duration = item.duration
+        if isinstance(item, (Frame, Status)):
+            self._end.see(item)
         yield item
 
     def media_end(self) -> float | None:
-        if self._last_pts is None:
-            return None
-        finished = getattr(self.handle, "stopped_by", "eos") == "eos"
-        if finished and self._duration is not None and self._duration >= self._last_pts:
-            return self._duration
-        return self._last_pts + (self._frame_dt or 0.0)
+        return self._end.end(getattr(self.handle, "stopped_by", "eos"))
 
     async def save(self) -> Path:
         first, _ = cache_window(self.session)

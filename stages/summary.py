@@ -23,6 +23,7 @@ from framecast.config import SummaryConfig
 from framecast.engine.prompts import SUMMARY_PROMPT
 from framecast.engine.text_turns import ChapterLine, LogLine, TextTurns, chapter_lines, dedupe
 from framecast.events import Chapter, Error, Event, Frame, Narration, Status, Summary
+from framecast.stages.media_end import MediaEnd
 from framecast.runtime import Stage
 from framecast.stages.chapters import belongs, midpoint
 
@@ -127,7 +128,7 @@ class SummaryStage(Stage):
         self._first: tuple[float, float] | None = None  # (pts, wall time) of the first frame
         self._last_pts: float | None = None
         self._frame_dt: float | None = None
-        self._duration: float | None = None
+        self._end = MediaEnd()
         self.summary: Summary | None = None
 
     def resume_from(self, archive) -> None:
@@ -151,8 +152,8 @@ class SummaryStage(Stage):
             if self._last_pts is not None and item.pts > self._last_pts:
                 self._frame_dt = item.pts - self._last_pts
             self._last_pts = item.pts
-        elif isinstance(item, Status) and item.duration is not None:
-            self._duration = item.duration
+        if isinstance(item, (Frame, Status)):
+            self._end.see(item)
         yield item
 
     def parts(self) -> list[Part]:
@@ -169,11 +170,8 @@ class SummaryStage(Stage):
         return out
 
     def media_end(self) -> float:
-        end = (self._last_pts or 0.0) + (self._frame_dt or 0.0)
-        finished = getattr(self.handle, "stopped_by", "eos") == "eos"
-        if finished and self._duration is not None and self._duration >= (self._last_pts or 0.0):
-            end = self._duration
-        return end
+        end = self._end.end(getattr(self.handle, "stopped_by", "eos"))
+        return end if end is not None else 0.0
 
     async def on_end(self) -> AsyncIterator[Event]:
         parts = self.parts()

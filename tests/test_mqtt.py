@@ -509,3 +509,66 @@ def test_slow_or_absent_broker_never_stalls_capture(tmp_path, fault):
     m = result.metrics["mqtt"]
     assert m["connected"] == 0 and m["outbox_drops_partial"] > 0 and m["outbox_max_depth"] <= 50
     assert wall < 3 + 0.5 + 0.5 + 2  # run + start wait + close flush + slack: bounded with a hung broker
+
+
+# ---------------------------------------------------------------- bad questions never stall (QA 6)
+
+class SlowNarrator(FakeNarrator):
+    """A decoder that takes 0.3 s a frame: the edges before it stay full (backpressure)."""
+
+    async def process(self, item):
+        if isinstance(item, Frame):
+            await asyncio.sleep(0.3)
+        async for ev in super().process(item):
+            yield ev
+
+
+@pytest.mark.parametrize("bad", [[b"\xff\xfe"], [b"\xff\xfe", b"{not json", b'{"text": 5}'],
+                                 [json.dumps({"text": "x", "request_id": "bad id!"}).encode()] * 3])
+def test_bad_questions_are_answered_at_once_and_recorded_in_the_jsonl(broker, tmp_path, bad):
+    from framecast.stages.outputs.jsonl import JsonlOutput
+
+    rec = Recorder(broker.port, [topic("answer")])
+    bus = MqttStage(bus_cfg(broker.url), stream_id=STREAM)
+    jsonl = tmp_path / "o.jsonl"
+    stages = [ChangeDetector(ChangeConfig()), SlowNarrator(every_n=1000), JsonlOutput(str(jsonl)), bus]
+    runtime = Runtime(demo_source(), stages, stream_id=STREAM, edge_size=4)
+
+    async def scenario():
+        task = asyncio.create_task(runtime.run(handle_signals=False))
+        while not bus._connected.is_set():
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.5)  # the edges are full by now
+        t0 = time.monotonic()
+        for payload in bad:
+            rec.publish(topic("ask"), payload)
+        rec.publish(topic("ask"), json.dumps({"text": "still there?", "request_id": "ok1"}))
+        got = await asyncio.to_thread(rec.wait_for, lambda ms: len(ms) >= len(bad) + 1, 3)
+        took = time.monotonic() - t0
+        runtime.request_stop("stop")
+        await task
+        return got, took
+
+    got, took = asyncio.run(scenario())
+    answers = [m.json() for m in rec.on(topic("answer"))]
+    assert got, answers
+    assert took < 2.5  # not behind frames: a bad payload costs nothing to the questions after it
+    assert sum(a["error"] is not None for a in answers) == len(bad)
+    assert any(a["request_id"] == "ok1" and a["error"] is None for a in answers)
+    lines = [json.loads(x) for x in jsonl.read_text().splitlines()]
+    recorded = [e for e in lines if e["type"] == "answer" and e.get("error")]
+    assert len(recorded) == len(bad)  # the files record the error answers too (README)
+    rec.close()
+
+
+def test_a_source_password_never_reaches_the_bus(broker):
+    """Statuses and errors of a source with a password in its URL reach the bus redacted."""
+    rec = Recorder(broker.port, [f"{P}/#"])
+    bus = MqttStage(bus_cfg(broker.url), stream_id=STREAM)
+    src = make_source(SourceConfig(uri="rtsp://user:secret@127.0.0.1:9/x", stream_id=STREAM, open_timeout_s=2))
+    result = asyncio.run(Runtime(src, [bus], stream_id=STREAM).run(handle_signals=False))
+    assert result.exit_code != 0
+    assert rec.wait_for(lambda ms: sum(b"127.0.0.1" in m.payload for m in ms) >= 2, 5)  # a status and the error
+    payloads = b"".join(m.payload for m in rec.messages)
+    assert b"secret" not in payloads and b"user:***@127.0.0.1" in payloads
+    rec.close()

@@ -333,3 +333,28 @@ def test_a_broker_restart_mid_job_loses_no_job_and_repeats_no_result(tmp_path):
         fleet.close()
         rec.close()
         broker.stop()
+
+
+@pytest.mark.parametrize("settings", [["--set", "source.realtime=true"],
+                                      ["--set", "source.realtime=true", "--set", "source.fps=5"]])
+def test_a_file_job_paced_in_real_time_is_a_file_not_a_live_source(fleet, broker, tmp_path, settings):
+    from video_fixtures import write_video
+
+    video = write_video(tmp_path / "short.mp4", n=10, fps=10)  # 1 s: the paced run takes about that long
+    fleet.start("w1")
+    r = submit(broker, str(video), *settings, "--as-is", "--wait", "--timeout", "60")
+    assert r.returncode == 0, r.stderr
+    (done,) = [d for d in live(fleet.rec, "done")]
+    assert done["state"] == "done" and not done.get("error"), done
+
+
+@pytest.mark.parametrize("uri,endless", [("demo", True), ("rtsp://127.0.0.1:9/x", True), ("camera:0", True)])
+def test_only_sources_without_an_end_are_endless(uri, endless, tmp_path):
+    from framecast.config import SourceConfig
+    from framecast.stages.sources import make_source
+    from video_fixtures import write_video
+
+    assert make_source(SourceConfig(uri=uri, realtime=True)).endless is endless
+    video = write_video(tmp_path / "v.mp4", n=5)
+    for realtime in (True, False, None):
+        assert make_source(SourceConfig(uri=str(video), realtime=realtime)).endless is False

@@ -682,3 +682,138 @@ def test_content_offline_answers_per_chapter(analysed, capsys, k):
     assert _says(ask(f"what colour is the {shape} in chapter {k}?"), colour)
     assert _says(ask(f"what shape is the {colour} object in chapter {k}?"), shape)
     assert any(_says(ask(f"how many shapes do you see in chapter {k}?"), w) for w in NUMBER_WORDS[count])
+
+
+# ---------------------------------------------------------------- the end is where reading stopped (QA 5)
+
+@pytest.mark.parametrize("events,stopped_by,end", [
+    ([Status(state="running", duration=10.0), 0, 1, 2, 3, Status(state="eof", pts=4.0)], "eos", 4.0),  # max_frames
+    ([Status(state="running", duration=10.0), 0, 1, 2, 3, Status(state="eof", pts=9.98)], "eos", 10.0),  # read to end
+    ([Status(state="running", duration=10.0), 0, 1, 2, 3], "eos", 10.0),  # no eof pts: the file's length
+    ([Status(state="running", duration=10.0), 0, 1, 2, 3, Status(state="stopped")], "signal", 4.0),  # Ctrl-C
+    ([Status(state="running", duration=10.0), 0, 1, 2], "fatal", 3.0),
+    ([Status(state="running")], "eos", None),  # no frame: no end
+])
+def test_media_end_is_where_reading_stopped(events, stopped_by, end):
+    from framecast.stages.media_end import MediaEnd
+
+    m = MediaEnd()
+    for ev in events:
+        m.see(_frames({}, ev + 1)[-1] if isinstance(ev, int) else ev)
+    assert m.end(stopped_by) == end
+
+
+def test_chapters_and_summary_end_at_the_eof_pts_not_the_duration():
+    from framecast.stages.summary import SummaryStage
+
+    frames = _frames({2.0: True}, 4)
+    items = [Status(state="running", duration=20.0), *frames, Status(state="eof", pts=4.0)]
+    got = asyncio.run(_feed(ChapterStage(ChaptersConfig(cut_threshold=0, min_s=1.0)), items))
+    assert got[-1].pts_end == 4.0
+    stage = SummaryStage(None, None)  # no turns needed to follow the media span
+
+    async def feed():
+        for it in items:
+            [e async for e in stage.process(it)]
+    asyncio.run(feed())
+    assert stage.media_end() == 4.0
+
+
+@pytest.mark.parametrize("args,end", [(["--max-frames", "4"], 4.0), (["--max-frames", "7"], 7.0),
+                                      (["--end", "5"], 5.0)])
+def test_capture_only_chapters_end_where_reading_stopped(videos, tmp_path, args, end):
+    assert main(["run", "--capture-only", "--source", str(videos[0]), "--fps", "1", "--no-console", *args,
+                 "--jsonl", str(tmp_path / "o.jsonl"), "--chapters", str(tmp_path / "c.vtt")]) == 0
+    ev = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    (ch,) = [e for e in ev if e["type"] == "chapter"]
+    assert ch["pts_end"] == pytest.approx(end)
+    (eof,) = [e for e in ev if e["type"] == "status" and e["state"] == "eof"]
+    assert eof["pts"] == pytest.approx(end)
+
+
+def test_demo_source_max_frames_ends_after_the_last_frame(tmp_path):
+    assert main(["run", "--capture-only", "--source", "demo", "--max-frames", "3", "--fps", "2", "--no-console",
+                 "--jsonl", str(tmp_path / "o.jsonl")]) == 0
+    ev = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    (eof,) = [e for e in ev if e["type"] == "status" and e["state"] == "eof"]
+    assert eof["pts"] == pytest.approx(1.5)
+
+
+@needs_demo
+def test_max_frames_session_ends_where_reading_stopped_and_resumes(videos, tmp_path, capsys):
+    a_fcs = str(tmp_path / "a.fcs")
+    assert main(["run", "--source", str(videos[0]), "--fps", "1", "--max-frames", "4", "--no-console",
+                 "--save-session", a_fcs, "--chapters", str(tmp_path / "c.vtt")]) == 0
+    a = read_archive(tmp_path / "a.fcs")
+    assert a.manifest["media_end"] == pytest.approx(4.0) and a.manifest["cache_window"][1] == pytest.approx(4.0)
+    assert a.chapters[-1].pts_end == pytest.approx(4.0)
+    if a.summary is not None:
+        assert a.summary.pts_end == pytest.approx(4.0)
+    capsys.readouterr()
+    assert main(["run", "--source", str(videos[0]), "--fps", "1", "--max-frames", "2", "--no-console",
+                 "--resume", a_fcs, "--jsonl", str(tmp_path / "b.jsonl")]) == 0, capsys.readouterr().err
+    ev = [json.loads(x) for x in (tmp_path / "b.jsonl").read_text().splitlines()]
+    (eof,) = [e for e in ev if e["type"] == "status" and e["state"] == "eof"]
+    assert eof["pts"] == pytest.approx(6.0)  # continued from 4 s, two more frames
+
+
+# ---------------------------------------------------------------- times outside the session (QA 14)
+
+@pytest.mark.parametrize("q,named", [
+    ("what happened between 5:00 and 6:00?", "5:00-6:00"), ("what was there at 99 s?", "1:39"),
+    ("what did you see at 0:45?", "0:45"), ("what was there at 2 min?", "2:00"),
+])
+def test_a_time_outside_the_session_is_refused(q, named):
+    with pytest.raises(UserError, match=f"question names {named}, but this session covers 0:00-0:30"):
+        time_reference(q, _chapters(), 30.0)
+    with pytest.raises(UserError, match=f"question names {named}, but this session covers 0:00-0:30"):
+        time_reference(q, [], 30.0)
+
+
+def test_a_time_before_the_session_start_is_refused_and_spans_are_cut_to_the_session():
+    with pytest.raises(UserError, match="question names 0:02, but this session covers 0:10-0:30"):
+        time_reference("what was there at 0:02?", [], 30.0, media_start=10.0)
+    ref = time_reference("what happened between 0:25 and 0:50?", [], 30.0)
+    assert (ref.start, ref.end) == (25.0, 30.0)
+    ref = time_reference("what was there at 0:30?", _chapters(), 30.0)  # the very end still counts
+    assert ref.chapter.index == 3
+
+
+@needs_demo
+@pytest.mark.parametrize("q", ["what happened between 5:00 and 6:00?", "what was there at 99 s?"])
+def test_ask_session_refuses_a_time_outside_it_with_one_line(tmp_path, capsys, q):
+    fcs = tmp_path / "d.fcs"
+    assert main(["run", "--source", "demo", "--max-frames", "3", "--fps", "1", "--no-console",
+                 "--save-session", str(fcs)]) == 0
+    rc, out, err = ask_here(capsys, "--session", str(fcs), q)
+    assert rc == 2 and out == ""
+    (line,) = err.strip().splitlines()
+    assert "question names" in line and "but this session covers 0:00-0:03" in line
+
+
+# ---------------------------------------------------------------- summary.md without chapters (README)
+
+def _narrs(n: int) -> list[Narration]:
+    return [Narration(text=f"line {k}", pts=2.0 * k + 2, pts_start=2.0 * k, pts_end=2.0 * k + 2) for k in range(n)]
+
+
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_summary_file_without_chapters_lists_the_narrations(n):
+    from framecast.stages.outputs.chapters import summary_markdown
+
+    s = Summary(text="what happened", pts_start=0.0, pts_end=2.0 * n, chapters=0, narrations=n)
+    md = summary_markdown(s, [], _narrs(n))
+    assert "0 chapters" not in md and "chapters" not in md.split("\n## ")[0].splitlines()[-1]
+    assert f"{n} narration{'' if n == 1 else 's'}" in md and "## Narrations" in md
+    assert [ln for ln in md.splitlines() if ln.startswith("- [")] == [f"- [{clock(2.0 * k)}] line {k}"
+                                                                        for k in range(n)]
+
+
+def test_summary_file_with_chapters_keeps_its_figures_and_sections():
+    from framecast.stages.outputs.chapters import summary_markdown
+
+    chs = [Chapter(text="one", index=1, pts_start=0.0, pts_end=4.0)]
+    s = Summary(text="x", pts_start=0.0, pts_end=4.0, chapters=1, narrations=2)
+    md = summary_markdown(s, chs, _narrs(2))
+    assert "*0:00-0:04, 1 chapter, 2 narrations*" in md and "## Chapters" in md and "## Narrations" not in md
+    assert md.count("- [") == 2

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from framecast.config import SourceConfig
+from framecast.events import Frame
 from framecast.runtime import Runtime
 from framecast.stages.sources import make_source
 from framecast.stages.sources.scene import SceneGenerator
@@ -217,3 +220,81 @@ def test_camera_through_opencv_with_a_path(mp4):
     idx = [index_of(f.pixels) for f in frames]
     assert idx == sorted(set(idx)) and frames[0].pixels.shape == (48, 64, 3)
     assert frames[0].pixels[-1, -1].min() > 200  # RGB, upright
+
+
+# ---------------------------------------------------------------- passwords in source URLs (QA 7)
+
+@pytest.mark.parametrize("text,shown", [
+    ("rtsp://user:secret@127.0.0.1:9/x", "rtsp://user:***@127.0.0.1:9/x"),
+    ("http://u:p%40ss@host/v.mp4: cannot open", "http://u:***@host/v.mp4: cannot open"),
+    ("mqtts://bob:s3cr@t@broker:8883", "mqtts://bob:***@broker:8883"),  # an unescaped @ in the password
+    ("rtsp://user@host/x and rtsp://a:b@h/y", "rtsp://user@host/x and rtsp://a:***@h/y"),
+    ("no url at all", "no url at all"), ("'rtmp://k:v@h/live'", "'rtmp://k:***@h/live'"),
+])
+def test_redact_hides_every_password(text, shown):
+    from framecast.redact import redact_text
+
+    assert redact_text(text) == shown
+
+
+def test_status_and_error_texts_never_carry_a_password():
+    from framecast.events import Error, Status
+
+    assert "secret" not in Error(text="ffmpeg: rtsp://u:secret@h/x refused").text
+    assert "secret" not in Status(state="starting", text="rtsp://u:secret@h/x: connecting").text
+    from framecast.stages.mqtt.client import parse_mqtt_url
+    from framecast.errors import UserError
+    with pytest.raises(UserError) as e:
+        parse_mqtt_url("ftp://u:secret@h")
+    assert "secret" not in str(e.value) and "u:***@h" in str(e.value)
+
+
+@pytest.mark.parametrize("uri", ["rtsp://user:secret@127.0.0.1:9/x", "http://user:secret@127.0.0.1:9/x.mp4",
+                                 "rtmp://user:secret@127.0.0.1:9/live"])
+def test_a_source_password_reaches_neither_stderr_nor_the_jsonl(tmp_path, uri):
+    out = tmp_path / "pw.jsonl"
+    p = subprocess.run([sys.executable, "-m", "framecast", "run", "--capture-only", "--no-console", "--source", uri,
+                        "--jsonl", str(out)], capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0
+    assert "secret" not in p.stderr and "secret" not in p.stdout and "user:***@" in p.stderr
+    text = out.read_text()
+    assert "secret" not in text and "user:***@" in text
+
+
+# ---------------------------------------------------------------- drops in the final status (README)
+
+class _Slow(Collect):
+    def __init__(self, delay: float):
+        super().__init__()
+        self.delay = delay
+
+    async def process(self, item):
+        if isinstance(item, Frame) and self.delay:
+            await asyncio.sleep(self.delay)
+        async for ev in super().process(item):
+            yield ev
+
+
+@pytest.mark.parametrize("delay,some", [(0.0, False), (0.25, True)])
+def test_final_status_of_a_live_source_counts_drops(delay, some):
+    src = make_source(SourceConfig(uri="demo", realtime=True, fps=20.0, width=64, height=64))
+    sink = _Slow(delay)
+    rt = Runtime(src, [sink], edge_size=2)
+
+    async def scenario():
+        task = asyncio.create_task(rt.run(handle_signals=False))
+        await asyncio.sleep(1.5)
+        rt.request_stop("stop")
+        return await task
+
+    asyncio.run(scenario())
+    final = sink.statuses()[-1]
+    assert final.state == "stopped" and isinstance(final.drops, int)
+    assert (final.drops > 0) is some
+
+
+def test_final_status_of_a_file_leaves_drops_out(tmp_path):
+    video = write_video(tmp_path / "v.mp4", n=5)
+    sink = Collect()
+    asyncio.run(Runtime(make_source(SourceConfig(uri=str(video))), [sink]).run(handle_signals=False))
+    assert sink.statuses()[-1].state == "eof" and sink.statuses()[-1].drops is None

@@ -31,6 +31,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from framecast.errors import UserError
+from framecast.redact import redact_url
 
 DEFAULT_PORT = 1883
 DEFAULT_TLS_PORT = 8883
@@ -124,13 +125,8 @@ def parse_mqtt_url(url: str) -> BrokerAddress:
 
 
 def _redact(url: str) -> str:
-    """Hide the password of a URL in error messages."""
-    head, sep, tail = url.rpartition("@")
-    if not sep or "://" not in head:
-        return url
-    scheme, _, cred = head.partition("://")
-    user = cred.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{tail}" if ":" in cred else url
+    """Hide the password of a URL in error messages (the one rule: framecast.redact)."""
+    return redact_url(url)
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,10 @@ hands the good ones to the graph as `Question` control messages, expires those l
 unanswered after `question_timeout_s`, and routes every answer: `<prefix>/<stream>/answer`,
 plus the question's MQTT 5 response topic with its correlation data.
 
-A question it refuses gets an `Answer` with `error` set. That answer travels through the graph
-like the model's (so the files record it too, next to everything else) and comes back to the
-bus stage, which asks `route()` where it goes. Once the graph has ended it goes straight out.
+A question it refuses gets an `Answer` with `error` set. That answer enters the graph just after
+the decoder, as the model's answers do (so the files record it too, next to everything else),
+without waiting behind frames, and comes back to the bus stage, which routes it. Once the graph
+has ended it goes straight out.
 """
 
 from __future__ import annotations
@@ -73,9 +74,8 @@ class QuestionDesk:
 
     async def reject(self, graph: StageHandle | None, request_id: str | None, reason: str, route: Route,
                      question: str = "", *, force: bool = False) -> None:
-        """An answer with `error` set, sent through the graph while it runs. `force`: never wait
-        for room on the first edge (called from inside the graph, a wait could be a deadlock:
-        the bus stage is what empties the edges)."""
+        """An answer with `error` set, sent to the outputs after the decoder while the graph runs
+        (it never waits: `force` is kept for callers and means the same)."""
         self.counts["questions_rejected"] += 1
         answer = Answer(text="", error=reason, request_id=request_id or uuid.uuid4().hex[:12],
                         question=question[:200], stream_id=self.stream)
@@ -83,7 +83,9 @@ class QuestionDesk:
             self.send(answer, route)
             return
         self._in_graph[id(answer)] = (answer, route)
-        await graph.inject(answer, force=force)
+        # Straight to the stages after the decoder (files, then the bus): never behind frames,
+        # never waiting for room, so a bad question cannot stall the questions after it.
+        await graph.inject_answer(answer)
 
     def send(self, answer: Answer, route: Route | None = None) -> None:
         """Publish `answer`: on its own route if known, else its question's (pending) route."""

@@ -21,6 +21,7 @@ from typing import Any
 
 from framecast.errors import UserError
 from framecast.events import iso_utc, utc_now
+from framecast.redact import redact_url
 from framecast.stages.mqtt.client import (BrokerAddress, BusClient, BusDisconnected, BusMessage, BusProtocolRejected,
                                           BusPublishRefused,
                                           BusRefused, TlsFiles, parse_mqtt_url)
@@ -133,7 +134,7 @@ async def _submit(address: BrokerAddress, tls: TlsFiles, topics: FleetTopics, jo
             await client.publish(BusMessage(topics.job(job.job_id, "status"), job_status(job.job_id, "queued"),
                                             qos=1, retain=True, content_type=JSON, expiry_s=DEFAULT_RETAIN_S))
             await client.publish(BusMessage(topics.queue, job.payload(), qos=1, content_type=JSON))
-            print(f"{job.job_id}\tqueued\t{job.source}", flush=True)
+            print(f"{job.job_id}\tqueued\t{redact_url(job.source)}", flush=True)
         if not wait:
             return 0
         open_jobs = {j.job_id for j in jobs}

@@ -32,6 +32,7 @@ from typing import Any, AsyncIterator
 from framecast.config import RunConfig
 from framecast.errors import UserError
 from framecast.events import EndOfStream, Error, Event, Frame, Metrics, NarrationDelta, Status
+from framecast.redact import redact_text, redact_url
 from framecast.runtime import Runtime, Stage
 from framecast.stages.mqtt.client import BusClient, BusDisconnected, BusMessage, BusPublishRefused, TlsFiles
 from framecast.stages.mqtt.fleet import FleetMember, default_worker_id, read_retained
@@ -315,9 +316,11 @@ class JobWorker(FleetMember):
         except (JobRejected, UserError) as e:
             return "error", str(e), None
         src = cfg.source
-        if (source.live or src.uri == "demo") and not (src.max_frames or src.end or src.duration):
-            # it would hold this worker for ever: a camera is a stream, not a job
-            return "error", (f"{src.uri}: a live source without an end; give source.max_frames, source.end or "
+        endless = getattr(source, "endless", source.live) or src.uri == "demo"
+        if endless and not (src.max_frames or src.end or src.duration):
+            # it would hold this worker for ever: a camera is a stream, not a job (a file paced in
+            # real time still ends with the file)
+            return "error", (f"{redact_url(src.uri)}: a live source without an end; give source.max_frames, source.end or "
                              "source.duration, or run it with `framecast worker --streams`"), None
         sink = JobSink(self, job, skip=skip)
         errors: list[str] = []
@@ -344,7 +347,8 @@ class JobWorker(FleetMember):
         elapsed = time.monotonic() - t0
         await self.publish(self.topics.job(job.job_id, "done"),
                            job_done(job.job_id, ok=ok, results=results, worker=self.worker_id,
-                                    attempt=job.attempt, elapsed_s=elapsed, error=error, undelivered=undelivered))
+                                    attempt=job.attempt, elapsed_s=elapsed,
+                                    error=redact_text(error) if error else error, undelivered=undelivered))
         await self.publish(self.topics.job(job.job_id, "status"),
                            job_status(job.job_id, "done" if ok else "error", worker=self.worker_id,
                                       attempt=job.attempt, results=results, error=error))

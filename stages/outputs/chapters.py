@@ -63,12 +63,15 @@ class ChaptersVttOutput(Stage):
 
 def summary_markdown(summary: Summary | None, chapters: list[Chapter], narrations: list[Narration],
                      *, source: str = "", why_none: str = "nothing was narrated") -> str:
-    """The summary file: the summary, a line of figures, then each chapter with its narrations."""
+    """The summary file: the summary, a line of figures, then each chapter with its narrations
+    (without chapters: the narrations in order)."""
     out = [f"# Summary{': ' + source if source else ''}", ""]
     if summary is not None:
         out += [summary.text.strip() or "(empty)", ""]
-        facts = [f"{clock(summary.pts_start)}-{clock(summary.pts_end)}", plural(summary.chapters, "chapter"),
-                 plural(summary.narrations, "narration")]
+        facts = [f"{clock(summary.pts_start)}-{clock(summary.pts_end)}"]
+        if summary.chapters:  # a run without chapters (live, chapters off) does not say "0 chapters"
+            facts.append(plural(summary.chapters, "chapter"))
+        facts.append(plural(summary.narrations, "narration"))
         if summary.levels > 1:
             facts.append(f"summarised in {summary.levels} levels")
         if summary.realtime:
@@ -78,6 +81,11 @@ def summary_markdown(summary: Summary | None, chapters: list[Chapter], narration
         out += [f"(no summary: {why_none})", ""]
     if chapters:
         out += ["## Chapters", ""]
+    elif narrations:  # no chapters: the narrations themselves, in order
+        out += ["## Narrations", ""]
+        out += [f"- [{clock(n.pts_start if n.pts_start is not None else n.pts)}] {n.text.strip()}"
+                for n in narrations]
+        out.append("")
     for k, ch in enumerate(chapters):
         out += [f"### {ch.index}. [{clock(ch.pts_start)}-{clock(ch.pts_end)}] {ch.text}", ""]
         last = k == len(chapters) - 1

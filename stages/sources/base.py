@@ -23,6 +23,7 @@ import numpy as np
 
 from framecast.config import SourceConfig
 from framecast.events import Event, Frame, Status, plural
+from framecast.redact import redact_url
 from framecast.runtime import Source
 
 #: how often a blocked reader thread re-checks its stop flag (s)
@@ -204,11 +205,17 @@ class CaptureSource(Source):
     def __init__(self, cfg: SourceConfig, *, name: str = "source"):
         super().__init__(name=name)
         self.cfg = cfg
-        self.uri = cfg.uri
+        self.uri = redact_url(cfg.uri)  # for messages; the real URI stays in cfg.uri
         self.stream_id = cfg.stream_id
         self._frame_seq = 0
         self._status_seq = 0
         self._pace_origin: tuple[float, float] | None = None  # (wall, pts) of the first paced frame
+
+    @property
+    def endless(self) -> bool:
+        """Whether the input may never end by itself (a camera, a stream): such a source is a
+        stream, not a job. A paced replay of a file (`live`) still ends with the file."""
+        return bool(getattr(self, "live", False))
 
     # ---- helpers for subclasses
 
@@ -246,6 +253,7 @@ class CaptureSource(Source):
     async def frames(self) -> AsyncIterator[Event]:
         limit = self.cfg.max_frames
         n = 0
+        last: list[float] = []  # the last two frame pts (for a limit the source cannot place)
         gen = self.capture()
         async with contextlib.aclosing(gen):
             async for ev in gen:
@@ -254,13 +262,18 @@ class CaptureSource(Source):
                         break
                     n += 1
                     self.count("frames")
+                    if ev.pts is not None:
+                        last = [*last[-1:], ev.pts]
                 yield ev
                 if self.stopping.is_set() or (limit is not None and n >= limit):
                     break
         state = "stopped" if self.stopping.is_set() else "eof"
         # An eof status carries, as its pts, the media time where the input ended (the end of
         # its last frame) when the source knows it: closing narrations and subtitles use it.
-        end = self.end_pts(by_limit=limit is not None and n >= limit) if state == "eof" else None
+        by_limit = limit is not None and n >= limit
+        end = self.end_pts(by_limit=by_limit) if state == "eof" else None
+        if end is None and by_limit and last:  # reading stopped here, whatever the media's length
+            end = round(last[-1] + (last[-1] - last[0] if len(last) == 2 else 0.0), 6)
         yield self.make_status(state, f"{self.uri}: {state} after {plural(n, 'frame')}", pts=end,
                                **self._final_counts())
 
@@ -275,8 +288,11 @@ class CaptureSource(Source):
             out["reconnects"] = int(e["reconnects"])
         if "bad_frames" in e:
             out["bad_frames"] = int(e["bad_frames"])
-        if "drops" in e:
-            out["drops"] = int(e["drops"])
+        if "drops" in e or getattr(self, "live", False):
+            # live input: the frames this source's reader dropped plus those dropped on the
+            # graph's edges (a slow stage), 0 when none was (the final status always says)
+            edges = self.handle.frames_dropped() if getattr(self, "handle", None) is not None else 0
+            out["drops"] = int(e.get("drops", 0)) + int(edges)
         if "discontinuities" in e:
             out["discontinuities"] = int(e["discontinuities"])
         return out

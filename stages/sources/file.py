@@ -35,6 +35,7 @@ import numpy as np
 from framecast.config import SourceConfig
 from framecast.errors import FatalError
 from framecast.events import Error, Event
+from framecast.redact import redact_url
 from framecast.stages.sources.base import FALLBACK_FPS, PTS_EPS, CaptureSource, FpsGate, MediaClock, ThreadReader
 from framecast.stages.sources.orientation import UPRIGHT, Orientation, frame_orientation
 
@@ -136,10 +137,12 @@ def mp4_problem(path: str) -> str | None:
 
 class FileSource(CaptureSource):
     name = "file"
+    endless = False  # a file ends, paced (`source.realtime`) or not
 
     def __init__(self, cfg: SourceConfig, path: str, *, remote: bool = False):
         super().__init__(cfg, name="file")
         self.path = path
+        self.shown = redact_url(path)  # in messages: an http(s) URL's password never leaves
         # A recorded file behind http(s)://: same semantics, but the network can stall, so
         # opening and reading get the live sources' timeouts.
         self.remote = remote
@@ -161,11 +164,11 @@ class FileSource(CaptureSource):
             container = av.open(self.path, mode="r", timeout=timeout)
         except av.error.FFmpegError as e:
             why = (None if self.remote else mp4_problem(self.path)) or _ffmpeg_reason(e)
-            raise FatalError(f"{self.path}: cannot open as video: {why}", exit_code=2) from None
+            raise FatalError(f"{self.shown}: cannot open as video: {why}", exit_code=2) from None
         self._containers.append(container)
         if not container.streams.video:
             what = " (audio only)" if container.streams.audio else ""
-            raise FatalError(f"{self.path}: no video stream{what}", exit_code=2)
+            raise FatalError(f"{self.shown}: no video stream{what}", exit_code=2)
         vs = container.streams.video[0]
         vs.thread_type = "AUTO"
         return container
@@ -306,7 +309,7 @@ class FileSource(CaptureSource):
         return None if self._media_end is None else round(self._media_end, 6)
 
     async def capture(self) -> AsyncIterator[Event]:
-        reader = ThreadReader(self._decode, live=False, name=f"pyav:{self.path}").start()
+        reader = ThreadReader(self._decode, live=False, name=f"pyav:{self.shown}").start()
         bad_reasons: list[str] = []
         try:
             while not self.stopping.is_set():
@@ -316,7 +319,7 @@ class FileSource(CaptureSource):
                 except EOFError:
                     break
                 except TimeoutError:
-                    raise FatalError(f"{self.path}: no data for {wait:g} s", exit_code=1) from None
+                    raise FatalError(f"{self.shown}: no data for {wait:g} s", exit_code=1) from None
                 if isinstance(item, _Decoded):
                     if self.cfg.realtime:
                         await self.pace(item.pts)
@@ -331,7 +334,7 @@ class FileSource(CaptureSource):
                 elif isinstance(item, _Jump):
                     self.count("discontinuities")
                     if self.metrics.extra["discontinuities"] == 1:  # one line; the final status counts them
-                        warn = Error(text=f"{self.path}: time jumps back at {item.pts:.2f} s (pts {item.after:.2f} s "
+                        warn = Error(text=f"{self.shown}: time jumps back at {item.pts:.2f} s (pts {item.after:.2f} s "
                                      f"after {item.before:.2f} s); media time carries on", stage=self.name,
                                      stream_id=self.stream_id, pts=item.pts)
                         if self.handle is not None:
@@ -357,7 +360,7 @@ class FileSource(CaptureSource):
         dur = f"{info.length:.2f} s" if info.length else "unknown length"
         # `duration` = media time where this run will end (progress bars use it)
         until = min(info.length, self.cfg.end or math.inf) if info.length else self.cfg.end
-        return self.make_status("running", f"{self.path}: {info.codec} {info.width}x{info.height}, {dur}"
+        return self.make_status("running", f"{self.shown}: {info.codec} {info.width}x{info.height}, {dur}"
                                 + "".join(f", {x}" for x in how), fps=info.fps, duration=until)
 
     def _warnings(self, bad_reasons: list[str]) -> list[Event]:
@@ -365,16 +368,16 @@ class FileSource(CaptureSource):
         out: list[Event] = []
         bad = int(self.metrics.extra.get("bad_frames", 0))
         if bad:
-            out.append(Error(text=f"{self.path}: skipped {bad} bad packets/frames ({'; '.join(bad_reasons)})",
+            out.append(Error(text=f"{self.shown}: skipped {bad} bad packets/frames ({'; '.join(bad_reasons)})",
                              stage=self.name, stream_id=self.stream_id, pts=self._last_pts))
         info = self.info
         if info is None and not self.stopping.is_set():
             why = f" ({'; '.join(bad_reasons)})" if bad_reasons else ""
-            raise FatalError(f"{self.path}: no decodable video frames{why}", exit_code=2)
+            raise FatalError(f"{self.shown}: no decodable video frames{why}", exit_code=2)
         last = self._last_seen_pts
         if (self._last_pts is None and self.cfg.start > 0 and last is not None and self._media_end is not None
                 and not self.stopping.is_set()):
-            raise FatalError(f"{self.path}: source.start = {self.cfg.start:g} s is past the end of the video "
+            raise FatalError(f"{self.shown}: source.start = {self.cfg.start:g} s is past the end of the video "
                              f"({self._media_end:.2f} s)", exit_code=2)
         # Only reached when decoding ended by itself (max_frames closes this generator first).
         # The verdict uses the video stream's own duration: an audio track may run longer.
@@ -383,7 +386,7 @@ class FileSource(CaptureSource):
                 and last + TRUNCATION_SLACK_S < expected):
             # The run reached the end of what there is, but a recording that stops early is
             # an error for whoever relies on it: exit non-zero (everything decoded is kept).
-            out.append(Error(text=f"{self.path}: truncated: video ends at {last:.2f} s of "
+            out.append(Error(text=f"{self.shown}: truncated: video ends at {last:.2f} s of "
                              f"{info.duration:.2f} s", stage=self.name, stream_id=self.stream_id, pts=last,
                              fatal=True))
         for err in out:

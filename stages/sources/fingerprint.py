@@ -22,6 +22,7 @@ from typing import Any
 
 from framecast.config import SourceConfig, local_path
 from framecast.errors import UserError
+from framecast.redact import redact_url
 
 FIRST_PACKETS = 10
 DURATION_TOL_S = 0.01
@@ -70,7 +71,7 @@ def fingerprint(uri: str, cfg: SourceConfig | None = None) -> dict[str, Any]:
     if kind == "demo":
         cfg = cfg or SourceConfig()
         return {"kind": "demo", "seed": cfg.seed, "width": cfg.width, "height": cfg.height}
-    return {"kind": kind, "uri": uri}
+    return {"kind": kind, "uri": redact_url(uri)}  # saved sessions never hold a password
 
 
 def describe(fp: dict[str, Any]) -> str:

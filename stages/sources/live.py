@@ -34,6 +34,7 @@ import numpy as np
 from framecast.config import SourceConfig
 from framecast.errors import FatalError
 from framecast.events import Error, Event
+from framecast.redact import redact_text
 from framecast.stages.sources.base import FALLBACK_FPS, CaptureSource, FpsGate, MediaClock, ThreadReader
 
 #: frames a live reader thread may hold for the loop (older ones are dropped)
@@ -93,7 +94,7 @@ class WatchedSource(CaptureSource):
                     except OpenFailed as e:
                         fast = time.monotonic() - opened_at < cfg.open_timeout_s * FAST_FAIL_FRACTION
                         if not ever_connected and fast:
-                            raise FatalError(f"{self.uri}: {e}", exit_code=2) from None
+                            raise FatalError(redact_text(f"{self.uri}: {e}"), exit_code=2) from None
                         reason = str(e)
                         break
                     except Exception as e:  # the library failed mid-stream: reconnect
@@ -163,7 +164,7 @@ class StreamSource(WatchedSource):
         t0 = time.monotonic()
         try:
             # PyAV's own timeouts (open, read) are the first line; the watchdog is the second.
-            container = av.open(self.uri, options=self._options(), timeout=(cfg.open_timeout_s, cfg.watchdog_s))
+            container = av.open(self.cfg.uri, options=self._options(), timeout=(cfg.open_timeout_s, cfg.watchdog_s))
         except av.error.FFmpegError as e:
             if time.monotonic() - t0 >= cfg.open_timeout_s * 0.9:
                 raise OpenFailed(f"no answer within {cfg.open_timeout_s:g} s (open timeout)") from None
