@@ -23,6 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from framecast.events import Event
+from framecast.runtime import Source
+
 VERSIONS = ("2.6", "o-2.6", "4.0", "4.5")
 
 # Order matters only for readability; ids follow the 256 byte symbols.
@@ -313,3 +316,18 @@ def random_image(h: int, w: int, *, seed: int = 0) -> np.ndarray:
     base = np.stack([xx / max(w - 1, 1), yy / max(h - 1, 1), (xx + yy) / max(h + w - 2, 1)], -1) * 200
     noise = rng.integers(0, 56, size=(h, w, 3))
     return np.clip(base + noise, 0, 255).astype(np.uint8)
+
+
+class ListSource(Source):
+    """A source that plays a fixed list of events (frames, narrations, statuses...) into a graph:
+    for output tests and benchmarks that need no video."""
+
+    name = "list"
+
+    def __init__(self, events: list[Event]):
+        super().__init__()
+        self.events = events
+
+    async def frames(self):
+        for e in self.events:
+            yield e

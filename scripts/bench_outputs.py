@@ -26,23 +26,12 @@ from pathlib import Path
 
 import framecast  # noqa: F401  (OpenBLAS preload, as every entry point)
 from framecast.events import Event, Frame, Narration, Status
-from framecast.runtime import Runtime, Source, Stage
+from framecast.runtime import Runtime, Stage
 from framecast.stages.outputs import (AnnotateOutput, ConsoleOutput, JsonlOutput, PreviewOutput, ReportOutput,
                                       SubtitleOutput)
 from framecast.stages.outputs import preview as preview_mod
 from framecast.stages.sources.scene import SceneGenerator
-
-
-class ListSource(Source):
-    name = "list"
-
-    def __init__(self, events: list[Event]):
-        super().__init__()
-        self.events = events
-
-    async def frames(self):
-        for e in self.events:
-            yield e
+from framecast.testing import ListSource
 
 
 class Null(Stage):

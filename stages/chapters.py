@@ -102,8 +102,6 @@ class ChapterStage(Stage):
         self.stream_id = stream_id
         self._open: _Span | None = None
         self._held: list[_Span] = []
-        self._last_pts: float | None = None
-        self._frame_dt: float | None = None  # media time between sampled frames (last seen)
         self._end = MediaEnd()
         self._hist: np.ndarray | None = None  # colour histogram of the previous frame
         self.chapters: list[Chapter] = []
@@ -125,9 +123,6 @@ class ChapterStage(Stage):
         pts = frame.pts
         if pts is None:
             return
-        if self._last_pts is not None and pts > self._last_pts:
-            self._frame_dt = pts - self._last_pts
-        self._last_pts = pts
         cut = 1.0  # without pixels (or with the gate off) every scene change may be a cut
         if self.cfg.cut_threshold > 0 and getattr(frame, "pixels", None) is not None and frame.pixels.ndim == 3:
             hist = colour_histogram(frame.pixels)

@@ -169,8 +169,6 @@ class SessionArchiveStage(Stage):
         self.chapters: list[Chapter] = []
         self.summary: Summary | None = None
         self.frames = 0
-        self._last_pts: float | None = None
-        self._frame_dt: float | None = None
         self._end = MediaEnd()
         self.saved: Path | None = None
         self.failed = False
@@ -201,10 +199,6 @@ class SessionArchiveStage(Stage):
             self.summary = item
         elif isinstance(item, Frame):
             self.frames += 1
-            if item.pts is not None:
-                if self._last_pts is not None and item.pts > self._last_pts:
-                    self._frame_dt = item.pts - self._last_pts
-                self._last_pts = item.pts
         if isinstance(item, (Frame, Status)):
             self._end.see(item)
         yield item

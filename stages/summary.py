@@ -126,8 +126,6 @@ class SummaryStage(Stage):
         self.log: list[tuple[float, LogLine]] = []  # (midpoint, line)
         self.chapters: list[Chapter] = []
         self._first: tuple[float, float] | None = None  # (pts, wall time) of the first frame
-        self._last_pts: float | None = None
-        self._frame_dt: float | None = None
         self._end = MediaEnd()
         self.summary: Summary | None = None
 
@@ -149,9 +147,6 @@ class SummaryStage(Stage):
         elif isinstance(item, Frame) and item.pts is not None:
             if self._first is None:
                 self._first = (item.pts, item.wall_time)
-            if self._last_pts is not None and item.pts > self._last_pts:
-                self._frame_dt = item.pts - self._last_pts
-            self._last_pts = item.pts
         if isinstance(item, (Frame, Status)):
             self._end.see(item)
         yield item

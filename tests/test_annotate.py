@@ -15,23 +15,12 @@ import numpy as np
 import pytest
 
 from framecast.events import Event, Frame, Narration, Status
-from framecast.runtime import Runtime, Source
+from framecast.runtime import Runtime
 from framecast.stages.outputs import AnnotateOutput
+from framecast.testing import ListSource
 from visual_fixtures import GREY, caption_pixels, marked_frame, write_marked_video
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-class ListSource(Source):
-    name = "list"
-
-    def __init__(self, events: list[Event]):
-        super().__init__()
-        self.events = events
-
-    async def frames(self):
-        for e in self.events:
-            yield e
 
 
 def decode(path: Path) -> list[tuple[float, np.ndarray]]:

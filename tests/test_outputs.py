@@ -13,23 +13,12 @@ import pytest
 
 from framecast.config import OutputsConfig
 from framecast.events import Answer, Event, Frame, Narration, NarrationDelta, SceneChange, Status
-from framecast.runtime import Runtime, Source, Stage
+from framecast.runtime import Runtime, Stage
 from framecast.stages.outputs import (AnnotateOutput, ConsoleOutput, JsonlOutput, PreviewOutput, ReportOutput,
                                       SubtitleOutput, cue_text, make_outputs, subtitle_time)
 from framecast.stages.outputs.panel import RichView
 from framecast.stages.outputs.state import StreamState
-
-
-class ListSource(Source):
-    name = "list"
-
-    def __init__(self, events: list[Event]):
-        super().__init__()
-        self.events = events
-
-    async def frames(self):
-        for e in self.events:
-            yield e
+from framecast.testing import ListSource
 
 
 def run(events, stages):

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from framecast.events import Answer, Event, Frame, Narration, Status
-from framecast.runtime import Runtime, Source
+from framecast.runtime import Runtime
 from framecast.stages.outputs import ReportOutput
+from framecast.testing import ListSource
 from visual_fixtures import Chromium, keep_screenshot, marked_frame, write_marked_video
 
 NARRATIONS = ["A red square enters from the left.", "The red square moves right across the grey floor.",
@@ -37,18 +38,6 @@ class SummaryEvent(Event):
 class MysteryEvent(Event):  # a type no output knows
     type: Literal["mystery"] = "mystery"
     text: str = "?"
-
-
-class ListSource(Source):
-    name = "list"
-
-    def __init__(self, events: list[Event]):
-        super().__init__()
-        self.events = events
-
-    async def frames(self):
-        for e in self.events:
-            yield e
 
 
 def report_events() -> list[Event]:

@@ -53,6 +53,15 @@ async def read_retained(client: BusClient, topic_filter: str) -> dict[str, bytes
     return out
 
 
+def member_info(payload: bytes) -> dict[str, Any]:
+    """A retained `<prefix>/workers/<id>` payload as a dict ({} when cleared or unreadable)."""
+    try:
+        info = json.loads(payload) if payload else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -20,11 +20,11 @@ twice this way runs once (the done marker, and the check for a live worker runni
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import TYPE_CHECKING
 
 from framecast.stages.mqtt.client import BusClient, BusDisconnected, BusMessage, BusProtocolRejected, BusRefused
+from framecast.stages.mqtt.fleet import member_info
 from framecast.stages.mqtt.jobs import assign, worker_status
 from framecast.stages.mqtt.topics import JSON
 
@@ -76,11 +76,7 @@ class Reaper:
     async def _listen(self, watch: BusClient) -> None:
         async for m in watch.messages():
             wid = m.topic.rsplit("/", 1)[-1]
-            try:
-                info = json.loads(m.payload) if m.payload else {}
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                info = {}
-            self.members[wid] = info if isinstance(info, dict) else {}
+            self.members[wid] = member_info(m.payload)
             if self.members[wid].get("state") != "offline":
                 self._offline_since.pop(wid, None)
 

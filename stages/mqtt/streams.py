@@ -24,7 +24,7 @@ from typing import Any
 from framecast.config import RunConfig
 from framecast.stages.mqtt.client import BusClient, BusDisconnected, BusMessage
 from framecast.stages.mqtt.jobs import JobRejected, StreamList, StreamSpec, assign, flat_settings, parse_streams
-from framecast.stages.mqtt.fleet import FleetMember
+from framecast.stages.mqtt.fleet import FleetMember, member_info
 
 CHILD_STOP_S = 15.0  # a `framecast run` exits within stop_timeout (10 s) + its MQTT close (3 s)
 RESTART_MAX_S = 30.0
@@ -78,11 +78,7 @@ class StreamWorker(FleetMember):
             self.specs = {s.stream_id: s for s in streams.streams}
         elif m.topic.startswith(self.topics.workers[:-1]):
             wid = m.topic.rsplit("/", 1)[-1]
-            try:
-                info = json.loads(m.payload) if m.payload else {}
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                info = {}
-            self.members[wid] = info if isinstance(info, dict) else {}
+            self.members[wid] = member_info(m.payload)
         else:
             return
         await self.reconcile()
