@@ -37,7 +37,7 @@ import time
 import framecast  # noqa: F401  (OpenBLAS preload before mlx)
 import mlx.core as mx
 import numpy as np
-from bench_streaming import PROMPT, build_model, random_features
+from bench_streaming import PROMPT, build_model, random_features, reprefill_turn
 
 from framecast.engine.session import SessionCore
 from framecast.kernels import _VERIFIED
@@ -95,23 +95,12 @@ def streaming_step(model, core: SessionCore, image: np.ndarray, pts: float, *, f
 
 
 def reprefill_step(model, core: SessionCore, feats: list[ImageFeatures], image: np.ndarray, *, chunk: int) -> float:
-    """Vision of the new frame, then the whole window + prompt from an empty cache: seconds."""
+    """Vision of the new frame, then the whole window + prompt from an empty cache up to the first
+    token (bench_streaming's re-prefill turn): seconds."""
     mx.synchronize()
     t0 = time.perf_counter()
     feat, _ = encode_frame(model, image)
-    window = feats + [feat]
-    text = (f"<|im_start|>system\n{core.system_prompt}<|im_end|>\n<|im_start|>user\n"
-            + "".join(model.image_placeholder(f) + "\n" for f in window)
-            + PROMPT + "<|im_end|>\n" + core.assistant_prefix)
-    ids = model.tokenizer.encode(text)
-    cache = model.make_cache()
-    h = model.embed(mx.array([ids], dtype=mx.int32), window)  # [1, T, D]
-    lm = model.language_model
-    for start in range(0, len(ids) - 1, chunk):
-        out = lm.model(h[:, start:min(start + chunk, len(ids) - 1)], cache)
-        mx.eval(out, [c.state for c in cache])
-    token = mx.argmax(lm(cache=cache, input_embeddings=h[:, len(ids) - 1:], last_only=True)[:, -1, :], axis=-1)
-    token.item()
+    reprefill_turn(model, core, feats + [feat], max_tokens=1, chunk=chunk)
     return time.perf_counter() - t0
 
 
