@@ -606,3 +606,28 @@ def summary_example(rng: np.random.Generator) -> tuple[str, str]:
         titles.append(title)
         t = end
     return SUMMARY_PROMPT.format(chapters="\n".join(rows)), summary_of(titles)
+
+
+LOG_QUESTION_KINDS = ("colour", "shape", "count", "list", "exists")
+LOG_QUESTION_WHEN = ("", " in chapter {k}", " at {t}", " between {t} and {u}", " in the first part", " then")
+
+
+def log_question_example(rng: np.random.Generator) -> tuple[str, str]:
+    """(user prompt, assistant reply) of one question answered from a narration log
+    (`QUESTION_FROM_LOG_PROMPT`, what `framecast ask --session` sends for spans older than the
+    cache): the answer is about the objects the narrations name, in the per-frame answer grammar."""
+    from framecast.engine.prompts import QUESTION_FROM_LOG_PROMPT
+
+    texts = random_narrations(rng, int(rng.integers(1, 7)))
+    start = float(rng.integers(0, 600))
+    lines, end = narration_lines(texts, start, rng)
+    named = sorted({(c.colour, c.shape) for t in texts for c in (parse_narration(t) or [])})
+    objs = [SceneObject(i, s, c, "medium", "still", 0.5, 0.5, (0, 0, 1, 1)) for i, (c, s) in enumerate(named)]
+    qa = None
+    while qa is None:
+        qa = _question_of_kind(_pick(rng, LOG_QUESTION_KINDS), objs, rng)
+    spans = LOG_QUESTION_WHEN if qa.kind in ("colour", "shape") else LOG_QUESTION_WHEN[:2] + LOG_QUESTION_WHEN[3:4]
+    when = _pick(rng, spans).format(k=int(rng.integers(1, 6)), t=_mmss(start), u=_mmss(end))
+    question = qa.question[:-1] + when + qa.question[-1] if when else qa.question
+    return (QUESTION_FROM_LOG_PROMPT.format(start=_mmss(start), end=_mmss(end), narrations=lines, question=question),
+            qa.answer)

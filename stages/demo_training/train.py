@@ -68,11 +68,12 @@ ASSISTANT_PREFIX = DEFAULT_ASSISTANT_PREFIX
 
 # model shape (tiny: CPU inference must beat real time)
 VOCAB_SIZE = 768
-SCALE_RESOLUTION = 196  # 14 x 14 patches for a square frame
+SCALE_RESOLUTION = 252  # 18 x 18 patches for a square frame: a small object spans ~2 patches
 GRID = 3  # slot grid: query k <-> cell (k // GRID, k % GRID) of the frame
 QUERY_NUM = GRID * GRID
 VISION = dict(hidden_size=192, intermediate_size=768, num_attention_heads=3, num_hidden_layers=4,
-              patch_size=14, image_size=224)  # 16 x 16 learned position grid
+              patch_size=14, image_size=SCALE_RESOLUTION,  # 18 x 18 learned position grid
+              hidden_act="relu")  # MLX's CPU GELU is scalar: ReLU keeps the CPU tower faster than real time
 LLM = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=4,
            num_key_value_heads=2, rope_theta=10000.0, max_position_embeddings=8192,
            rms_norm_eps=1e-6, tie_word_embeddings=True)
@@ -84,10 +85,16 @@ DEFAULT_STREAMS = 1600
 DEFAULT_FRAMES = 64  # frames rendered per stream; clips are windows of them
 DEFAULT_LR = 1e-3
 DEFAULT_VISION_LR_SCALE = 0.5
-DEFAULT_VISION_PHASE = 0.25  # share of the run training the vision side alone (dense + slot targets)
-SHORT_PHASE = 0.12  # then this share on 1-6 frame clips with dense questions
+DEFAULT_VISION_PHASE = 0.3  # share of the run training the vision side alone (dense + slot targets)
+SHORT_PHASE = 0.25  # then this share on 1-3 frame clips with dense questions (the decoder learns to read)
 VISION_BATCH = 768  # frames per step in the vision phase
-TEXT_ROWS = 6  # text-only conversations (title / summary) per step
+SHORT_FRAMES = 3  # longest clip of the short phase
+# After the vision phase the tower is frozen (its dense targets taught it; the decoder's gradient
+# through 4 layers x 1000 frames a step would cost most of a step): the resampler, its slot targets
+# and the decoder train. The long phase's longest clip grows from SHORT_FRAMES to --max-clip over
+# the first LONG_RAMP of that phase, so the decoder keeps finding the image tokens as they thin out.
+LONG_RAMP = 0.5
+TEXT_ROWS = 8  # text-only conversations (title, summary, question from a log) per step
 PATCH_WEIGHT = 1.0
 SLOT_WEIGHT = 1.0
 OBJECT_PATCH_WEIGHT = 4.0
@@ -153,7 +160,7 @@ def model_config(tok, *, tiny: bool = False) -> dict:
         "drop_vision_last_layer": False,
         "use_image_id": False,
         "vision_config": {"model_type": "siglip_vision_model", "num_channels": 3, "layer_norm_eps": 1e-6,
-                          "hidden_act": "gelu_pytorch_tanh", **VISION, **(TINY_VISION if tiny else {})},
+                          **VISION, **(TINY_VISION if tiny else {})},
         "torch_dtype": "float16",
         "bos_token_id": None,
         "eos_token_id": ids["<|im_end|>"],
@@ -338,6 +345,13 @@ class DemoVLM(nn.Module):
 
         self.vpm = SiglipVisionTower(VisionArgs.from_dict(cfg["vision_config"]))
         d, dv = cfg["hidden_size"], cfg["vision_config"]["hidden_size"]
+        # 2D sin-cos start for the learned position table: neighbours look alike from step 0, so
+        # attention can gather an object's patches (its shape) before positions are learned
+        from framecast.model.resampler import sincos_2d
+
+        side = self.vpm.args.num_patches_per_side
+        self.vpm.embeddings.position_embedding.weight = 0.5 * mx.array(
+            sincos_2d(dv, side, side).reshape(side * side, dv), dtype=mx.float32)
         self.resampler = Resampler(embed_dim=d, kv_dim=dv, num_queries=cfg["query_num"])
         # HF init of the two bare parameters (the engine's zeros are placeholders for loading)
         self.resampler.query = 0.02 * mx.random.normal((cfg["query_num"], d))
@@ -414,13 +428,15 @@ def masked_ce(logits: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
 
 
 def loss_fn(model, views, patch_y, slot_y, inputs, targets, loss_mask, is_img, slot, t_inputs, t_targets, t_mask):
+    """The decoder phases: replies + text-only turns + the slot targets; the tower is frozen."""
     hidden, grid = vision_hidden(model, views)  # [N, L, Dv]
+    hidden = mx.stop_gradient(hidden)
     feats = resample(model, hidden, grid)  # [N, Q, D]
-    patch, slot_loss, _, _ = vision_losses(model, hidden, feats, patch_y, slot_y)
+    _, slot_loss, _, _ = vision_losses(model, hidden, feats, patch_y, slot_y)
     ce = masked_ce(lm_logits(model, feats, inputs, is_img, slot), targets, loss_mask)
     text_ce = masked_ce(model.llm(t_inputs), t_targets, t_mask)
-    total = ce + 0.3 * text_ce + PATCH_WEIGHT * patch + SLOT_WEIGHT * slot_loss
-    return total, (ce, text_ce, patch, slot_loss)
+    total = ce + 0.3 * text_ce + SLOT_WEIGHT * slot_loss
+    return total, (ce, text_ce, mx.array(0.0), slot_loss)
 
 
 def vision_loss_fn(model, views, patch_y, slot_y):
@@ -529,7 +545,9 @@ def token_arrays(seqs: list[tuple[list[int], list[int]]], pad: int, unk: int | N
 def text_batch(builder: SequenceBuilder, rng: np.random.Generator, rows: int) -> dict:
     seqs = []
     for _ in range(rows):
-        prompt, reply = D.title_example(rng) if rng.random() < 0.6 else D.summary_example(rng)
+        r = rng.random()
+        make = D.title_example if r < 0.45 else D.summary_example if r < 0.7 else D.log_question_example
+        prompt, reply = make(rng)
         system = SESSION_SYSTEM_PROMPT if rng.random() < 0.7 else D._pick(rng, D.SYSTEM_PROMPTS)
         seqs.append(builder.build_text(system, prompt, reply))
     a = token_arrays(seqs, builder.pad, None)
@@ -679,6 +697,25 @@ def load_checkpoint(path: Path, model: DemoVLM, opt) -> dict | None:
     return json.loads((path / "state.json").read_text())
 
 
+def export(out: Path, model: DemoVLM, a, state: dict, n_params: int, t_data: float) -> None:
+    """The shipped files: float16 HF weights and training.json (recipe, time, the whole log)."""
+    mx.save_safetensors(str(out / "model.safetensors"), hf_weights(model, mx.float16), metadata={"format": "pt"})
+    (out / "training.json").write_text(json.dumps({
+        "seed": a.seed, "steps": state["step"], "batch": a.batch, "streams": a.streams, "frames": a.frames,
+        "max_clip": a.max_clip, "max_tokens": a.max_tokens, "lr": a.lr, "vision_lr_scale": a.vision_lr_scale,
+        "codec": a.codec, "init_from": a.init_from, "vision_phase": a.vision_phase, "short_phase": SHORT_PHASE,
+        "params": n_params, "data_s": round(t_data, 1), "train_s": round(state["train_s"], 1),
+        "time_budget": a.time_budget, "device": str(mx.default_device()), "history": state["history"],
+    }, indent=1) + "\n")
+
+
+def long_clip_frames(frac: float, a) -> int:
+    """Longest clip at run fraction `frac` of the long phase: SHORT_FRAMES -> --max-clip over LONG_RAMP."""
+    start = a.vision_phase + SHORT_PHASE
+    ramp = min(1.0, max(0.0, (frac - start) / max(LONG_RAMP * (1.0 - start), 1e-9)))
+    return max(SHORT_FRAMES, int(round(SHORT_FRAMES + ramp * (a.max_clip - SHORT_FRAMES))))
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -797,12 +834,14 @@ def main(argv: list[str] | None = None) -> int:
                 parts = (mx.array(0.0), mx.array(0.0), *parts)
             else:
                 if frac < a.vision_phase + SHORT_PHASE:  # short clips, a question every frame or so
-                    n = int(rng.integers(1, 7))
+                    n = int(rng.integers(1, SHORT_FRAMES + 1))
                     batch = make_batch(pool.clips(rng, a.batch * 3, n), n, builder, rng, dense=1.0,
                                        max_tokens=a.max_tokens)
                 else:
-                    n = int(rng.integers(min(8, a.max_clip), a.max_clip + 1))
-                    batch = make_batch(pool.clips(rng, a.batch, n), n, builder, rng, dense=0.3, max_tokens=a.max_tokens)
+                    n = int(rng.integers(SHORT_FRAMES, long_clip_frames(frac, a) + 1))
+                    rows = max(a.batch, a.batch * 3 * SHORT_FRAMES // max(n, 1))  # ~constant frames a step
+                    batch = make_batch(pool.clips(rng, min(rows, a.batch * 3), n), n, builder, rng,
+                                       dense=0.3, max_tokens=a.max_tokens)
                 weight_content(batch, table)
                 batch.update(text_batch(builder, rng, TEXT_ROWS))
                 (loss, parts), grads = step_fn(model, *[batch[k] for k in BATCH_ORDER])
@@ -822,6 +861,7 @@ def main(argv: list[str] | None = None) -> int:
             if ckpt is not None and time.time() - last_ckpt > a.ckpt_every:
                 state.update(train_s=train_s0 + time.time() - t_run, rng=rng.bit_generator.state, history=history)
                 save_checkpoint(ckpt, model, opt, state)
+                export(out, model, a, state, n_params, t_data)  # a usable model at every checkpoint
                 last_ckpt = time.time()
     except KeyboardInterrupt:
         print(f"interrupted at step {state['step']}: saving", flush=True)
@@ -829,13 +869,7 @@ def main(argv: list[str] | None = None) -> int:
     if ckpt is not None:
         save_checkpoint(ckpt, model, opt, state)
 
-    mx.save_safetensors(str(out / "model.safetensors"), hf_weights(model, mx.float16), metadata={"format": "pt"})
-    (out / "training.json").write_text(json.dumps({
-        "seed": a.seed, "steps": state["step"], "batch": a.batch, "streams": a.streams, "frames": a.frames,
-        "max_clip": a.max_clip, "max_tokens": a.max_tokens, "lr": a.lr, "vision_lr_scale": a.vision_lr_scale,
-        "codec": a.codec, "init_from": a.init_from, "vision_phase": a.vision_phase, "params": n_params, "data_s": round(t_data, 1), "train_s": round(state["train_s"], 1),
-        "time_budget": a.time_budget, "device": str(mx.default_device()), "history": history,
-    }, indent=1) + "\n")
+    export(out, model, a, state, n_params, t_data)
     print(f"saved {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.1f} MB); {state['step']} steps, "
           f"trained {state['train_s']:.0f}s, this run {time.time() - t_start:.0f}s", flush=True)
     return 0

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The demo model's training on the GPU machine (issue 11), as it was run: one NVIDIA H200 lent
+# through the `device` tool, MLX 0.32.4 CUDA. Call 1 stashes .device/part1 under /root/stash;
+# call 2 runs this script (with .device/part2 carried). It installs MLX, lays the tree out as the
+# `framecast` package, and starts training in its own process session, so later calls can watch
+# it (`scripts/device_train_demo.sh watch SECONDS`) while the machine stays warm. Usage:
+#   bash scripts/device_train_demo.sh start TRAIN_SECONDS   (then: watch SECONDS, as often as needed)
+set -euo pipefail
+RUN=/root/run
+export PYTHONPATH=/tmp/pkg:/tmp/site PYTHONUNBUFFERED=1
+if [ "$1" = start ]; then
+  whl=$(basename .device/part2/*.part.ab .part.ab)
+  cat /root/stash/*.part.aa .device/part2/*.part.ab > "/tmp/$whl"
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "/tmp/$whl" .device/part2/*.whl
+  rm -rf /tmp/pkg && mkdir -p /tmp/pkg "$RUN"
+  cp -r pipeline /tmp/pkg/framecast && cp -r stages /tmp/pkg/framecast/stages && cp -r configs /tmp/pkg/framecast/configs
+  python3 -c "import mlx.core as mx; print(mx.default_device(), flush=True)"
+  deadline=$(( $(date +%s) + $2 ))
+  setsid nohup bash -c "python3 -m framecast.stages.demo_training.train --out $RUN/model --ckpt $RUN/ckpt \
+      --deadline $deadline --time-budget $2 --streams 1500 --frames 48 --max-clip 48 --workers 15 \
+      --codec jpeg --log-every 100 --ckpt-every 150 > $RUN/train.log 2>&1; echo TRAINED >> $RUN/train.log; \
+      python3 -m framecast.stages.demo_training.evaluate --model $RUN/model --streams 12 --frames 120 \
+      --codec jpeg --shuffled > $RUN/eval.log 2>&1; echo EVALUATED >> $RUN/eval.log" > /dev/null 2>&1 < /dev/null &
+  shift 2
+fi
+if [ "${1:-}" = watch ]; then
+  end=$(( $(date +%s) + $2 ))
+  while [ "$(date +%s)" -lt "$end" ] && ! grep -q EVALUATED $RUN/eval.log 2>/dev/null; do sleep 5; done
+fi
+tail -c 6000 $RUN/train.log || true
+tail -c 3000 $RUN/eval.log 2>/dev/null || true
+if [ -n "${OUT:-}" ]; then
+  cp $RUN/train.log $OUT/ 2>/dev/null || true
+  cp $RUN/eval.log $OUT/ 2>/dev/null || true
+  if [ -f $RUN/model/model.safetensors ]; then
+    cp $RUN/model/model.safetensors $RUN/model/training.json $OUT/
+    tar -C $RUN/model -cf $OUT/model_files.tar config.json preprocessor_config.json tokenizer.json \
+        tokenizer_config.json generation_config.json
+  fi
+fi
