@@ -64,6 +64,30 @@ def _hf_model(vcfg, w):
     return model
 
 
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_other_hf_activations_match_transformers_siglip(act):
+    """`vision_config.hidden_act` is honoured (the demo model's tower uses ReLU)."""
+    vcfg, w = _args_and_weights(140)
+    vcfg = {**vcfg, "hidden_act": act}
+    view = np.random.default_rng(3).uniform(-1, 1, size=(140, 140, 3)).astype(np.float32)
+    with torch.no_grad():
+        ref = _hf_model(vcfg, w)(torch.from_numpy(view).permute(2, 0, 1)[None]).last_hidden_state.numpy()
+    out, _ = _ours(vcfg, w).encode_views([view])
+    assert np.abs(np.array(out) - ref).max() <= 1e-4
+
+
+def test_unknown_activation_is_one_clear_error():
+    from framecast.errors import ModelLoadError
+    from framecast.model.vlm import VLMArgs
+
+    cfg = tiny_config("2.6")
+    cfg["vision_config"]["hidden_act"] = "swish2"
+    with pytest.raises(ModelLoadError, match="config.json: vision_config.hidden_act 'swish2' is not one of gelu, "):
+        VLMArgs.from_config(cfg)
+    with pytest.raises(ValueError, match="hidden_act 'swish2'"):
+        VisionArgs.from_dict(cfg["vision_config"])
+
+
 @pytest.mark.parametrize("size", [140, 980])
 def test_fixed_size_matches_transformers_siglip(size):
     # 10 x 10 and the real 70 x 70 patches: NaViT ids = standard ids there (asserted above)

@@ -25,7 +25,7 @@ from framecast.errors import ModelLoadError, UserError
 from framecast.model.lm import get_lm_class
 from framecast.model.processor import IM_END, IM_START, SLICE_END, SLICE_START, MiniCPMVProcessor
 from framecast.model.resampler import Resampler
-from framecast.model.vision import SiglipVisionTower, VisionArgs
+from framecast.model.vision import ACTIVATIONS, SiglipVisionTower, VisionArgs
 
 log = logging.getLogger("framecast.model")
 
@@ -78,6 +78,9 @@ class VLMArgs:
         lm_type, is_3d = VERSION_LAYOUT[version]
         if "vision_config" not in config or "hidden_size" not in config:
             raise ModelLoadError(f"{origin}: missing key {'vision_config' if 'hidden_size' in config else 'hidden_size'!r}")
+        act = config["vision_config"].get("hidden_act", "gelu_pytorch_tanh")
+        if act not in ACTIVATIONS:
+            raise ModelLoadError(f"{origin}: vision_config.hidden_act {act!r} is not one of {', '.join(sorted(ACTIVATIONS))}")
         return cls(
             version=version,
             model_type=config["model_type"],

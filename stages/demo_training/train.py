@@ -3,7 +3,7 @@
     python scripts/train_demo_model.py --out pipeline/demo_model --time-budget 420 [--codec jpeg] ...
 
 Exactly the MiniCPM-V architecture and the engine's own classes (`framecast.model.vlm`): a small
-SigLIP NaViT tower, the 2D resampler with 9 queries and a small qwen2 decoder, plus a byte-level
+SigLIP NaViT tower (ReLU MLPs, 252-px views), the 2D resampler with 9 queries and a small qwen2 decoder, plus a byte-level
 BPE `tokenizers` tokenizer fitted to the grammar's vocabulary with the special tokens the
 processor needs. Deterministic from `--seed` (data, init, batches) up to device arithmetic.
 
@@ -15,15 +15,18 @@ Two training-only heads (never shipped) supervise it with the generator's ground
   frame (row-major; the same 3x3 zones the position questions use): is an object's centre in
   it, its colour, shape and centre (x, y). The features the decoder reads are therefore a
   fixed, linearly readable code per cell, like the attribute code of the decoder-can-read test.
-The decoder loss (replies only) flows into the whole vision side as well.
+After the vision-only phase the tower is frozen (`mx.stop_gradient`): the decoder loss flows into
+the resampler, which keeps its slot targets.
 
 Training examples use the STREAMING layout of the session (`framecast.engine.layout`), token for
 token: the prefix, then one `{image placeholder}\\n` span per frame, and at random points a turn
 `{prompt}<|im_end|>\\n<|im_start|>assistant\\n{reply}<|im_end|>\\n<|im_start|>user\\n`. Clips start
 at frame 0 or mid-scene (what the cache holds after the session evicts the oldest spans) and
 never exceed `DEMO_MAX_CACHE_TOKENS`, the budget the shipped config.json gives the session.
-Curriculum: short clips with dense per-frame questions first, then clips up to the budget.
-Text-only conversations (chapter titles and summaries, `framecast.engine.prompts`) ride along.
+Curriculum (shares of the run): vision alone (`--vision-phase`, 0.3), 1-3-frame clips with dense
+questions (`SHORT_PHASE`, 0.25), then clips whose longest length ramps up to `--max-clip`.
+Text-only conversations (chapter titles, summaries and questions answered from a narration log,
+`framecast.engine.prompts`) ride along.
 
 Resumable: `--ckpt DIR` holds the full state (weights, optimiser, step, time); a later run with
 the same DIR continues; `--stop-after S` ends this run early (checkpoint written), and
