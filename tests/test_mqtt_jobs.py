@@ -293,11 +293,15 @@ def test_streams_are_split_and_move_when_a_worker_leaves(fleet, broker):
     print(f"streams moved in {took:.2f} s (SIGKILL)")
     # the killed worker's runs went with it (they get SIGTERM when their parent dies)
     def runs() -> list[Path]:  # `framecast run` processes against this broker
-        needle = f"\0--mqtt\0{broker.url}\0--mqtt-prefix\0{P}\0".encode()
+        # the broker URL (it may carry a password) is in the run's environment, never its arguments
+        needle, env = f"\0run\0--source\0".encode(), f"\0FRAMECAST_MQTT__URL={broker.url}\0".encode()
         found = []
         for proc in Path("/proc").glob("[0-9]*"):
             try:
-                if needle in (proc / "cmdline").read_bytes():
+                cmdline = (proc / "cmdline").read_bytes()
+                if needle in cmdline and f"\0--mqtt-prefix\0{P}\0".encode() in cmdline:
+                    assert broker.url.encode() not in cmdline
+                    assert env in b"\0" + (proc / "environ").read_bytes()
                     found.append(proc)
             except OSError:  # exited meanwhile
                 pass

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -106,13 +107,20 @@ class StreamWorker(FleetMember):
             await self.announce()
 
     def _command(self, spec: StreamSpec) -> list[str]:
+        """The child's command line. The broker URL is not on it (it may hold a password, and any
+        user can read a process's arguments): it travels in the child's environment (`_env`)."""
         sets = [f"--set={k}={json.dumps(v)}" for k, v in flat_settings(spec.settings, spec.stream_id).items()]
         return [sys.executable, "-m", "framecast", "run", "--source", spec.source, "--stream-id", spec.stream_id,
-                "--mqtt", self.url, "--mqtt-prefix", self.topics.prefix, "--no-console", *self.run_args, *sets]
+                "--mqtt-prefix", self.topics.prefix, "--no-console", *self.run_args, *sets]
+
+    def _env(self) -> dict[str, str]:
+        """The child's environment: ours plus FRAMECAST_MQTT__URL (readable by its owner only)."""
+        return {**os.environ, "FRAMECAST_MQTT__URL": self.url}
 
     async def _start_child(self, spec: StreamSpec, restarts: int = 0) -> None:
         proc = await asyncio.create_subprocess_exec(*self._command(spec), stdin=subprocess.DEVNULL,
-                                                    stdout=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                                    stdout=subprocess.DEVNULL, env=self._env(),
+                                                    preexec_fn=_die_with_parent)
         self.children[spec.stream_id] = Child(spec, proc, time.monotonic(), restarts)
 
     def _stop_child(self, sid: str) -> None:
