@@ -294,7 +294,7 @@ def test_streams_are_split_and_move_when_a_worker_leaves(fleet, broker):
     # the killed worker's runs went with it (they get SIGTERM when their parent dies)
     def runs() -> list[Path]:  # `framecast run` processes against this broker
         # the broker URL (it may carry a password) is in the run's environment, never its arguments
-        needle, env = f"\0run\0--source\0".encode(), f"\0FRAMECAST_MQTT__URL={broker.url}\0".encode()
+        needle, env = b"\0run\0--source\0", f"\0FRAMECAST_MQTT__URL={broker.url}\0".encode()
         found = []
         for proc in Path("/proc").glob("[0-9]*"):
             try:

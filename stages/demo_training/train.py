@@ -3,9 +3,9 @@
     python scripts/train_demo_model.py --out pipeline/demo_model --time-budget 420 [--codec jpeg] ...
 
 Exactly the MiniCPM-V architecture and the engine's own classes (`framecast.model.vlm`): a small
-SigLIP NaViT tower (ReLU MLPs, 252-px views), the 2D resampler with 9 queries and a small qwen2 decoder, plus a byte-level
-BPE `tokenizers` tokenizer fitted to the grammar's vocabulary with the special tokens the
-processor needs. Deterministic from `--seed` (data, init, batches) up to device arithmetic.
+SigLIP NaViT tower (ReLU MLPs, 252-px views), the 2D resampler with 9 queries and a small qwen2
+decoder, plus a byte-level BPE `tokenizers` tokenizer fitted to the grammar's vocabulary with the
+special tokens the processor needs. Deterministic from `--seed` (data, init, batches) up to device arithmetic.
 
 Why it sees (issue 11): the vision side is taught directly, not only through the decoder.
 Two training-only heads (never shipped) supervise it with the generator's ground truth:
