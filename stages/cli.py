@@ -330,6 +330,11 @@ def _cmd_config(a: argparse.Namespace) -> int:
         return 0
     cfg = load_config(a.file)
     if a.config_command == "check":
+        from framecast.config import stream_configs
+        from framecast.stages.outputs.files import check_run_outputs
+
+        # the run's own up-front check of its files (writable, no output on an input or another output)
+        check_run_outputs(stream_configs(cfg, a.file))
         print(f"{a.file}: ok")
     else:
         print(cfg.model_dump_json(indent=2))

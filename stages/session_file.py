@@ -78,6 +78,10 @@ def _events(text: str, kind: type[Event] | tuple[type[Event], ...]) -> list:
 def read_archive(path: str | Path) -> Archive:
     """Read a `.fcs` file. Raises UserError (one line naming the file) if it is not one."""
     path = Path(path)
+    if path.is_dir():
+        fcs = sorted(path.glob("*.fcs"))
+        hint = f" (it holds {fcs[0].name}{' and others' if len(fcs) > 1 else ''})" if fcs else ""
+        raise UserError(f"{path}: is a directory, not a saved session (.fcs file){hint}")
     if not path.is_file():
         raise UserError(f"{path}: saved session not found")
     try:

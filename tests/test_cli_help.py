@@ -64,5 +64,13 @@ def test_ask_with_client_certificate_and_a_refusal_in_one_line(tmp_path, capsys)
         err = capsys.readouterr().err.strip()
         assert rc == 1 and len(err.splitlines()) == 1 and "refused the connection for user 'cam'" in err
         assert err.count(f"127.0.0.1:{a.port}") == 1 and "nope" not in err, err
+        clip = tmp_path / "clip.mp4"
+        clip.write_bytes(b"")
+        for argv in (["submit", "--mqtt", f"mqtt://cam:nope@127.0.0.1:{a.port}", str(clip)],
+                     ["submit", "--mqtt", f"mqtt://cam:nope@127.0.0.1:{a.port}", "--stream", "cam1=demo"]):
+            rc = main(argv)
+            err = capsys.readouterr().err.strip()
+            assert rc == 1 and len(err.splitlines()) == 1 and "refused the connection for user 'cam'" in err, err
+            assert err.count(f"127.0.0.1:{a.port}") == 1 and "nope" not in err, err
     finally:
         a.stop()

@@ -36,6 +36,21 @@ def test_config_check_and_run_refuse_the_same_files(capsys, tmp_path, body, key,
         assert str(f) in line and key in line and why in line, line
 
 
+@pytest.mark.parametrize("outputs", ['srt = "{v}"', 'jsonl = "{v}"', 'vtt = "{d}/x.vtt"\nsrt = "{d}/x.vtt"'])
+def test_config_check_and_run_refuse_the_same_outputs(capsys, tmp_path, outputs):
+    """An output on the source video, or two outputs on one file: `config check` says what `run` says."""
+    video = tmp_path / "in.mp4"
+    write_video(video, 4, fps=10, width=64, height=48)
+    f = tmp_path / "c.toml"
+    f.write_text(f'[source]\nuri = "{video}"\n[outputs]\n' + outputs.format(v=video, d=tmp_path) + "\n")
+    lines = []
+    for argv in (["config", "check", str(f)], ["run", "--config", str(f), "--capture-only", "--no-console"]):
+        assert main(argv) == 2
+        lines.append(one_line(capsys))
+    assert lines[0] == lines[1] and ("reads" in lines[0] or "same file" in lines[0]), lines
+    assert video.stat().st_size > 0
+
+
 def test_mqtt_url_error_hides_the_password(capsys):
     assert main(["run", "--capture-only", "--no-console", "--mqtt", "ftp://me:secret@x"]) == 2
     line = one_line(capsys)

@@ -513,9 +513,15 @@ def test_save_session_into_a_missing_folder_fails_before_work(tmp_path, capsys):
     assert not (tmp_path / "nope").exists()
 
 
-@pytest.mark.parametrize("path,why", [("missing.fcs", "not found"), ("bad.fcs", "not a framecast saved session")])
+@pytest.mark.parametrize("path,why", [("missing.fcs", "not found"), ("bad.fcs", "not a framecast saved session"),
+                                      ("empty", "is a directory, not a saved session (.fcs file)"),
+                                      ("runs", "is a directory, not a saved session (.fcs file) (it holds a.fcs and others)")])
 def test_bad_session_files_give_one_line(tmp_path, capsys, path, why):
     (tmp_path / "bad.fcs").write_bytes(b"not a zip")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "runs").mkdir()
+    for name in ("b.fcs", "a.fcs"):
+        (tmp_path / "runs" / name).write_bytes(b"")
     assert main(["ask", "--session", str(tmp_path / path), "what?"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and why in err[0]

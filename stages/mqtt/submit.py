@@ -89,7 +89,10 @@ async def _connect(address: BrokerAddress, tls: TlsFiles) -> BusClient | None:
         print(f"framecast: mqtt: {address.display()} does not speak MQTT 5 (shared subscriptions need it)",
               file=sys.stderr)
         return None
-    except (BusRefused, BusDisconnected) as e:
+    except BusRefused as e:  # its text names the broker already ("mqtt://host:1883 refused ...")
+        print(f"framecast: mqtt: {e}", file=sys.stderr)
+        return None
+    except BusDisconnected as e:
         print(f"framecast: mqtt: cannot connect to {address.display()}: {e}", file=sys.stderr)
         return None
     return client
