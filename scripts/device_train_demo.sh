@@ -4,8 +4,13 @@
 # call 2 runs this script (with .device/part2 carried). It installs MLX, lays the tree out as the
 # `framecast` package, and starts training in its own process session, so later calls can watch
 # it (`scripts/device_train_demo.sh watch SECONDS`) while the machine stays warm. Usage:
-#   bash scripts/device_train_demo.sh start TRAIN_SECONDS   (then: watch SECONDS, as often as needed)
+#   bash scripts/device_train_demo.sh start TRAIN_SECONDS [watch SECONDS]   (then: watch SECONDS, as often as needed)
+# The MLX CUDA wheel travels split in two (each call carries at most 64 MiB): build the halves here
+# with ../shared/device/mlx-cuda-wheels.sh (see ../shared/device/README.md) into .device/part1 and
+# .device/part2; call 1 (carry .device/part1): mkdir -p /root/stash && cp .device/part1/* /root/stash/
 set -euo pipefail
+usage() { echo "usage: $0 start TRAIN_SECONDS [watch SECONDS] | watch SECONDS" >&2; exit 2; }
+case "${1:-}" in start) [ $# -ge 2 ] || usage ;; watch) [ $# -ge 2 ] || usage ;; *) usage ;; esac
 RUN=/root/run
 export PYTHONPATH=/tmp/pkg:/tmp/site PYTHONUNBUFFERED=1
 if [ "$1" = start ]; then

@@ -80,8 +80,8 @@ def read_archive(path: str | Path) -> Archive:
     path = Path(path)
     if path.is_dir():
         fcs = sorted(path.glob("*.fcs"))
-        hint = f" (it holds {fcs[0].name}{' and others' if len(fcs) > 1 else ''})" if fcs else ""
-        raise UserError(f"{path}: is a directory, not a saved session (.fcs file){hint}")
+        hint = f"; it holds {fcs[0].name}{' and others' if len(fcs) > 1 else ''}" if fcs else ""
+        raise UserError(f"{path}: is a directory, not a saved session (an .fcs file){hint}")
     if not path.is_file():
         raise UserError(f"{path}: saved session not found")
     try:

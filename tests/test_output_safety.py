@@ -36,6 +36,35 @@ def video(tmp_path):
 # ---------------------------------------------------------------- an output on an input
 
 
+@pytest.mark.parametrize("flag,name", [("--jsonl", "config.json"), ("--srt", "model.safetensors"),
+                                       ("--vtt", "tokenizer.json")])
+def test_an_output_on_a_file_of_the_model_directory_is_refused(capsys, tmp_path, video, flag, name):
+    import shutil
+
+    from framecast.model.load import DEMO_MODEL_DIR
+
+    model = tmp_path / "model"
+    shutil.copytree(DEMO_MODEL_DIR, model)
+    before = (model / name).read_bytes()
+    code, err = run(capsys, "--capture-only", "--model", str(model), "--source", str(video), flag, str(model / name))
+    line = one_line(err)
+    assert code == 2 and "is the file model.path reads" in line and name in line, line
+    assert (model / name).read_bytes() == before
+    # a config file says the same to `config check`
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[model]\npath = "{model}"\n[source]\nuri = "{video}"\n[outputs]\n{flag[2:]} = "{model / name}"\n')
+    assert main(["config", "check", str(cfg)]) == 2 and "model.path" in one_line(capsys.readouterr().err)
+
+
+def test_the_embedded_demo_models_files_count_as_inputs_when_no_model_is_given():
+    from framecast.model.load import DEMO_MODEL_DIR
+    from framecast.stages.outputs.files import _input_files
+
+    inputs = dict((p, k) for k, p in _input_files(RunConfig()))
+    assert inputs[str(DEMO_MODEL_DIR / "model.safetensors")] == "model.path"
+    assert inputs[str(DEMO_MODEL_DIR / "config.json")] == "model.path"
+
+
 @pytest.mark.parametrize("flag", ["--jsonl", "--srt", "--vtt", "--report", "--save-session", "--chapters"])
 def test_an_output_on_the_source_video_is_refused_and_the_video_kept(capsys, tmp_path, video, flag):
     before = video.read_bytes()

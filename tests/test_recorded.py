@@ -514,8 +514,8 @@ def test_save_session_into_a_missing_folder_fails_before_work(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("path,why", [("missing.fcs", "not found"), ("bad.fcs", "not a framecast saved session"),
-                                      ("empty", "is a directory, not a saved session (.fcs file)"),
-                                      ("runs", "is a directory, not a saved session (.fcs file) (it holds a.fcs and others)")])
+                                      ("empty", "is a directory, not a saved session (an .fcs file)"),
+                                      ("runs", "is a directory, not a saved session (an .fcs file); it holds a.fcs and others")])
 def test_bad_session_files_give_one_line(tmp_path, capsys, path, why):
     (tmp_path / "bad.fcs").write_bytes(b"not a zip")
     (tmp_path / "empty").mkdir()

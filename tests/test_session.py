@@ -329,6 +329,21 @@ def test_load_rejects_another_model(tiny_models, tmp_path):
         b.load(tmp_path / "missing.safetensors")
 
 
+def test_load_rejects_a_model_of_the_same_shape_with_other_weights(tiny_models, tmp_path):
+    """A retrained checkpoint has the cache shape of the old one: the weights digest tells them apart."""
+    from framecast.errors import UserError
+    from framecast.model.load import load_model
+    from framecast.testing import make_tiny_minicpmv
+
+    a = SessionCore(tiny_models("2.6"))
+    path = a.save(tmp_path / "s.safetensors")
+    make_tiny_minicpmv(tmp_path / "other", "2.6", seed=7)
+    b = SessionCore(load_model(str(tmp_path / "other")))
+    with pytest.raises(UserError, match="different model"):
+        b.load(path)
+    SessionCore(tiny_models("2.6")).load(path)  # the same weights load
+
+
 @pytest.mark.parametrize("bits,max_err", [(8, 0.05), (4, 0.5)])
 def test_kv_quantisation_error_measured(tiny_models, bits, max_err):
     """Max |logit error| of a quantised-cache session vs the fp32 one (reported, bounded)."""

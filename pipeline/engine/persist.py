@@ -2,17 +2,20 @@
 
 The file holds `cache.<layer>.<i>` arrays (each layer's `state`) and, in the metadata key
 `framecast_session`, JSON with the format tag, a fingerprint of the model (layers, KV heads,
-head_dim, kv_bits: a cache only fits the model that wrote it), the system prompt and the spans.
+head_dim, kv_bits and a digest of the weights: a cache only fits the model that wrote it), the
+system prompt and the spans.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import numpy as np
 
 from framecast.engine.layout import Span
 from framecast.errors import UserError
@@ -21,9 +24,13 @@ SAVE_FORMAT = "framecast-session-1"
 
 
 def fingerprint(lm, kv_bits: int | None) -> dict[str, Any]:
+    """What a saved cache must match: the cache's shape, and the weights themselves (a digest of
+    the first two rows of the token embedding: two checkpoints of one shape, e.g. a retrained demo
+    model, would otherwise accept each other's caches and answer from the wrong model's keys)."""
     attn = lm.layers[0].self_attn
+    rows = np.array(lm.model.embed_tokens.weight[:2].astype(mx.float32))  # [2, D] (packed ints if quantised)
     return {"layers": len(lm.layers), "n_kv": attn.n_kv_heads, "head_dim": attn.head_dim,
-            "kv_bits": kv_bits or 0}
+            "kv_bits": kv_bits or 0, "weights": hashlib.sha256(rows.tobytes()).hexdigest()[:16]}
 
 
 def save_session(path: str | Path, cache: list, spans: list[Span], *, fingerprint: dict[str, Any],

@@ -45,7 +45,7 @@ class VisionArgs:
     @classmethod
     def from_dict(cls, d: dict) -> "VisionArgs":
         args = cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
-        if args.hidden_act not in ACTIVATIONS:
+        if not isinstance(args.hidden_act, str) or args.hidden_act not in ACTIVATIONS:
             raise ValueError(f"vision_config.hidden_act {args.hidden_act!r}: framecast knows "
                              f"{', '.join(sorted(ACTIVATIONS))}")
         return args

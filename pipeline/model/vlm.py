@@ -79,7 +79,7 @@ class VLMArgs:
         if "vision_config" not in config or "hidden_size" not in config:
             raise ModelLoadError(f"{origin}: missing key {'vision_config' if 'hidden_size' in config else 'hidden_size'!r}")
         act = config["vision_config"].get("hidden_act", "gelu_pytorch_tanh")
-        if act not in ACTIVATIONS:
+        if not isinstance(act, str) or act not in ACTIVATIONS:
             raise ModelLoadError(f"{origin}: vision_config.hidden_act {act!r} is not one of {', '.join(sorted(ACTIVATIONS))}")
         return cls(
             version=version,

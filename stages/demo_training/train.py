@@ -724,7 +724,8 @@ def long_clip_frames(frac: float, a) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(DEMO_MODEL_DIR))
+    ap.add_argument("--out", required=True,
+                    help=f"model directory to write (the shipped one is {DEMO_MODEL_DIR}: name it to replace it)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--time-budget", type=float, default=420.0, help="training seconds the LR schedule spans")
     ap.add_argument("--stop-after", type=float, default=None, help="end this run after so many seconds (resume later)")
