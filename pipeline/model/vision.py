@@ -46,7 +46,7 @@ class VisionArgs:
     def from_dict(cls, d: dict) -> "VisionArgs":
         args = cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
         if not isinstance(args.hidden_act, str) or args.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"vision_config.hidden_act {args.hidden_act!r}: framecast knows "
+            raise ValueError(f"vision_config.hidden_act {args.hidden_act!r} is not one of "
                              f"{', '.join(sorted(ACTIVATIONS))}")
         return args
 

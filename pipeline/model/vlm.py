@@ -25,7 +25,7 @@ from framecast.errors import ModelLoadError, UserError
 from framecast.model.lm import get_lm_class
 from framecast.model.processor import IM_END, IM_START, SLICE_END, SLICE_START, MiniCPMVProcessor
 from framecast.model.resampler import Resampler
-from framecast.model.vision import ACTIVATIONS, SiglipVisionTower, VisionArgs
+from framecast.model.vision import SiglipVisionTower, VisionArgs
 
 log = logging.getLogger("framecast.model")
 
@@ -78,16 +78,17 @@ class VLMArgs:
         lm_type, is_3d = VERSION_LAYOUT[version]
         if "vision_config" not in config or "hidden_size" not in config:
             raise ModelLoadError(f"{origin}: missing key {'vision_config' if 'hidden_size' in config else 'hidden_size'!r}")
-        act = config["vision_config"].get("hidden_act", "gelu_pytorch_tanh")
-        if not isinstance(act, str) or act not in ACTIVATIONS:
-            raise ModelLoadError(f"{origin}: vision_config.hidden_act {act!r} is not one of {', '.join(sorted(ACTIVATIONS))}")
+        try:
+            vision = VisionArgs.from_dict(config["vision_config"])
+        except ValueError as e:  # e.g. an unknown hidden_act
+            raise ModelLoadError(f"{origin}: {e}") from None
         return cls(
             version=version,
             model_type=config["model_type"],
             lm_type=config.get("lm_model_type", lm_type),  # a GGUF pair may name another family
             hidden_size=int(config["hidden_size"]),
             query_num=int(config.get("query_num", 64)),
-            vision=VisionArgs.from_dict(config["vision_config"]),
+            vision=vision,
             drop_vision_last_layer=bool(config.get("drop_vision_last_layer", False)),
             resampler_3d=is_3d,
             config=config,

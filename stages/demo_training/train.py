@@ -398,8 +398,8 @@ def encode_views(model: DemoVLM, views: mx.array) -> mx.array:
     return resample(model, *vision_hidden(model, views))
 
 
-def vision_losses(model: DemoVLM, hidden: mx.array, feats: mx.array, patch_y: mx.array, slot_y: mx.array):
-    """Dense patch loss and slot loss (scalars) with their logits, for logging."""
+def patch_loss(model: DemoVLM, hidden: mx.array, patch_y: mx.array) -> tuple[mx.array, mx.array]:
+    """Dense per-patch loss (scalar) on the tower output [N, L, Dv], with its logits [N, L, PATCH_OUT]."""
     pl = model.aux.patch(hidden)  # [N, L, PATCH_OUT]
     pc, ps = pl[..., :1 + N_COL], pl[..., 1 + N_COL:2 + N_COL + N_SHP]
     yc, ys = patch_y[..., 0].astype(mx.int32), patch_y[..., 1].astype(mx.int32)
@@ -407,6 +407,11 @@ def vision_losses(model: DemoVLM, hidden: mx.array, feats: mx.array, patch_y: mx
     xy = ((mx.sigmoid(pl[..., -4:]) - patch_y[..., 2:6]) ** 2).sum(-1)
     patch = ((nn.losses.cross_entropy(pc, yc, reduction="none") + nn.losses.cross_entropy(ps, ys, reduction="none")
               + 20.0 * xy) * w).sum() / w.sum()
+    return patch, pl
+
+
+def slot_loss(model: DemoVLM, feats: mx.array, slot_y: mx.array) -> tuple[mx.array, mx.array]:
+    """Slot loss (scalar) on the resampled features [N, Q, D], with its logits [N, Q, SLOT_DIM]."""
     sl = model.aux.slot(feats)  # [N, Q, SLOT_DIM]
     obj = slot_y[..., 0]
     occ = obj.sum() + 1.0
@@ -415,6 +420,12 @@ def vision_losses(model: DemoVLM, hidden: mx.array, feats: mx.array, patch_y: mx
     slot = slot + (nn.losses.cross_entropy(sl[..., 1 + N_COL:1 + N_COL + N_SHP], slot_y[..., 2].astype(mx.int32),
                                            reduction="none") * obj).sum() / occ
     slot = slot + 20.0 * (((mx.sigmoid(sl[..., -2:]) - slot_y[..., 3:5]) ** 2).sum(-1) * obj).sum() / occ
+    return slot, sl
+
+
+def vision_losses(model: DemoVLM, hidden: mx.array, feats: mx.array, patch_y: mx.array, slot_y: mx.array):
+    """Dense patch loss and slot loss (scalars) with their logits, for logging."""
+    (patch, pl), (slot, sl) = patch_loss(model, hidden, patch_y), slot_loss(model, feats, slot_y)
     return patch, slot, pl, sl
 
 
@@ -435,11 +446,11 @@ def loss_fn(model, views, patch_y, slot_y, inputs, targets, loss_mask, is_img, s
     hidden, grid = vision_hidden(model, views)  # [N, L, Dv]
     hidden = mx.stop_gradient(hidden)
     feats = resample(model, hidden, grid)  # [N, Q, D]
-    _, slot_loss, _, _ = vision_losses(model, hidden, feats, patch_y, slot_y)
+    slots, _ = slot_loss(model, feats, slot_y)  # the frozen tower's patch loss would teach nothing
     ce = masked_ce(lm_logits(model, feats, inputs, is_img, slot), targets, loss_mask)
     text_ce = masked_ce(model.llm(t_inputs), t_targets, t_mask)
-    total = ce + 0.3 * text_ce + SLOT_WEIGHT * slot_loss
-    return total, (ce, text_ce, mx.array(0.0), slot_loss)
+    total = ce + 0.3 * text_ce + SLOT_WEIGHT * slots
+    return total, (ce, text_ce, mx.array(0.0), slots)
 
 
 def vision_loss_fn(model, views, patch_y, slot_y):
@@ -843,9 +854,8 @@ def main(argv: list[str] | None = None) -> int:
                                        max_tokens=a.max_tokens)
                 else:
                     n = int(rng.integers(SHORT_FRAMES, long_clip_frames(frac, a) + 1))
-                    rows = max(a.batch, a.batch * 3 * SHORT_FRAMES // max(n, 1))  # ~constant frames a step
-                    batch = make_batch(pool.clips(rng, min(rows, a.batch * 3), n), n, builder, rng,
-                                       dense=0.3, max_tokens=a.max_tokens)
+                    rows = max(a.batch, a.batch * 3 * SHORT_FRAMES // n)  # ~constant frames a step (n >= SHORT_FRAMES)
+                    batch = make_batch(pool.clips(rng, rows, n), n, builder, rng, dense=0.3, max_tokens=a.max_tokens)
                 weight_content(batch, table)
                 batch.update(text_batch(builder, rng, TEXT_ROWS))
                 (loss, parts), grads = step_fn(model, *[batch[k] for k in BATCH_ORDER])

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 from typing import IO
 
-import framecast
 from framecast.config import check_output_clashes, local_path, output_paths, same_path_key
 from framecast.errors import FatalError, UserError
 
@@ -38,7 +37,9 @@ def _input_files(cfg) -> list[tuple[str, str]]:
         out.append(("source.uri", uri))
     # a model directory (the HF layout; none given = the embedded demo model) is read file by file:
     # an output must not replace its config, tokenizer or weights
-    model_dir = cfg.model.path or str(Path(framecast.__file__).resolve().parent / "demo_model")  # = DEMO_MODEL_DIR
+    from framecast.model.load import DEMO_MODEL_DIR
+
+    model_dir = cfg.model.path or str(DEMO_MODEL_DIR)
     if os.path.isdir(model_dir):
         out += [("model.path", str(f)) for f in sorted(Path(model_dir).iterdir()) if f.is_file()]
     for key, path in (("session.resume", cfg.session.resume), ("model.path", cfg.model.path),
