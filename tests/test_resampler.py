@@ -120,6 +120,22 @@ def test_2d_resampler_matches_torch(dim, kv_dim, n_q):
     assert got.shape == (len(sizes), n_q, dim) and diff <= 1e-4
 
 
+@pytest.mark.parametrize("sizes", [[(4, 6), (5, 5), (2, 3), (7, 2)], [(5, 5), (5, 5)], [(3, 3)]])
+def test_cuda_matmul_attention_matches_torch(monkeypatch, sizes):
+    """On CUDA the resampler attends with plain matmuls (MLX 0.32.4's cuDNN SDPA refused a batch
+    of several views on an H200): that path equals the reference too, padded batch or not."""
+    import framecast.model.resampler as R
+
+    monkeypatch.setattr(R.kernels, "backend", lambda: "cuda")
+    dim, kv_dim, n_q = 256, 48, 16
+    ours, ref = _pair(dim, kv_dim, n_q, seed=5)
+    x = _inputs(sizes, kv_dim, seed=5)
+    got = np.array(ours(mx.array(x), sizes))
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x), sizes).numpy()
+    assert got.shape == (len(sizes), n_q, dim) and np.abs(got - want).max() <= 1e-4
+
+
 def test_3d_resampler_groups_match_torch():
     dim, kv_dim, n_q = 256, 48, 16
     ours, ref = _pair(dim, kv_dim, n_q, seed=3)

@@ -23,6 +23,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from framecast import kernels
+
 HEAD_DIM = 128
 LN_EPS = 1e-6
 
@@ -80,11 +82,21 @@ class ResamplerAttention(nn.Module):
         b, l, d = k.shape  # q [Q, D]; k, v [B, L, D]; valid [B, L] (True = real key)
         nq = q.shape[0]
         qh = self.q_proj(q).reshape(1, nq, self.n_heads, -1).transpose(0, 2, 1, 3)
-        qh = mx.broadcast_to(qh, (b, *qh.shape[1:]))
+        qh = mx.broadcast_to(qh, (b, *qh.shape[1:]))  # [B, H, Q, Dh]
         kh = self.k_proj(k).reshape(b, l, self.n_heads, -1).transpose(0, 2, 1, 3)
         vh = self.v_proj(v).reshape(b, l, self.n_heads, -1).transpose(0, 2, 1, 3)
-        mask = None if valid is None else valid[:, None, None, :]
-        o = mx.fast.scaled_dot_product_attention(qh, kh, vh, scale=self.scale, mask=mask)
+        mask = None if valid is None else valid[:, None, None, :]  # [B, 1, 1, L]
+        if kernels.backend() == "cuda":
+            # MLX 0.32.4's CUDA SDPA (cuDNN) refuses this attention for a batch of several views
+            # (Q=64 queries onto 1024 keys, head 128: "stride for the last dimension ... should
+            # be 1 for output_names::O" on an H200, with or without a mask, broadcast queries or
+            # copied): there it is plain matmuls, the softmax in fp32 as the fused path does
+            s = (qh * self.scale) @ kh.swapaxes(-1, -2)  # [B, H, Q, L]
+            if mask is not None:
+                s = mx.where(mask, s, mx.array(-mx.inf, s.dtype))
+            o = mx.softmax(s, axis=-1, precise=True) @ vh
+        else:
+            o = mx.fast.scaled_dot_product_attention(qh, kh, vh, scale=self.scale, mask=mask)
         return self.out_proj(o.transpose(0, 2, 1, 3).reshape(b, nq, d))  # [B, Q, D]
 
 
