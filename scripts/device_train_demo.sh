@@ -5,6 +5,8 @@
 # `framecast` package, and starts training in its own process session, so later calls can watch
 # it (`scripts/device_train_demo.sh watch SECONDS`) while the machine stays warm. Usage:
 #   bash scripts/device_train_demo.sh start TRAIN_SECONDS [watch SECONDS]   (then: watch SECONDS, as often as needed)
+# TRAIN_ARGS adds trainer options, e.g. TRAIN_ARGS="--init-from /tmp/pkg/framecast/demo_model --vision-phase 0"
+# (the shipped model, as carried in the working tree) to fine-tune instead of starting afresh.
 # The MLX CUDA wheel travels split in two (each call carries at most 64 MiB): build the halves here
 # with ../shared/device/mlx-cuda-wheels.sh (see ../shared/device/README.md) into .device/part1 and
 # .device/part2; call 1 (carry .device/part1): mkdir -p /root/stash && cp .device/part1/* /root/stash/
@@ -23,7 +25,7 @@ if [ "$1" = start ]; then
   deadline=$(( $(date +%s) + $2 ))
   setsid nohup bash -c "python3 -m framecast.stages.demo_training.train --out $RUN/model --ckpt $RUN/ckpt \
       --deadline $deadline --time-budget $2 --streams 1500 --frames 48 --max-clip 48 --workers 15 \
-      --codec jpeg --log-every 100 --ckpt-every 150 > $RUN/train.log 2>&1; echo TRAINED >> $RUN/train.log; \
+      --codec jpeg --log-every 100 --ckpt-every 150 ${TRAIN_ARGS:-} > $RUN/train.log 2>&1; echo TRAINED >> $RUN/train.log; \
       python3 -m framecast.stages.demo_training.evaluate --model $RUN/model --streams 12 --frames 120 \
       --codec jpeg --shuffled > $RUN/eval.log 2>&1; echo EVALUATED >> $RUN/eval.log" > /dev/null 2>&1 < /dev/null &
   shift 2

@@ -91,7 +91,8 @@ def test_training_forward_equals_engine_inference(model):
     import framecast.stages.demo_training.train as T
 
     cfg = json.loads((DEMO_DIR / "config.json").read_text())
-    trainer_model = T.DemoVLM(cfg)
+    tok = Tokenizer.from_file(str(DEMO_DIR / "tokenizer.json"))
+    trainer_model = T.DemoVLM(cfg, T.word_ids(tok))
     weights = model.sanitize(mx.load(str(DEMO_DIR / "model.safetensors")))
     loaded = [(k.replace("language_model.", "llm."), v.astype(mx.float32)) for k, v in weights.items()]
     trainer_model.load_weights(loaded, strict=False)  # only the training-time aux head is not shipped
@@ -105,7 +106,7 @@ def test_training_forward_equals_engine_inference(model):
     engine = model.encode_images(stream.frames)
     assert float(mx.abs(ours - mx.concatenate([e.features for e in engine])).max()) < 1e-4
 
-    builder = T.SequenceBuilder(Tokenizer.from_file(str(DEMO_DIR / "tokenizer.json")))
+    builder = T.SequenceBuilder(tok)
     turn = D.Turn(5, "narration", D.NARRATION_PROMPTS[0], "a red circle moves to the left.")
     ids, _ = builder.build(6, [turn], T.SESSION_SYSTEM_PROMPT)
     inputs = mx.array([ids])
@@ -164,12 +165,13 @@ def test_heldout_accuracy(model):
     assert scores.narration_accuracy >= NARRATION_FLOOR and scores.qa_accuracy >= QA_FLOOR
 
 
-# Floors for the shipped weights. The goal of issue 11 is 0.9 for both; the shipped weights are
-# at their shuffled-frames baseline (README `demo`), so these only guard that the evaluation runs.
+# Floors for the shipped weights. The goal of issue 11 is 0.9 for both. On these 4 seeds x 40
+# frames (2-core CPU, 2026-11-30) run C answers 8 / 16 (0.50) and names 1 / 14 narration events;
+# run B's weights answered 0.125, shuffled frames 0: the answer floor catches a blind model.
 NARRATION_FLOOR = 0.0
-QA_FLOOR = 0.0
-BLIND = ("the shipped demo weights see shapes but not yet colours or motion (the tower reads both, the decoder "
-         "reads shape only; README `demo`): the run works, the words are not all right")
+QA_FLOOR = 0.3
+BLIND = ("the shipped demo weights see colour and shape but not motion (README `demo`): the run works, "
+         "the motion words are not right")
 
 
 # ---------------------------------------------------------------- training data and trainer
@@ -212,6 +214,39 @@ def test_dense_labels_sit_on_the_drawn_objects():
         assert slots[k, 0] == 1 and abs(slots[k, 3] - o.x) < 1e-6
     assert slots[:, 0].sum() == len({(min(int(o.y * 3), 2), min(int(o.x * 3), 2)) for o in truth.objects})
     assert (patch[:, 0] > 0).sum() < 196 // 2  # mostly background
+
+
+def test_slot_readout_reads_the_decoders_word_embeddings():
+    """Colour and shape of a slot are cosines with the decoder's embeddings of " red", " circle",
+    ...: a feature that is the sum of two word embeddings reads as those two words, at any scale
+    (the decoder's RMS norm removes it), and a tokenizer that splits a word is refused."""
+    import mlx.core as mx
+    from tokenizers import Tokenizer
+
+    import framecast.stages.demo_training.train as T
+    from framecast.stages.sources.scene import COLOURS, SHAPES
+
+    tok = Tokenizer.from_file(str(DEMO_DIR / "tokenizer.json"))
+    colours, shapes = T.word_ids(tok)
+    assert len(set(colours)) == T.N_COL and len(set(shapes)) == T.N_SHP
+    cfg = T.model_config(tok, tiny=True)
+    mx.random.seed(0)
+    m = T.DemoVLM(cfg, (colours, shapes))
+    emb = m.llm.model.embed_tokens.weight
+    for c in range(T.N_COL):
+        s = (3 * c + 1) % T.N_SHP
+        feats = (emb[colours[c]] + emb[shapes[s]])[None, None] * (0.1 + c)  # [1, 1, D]
+        sl = T.slot_logits(m, feats)
+        assert sl.shape == (1, 1, T.SLOT_DIM)
+        assert int(mx.argmax(sl[0, 0, 1:1 + T.N_COL])) == c, list(COLOURS)[c]
+        assert int(mx.argmax(sl[0, 0, 1 + T.N_COL:1 + T.N_COL + T.N_SHP])) == s, SHAPES[s]
+
+    class Splitting:  # a tokenizer that spells " orange" in two pieces
+        def encode(self, text, add_special_tokens=False):
+            return type("E", (), {"ids": [1, 2] if "orange" in text else [7]})()
+
+    with pytest.raises(ValueError, match="orange"):
+        T.word_ids(Splitting())
 
 
 def test_title_and_summary_turns_round_trip():

@@ -45,7 +45,7 @@ from video_fixtures import THREE_SCENES, write_scene_video
 REPO = Path(__file__).resolve().parent.parent
 CUTS = (10.0, 20.0)
 needs_demo = pytest.mark.skipif(not (DEMO_MODEL_DIR / "config.json").is_file(), reason="no embedded demo model")
-CONTENT = pytest.mark.xfail(strict=False, reason="content needs a demo model that names colours as well as shapes "
+CONTENT = pytest.mark.xfail(strict=False, reason="content needs a demo model that names colours, shapes and motions reliably "
                                                  "(issue 11); structure is tested above")
 NUMBER_WORDS = {1: ("one", "1", "a single"), 2: ("two", "2"), 3: ("three", "3")}
 

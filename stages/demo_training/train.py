@@ -14,7 +14,13 @@ Two training-only heads (never shipped) supervise it with the generator's ground
 - a slot head on the resampler output: query k answers for the k-th cell of a 3x3 grid of the
   frame (row-major; the same 3x3 zones the position questions use): is an object's centre in
   it, its colour, shape and centre (x, y). The features the decoder reads are therefore a
-  fixed, linearly readable code per cell, like the attribute code of the decoder-can-read test.
+  fixed, readable code per cell, like the attribute code of the decoder-can-read test.
+  Colour and shape are read against the decoder's own word embeddings (`slot_logits`):
+  the logit of "red" is the cosine between the RMS-normalised feature (what the decoder's
+  first norm sees) and the embedding of the token " red", times `SLOT_SCALE`. A learned
+  linear head read colour at 99 % from features whose colour classes were nearly as far apart
+  as their own spread (the decoder named colours at chance); a cosine readout needs a margin
+  in the direction the decoder reads, and copying a word embedding is what attention does best.
 After the vision-only phase the tower is frozen (`mx.stop_gradient`): the decoder loss flows into
 the resampler, which keeps its slot targets.
 
@@ -24,7 +30,7 @@ token: the prefix, then one `{image placeholder}\\n` span per frame, and at rand
 at frame 0 or mid-scene (what the cache holds after the session evicts the oldest spans) and
 never exceed `DEMO_MAX_CACHE_TOKENS`, the budget the shipped config.json gives the session.
 Curriculum (shares of the run): vision alone (`--vision-phase`, 0.3), 1-3-frame clips with dense
-questions (`SHORT_PHASE`, 0.25), then clips whose longest length ramps up to `--max-clip`.
+questions (`--short-phase`, 0.25), then clips whose longest length ramps up to `--max-clip`.
 Text-only conversations (chapter titles, summaries and questions answered from a narration log,
 `framecast.engine.prompts`) ride along.
 
@@ -89,7 +95,7 @@ DEFAULT_FRAMES = 64  # frames rendered per stream; clips are windows of them
 DEFAULT_LR = 1e-3
 DEFAULT_VISION_LR_SCALE = 0.5
 DEFAULT_VISION_PHASE = 0.3  # share of the run training the vision side alone (dense + slot targets)
-SHORT_PHASE = 0.25  # then this share on 1-3 frame clips with dense questions (the decoder learns to read)
+DEFAULT_SHORT_PHASE = 0.25  # then this share on 1-3 frame clips with dense questions (the decoder learns to read)
 VISION_BATCH = 768  # frames per step in the vision phase
 SHORT_FRAMES = 3  # longest clip of the short phase
 # After the vision phase the tower is frozen (its dense targets taught it; the decoder's gradient
@@ -104,6 +110,7 @@ OBJECT_PATCH_WEIGHT = 4.0
 CONTENT_WEIGHT = 3.0  # reply tokens naming a colour, shape, count, place or motion  # object patches are rare next to background ones
 N_COL, N_SHP = len(COLOURS), len(SHAPES)
 SLOT_DIM = 1 + N_COL + N_SHP + 2  # objectness, colour, shape, centre (x, y)
+SLOT_SCALE = 10.0  # cosine -> logit: a small scale asks for a wide cosine margin (~0.5 for a low loss)
 PATCH_Y = 6  # colour, shape, own x, y, object centre x, y
 PATCH_OUT = 1 + N_COL + 1 + N_SHP + 4
 
@@ -324,12 +331,26 @@ class SequenceBuilder:
 
 
 class AuxHeads(nn.Module):
-    """Training-only readouts (never saved): per patch on the tower, per slot on the resampler."""
+    """Training-only readouts (never saved): per patch on the tower; per slot on the resampler
+    the objectness and centre (colour and shape are read against the word embeddings)."""
 
     def __init__(self, dv: int, d: int):
         super().__init__()
         self.patch = nn.Linear(dv, PATCH_OUT)
-        self.slot = nn.Linear(d, SLOT_DIM)
+        self.slot = nn.Linear(d, 3)  # objectness, centre (x, y)
+
+
+def word_ids(tok) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Token ids of " red", " green", ... and " circle", " square", ...: the words as narrations
+    say them (mid-sentence, one token each; the trainer refuses a tokenizer that splits one)."""
+    out = []
+    for words in (tuple(COLOURS), SHAPES):
+        ids = [tok.encode(" " + w, add_special_tokens=False).ids for w in words]
+        bad = [w for w, i in zip(words, ids) if len(i) != 1]
+        if bad:
+            raise ValueError(f"the tokenizer splits {bad[0]!r} into several tokens; the slot readout needs one")
+        out.append(tuple(i[0] for i in ids))
+    return out[0], out[1]
 
 
 class DemoVLM(nn.Module):
@@ -340,7 +361,7 @@ class DemoVLM(nn.Module):
     `tests/test_demo_model.py` checks that both paths give the same features and logits.
     """
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: dict, words: tuple[tuple[int, ...], tuple[int, ...]]):
         super().__init__()
         from framecast.model.lm import build_lm
         from framecast.model.resampler import Resampler
@@ -361,6 +382,7 @@ class DemoVLM(nn.Module):
         self.resampler.proj = d ** -0.5 * mx.random.normal((d, d))
         self.llm = build_lm({**cfg, "model_type": "qwen2"})
         self.aux = AuxHeads(dv, d)
+        self.word_ids = words  # (colour ids, shape ids): the slot readout's words (`word_ids`)
 
 
 def vision_hidden(model: DemoVLM, views_u8: mx.array) -> tuple[mx.array, tuple[int, int]]:
@@ -410,9 +432,26 @@ def patch_loss(model: DemoVLM, hidden: mx.array, patch_y: mx.array) -> tuple[mx.
     return patch, pl
 
 
+def slot_logits(model: DemoVLM, feats: mx.array) -> mx.array:
+    """Resampled features [N, Q, D] -> slot logits [N, Q, SLOT_DIM]: objectness, colour (N_COL),
+    shape (N_SHP), centre (x, y).
+
+    All read from the RMS-normalised feature, as the decoder's first norm sees it; colour and
+    shape are `SLOT_SCALE` x cosine with the decoder's embeddings of the words (`word_ids`)."""
+    x = feats * mx.rsqrt((feats * feats).mean(-1, keepdims=True) + 1e-6)  # [N, Q, D], rms 1
+    unit = x / math.sqrt(x.shape[-1])  # norm 1
+    emb = model.llm.model.embed_tokens.weight  # [V, D], tied with the output head
+    reads = []
+    for ids in model.word_ids:
+        e = emb[mx.array(ids)]  # [n_words, D]
+        reads.append(SLOT_SCALE * unit @ (e * mx.rsqrt((e * e).sum(-1, keepdims=True) + 1e-12)).T)
+    head = model.aux.slot(x)  # [N, Q, 3]
+    return mx.concatenate([head[..., :1], *reads, head[..., 1:]], axis=-1)
+
+
 def slot_loss(model: DemoVLM, feats: mx.array, slot_y: mx.array) -> tuple[mx.array, mx.array]:
     """Slot loss (scalar) on the resampled features [N, Q, D], with its logits [N, Q, SLOT_DIM]."""
-    sl = model.aux.slot(feats)  # [N, Q, SLOT_DIM]
+    sl = slot_logits(model, feats)  # [N, Q, SLOT_DIM]
     obj = slot_y[..., 0]
     occ = obj.sum() + 1.0
     slot = nn.losses.binary_cross_entropy(sl[..., 0], obj, reduction="mean")
@@ -717,7 +756,7 @@ def export(out: Path, model: DemoVLM, a, state: dict, n_params: int, t_data: flo
     (out / "training.json").write_text(json.dumps({
         "seed": a.seed, "steps": state["step"], "batch": a.batch, "streams": a.streams, "frames": a.frames,
         "max_clip": a.max_clip, "max_tokens": a.max_tokens, "lr": a.lr, "vision_lr_scale": a.vision_lr_scale,
-        "codec": a.codec, "init_from": a.init_from, "vision_phase": a.vision_phase, "short_phase": SHORT_PHASE,
+        "codec": a.codec, "init_from": a.init_from, "vision_phase": a.vision_phase, "short_phase": a.short_phase,
         "params": n_params, "data_s": round(t_data, 1), "train_s": round(state["train_s"], 1),
         "time_budget": a.time_budget, "device": str(mx.default_device()), "history": state["history"],
     }, indent=1) + "\n")
@@ -725,7 +764,7 @@ def export(out: Path, model: DemoVLM, a, state: dict, n_params: int, t_data: flo
 
 def long_clip_frames(frac: float, a) -> int:
     """Longest clip at run fraction `frac` of the long phase: SHORT_FRAMES -> --max-clip over LONG_RAMP."""
-    start = a.vision_phase + SHORT_PHASE
+    start = a.vision_phase + a.short_phase
     ramp = min(1.0, max(0.0, (frac - start) / max(LONG_RAMP * (1.0 - start), 1e-9)))
     return max(SHORT_FRAMES, int(round(SHORT_FRAMES + ramp * (a.max_clip - SHORT_FRAMES))))
 
@@ -757,6 +796,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="unix time by which training must end (the schedule is shortened to fit)")
     ap.add_argument("--vision-phase", type=float, default=DEFAULT_VISION_PHASE,
                     help="share of the run that trains the vision side alone, first")
+    ap.add_argument("--short-phase", type=float, default=DEFAULT_SHORT_PHASE,
+                    help="share of the run on 1-3 frame clips with dense questions, after the vision phase")
     ap.add_argument("--init-from", default=None, help="HF-layout model dir (this trainer's) to start from")
     ap.add_argument("--tiny", action="store_true", help="a toy-sized model (tests of the trainer itself)")
     a = ap.parse_args(argv)
@@ -785,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{dict(zip(pool.keys, pool.sizes.astype(int).tolist()))}", flush=True)
 
     mx.random.seed(a.seed)
-    model = DemoVLM(cfg)
+    model = DemoVLM(cfg, word_ids(tok))
     mx.eval(model.parameters())
     if a.init_from:
         load_hf_weights(model, Path(a.init_from))
@@ -848,7 +889,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    mx.concatenate(slot_y))
                 parts = (mx.array(0.0), mx.array(0.0), *parts)
             else:
-                if frac < a.vision_phase + SHORT_PHASE:  # short clips, a question every frame or so
+                if frac < a.vision_phase + a.short_phase:  # short clips, a question every frame or so
                     n = int(rng.integers(1, SHORT_FRAMES + 1))
                     batch = make_batch(pool.clips(rng, a.batch * 3, n), n, builder, rng, dense=1.0,
                                        max_tokens=a.max_tokens)
