@@ -155,4 +155,3 @@ def test_patch_embedding_sanitize_matches_conv():
     patches, *_ = batch_views([img], 14, 70)
     ours = patches[0] @ np.array(lin["embeddings.patch_embedding.weight"]).T
     np.testing.assert_allclose(ours, ref, atol=1e-4)
-
