@@ -126,7 +126,12 @@ def test_cuda_matmul_attention_matches_torch(monkeypatch, sizes):
     of several views on an H200): that path equals the reference too, padded batch or not."""
     import framecast.model.resampler as R
 
-    monkeypatch.setattr(R.kernels, "backend", lambda: "cuda")
+    monkeypatch.setattr(R, "on_cuda", lambda: True)
+
+    def fused(*a, **k):
+        raise AssertionError("the fused SDPA ran on the CUDA path")
+
+    monkeypatch.setattr(R.mx.fast, "scaled_dot_product_attention", fused)
     dim, kv_dim, n_q = 256, 48, 16
     ours, ref = _pair(dim, kv_dim, n_q, seed=5)
     x = _inputs(sizes, kv_dim, seed=5)
