@@ -11,10 +11,18 @@
 # with ../shared/device/mlx-cuda-wheels.sh (see ../shared/device/README.md) into .device/part1 and
 # .device/part2; call 1 (carry .device/part1): mkdir -p /root/stash && cp .device/part1/* /root/stash/
 set -euo pipefail
-usage() { echo "usage: $0 start TRAIN_SECONDS [watch SECONDS] | watch SECONDS" >&2; exit 2; }
+usage() { echo "usage: [TRAIN_ARGS='trainer options'] $0 start TRAIN_SECONDS [watch SECONDS] | watch SECONDS" >&2; exit 2; }
 case "${1:-}" in start) [ $# -ge 2 ] || usage ;; watch) [ $# -ge 2 ] || usage ;; *) usage ;; esac
+for n in "$2" "${4:-0}"; do [[ "$n" =~ ^[0-9]+$ ]] || { echo "$0: '$n' is not a number of seconds" >&2; exit 2; }; done
 RUN=/root/run
+if [ "$1" = watch ] && [ ! -f $RUN/train.log ]; then
+  echo "$0: no training started on this machine ($RUN/train.log is missing): run 'start' first" >&2; exit 2
+fi
 export PYTHONPATH=/tmp/pkg:/tmp/site PYTHONUNBUFFERED=1
+if [ "$1" = start ] && ! { ls /root/stash/*.part.aa && ls .device/part2/*.part.ab; } > /dev/null 2>&1; then
+  echo "$0: 'start' runs on the GPU machine, after call 1 stashed .device/part1 in /root/stash, with .device/part2 carried" >&2
+  exit 2
+fi
 if [ "$1" = start ]; then
   whl=$(basename .device/part2/*.part.ab .part.ab)
   cat /root/stash/*.part.aa .device/part2/*.part.ab > "/tmp/$whl"

@@ -283,11 +283,41 @@ def test_trainer_runs_resumes_and_writes_a_loadable_model(tmp_path):
     assert T.main(args + ["--max-steps", "3"]) == 0  # resumes at step 2
     info = json.loads((out / "training.json").read_text())
     assert info["steps"] == 3 and info["history"][0]["step"] == 1 and "ce_shuf" in info["history"][0]
+    assert info["command"].startswith("python -m framecast.stages.demo_training.train --tiny")
+    assert [r["run"] for r in info["lineage"]] == [str(out)] and info["lineage"][0]["steps"] == 3
+    child = tmp_path / "child"  # a fine-tune keeps its parent's lineage, then adds itself
+    assert T.main([*args[:2], str(child), "--streams", "2", "--frames", "4", "--max-clip", "4", "--batch", "1",
+                   "--workers", "1", "--time-budget", "1000", "--vision-phase", "0", "--max-steps", "1",
+                   "--init-from", str(out)]) == 0
+    lineage = json.loads((child / "training.json").read_text())["lineage"]
+    assert [r["run"] for r in lineage] == [str(out), str(child)] and lineage[1]["init_from"] == str(out)
     m = load_model(out)
     core = SessionCore(m, max_cache_tokens=json.loads((out / "config.json").read_text())["framecast_session"]["max_cache_tokens"])
     core.add_image(np.zeros((120, 160, 3), np.uint8))
     done = core.generate("what do you see?", max_tokens=3)
     assert done.stopped in ("eos", "max_tokens") and core.positions_contiguous()
+
+
+@pytest.mark.parametrize("bad,says", [
+    (["--init-from", "/nonexistent"], "--init-from /nonexistent: no config.json there"),
+    (["--init-from", str(DEMO_DIR)], "hidden_size is 256, this model's is 64"),  # a full-size start for --tiny
+    (["--time-budget", "0"], "--time-budget 0.0: must be above 0"),
+    (["--streams", "0"], "--streams 0: must be at least 1"),
+    (["--frames", "2"], "--frames 2: each stream needs at least --max-clip (4) and 3 frames"),
+    (["--short-phase", "nan"], "--short-phase nan: a share of the run"),
+    (["--vision-phase", "0.8", "--short-phase", "0.8"], "is more than the whole run"),
+    (["--deadline", "1"], "--deadline 1 is already past"),
+])
+def test_trainer_refuses_bad_options_in_one_line(tmp_path, capsys, bad, says):
+    """Before a minute of data generation, with nothing written: one line and exit status 2."""
+    import framecast.stages.demo_training.train as T
+
+    out = tmp_path / "model"
+    assert T.main(["--tiny", "--out", str(out), "--streams", "2", "--frames", "4", "--max-clip", "4", "--workers", "1",
+                   *bad]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("train: ") and says in line, line
+    assert not any(out.glob("*.safetensors"))
 
 
 @pytest.mark.slow

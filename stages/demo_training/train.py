@@ -50,6 +50,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -730,6 +731,13 @@ def load_hf_weights(model: DemoVLM, directory: Path) -> None:
                 out[f"resampler.attn.{part}.{kind}"] = chunk
             continue
         out[k] = v
+    ours = dict(tree_flatten(model.parameters()))
+    for k, v in out.items():
+        if k not in ours:
+            raise ValueError(f"{directory}: weight {k!r} has no place in this model (not a demo model of this trainer?)")
+        if tuple(v.shape) != tuple(ours[k].shape):
+            raise ValueError(f"{directory}: weight {k!r} is {tuple(v.shape)}, this model's is {tuple(ours[k].shape)} "
+                             "(another size: --tiny?)")
     model.load_weights(list(out.items()), strict=False)
 
 
@@ -758,7 +766,12 @@ def export(out: Path, model: DemoVLM, a, state: dict, n_params: int, t_data: flo
         "max_clip": a.max_clip, "max_tokens": a.max_tokens, "lr": a.lr, "vision_lr_scale": a.vision_lr_scale,
         "codec": a.codec, "init_from": a.init_from, "vision_phase": a.vision_phase, "short_phase": a.short_phase,
         "params": n_params, "data_s": round(t_data, 1), "train_s": round(state["train_s"], 1),
-        "time_budget": a.time_budget, "device": str(mx.default_device()), "history": state["history"],
+        "time_budget": a.time_budget, "device": str(mx.default_device()), "command": a.command,
+        # every run this model descends from (its --init-from chain), this one last
+        "lineage": a.parent_lineage + [{"run": str(out), "command": a.command, "init_from": a.init_from,
+                                        "steps": state["step"], "train_s": round(state["train_s"], 1),
+                                        "data_s": round(t_data, 1), "device": str(mx.default_device())}],
+        "history": state["history"],
     }, indent=1) + "\n")
 
 
@@ -769,27 +782,84 @@ def long_clip_frames(frac: float, a) -> int:
     return max(SHORT_FRAMES, int(round(SHORT_FRAMES + ramp * (a.max_clip - SHORT_FRAMES))))
 
 
+def parent_lineage(directory: Path) -> list[dict]:
+    """The runs a model directory descends from, from its training.json (read once, before this
+    run's exports can overwrite it): its `lineage`, or one entry for a file written without one."""
+    f = directory / "training.json"
+    if not f.is_file():
+        return [{"run": str(directory), "note": "no training.json"}]
+    info = json.loads(f.read_text())
+    if info.get("lineage"):
+        return list(info["lineage"])
+    return [{"run": str(directory), **{k: info.get(k) for k in ("command", "init_from", "steps", "train_s", "data_s",
+                                                                 "device")}}]
+
+
+def shape_mismatch(theirs: dict, ours: dict) -> str | None:
+    """The first config field that makes a model directory's weights unusable here, or None."""
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "query_num"):
+        if theirs.get(key) != ours[key]:
+            return f"{key} is {theirs.get(key)!r}, this model's is {ours[key]!r} (another size: --tiny?)"
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "patch_size", "image_size"):
+        if theirs.get("vision_config", {}).get(key) != ours["vision_config"][key]:
+            return (f"vision_config.{key} is {theirs.get('vision_config', {}).get(key)!r}, "
+                    f"this model's is {ours['vision_config'][key]!r}")
+    return None
+
+
+def check_args(a) -> str | None:
+    """One line naming the first bad option, or None: checked before the data (a minute on the
+    GPU machine) is generated."""
+    for name in ("time_budget", "lr"):
+        v = getattr(a, name)
+        if not v > 0:  # NaN fails too
+            return f"--{name.replace('_', '-')} {v}: must be above 0"
+    for name in ("streams", "frames", "max_clip", "batch", "workers", "max_tokens", "log_every"):
+        v = getattr(a, name)
+        if v < 1:
+            return f"--{name.replace('_', '-')} {v}: must be at least 1"
+    for name in ("vision_phase", "short_phase"):
+        v = getattr(a, name)
+        if not 0.0 <= v <= 1.0:
+            return f"--{name.replace('_', '-')} {v}: a share of the run, from 0 to 1"
+    if a.frames < max(SHORT_FRAMES, a.max_clip):  # clips are windows of a stream's frames
+        return f"--frames {a.frames}: each stream needs at least --max-clip ({a.max_clip}) and {SHORT_FRAMES} frames"
+    if a.vision_phase + a.short_phase > 1.0:
+        return f"--vision-phase {a.vision_phase} + --short-phase {a.short_phase} is more than the whole run (1)"
+    if a.deadline is not None and a.deadline <= time.time():
+        return f"--deadline {a.deadline:.0f} is already past (now {time.time():.0f}, unix seconds)"
+    if a.init_from is not None:
+        init = Path(a.init_from)
+        for f in ("config.json", "model.safetensors"):
+            if not (init / f).is_file():
+                return f"--init-from {init}: no {f} there (a model directory this trainer wrote)"
+    return None
+
+
 # ---------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m framecast.stages.demo_training.train", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out", required=True,
                     help=f"model directory to write (the shipped one is {DEMO_MODEL_DIR}: name it to replace it)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="data, init and batch order")
     ap.add_argument("--time-budget", type=float, default=420.0, help="training seconds the LR schedule spans")
     ap.add_argument("--stop-after", type=float, default=None, help="end this run after so many seconds (resume later)")
-    ap.add_argument("--max-steps", type=int, default=10**9)
-    ap.add_argument("--batch", type=int, default=DEFAULT_BATCH)
-    ap.add_argument("--streams", type=int, default=DEFAULT_STREAMS)
-    ap.add_argument("--frames", type=int, default=DEFAULT_FRAMES)
+    ap.add_argument("--max-steps", type=int, default=10**9, help="end after this many steps (all runs together)")
+    ap.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="clips per step in the long phase (3x in the short one)")
+    ap.add_argument("--streams", type=int, default=DEFAULT_STREAMS, help="synthetic training streams to render")
+    ap.add_argument("--frames", type=int, default=DEFAULT_FRAMES, help="frames rendered per stream")
     ap.add_argument("--max-clip", type=int, default=48, help="frames of the longest clip (then cut at the token budget)")
-    ap.add_argument("--max-tokens", type=int, default=DEMO_MAX_CACHE_TOKENS)
-    ap.add_argument("--lr", type=float, default=DEFAULT_LR)
-    ap.add_argument("--vision-lr-scale", type=float, default=DEFAULT_VISION_LR_SCALE)
+    ap.add_argument("--max-tokens", type=int, default=DEMO_MAX_CACHE_TOKENS, help="longest clip in tokens (the session budget)")
+    ap.add_argument("--lr", type=float, default=DEFAULT_LR, help="peak learning rate (warmup, then cosine)")
+    ap.add_argument("--vision-lr-scale", type=float, default=DEFAULT_VISION_LR_SCALE,
+                    help="learning rate of tower and resampler after the vision phase, times --lr")
     ap.add_argument("--codec", default="jpeg", choices=D.CODEC_MODES, help="lossy round trip of the data")
-    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
-    ap.add_argument("--log-every", type=int, default=100)
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1), help="processes rendering the data")
+    ap.add_argument("--log-every", type=int, default=100, help="steps between held-out grounding reports")
     ap.add_argument("--ckpt", default=None, help="checkpoint directory (resumed from when it holds one)")
     ap.add_argument("--ckpt-every", type=float, default=120.0, help="seconds between checkpoints")
     ap.add_argument("--deadline", type=float, default=None,
@@ -801,12 +871,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--init-from", default=None, help="HF-layout model dir (this trainer's) to start from")
     ap.add_argument("--tiny", action="store_true", help="a toy-sized model (tests of the trainer itself)")
     a = ap.parse_args(argv)
+    problem = check_args(a)
+    if problem:
+        print(f"train: {problem}", file=sys.stderr)
+        return 2
+    a.command = "python -m framecast.stages.demo_training.train " + shlex.join(sys.argv[1:] if argv is None else argv)
+    a.parent_lineage = parent_lineage(Path(a.init_from)) if a.init_from else []
 
     t_start = time.time()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(a.seed)
     cfg = model_config(tok, tiny=a.tiny)
+    if a.init_from:  # before a minute of data: a model of another size cannot be a start
+        problem = shape_mismatch(json.loads((Path(a.init_from) / "config.json").read_text()), cfg)
+        if problem:
+            print(f"train: --init-from {a.init_from}: {problem}", file=sys.stderr)
+            return 2
     write_tokenizer_files(out, tok, cfg)
     builder = SequenceBuilder(tok)
     print(f"tokenizer: {tok.get_vocab_size()} ids; frame span {len(builder.frame_ids)} tokens", flush=True)
@@ -829,7 +910,11 @@ def main(argv: list[str] | None = None) -> int:
     model = DemoVLM(cfg, word_ids(tok))
     mx.eval(model.parameters())
     if a.init_from:
-        load_hf_weights(model, Path(a.init_from))
+        try:
+            load_hf_weights(model, Path(a.init_from))
+        except ValueError as e:
+            print(f"train: --init-from {e}", file=sys.stderr)
+            return 2
         print(f"initialised from {a.init_from} (training heads fresh)", flush=True)
     n_params = sum(v.size for k, v in tree_flatten(model.parameters()) if not k.startswith("aux."))
     print(f"model: {n_params / 1e6:.2f}M parameters (+ training heads); device {mx.default_device()}", flush=True)
@@ -863,6 +948,10 @@ def main(argv: list[str] | None = None) -> int:
     train_s0 = state["train_s"]
     if a.deadline is not None:  # a device call has a hard limit: end the schedule before it
         a.time_budget = min(a.time_budget, train_s0 + a.deadline - t_run)
+        if a.time_budget <= train_s0:
+            print(f"train: --deadline passed before training could start (data took {t_data:.0f}s); "
+                  "nothing trained", file=sys.stderr)
+            return 2
         print(f"time budget {a.time_budget:.0f}s of training ({train_s0:.0f}s done)", flush=True)
     last_ckpt = time.time()
     parts_log: list[list[float]] = []
