@@ -58,7 +58,7 @@ def bench_case(impl: str, tq: int, n_keys: int, *, shape: dict, steps: int, grow
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--real", action="store_true", help="MiniCPM-V 4.5 / Qwen3-8B attention shapes in bf16")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--grow", type=int, default=67, help="keys added per step (one frame)")

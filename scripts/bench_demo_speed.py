@@ -48,7 +48,7 @@ def run_once(frames: int, *, capture_only: bool = False, model: str | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--frames", type=int, default=60)
     ap.add_argument("--repeats", type=int, default=10, help="runs per row (median and p95)")
     ap.add_argument("--compare-model", default=None, help="another model directory to time beside the embedded one")

@@ -141,7 +141,7 @@ def bench_case(name: str, config: dict, fmt: str, float_dtype, *, repeats: int, 
 
 def main(argv: list[str] | None = None) -> int:
     on_cpu = mx.default_device() == mx.cpu
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--shapes", default="tiny" if on_cpu else "tiny,v4.0,v2.6",
                    help="comma list of: tiny, v4.0, v2.6 (default on CPU: tiny)")
     p.add_argument("--formats", default="float,4bit", help="comma list of: float, 4bit")

@@ -117,7 +117,7 @@ def _framecast_subprocess(args, reference_blas: bool) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--model", type=Path, default=None, help="language-model GGUF (default: SmolLM2 Q4_1)")
     ap.add_argument("--tokens", type=int, default=64, help="tokens generated per run")
     ap.add_argument("--runs", type=int, default=3, help="timed runs per engine (after one warm-up)")

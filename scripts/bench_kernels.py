@@ -142,7 +142,7 @@ def bench_dequantize_kv(*, dtypes, warmup: int, iters: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     parser.add_argument("--iters", type=int, default=None, help="timed iterations per row (default: 30 GPU, 5 CPU)")
     parser.add_argument("--warmup", type=int, default=3)

@@ -298,7 +298,7 @@ def _line(row: dict, impl: str, e: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--shape", choices=["tiny", "real"], default="tiny",
                     help="tiny fp32 config (CPU smoke) or MiniCPM-V 4.5 / Qwen3-8B shapes in bf16")
     ap.add_argument("--version", choices=["2.6", "4.0", "4.5"], default="4.5", help="tiny shapes only")

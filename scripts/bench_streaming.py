@@ -172,7 +172,7 @@ def _row(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--shapes", choices=["tiny", "real"], default="tiny")
     ap.add_argument("--version", choices=["2.6", "4.0", "4.5"], default="2.6", help="tiny shapes only")
     ap.add_argument("--minutes", type=float, nargs="+", default=list(DEFAULT_MINUTES))

@@ -173,7 +173,7 @@ def _row(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--shapes", choices=["tiny", "real"], default="tiny")
     ap.add_argument("--bits", type=int, choices=[4, 8], help="quantise the LM's linears (group 64)")
     ap.add_argument("--streams", type=int, nargs="+", default=list(DEFAULT_STREAMS))

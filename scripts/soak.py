@@ -290,7 +290,7 @@ def print_table(s: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--mqtt", help="broker URL (default: start a local mosquitto)")
     ap.add_argument("--config", help="config file or preset to start from")

@@ -256,7 +256,7 @@ def evaluate_text(model, n: int, seed: int = 7) -> TextScores:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
     ap.add_argument("--streams", type=int, default=30)
     ap.add_argument("--first-seed", type=int, default=0)
