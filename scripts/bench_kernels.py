@@ -31,7 +31,7 @@ import time
 import framecast  # noqa: E402,F401  (preloads OpenBLAS before mlx)
 import mlx.core as mx  # noqa: E402
 
-from framecast.kernels import backend  # noqa: E402
+from framecast.kernels import backend, gpu  # noqa: E402
 from framecast.kernels import dequantize_kv as dq  # noqa: E402
 from framecast.kernels import rope_shift as rs  # noqa: E402
 from framecast.model.cache import KVCache  # noqa: E402
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     on_gpu = mx.default_device() == mx.gpu
     dtypes = [mx.float16, mx.bfloat16, mx.float32] if on_gpu else [mx.float32]
     iters = args.iters or (30 if on_gpu else 5)
-    device = "cuda" if on_gpu and mx.cuda.is_available() else ("metal" if on_gpu and mx.metal.is_available() else "cpu")
+    device = gpu() or "cpu"
     try:
         device_name = str(mx.device_info().get("device_name", device))
     except Exception:  # noqa: BLE001 - a label only

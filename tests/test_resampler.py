@@ -126,7 +126,7 @@ def test_cuda_matmul_attention_matches_torch(monkeypatch, sizes):
     of several views on an H200): that path equals the reference too, padded batch or not."""
     import framecast.model.resampler as R
 
-    monkeypatch.setattr(R, "on_cuda", lambda: True)
+    monkeypatch.setattr(R.kernels, "gpu", lambda: "cuda")
 
     def fused(*a, **k):
         raise AssertionError("the fused SDPA ran on the CUDA path")

@@ -27,6 +27,21 @@ BACKENDS = ("reference", "metal", "cuda")
 log = logging.getLogger(__name__)
 
 
+def gpu() -> str | None:
+    """'cuda' | 'metal' when MLX computes on that GPU (it is the default device), else None.
+
+    What the device is, whatever `FRAMECAST_KERNELS` says: code that works around a backend's
+    own ops (not ours) asks this, not `backend()`.
+    """
+    if mx.default_device() != mx.gpu:
+        return None
+    if mx.cuda.is_available():
+        return "cuda"
+    if mx.metal.is_available():
+        return "metal"
+    return None
+
+
 @functools.cache
 def backend() -> str:
     """'cuda' | 'metal' | 'reference' for this process (env override, then the GPU present).
@@ -37,13 +52,7 @@ def backend() -> str:
     choice = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if choice not in ("auto", "reference"):
         raise UserError(f"{ENV_VAR}={choice!r}: expected 'auto' or 'reference'")
-    if choice == "reference" or mx.default_device() != mx.gpu:
-        return "reference"
-    if mx.cuda.is_available():
-        return "cuda"
-    if mx.metal.is_available():
-        return "metal"
-    return "reference"
+    return (None if choice == "reference" else gpu()) or "reference"
 
 
 @functools.cache

@@ -23,6 +23,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from framecast import kernels
+
 HEAD_DIM = 128
 LN_EPS = 1e-6
 
@@ -64,11 +66,6 @@ def resampler_heads(embed_dim: int) -> int:
     return max(1, embed_dim // HEAD_DIM)
 
 
-def on_cuda() -> bool:
-    """True when MLX computes on an NVIDIA GPU (the CUDA backend is this process's default)."""
-    return mx.default_device() == mx.gpu and mx.cuda.is_available()
-
-
 class ResamplerAttention(nn.Module):
     """torch.nn.MultiheadAttention (batch of keys, shared queries), in-projection split."""
 
@@ -89,7 +86,7 @@ class ResamplerAttention(nn.Module):
         kh = self.k_proj(k).reshape(b, l, self.n_heads, -1).transpose(0, 2, 1, 3)
         vh = self.v_proj(v).reshape(b, l, self.n_heads, -1).transpose(0, 2, 1, 3)
         mask = None if valid is None else valid[:, None, None, :]  # [B, 1, 1, L]
-        if on_cuda():
+        if kernels.gpu() == "cuda":
             # MLX 0.32.4's CUDA SDPA (cuDNN) refuses this attention for a batch of several views
             # (Q=64 queries onto 1024 keys, head 128: "stride for the last dimension ... should
             # be 1 for output_names::O" on an H200, with or without a mask, broadcast queries or
