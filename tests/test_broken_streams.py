@@ -123,7 +123,9 @@ def test_convert_onto_an_existing_file_is_one_line(capsys, tmp_path, make):
 
 
 def test_ctrl_c_while_starting_exits_130_without_a_traceback(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # PYTHONFAULTHANDLER: a child that outlives its SIGINT is stopped with SIGABRT, and its stderr
+    # then shows where every thread was (this hung once in a loaded CI run and never here)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONFAULTHANDLER": "1"}
     t0 = time.monotonic()  # the bare interpreter's start-up (site) is before any of our code runs
     subprocess.run([sys.executable, "-c", "pass"], env=env, check=True)
     boot = time.monotonic() - t0
@@ -132,6 +134,11 @@ def test_ctrl_c_while_starting_exits_130_without_a_traceback(tmp_path):
                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(delay)
         p.send_signal(signal.SIGINT)
-        _, err = p.communicate(timeout=60)
+        try:
+            _, err = p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGABRT)
+            _, err = p.communicate(timeout=60)
+            pytest.fail(f"still running 60 s after a SIGINT at {delay:.2f} s; its threads:\n{err[-6000:]}")
         # -SIGINT: the signal came before the interpreter took it over (the shell shows 130 too)
         assert p.returncode in (130, -signal.SIGINT) and "Traceback" not in err, (delay, p.returncode, err)
