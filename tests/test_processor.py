@@ -137,3 +137,23 @@ def test_checkpoint_chat_template_is_rendered_when_present():
 
     with pytest.raises(UserError, match="no system role"):
         bad.chat_prompt(msgs)
+
+
+def test_normalize_table_gives_the_same_bits_as_the_arithmetic():
+    """The per-channel lookup table holds (x/255 - mean)/std computed in float32: every uint8
+    value, any mean/std, strided input, and a processor whose mean changes after first use."""
+    import numpy as np
+
+    from framecast.model.processor import MiniCPMVProcessor
+
+    def arithmetic(p, x):
+        return (x.astype(np.float32) / np.float32(255.0) - np.asarray(p.mean, np.float32)) / np.asarray(p.std, np.float32)
+
+    p = MiniCPMVProcessor(mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
+    every = np.arange(256, dtype=np.uint8)[:, None, None].repeat(3, axis=2)  # [256, 1, 3]: all values
+    img = np.random.default_rng(1).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    for x in (every, img, img[::2, ::3], img[:, :, :]):
+        got = p.normalize(x)
+        assert got.dtype == np.float32 and np.array_equal(got, arithmetic(p, x))
+    p.mean = (0.5, 0.5, 0.5)
+    assert np.array_equal(p.normalize(img), arithmetic(p, img))

@@ -164,9 +164,24 @@ class MiniCPMVProcessor:
         return overview, rows, grid
 
     def normalize(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 [H, W, 3] -> float32 [H, W, 3], (x/255 - mean) / std."""
-        x = pixels.astype(np.float32) / np.float32(255.0)
-        return (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        """uint8 [H, W, 3] -> float32 [H, W, 3], (x/255 - mean) / std.
+
+        Through a 256-entry table per channel holding exactly that float32 arithmetic: the same
+        bits as computing it per pixel, in ~60 % of the time (a frame's CPU preprocessing is on
+        the path from frame arrival to first token, issue 14)."""
+        lut = self._normalize_table()  # [3, 256]
+        out = np.empty(pixels.shape, np.float32)
+        for c in range(pixels.shape[2]):
+            np.take(lut[c], pixels[..., c], out=out[..., c])
+        return out
+
+    def _normalize_table(self) -> np.ndarray:
+        key = (self.mean, self.std)
+        if getattr(self, "_lut_key", None) != key:
+            x = np.arange(256, dtype=np.float32)[:, None] / np.float32(255.0)  # [256, 1]
+            table = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)  # [256, 3]
+            self._lut, self._lut_key = np.ascontiguousarray(table.T), key
+        return self._lut
 
     def preprocess(self, image: np.ndarray, *, max_slice_nums: int | None = None) -> ProcessedImage:
         """RGB uint8 [H, W, 3] -> normalised views (overview first, then slices row-major)."""
