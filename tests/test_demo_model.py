@@ -206,7 +206,7 @@ def test_dense_labels_sit_on_the_drawn_objects():
     gen = SceneGenerator(seed=3, width=448, height=448, max_objects=3)
     img, truth = gen.frame(0)
     patch, slots = T.frame_labels(truth, 448, 448, 14, 14)
-    assert patch.shape == (196, T.PATCH_Y) and slots.shape == (T.QUERY_NUM, 5)
+    assert patch.shape == (196, T.PATCH_Y) and slots.shape == (T.QUERY_NUM, T.SLOT_COLS)
     for o in truth.objects:
         r, c = min(int(o.y * 14), 13), min(int(o.x * 14), 13)  # the patch under the object's centre
         assert patch[r * 14 + c, 0] == list(COLOURS).index(o.colour) + 1
@@ -519,3 +519,32 @@ def test_demo_run_is_faster_than_real_time(demo_run):
     assert len(_narrations(out)) >= 5
     assert all(D.parse_narration(t) is not None for t in _narrations(out))  # grammar sentences
     assert wall < 12.0 * 1.5, f"120 demo frames (12 s of video) took {wall:.1f}s"
+
+
+def test_motion_targets_start_once_the_clip_shows_the_motion():
+    """The motion probe's targets: a mover counts once it has moved MOTION_MIN_SHIFT in the clip,
+    a still object once the slowest mover would have; the first frame never counts; on a real
+    stream every target agrees with the drawn object's motion and direction of travel."""
+    import framecast.stages.demo_training.data as D
+    import framecast.stages.demo_training.train as T
+    from framecast.stages.sources.scene import MOTIONS
+
+    F, fps = 12, 10.0
+    slots = np.zeros((F, T.QUERY_NUM, T.SLOT_COLS), np.float32)
+    for f in range(F):  # object 7 moves right 0.011 a frame in slot 4; object 9 stays in slot 0
+        slots[f, 4] = (1, 0, 0, 0.5 + 0.011 * f, 0.5, 7, MOTIONS.index("right"))
+        slots[f, 0] = (1, 1, 1, 0.1, 0.1, 9, MOTIONS.index("still"))
+    y, m = T.motion_targets(slots, fps)
+    assert y[5, 4] == MOTIONS.index("right") and y[5, 0] == MOTIONS.index("still")
+    assert m[:3, 4].tolist() == [0, 0, 0] and m[3:, 4].all()  # 0.03 reached at frame 3
+    need = T.MOTION_MIN_SHIFT * fps / D.SPEED_RANGE[0]
+    assert not m[: int(np.ceil(need)), 0].any() and m[int(np.ceil(need)):, 0].all()
+    assert m[:, 1:4].sum() == 0  # empty slots never count
+
+    s = D.make_stream(5, 40, codec="none")
+    labels = np.stack([T.frame_labels(t, s.width, s.height, 14, 14)[1] for t in s.truths])
+    y, m = T.motion_targets(labels, s.fps)
+    assert m.sum() > 0
+    for f, k in zip(*np.nonzero(m)):
+        o = next(o for o in s.truths[f].objects if o.id == int(labels[f, k, 5]))
+        assert MOTIONS[y[f, k]] == o.motion

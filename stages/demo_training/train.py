@@ -47,6 +47,7 @@ Imports only what the GPU machine has (mlx, numpy, cv2, PIL, tokenizers; PyAV on
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -65,7 +66,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 import framecast.stages.demo_training.data as D
 from framecast.engine.layout import CLOSE_TEXT, DEFAULT_ASSISTANT_PREFIX, DEFAULT_SYSTEM_PROMPT, TURN_END
-from framecast.stages.sources.scene import COLOURS, SHAPES, SIZES, draw_shape
+from framecast.stages.sources.scene import COLOURS, MOTIONS, SHAPES, SIZES, draw_shape
 
 SPECIAL_TOKENS = [
     "<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>", "</s>",
@@ -107,10 +108,16 @@ LONG_RAMP = 0.5
 TEXT_ROWS = 8  # text-only conversations (title, summary, question from a log) per step
 PATCH_WEIGHT = 1.0
 SLOT_WEIGHT = 1.0
+TEXT_WEIGHT = 0.3
 OBJECT_PATCH_WEIGHT = 4.0
 CONTENT_WEIGHT = 3.0  # reply tokens naming a colour, shape, count, place or motion  # object patches are rare next to background ones
 N_COL, N_SHP = len(COLOURS), len(SHAPES)
 SLOT_DIM = 1 + N_COL + N_SHP + 2  # objectness, colour, shape, centre (x, y)
+SLOT_COLS = 7  # slot labels: objectness, colour id, shape id, x, y, object id, motion id
+N_MOT = len(MOTIONS)
+MOTION_LAYER = 4  # the motion probe reads the decoder's residual stream after this many layers
+MOTION_WEIGHT = 1.0
+MOTION_MIN_SHIFT = 0.03  # frame sizes an object must have moved in the clip before its motion is a target
 SLOT_SCALE = 10.0  # cosine -> logit: a small scale asks for a wide cosine margin (~0.5 for a low loss)
 PATCH_Y = 6  # colour, shape, own x, y, object centre x, y
 PATCH_OUT = 1 + N_COL + 1 + N_SHP + 4
@@ -211,8 +218,9 @@ def frame_labels(truth, width: int, height: int, nh: int, nw: int) -> tuple[np.n
     centre (0 = background, from one mask per object drawn at the frame's own resolution), the
     patch's own centre (x, y) in [0, 1] and its object's centre (x, y) (own centre on background):
     position must survive in the tower output, since the resampler's values carry no position.
-    slots [QUERY_NUM, 5] float32: objectness, colour id, shape id, x, y of the object whose
-    centre lies in the cell (the one nearest the cell centre if two do).
+    slots [QUERY_NUM, SLOT_COLS] float32: objectness, colour id, shape id, x, y, object id and
+    motion id (index in MOTIONS) of the object whose centre lies in the cell (the one nearest the
+    cell centre if two do).
     """
     ys = ((np.arange(nh) + 0.5) / nh * height).astype(int).clip(0, height - 1)
     xs = ((np.arange(nw) + 0.5) / nw * width).astype(int).clip(0, width - 1)
@@ -227,7 +235,7 @@ def frame_labels(truth, width: int, height: int, nh: int, nw: int) -> tuple[np.n
         patch[hit, 0] = list(COLOURS).index(o.colour) + 1
         patch[hit, 1] = SHAPES.index(o.shape) + 1
         patch[hit, 4], patch[hit, 5] = o.x, o.y
-    slots = np.zeros((QUERY_NUM, 5), np.float32)
+    slots = np.zeros((QUERY_NUM, SLOT_COLS), np.float32)
     best = np.full(QUERY_NUM, np.inf)
     for o in truth.objects:
         r, c = min(int(o.y * GRID), GRID - 1), min(int(o.x * GRID), GRID - 1)
@@ -235,7 +243,8 @@ def frame_labels(truth, width: int, height: int, nh: int, nw: int) -> tuple[np.n
         d = (o.x - (c + 0.5) / GRID) ** 2 + (o.y - (r + 0.5) / GRID) ** 2
         if d < best[k]:
             best[k] = d
-            slots[k] = (1.0, list(COLOURS).index(o.colour), SHAPES.index(o.shape), o.x, o.y)
+            slots[k] = (1.0, list(COLOURS).index(o.colour), SHAPES.index(o.shape), o.x, o.y, o.id,
+                        MOTIONS.index(o.motion))
     return patch, slots
 
 
@@ -333,12 +342,14 @@ class SequenceBuilder:
 
 class AuxHeads(nn.Module):
     """Training-only readouts (never saved): per patch on the tower; per slot on the resampler
-    the objectness and centre (colour and shape are read against the word embeddings)."""
+    the objectness and centre (colour and shape are read against the word embeddings); per image
+    token in the decoder, the motion of the slot's object (`motion_loss`)."""
 
     def __init__(self, dv: int, d: int):
         super().__init__()
         self.patch = nn.Linear(dv, PATCH_OUT)
         self.slot = nn.Linear(d, 3)  # objectness, centre (x, y)
+        self.motion = nn.Linear(d, N_MOT)
 
 
 def word_ids(tok) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -469,11 +480,56 @@ def vision_losses(model: DemoVLM, hidden: mx.array, feats: mx.array, patch_y: mx
     return patch, slot, pl, sl
 
 
-def lm_logits(model: DemoVLM, feats: mx.array, inputs: mx.array, is_img: mx.array, slot: mx.array) -> mx.array:
+def lm_inputs(model: DemoVLM, feats: mx.array, inputs: mx.array, is_img: mx.array, slot: mx.array) -> mx.array:
+    """Decoder input embeddings [B, T, D]: features [B*F, Q, D] scattered into the <unk> slots."""
     flat = feats.reshape(-1, feats.shape[-1])  # [B*F*Q, D]
     text = model.llm.embed_tokens(inputs)  # [B, T, D]
-    h = mx.where(is_img[..., None], flat[slot], text)  # features scattered into the <unk> slots
-    return model.llm(input_embeddings=h)  # [B, T, V]
+    return mx.where(is_img[..., None], flat[slot], text)
+
+
+def lm_forward(model: DemoVLM, h: mx.array) -> tuple[mx.array, mx.array]:
+    """Input embeddings [B, T, D] -> (logits [B, T, V], residual stream after MOTION_LAYER layers
+    [B, T, D]): the LM's own forward (`framecast.model.lm.decoder.Model`), with a tap."""
+    from framecast.model.lm.base import causal_mask
+
+    lm = model.llm
+    mask = causal_mask(h.shape[1])
+    mid = h
+    for i, layer in enumerate(lm.model.layers):
+        h = layer(h, mask, None)
+        if i + 1 == MOTION_LAYER:
+            mid = h
+    h = lm.model.norm(h)
+    if lm.args.logit_scale != 1.0:
+        h = h * (1.0 / lm.args.logit_scale)
+    logits = lm.model.embed_tokens.as_linear(h) if lm.args.tie_word_embeddings else lm.lm_head(h)
+    return logits, mid
+
+
+def lm_logits(model: DemoVLM, feats: mx.array, inputs: mx.array, is_img: mx.array, slot: mx.array) -> mx.array:
+    return model.llm(input_embeddings=lm_inputs(model, feats, inputs, is_img, slot))  # [B, T, V]
+
+
+def motion_logits(model: DemoVLM, mid: mx.array) -> mx.array:
+    """Residual stream [B, T, D] -> motion logits [B, T, N_MOT] (read at image tokens only)."""
+    x = mid * mx.rsqrt((mid * mid).mean(-1, keepdims=True) + 1e-6)
+    return model.aux.motion(x)
+
+
+def motion_loss(model: DemoVLM, mid: mx.array, is_img: mx.array, slot: mx.array, motion_y: mx.array,
+                motion_m: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+    """The motion probe: at each image token whose slot holds an object that has visibly moved (or
+    visibly not) in the clip so far, the decoder's residual stream must say left/right/up/down/still.
+
+    Frames are encoded one by one, so motion exists only across frames: the probe makes the first
+    MOTION_LAYER layers compare an object with its earlier self, a dense target on every frame,
+    where replies name a motion a few times a clip. Returns (loss, logits [B, T, N_MOT], targets
+    [B, T], mask [B, T])."""
+    y = motion_y.reshape(-1)[slot]  # [B, T]: per image token, its slot's motion id
+    m = motion_m.reshape(-1)[slot] * is_img  # [B, T]
+    ml = motion_logits(model, mid)
+    loss = (nn.losses.cross_entropy(ml, y, reduction="none") * m).sum() / mx.maximum(m.sum(), 1.0)
+    return loss, ml, y, m
 
 
 def masked_ce(logits: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
@@ -481,16 +537,20 @@ def masked_ce(logits: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
     return (ce * mask).sum() / mx.maximum(mask.sum(), 1.0)
 
 
-def loss_fn(model, views, patch_y, slot_y, inputs, targets, loss_mask, is_img, slot, t_inputs, t_targets, t_mask):
-    """The decoder phases: replies + text-only turns + the slot targets; the tower is frozen."""
+def loss_fn(model, views, patch_y, slot_y, inputs, targets, loss_mask, is_img, slot, motion_y, motion_m,
+            t_inputs, t_targets, t_mask, *, text_weight: float = TEXT_WEIGHT, motion_weight: float = MOTION_WEIGHT):
+    """The decoder phases: replies + text-only turns + the slot targets + the motion probe; the
+    tower is frozen."""
     hidden, grid = vision_hidden(model, views)  # [N, L, Dv]
     hidden = mx.stop_gradient(hidden)
     feats = resample(model, hidden, grid)  # [N, Q, D]
     slots, _ = slot_loss(model, feats, slot_y)  # the frozen tower's patch loss would teach nothing
-    ce = masked_ce(lm_logits(model, feats, inputs, is_img, slot), targets, loss_mask)
+    logits, mid = lm_forward(model, lm_inputs(model, feats, inputs, is_img, slot))
+    ce = masked_ce(logits, targets, loss_mask)
+    motion = motion_loss(model, mid, is_img, slot, motion_y, motion_m)[0]
     text_ce = masked_ce(model.llm(t_inputs), t_targets, t_mask)
-    total = ce + 0.3 * text_ce + SLOT_WEIGHT * slots
-    return total, (ce, text_ce, mx.array(0.0), slots)
+    total = ce + text_weight * text_ce + SLOT_WEIGHT * slots + motion_weight * motion
+    return total, (ce, text_ce, mx.array(0.0), slots, motion)
 
 
 def vision_loss_fn(model, views, patch_y, slot_y):
@@ -539,7 +599,8 @@ class Pool:
             groups.setdefault(item["views"].shape[1:3], []).append(item)
         self.keys = sorted(groups)
         self.items = {k: [{"seed": d["seed"], "truths": d["truths"], "fps": d["fps"], "views": mx.array(d["views"]),
-                           "patch": mx.array(d["patch"]), "slots": mx.array(d["slots"])} for d in groups[k]]
+                           "patch": mx.array(d["patch"]), "slots": mx.array(d["slots"]), "slots_np": d["slots"]}
+                          for d in groups[k]]
                       for k in self.keys}
         mx.eval([[d["views"], d["patch"], d["slots"]] for g in self.items.values() for d in g])
         self.sizes = np.array([len(groups[k]) for k in self.keys], np.float64)
@@ -570,11 +631,37 @@ def make_batch(clips: list[tuple[dict, int]], n_frames: int, builder: SequenceBu
                 turns.append(D.Turn(len(truths) - 1, "question", qa.question, qa.answer, qa=qa))
         system = SESSION_SYSTEM_PROMPT if rng.random() < 0.6 else D._pick(rng, D.SYSTEM_PROMPTS)
         seqs.append(builder.build(n_frames, turns, system, max_tokens=max_tokens))
+    motion = [motion_targets(d["slots_np"][a:a + n_frames], d["fps"]) for d, a in clips]
     out = {"views": mx.concatenate([d["views"][a:a + n_frames] for d, a in clips]),
            "patch_y": mx.concatenate([d["patch"][a:a + n_frames] for d, a in clips]),
-           "slot_y": mx.concatenate([d["slots"][a:a + n_frames] for d, a in clips])}
+           "slot_y": mx.concatenate([d["slots"][a:a + n_frames] for d, a in clips]),
+           "motion_y": mx.array(np.concatenate([y for y, _ in motion])),
+           "motion_m": mx.array(np.concatenate([m for _, m in motion]))}
     out.update(token_arrays(seqs, builder.pad, builder.unk, n_frames))
     return out
+
+
+def motion_targets(slots: np.ndarray, fps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Slot labels of one clip [F, Q, SLOT_COLS] -> motion ids [F, Q] int32 and mask [F, Q] float32.
+
+    A slot's motion is a target once the clip shows it: a mover that has gone MOTION_MIN_SHIFT
+    frame sizes since its first frame in the clip, a still object after as many frames as the
+    slowest mover needs for that shift (before that, still and slow look the same)."""
+    F = slots.shape[0]
+    y = slots[..., 6].astype(np.int32)
+    m = np.zeros(slots.shape[:2], np.float32)
+    first: dict[int, tuple[int, float, float]] = {}  # object id -> (frame, x, y) first seen in the clip
+    still = MOTIONS.index("still")
+    need = MOTION_MIN_SHIFT * fps / D.SPEED_RANGE[0]  # frames a still object must be watched
+    for f in range(F):
+        for k in np.flatnonzero(slots[f, :, 0] > 0.5):
+            oid = int(slots[f, k, 5])
+            f0, x0, y0 = first.setdefault(oid, (f, float(slots[f, k, 3]), float(slots[f, k, 4])))
+            if y[f, k] == still:
+                m[f, k] = float(f - f0 >= need)
+            else:
+                m[f, k] = float(max(abs(slots[f, k, 3] - x0), abs(slots[f, k, 4] - y0)) >= MOTION_MIN_SHIFT)
+    return y, m
 
 
 def token_arrays(seqs: list[tuple[list[int], list[int]]], pad: int, unk: int | None, n_frames: int = 0) -> dict:
@@ -609,7 +696,7 @@ def text_batch(builder: SequenceBuilder, rng: np.random.Generator, rows: int) ->
 
 
 BATCH_ORDER = ("views", "patch_y", "slot_y", "inputs", "targets", "loss_mask", "is_img", "slot",
-               "t_inputs", "t_targets", "t_mask")
+               "motion_y", "motion_m", "t_inputs", "t_targets", "t_mask")
 
 
 # ---------------------------------------------------------------- measuring grounding
@@ -690,7 +777,12 @@ def grounding_report(model: DemoVLM, batch: dict, tok, n_frames: int) -> dict:
     shuffled = mx.concatenate([shuffled[1:], shuffled[:1]]).reshape(feats.shape)  # clip b sees clip b+1
     masks = content_masks(tok, batch["targets"], batch["loss_mask"])
     for tag, f in (("real", feats), ("shuf", shuffled)):
-        logits = lm_logits(model, f, batch["inputs"], batch["is_img"], batch["slot"])
+        logits, mid = lm_forward(model, lm_inputs(model, f, batch["inputs"], batch["is_img"], batch["slot"]))
+        _, ml, my, mm = motion_loss(model, mid, batch["is_img"], batch["slot"], batch["motion_y"], batch["motion_m"])
+        rep[f"motion_probe_acc_{tag}"] = float(((mx.argmax(ml, -1) == my) * mm).sum() / mx.maximum(mm.sum(), 1))
+        if tag == "real":  # always the most common motion among the targets
+            counts = mx.stack([((my == c) * mm).sum() for c in range(N_MOT)])
+            rep["motion_probe_baseline"] = float(counts.max() / mx.maximum(mm.sum(), 1))
         ce = nn.losses.cross_entropy(logits, batch["targets"], reduction="none")
         right = mx.argmax(logits, -1) == batch["targets"]
         rep[f"ce_{tag}"] = float((ce * batch["loss_mask"]).sum() / batch["loss_mask"].sum())
@@ -711,6 +803,8 @@ def format_report(step: int, rep: dict) -> str:
             f"(always-background 0.00; bg acc {rep['patch_bg_acc']:.2f}) centre err {rep['patch_centre_err']:.3f}; slot obj {rep['slot_obj_acc']:.2f} "
             f"(always-empty {rep['slot_obj_baseline']:.2f}) colour {rep['slot_colour_acc']:.2f} shape "
             f"{rep['slot_shape_acc']:.2f} (chance {1 / N_COL:.2f}/{1 / N_SHP:.2f}) xy err {rep['slot_xy_err']:.3f}; "
+            f"motion probe {rep['motion_probe_acc_real']:.2f} (shuffled {rep['motion_probe_acc_shuf']:.2f}, "
+            f"majority {rep['motion_probe_baseline']:.2f}); "
             f"attention on image tokens per layer {rep['attn_img']}")
 
 
@@ -815,10 +909,14 @@ def check_args(a) -> str | None:
         v = getattr(a, name)
         if not v > 0:  # NaN fails too
             return f"--{name.replace('_', '-')} {v}: must be above 0"
-    for name in ("streams", "frames", "max_clip", "batch", "workers", "max_tokens", "log_every"):
+    for name in ("streams", "frames", "max_clip", "batch", "workers", "max_tokens", "log_every", "text_rows"):
         v = getattr(a, name)
         if v < 1:
             return f"--{name.replace('_', '-')} {v}: must be at least 1"
+    for name in ("motion_weight", "text_weight"):
+        v = getattr(a, name)
+        if not v >= 0:
+            return f"--{name.replace('_', '-')} {v}: must be 0 or more"
     for name in ("vision_phase", "short_phase"):
         v = getattr(a, name)
         if not 0.0 <= v <= 1.0:
@@ -868,6 +966,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="share of the run that trains the vision side alone, first")
     ap.add_argument("--short-phase", type=float, default=DEFAULT_SHORT_PHASE,
                     help="share of the run on 1-3 frame clips with dense questions, after the vision phase")
+    ap.add_argument("--motion-weight", type=float, default=MOTION_WEIGHT,
+                    help="weight of the motion probe on the decoder's image tokens (0: off)")
+    ap.add_argument("--text-weight", type=float, default=TEXT_WEIGHT,
+                    help="weight of the text-only turns (titles, summaries, questions about a log)")
+    ap.add_argument("--text-rows", type=int, default=TEXT_ROWS, help="text-only conversations per step")
     ap.add_argument("--init-from", default=None, help="HF-layout model dir (this trainer's) to start from")
     ap.add_argument("--tiny", action="store_true", help="a toy-sized model (tests of the trainer itself)")
     a = ap.parse_args(argv)
@@ -934,7 +1037,8 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(a.seed)
     if state.get("rng"):
         rng.bit_generator.state = state["rng"]
-    step_fn = nn.value_and_grad(model, loss_fn)
+    step_fn = nn.value_and_grad(model, functools.partial(loss_fn, text_weight=a.text_weight,
+                                                         motion_weight=a.motion_weight))
     vision_step = nn.value_and_grad(model, vision_loss_fn)
     table = content_table(tok)
 
@@ -976,7 +1080,7 @@ def main(argv: list[str] | None = None) -> int:
                     slot_y.append(d["slots"][f:f + 2])
                 (loss, parts), grads = vision_step(model, mx.concatenate(views), mx.concatenate(patch_y),
                                                    mx.concatenate(slot_y))
-                parts = (mx.array(0.0), mx.array(0.0), *parts)
+                parts = (mx.array(0.0), mx.array(0.0), *parts, mx.array(0.0))
             else:
                 if frac < a.vision_phase + a.short_phase:  # short clips, a question every frame or so
                     n = int(rng.integers(1, SHORT_FRAMES + 1))
@@ -987,7 +1091,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows = max(a.batch, a.batch * 3 * SHORT_FRAMES // n)  # ~constant frames a step (n >= SHORT_FRAMES)
                     batch = make_batch(pool.clips(rng, rows, n), n, builder, rng, dense=0.3, max_tokens=a.max_tokens)
                 weight_content(batch, table)
-                batch.update(text_batch(builder, rng, TEXT_ROWS))
+                batch.update(text_batch(builder, rng, a.text_rows))
                 (loss, parts), grads = step_fn(model, *[batch[k] for k in BATCH_ORDER])
             grads, _ = optim.clip_grad_norm(grads, 1.0)
             opt.update(model, grads)
@@ -999,9 +1103,10 @@ def main(argv: list[str] | None = None) -> int:
                 rep = grounding_report(model, val_batch, tok, val_frames)
                 history.append({"step": step, "s": round(el, 1), "loss": round(float(m[0]), 4),
                                 "reply_ce": round(float(m[1]), 4), "text_ce": round(float(m[2]), 4),
-                                "patch": round(float(m[3]), 4), "slot": round(float(m[4]), 4), **rep})
+                                "patch": round(float(m[3]), 4), "slot": round(float(m[4]), 4),
+                                "motion": round(float(m[5]), 4), **rep})
                 print(f"step {step:5d} {el:6.0f}s lr {lr:.1e}  loss {m[0]:.3f} (reply {m[1]:.3f} text {m[2]:.3f} "
-                      f"patch {m[3]:.3f} slot {m[4]:.3f})\n" + format_report(step, rep), flush=True)
+                      f"patch {m[3]:.3f} slot {m[4]:.3f} motion {m[5]:.3f})\n" + format_report(step, rep), flush=True)
             if ckpt is not None and time.time() - last_ckpt > a.ckpt_every:
                 state.update(train_s=train_s0 + time.time() - t_run, rng=rng.bit_generator.state, history=history)
                 save_checkpoint(ckpt, model, opt, state)
