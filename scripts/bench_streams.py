@@ -3,7 +3,9 @@ for 1, 4, 16, 64 streams sharing one loaded model and one worker thread.
 
 Each row runs N streams the way `framecast run` with `[[streams]]` does: every tick, one frame
 per stream arrives at once; the frames go through the shared `BatchEncoder` (one vision-tower
-call for all streams) and each stream's `StreamingSession` prefills its own frame span; every
+call for all streams) and onto the sessions' caches: `--prefill batched` (the default, as `framecast
+run` does) appends all streams' frame spans in one batched prefill (`BatchPrefill`), `separate`
+prefills each stream's span alone (as before), `both` measures the two in the same run; every
 `--narrate-every` ticks all N streams narrate at once (`--max-tokens` tokens, EOS ignored),
 their turns interleaving step by step on the worker. Measured per row:
 
@@ -13,8 +15,8 @@ their turns interleaving step by step on the worker. Measured per row:
   first ms      trigger -> first token of each stream's narration (p50, p95 over N x rounds)
   peak MB       MLX peak memory during the row (weights included)
 
-Ratios are against the 1-stream row of the same run (always measured first). Decoding is
-NOT batched across sessions (turns interleave, one row per step), so aggregate tok/s is
+Ratios are against the 1-stream row of the same run (always measured first, prefilled
+separately: with one stream the two modes are the same call). Decoding is NOT batched across sessions (turns interleave, one row per step), so aggregate tok/s is
 expected to stay near the 1-stream figure; encoding is batched.
 
     python scripts/bench_streams.py                         # tiny config, fp32 (CPU smoke)
@@ -36,7 +38,7 @@ import time
 import framecast  # noqa: F401  (OpenBLAS preload before mlx)
 import mlx.core as mx
 import numpy as np
-from framecast.engine.scheduler import BatchEncoder
+from framecast.engine.scheduler import BatchEncoder, BatchPrefill
 from framecast.engine.session import StreamingSession, TurnDone
 from framecast.engine.worker import worker_for
 from framecast.model.tokenizer import Tokenizer
@@ -85,11 +87,12 @@ def _pct(values: list[float], q: float) -> float:
 
 
 async def one_row(model: MiniCPMV, n: int, *, ticks: int, narrate_every: int, max_tokens: int,
-                  image: np.ndarray, group: int = 1) -> dict:
+                  image: np.ndarray, group: int = 1, batched: bool = True) -> dict:
     worker = worker_for(model)
     await worker.run(_reset_peak)
     encoder = BatchEncoder(model, worker=worker, max_batch=n * group)  # one call a tick
-    sessions = [StreamingSession(model, worker=worker, keep_generated=False) for _ in range(n)]
+    prefill = BatchPrefill(model, worker=worker, max_rows=n) if batched else None
+    sessions = [StreamingSession(model, worker=worker, keep_generated=False, prefill=prefill) for _ in range(n)]
     turn_started: dict[int, float] = {}
     for i, s in enumerate(sessions):  # when each turn really starts on the worker
         s.core.turn = _timed(s.core.turn, turn_started, i)
@@ -120,7 +123,9 @@ async def one_row(model: MiniCPMV, n: int, *, ticks: int, narrate_every: int, ma
         first_ms += [(turn_started[i] - t1 + d.first_token_s) * 1e3 for i, d in enumerate(done)]
     peak = await worker.run(_peak_mb)
     return {
-        "streams": n, "frames": n * ticks * group, "encode_calls": encoder.calls, "encode_rows_max": encoder.max_rows,
+        "streams": n, "prefill": "batched" if batched else "separate", "frames": n * ticks * group,
+        "encode_calls": encoder.calls, "encode_rows_max": encoder.max_rows,
+        "prefill_rows_max": prefill.max_rows_seen if prefill is not None else 1,
         "frames_per_s": round(float(np.median(frame_rates)), 2),
         "frames_per_s_p95_low": round(_pct(frame_rates, 5), 2),  # the slow 5 % of ticks
         "tok_per_s": round(float(np.median(tok_rates)), 2) if tok_rates else 0.0,
@@ -143,31 +148,38 @@ async def run_async(args: argparse.Namespace) -> dict:
     image = random_image(size, size, seed=0)
     counts = sorted(set(args.streams) | {1})
     # warm-up: kernels, allocator, attention at the key lengths the rows will see
-    await one_row(model, 2, ticks=2, narrate_every=2, max_tokens=2, image=image, group=args.group)
+    modes = {"batched": [True], "separate": [False], "both": [False, True]}[args.prefill]
+    for batched in modes:
+        await one_row(model, 2, ticks=2, narrate_every=2, max_tokens=2, image=image, group=args.group, batched=batched)
     rows = []
     for n in counts:
-        row = await one_row(model, n, ticks=args.ticks, narrate_every=args.narrate_every,
-                            max_tokens=args.max_tokens, image=image, group=args.group)
-        base = rows[0] if rows else row
-        row["x_frames_per_s"] = round(row["frames_per_s"] / base["frames_per_s"], 2)
-        row["x_tok_per_s"] = round(row["tok_per_s"] / base["tok_per_s"], 2) if base["tok_per_s"] else 0.0
-        rows.append(row)
-        if not args.json:
-            print(_row(row), flush=True)
+        for batched in ([False] if n == 1 else modes):
+            row = await one_row(model, n, ticks=args.ticks, narrate_every=args.narrate_every,
+                                max_tokens=args.max_tokens, image=image, group=args.group, batched=batched)
+            _add_row(rows, row, args.json)
     return {
         "bench": "streams", "shapes": args.shapes, "dtype": dtype,
         "layers": len(model.language_model.layers), "device": str(mx.default_device()),
         "machine": platform.machine(), "ticks": args.ticks, "narrate_every": args.narrate_every,
-        "max_tokens": args.max_tokens, "image": size, "group": args.group, "rows": rows,
+        "max_tokens": args.max_tokens, "image": size, "group": args.group, "prefill": args.prefill, "rows": rows,
     }
 
 
-HEADER = (f"{'streams':>7} {'frames/s':>9} {'x':>6} {'p5 fr/s':>8} {'tok/s':>8} {'x':>6} "
+def _add_row(rows: list[dict], row: dict, quiet: bool) -> None:
+    base = rows[0] if rows else row
+    row["x_frames_per_s"] = round(row["frames_per_s"] / base["frames_per_s"], 2)
+    row["x_tok_per_s"] = round(row["tok_per_s"] / base["tok_per_s"], 2) if base["tok_per_s"] else 0.0
+    rows.append(row)
+    if not quiet:
+        print(_row(row), flush=True)
+
+
+HEADER = (f"{'streams':>7} {'prefill':>8} {'frames/s':>9} {'x':>6} {'p5 fr/s':>8} {'tok/s':>8} {'x':>6} "
           f"{'1st p50':>8} {'1st p95':>8} {'enc rows':>8} {'peak MB':>9}")
 
 
 def _row(r: dict) -> str:
-    return (f"{r['streams']:>7} {r['frames_per_s']:>9.1f} {r['x_frames_per_s']:>6.2f} "
+    return (f"{r['streams']:>7} {r['prefill']:>8} {r['frames_per_s']:>9.1f} {r['x_frames_per_s']:>6.2f} "
             f"{r['frames_per_s_p95_low']:>8.1f} {r['tok_per_s']:>8.1f} {r['x_tok_per_s']:>6.2f} "
             f"{r['first_ms_p50']:>8.1f} {r['first_ms_p95']:>8.1f} {r['encode_rows_max']:>8} {r['peak_mb']:>9.1f}")
 
@@ -182,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--group", type=int, default=1, choices=range(1, 7), metavar="1-6",
                     help="frames per 4.5 3D-resampler group (each tick: one group per stream)")
+    ap.add_argument("--prefill", choices=["batched", "separate", "both"], default="batched",
+                    help="frame spans of all streams in one batched prefill, each alone, or both rows")
     ap.add_argument("--layers", type=int, default=None, help="override the LM depth (smoke tests)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)

@@ -64,3 +64,49 @@ def test_sampling_is_seeded(model_dir, capsys):
     a = capsys.readouterr().out
     cli_main(args + ["--seed", "3"])
     assert capsys.readouterr().out == a
+
+
+@pytest.mark.parametrize("version", ["2.6", "4.0", "4.5"])
+def test_prefill_rows_leaves_each_cache_as_its_own_prefill(tmp_path, version):
+    """Frames of three sessions with caches of different lengths, prefilled as one batch, leave
+    every cache as prefilling each alone does (to float rounding: OpenBLAS may sum a row of a
+    batched matmul in another order, ~5e-7 here), and the sessions then narrate the same text;
+    rows of different lengths are refused; a failing batch rolls every cache back."""
+    import mlx.core as mx
+
+    from framecast.engine.core import SessionCore
+    from framecast.engine.generate import prefill_rows
+    from framecast.model.load import load_model
+    from framecast.testing import make_tiny_minicpmv, random_image
+
+    make_tiny_minicpmv(tmp_path, version)
+    m = load_model(str(tmp_path))
+    feats = m.encode_images([random_image(56, 56, seed=s) for s in range(6)], max_slice_nums=1)
+
+    def build(n_before: int) -> SessionCore:
+        c = SessionCore(m)
+        for i in range(n_before):
+            c.add_features(feats[i], float(i))
+        return c
+
+    alone, batched = [build(k) for k in (0, 1, 3)], [build(k) for k in (0, 1, 3)]
+    for c, f in zip(alone, feats[3:6]):
+        c.add_features(f, 9.0)
+    assert SessionCore.add_features_rows(batched, list(feats[3:6]), [9.0] * 3) == [len(s) for s in [
+        c._frame_ids(f) for c, f in zip(alone, feats[3:6])]]
+    for a, b in zip(alone, batched):
+        assert a.offset == b.offset and [(s.kind, s.length, s.pts) for s in a.spans] == [
+            (s.kind, s.length, s.pts) for s in b.spans]
+        for la, lb in zip(a.cache, b.cache):
+            for x, y in zip(la.state, lb.state):
+                assert mx.allclose(x[..., :la.offset, :], y[..., :lb.offset, :], rtol=1e-5, atol=1e-5)
+        assert a.generate("Describe it.", max_tokens=8).text == b.generate("Describe it.", max_tokens=8).text
+
+    with pytest.raises(ValueError, match="lengths"):
+        prefill_rows(m, [[1, 2], [1, 2, 3]], [batched[0].cache, batched[1].cache])
+    offsets = [c.offset for c in batched]
+    with pytest.raises(Exception):  # a placeholder count that does not match its features
+        prefill_rows(m, [batched[0]._frame_ids(feats[0])] * 2, [batched[0].cache, batched[1].cache],
+                     images=[[feats[0]], [feats[0], feats[1]]])
+    assert [c.offset for c in batched] == offsets and all(
+        layer.offset == c.offset for c in batched for layer in c.cache)

@@ -639,3 +639,67 @@ def test_minicpmv45_streams_in_one_run_narrate_as_separate_runs(tmp_path, tiny45
         assert asyncio.run(Runtime(source, stages).run(handle_signals=False)).exit_code == 0
         assert _narrations(tmp_path / "alone.jsonl") == together[cfg.source.stream_id]
     assert all(together.values())
+
+
+def test_batch_prefill_appends_frames_of_several_sessions_in_one_call(tiny):
+    """Frames that sessions append in one tick go through one batched prefill: each session
+    (caches of different lengths; 4.0 and 4.5 are covered by the engine test) narrates the
+    same text as with its own add_features; a session's two
+    frames keep their order (one per call); a frame its own budget refuses fails alone."""
+    import threading
+
+    from framecast.engine.scheduler import BatchPrefill
+    from framecast.engine.session import StreamingSession, TurnDone
+    from framecast.engine.worker import worker_for
+
+    worker = worker_for(tiny)
+    feats = _encode(tiny, [random_image(56, 56, seed=s) for s in range(6)])
+
+    async def narrate(s: StreamingSession) -> str:
+        async for ev in s.narrate("Describe it.", max_tokens=10):
+            if isinstance(ev, TurnDone):
+                return ev.text
+
+    async def separate() -> list[str]:
+        out = []
+        for i in range(3):
+            s = StreamingSession(tiny, worker=worker)
+            for k in range(i):  # different cache lengths before the batched tick
+                await s.add_frame(feats[k], float(k))
+            await s.add_frame(feats[3 + i], 5.0)
+            if i == 2:
+                await s.add_frame(feats[0], 6.0)
+            out.append(await narrate(s))
+        return out
+
+    async def together() -> tuple[list[str], BatchPrefill, list]:
+        prefill = BatchPrefill(tiny, worker=worker)
+        sessions = [StreamingSession(tiny, worker=worker, prefill=prefill) for _ in range(3)]
+        small = StreamingSession(tiny, worker=worker, prefill=prefill, max_cache_tokens=84)  # prefix + < one frame
+        for i, s in enumerate(sessions):
+            for k in range(i):
+                await s.add_frame(feats[k], float(k))
+        calls0 = prefill.calls
+        release = threading.Event()
+        worker.submit_sync(release.wait, 10)  # the worker is busy: the tick's frames pile up
+
+        async def last_session() -> None:
+            await sessions[2].add_frame(feats[5], 5.0)
+            await sessions[2].add_frame(feats[0], 6.0)
+
+        tasks = [asyncio.ensure_future(sessions[0].add_frame(feats[3], 5.0)),
+                 asyncio.ensure_future(sessions[1].add_frame(feats[4], 5.0)),
+                 asyncio.ensure_future(last_session()),
+                 asyncio.ensure_future(small.add_frame(feats[1], 5.0))]
+        await asyncio.sleep(0.05)
+        release.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        texts = [await narrate(s) for s in sessions]
+        return texts, prefill, [prefill.calls - calls0, results]
+
+    expected = asyncio.run(separate())
+    texts, prefill, (calls, results) = asyncio.run(together())
+    assert texts == expected
+    assert prefill.max_rows_seen == 4 and calls == 2  # 4 sessions in one call, then sessions[2]'s next frame
+    assert isinstance(results[3], Exception) and "budget" in str(results[3]).lower()
+    assert all(not isinstance(r, Exception) for r in results[:3])

@@ -29,7 +29,7 @@ import numpy as np
 
 from framecast.engine import layout
 from framecast.engine.budget import CacheBudget
-from framecast.engine.generate import DEFAULT_MAX_TOKENS, SamplerFn, generate_step, prefill
+from framecast.engine.generate import DEFAULT_MAX_TOKENS, SamplerFn, generate_step, prefill, prefill_rows
 from framecast.engine.layout import DEFAULT_SYSTEM_PROMPT, Span
 from framecast.engine.persist import fingerprint, load_session, save_session
 from framecast.errors import UserError
@@ -202,6 +202,46 @@ class SessionCore:
         self.spans.append(Span("frame", len(ids), pts))
         self.frames_added += 1
         return len(ids)
+
+    @staticmethod
+    def add_features_rows(cores: list[SessionCore], features: list[Any],
+                          pts: list[float | None]) -> list[int | Exception]:
+        """`add_features` on several sessions of one model at once: frame spans of one length go
+        through one batched prefill (`engine.generate.prefill_rows`), so a tick's frames from
+        several streams cost about one frame's weight reads. Each session ends as its own
+        `add_features` would leave it (budget, eviction and spans are per session; the cache
+        to float rounding, see `prefill_rows`).
+
+        Returns per session the tokens added, or the exception that stopped its frame (its
+        budget refused it, or its group's prefill failed: those caches are rolled back); the
+        others are unaffected. Raises ValueError for a session named twice or sessions of
+        different models."""
+        if len({id(c) for c in cores}) != len(cores) or len({id(c.model) for c in cores}) > 1:
+            raise ValueError("add_features_rows: each session once, all on one model")
+        out: list[int | Exception] = [0] * len(cores)
+        by_length: dict[int, list[tuple[int, list[int]]]] = {}
+        for i, (core, feat) in enumerate(zip(cores, features)):
+            try:
+                core.start()
+                ids = core._frame_ids(feat)
+                core._make_room(len(ids))
+            except Exception as e:  # noqa: BLE001  (this session's own trouble, not the batch's)
+                out[i] = e
+                continue
+            by_length.setdefault(len(ids), []).append((i, ids))
+        for group in by_length.values():
+            try:
+                prefill_rows(cores[group[0][0]].model, [ids for _, ids in group],
+                             [cores[i].cache for i, _ in group], images=[[features[i]] for i, _ in group])
+            except Exception as e:  # noqa: BLE001
+                for i, _ in group:
+                    out[i] = e
+                continue
+            for i, ids in group:
+                cores[i].spans.append(Span("frame", len(ids), pts[i]))
+                cores[i].frames_added += 1
+                out[i] = len(ids)
+        return out
 
     def add_image(self, pixels: np.ndarray, pts: float | None = None) -> int:
         """Encode an RGB uint8 [H, W, 3] frame, then append it."""

@@ -67,6 +67,45 @@ def prefill(model, ids: list[int], cache: list, *, images=(), prefill_step: int 
         raise
 
 
+def prefill_rows(model, rows: list[list[int]], caches: list[list], *, images: list[list] | None = None,
+                 prefill_step: int = PREFILL_STEP) -> None:
+    """`prefill` of several sessions' spans of one length in one batched forward per chunk.
+
+    `rows[b]` (token ids, all of one length T) goes onto session b's cache `caches[b]` (a
+    per-layer list, as `model.make_cache()` gives), with `images[b]` in its placeholders. The
+    projections and MLP see a [B, T, D] batch, so the weights are read once for every stream
+    whose frame arrived in the same tick; each row's positions and attention are its own
+    (`framecast.model.lm.base.RowCaches`). Each cache ends as `prefill(rows[b])` would leave it,
+    to float rounding (a batched matmul may sum a row in another order than a one-row one).
+    A failure leaves every cache as it was. Raises ValueError for rows of different lengths.
+    """
+    from framecast.model.lm.base import RowCaches
+
+    if len({len(r) for r in rows}) > 1 or len(rows) != len(caches):
+        raise ValueError(f"prefill_rows: rows of lengths {[len(r) for r in rows]} for {len(caches)} caches")
+    if len(rows) == 1:
+        prefill(model, rows[0], caches[0], images=(images or [()])[0], prefill_step=prefill_step)
+        return
+    lm = language_model(model)
+    starts = [c[0].offset if c else 0 for c in caches]
+    images = images or [()] * len(rows)
+    try:
+        parts = []
+        for ids, imgs in zip(rows, images):
+            tokens = mx.array([ids], dtype=mx.int32)  # [1, T]
+            parts.append(model.embed(tokens, list(imgs)) if imgs else lm.embed_tokens(tokens))
+        h = mx.concatenate(parts)  # [B, T, D]
+        layers = [RowCaches([c[i] for c in caches]) for i in range(len(caches[0]))]
+        for begin in range(0, h.shape[1], prefill_step):
+            lm(None, cache=layers, input_embeddings=h[:, begin:begin + prefill_step])
+            mx.eval([c.state for cache in caches for c in cache])
+    except BaseException:
+        for cache, start in zip(caches, starts):
+            for c in cache:
+                c.trim(c.offset - start)
+        raise
+
+
 def generate_step(model, cache: list, logits: mx.array, *, sampler: SamplerFn | None = None,
                   max_tokens: int = DEFAULT_MAX_TOKENS, stop_ids: Iterable[int] = (),
                   history: Iterable[int] = ()) -> Iterator[tuple[int, mx.array]]:

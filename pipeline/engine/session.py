@@ -51,6 +51,7 @@ class StreamingSession:
     keep_generated: bool = True
     max_slice_nums: int = 1
     worker: ModelWorker | None = None
+    prefill: Any = None  # a shared `engine.scheduler.BatchPrefill`: frames batched with other sessions'
     core: SessionCore = field(init=False)
     _open_turn: Any = field(default=None, init=False, repr=False)  # closes a turn still running
     _last_turn: Any = field(default=None, init=False, repr=False)  # its result (a Future)
@@ -92,6 +93,10 @@ class StreamingSession:
             frame = frame.features if frame.features is not None else frame.pixels
         if isinstance(frame, np.ndarray):
             return await self._run(self.core.add_image, frame, pts)
+        if self.prefill is not None:
+            if self._open_turn is not None:
+                self._open_turn()
+            return await self.prefill(self.core, frame, pts)
         return await self._run(self.core.add_features, frame, pts)
 
     async def add_text(self, text: str, pts: float | None = None) -> int:

@@ -148,6 +148,21 @@ def causal_mask(length: int) -> str | None:
     return "causal" if length > 1 else None
 
 
+class RowCaches:
+    """One layer's caches of several sessions, one per batch row: a batched forward whose rows
+    continue different streams (`framecast.engine.generate.prefill_rows`).
+
+    The projections and the MLP run on all rows at once (the weights are read once for the
+    batch); positions, the cache write and the attention run row by row, on each row's own cache
+    of its own length, exactly as a one-row forward does."""
+
+    def __init__(self, caches: list):
+        self.rows = list(caches)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
 class Attention(nn.Module):
     def __init__(
         self,
@@ -188,6 +203,19 @@ class Attention(nn.Module):
         q = q.transpose(0, 2, 1, 3)
         k = k.transpose(0, 2, 1, 3)
         v = v.transpose(0, 2, 1, 3)
+        if isinstance(cache, RowCaches):  # row b continues its own session's cache
+            if len(cache) != B:
+                raise ValueError(f"{len(cache)} row caches for a batch of {B}")
+            out = mx.concatenate([self._attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], mask, c)
+                                  for b, c in enumerate(cache.rows)])  # [B, n_heads, L, head_dim]
+        else:
+            out = self._attend(q, k, v, mask, cache)
+        out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)  # [B, L, n_heads*head_dim]
+        return self.o_proj(out)
+
+    def _attend(self, q: mx.array, k: mx.array, v: mx.array, mask, cache) -> mx.array:
+        """RoPE at the cache's offset, cache write, attention: [B, heads, L, head_dim] in and out."""
+        L = q.shape[2]
         if cache is not None:
             q = self.rope(q, offset=cache.offset)
             k = self.rope(k, offset=cache.offset)
@@ -202,8 +230,7 @@ class Attention(nn.Module):
             out = cache_attention(q, k, v, scale=self.scale, buffers=getattr(cache, "buffers", None))
         else:
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)  # [B, L, n_heads*head_dim]
-        return self.o_proj(out)
+        return out
 
 
 class MLP(nn.Module):
