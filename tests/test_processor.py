@@ -157,3 +157,25 @@ def test_normalize_table_gives_the_same_bits_as_the_arithmetic():
         assert got.dtype == np.float32 and np.array_equal(got, arithmetic(p, x))
     p.mean = (0.5, 0.5, 0.5)
     assert np.array_equal(p.normalize(img), arithmetic(p, img))
+
+
+def test_preprocess_many_equals_one_by_one_in_order():
+    """Several frames preprocessed on the thread pool: the same views (bit for bit) and grids
+    as one by one, in order, mixed sizes and slicing included; a bad frame raises its error."""
+    import numpy as np
+    import pytest
+
+    from framecast.model.processor import MiniCPMVProcessor, preprocess_many
+
+    p = MiniCPMVProcessor(scale_resolution=112, patch_size=14, max_slice_nums=4)
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in
+              [(56, 56), (120, 300), (300, 120), (64, 96), (224, 224), (33, 47)]]
+    for slices in (1, 4):
+        many = preprocess_many(p, images, max_slice_nums=slices)
+        for img, got in zip(images, many, strict=True):
+            one = p.preprocess(img, max_slice_nums=slices)
+            assert got.grid == one.grid and len(got.views) == len(one.views)
+            assert all(np.array_equal(a, b) for a, b in zip(got.views, one.views))
+    with pytest.raises(ValueError, match="RGB uint8"):
+        preprocess_many(p, [images[0], np.zeros((4, 4), np.uint8)])

@@ -23,7 +23,7 @@ import numpy as np
 
 from framecast.errors import ModelLoadError, UserError
 from framecast.model.lm import get_lm_class
-from framecast.model.processor import IM_END, IM_START, SLICE_END, SLICE_START, MiniCPMVProcessor
+from framecast.model.processor import IM_END, IM_START, SLICE_END, SLICE_START, MiniCPMVProcessor, preprocess_many
 from framecast.model.resampler import Resampler
 from framecast.model.vision import SiglipVisionTower, VisionArgs
 
@@ -161,7 +161,7 @@ class MiniCPMV(nn.Module):
         """RGB uint8 [H, W, 3] images -> one ImageFeatures each (all views batched together)."""
         if not images:
             return []
-        processed = [self.processor.preprocess(img, max_slice_nums=max_slice_nums) for img in images]
+        processed = preprocess_many(self.processor, images, max_slice_nums=max_slice_nums)
         views = [v for p in processed for v in p.views]
         feats = self._encode_views(views)
         mx.eval(feats)
@@ -197,7 +197,11 @@ class MiniCPMV(nn.Module):
             if not 1 <= len(images) <= MAX_GROUP_FRAMES_3D or len(temporal_ids) != len(images):
                 raise UserError(f"a frame group needs 1-{MAX_GROUP_FRAMES_3D} frames with one temporal id each "
                                 f"(got {len(images)} frames, {len(temporal_ids)} ids)")
-            processed = [self.processor.preprocess(img, max_slice_nums=max_slice_nums) for img in images]
+        every = preprocess_many(self.processor, [img for images, _ in groups for img in images],
+                                max_slice_nums=max_slice_nums)
+        at = 0
+        for images, temporal_ids in groups:
+            processed, at = every[at:at + len(images)], at + len(images)
             grids = {p.grid for p in processed}
             shapes = {tuple(v.shape for v in p.views) for p in processed}
             if len(grids) != 1 or len(shapes) != 1:
