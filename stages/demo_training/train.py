@@ -506,10 +506,6 @@ def lm_forward(model: DemoVLM, h: mx.array) -> tuple[mx.array, mx.array]:
     return logits, mid
 
 
-def lm_logits(model: DemoVLM, feats: mx.array, inputs: mx.array, is_img: mx.array, slot: mx.array) -> mx.array:
-    return model.llm(input_embeddings=lm_inputs(model, feats, inputs, is_img, slot))  # [B, T, V]
-
-
 def motion_logits(model: DemoVLM, mid: mx.array) -> mx.array:
     """Residual stream [B, T, D] -> motion logits [B, T, N_MOT] (read at image tokens only)."""
     x = mid * mx.rsqrt((mid * mid).mean(-1, keepdims=True) + 1e-6)
