@@ -15,9 +15,11 @@ their turns interleaving step by step on the worker. Measured per row:
   first ms      trigger -> first token of each stream's narration (p50, p95 over N x rounds)
   peak MB       MLX peak memory during the row (weights included)
 
-Ratios are against the 1-stream row of the same run (always measured first, prefilled
-separately: with one stream the two modes are the same call). Decoding is NOT batched across sessions (turns interleave, one row per step), so aggregate tok/s is
-expected to stay near the 1-stream figure; encoding is batched.
+The turns' decode steps go through a shared `BatchDecode` in the batched rows (`--decode
+batched`, the default, as `framecast run` does: the steps of turns that overlap run as one
+batched forward) or one stream at a time (`--decode separate`, turns interleaving step by
+step). Ratios are against the 1-stream row of the same run (always measured first, prefilled
+and decoded alone: with one stream the modes are the same calls).
 
     python scripts/bench_streams.py                         # tiny config, fp32 (CPU smoke)
     python scripts/bench_streams.py --shapes real           # MiniCPM-V 4.5 shapes (Qwen3-8B +
@@ -38,7 +40,7 @@ import time
 import framecast  # noqa: F401  (OpenBLAS preload before mlx)
 import mlx.core as mx
 import numpy as np
-from framecast.engine.scheduler import BatchEncoder, BatchPrefill
+from framecast.engine.scheduler import BatchDecode, BatchEncoder, BatchPrefill
 from framecast.engine.session import StreamingSession, TurnDone
 from framecast.engine.worker import worker_for
 from framecast.model.tokenizer import Tokenizer
@@ -87,12 +89,14 @@ def _pct(values: list[float], q: float) -> float:
 
 
 async def one_row(model: MiniCPMV, n: int, *, ticks: int, narrate_every: int, max_tokens: int,
-                  image: np.ndarray, group: int = 1, batched: bool = True) -> dict:
+                  image: np.ndarray, group: int = 1, batched: bool = True, decode: bool = False) -> dict:
     worker = worker_for(model)
     await worker.run(_reset_peak)
     encoder = BatchEncoder(model, worker=worker, max_batch=n * group)  # one call a tick
     prefill = BatchPrefill(model, worker=worker, max_rows=n) if batched else None
-    sessions = [StreamingSession(model, worker=worker, keep_generated=False, prefill=prefill) for _ in range(n)]
+    decoder = BatchDecode(model) if decode and n > 1 else None
+    sessions = [StreamingSession(model, worker=worker, keep_generated=False, prefill=prefill, decode=decoder)
+                for _ in range(n)]
     turn_started: dict[int, float] = {}
     for i, s in enumerate(sessions):  # when each turn really starts on the worker
         s.core.turn = _timed(s.core.turn, turn_started, i)
@@ -126,6 +130,9 @@ async def one_row(model: MiniCPMV, n: int, *, ticks: int, narrate_every: int, ma
         "streams": n, "prefill": "batched" if batched else "separate", "frames": n * ticks * group,
         "encode_calls": encoder.calls, "encode_rows_max": encoder.max_rows,
         "prefill_rows_max": prefill.max_rows_seen if prefill is not None else 1,
+        "decode": "batched" if decoder is not None else "separate",
+        "decode_rows_max": decoder.max_rows_seen if decoder is not None else 1,
+        "decode_rows_mean": round(decoder.rows / decoder.calls, 2) if decoder is not None and decoder.calls else 1.0,
         "frames_per_s": round(float(np.median(frame_rates)), 2),
         "frames_per_s_p95_low": round(_pct(frame_rates, 5), 2),  # the slow 5 % of ticks
         "tok_per_s": round(float(np.median(tok_rates)), 2) if tok_rates else 0.0,
@@ -150,12 +157,14 @@ async def run_async(args: argparse.Namespace) -> dict:
     # warm-up: kernels, allocator, attention at the key lengths the rows will see
     modes = {"batched": [True], "separate": [False], "both": [False, True]}[args.prefill]
     for batched in modes:
-        await one_row(model, 2, ticks=2, narrate_every=2, max_tokens=2, image=image, group=args.group, batched=batched)
+        await one_row(model, 2, ticks=2, narrate_every=2, max_tokens=2, image=image, group=args.group, batched=batched,
+                      decode=args.decode == "batched")
     rows = []
     for n in counts:
         for batched in ([False] if n == 1 else modes):
             row = await one_row(model, n, ticks=args.ticks, narrate_every=args.narrate_every,
-                                max_tokens=args.max_tokens, image=image, group=args.group, batched=batched)
+                                max_tokens=args.max_tokens, image=image, group=args.group, batched=batched,
+                                decode=args.decode == "batched" and batched)
             _add_row(rows, row, args.json)
     return {
         "bench": "streams", "shapes": args.shapes, "dtype": dtype,
@@ -174,12 +183,12 @@ def _add_row(rows: list[dict], row: dict, quiet: bool) -> None:
         print(_row(row), flush=True)
 
 
-HEADER = (f"{'streams':>7} {'prefill':>8} {'frames/s':>9} {'x':>6} {'p5 fr/s':>8} {'tok/s':>8} {'x':>6} "
+HEADER = (f"{'streams':>7} {'prefill':>8} {'decode':>8} {'frames/s':>9} {'x':>6} {'p5 fr/s':>8} {'tok/s':>8} {'x':>6} "
           f"{'1st p50':>8} {'1st p95':>8} {'enc rows':>8} {'peak MB':>9}")
 
 
 def _row(r: dict) -> str:
-    return (f"{r['streams']:>7} {r['prefill']:>8} {r['frames_per_s']:>9.1f} {r['x_frames_per_s']:>6.2f} "
+    return (f"{r['streams']:>7} {r['prefill']:>8} {r['decode']:>8} {r['frames_per_s']:>9.1f} {r['x_frames_per_s']:>6.2f} "
             f"{r['frames_per_s_p95_low']:>8.1f} {r['tok_per_s']:>8.1f} {r['x_tok_per_s']:>6.2f} "
             f"{r['first_ms_p50']:>8.1f} {r['first_ms_p95']:>8.1f} {r['encode_rows_max']:>8} {r['peak_mb']:>9.1f}")
 
@@ -196,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="frames per 4.5 3D-resampler group (each tick: one group per stream)")
     ap.add_argument("--prefill", choices=["batched", "separate", "both"], default="batched",
                     help="frame spans of all streams in one batched prefill, each alone, or both rows")
+    ap.add_argument("--decode", choices=["batched", "separate"], default="batched",
+                    help="the turns' decode steps of all streams as one batched forward (rows with batched "
+                         "prefill), or one stream at a time")
     ap.add_argument("--layers", type=int, default=None, help="override the LM depth (smoke tests)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)

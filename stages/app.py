@@ -21,13 +21,14 @@ from framecast.runtime import Runtime, Source, Stage
 @dataclass
 class SharedModel:
     """What the streams of one run share: the loaded model (None: capture only), its one worker
-    thread, the encoder that batches their frames and the prefill that batches appending them
-    to their sessions (`framecast.engine.scheduler`)."""
+    thread, the encoder that batches their frames, the prefill that batches appending them to
+    their sessions and the decoder that batches their turns' steps (`framecast.engine.scheduler`)."""
 
     model: Any
     worker: Any = None
     encoder: Any = None
     prefill: Any = None
+    decode: Any = None
 
 
 def build_graph(cfg: RunConfig, *, model_loader=None, shared: SharedModel | None = None,
@@ -147,7 +148,8 @@ def _model_stages(cfg: RunConfig, *, recorded: bool = True, model_loader=None,
     unset = {k: v for k, v in defaults.items() if k in type(cfg.session).model_fields and getattr(cfg.session, k) is None}
     session_cfg = cfg.session.model_copy(update=unset) if unset else cfg.session
     session = StreamingSession.from_config(model, session_cfg, worker=worker, max_slice_nums=cfg.model.max_slice_nums,
-                                           prefill=shared.prefill if shared is not None else None)
+                                           prefill=shared.prefill if shared is not None else None,
+                                           decode=shared.decode if shared is not None else None)
     return [
         EncodeStage(model, worker=worker, max_slice_nums=cfg.model.max_slice_nums,
                     max_batch=cfg.session.encode_batch, pack_frames=cfg.session.pack_frames,

@@ -6,8 +6,9 @@ Each stream (a `[[streams]]` entry, or one of several `--source` flags) gets its
 `Runtime`, so its own bounded edges: a live stream drops its own oldest frame, never another's,
 and a stream that stalls, ends or fails stops nobody else. What they share is the model, loaded
 once, its one worker thread, and the `BatchEncoder` that turns the frames of all streams that
-arrive together into one vision-tower call and the `BatchPrefill` that appends them to their
-sessions in one batched prefill (`framecast.engine.scheduler`). Sessions take turns
+arrive together into one vision-tower call, the `BatchPrefill` that appends them to their
+sessions in one batched prefill and the `BatchDecode` that runs the decode steps of turns
+that overlap as one batch (`framecast.engine.scheduler`). Sessions take turns
 on the worker step by step (`StreamingSession.narrate`), so a question on one stream is answered
 between the steps of the others' narrations.
 
@@ -82,14 +83,14 @@ def load_shared_model(configs: list[RunConfig]) -> SharedModel:
     model = load_run_model(configs[0])  # model.* is shared by every stream
     if model is None:
         return SharedModel(None)
-    from framecast.engine.scheduler import BatchEncoder, BatchPrefill
+    from framecast.engine.scheduler import BatchDecode, BatchEncoder, BatchPrefill
     from framecast.engine.worker import worker_for
 
     worker = worker_for(model)
     # one call batches at most encode_batch frames (or 4.5 frame groups) of every stream
     max_batch = sum(c.session.encode_batch * (c.session.pack_frames or model.default_group_frames) for c in configs)
     return SharedModel(model, worker, BatchEncoder(model, worker=worker, max_batch=max_batch),
-                       BatchPrefill(model, worker=worker, max_rows=len(configs)))
+                       BatchPrefill(model, worker=worker, max_rows=len(configs)), BatchDecode(model))
 
 
 def _stream_config(cfg: RunConfig, n_streams: int) -> RunConfig:

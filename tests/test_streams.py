@@ -703,3 +703,82 @@ def test_batch_prefill_appends_frames_of_several_sessions_in_one_call(tiny):
     assert prefill.max_rows_seen == 4 and calls == 2  # 4 sessions in one call, then sessions[2]'s next frame
     assert isinstance(results[3], Exception) and "budget" in str(results[3]).lower()
     assert all(not isinstance(r, Exception) for r in results[:3])
+
+
+def test_batch_decode_runs_overlapping_turns_as_one_forward(tiny):
+    """Turns of four sessions (caches of different lengths, different max_tokens) narrating at
+    once through one BatchDecode: the same texts and caches as turns decoded alone, with up to
+    four rows per step; a reader that leaves early keeps the cache contract."""
+    from framecast.engine.scheduler import BatchDecode
+    from framecast.engine.session import StreamingSession, TurnDone
+    from framecast.engine.worker import worker_for
+
+    worker = worker_for(tiny)
+    feats = _encode(tiny, [random_image(56, 56, seed=s) for s in range(4)])
+
+    async def scenario(batched: bool):
+        dec = BatchDecode(tiny) if batched else None
+        sessions = [StreamingSession(tiny, worker=worker, decode=dec) for _ in range(4)]
+        for i, s in enumerate(sessions):
+            for k in range(i + 1):
+                await s.add_frame(feats[k], float(k))
+
+        async def one(i: int):
+            async for ev in sessions[i].narrate("Describe it.", max_tokens=5 + 3 * i):
+                if isinstance(ev, TurnDone):
+                    return ev.text, ev.tokens
+
+        async def leaves_early():  # reads two deltas, then breaks: the turn ends on the worker
+            got = 0
+            async for _ev in sessions[3].narrate("Describe it again.", max_tokens=20):
+                got += 1
+                if got == 2:
+                    break
+
+        texts = await asyncio.gather(*(one(i) for i in range(4)))
+        await asyncio.gather(leaves_early(), one(0))
+        after = await one(1)  # the session after an interrupted turn goes on as usual
+        return texts, after, [s.core.offset for s in sessions], [len(s.core.spans) for s in sessions], dec
+
+    alone = asyncio.run(scenario(False))
+    together = asyncio.run(scenario(True))
+    assert together[0] == alone[0] and together[1] == alone[1]
+    assert together[3] == alone[3]
+    assert together[2][:3] == alone[2][:3]  # session 3's interrupted turn may stop a token apart
+    dec = together[4]
+    assert dec.max_rows_seen == 4 and dec.rows > dec.calls
+
+
+def test_batch_decode_failure_reaches_every_turn_in_the_batch_and_rolls_back(tiny):
+    from framecast.engine.scheduler import BatchDecode
+    from framecast.engine.session import StreamingSession
+    from framecast.engine.worker import worker_for
+
+    worker = worker_for(tiny)
+    feats = _encode(tiny, [random_image(56, 56, seed=s) for s in range(2)])
+    dec = BatchDecode(tiny)
+    real_lm = dec.lm
+
+    def broken(tokens, cache=None):
+        if tokens.shape[0] > 1:
+            raise RuntimeError("device lost")
+        return real_lm(tokens, cache=cache)
+
+    async def scenario():
+        sessions = [StreamingSession(tiny, worker=worker, decode=dec) for _ in range(2)]
+        for s, f in zip(sessions, feats):
+            await s.add_frame(f, 0.0)
+        before = [s.core.offset for s in sessions]
+        dec.lm = broken
+
+        async def one(s):
+            async for _ev in s.narrate("Describe it.", max_tokens=8):
+                pass
+
+        results = await asyncio.gather(*(one(s) for s in sessions), return_exceptions=True)
+        dec.lm = real_lm
+        return results, before, [s.core.offset for s in sessions]
+
+    results, before, after = asyncio.run(scenario())
+    assert all(isinstance(r, RuntimeError) and "device lost" in str(r) for r in results), results
+    assert after == before  # each turn rolled its own cache back

@@ -103,6 +103,7 @@ class SessionCore:
         self.evicted_total = 0
         self.frames_added = 0
         self.last_turn_ids: list[int] = []
+        self.decode_batch: Any = None  # a shared `engine.scheduler.BatchDecode` (several streams)
         self._check_settings()
 
     # The budget's settings, readable and settable on the session as before.
@@ -318,7 +319,8 @@ class SessionCore:
             detok = self.tokenizer.detokenizer()
             stopped, first_token_s, t_first = "max_tokens", 0.0, time.perf_counter()
             steps = generate_step(self.model, self.cache, logits, sampler=sampler,
-                                  max_tokens=max_tokens, stop_ids=() if ignore_eos else self.stop_ids)
+                                  max_tokens=max_tokens, stop_ids=() if ignore_eos else self.stop_ids,
+                                  batch=self.decode_batch)
             for token, token_logits in steps:
                 if return_logits:
                     kept_logits.append(np.array(token_logits[0]))

@@ -16,6 +16,7 @@ is never fed); a consumer that stops early (break) leaves every token it saw in 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import mlx.core as mx
 
@@ -108,18 +109,24 @@ def prefill_rows(model, rows: list[list[int]], caches: list[list], *, images: li
 
 def generate_step(model, cache: list, logits: mx.array, *, sampler: SamplerFn | None = None,
                   max_tokens: int = DEFAULT_MAX_TOKENS, stop_ids: Iterable[int] = (),
-                  history: Iterable[int] = ()) -> Iterator[tuple[int, mx.array]]:
+                  history: Iterable[int] = (), batch: Any = None) -> Iterator[tuple[int, mx.array]]:
     """Yield `(token, logits)` pairs, starting from the prefilled prompt's `logits` [1, V].
 
     `logits` of a pair is the row [1, V] the token was drawn from (lazy until read).
     `sampler`: default greedy. `history`: token ids the sampler's repetition penalty sees
     before this turn's own (the prompt for `generate`, none for a session turn).
     `stop_ids`: a token in it is yielded last and taken back out of the cache.
+    `batch`: a shared `engine.scheduler.BatchDecode`: each next step is submitted to it before
+    the token is handed out, and runs as one row of a batched forward with the steps other
+    sessions submitted meanwhile (`_batched_steps`). Same cache contract.
     """
-    lm = language_model(model)
     sampler = sampler or make_sampler(0.0)
     stops = set(stop_ids)
     seen = mx.array(list(history), dtype=mx.int32)  # [N], grows on the device
+    if batch is not None:
+        yield from _batched_steps(cache, logits, sampler, max_tokens, stops, seen, batch)
+        return
+    lm = language_model(model)
     y = sampler(logits, seen).astype(mx.int32)  # [1], lazy
     mx.async_eval(y)
     for n in range(max_tokens):
@@ -157,6 +164,30 @@ def generate_step(model, cache: list, logits: mx.array, *, sampler: SamplerFn | 
         yield token, logits
         if queued:
             logits, y = next_logits, next_y
+
+
+def _batched_steps(cache: list, logits: mx.array, sampler: SamplerFn, max_tokens: int, stops: set[int],
+                   seen: mx.array, batch: Any) -> Iterator[tuple[int, mx.array]]:
+    """`generate_step` through a shared `BatchDecode`. The step that feeds a token is submitted
+    before the token is handed out: while this turn's reader (and the worker's other jobs) run,
+    other sessions submit theirs, and whoever needs logits first runs them all as one batch.
+    A stop token and the `max_tokens`-th token are never submitted (nothing to take back)."""
+    y = sampler(logits, seen).astype(mx.int32)  # [1], lazy
+    for n in range(max_tokens):
+        token = int(y.item())
+        last = token in stops or n + 1 >= max_tokens
+        step = None if last else batch.submit(y.reshape(1, 1), cache)
+        try:
+            yield token, logits
+        except GeneratorExit:
+            if step is not None:  # keep the contract: every token seen is cached
+                mx.eval(step.logits())
+            raise
+        if last:
+            return
+        seen = mx.concatenate([seen, y])
+        logits = step.logits()  # [1, V]: runs the batch this step is in, if it has not run yet
+        y = sampler(logits, seen).astype(mx.int32)
 
 
 def generate_tokens(model, prompt_ids: list[int], *, max_tokens: int = DEFAULT_MAX_TOKENS,

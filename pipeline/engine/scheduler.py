@@ -16,9 +16,11 @@ go onto their sessions' caches in one forward (`SessionCore.add_features_rows`: 
 and MLP see all rows together, positions and attention stay per session), so a 16-camera tick
 reads the LM's weights once instead of 16 times.
 
-Decoding is not batched across sessions: turns run one token per worker job while other work
+Decode steps batch too (`BatchDecode`): turns run one token per worker job while other work
 waits (`StreamingSession.narrate`), so the sessions' steps, frame prefills and questions
-interleave fairly on the one thread, in arrival order. Each session's math is that of a
+interleave fairly on the one thread, in arrival order; each turn submits its next step before
+handing out its token, and the first turn that needs logits runs every submitted step as one
+batched forward. Each session's math is that of a
 separate run; a batched matmul may round a row differently from a one-row one (~5e-7 in fp32
 on OpenBLAS), and the tests' greedy narrations are those of separate runs.
 """
@@ -222,6 +224,79 @@ class BatchPrefill:
                 _deliver(req, _set_exception, got)
             else:
                 _deliver(req, _set_result, got)
+
+
+class _DecodeStep:
+    """One session's next decode step inside a `BatchDecode` (see there)."""
+
+    def __init__(self, owner: BatchDecode, token: Any, cache: list):
+        self.owner, self.token, self.cache = owner, token, cache
+        self._logits: Any = None
+        self._error: BaseException | None = None
+
+    def logits(self) -> Any:
+        """[1, V] logits of the fed token (lazy); runs the pending batch first if need be.
+        Raises what the batch's forward raised (every step of that batch does)."""
+        if self._logits is None and self._error is None:
+            self.owner.run()
+        if self._error is not None:
+            raise self._error
+        return self._logits
+
+
+class BatchDecode:
+    """Decode steps of several sessions' turns as one batched forward.
+
+    Each turn submits the step that feeds its latest token (`submit(token [1, 1], cache)`)
+    before handing the token out (`engine.generate.generate_step(batch=...)`); the first turn
+    that needs its logits runs every step submitted so far as rows of ONE forward
+    (`model.lm.base.RowCaches`: projections and MLP batched, positions and attention per
+    session's cache). With 16 streams narrating at once the LM's weights are read once per
+    token step instead of 16 times. One worker thread only (the model's). Counters: `calls`,
+    `rows`, `max_rows_seen`.
+    """
+
+    def __init__(self, model: Any):
+        from framecast.engine.generate import language_model
+
+        self.lm = language_model(model)
+        self._pending: list[_DecodeStep] = []
+        self.calls = 0
+        self.rows = 0
+        self.max_rows_seen = 0
+
+    def submit(self, token: Any, cache: list) -> _DecodeStep:
+        if any(s.cache is cache for s in self._pending):
+            raise RuntimeError("BatchDecode: a session submitted a second step before its first ran")
+        step = _DecodeStep(self, token, cache)
+        self._pending.append(step)
+        return step
+
+    def run(self) -> None:
+        """Run the pending steps as one forward; each gets its row of the logits (lazy)."""
+        import mlx.core as mx
+
+        from framecast.model.lm.base import RowCaches
+
+        steps, self._pending = self._pending, []
+        if not steps:
+            return
+        try:
+            if len(steps) == 1:
+                out = self.lm(steps[0].token, cache=steps[0].cache)  # [1, 1, V]
+            else:
+                tokens = mx.concatenate([s.token for s in steps])  # [B, 1]
+                layers = [RowCaches([s.cache[i] for s in steps]) for i in range(len(steps[0].cache))]
+                out = self.lm(tokens, cache=layers)  # [B, 1, V]
+        except BaseException as e:  # noqa: BLE001  (each turn rolls its own cache back)
+            for s in steps:
+                s._error = e
+            raise
+        for b, s in enumerate(steps):
+            s._logits = out[b:b + 1, -1, :]  # [1, V]
+        self.calls += 1
+        self.rows += len(steps)
+        self.max_rows_seen = max(self.max_rows_seen, len(steps))
 
 
 def _deliver(req: Any, fn: Any, value: Any) -> None:

@@ -52,6 +52,7 @@ class StreamingSession:
     max_slice_nums: int = 1
     worker: ModelWorker | None = None
     prefill: Any = None  # a shared `engine.scheduler.BatchPrefill`: frames batched with other sessions'
+    decode: Any = None  # a shared `engine.scheduler.BatchDecode`: decode steps batched likewise
     core: SessionCore = field(init=False)
     _open_turn: Any = field(default=None, init=False, repr=False)  # closes a turn still running
     _last_turn: Any = field(default=None, init=False, repr=False)  # its result (a Future)
@@ -61,6 +62,7 @@ class StreamingSession:
             self.model, system_prompt=self.system_prompt, max_cache_tokens=self.max_cache_tokens,
             max_cache_mb=self.max_cache_mb, sink_tokens=self.sink_tokens, kv_bits=self.kv_bits,
             keep_generated=self.keep_generated, max_slice_nums=self.max_slice_nums)
+        self.core.decode_batch = self.decode
         if self.worker is None:
             self.worker = worker_for(self.model)
 
