@@ -782,3 +782,38 @@ def test_batch_decode_failure_reaches_every_turn_in_the_batch_and_rolls_back(tin
     results, before, after = asyncio.run(scenario())
     assert all(isinstance(r, RuntimeError) and "device lost" in str(r) for r in results), results
     assert after == before  # each turn rolled its own cache back
+
+
+def test_batched_prefill_and_decode_with_quantised_caches_and_eviction(tmp_path):
+    """Rows whose sessions differ in cache kind and budget (8-bit, 4-bit, evicting, plain) go
+    through the batched prefill and decode like separate sessions: same texts, offsets and
+    evictions."""
+    from framecast.engine.scheduler import BatchDecode, BatchPrefill
+    from framecast.engine.session import StreamingSession, TurnDone
+    from framecast.engine.worker import worker_for
+    from framecast.model.load import load_model
+
+    make_tiny_minicpmv(tmp_path, "2.6", llm={"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32})
+    model = load_model(str(tmp_path))
+    worker = worker_for(model)
+    feats = _encode(model, [random_image(56, 56, seed=s) for s in range(4)])
+
+    async def run(batched: bool):
+        dec = BatchDecode(model) if batched else None
+        pre = BatchPrefill(model, worker=worker) if batched else None
+        sessions = [StreamingSession(model, worker=worker, decode=dec, prefill=pre, kv_bits=bits, max_cache_tokens=cap)
+                    for bits, cap in ((8, None), (None, 160), (4, 170), (None, None))]
+        for k in range(6):
+            await asyncio.gather(*(s.add_frame(feats[k % 4], float(k)) for s in sessions))
+
+        async def one(s):
+            async for ev in s.narrate("Describe it.", max_tokens=8):
+                if isinstance(ev, TurnDone):
+                    return ev.text
+
+        texts = await asyncio.gather(*(one(s) for s in sessions))
+        return texts, [s.core.offset for s in sessions], [s.core.evicted_total for s in sessions]
+
+    alone, together = asyncio.run(run(False)), asyncio.run(run(True))
+    assert together == alone
+    assert alone[2][1] > 0 and alone[2][2] > 0  # the budgets did evict
