@@ -51,7 +51,52 @@ class _Request:
         return self.temporal_ids is not None, self.max_slice_nums
 
 
-class BatchEncoder:
+class _WorkerBatch:
+    """Requests from several streams' coroutines, run together as one job on the model's worker.
+
+    What arrives in one event-loop iteration (e.g. the streams of one `gather`) is one job; a
+    subclass picks what one call takes (`_select`) and runs it (`_run`, on the worker). What
+    does not fit waits for the next job, queued after whatever is queued meanwhile."""
+
+    def __init__(self, model: Any, worker: ModelWorker | None):
+        self.model = model
+        self.worker = worker or worker_for(model)
+        self._pending: list[Any] = []
+        self._lock = threading.Lock()
+        self._jobs_queued = 0  # worker jobs submitted that have not yet taken their requests
+
+    async def _submit(self, req: Any) -> Any:
+        with self._lock:
+            self._pending.append(req)
+            submit = self._jobs_queued == 0
+            if submit:
+                self._jobs_queued += 1
+        if submit:
+            # After the tasks that are ready now (e.g. the other streams of one `gather`) have
+            # queued theirs too: what arrives in one loop iteration is one call.
+            req.loop.call_soon(self.worker.submit_sync, self._run_pending)
+        return await req.future
+
+    def _select(self, pending: list[Any]) -> list[Any]:
+        raise NotImplementedError
+
+    def _run(self, taken: list[Any]) -> None:
+        raise NotImplementedError
+
+    def _run_pending(self) -> None:
+        with self._lock:
+            self._jobs_queued -= 1
+            taken = self._select(self._pending) if self._pending else []
+            for req in taken:
+                self._pending.remove(req)
+            if self._pending:  # the rest go in the next call, after what is queued meanwhile
+                self._jobs_queued += 1
+                self.worker.submit_sync(self._run_pending)
+        if taken:
+            self._run(taken)
+
+
+class BatchEncoder(_WorkerBatch):
     """`await encoder(pixels, max_slice_nums=1)` -> one `ImageFeatures` per frame, like
     `model.encode_images`, but batched with the other streams' waiting requests.
 
@@ -60,12 +105,8 @@ class BatchEncoder:
     """
 
     def __init__(self, model: Any, *, worker: ModelWorker | None = None, max_batch: int = DEFAULT_MAX_BATCH):
-        self.model = model
-        self.worker = worker or worker_for(model)
+        super().__init__(model, worker)
         self.max_batch = max(1, max_batch)
-        self._pending: list[_Request] = []
-        self._lock = threading.Lock()
-        self._jobs_queued = 0  # worker jobs submitted that have not yet taken their requests
         self.calls = 0
         self.frames = 0
         self.max_rows = 0
@@ -81,45 +122,21 @@ class BatchEncoder:
         req = _Request(list(pixels), max_slice_nums, loop.create_future(), loop, list(temporal_ids))
         return (await self._submit(req))[0]
 
-    async def _submit(self, req: _Request) -> list[Any]:
-        with self._lock:
-            self._pending.append(req)
-            submit = self._jobs_queued == 0
-            if submit:
-                self._jobs_queued += 1
-        if submit:
-            # After the tasks that are ready now (e.g. the other streams of one `gather`) have
-            # queued their frames too: what arrives in one loop iteration is one call.
-            req.loop.call_soon(self.worker.submit_sync, self._run_pending)
-        return await req.future
-
-    def _take(self) -> list[_Request]:
+    def _select(self, pending: list[_Request]) -> list[_Request]:
         """The waiting requests that fit one call (same kind, <= max_batch frames)."""
-        with self._lock:
-            self._jobs_queued -= 1
-            if not self._pending:
-                return []
-            first = self._pending[0]
-            taken, rows = [], 0
-            for req in list(self._pending):
-                if req.kind != first.kind:
-                    continue
-                if taken and rows + len(req.pixels) > self.max_batch:
-                    break
-                taken.append(req)
-                rows += len(req.pixels)
-            for req in taken:
-                self._pending.remove(req)
-            if self._pending:  # the rest go in the next call, after what is queued meanwhile
-                self._jobs_queued += 1
-                self.worker.submit_sync(self._run_pending)
-            return taken
+        first = pending[0]
+        taken, rows = [], 0
+        for req in pending:
+            if req.kind != first.kind:
+                continue
+            if taken and rows + len(req.pixels) > self.max_batch:
+                break
+            taken.append(req)
+            rows += len(req.pixels)
+        return taken
 
-    def _run_pending(self) -> None:
+    def _run(self, taken: list[_Request]) -> None:
         """On the worker: one `encode_images` (or `encode_frame_groups`) call for the waiting requests."""
-        taken = self._take()
-        if not taken:
-            return
         frames = [p for req in taken for p in req.pixels]
         slices = taken[0].max_slice_nums
         try:
@@ -154,7 +171,7 @@ class _Append:
     loop: asyncio.AbstractEventLoop
 
 
-class BatchPrefill:
+class BatchPrefill(_WorkerBatch):
     """`await prefill(core, features, pts)` -> tokens added, like `core.add_features` on the
     worker, but one batched prefill with the other sessions' frames waiting at the same time.
 
@@ -164,53 +181,32 @@ class BatchPrefill:
     """
 
     def __init__(self, model: Any, *, worker: ModelWorker | None = None, max_rows: int = DEFAULT_MAX_PREFILL_ROWS):
-        self.model = model
-        self.worker = worker or worker_for(model)
+        super().__init__(model, worker)
         self.max_rows = max(1, max_rows)
-        self._pending: list[_Append] = []
-        self._lock = threading.Lock()
-        self._jobs_queued = 0
         self.calls = 0
         self.frames = 0
         self.max_rows_seen = 0
 
     async def __call__(self, core: Any, features: Any, pts: float | None = None) -> int:
         loop = asyncio.get_running_loop()
-        req = _Append(core, features, pts, loop.create_future(), loop)
-        with self._lock:
-            self._pending.append(req)
-            submit = self._jobs_queued == 0
-            if submit:
-                self._jobs_queued += 1
-        if submit:  # what the streams append in one loop iteration is one call
-            loop.call_soon(self.worker.submit_sync, self._run_pending)
-        return await req.future
+        return await self._submit(_Append(core, features, pts, loop.create_future(), loop))
 
-    def _take(self) -> list[_Append]:
-        with self._lock:
-            self._jobs_queued -= 1
-            taken: list[_Append] = []
-            seen: set[int] = set()
-            for req in self._pending:
-                if len(taken) == self.max_rows:
-                    break
-                if id(req.core) not in seen:
-                    seen.add(id(req.core))
-                    taken.append(req)
-            for req in taken:
-                self._pending.remove(req)
-            if self._pending:
-                self._jobs_queued += 1
-                self.worker.submit_sync(self._run_pending)
-            return taken
+    def _select(self, pending: list[_Append]) -> list[_Append]:
+        """Each session's oldest waiting frame, up to max_rows sessions."""
+        taken: list[_Append] = []
+        seen: set[int] = set()
+        for req in pending:
+            if len(taken) == self.max_rows:
+                break
+            if id(req.core) not in seen:
+                seen.add(id(req.core))
+                taken.append(req)
+        return taken
 
-    def _run_pending(self) -> None:
+    def _run(self, taken: list[_Append]) -> None:
         """On the worker: one `SessionCore.add_features_rows` for the waiting frames."""
         from framecast.engine.core import SessionCore
 
-        taken = self._take()
-        if not taken:
-            return
         try:
             outcomes = SessionCore.add_features_rows([r.core for r in taken], [r.features for r in taken],
                                                      [r.pts for r in taken])
