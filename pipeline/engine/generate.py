@@ -173,6 +173,7 @@ def _batched_steps(cache: list, logits: mx.array, sampler: SamplerFn, max_tokens
     other sessions submit theirs, and whoever needs logits first runs them all as one batch.
     A stop token and the `max_tokens`-th token are never submitted (nothing to take back)."""
     y = sampler(logits, seen).astype(mx.int32)  # [1], lazy
+    mx.async_eval(y)
     for n in range(max_tokens):
         token = int(y.item())
         last = token in stops or n + 1 >= max_tokens
@@ -188,6 +189,7 @@ def _batched_steps(cache: list, logits: mx.array, sampler: SamplerFn, max_tokens
         seen = mx.concatenate([seen, y])
         logits = step.logits()  # [1, V]: runs the batch this step is in, if it has not run yet
         y = sampler(logits, seen).astype(mx.int32)
+        mx.async_eval(y)  # the device starts on the batch; the worker runs other jobs until y is read
 
 
 def generate_tokens(model, prompt_ids: list[int], *, max_tokens: int = DEFAULT_MAX_TOKENS,
