@@ -307,6 +307,10 @@ def test_trainer_runs_resumes_and_writes_a_loadable_model(tmp_path):
     (["--frames", "2"], "--frames 2: each stream needs at least --max-clip (4) and 3 frames"),
     (["--short-phase", "nan"], "--short-phase nan: a share of the run"),
     (["--vision-phase", "0.8", "--short-phase", "0.8"], "is more than the whole run"),
+    (["--gap-phase", "0.5", "--short-phase", "0.6"], "is more than the whole run"),
+    (["--gap-phase", "0.2"], "a --gap-phase clip needs more than 10 frames"),
+    (["--motion-weight", "-1"], "--motion-weight -1.0: must be 0 or more"),
+    (["--text-rows", "0"], "--text-rows 0: must be at least 1"),
     (["--deadline", "1"], "--deadline 1 is already past"),
 ])
 def test_trainer_refuses_bad_options_in_one_line(tmp_path, capsys, bad, says):
@@ -528,6 +532,40 @@ def test_demo_run_narrations_are_grammar_sentences(demo_run):
     out, _wall = demo_run
     bad = [t for t in _narrations(out) if D.parse_narration(t) is None]
     assert not bad, bad
+
+
+def test_gap_clips_ask_about_motion_on_their_second_frame():
+    """A gap clip: two frames 5-10 apart, questions (mostly about motion) on the second, the
+    motion probe's targets on the second frame's objects once they have moved far enough."""
+    import framecast.stages.demo_training.train as T
+
+    tok = T.build_tokenizer(0)
+    builder = T.SequenceBuilder(tok)
+    data = T.generate_streams(T.stream_jobs([1_000_003, 1_000_004], 24, "none"), 1)
+    pool = T.Pool(data[:1])
+    rng = np.random.default_rng(0)
+    clips = T.gap_clips(pool, rng, 6)
+    assert all(T.GAP_FRAMES[0] <= idx[1] - idx[0] <= T.GAP_FRAMES[1] for _, idx in clips)
+    batch = T.make_batch(clips, 2, builder, rng, dense=1.0, max_tokens=1024)
+    assert batch["views"].shape[0] == 2 * len(clips) and batch["motion_y"].shape == (2 * len(clips), T.QUERY_NUM)
+    m = np.array(batch["motion_m"]).reshape(len(clips), 2, T.QUERY_NUM)
+    assert m[:, 0].sum() == 0  # nothing has moved yet on a clip's first frame
+    rows = [tok.decode([int(i) for i in row]) for row in np.array(batch["inputs"])]
+    assert sum(("move" in t or "going" in t or "moving" in t) for t in rows) >= len(rows) // 2
+    for (d, idx), row in zip(clips, np.array(batch["slot_y"]).reshape(len(clips), 2, T.QUERY_NUM, T.SLOT_COLS)):
+        assert np.array_equal(row, d["slots_np"][idx])
+
+
+def test_trainer_gap_phase_runs(tmp_path):
+    """--gap-phase: the first steps train on gap clips (the toy model, two steps)."""
+    import framecast.stages.demo_training.train as T
+
+    out = tmp_path / "model"
+    assert T.main(["--tiny", "--out", str(out), "--streams", "2", "--frames", "12", "--max-clip", "4", "--batch", "1",
+                   "--workers", "1", "--time-budget", "1000", "--vision-phase", "0", "--gap-phase", "0.5",
+                   "--max-steps", "2", "--log-every", "1"]) == 0
+    info = json.loads((out / "training.json").read_text())
+    assert info["gap_phase"] == 0.5 and info["steps"] == 2 and "motion_probe_acc_real" in info["history"][-1]
 
 
 def test_motion_targets_start_once_the_clip_shows_the_motion():

@@ -100,6 +100,8 @@ DEFAULT_VISION_PHASE = 0.3  # share of the run training the vision side alone (d
 DEFAULT_SHORT_PHASE = 0.25  # then this share on 1-3 frame clips with dense questions (the decoder learns to read)
 VISION_BATCH = 768  # frames per step in the vision phase
 SHORT_FRAMES = 3  # longest clip of the short phase
+DEFAULT_GAP_PHASE = 0.0  # share on 2-frame clips whose frames lie GAP_FRAMES apart (motion questions)
+GAP_FRAMES = (5, 10)  # frames between the two frames of a gap clip: shifts the features show
 # After the vision phase the tower is frozen (its dense targets taught it; the decoder's gradient
 # through 4 layers x 1000 frames a step would cost most of a step): the resampler, its slot targets
 # and the decoder train. The long phase's longest clip grows from SHORT_FRAMES to --max-clip over
@@ -614,12 +616,41 @@ class Pool:
         return out
 
 
-def make_batch(clips: list[tuple[dict, int]], n_frames: int, builder: SequenceBuilder, rng: np.random.Generator,
-               *, dense: float, max_tokens: int) -> dict:
-    """Arrays of one batch of clips: pixels and vision labels [B*F, ...], tokens [B, T]."""
+def gap_clips(pool: Pool, rng: np.random.Generator, rows: int) -> list[tuple[dict, np.ndarray]]:
+    """2-frame clips whose frames lie GAP_FRAMES apart: [(stream, frame indices [2])]."""
+    out = []
+    for d, _ in pool.clips(rng, rows, 1):
+        g = int(rng.integers(GAP_FRAMES[0], GAP_FRAMES[1] + 1))
+        a = int(rng.integers(0, len(d["truths"]) - g))
+        out.append((d, np.array([a, a + g])))
+    return out
+
+
+def gap_turns(truths: list, rng: np.random.Generator) -> list[D.Turn]:
+    """1-3 questions on a gap clip's second frame, two in three about motion."""
+    turns = []
+    for _ in range(int(rng.integers(1, 4))):
+        qa = D.make_question(truths[-1], rng, kind="motion" if rng.random() < 2 / 3 else None)
+        turns.append(D.Turn(len(truths) - 1, "question", qa.question, qa.answer, qa=qa))
+    return turns
+
+
+def make_batch(clips: list[tuple[dict, int | np.ndarray]], n_frames: int, builder: SequenceBuilder,
+               rng: np.random.Generator, *, dense: float, max_tokens: int) -> dict:
+    """Arrays of one batch of clips: pixels and vision labels [B*F, ...], tokens [B, T].
+
+    A clip is (stream, first frame) for n_frames consecutive frames, or (stream, frame indices
+    [n_frames]) for a gap clip (`gap_clips`: questions on its last frame, `gap_turns`)."""
+    clips = [(d, np.arange(a, a + n_frames) if isinstance(a, (int, np.integer)) else np.asarray(a))
+             for d, a in clips]
     seqs = []
-    for d, a in clips:
-        truths = d["truths"][a:a + n_frames]
+    for d, idx in clips:
+        truths = [d["truths"][i] for i in idx]
+        if len(idx) > 1 and idx[1] - idx[0] > 1:
+            turns = gap_turns(truths, rng)
+            system = SESSION_SYSTEM_PROMPT if rng.random() < 0.6 else D._pick(rng, D.SYSTEM_PROMPTS)
+            seqs.append(builder.build(n_frames, turns, system, max_tokens=max_tokens))
+            continue
         turns = D.make_turns(truths, d["fps"], rng, dense=rng.random() < dense)
         if dense >= 1.0 and not any(t.frame == len(truths) - 1 for t in turns):
             for _ in range(int(rng.integers(1, 4))):  # short clips always end with questions
@@ -627,10 +658,13 @@ def make_batch(clips: list[tuple[dict, int]], n_frames: int, builder: SequenceBu
                 turns.append(D.Turn(len(truths) - 1, "question", qa.question, qa.answer, qa=qa))
         system = SESSION_SYSTEM_PROMPT if rng.random() < 0.6 else D._pick(rng, D.SYSTEM_PROMPTS)
         seqs.append(builder.build(n_frames, turns, system, max_tokens=max_tokens))
-    motion = [motion_targets(d["slots_np"][a:a + n_frames], d["fps"]) for d, a in clips]
-    out = {"views": mx.concatenate([d["views"][a:a + n_frames] for d, a in clips]),
-           "patch_y": mx.concatenate([d["patch"][a:a + n_frames] for d, a in clips]),
-           "slot_y": mx.concatenate([d["slots"][a:a + n_frames] for d, a in clips]),
+    # fps per clip frame: a gap clip's frames are (idx[1] - idx[0]) source frames apart
+    motion = [motion_targets(d["slots_np"][idx], d["fps"] / max(1, int(idx[-1] - idx[0]) // max(1, len(idx) - 1)))
+              for d, idx in clips]
+    take = [mx.array(idx.astype(np.int32)) for _, idx in clips]
+    out = {"views": mx.concatenate([d["views"][i] for (d, _), i in zip(clips, take)]),
+           "patch_y": mx.concatenate([d["patch"][i] for (d, _), i in zip(clips, take)]),
+           "slot_y": mx.concatenate([d["slots"][i] for (d, _), i in zip(clips, take)]),
            "motion_y": mx.array(np.concatenate([y for y, _ in motion])),
            "motion_m": mx.array(np.concatenate([m for _, m in motion]))}
     out.update(token_arrays(seqs, builder.pad, builder.unk, n_frames))
@@ -854,7 +888,9 @@ def export(out: Path, model: DemoVLM, a, state: dict, n_params: int, t_data: flo
     (out / "training.json").write_text(json.dumps({
         "seed": a.seed, "steps": state["step"], "batch": a.batch, "streams": a.streams, "frames": a.frames,
         "max_clip": a.max_clip, "max_tokens": a.max_tokens, "lr": a.lr, "vision_lr_scale": a.vision_lr_scale,
-        "codec": a.codec, "init_from": a.init_from, "vision_phase": a.vision_phase, "short_phase": a.short_phase,
+        "codec": a.codec, "init_from": a.init_from, "vision_phase": a.vision_phase, "gap_phase": a.gap_phase,
+        "short_phase": a.short_phase, "motion_weight": a.motion_weight, "text_weight": a.text_weight,
+        "text_rows": a.text_rows,
         "params": n_params, "data_s": round(t_data, 1), "train_s": round(state["train_s"], 1),
         "time_budget": a.time_budget, "device": str(mx.default_device()), "command": a.command,
         # every run this model descends from (its --init-from chain), this one last
@@ -867,7 +903,7 @@ def export(out: Path, model: DemoVLM, a, state: dict, n_params: int, t_data: flo
 
 def long_clip_frames(frac: float, a) -> int:
     """Longest clip at run fraction `frac` of the long phase: SHORT_FRAMES -> --max-clip over LONG_RAMP."""
-    start = a.vision_phase + a.short_phase
+    start = a.vision_phase + a.gap_phase + a.short_phase
     ramp = min(1.0, max(0.0, (frac - start) / max(LONG_RAMP * (1.0 - start), 1e-9)))
     return max(SHORT_FRAMES, int(round(SHORT_FRAMES + ramp * (a.max_clip - SHORT_FRAMES))))
 
@@ -913,14 +949,17 @@ def check_args(a) -> str | None:
         v = getattr(a, name)
         if not v >= 0:
             return f"--{name.replace('_', '-')} {v}: must be 0 or more"
-    for name in ("vision_phase", "short_phase"):
+    for name in ("vision_phase", "gap_phase", "short_phase"):
         v = getattr(a, name)
         if not 0.0 <= v <= 1.0:
             return f"--{name.replace('_', '-')} {v}: a share of the run, from 0 to 1"
     if a.frames < max(SHORT_FRAMES, a.max_clip):  # clips are windows of a stream's frames
         return f"--frames {a.frames}: each stream needs at least --max-clip ({a.max_clip}) and {SHORT_FRAMES} frames"
-    if a.vision_phase + a.short_phase > 1.0:
-        return f"--vision-phase {a.vision_phase} + --short-phase {a.short_phase} is more than the whole run (1)"
+    if a.vision_phase + a.gap_phase + a.short_phase > 1.0:
+        return (f"--vision-phase {a.vision_phase} + --gap-phase {a.gap_phase} + --short-phase {a.short_phase} "
+                "is more than the whole run (1)")
+    if a.gap_phase > 0 and a.frames <= GAP_FRAMES[1]:
+        return f"--frames {a.frames}: a --gap-phase clip needs more than {GAP_FRAMES[1]} frames per stream"
     if a.deadline is not None and a.deadline <= time.time():
         return f"--deadline {a.deadline:.0f} is already past (now {time.time():.0f}, unix seconds)"
     if a.init_from is not None:
@@ -960,6 +999,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="unix time by which training must end (the schedule is shortened to fit)")
     ap.add_argument("--vision-phase", type=float, default=DEFAULT_VISION_PHASE,
                     help="share of the run that trains the vision side alone, first")
+    ap.add_argument("--gap-phase", type=float, default=DEFAULT_GAP_PHASE,
+                    help=f"share of the run on 2-frame clips {GAP_FRAMES[0]}-{GAP_FRAMES[1]} frames apart with motion "
+                         "questions, after the vision phase")
     ap.add_argument("--short-phase", type=float, default=DEFAULT_SHORT_PHASE,
                     help="share of the run on 1-3 frame clips with dense questions, after the vision phase")
     ap.add_argument("--motion-weight", type=float, default=MOTION_WEIGHT,
@@ -1078,7 +1120,11 @@ def main(argv: list[str] | None = None) -> int:
                                                    mx.concatenate(slot_y))
                 parts = (mx.array(0.0), mx.array(0.0), *parts, mx.array(0.0))
             else:
-                if frac < a.vision_phase + a.short_phase:  # short clips, a question every frame or so
+                if frac < a.vision_phase + a.gap_phase:  # two frames far enough apart to show motion
+                    n = 2
+                    batch = make_batch(gap_clips(pool, rng, a.batch * 3), n, builder, rng, dense=1.0,
+                                       max_tokens=a.max_tokens)
+                elif frac < a.vision_phase + a.gap_phase + a.short_phase:  # short clips, a question every frame or so
                     n = int(rng.integers(1, SHORT_FRAMES + 1))
                     batch = make_batch(pool.clips(rng, a.batch * 3, n), n, builder, rng, dense=1.0,
                                        max_tokens=a.max_tokens)
