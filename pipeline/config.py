@@ -552,7 +552,8 @@ def _expand_paths(data: dict[str, Any], stream_id: str) -> None:
 def stream_configs(cfg: RunConfig, origin: str = "config") -> list[RunConfig]:
     """One complete `RunConfig` per stream, `streams` emptied: each `[[streams]]` entry's groups
     merged over the run's own, `source.stream_id` set to the entry's id (default `stream<N>`,
-    N from 1), `{stream_id}` in output / state paths replaced. No entries: `[cfg]` (paths
+    N its position from 1, or the next N that no entry names), `{stream_id}` in output / state
+    paths replaced. No entries: `[cfg]` (paths
     expanded too). Raises ConfigError (one line naming the entry and key) for a bad entry, a
     duplicate id, or two streams writing one file."""
     if not cfg.streams:
@@ -564,12 +565,18 @@ def stream_configs(cfg: RunConfig, origin: str = "config") -> list[RunConfig]:
     base = cfg.model_dump(exclude={"streams"})
     out: list[RunConfig] = []
     seen: dict[str, int] = {}
+    given = {e.id if e.id is not None else e.source.get("stream_id") for e in cfg.streams} - {None}
     for i, entry in enumerate(cfg.streams):
         where = f"{origin}: streams[{i}]"
         named = entry.source.get("stream_id")
         if entry.id is not None and named is not None and named != entry.id:
             raise ConfigError(f"{where}: id = {entry.id!r} but source.stream_id = {named!r} (give one)")
-        sid = entry.id if entry.id is not None else named if named is not None else f"stream{i + 1}"
+        sid = entry.id if entry.id is not None else named
+        if sid is None:  # an automatic name never takes one that an entry gives
+            n = i + 1
+            while f"stream{n}" in given or f"stream{n}" in seen:
+                n += 1
+            sid = f"stream{n}"
         if not isinstance(sid, str) or not sid or not set(sid) <= STREAM_ID_CHARS or len(sid) > 64:
             raise ConfigError(f"{where}: id = {_short(sid)}: stream ids use 1-64 of [A-Za-z0-9_.-] "
                               "(no '/', '+', '#')")

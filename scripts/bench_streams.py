@@ -193,14 +193,21 @@ def _row(r: dict) -> str:
             f"{r['first_ms_p50']:>8.1f} {r['first_ms_p95']:>8.1f} {r['encode_rows_max']:>8} {r['peak_mb']:>9.1f}")
 
 
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: must be at least 1")
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--shapes", choices=["tiny", "real"], default="tiny")
     ap.add_argument("--bits", type=int, choices=[4, 8], help="quantise the LM's linears (group 64)")
-    ap.add_argument("--streams", type=int, nargs="+", default=list(DEFAULT_STREAMS))
-    ap.add_argument("--ticks", type=int, default=20, help="frames per stream (>= 10 samples a row)")
-    ap.add_argument("--narrate-every", type=int, default=2, help="ticks between narrations")
-    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--streams", type=_positive, nargs="+", default=list(DEFAULT_STREAMS))
+    ap.add_argument("--ticks", type=_positive, default=20, help="frames per stream (>= 10 samples a row)")
+    ap.add_argument("--narrate-every", type=_positive, default=2, help="ticks between narrations")
+    ap.add_argument("--max-tokens", type=_positive, default=16)
     ap.add_argument("--group", type=int, default=1, choices=range(1, 7), metavar="1-6",
                     help="frames per 4.5 3D-resampler group (each tick: one group per stream)")
     ap.add_argument("--prefill", choices=["batched", "separate", "both"], default="batched",
@@ -208,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode", choices=["batched", "separate"], default="batched",
                     help="the turns' decode steps of all streams as one batched forward (rows with batched "
                          "prefill), or one stream at a time")
-    ap.add_argument("--layers", type=int, default=None, help="override the LM depth (smoke tests)")
+    ap.add_argument("--layers", type=_positive, default=None, help="override the LM depth (smoke tests)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if not args.json:

@@ -309,8 +309,11 @@ def test_trainer_runs_resumes_and_writes_a_loadable_model(tmp_path):
     (["--vision-phase", "0.8", "--short-phase", "0.8"], "is more than the whole run"),
     (["--gap-phase", "0.5", "--short-phase", "0.6"], "is more than the whole run"),
     (["--gap-phase", "0.2"], "a --gap-phase clip needs more than 10 frames"),
-    (["--motion-weight", "-1"], "--motion-weight -1.0: must be 0 or more"),
+    (["--motion-weight", "-1"], "--motion-weight -1.0: must be from 0 to 100"),
+    (["--motion-weight", "inf"], "--motion-weight inf: must be from 0 to 100"),
+    (["--text-weight", "1e300"], "--text-weight 1e+300: must be from 0 to 100"),
     (["--text-rows", "0"], "--text-rows 0: must be at least 1"),
+    (["--text-rows", "100000000"], "--text-rows 100000000: at most 512 a step"),
     (["--deadline", "1"], "--deadline 1 is already past"),
 ])
 def test_trainer_refuses_bad_options_in_one_line(tmp_path, capsys, bad, says):
@@ -554,6 +557,25 @@ def test_gap_clips_ask_about_motion_on_their_second_frame():
     assert sum(("move" in t or "going" in t or "moving" in t) for t in rows) >= len(rows) // 2
     for (d, idx), row in zip(clips, np.array(batch["slot_y"]).reshape(len(clips), 2, T.QUERY_NUM, T.SLOT_COLS)):
         assert np.array_equal(row, d["slots_np"][idx])
+
+
+def test_trainer_leaves_an_existing_out_directory_alone_until_it_saves(tmp_path, capsys):
+    """--out names an existing model (as `--out pipeline/demo_model` does): a run that fails
+    before its first save (here the loss overflows at an absurd learning rate) changes none of
+    its files, and says why in one line, exit status 1."""
+    import shutil
+
+    import framecast.stages.demo_training.train as T
+
+    out = tmp_path / "model"
+    shutil.copytree(DEMO_DIR, out)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    rc = T.main(["--tiny", "--out", str(out), "--streams", "2", "--frames", "4", "--max-clip", "4", "--batch", "1",
+                 "--workers", "1", "--time-budget", "1000", "--vision-phase", "0", "--max-steps", "30",
+                 "--lr", "1e30"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "the loss is" in err[0], err
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
 
 
 def test_trainer_gap_phase_runs(tmp_path):

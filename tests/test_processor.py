@@ -179,3 +179,30 @@ def test_preprocess_many_equals_one_by_one_in_order():
             assert all(np.array_equal(a, b) for a, b in zip(got.views, one.views))
     with pytest.raises(ValueError, match="RGB uint8"):
         preprocess_many(p, [images[0], np.zeros((4, 4), np.uint8)])
+
+
+def test_preprocess_refuses_frames_it_would_turn_into_garbage():
+    """Floats, booleans, out-of-range integers and empty frames: one clear ValueError; integers
+    within 0-255 are taken; normalize of other inputs keeps the arithmetic (floats, a mean of
+    another length) and a mean list changed in place is seen."""
+    import numpy as np
+    import pytest
+
+    from framecast.model.processor import MiniCPMVProcessor
+
+    p = MiniCPMVProcessor(scale_resolution=56, patch_size=14, max_slice_nums=1)
+    ok = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    for bad, says in [(ok / 255.0, "float64"), (ok > 100, "bool"), (ok.astype(np.int32) - 5, "int32"),
+                      (ok.astype(np.uint16) * 256, "uint16"), (np.zeros((0, 0, 3), np.uint8), "empty frame")]:
+        with pytest.raises(ValueError, match=says):
+            p.preprocess(bad)
+    same = p.preprocess(ok.astype(np.int64))
+    assert np.array_equal(same.views[0], p.preprocess(ok).views[0])
+    x = np.full((2, 2, 3), 0.5, np.float32)
+    assert np.allclose(p.normalize(x), (0.5 / 255.0 - 0.5) / 0.5)
+    q = MiniCPMVProcessor(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5])
+    img = np.full((1, 1, 3), 255, np.uint8)
+    assert np.allclose(q.normalize(img), 1.0)
+    q.mean[0] = 0.0
+    assert np.allclose(q.normalize(img), [[[2.0, 1.0, 1.0]]])
+    assert np.allclose(MiniCPMVProcessor(mean=(0.5,), std=(0.5,)).normalize(img), 1.0)

@@ -266,6 +266,10 @@ def test_budget_in_megabytes(tiny_models):
         core.add_features(feat, float(i))
         assert core.nbytes <= 0.2 * 2**20
     assert core.evicted_total > 0
+    from framecast.errors import UserError
+
+    with pytest.raises(UserError, match=r"session.max_cache_mb = 0.001 holds 0 tokens .* needs over 0.\d\d MB"):
+        SessionCore(model, max_cache_mb=0.001).start()  # names the MB key, no negative token count
 
 
 def _rss_bytes() -> int:

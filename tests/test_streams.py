@@ -127,6 +127,9 @@ def test_repeated_source_flags_become_streams(tmp_path):
     cfg = load_config(path, _cli("--source", "demo#x", "--source", "demo#y"), env=False)
     assert [c.source.stream_id for c in stream_configs(cfg)] == ["x", "y"]
     assert load_config(path, _cli("--source", "demo"), env=False).streams == []
+    # an automatic name never takes an id that another stream was given
+    cfg = load_config(None, _cli("--source", "demo#stream2", "--source", "demo", "--source", "demo"), env=False)
+    assert [c.source.stream_id for c in stream_configs(cfg)] == ["stream2", "stream3", "stream4"]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -52,8 +52,14 @@ class CacheBudget:
         """UserError (one line) when the budget does not even hold the prefix span."""
         budget = self.tokens(cache)
         if budget is not None and budget <= spans[0].length:
-            raise UserError(f"session.max_cache_tokens/max_cache_mb: budget of {budget} tokens "
-                            f"does not even hold the system prompt ({spans[0].length} tokens)")
+            n = spans[0].length
+            if self.max_cache_tokens is not None and self.max_cache_tokens <= n:
+                raise UserError(f"session.max_cache_tokens = {self.max_cache_tokens}: does not even hold the "
+                                f"system prompt ({n} tokens)")
+            # the MB budget binds: say what it holds of this model's cache, and what would do
+            need = (n + getattr(cache[0], "step", 0)) * (self._bytes_per_token or 0) / 2**20
+            raise UserError(f"session.max_cache_mb = {self.max_cache_mb:g} holds {max(budget, 0)} tokens of this "
+                            f"model's cache, not even the system prompt ({n} tokens; that needs over {need:.2f} MB)")
 
     def _sink_end(self, spans: list[Span]) -> int:
         """Spans before this index are never evicted (prefix + first `sink_tokens`)."""

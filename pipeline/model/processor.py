@@ -172,14 +172,17 @@ class MiniCPMVProcessor:
         Through a 256-entry table per channel holding exactly that float32 arithmetic: the same
         bits as computing it per pixel, in ~60 % of the time (a frame's CPU preprocessing is on
         the path from frame arrival to first token, issue 14)."""
-        lut = self._normalize_table()  # [3, 256]
+        if not (pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == len(self.mean) == len(self.std)):
+            x = pixels.astype(np.float32) / np.float32(255.0)  # anything else: the arithmetic itself
+            return (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        lut = self._normalize_table()  # [C, 256]
         out = np.empty(pixels.shape, np.float32)
         for c in range(pixels.shape[2]):
             np.take(lut[c], pixels[..., c], out=out[..., c])
         return out
 
     def _normalize_table(self) -> np.ndarray:
-        key = (self.mean, self.std)
+        key = (tuple(self.mean), tuple(self.std))  # by value: a list changed in place is a new table
         if getattr(self, "_lut_key", None) != key:
             x = np.arange(256, dtype=np.float32)[:, None] / np.float32(255.0)  # [256, 1]
             table = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)  # [256, 3]
@@ -192,6 +195,13 @@ class MiniCPMVProcessor:
 
         if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3):
             raise ValueError(f"expected an RGB uint8 array [H, W, 3], got {getattr(image, 'shape', type(image))}")
+        if image.shape[0] < 1 or image.shape[1] < 1:
+            raise ValueError(f"expected an RGB uint8 array [H, W, 3], got an empty frame {image.shape}")
+        if image.dtype != np.uint8:  # integers that fit are taken as they are; anything else would be garbage
+            ok = image.dtype.kind in "iu" and int(image.min()) >= 0 and int(image.max()) <= 255
+            if not ok:
+                raise ValueError(f"expected an RGB uint8 array [H, W, 3], got {image.dtype} "
+                                 f"(values {image.min()}..{image.max()}): scale to 0-255 and convert first")
         pil = Image.fromarray(np.ascontiguousarray(image.astype(np.uint8, copy=False)), "RGB")
         overview, rows, grid = self.slice_image(pil, max_slice_nums)
         views = [overview] + [cell for row in rows for cell in row]

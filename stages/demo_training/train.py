@@ -111,6 +111,8 @@ TEXT_ROWS = 8  # text-only conversations (title, summary, question from a log) p
 PATCH_WEIGHT = 1.0
 SLOT_WEIGHT = 1.0
 TEXT_WEIGHT = 0.3
+MAX_LOSS_WEIGHT = 100.0  # --motion-weight / --text-weight above this only make the loss overflow
+MAX_TEXT_ROWS = 512
 OBJECT_PATCH_WEIGHT = 4.0
 CONTENT_WEIGHT = 3.0  # reply tokens naming a colour, shape, count, place or motion  # object patches are rare next to background ones
 N_COL, N_SHP = len(COLOURS), len(SHAPES)
@@ -882,10 +884,16 @@ def load_checkpoint(path: Path, model: DemoVLM, opt) -> dict | None:
     return json.loads((path / "state.json").read_text())
 
 
-def export(out: Path, model: DemoVLM, a, state: dict, n_params: int, t_data: float) -> None:
-    """The shipped files: float16 HF weights and training.json (recipe, time, the whole log)."""
-    mx.save_safetensors(str(out / "model.safetensors"), hf_weights(model, mx.float16), metadata={"format": "pt"})
-    (out / "training.json").write_text(json.dumps({
+def export(out: Path, model: DemoVLM, a, state: dict, n_params: int, t_data: float, tok, cfg: dict) -> None:
+    """The shipped files: config, tokenizer and processor files, float16 HF weights and
+    training.json (recipe, time, the whole log). All are written to `out/.partial/` first, then
+    each replaces its old self, so a crash never leaves a config of one model beside the
+    weights of another (`--out pipeline/demo_model` overwrites the shipped model)."""
+    staging = out / ".partial"
+    staging.mkdir(parents=True, exist_ok=True)
+    write_tokenizer_files(staging, tok, cfg)
+    mx.save_safetensors(str(staging / "model.safetensors"), hf_weights(model, mx.float16), metadata={"format": "pt"})
+    (staging / "training.json").write_text(json.dumps({
         "seed": a.seed, "steps": state["step"], "batch": a.batch, "streams": a.streams, "frames": a.frames,
         "max_clip": a.max_clip, "max_tokens": a.max_tokens, "lr": a.lr, "vision_lr_scale": a.vision_lr_scale,
         "codec": a.codec, "init_from": a.init_from, "vision_phase": a.vision_phase, "gap_phase": a.gap_phase,
@@ -899,6 +907,9 @@ def export(out: Path, model: DemoVLM, a, state: dict, n_params: int, t_data: flo
                                         "data_s": round(t_data, 1), "device": str(mx.default_device())}],
         "history": state["history"],
     }, indent=1) + "\n")
+    for f in sorted(staging.iterdir()):
+        os.replace(f, out / f.name)
+    staging.rmdir()
 
 
 def long_clip_frames(frac: float, a) -> int:
@@ -947,8 +958,10 @@ def check_args(a) -> str | None:
             return f"--{name.replace('_', '-')} {v}: must be at least 1"
     for name in ("motion_weight", "text_weight"):
         v = getattr(a, name)
-        if not v >= 0:
-            return f"--{name.replace('_', '-')} {v}: must be 0 or more"
+        if not 0 <= v <= MAX_LOSS_WEIGHT:  # NaN and inf fail too
+            return f"--{name.replace('_', '-')} {v}: must be from 0 to {MAX_LOSS_WEIGHT:g}"
+    if a.text_rows > MAX_TEXT_ROWS:
+        return f"--text-rows {a.text_rows}: at most {MAX_TEXT_ROWS} a step"
     for name in ("vision_phase", "gap_phase", "short_phase"):
         v = getattr(a, name)
         if not 0.0 <= v <= 1.0:
@@ -1029,8 +1042,7 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             print(f"train: --init-from {a.init_from}: {problem}", file=sys.stderr)
             return 2
-    write_tokenizer_files(out, tok, cfg)
-    builder = SequenceBuilder(tok)
+    builder = SequenceBuilder(tok)  # the model files are written at the first export, all together
     print(f"tokenizer: {tok.get_vocab_size()} ids; frame span {len(builder.frame_ids)} tokens", flush=True)
 
     t0 = time.time()
@@ -1135,6 +1147,11 @@ def main(argv: list[str] | None = None) -> int:
                 weight_content(batch, table)
                 batch.update(text_batch(builder, rng, a.text_rows))
                 (loss, parts), grads = step_fn(model, *[batch[k] for k in BATCH_ORDER])
+            mx.eval(loss)
+            if not math.isfinite(float(loss)):  # nothing of this step reaches the weights or any file
+                print(f"train: the loss is {float(loss)} at step {step}: stopped; the last export in {out} "
+                      "and checkpoint (if any) are from before it", file=sys.stderr)
+                return 1
             grads, _ = optim.clip_grad_norm(grads, 1.0)
             opt.update(model, grads)
             mx.eval(loss, parts, model.parameters(), opt.state)
@@ -1152,7 +1169,7 @@ def main(argv: list[str] | None = None) -> int:
             if ckpt is not None and time.time() - last_ckpt > a.ckpt_every:
                 state.update(train_s=train_s0 + time.time() - t_run, rng=rng.bit_generator.state, history=history)
                 save_checkpoint(ckpt, model, opt, state)
-                export(out, model, a, state, n_params, t_data)  # a usable model at every checkpoint
+                export(out, model, a, state, n_params, t_data, tok, cfg)  # a usable model at every checkpoint
                 last_ckpt = time.time()
     except KeyboardInterrupt:
         print(f"interrupted at step {state['step']}: saving", flush=True)
@@ -1160,7 +1177,7 @@ def main(argv: list[str] | None = None) -> int:
     if ckpt is not None:
         save_checkpoint(ckpt, model, opt, state)
 
-    export(out, model, a, state, n_params, t_data)
+    export(out, model, a, state, n_params, t_data, tok, cfg)
     print(f"saved {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1e6:.1f} MB); {state['step']} steps, "
           f"trained {state['train_s']:.0f}s, this run {time.time() - t_start:.0f}s", flush=True)
     return 0
