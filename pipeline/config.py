@@ -478,7 +478,7 @@ OUTPUT_PATHS = ((("outputs", "jsonl"), "JSONL"), (("outputs", "srt"), "SRT"), ((
                 (("outputs", "chapters"), "chapters"), (("outputs", "summary"), "summary"),
                 (("outputs", "session"), "saved session"), (("outputs", "annotate"), "annotated video"),
                 (("outputs", "report"), "HTML report"), (("session", "state_file"), "session state"))
-PER_STREAM_PATHS = tuple(key for key, _ in OUTPUT_PATHS)
+PER_STREAM_PATHS = tuple(key for key, _ in OUTPUT_PATHS) + (("session", "resume"),)  # {stream_id} expands
 STREAM_ID_FIELD = "{stream_id}"
 
 
@@ -590,6 +590,14 @@ def stream_configs(cfg: RunConfig, origin: str = "config") -> list[RunConfig]:
             out.append(RunConfig.model_validate(data))
         except ValidationError as e:
             raise ConfigError(_one_line(e, where)) from None
+    resumed: dict[str, str] = {}
+    for c in out:  # one saved session continues one stream
+        path = c.session.resume
+        if path is not None and path in resumed:
+            raise ConfigError(f"{origin}: session.resume = {path!r} is given to streams {resumed[path]!r} and "
+                              f"{c.source.stream_id!r}: put {STREAM_ID_FIELD} in the path (one .fcs per stream)")
+        if path is not None:
+            resumed[path] = c.source.stream_id
     check_output_clashes(out, origin)
     return out
 

@@ -127,6 +127,13 @@ def test_repeated_source_flags_become_streams(tmp_path):
     cfg = load_config(path, _cli("--source", "demo#x", "--source", "demo#y"), env=False)
     assert [c.source.stream_id for c in stream_configs(cfg)] == ["x", "y"]
     assert load_config(path, _cli("--source", "demo"), env=False).streams == []
+    # --resume: {stream_id} expands; one .fcs for two streams is refused
+    cfg = load_config(None, {**_cli("--source", "demo#a", "--source", "demo#b"), "session.resume": "{stream_id}.fcs"},
+                      env=False)
+    assert [c.session.resume for c in stream_configs(cfg)] == ["a.fcs", "b.fcs"]
+    with pytest.raises(ConfigError, match="session.resume = 'x.fcs' is given to streams 'a' and 'b'"):
+        stream_configs(load_config(None, {**_cli("--source", "demo#a", "--source", "demo#b"),
+                                          "session.resume": "x.fcs"}, env=False))
     # an automatic name never takes an id that another stream was given
     cfg = load_config(None, _cli("--source", "demo#stream2", "--source", "demo", "--source", "demo"), env=False)
     assert [c.source.stream_id for c in stream_configs(cfg)] == ["stream2", "stream3", "stream4"]
