@@ -68,6 +68,7 @@ class DecodeStage(Stage):
         self.answers = 0
         self.turn_log: collections.deque = collections.deque(maxlen=256)  # (pts, trigger, text)
         self._state_unreadable = False
+        self._refused = False  # the session refused a frame (a setting): later frames are not tried
 
     async def start(self) -> None:
         if self.state_file is not None and self.state_file.is_file():
@@ -81,8 +82,8 @@ class DecodeStage(Stage):
                 raise FatalError(f"session.state_file: {text}", exit_code=2) from None
         try:
             await self.session.start()
-        except UserError as e:  # e.g. a budget too small for the system prompt: stop the run
-            raise FatalError(str(e)) from None
+        except UserError as e:  # e.g. a budget too small for the system prompt: a setting, exit 2
+            raise FatalError(str(e), exit_code=2) from None
 
     async def close(self) -> None:
         from framecast.stages.outputs.files import keep_existing
@@ -113,12 +114,16 @@ class DecodeStage(Stage):
         yield item
         if item.changed:
             self._scene_changed = True
-        if item.features is None:  # an earlier frame of a 3D group, or encoding failed
-            return
+        if item.features is None or self._refused:  # an earlier frame of a 3D group, encoding failed,
+            return  # or the session refused frames (the run is stopping with that one error)
         pts = item.pts if item.pts is not None else time.monotonic()
         trigger = self._trigger(pts)
         if trigger is None:
-            await self.session.add_frame(item.features, item.pts)
+            try:
+                await self.session.add_frame(item.features, item.pts)
+            except UserError as e:  # a budget that cannot hold even one frame refuses every frame alike
+                self._refused = True
+                raise FatalError(str(e), exit_code=2) from None
         self.frames_added += 1
         self._frames_since_narration += 1
         self._last_frame_pts = item.pts

@@ -248,3 +248,21 @@ def test_output_paths_literal_nonexistent_and_a_directory(capsys, tmp_path):
     assert not __import__("os").path.exists("/nonexistent")
     code, err = cli(capsys, "--source", "demo", "--max-frames", "2", "--srt", str(tmp_path))
     assert code == 2 and one_line(err) == f"framecast: {tmp_path}: cannot write SRT output: is a directory"
+
+
+@pytest.mark.parametrize("setting, says", [
+    ("session.max_cache_mb=0.001", "session.max_cache_mb = 0.001 holds 0 tokens of this model's cache, not even the "
+                                   "system prompt"),
+    ("session.max_cache_mb=1.7", "session.max_cache_mb = 1.7: a budget of 34 tokens cannot hold the sinks"),
+])
+def test_a_cache_budget_too_small_for_a_frame_is_one_line_and_exit_2(capsys, tmp_path, setting, says):
+    """A budget that cannot hold the prompt, or the prompt and one frame, is a setting: the run
+    stops at once with one line naming the key that binds (not 20 errors and exit 0), and the
+    JSONL written so far ends with its end marker."""
+    out = tmp_path / "x.jsonl"
+    code = main(["run", "--source", "demo", "--max-frames", "20", "--set", setting, "--jsonl", str(out),
+                 "--no-console"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and says in err[0], err
+    if out.exists():
+        assert json.loads(out.read_text().splitlines()[-1])["text"] == "fatal"

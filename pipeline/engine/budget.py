@@ -90,7 +90,9 @@ class CacheBudget:
             end += spans[last].length
             last += 1
         if offset - (end - start) + n_new > budget:
-            raise UserError(f"session.max_cache_tokens: budget of {budget} tokens cannot hold the sinks "
+            key = (f"session.max_cache_tokens = {self.max_cache_tokens}" if budget == self.max_cache_tokens
+                   else f"session.max_cache_mb = {self.max_cache_mb:g}")
+            raise UserError(f"{key}: a budget of {budget} tokens cannot hold the sinks "
                             f"({start} tokens) plus {n_new} new tokens")
         # Re-rotating the cached keys (instead of caching keys before RoPE and rotating all of
         # them at every step) keeps the layers' contract unchanged (RoPE before
