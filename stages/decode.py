@@ -121,9 +121,8 @@ class DecodeStage(Stage):
         if trigger is None:
             try:
                 await self.session.add_frame(item.features, item.pts)
-            except UserError as e:  # a budget that cannot hold even one frame refuses every frame alike
-                self._refused = True
-                raise FatalError(str(e), exit_code=2) from None
+            except UserError as e:
+                self._refuse(e)
         self.frames_added += 1
         self._frames_since_narration += 1
         self._last_frame_pts = item.pts
@@ -132,11 +131,22 @@ class DecodeStage(Stage):
             self._span_start_pts = pts
         if trigger is not None:
             # A narration is due on this frame: one prefill for the frame and the prompt.
-            async for event in self._narrate(item.wall_time, pts, trigger,
-                                             frame=(item.features, item.pts)):
-                yield event
+            try:
+                async for event in self._narrate(item.wall_time, pts, trigger,
+                                                 frame=(item.features, item.pts)):
+                    yield event
+            except UserError as e:
+                self._refuse(e)
         self.metrics.extra.update({"frames_added": self.frames_added, "narrations": self.narrations,
                                    "answers": self.answers, "cache_tokens": self.session.cache_tokens})
+
+    def _refuse(self, e: UserError) -> None:
+        """The session refused a frame (a budget that cannot hold it and the turn): a setting, so
+        every later frame would be refused alike. Stop the stream with that one line, exit 2."""
+        if isinstance(e, FatalError):
+            raise e
+        self._refused = True
+        raise FatalError(str(e), exit_code=2) from None
 
     def _trigger(self, pts: float) -> str | None:
         policy = self.cfg.policy
