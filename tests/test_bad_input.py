@@ -269,3 +269,12 @@ def test_a_cache_budget_too_small_for_a_frame_is_one_line_and_exit_2(capsys, tmp
     assert code == 2 and len(err) == 1 and says in err[0], err
     if out.exists():
         assert json.loads(out.read_text().splitlines()[-1])["text"] == "fatal"
+
+
+def test_a_stream_fragment_with_stream_id_says_why_the_file_is_missing(capsys, tmp_path):
+    """`clip.mp4#x --stream-id y`: the URI is taken whole (documented), so the one line says the
+    file without the fragment exists and why it was not used."""
+    clip = write_video(tmp_path / "clip.mp4", n=3)
+    code = main(["run", "--source", f"{clip}#x", "--stream-id", "y", "--capture-only", "--no-console"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no such file" in err[0] and "names a stream only when no --stream-id" in err[0]

@@ -53,6 +53,10 @@ def source_kind(uri: str) -> str:
 def _file_path(uri: str) -> str:
     path = local_path(uri)
     if not os.path.exists(path):
+        head, sep, tail = path.rpartition("#")
+        if sep and os.path.isfile(head):  # `URI#id` with --stream-id: the URI was taken whole
+            raise UserError(f"{path}: no such file ({head} exists: '#{tail}' names a stream only when no "
+                            "--stream-id is given)")
         raise UserError(f"{path}: no such file")
     if os.path.isdir(path):
         raise UserError(f"{path}: is a directory, not a video file")
