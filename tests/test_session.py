@@ -499,3 +499,45 @@ def test_settings_the_model_cannot_honour_fail_as_one_line(tiny_models):
         SessionCore(model, kv_bits=8)
     with pytest.raises(UserError, match="session.max_cache_tokens = 10"):
         SessionCore(model, max_cache_tokens=10)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_turn_that_fails_mid_way_leaves_the_cache_as_before(tiny_models, batched):
+    """The turn's own code fails after a few tokens (here the detokenizer): the cache goes back
+    to before the turn, and stays there after the token loop is collected (closing the loop
+    feeds its last token, which must not land after the rollback), one-session loop and
+    BatchDecode alike; the session then goes on."""
+    import gc
+
+    from framecast.engine.scheduler import BatchDecode
+
+    model = tiny_models("2.6")
+    core = SessionCore(model)
+    if batched:
+        core.decode_batch = BatchDecode(model)
+    (feat,) = _features(model, 1, seed=61)
+    core.add_features(feat, 0.0)
+    before, spans = core.offset, len(core.spans)
+    real = core.tokenizer.detokenizer
+
+    class Breaks:
+        def __init__(self):
+            self.inner, self.n = real(), 0
+
+        def add(self, token):
+            self.n += 1
+            if self.n == 3:
+                raise RuntimeError("detokenizer broke")
+            return self.inner.add(token)
+
+    core.tokenizer.detokenizer = Breaks
+    try:
+        with pytest.raises(RuntimeError, match="detokenizer broke"):
+            core.generate(PROMPT, max_tokens=8, ignore_eos=True)
+    finally:
+        core.tokenizer.detokenizer = real
+    gc.collect()
+    assert core.offset == before and len(core.spans) == spans
+    assert all(layer.offset == before for layer in core.cache)
+    done = core.generate(PROMPT, max_tokens=4, ignore_eos=True)
+    assert done.tokens == 4 and core.positions_contiguous()

@@ -306,6 +306,7 @@ class SessionCore:
         frame_ids = self._frame_ids(frame) if frame is not None else []
         evicted = self._make_room(len(frame_ids) + len(ids) + max_tokens + len(close_ids))
         turn_start = self.offset + len(frame_ids)
+        steps = None
         try:
             if frame is not None:
                 logits = prefill(self.model, frame_ids + ids, self.cache, images=[frame], logits=True)  # [1, V]
@@ -346,7 +347,13 @@ class SessionCore:
             text = detok.text
         except Exception:
             # A failed turn leaves no trace: the cache goes back to before its prompt, so the
-            # spans still describe it exactly.
+            # spans still describe it exactly. The token loop is closed first: closing feeds the
+            # last token it handed out (its cache contract), which must not land after the trim.
+            if steps is not None:
+                try:
+                    steps.close()
+                except Exception:  # noqa: BLE001  (the first error is the one to report)
+                    pass
             self._rollback(turn_start)
             raise
         if self.keep_generated:
