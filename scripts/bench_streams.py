@@ -184,13 +184,14 @@ def _add_row(rows: list[dict], row: dict, quiet: bool) -> None:
 
 
 HEADER = (f"{'streams':>7} {'prefill':>8} {'decode':>8} {'frames/s':>9} {'x':>6} {'p5 fr/s':>8} {'tok/s':>8} {'x':>6} "
-          f"{'1st p50':>8} {'1st p95':>8} {'enc rows':>8} {'peak MB':>9}")
+          f"{'1st p50':>8} {'1st p95':>8} {'enc rows':>8} {'dec rows':>8} {'peak MB':>9}")
 
 
 def _row(r: dict) -> str:
     return (f"{r['streams']:>7} {r['prefill']:>8} {r['decode']:>8} {r['frames_per_s']:>9.1f} {r['x_frames_per_s']:>6.2f} "
             f"{r['frames_per_s_p95_low']:>8.1f} {r['tok_per_s']:>8.1f} {r['x_tok_per_s']:>6.2f} "
-            f"{r['first_ms_p50']:>8.1f} {r['first_ms_p95']:>8.1f} {r['encode_rows_max']:>8} {r['peak_mb']:>9.1f}")
+            f"{r['first_ms_p50']:>8.1f} {r['first_ms_p95']:>8.1f} {r['encode_rows_max']:>8} {r['decode_rows_mean']:>8.2f} "
+            f"{r['peak_mb']:>9.1f}")
 
 
 def _positive(text: str) -> int:
