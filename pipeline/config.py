@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from framecast.errors import UserError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, SettingsConfigDict, SettingsError
 
 # Presets ship as package data (`configs/` installs as `framecast.configs`), so a wheel has them too.
@@ -97,22 +97,26 @@ class ConfigError(UserError):
 
 
 class Group(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf (and nan) are never a setting: they only overflow later, far from the key that caused it
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+MAX_SECONDS = 10_000_000.0  # ~115 days: times in a file, a demo's length
+MAX_TOKENS_BUDGET = 10_000_000  # cache tokens (a 7B model at 10M tokens is ~560 GB of fp16 cache)
 
 
 class SourceConfig(Group):
     uri: str = "demo"  # demo | path | rtsp://… | http(s)://… | camera:N | /dev/videoN
     stream_id: str = "default"
     fps: float | None = Field(default=None, gt=0, le=240)  # sample rate; None = source rate
-    start: float = Field(default=0.0, ge=0)  # seconds into a recorded file
-    end: float | None = Field(default=None, gt=0)
+    start: float = Field(default=0.0, ge=0, le=MAX_SECONDS)  # seconds into a recorded file
+    end: float | None = Field(default=None, gt=0, le=MAX_SECONDS)
     max_frames: int | None = Field(default=None, ge=1)
     realtime: bool | None = None  # pace a recorded file / demo at its own rate; None = auto
     # synthetic demo source
     width: int = Field(default=448, ge=16, le=4096)
     height: int = Field(default=448, ge=16, le=4096)
     seed: int = Field(default=0, ge=0, lt=2**63)
-    duration: float | None = Field(default=None, gt=0)  # demo: seconds of video (None = endless)
+    duration: float | None = Field(default=None, gt=0, le=MAX_SECONDS)  # demo: seconds of video (None = endless)
     # live sources
     watchdog_s: float = Field(default=5.0, gt=0)  # no frame for this long => reconnect
     open_timeout_s: float = Field(default=10.0, gt=0)
@@ -164,9 +168,9 @@ class ModelConfig(Group):
 
 
 class SessionConfig(Group):
-    max_cache_tokens: int | None = Field(default=None, ge=256)  # None = unbounded
-    max_cache_mb: float | None = Field(default=None, gt=0)
-    sink_tokens: int | None = Field(default=None, ge=0)  # None = keep the system prompt
+    max_cache_tokens: int | None = Field(default=None, ge=256, le=MAX_TOKENS_BUDGET)  # None = unbounded
+    max_cache_mb: float | None = Field(default=None, gt=0, le=2**30)
+    sink_tokens: int | None = Field(default=None, ge=0, le=MAX_TOKENS_BUDGET)  # None = keep the system prompt
     kv_bits: Literal[4, 8] | None = None
     keep_generated: bool = True  # keep narrations in the cache as context
     system_prompt: str | None = None
@@ -180,9 +184,10 @@ class SessionConfig(Group):
 class NarrationConfig(Group):
     policy: Literal["interval", "change", "on_demand"] = "interval"
     interval_s: float = Field(default=2.0, gt=0)  # media seconds between narrations
-    prompt: str = "Describe what happens now in one short sentence."
+    prompt: str = Field(default="Describe what happens now in one short sentence.", min_length=1,
+                        pattern=r"\S")  # a blank prompt is a mistake, not a request
     max_tokens: int = Field(default=32, ge=1, le=4096)
-    temperature: float = Field(default=0.0, ge=0)
+    temperature: float = Field(default=0.0, ge=0, le=10)
     top_k: int | None = Field(default=None, ge=1)
     top_p: float | None = Field(default=None, gt=0, le=1)
     repetition_penalty: float | None = Field(default=None, gt=0)
@@ -303,6 +308,20 @@ class RunConfig(Group):
     mqtt: MqttConfig = MqttConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     streams: list[StreamConfig] = []  # several sources in one run (one model); empty = `source` alone
+
+    @model_validator(mode="after")
+    def _budget_can_work(self) -> RunConfig:
+        """A token budget that the sinks or one turn fill by themselves cannot work: refused
+        here (`config check` too), not at the first narration."""
+        cap, s, n = self.session.max_cache_tokens, self.session, self.narration
+        if cap is None:
+            return self
+        if s.sink_tokens is not None and s.sink_tokens >= cap:
+            raise ValueError(f"session.sink_tokens = {s.sink_tokens} leaves nothing of session.max_cache_tokens = "
+                             f"{cap} for frames")
+        if n.max_tokens >= cap:
+            raise ValueError(f"narration.max_tokens = {n.max_tokens} does not fit in session.max_cache_tokens = {cap}")
+        return self
 
 
 # ---------------------------------------------------------------- loading

@@ -131,12 +131,9 @@ class DecodeStage(Stage):
             self._span_start_pts = pts
         if trigger is not None:
             # A narration is due on this frame: one prefill for the frame and the prompt.
-            try:
-                async for event in self._narrate(item.wall_time, pts, trigger,
-                                                 frame=(item.features, item.pts)):
-                    yield event
-            except UserError as e:
-                self._refuse(e)
+            async for event in self._narrate(item.wall_time, pts, trigger,
+                                             frame=(item.features, item.pts)):
+                yield event
         self.metrics.extra.update({"frames_added": self.frames_added, "narrations": self.narrations,
                                    "answers": self.answers, "cache_tokens": self.session.cache_tokens})
 
@@ -185,16 +182,19 @@ class DecodeStage(Stage):
         first_token_wall: float | None = None
         done: TurnDone | None = None
         extra = {} if frame is None else {"frame": frame[0], "pts": frame[1]}
-        async for ev in self.session.narrate(self.cfg.prompt, max_tokens=self.cfg.max_tokens,
-                                             sampler=self.sampler, **extra):
-            if isinstance(ev, TextDelta):
-                if first_token_wall is None:
-                    first_token_wall = time.time()
-                if self.cfg.partials:
-                    yield NarrationDelta(text=ev.text, narration_id=nid, stream_id=self.stream_id,
-                                         seq=self._next_seq(), pts=pts)
-            else:
-                done = ev
+        try:
+            async for ev in self.session.narrate(self.cfg.prompt, max_tokens=self.cfg.max_tokens,
+                                                 sampler=self.sampler, **extra):
+                if isinstance(ev, TextDelta):
+                    if first_token_wall is None:
+                        first_token_wall = time.time()
+                    if self.cfg.partials:
+                        yield NarrationDelta(text=ev.text, narration_id=nid, stream_id=self.stream_id,
+                                             seq=self._next_seq(), pts=pts)
+                else:
+                    done = ev
+        except UserError as e:  # the budget refused the turn: every later one would be refused too
+            self._refuse(e)
         assert done is not None
         self.turn_log.append((pts, trigger, done.text))
         if not done.text.strip():

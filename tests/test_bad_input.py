@@ -278,3 +278,36 @@ def test_a_stream_fragment_with_stream_id_says_why_the_file_is_missing(capsys, t
     code = main(["run", "--source", f"{clip}#x", "--stream-id", "y", "--capture-only", "--no-console"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "no such file" in err[0] and "names a stream only when no --stream-id" in err[0]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--set", "session.max_cache_mb=inf"], "session.max_cache_mb = 'inf': Input should be a finite number"),
+    (["--set", "session.max_cache_tokens=99999999999999999999999"], "session.max_cache_tokens = "),
+    (["--start", "1e300"], "source.start = 1e+300: Input should be less than or equal to 10000000"),
+    (["--set", "source.duration=inf"], "source.duration = 'inf': Input should be a finite number"),
+    (["--set", "narration.interval_s=inf"], "narration.interval_s = 'inf': Input should be a finite number"),
+    (["--set", "narration.temperature=1e308"], "narration.temperature = '1e308': Input should be less than or equal to 10"),
+    (["--set", "narration.prompt="], "narration.prompt = '': String should have at least 1 character"),
+    (["--max-cache-tokens", "256", "--set", "session.sink_tokens=1000"],
+     "session.sink_tokens = 1000 leaves nothing of session.max_cache_tokens = 256 for frames"),
+    (["--max-cache-tokens", "256", "--set", "narration.max_tokens=300"],
+     "narration.max_tokens = 300 does not fit in session.max_cache_tokens = 256"),
+])
+def test_settings_that_could_only_overflow_later_are_refused_up_front(capsys, args, says):
+    """Infinite, absurdly large and self-defeating settings: one line naming the key, exit 2,
+    before anything runs (they used to end in an OverflowError traceback or a mid-run error)."""
+    code = main(["run", "--source", "demo", "--max-frames", "3", "--no-console", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and says in err[0], err
+
+
+def test_a_closing_narration_the_budget_refuses_stops_with_exit_2(capsys, tmp_path):
+    """The end-of-file narration (frame path and interval narrations never ran) refused by the
+    budget: one line, exit 2, the JSONL ends `fatal` (it used to be an error event and exit 0)."""
+    clip = write_video(tmp_path / "clip.mp4", n=30)
+    out = tmp_path / "v.jsonl"
+    code = main(["run", "--source", str(clip), "--fps", "2", "--max-cache-tokens", "256", "--set",
+                 "narration.max_tokens=240", "--set", "narration.interval_s=100", "--jsonl", str(out), "--no-console"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "cannot hold the sinks" in err[0] and "UserError" not in err[0], err
+    assert json.loads(out.read_text().splitlines()[-1])["text"] == "fatal"
