@@ -145,10 +145,11 @@ class SessionResume(Stage):
 
     async def start(self) -> None:
         with tempfile.TemporaryDirectory(prefix="framecast-resume-") as tmp:
+            inner = self.archive.extract_session(tmp)
             try:
-                await self.session.load(self.archive.extract_session(tmp))
-            except UserError as e:  # e.g. saved for another model: one line, exit 2
-                raise FatalError(str(e), exit_code=2) from None
+                await self.session.load(inner)
+            except UserError as e:  # e.g. saved for another model: one line naming the .fcs, exit 2
+                raise FatalError(str(e).replace(str(inner), str(self.archive.path)), exit_code=2) from None
 
 
 class SessionArchiveStage(Stage):

@@ -541,3 +541,15 @@ def test_a_turn_that_fails_mid_way_leaves_the_cache_as_before(tiny_models, batch
     assert all(layer.offset == before for layer in core.cache)
     done = core.generate(PROMPT, max_tokens=4, ignore_eos=True)
     assert done.tokens == 4 and core.positions_contiguous()
+
+
+def test_a_saved_cache_that_does_not_fit_says_what_differs():
+    from framecast.engine.persist import fingerprint_difference
+
+    ours = {"layers": 6, "n_kv": 2, "head_dim": 64, "kv_bits": 4, "weights": "abc"}
+    assert fingerprint_difference({**ours, "kv_bits": 0}, ours) == (
+        "saved with no KV quantisation, this run uses kv_bits 4 (session.kv_bits)")
+    assert fingerprint_difference({**ours, "kv_bits": 8}, {**ours, "kv_bits": 0}) == (
+        "saved with kv_bits 8, this run uses no KV quantisation (session.kv_bits)")
+    assert fingerprint_difference({**ours, "layers": 28}, ours) == "saved for a different model (layers 28, this model's 6)"
+    assert "weights 'zzz'" in fingerprint_difference({**ours, "weights": "zzz", "kv_bits": 0}, ours)

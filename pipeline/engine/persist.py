@@ -33,6 +33,19 @@ def fingerprint(lm, kv_bits: int | None) -> dict[str, Any]:
             "kv_bits": kv_bits or 0, "weights": hashlib.sha256(rows.tobytes()).hexdigest()[:16]}
 
 
+def fingerprint_difference(saved: dict[str, Any], ours: dict[str, Any]) -> str:
+    """What keeps a saved cache from this session, in words (the first difference)."""
+    def bits(v: Any) -> str:
+        return f"kv_bits {v}" if v else "no KV quantisation"
+
+    if saved.get("kv_bits") != ours.get("kv_bits") and all(saved.get(k) == ours.get(k) for k in ours if k != "kv_bits"):
+        return f"saved with {bits(saved.get('kv_bits'))}, this run uses {bits(ours.get('kv_bits'))} (session.kv_bits)"
+    for key in ("layers", "n_kv", "head_dim", "weights"):
+        if saved.get(key) != ours.get(key):
+            return (f"saved for a different model ({key} {saved.get(key)!r}, this model's {ours.get(key)!r})")
+    return f"saved for a different model or kv_bits ({saved})"
+
+
 def save_session(path: str | Path, cache: list, spans: list[Span], *, fingerprint: dict[str, Any],
                  system_prompt: str, evicted_total: int, frames_added: int) -> Path:
     path = Path(path)
@@ -67,7 +80,7 @@ def load_session(path: str | Path, new_cache: list, *, fingerprint: dict[str, An
     if meta.get("format") != SAVE_FORMAT:
         raise UserError(f"{path}: unsupported session format {meta.get('format')!r}")
     if meta["fingerprint"] != fingerprint:
-        raise UserError(f"{path}: saved for a different model or kv_bits ({meta['fingerprint']})")
+        raise UserError(f"{path}: {fingerprint_difference(meta['fingerprint'], fingerprint)}")
     for i, c in enumerate(new_cache):
         n = sum(1 for k in arrays if k.startswith(f"cache.{i}."))
         c.state = tuple(arrays[f"cache.{i}.{j}"] for j in range(n))
