@@ -163,6 +163,8 @@ class DecodeStage(Stage):
         if (not self.narrate_at_end or self._input_end is None or self.cfg.policy == "on_demand"
                 or not self._frames_since_narration or self._last_frame_pts is None):
             return
+        if getattr(self.handle, "stopped_by", "eos") in ("signal", "stop"):  # a stop after the eof status
+            return
         end = max(self._input_end, self._last_frame_pts)
         async for event in self._narrate(self._last_frame_wall, self._last_frame_pts, "end", pts_end=end):
             yield event

@@ -275,3 +275,28 @@ def test_closing_narration_covers_the_last_span_at_end_of_input(models, version)
     assert all(n.trigger != "end" for n in nars)
     decode, _ = _run_detector_like(models[version], [True] * 8, cfg, end=8.0, narrate_at_end=False)
     assert all(t != "end" for _, t, _ in decode.turn_log)
+
+
+def test_no_closing_narration_when_a_signal_comes_after_the_end_of_input(models):
+    """The input ended (eof status), then a signal stopped the run before the closing turn: the
+    README's rule holds (a run stopped by a signal gets no closing narration)."""
+    from framecast.events import Status
+
+    class SignalAfterEof(Stage):
+        runtime = None
+
+        async def process(self, item):
+            if isinstance(item, Status) and item.state == "eof":
+                self.runtime.request_stop("signal")
+            yield item
+
+    cfg = NarrationConfig(policy="interval", interval_s=3.0, max_tokens=3)
+    session = StreamingSession(models["2.6"])
+    decode = DecodeStage(session, cfg)
+    stop = SignalAfterEof()
+    stages = [EncodeStage(models["2.6"], worker=session.worker), stop, decode, Collect()]
+    runtime = Runtime(DetectorLikeSource([True] * 8, end=8.0), stages)
+    stop.runtime = runtime
+    result = asyncio.run(runtime.run(handle_signals=False))
+    assert result.stopped_by == "signal"
+    assert [t for _, t, _ in decode.turn_log] and all(t != "end" for _, t, _ in decode.turn_log)
