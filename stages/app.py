@@ -88,6 +88,11 @@ def _resume_config(cfg: RunConfig):
         if cfg.source.end is not None and cfg.source.end <= end:
             raise UserError(f"source.end = {cfg.source.end:g}: the saved session already reaches {end:g} s")
         cfg = cfg.model_copy(update={"source": cfg.source.model_copy(update={"start": float(end)})})
+    elif source_kind(cfg.source.uri) == "file" and cfg.source.start and end and not warning \
+            and cfg.source.start < end - 1e-3:  # the saved video itself, from before where it ended
+        raise UserError(f"source.start = {cfg.source.start:g}: the saved session {archive.path} already reaches "
+                        f"{end:g} s of this video; going on from earlier would narrate that span twice and give "
+                        f"chapters that run backwards (leave --start out, or give at least {end:g})")
     return archive, cfg
 
 

@@ -606,6 +606,11 @@ def test_resume_continues_where_the_saved_run_ended(videos, tmp_path, capsys):
     assert main(["run", "--source", str(videos[0]), "--fps", "1", "--no-console", "--resume", b_fcs]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "b.fcs: the saved session already reaches the end of" in line and "nothing to continue" in line
+    # going on from before where a.fcs ended would narrate 0:05-0:15 twice: refused in one line
+    assert main(["run", "--source", str(videos[0]), "--fps", "1", "--start", "5", "--no-console",
+                 "--resume", a_fcs]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("framecast: source.start = 5: the saved session") and "already reaches 15 s" in line
 
 
 # ---------------------------------------------------------------- progress
