@@ -200,9 +200,13 @@ class SessionCore:
         ids = self._frame_ids(features)
         self._make_room(len(ids))
         prefill(self.model, ids, self.cache, images=[features])
-        self.spans.append(Span("frame", len(ids), pts))
-        self.frames_added += 1
+        self._frame_added(len(ids), pts)
         return len(ids)
+
+    def _frame_added(self, n_tokens: int, pts: float | None) -> None:
+        """Bookkeeping of a frame span now in the cache (every path that prefills one)."""
+        self.spans.append(Span("frame", n_tokens, pts))
+        self.frames_added += 1
 
     @staticmethod
     def add_features_rows(cores: list[SessionCore], features: list[Any],
@@ -239,8 +243,7 @@ class SessionCore:
                     out[i] = e
                 continue
             for i, ids in group:
-                cores[i].spans.append(Span("frame", len(ids), pts[i]))
-                cores[i].frames_added += 1
+                cores[i]._frame_added(len(ids), pts[i])
                 out[i] = len(ids)
         return out
 
@@ -310,8 +313,7 @@ class SessionCore:
         try:
             if frame is not None:
                 logits = prefill(self.model, frame_ids + ids, self.cache, images=[frame], logits=True)  # [1, V]
-                self.spans.append(Span("frame", len(frame_ids), pts))
-                self.frames_added += 1
+                self._frame_added(len(frame_ids), pts)
             else:
                 logits = prefill(self.model, ids, self.cache, logits=True)  # [1, V]
             prefill_s = time.perf_counter() - t0

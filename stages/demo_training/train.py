@@ -645,24 +645,21 @@ def make_batch(clips: list[tuple[dict, int | np.ndarray]], n_frames: int, builde
     [n_frames]) for a gap clip (`gap_clips`: questions on its last frame, `gap_turns`)."""
     clips = [(d, np.arange(a, a + n_frames) if isinstance(a, (int, np.integer)) else np.asarray(a))
              for d, a in clips]
-    seqs = []
+    seqs, motion = [], []
     for d, idx in clips:
         truths = [d["truths"][i] for i in idx]
-        if len(idx) > 1 and idx[1] - idx[0] > 1:
+        stride = int(idx[1] - idx[0]) if len(idx) > 1 else 1  # source frames between clip frames
+        if stride > 1:
             turns = gap_turns(truths, rng)
-            system = SESSION_SYSTEM_PROMPT if rng.random() < 0.6 else D._pick(rng, D.SYSTEM_PROMPTS)
-            seqs.append(builder.build(n_frames, turns, system, max_tokens=max_tokens))
-            continue
-        turns = D.make_turns(truths, d["fps"], rng, dense=rng.random() < dense)
-        if dense >= 1.0 and not any(t.frame == len(truths) - 1 for t in turns):
-            for _ in range(int(rng.integers(1, 4))):  # short clips always end with questions
-                qa = D.make_question(truths[-1], rng)
-                turns.append(D.Turn(len(truths) - 1, "question", qa.question, qa.answer, qa=qa))
+        else:
+            turns = D.make_turns(truths, d["fps"], rng, dense=rng.random() < dense)
+            if dense >= 1.0 and not any(t.frame == len(truths) - 1 for t in turns):
+                for _ in range(int(rng.integers(1, 4))):  # short clips always end with questions
+                    qa = D.make_question(truths[-1], rng)
+                    turns.append(D.Turn(len(truths) - 1, "question", qa.question, qa.answer, qa=qa))
         system = SESSION_SYSTEM_PROMPT if rng.random() < 0.6 else D._pick(rng, D.SYSTEM_PROMPTS)
         seqs.append(builder.build(n_frames, turns, system, max_tokens=max_tokens))
-    # fps per clip frame: a gap clip's frames are (idx[1] - idx[0]) source frames apart
-    motion = [motion_targets(d["slots_np"][idx], d["fps"] / max(1, int(idx[-1] - idx[0]) // max(1, len(idx) - 1)))
-              for d, idx in clips]
+        motion.append(motion_targets(d["slots_np"][idx], d["fps"] / stride))  # fps per clip frame
     take = [mx.array(idx.astype(np.int32)) for _, idx in clips]
     out = {"views": mx.concatenate([d["views"][i] for (d, _), i in zip(clips, take)]),
            "patch_y": mx.concatenate([d["patch"][i] for (d, _), i in zip(clips, take)]),
