@@ -503,11 +503,7 @@ def lm_forward(model: DemoVLM, h: mx.array) -> tuple[mx.array, mx.array]:
         h = layer(h, mask, None)
         if i + 1 == MOTION_LAYER:
             mid = h
-    h = lm.model.norm(h)
-    if lm.args.logit_scale != 1.0:
-        h = h * (1.0 / lm.args.logit_scale)
-    logits = lm.model.embed_tokens.as_linear(h) if lm.args.tie_word_embeddings else lm.lm_head(h)
-    return logits, mid
+    return lm.head(lm.model.norm(h)), mid
 
 
 def motion_logits(model: DemoVLM, mid: mx.array) -> mx.array:

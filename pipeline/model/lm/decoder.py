@@ -213,6 +213,10 @@ class Model(nn.Module):
         h = self.model(h, cache)  # [B, T, D]
         if last_only:
             h = h[:, -1:, :]  # [B, 1, D]
+        return self.head(h)
+
+    def head(self, h: mx.array) -> mx.array:
+        """Final-normed hidden states [B, T, D] -> logits [B, T, V] (muP logit scale, tied or own head)."""
         if self.args.logit_scale != 1.0:
             h = h * (1.0 / self.args.logit_scale)
         if self.args.tie_word_embeddings:
