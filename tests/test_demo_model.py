@@ -309,6 +309,8 @@ def test_trainer_runs_resumes_and_writes_a_loadable_model(tmp_path):
     (["--vision-phase", "0.8", "--short-phase", "0.8"], "is more than the whole run"),
     (["--gap-phase", "0.5", "--short-phase", "0.6"], "is more than the whole run"),
     (["--gap-phase", "0.2"], "a --gap-phase clip needs more than 10 frames"),
+    (["--gap-mix", "0.2"], "a --gap-mix clip needs more than 10 frames"),
+    (["--gap-mix", "1.5"], "--gap-mix 1.5: a share of the run"),
     (["--motion-weight", "-1"], "--motion-weight -1.0: must be from 0 to 100"),
     (["--motion-weight", "inf"], "--motion-weight inf: must be from 0 to 100"),
     (["--text-weight", "1e300"], "--text-weight 1e+300: must be from 0 to 100"),
@@ -578,16 +580,24 @@ def test_trainer_leaves_an_existing_out_directory_alone_until_it_saves(tmp_path,
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
 
 
-def test_trainer_gap_phase_runs(tmp_path):
-    """--gap-phase: the first steps train on gap clips (the toy model, two steps)."""
+@pytest.mark.parametrize("phases,key", [
+    (["--gap-phase", "0.5"], "gap_phase"),  # the first steps, as a phase
+    (["--gap-phase", "0", "--short-phase", "0", "--gap-mix", "1.0"], "gap_mix"),  # mixed into the long phase
+])
+def test_trainer_gap_steps_run(tmp_path, monkeypatch, phases, key):
+    """--gap-phase and --gap-mix: steps train on gap clips (the toy model, two steps)."""
     import framecast.stages.demo_training.train as T
 
+    calls = []
+    real = T.gap_clips
+    monkeypatch.setattr(T, "gap_clips", lambda *args: calls.append(1) or real(*args))
     out = tmp_path / "model"
     assert T.main(["--tiny", "--out", str(out), "--streams", "2", "--frames", "12", "--max-clip", "4", "--batch", "1",
-                   "--workers", "1", "--time-budget", "1000", "--vision-phase", "0", "--gap-phase", "0.5",
+                   "--workers", "1", "--time-budget", "1000", "--vision-phase", "0", *phases,
                    "--max-steps", "2", "--log-every", "1"]) == 0
     info = json.loads((out / "training.json").read_text())
-    assert info["gap_phase"] == 0.5 and info["steps"] == 2 and "motion_probe_acc_real" in info["history"][-1]
+    assert info[key] > 0 and info["steps"] == 2 and "motion_probe_acc_real" in info["history"][-1]
+    assert len(calls) == 2
 
 
 def test_motion_targets_start_once_the_clip_shows_the_motion():

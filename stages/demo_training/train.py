@@ -102,6 +102,7 @@ VISION_BATCH = 768  # frames per step in the vision phase
 SHORT_FRAMES = 3  # longest clip of the short phase
 DEFAULT_GAP_PHASE = 0.0  # share on 2-frame clips whose frames lie GAP_FRAMES apart (motion questions)
 GAP_FRAMES = (5, 10)  # frames between the two frames of a gap clip: shifts the features show
+DEFAULT_GAP_MIX = 0.0  # after the phases, the chance that a step is a gap step (motion not forgotten)
 # After the vision phase the tower is frozen (its dense targets taught it; the decoder's gradient
 # through 4 layers x 1000 frames a step would cost most of a step): the resampler, its slot targets
 # and the decoder train. The long phase's longest clip grows from SHORT_FRAMES to --max-clip over
@@ -890,6 +891,7 @@ def export(out: Path, model: DemoVLM, a, state: dict, n_params: int, t_data: flo
         "seed": a.seed, "steps": state["step"], "batch": a.batch, "streams": a.streams, "frames": a.frames,
         "max_clip": a.max_clip, "max_tokens": a.max_tokens, "lr": a.lr, "vision_lr_scale": a.vision_lr_scale,
         "codec": a.codec, "init_from": a.init_from, "vision_phase": a.vision_phase, "gap_phase": a.gap_phase,
+        "gap_mix": a.gap_mix,
         "short_phase": a.short_phase, "motion_weight": a.motion_weight, "text_weight": a.text_weight,
         "text_rows": a.text_rows,
         "params": n_params, "data_s": round(t_data, 1), "train_s": round(state["train_s"], 1),
@@ -955,7 +957,7 @@ def check_args(a) -> str | None:
             return f"--{name.replace('_', '-')} {v}: must be from 0 to {MAX_LOSS_WEIGHT:g}"
     if a.text_rows > MAX_TEXT_ROWS:
         return f"--text-rows {a.text_rows}: at most {MAX_TEXT_ROWS} a step"
-    for name in ("vision_phase", "gap_phase", "short_phase"):
+    for name in ("vision_phase", "gap_phase", "short_phase", "gap_mix"):
         v = getattr(a, name)
         if not 0.0 <= v <= 1.0:
             return f"--{name.replace('_', '-')} {v}: a share of the run, from 0 to 1"
@@ -964,8 +966,9 @@ def check_args(a) -> str | None:
     if a.vision_phase + a.gap_phase + a.short_phase > 1.0:
         return (f"--vision-phase {a.vision_phase} + --gap-phase {a.gap_phase} + --short-phase {a.short_phase} "
                 "is more than the whole run (1)")
-    if a.gap_phase > 0 and a.frames <= GAP_FRAMES[1]:
-        return f"--frames {a.frames}: a --gap-phase clip needs more than {GAP_FRAMES[1]} frames per stream"
+    for name in ("gap_phase", "gap_mix"):
+        if getattr(a, name) > 0 and a.frames <= GAP_FRAMES[1]:
+            return f"--frames {a.frames}: a --{name.replace('_', '-')} clip needs more than {GAP_FRAMES[1]} frames per stream"
     if a.deadline is not None and a.deadline <= time.time():
         return f"--deadline {a.deadline:.0f} is already past (now {time.time():.0f}, unix seconds)"
     if a.init_from is not None:
@@ -1008,6 +1011,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gap-phase", type=float, default=DEFAULT_GAP_PHASE,
                     help=f"share of the run on 2-frame clips {GAP_FRAMES[0]}-{GAP_FRAMES[1]} frames apart with motion "
                          "questions, after the vision phase")
+    ap.add_argument("--gap-mix", type=float, default=DEFAULT_GAP_MIX,
+                    help="after the phases, the chance that a step trains on gap clips instead of long ones")
     ap.add_argument("--short-phase", type=float, default=DEFAULT_SHORT_PHASE,
                     help="share of the run on 1-3 frame clips with dense questions, after the vision phase")
     ap.add_argument("--motion-weight", type=float, default=MOTION_WEIGHT,
@@ -1125,7 +1130,9 @@ def main(argv: list[str] | None = None) -> int:
                                                    mx.concatenate(slot_y))
                 parts = (mx.array(0.0), mx.array(0.0), *parts, mx.array(0.0))
             else:
-                if frac < a.vision_phase + a.gap_phase:  # two frames far enough apart to show motion
+                after_phases = frac >= a.vision_phase + a.gap_phase + a.short_phase
+                if frac < a.vision_phase + a.gap_phase or (after_phases and rng.random() < a.gap_mix):
+                    # two frames far enough apart to show motion
                     n = 2
                     batch = make_batch(gap_clips(pool, rng, a.batch * 3), n, builder, rng, dense=1.0,
                                        max_tokens=a.max_tokens)
