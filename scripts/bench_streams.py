@@ -18,8 +18,9 @@ their turns interleaving step by step on the worker. Measured per row:
 The turns' decode steps go through a shared `BatchDecode` in the batched rows (`--decode
 batched`, the default, as `framecast run` does: the steps of turns that overlap run as one
 batched forward) or one stream at a time (`--decode separate`, turns interleaving step by
-step). Ratios are against the 1-stream row of the same run (always measured first, prefilled
-and decoded alone: with one stream the modes are the same calls).
+step; `--decode both` measures the two in the same run). Ratios are against the 1-stream row
+of the same run (always measured first, prefilled and decoded alone: with one stream the modes
+are the same calls).
 
     python scripts/bench_streams.py                         # tiny config, fp32 (CPU smoke)
     python scripts/bench_streams.py --shapes real           # MiniCPM-V 4.5 shapes (Qwen3-8B +
@@ -155,16 +156,16 @@ async def run_async(args: argparse.Namespace) -> dict:
     image = random_image(size, size, seed=0)
     counts = sorted(set(args.streams) | {1})
     # warm-up: kernels, allocator, attention at the key lengths the rows will see
-    modes = {"batched": [True], "separate": [False], "both": [False, True]}[args.prefill]
-    for batched in modes:
+    modes = _modes(args.prefill, args.decode)  # (batched prefill, batched decode) per row
+    for batched, dec in modes:
         await one_row(model, 2, ticks=2, narrate_every=2, max_tokens=2, image=image, group=args.group, batched=batched,
-                      decode=args.decode == "batched")
+                      decode=dec)
     rows = []
     for n in counts:
-        for batched in ([False] if n == 1 else modes):
+        for batched, dec in ([(False, False)] if n == 1 else modes):
             row = await one_row(model, n, ticks=args.ticks, narrate_every=args.narrate_every,
                                 max_tokens=args.max_tokens, image=image, group=args.group, batched=batched,
-                                decode=args.decode == "batched" and batched)
+                                decode=dec)
             _add_row(rows, row, args.json)
     return {
         "bench": "streams", "shapes": args.shapes, "dtype": dtype,
@@ -172,6 +173,14 @@ async def run_async(args: argparse.Namespace) -> dict:
         "machine": platform.machine(), "ticks": args.ticks, "narrate_every": args.narrate_every,
         "max_tokens": args.max_tokens, "image": size, "group": args.group, "prefill": args.prefill, "rows": rows,
     }
+
+
+def _modes(prefill: str, decode: str) -> list[tuple[bool, bool]]:
+    """The (batched prefill, batched decode) pairs a row count is measured with; batched decode
+    rides on batched prefill (a separate-prefill row decodes separately too)."""
+    pre = {"batched": [True], "separate": [False], "both": [False, True]}[prefill]
+    dec = {"batched": [True], "separate": [False], "both": [False, True]}[decode]
+    return [(p, d) for p in pre for d in dec if p or not d] or [(False, False)]
 
 
 def _add_row(rows: list[dict], row: dict, quiet: bool) -> None:
@@ -213,9 +222,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="frames per 4.5 3D-resampler group (each tick: one group per stream)")
     ap.add_argument("--prefill", choices=["batched", "separate", "both"], default="batched",
                     help="frame spans of all streams in one batched prefill, each alone, or both rows")
-    ap.add_argument("--decode", choices=["batched", "separate"], default="batched",
+    ap.add_argument("--decode", choices=["batched", "separate", "both"], default="batched",
                     help="the turns' decode steps of all streams as one batched forward (rows with batched "
-                         "prefill), or one stream at a time")
+                         "prefill), one stream at a time, or both rows")
     ap.add_argument("--layers", type=_positive, default=None, help="override the LM depth (smoke tests)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)

@@ -568,6 +568,13 @@ def test_bench_streams_runs_and_prints_json_last(capsys):
                        "--group", "3", "--json"]) == 0
     two = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"][1]
     assert two["encode_calls"] == 2 and two["encode_rows_max"] == 6 and two["frames"] == 12
+    # --prefill both --decode both: the three modes a row count can run, each its own row
+    assert bench.main(["--streams", "2", "--ticks", "2", "--narrate-every", "1", "--max-tokens", "2",
+                       "--prefill", "both", "--decode", "both", "--layers", "1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    assert [(r["streams"], r["prefill"], r["decode"]) for r in rows] == [
+        (1, "separate", "separate"), (2, "separate", "separate"), (2, "batched", "separate"), (2, "batched", "batched")]
+    assert rows[-1]["decode_rows_max"] == 2
 
 
 # ---------------------------------------------------------------- real processes
