@@ -22,6 +22,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from framecast.errors import ModelLoadError, UserError
+from framecast.model.compiled import compile_layers
 
 log = logging.getLogger("framecast.model")
 
@@ -65,7 +66,14 @@ class TextOnlyModel:
 
 
 def load_model(path_or_id: str | Path, *, mmproj: str | Path | None = None, dtype: str | None = None):
-    """A `MiniCPMV` (or a text-only model for a lone language-model GGUF / converted LM)."""
+    """A `MiniCPMV` (or a text-only model for a lone language-model GGUF / converted LM), its
+    layers compiled for inference where `framecast.model.compiled.wanted()` says so (a GPU)."""
+    model = _load(path_or_id, mmproj=mmproj, dtype=dtype)
+    compile_layers(model)
+    return model
+
+
+def _load(path_or_id: str | Path, *, mmproj: str | Path | None, dtype: str | None):
     text = str(path_or_id)
     if text.lower().endswith(".gguf"):
         if not Path(text).is_file():

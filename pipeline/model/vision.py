@@ -19,6 +19,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from framecast.model.compiled import linear
+
 
 # HF `hidden_act` names of the tower's MLP. Every MiniCPM-V checkpoint uses the tanh GELU; the
 # embedded demo model uses ReLU because MLX's CPU transcendental ops (tanh, exp) are scalar and
@@ -134,13 +136,13 @@ class VisionAttention(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
 
     def __call__(self, x: mx.array, mask: mx.array | None) -> mx.array:
-        b, l, d = x.shape  # [B, L, D]
-        def heads(t):
-            return t.reshape(b, l, self.n_heads, -1).transpose(0, 2, 1, 3)
-        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        # x [B, L, D]; unflatten / flatten and `linear`: the tower may be compiled shapeless
+        def heads(proj):  # -> [B, heads, L, head_dim]
+            return mx.unflatten(linear(proj, x), -1, (self.n_heads, -1)).transpose(0, 2, 1, 3)
+        q, k, v = heads(self.q_proj), heads(self.k_proj), heads(self.v_proj)
         # mx.fast SDPA accumulates the softmax in fp32 (HF upcasts to fp32 too).
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.out_proj(o.transpose(0, 2, 1, 3).reshape(b, l, d))
+        return linear(self.out_proj, mx.flatten(o.transpose(0, 2, 1, 3), -2, -1))
 
 
 class VisionMLP(nn.Module):
@@ -151,7 +153,7 @@ class VisionMLP(nn.Module):
         self.act = ACTIVATIONS[act]
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(self.act(self.fc1(x)))
+        return linear(self.fc2, self.act(linear(self.fc1, x)))
 
 
 class VisionLayer(nn.Module):
@@ -203,7 +205,17 @@ class SiglipVisionTower(nn.Module):
         mask = None
         if valid is not None and not bool(mx.all(valid)):
             mask = valid[:, None, None, :]  # [B, 1, 1, L]: padded patches never serve as keys
-        for layer in self.encoder.layers:
+        if self.compiled:  # inference on a GPU: one traced body for every batch (framecast.model.compiled)
+            if self._layers is None:
+                self._layers = mx.compile(self._run_layers, inputs=self, shapeless=True)
+            return self._layers(x, mask)
+        return self._run_layers(x, mask)
+
+    compiled = False
+    _layers = None  # the compiled body, made at the first compiled call
+
+    def _run_layers(self, x: mx.array, mask: mx.array | None) -> mx.array:
+        for layer in self.encoder.layers:  # x [B, L, D]
             x = layer(x, mask)
         return self.post_layernorm(x)  # [B, L, D]
 

@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from framecast.errors import ModelLoadError
+from framecast.model.compiled import linear
 from framecast.kernels.cache_attention import cache_attention
 
 
@@ -191,27 +192,32 @@ class Attention(nn.Module):
         self.qk_norm = qk_norm_eps is not None
         self.rope = rope
 
-    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
-        B, L, _ = x.shape  # x: [B, L, D]
-        q = self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+    def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """x [B, L, D] -> q [B, n_heads, L, head_dim], k and v [B, n_kv, L, head_dim] (before RoPE)."""
+        # unflatten / flatten, never reshape to x.shape: the compiled bodies are shapeless
+        q = mx.unflatten(linear(self.q_proj, x), -1, (self.n_heads, self.head_dim))  # [B, L, n_heads, head_dim]
+        k = mx.unflatten(linear(self.k_proj, x), -1, (self.n_kv_heads, self.head_dim))
+        v = mx.unflatten(linear(self.v_proj, x), -1, (self.n_kv_heads, self.head_dim))
         if self.qk_norm:
             q = self.q_norm(q)
             k = self.k_norm(k)
-        # [B, heads, L, head_dim]
-        q = q.transpose(0, 2, 1, 3)
-        k = k.transpose(0, 2, 1, 3)
-        v = v.transpose(0, 2, 1, 3)
+        return q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, mask, cache) -> mx.array:
+        """RoPE, cache write and attention of projected q/k/v: [B, n_heads, L, head_dim]."""
         if isinstance(cache, RowCaches):  # row b continues its own session's cache
-            if len(cache) != B:
-                raise ValueError(f"{len(cache)} row caches for a batch of {B}")
-            out = mx.concatenate([self._attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], mask, c)
-                                  for b, c in enumerate(cache.rows)])  # [B, n_heads, L, head_dim]
-        else:
-            out = self._attend(q, k, v, mask, cache)
-        out = out.transpose(0, 2, 1, 3).reshape(B, L, -1)  # [B, L, n_heads*head_dim]
-        return self.o_proj(out)
+            if len(cache) != q.shape[0]:
+                raise ValueError(f"{len(cache)} row caches for a batch of {q.shape[0]}")
+            return mx.concatenate([self._attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], mask, c)
+                                   for b, c in enumerate(cache.rows)])
+        return self._attend(q, k, v, mask, cache)
+
+    def output(self, out: mx.array) -> mx.array:
+        """[B, n_heads, L, head_dim] -> o_proj -> [B, L, D]."""
+        return linear(self.o_proj, mx.flatten(out.transpose(0, 2, 1, 3), -2, -1))
+
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        return self.output(self.attend(*self.project(x), mask, cache))
 
     def _attend(self, q: mx.array, k: mx.array, v: mx.array, mask, cache) -> mx.array:
         """RoPE at the cache's offset, cache write, attention: [B, heads, L, head_dim] in and out."""
@@ -243,7 +249,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return linear(self.down_proj, nn.silu(linear(self.gate_proj, x)) * linear(self.up_proj, x))
 
 
 class TransformerBlock(nn.Module):
@@ -265,8 +271,33 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(hidden_size, eps=rms_norm_eps)
         self.residual_scale = residual_scale
 
+    # Inference on a GPU runs the layer as two compiled bodies around the attention
+    # (`framecast.model.compiled.compile_layers`): the norms, projections, residuals and the MLP
+    # fuse into fewer launches, while RoPE offsets, cache writes and attention stay eager (their
+    # key lengths change every step). Training never switches it on.
+    compiled = False
+
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
-        h = self.self_attn(self.input_layernorm(x), mask, cache)
+        if self.compiled:
+            if self._pre is None:
+                # shapeless: one trace serves every token count and batch (a new question's
+                # length must not pay a trace and kernel build, as SDPA's per-shape set-up did)
+                self._pre = mx.compile(self._before_attention, inputs=self, shapeless=True)
+                self._post = mx.compile(self._after_attention, inputs=self, shapeless=True)
+            return self._post(x, self.self_attn.attend(*self._pre(x), mask, cache))
+        return self._residuals(x, self.self_attn(self.input_layernorm(x), mask, cache))
+
+    _pre = _post = None  # the compiled bodies, made at the first compiled call
+
+    def _before_attention(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        return self.self_attn.project(self.input_layernorm(x))  # x [B, L, D] -> q, k, v
+
+    def _after_attention(self, x: mx.array, attended: mx.array) -> mx.array:
+        # x [B, L, D] the residual stream, attended [B, n_heads, L, head_dim] -> [B, L, D]
+        return self._residuals(x, self.self_attn.output(attended))
+
+    def _residuals(self, x: mx.array, h: mx.array) -> mx.array:
+        """x + attention branch h, then + the MLP branch (each scaled by residual_scale)."""
         if self.residual_scale != 1.0:
             h = h * self.residual_scale
         x = x + h
