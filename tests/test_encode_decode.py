@@ -205,12 +205,15 @@ def test_model_stages_from_config_run_end_to_end(tmp_path):
         _model_stages(RunConfig.model_validate({"model": {"path": str(tmp_path / "missing")}}))
 
 
-def test_state_file_continues_the_conversation_across_runs(tmp_path):
+@pytest.mark.parametrize("name", ["stream.safetensors", "stream.fcs", "stream.state", "stream"])
+def test_state_file_continues_the_conversation_across_runs(tmp_path, name):
+    """Whatever the state file is called (MLX's safetensors writer would add `.safetensors` to a
+    name without it, and the next run would never find the file), it is written where named."""
     from framecast.stages.app import _model_stages
     from framecast.config import RunConfig
 
     make_tiny_minicpmv(tmp_path / "m", "2.6")
-    state = tmp_path / "stream.safetensors"
+    state = tmp_path / name
     cfg = RunConfig.model_validate({"model": {"path": str(tmp_path / "m")},
                                     "session": {"state_file": str(state)},
                                     "narration": {"policy": "on_demand"}})
@@ -222,6 +225,7 @@ def test_state_file_continues_the_conversation_across_runs(tmp_path):
         core = stages[1].session.core
         counts.append((core.frames_added, [s.kind for s in core.spans].count("frame")))
     assert state.is_file() and counts == [(3, 3), (6, 6)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m", name])  # nothing beside it
 
 
 class DetectorLikeSource(Source):

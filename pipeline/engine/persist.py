@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,11 @@ def save_session(path: str | Path, cache: list, spans: list[Span], *, fingerprin
         "frames_added": frames_added,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(path), arrays, metadata={"framecast_session": json.dumps(meta)})
+    # MLX adds `.safetensors` to a name without it: write beside, then put the file where it was
+    # named (in one step: a run stopped mid-save leaves the previous state whole).
+    partial = path.with_name(path.name + ".partial.safetensors")
+    mx.save_safetensors(str(partial), arrays, metadata={"framecast_session": json.dumps(meta)})
+    os.replace(partial, path)
     return path
 
 
@@ -70,7 +75,7 @@ def load_session(path: str | Path, new_cache: list, *, fingerprint: dict[str, An
     if not path.is_file():
         raise UserError(f"{path}: session file not found")
     try:
-        arrays, metadata = mx.load(str(path), return_metadata=True)
+        arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
     except Exception:  # mlx says RuntimeError for anything it cannot parse
         raise UserError(f"{path}: not a framecast session file (not readable as safetensors)") from None
     try:
