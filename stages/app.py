@@ -22,13 +22,15 @@ from framecast.runtime import Runtime, Source, Stage
 class SharedModel:
     """What the streams of one run share: the loaded model (None: capture only), its one worker
     thread, the encoder that batches their frames, the prefill that batches appending them to
-    their sessions and the decoder that batches their turns' steps (`framecast.engine.scheduler`)."""
+    their sessions, the decoder that batches their turns' steps (`framecast.engine.scheduler`)
+    and the buffers their caches are rows of (`framecast.model.kv_pool`)."""
 
     model: Any
     worker: Any = None
     encoder: Any = None
     prefill: Any = None
     decode: Any = None
+    kv_pool: Any = None  # `model.kv_pool.KVPoolSet`: the sessions' caches as rows of shared buffers
 
 
 def build_graph(cfg: RunConfig, *, model_loader=None, shared: SharedModel | None = None,
@@ -154,7 +156,8 @@ def _model_stages(cfg: RunConfig, *, recorded: bool = True, model_loader=None,
     session_cfg = cfg.session.model_copy(update=unset) if unset else cfg.session
     session = StreamingSession.from_config(model, session_cfg, worker=worker, max_slice_nums=cfg.model.max_slice_nums,
                                            prefill=shared.prefill if shared is not None else None,
-                                           decode=shared.decode if shared is not None else None)
+                                           decode=shared.decode if shared is not None else None,
+                                           kv_pool=shared.kv_pool if shared is not None else None)
     return [
         EncodeStage(model, worker=worker, max_slice_nums=cfg.model.max_slice_nums,
                     max_batch=cfg.session.encode_batch, pack_frames=cfg.session.pack_frames,

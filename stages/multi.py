@@ -90,7 +90,22 @@ def load_shared_model(configs: list[RunConfig]) -> SharedModel:
     # one call batches at most encode_batch frames (or 4.5 frame groups) of every stream
     max_batch = sum(c.session.encode_batch * (c.session.pack_frames or model.default_group_frames) for c in configs)
     return SharedModel(model, worker, BatchEncoder(model, worker=worker, max_batch=max_batch),
-                       BatchPrefill(model, worker=worker, max_rows=len(configs)), BatchDecode(model))
+                       BatchPrefill(model, worker=worker, max_rows=len(configs)), BatchDecode(model),
+                       kv_pool_for(model, configs))
+
+
+def kv_pool_for(model: Any, configs: list[RunConfig]) -> Any:
+    """Shared cache buffers for the streams' sessions (`framecast.model.kv_pool`), one row per
+    stream, as long as the longest token budget; None for one stream, or when no stream has a
+    token budget (a session without one keeps caches of its own, as do quantised ones)."""
+    from framecast.model.kv_pool import KVPoolSet
+
+    budgets = [c.session.max_cache_tokens or model.session_defaults.get("max_cache_tokens") for c in configs
+               if not c.session.kv_bits and c.session.max_cache_mb is None]
+    budgets = [int(b) for b in budgets if b]
+    if len(configs) < 2 or len(budgets) < 2:
+        return None
+    return KVPoolSet(len(model.language_model.layers), rows=len(budgets), capacity=max(budgets))
 
 
 def _stream_config(cfg: RunConfig, n_streams: int) -> RunConfig:

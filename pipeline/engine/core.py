@@ -85,8 +85,10 @@ class SessionCore:
         kv_bits: int | None = None,
         keep_generated: bool = True,
         max_slice_nums: int = 1,
+        kv_pool: Any = None,
     ):
         self.model = model
+        self.kv_pool = kv_pool  # a shared `model.kv_pool.KVPoolSet`: this session's cache is a row of it
         self.max_slice_nums = max_slice_nums  # views per frame when the session encodes pixels
         self.lm = model.language_model
         self.tokenizer = model.tokenizer
@@ -138,12 +140,23 @@ class SessionCore:
     def _new_cache(self) -> list:
         if self.kv_bits:
             return [QuantizedKVCache(bits=self.kv_bits) for _ in self.lm.layers]
+        if self.kv_pool is not None:  # a row of the run's shared buffers, when one is free and fits
+            # (a budget in MB depends on the cache's own bytes per token: such sessions keep their own)
+            pooled = self.kv_pool.acquire(self.max_cache_tokens if self.max_cache_mb is None else None)
+            if pooled is not None:
+                return pooled
         return self.model.make_cache()
+
+    def _release(self, cache: list) -> None:
+        """Give a pooled cache's row back (nothing for a cache of its own)."""
+        if self.kv_pool is not None:
+            self.kv_pool.release(cache)
 
     def start(self) -> None:
         """Prefill the prefix (system prompt, user turn opened once) if not done yet."""
         if self.spans:
             return
+        self._release(self.cache)  # a row kept by a prefix prefill that failed
         self.cache = self._new_cache()
         ids = self._encode(layout.prefix_text(self.system_prompt))
         prefill(self.model, ids, self.cache)
@@ -162,6 +175,7 @@ class SessionCore:
                 c.growth = UNBOUNDED_GROWTH
 
     def reset(self) -> None:
+        self._release(self.cache)
         self.cache, self.spans, self.last_turn_ids = [], [], []
         self.evicted_total = self.frames_added = 0
         self.start()
@@ -394,7 +408,12 @@ class SessionCore:
 
     def load(self, path: str | Path) -> None:
         cache = self._new_cache()
-        meta = load_session(path, cache, fingerprint=self._fingerprint())
+        try:
+            meta = load_session(path, cache, fingerprint=self._fingerprint())
+        except BaseException:
+            self._release(cache)
+            raise
+        self._release(self.cache)
         self.cache = cache
         self._reserve()
         self.system_prompt = meta["system_prompt"]

@@ -53,6 +53,7 @@ class StreamingSession:
     worker: ModelWorker | None = None
     prefill: Any = None  # a shared `engine.scheduler.BatchPrefill`: frames batched with other sessions'
     decode: Any = None  # a shared `engine.scheduler.BatchDecode`: decode steps batched likewise
+    kv_pool: Any = None  # a shared `model.kv_pool.KVPoolSet`: the cache is a row of the run's buffers
     core: SessionCore = field(init=False)
     _open_turn: Any = field(default=None, init=False, repr=False)  # closes a turn still running
     _last_turn: Any = field(default=None, init=False, repr=False)  # its result (a Future)
@@ -61,7 +62,7 @@ class StreamingSession:
         self.core = SessionCore(
             self.model, system_prompt=self.system_prompt, max_cache_tokens=self.max_cache_tokens,
             max_cache_mb=self.max_cache_mb, sink_tokens=self.sink_tokens, kv_bits=self.kv_bits,
-            keep_generated=self.keep_generated, max_slice_nums=self.max_slice_nums)
+            keep_generated=self.keep_generated, max_slice_nums=self.max_slice_nums, kv_pool=self.kv_pool)
         self.core.decode_batch = self.decode
         if self.worker is None:
             self.worker = worker_for(self.model)

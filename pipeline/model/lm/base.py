@@ -16,6 +16,7 @@ import mlx.nn as nn
 
 from framecast.errors import ModelLoadError
 from framecast.model.compiled import linear
+from framecast.model.kv_pool import attend_rows, same_pool
 from framecast.kernels.cache_attention import cache_attention
 
 
@@ -154,8 +155,9 @@ class RowCaches:
     continue different streams (`framecast.engine.generate.prefill_rows`).
 
     The projections and the MLP run on all rows at once (the weights are read once for the
-    batch); positions, the cache write and the attention run row by row, on each row's own cache
-    of its own length, exactly as a one-row forward does."""
+    batch). When the caches are rows of one shared buffer (`framecast.model.kv_pool`), RoPE,
+    the cache write and the attention run once for the batch, each row masked at its own
+    length; otherwise row by row, on each row's own cache, exactly as a one-row forward does."""
 
     def __init__(self, caches: list):
         self.rows = list(caches)
@@ -208,6 +210,9 @@ class Attention(nn.Module):
         if isinstance(cache, RowCaches):  # row b continues its own session's cache
             if len(cache) != q.shape[0]:
                 raise ValueError(f"{len(cache)} row caches for a batch of {q.shape[0]}")
+            if (mask is None or mask == "causal") and same_pool(cache.rows) is not None:
+                # rows of one shared buffer: one RoPE, one cache write, one attention for all
+                return attend_rows(q, k, v, cache.rows, self.rope, scale=self.scale)
             return mx.concatenate([self._attend(q[b:b + 1], k[b:b + 1], v[b:b + 1], mask, c)
                                    for b, c in enumerate(cache.rows)])
         return self._attend(q, k, v, mask, cache)
