@@ -46,18 +46,21 @@ def wanted() -> bool:
     return gpu() is not None if choice is None else choice
 
 
-def compile_layers(model: nn.Module, on: bool | None = None) -> int:
+def compile_layers(model, on: bool | None = None) -> int:
     """Switch the compiled bodies of every decoder layer and vision tower in `model` on or off
     (`on=None`: as `wanted()` says). Returns how many modules were switched."""
     from framecast.model.lm.base import TransformerBlock
     from framecast.model.vision import SiglipVisionTower
 
     on = wanted() if on is None else bool(on)
+    # a MiniCPMV is a Module; a text-only wrapper (a lone LM GGUF) holds its modules as fields
+    roots = [model] if isinstance(model, nn.Module) else [v for v in vars(model).values() if isinstance(v, nn.Module)]
     n = 0
-    for _, module in model.named_modules():
-        if isinstance(module, (TransformerBlock, SiglipVisionTower)):
-            module.compiled = on
-            n += 1
+    for root in roots:
+        for _, module in root.named_modules():
+            if isinstance(module, (TransformerBlock, SiglipVisionTower)):
+                module.compiled = on
+                n += 1
     return n
 
 
