@@ -25,7 +25,25 @@ from framecast.kernels.rope_shift import rope_shift
 DEFAULT_STEP = 256  # tokens added per growth; one frame (64-ish tokens) rarely triggers it
 
 
-class KVCache:
+class OffsetCache:
+    """What every preallocated cache does by its `offset` alone: trim, empty."""
+
+    offset: int
+
+    def trim(self, n: int) -> int:
+        """Forget the last `n` tokens (the buffer is kept); returns how many were dropped."""
+        n = max(0, min(self.offset, n))
+        self.offset -= n
+        return n
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def empty(self) -> bool:
+        return self.offset == 0
+
+
+class KVCache(OffsetCache):
     """Preallocated per-layer key/value buffer that grows in steps along T."""
 
     def __init__(self, *, step: int = DEFAULT_STEP, capacity: int = 0, growth: float = 1.0):
@@ -94,15 +112,6 @@ class KVCache:
 
     # -- editing ----------------------------------------------------------------------------
 
-    def trim(self, n: int) -> int:
-        """Forget the last `n` tokens (the buffer is kept); returns how many were dropped."""
-        n = max(0, min(self.offset, n))
-        self.offset -= n
-        return n
-
-    def is_trimmable(self) -> bool:
-        return True
-
     def evict(self, spans, *, rope) -> int:
         """Drop token ranges `spans` ([(start, end), ...]) and close the gaps.
 
@@ -110,22 +119,15 @@ class KVCache:
         before them (`rope`: a `framecast.kernels.rope_shift.RopeSpec`), so RoPE positions stay
         contiguous 0..offset-1. The buffer is reused (memory stays flat); returns the count.
         """
-        plan = eviction_plan(spans, self.offset)
-        if plan is None:
+        moves = eviction_moves(self.keys, self.values, self.offset, spans, rope=rope)
+        if moves is None:
             return 0
-        first, keep, shift = plan
-        # Gather + re-rotate the kept keys in one pass (`index` fuses the take into the kernel).
-        moved_k = rope_shift(self.keys, shift, rope, index=keep + first)
-        moved_v = mx.take(self.values[..., first : self.offset, :], keep, axis=2)
-        end = first + keep.shape[0]
+        first, end, moved_k, moved_v = moves
         self.keys[..., first:end, :] = moved_k
         self.values[..., first:end, :] = moved_v
         removed = self.offset - end
         self.offset = end
         return removed
-
-    def empty(self) -> bool:
-        return self.offset == 0
 
     # -- save / restore ---------------------------------------------------------------------
 
@@ -216,6 +218,20 @@ def eviction_plan(spans, offset: int):
     return first, mx.array(keep, dtype=mx.int32), mx.array(shift, dtype=mx.int32)
 
 
+def eviction_moves(keys: mx.array, values: mx.array, offset: int, spans, *, rope):
+    """What evicting `spans` writes back into buffers keys/values [B, n_kv, capacity, D] that
+    hold `offset` tokens: None if nothing is dropped, else (first, end, keys, values) with the
+    kept tokens' keys re-rotated, to be written at first:end (`KVCache.evict`)."""
+    plan = eviction_plan(spans, offset)
+    if plan is None:
+        return None
+    first, keep, shift = plan
+    # Gather + re-rotate the kept keys in one pass (`index` fuses the take into the kernel).
+    moved_k = rope_shift(keys, shift, rope, index=keep + first)
+    moved_v = mx.take(values[..., first:offset, :], keep, axis=2)
+    return first, first + keep.shape[0], moved_k, moved_v
+
+
 def evict_prompt_cache(cache: list, spans, *, rope) -> int:
     """Drop the same token ranges from every layer; returns how many were dropped."""
     return min((c.evict(spans, rope=rope) for c in cache), default=0)
@@ -224,7 +240,7 @@ def evict_prompt_cache(cache: list, spans, *, rope) -> int:
 QUANT_GROUP_SIZES = (128, 64, 32)  # what mx.quantize supports, largest first
 
 
-class QuantizedKVCache:
+class QuantizedKVCache(OffsetCache):
     """KVCache whose buffers hold `bits`-bit affine-quantised keys/values (mx.quantize groups
     along head_dim), same protocol as `KVCache`.
 
@@ -295,17 +311,6 @@ class QuantizedKVCache:
         # Both halves straight from the strided buffers in one pass (see kernels/dequantize_kv.py).
         return dequantize_kv(self.keys, self.values, end=end, bits=self.bits, group_size=self.group_size,
                              dtype=self.dtype)
-
-    def trim(self, n: int) -> int:
-        n = max(0, min(self.offset, n))
-        self.offset -= n
-        return n
-
-    def is_trimmable(self) -> bool:
-        return True
-
-    def empty(self) -> bool:
-        return self.offset == 0
 
     def evict(self, spans, *, rope) -> int:
         plan = eviction_plan(spans, self.offset)

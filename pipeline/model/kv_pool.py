@@ -25,8 +25,7 @@ import mlx.core as mx
 
 from framecast.kernels import gpu
 from framecast.kernels.cache_attention import BUCKET_TOKENS
-from framecast.kernels.rope_shift import rope_shift
-from framecast.model.cache import eviction_plan
+from framecast.model.cache import OffsetCache, eviction_moves
 
 
 class KVPool:
@@ -46,7 +45,7 @@ class KVPool:
             self.values = mx.zeros((self.rows, n_kv, self.capacity, values.shape[3]), dtype=values.dtype)
 
 
-class PooledKVCache:
+class PooledKVCache(OffsetCache):
     """One session's cache for one layer: row `row` of a `KVPool` (the KVCache protocol)."""
 
     def __init__(self, pool: KVPool, row: int):
@@ -85,34 +84,21 @@ class PooledKVCache:
         r = self.row
         return self.pool.keys[r:r + 1], self.pool.values[r:r + 1]
 
-    def trim(self, n: int) -> int:
-        n = max(0, min(self.offset, n))
-        self.offset -= n
-        return n
-
-    def is_trimmable(self) -> bool:
-        return True
-
     def evict(self, spans, *, rope) -> int:
         """Drop token ranges `spans` and close the gaps, re-rotating the keys moved (as
         `KVCache.evict`), inside this row; returns how many tokens were dropped."""
-        plan = eviction_plan(spans, self.offset)
-        if plan is None:
+        if self.pool.keys is None:
             return 0
-        first, keep, shift = plan
-        keys, values = self.buffers
-        moved_k = rope_shift(keys, shift, rope, index=keep + first)
-        moved_v = mx.take(values[..., first:self.offset, :], keep, axis=2)
-        end = first + keep.shape[0]
+        moves = eviction_moves(*self.buffers, self.offset, spans, rope=rope)
+        if moves is None:
+            return 0
+        first, end, moved_k, moved_v = moves
         r = self.row
         self.pool.keys[r:r + 1, :, first:end, :] = moved_k
         self.pool.values[r:r + 1, :, first:end, :] = moved_v
         removed = self.offset - end
         self.offset = end
         return removed
-
-    def empty(self) -> bool:
-        return self.offset == 0
 
     @property
     def state(self) -> tuple[mx.array, mx.array] | tuple[()]:
