@@ -12,7 +12,9 @@ Issue 14's breakdown of one streaming step (a new frame arrives and a narration 
 
 `--fused on` prefills the frame and the prompt in ONE pass (`SessionCore.generate(frame=...)`,
 the narration-due path): `frame` is then 0 and `prompt` holds both; `--fused both` measures
-each implementation both ways (rows `impl` and `impl+fused`).
+each implementation both ways (rows `impl` and `impl+fused`). `--compile` picks the layers'
+`mx.compile`d bodies (`framecast.model.compiled`: auto = as the product does on this device;
+`both` adds `+compiled` rows beside the eager ones, decode rows too).
 
 For each context length (`--minutes` at `--fps`, precomputed random features fill the window)
 and each attention implementation (`--attention`, see `framecast.kernels.cache_attention`), it
@@ -42,6 +44,7 @@ from bench_streaming import PROMPT, build_model, random_features, reprefill_turn
 from framecast.engine.session import SessionCore
 from framecast.kernels import _VERIFIED
 from framecast.kernels import cache_attention as ca
+from framecast.model.compiled import compile_layers, wanted
 import mlx.nn as nn  # noqa: E402
 
 from framecast.model.lm.base import MLP, Attention
@@ -213,19 +216,25 @@ def run(args: argparse.Namespace) -> dict:
     ca.set_impl(build_impl)
     for i in range(3):
         core.add_features(feats[i], float(i))
-    variants = [(impl, fused, False) for impl in impls for fused in {"off": [False], "on": [True],
-                                                                      "both": [False, True]}[args.fused]]
-    variants += [(impl, True, True) for impl in args.fuse_proj or []]
-    for impl, fused, fp in variants:
+    both = {"off": [False], "on": [True], "both": [False, True]}
+    compiles = both[args.compile] if args.compile != "auto" else [wanted()]
+    # (attention impl, frame + prompt fused, fused projections, compiled layers) per row
+    variants = [(impl, fused, False, comp) for impl in impls for fused in both[args.fused] for comp in compiles]
+    variants += [(impl, True, True, False) for impl in args.fuse_proj or []]  # the prototype runs eager
+    for impl, fused, fp, comp in variants:
         ca.set_impl(impl)
         fuse_projections(model, fp)
+        compile_layers(model, comp)
         for _ in range(2):
             streaming_step(model, core, images[0], 0.0, fused=fused)
     fuse_projections(model, False)
+    compile_layers(model, compiles[-1])
     ca.set_impl(build_impl)
     reprefill_step(model, core, feats[:3], images[0], chunk=args.chunk)
     core.reset()
+    compile_layers(model, False)  # vision_variants times eager against its own mx.compile
     vision = vision_variants(model, images[0], max(args.steps, 3))
+    compile_layers(model, compiles[-1])
     if not args.json:
         print("vision (median ms): " + ", ".join(f"{k} {v['median'] if isinstance(v, dict) else v}"
                                                  for k, v in vision.items()), flush=True)
@@ -240,9 +249,10 @@ def run(args: argparse.Namespace) -> dict:
         mx.synchronize()
         row = {"minutes": minutes, "frames": added, "context_tokens": core.offset,
                "cache_mb": round(core.nbytes / 2**20, 1), "impls": {}}
-        for impl, fused, fp in variants:
+        for impl, fused, fp, comp in variants:
             ca.set_impl(impl)
             fuse_projections(model, fp)
+            compile_layers(model, comp)
             offset, n_spans, n_frames = core.offset, len(core.spans), core.frames_added
             samples = [streaming_step(model, core, images[s % len(images)], (added + s) / args.fps, fused=fused)
                        for s in range(args.steps)]
@@ -250,21 +260,28 @@ def run(args: argparse.Namespace) -> dict:
             del core.spans[n_spans:]
             core.frames_added = n_frames
             entry = {p: _stats([s[p] for s in samples]) for p in PARTS}
-            name = impl + ("+fused" if fused else "") + ("+qkv" if fp else "")
+            name = impl + ("+fused" if fused else "") + ("+qkv" if fp else "") + ("+compiled" if comp else "")
             row["impls"][name] = entry
             if not args.json:
                 print(_line(row, name, entry), flush=True)
         ca.set_impl(build_impl)
         fuse_projections(model, False)
+        compile_layers(model, compiles[-1])
         if args.decode_tokens:  # decode attention is the same for every impl (one query)
-            for fp in [False, True] if args.fuse_proj else [False]:
+            modes = [(False, comp) for comp in compiles] + ([(True, False)] if args.fuse_proj else [])
+            for fp, comp in modes:
                 fuse_projections(model, fp)
-                key = "decode_tok_s" + ("_qkv" if fp else "")
-                row[key] = round(float(np.median([decode_rate(core, args.decode_tokens) for _ in range(3)])), 1)
+                compile_layers(model, comp)
+                label = "decode" + ("+qkv" if fp else "") + ("+compiled" if comp else "")
+                key = label.replace("decode", "decode_tok_s").replace("+", "_")
+                rates = [decode_rate(core, args.decode_tokens) for _ in range(args.decode_samples)]
+                row[key] = round(float(np.median(rates)), 1)
+                row[key + "_p5"] = round(float(np.percentile(rates, 5)), 1)  # the slow end
                 if not args.json:
-                    print(f"{minutes:>5} {'decode' + ('+qkv' if fp else ''):<20} {row[key]} tok/s over "
-                          f"{args.decode_tokens} tokens", flush=True)
+                    print(f"{minutes:>5} {label:<20} {row[key]} tok/s (p5 {row[key + '_p5']}) over "
+                          f"{args.decode_tokens} tokens, {args.decode_samples} narrations", flush=True)
             fuse_projections(model, False)
+            compile_layers(model, compiles[-1])
         if args.reprefill_steps:
             base = [reprefill_step(model, core, feats[:added], images[s % len(images)], chunk=args.chunk)
                     for s in range(args.reprefill_steps)]
@@ -283,6 +300,7 @@ def run(args: argparse.Namespace) -> dict:
     return {"bench": "latency", "shape": args.shape, "dtype": dtype, "device": str(mx.default_device()),
             "device_name": device_name, "mlx": mx.__version__, "fps": args.fps, "steps": args.steps,
             "reprefill_steps": args.reprefill_steps, "chunk": args.chunk, "fused": args.fused,
+            "compile": args.compile,
             "layers": len(model.language_model.layers), "build_attention": build_impl,
             "kernels_verified": {"/".join(map(str, k)): v for k, v in _VERIFIED.items()}, "vision": vision,
             "rows": rows}
@@ -314,7 +332,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="prefill frame + prompt in one pass (on), or measure both ways")
     ap.add_argument("--fuse-proj", nargs="+", choices=ca.IMPLS, default=None,
                     help="also measure these impls (fused frame+prompt) with q/k/v and gate/up as one matmul each")
+    ap.add_argument("--compile", choices=["auto", "off", "on", "both"], default="auto",
+                    help="layers compiled (framecast.model.compiled): as the product does here (auto), "
+                         "off, on, or both rows in the same run")
     ap.add_argument("--decode-tokens", type=int, default=0, help="also measure decode tok/s over this many tokens")
+    ap.add_argument("--decode-samples", type=int, default=10, help="narrations per decode row (median, p5)")
     ap.add_argument("--chunk", type=int, default=None, help="re-prefill chunk (default 512 CPU, 2048 GPU)")
     ap.add_argument("--max-cache-tokens", type=int, default=None, help="session budget (default unbounded)")
     ap.add_argument("--layers", type=int, default=None, help="override the LM depth (smoke tests)")

@@ -44,12 +44,15 @@ import numpy as np
 from framecast.engine.scheduler import BatchDecode, BatchEncoder, BatchPrefill
 from framecast.engine.session import StreamingSession, TurnDone
 from framecast.engine.worker import worker_for
+from framecast.model.compiled import compile_layers
+from framecast.model.kv_pool import KVPoolSet
 from framecast.model.tokenizer import Tokenizer
 from framecast.model.vlm import MiniCPMV
 from framecast.testing import REAL_45, build_tokenizer, random_image, tiny_config
 
 PROMPT = "Describe what happens now in one short sentence."
 DEFAULT_STREAMS = (1, 4, 16, 64)
+DEFAULT_BUDGET = 4096  # tokens per session: the rows' frames and turns fit without eviction
 
 
 
@@ -72,6 +75,8 @@ def build_model(shapes: str, bits: int | None, layers: int | None, group: int = 
         quantize_linears(model.language_model, bits)
         label += f"+{bits}bit"
     mx.eval(model.parameters())
+    if compile_layers(model) and model.language_model.layers[0].compiled:  # as load_model does here
+        label += "+compiled"
     return model, label
 
 
@@ -90,14 +95,16 @@ def _pct(values: list[float], q: float) -> float:
 
 
 async def one_row(model: MiniCPMV, n: int, *, ticks: int, narrate_every: int, max_tokens: int,
-                  image: np.ndarray, group: int = 1, batched: bool = True, decode: bool = False) -> dict:
+                  image: np.ndarray, group: int = 1, batched: bool = True, decode: bool = False,
+                  pooled: bool = False, max_cache_tokens: int = DEFAULT_BUDGET) -> dict:
     worker = worker_for(model)
     await worker.run(_reset_peak)
     encoder = BatchEncoder(model, worker=worker, max_batch=n * group)  # one call a tick
     prefill = BatchPrefill(model, worker=worker, max_rows=n) if batched else None
     decoder = BatchDecode(model) if decode and n > 1 else None
-    sessions = [StreamingSession(model, worker=worker, keep_generated=False, prefill=prefill, decode=decoder)
-                for _ in range(n)]
+    pool = KVPoolSet(len(model.language_model.layers), rows=n, capacity=max_cache_tokens) if pooled and n > 1 else None
+    sessions = [StreamingSession(model, worker=worker, keep_generated=False, prefill=prefill, decode=decoder,
+                                 kv_pool=pool, max_cache_tokens=max_cache_tokens) for _ in range(n)]
     turn_started: dict[int, float] = {}
     for i, s in enumerate(sessions):  # when each turn really starts on the worker
         s.core.turn = _timed(s.core.turn, turn_started, i)
@@ -132,6 +139,7 @@ async def one_row(model: MiniCPMV, n: int, *, ticks: int, narrate_every: int, ma
         "encode_calls": encoder.calls, "encode_rows_max": encoder.max_rows,
         "prefill_rows_max": prefill.max_rows_seen if prefill is not None else 1,
         "decode": "batched" if decoder is not None else "separate",
+        "cache": "pooled" if pool is not None else "own",
         "decode_rows_max": decoder.max_rows_seen if decoder is not None else 1,
         "decode_rows_mean": round(decoder.rows / decoder.calls, 2) if decoder is not None and decoder.calls else 1.0,
         "frames_per_s": round(float(np.median(frame_rates)), 2),
@@ -156,16 +164,16 @@ async def run_async(args: argparse.Namespace) -> dict:
     image = random_image(size, size, seed=0)
     counts = sorted(set(args.streams) | {1})
     # warm-up: kernels, allocator, attention at the key lengths the rows will see
-    modes = _modes(args.prefill, args.decode)  # (batched prefill, batched decode) per row
-    for batched, dec in modes:
+    modes = _modes(args.prefill, args.decode, args.cache)  # (batched prefill, batched decode, pooled) per row
+    for batched, dec, pooled in modes:
         await one_row(model, 2, ticks=2, narrate_every=2, max_tokens=2, image=image, group=args.group, batched=batched,
-                      decode=dec)
+                      decode=dec, pooled=pooled, max_cache_tokens=args.max_cache_tokens)
     rows = []
     for n in counts:
-        for batched, dec in ([(False, False)] if n == 1 else modes):
+        for batched, dec, pooled in ([(False, False, False)] if n == 1 else modes):
             row = await one_row(model, n, ticks=args.ticks, narrate_every=args.narrate_every,
                                 max_tokens=args.max_tokens, image=image, group=args.group, batched=batched,
-                                decode=dec)
+                                decode=dec, pooled=pooled, max_cache_tokens=args.max_cache_tokens)
             _add_row(rows, row, args.json)
     return {
         "bench": "streams", "shapes": args.shapes, "dtype": dtype,
@@ -175,12 +183,14 @@ async def run_async(args: argparse.Namespace) -> dict:
     }
 
 
-def _modes(prefill: str, decode: str) -> list[tuple[bool, bool]]:
-    """The (batched prefill, batched decode) pairs a row count is measured with; batched decode
-    rides on batched prefill (a separate-prefill row decodes separately too)."""
+def _modes(prefill: str, decode: str, cache: str = "own") -> list[tuple[bool, bool, bool]]:
+    """The (batched prefill, batched decode, pooled caches) a row count is measured with; batched
+    decode and pooled caches ride on batched prefill (a separate-prefill row has neither)."""
     pre = {"batched": [True], "separate": [False], "both": [False, True]}[prefill]
     dec = {"batched": [True], "separate": [False], "both": [False, True]}[decode]
-    return [(p, d) for p in pre for d in dec if p or not d] or [(False, False)]
+    pool = {"pooled": [True], "own": [False], "both": [False, True]}[cache]
+    rows = [(p, d, c) for p in pre for d in (dec if p else [False]) for c in (pool if p else [False])]
+    return list(dict.fromkeys(rows))
 
 
 def _add_row(rows: list[dict], row: dict, quiet: bool) -> None:
@@ -193,14 +203,14 @@ def _add_row(rows: list[dict], row: dict, quiet: bool) -> None:
 
 
 HEADER = (f"{'streams':>7} {'prefill':>8} {'decode':>8} {'frames/s':>9} {'x':>6} {'p5 fr/s':>8} {'tok/s':>8} {'x':>6} "
-          f"{'1st p50':>8} {'1st p95':>8} {'enc rows':>8} {'dec rows':>8} {'peak MB':>9}")
+          f"{'1st p50':>8} {'1st p95':>8} {'enc rows':>8} {'dec rows':>8} {'cache':>6} {'peak MB':>9}")
 
 
 def _row(r: dict) -> str:
     return (f"{r['streams']:>7} {r['prefill']:>8} {r['decode']:>8} {r['frames_per_s']:>9.1f} {r['x_frames_per_s']:>6.2f} "
             f"{r['frames_per_s_p95_low']:>8.1f} {r['tok_per_s']:>8.1f} {r['x_tok_per_s']:>6.2f} "
             f"{r['first_ms_p50']:>8.1f} {r['first_ms_p95']:>8.1f} {r['encode_rows_max']:>8} {r['decode_rows_mean']:>8.2f} "
-            f"{r['peak_mb']:>9.1f}")
+            f"{r['cache']:>6} {r['peak_mb']:>9.1f}")
 
 
 def _positive(text: str) -> int:
@@ -225,6 +235,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode", choices=["batched", "separate", "both"], default="batched",
                     help="the turns' decode steps of all streams as one batched forward (rows with batched "
                          "prefill), one stream at a time, or both rows")
+    ap.add_argument("--cache", choices=["own", "pooled", "both"], default="pooled",
+                    help="sessions' caches as rows of shared buffers (pooled, as multi-stream runs do: one "
+                         "attention for a batch's rows), each its own, or both rows")
+    ap.add_argument("--max-cache-tokens", type=_positive, default=DEFAULT_BUDGET,
+                    help="every session's token budget (the pool's row length)")
     ap.add_argument("--layers", type=_positive, default=None, help="override the LM depth (smoke tests)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)

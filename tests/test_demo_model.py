@@ -311,6 +311,8 @@ def test_trainer_runs_resumes_and_writes_a_loadable_model(tmp_path):
     (["--gap-phase", "0.2"], "a --gap-phase clip needs more than 10 frames"),
     (["--gap-mix", "0.2"], "a --gap-mix clip needs more than 10 frames"),
     (["--gap-mix", "1.5"], "--gap-mix 1.5: a share of the run"),
+    (["--data-seed", "-1"], "--data-seed -1: from 0 to 999"),
+    (["--streams", "100001"], "--streams 100001: at most 100000"),
     (["--motion-weight", "-1"], "--motion-weight -1.0: must be from 0 to 100"),
     (["--motion-weight", "inf"], "--motion-weight inf: must be from 0 to 100"),
     (["--text-weight", "1e300"], "--text-weight 1e+300: must be from 0 to 100"),
@@ -598,6 +600,27 @@ def test_trainer_gap_steps_run(tmp_path, monkeypatch, phases, key):
     info = json.loads((out / "training.json").read_text())
     assert info[key] > 0 and info["steps"] == 2 and "motion_probe_acc_real" in info["history"][-1]
     assert len(calls) == 2
+    assert info["data_seed"] == 0  # a new model: --seed's streams
+
+
+def test_a_fine_tuning_run_trains_on_streams_its_lineage_never_saw(tmp_path, monkeypatch):
+    """--init-from: the default --data-seed is --seed + the runs the model descends from, so
+    each run of a lineage renders streams of its own (and --data-seed picks them by hand)."""
+    import framecast.stages.demo_training.train as T
+
+    rendered = []
+    real = T.stream_jobs
+    monkeypatch.setattr(T, "stream_jobs", lambda seeds, *a: rendered.append(sorted(seeds)) or real(seeds, *a))
+    base = ["--tiny", "--streams", "2", "--frames", "12", "--max-clip", "4", "--batch", "1", "--workers", "1",
+            "--time-budget", "1000", "--vision-phase", "0", "--max-steps", "1", "--log-every", "1"]
+    first, second, third = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert T.main([*base, "--out", str(first)]) == 0
+    assert T.main([*base, "--out", str(second), "--init-from", str(first)]) == 0
+    assert T.main([*base, "--out", str(third), "--init-from", str(second), "--data-seed", "7"]) == 0
+    train = [[s for s in seeds if s >= 1_000_000] for seeds in rendered]
+    assert train == [[1_000_000, 1_000_001], [1_100_000, 1_100_001], [1_700_000, 1_700_001]]
+    info = json.loads((second / "training.json").read_text())
+    assert info["data_seed"] == 1 and len(info["lineage"]) == 2
 
 
 def test_motion_targets_start_once_the_clip_shows_the_motion():

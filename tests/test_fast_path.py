@@ -111,13 +111,14 @@ def _run(script: str, *args: str) -> dict:
 
 def test_bench_latency_smoke():
     result = _run("bench_latency.py", "--minutes", "0.05", "0.1", "--steps", "2", "--attention", "sdpa", "kernel",
-                  "--fused", "both", "--decode-tokens", "3")
+                  "--fused", "both", "--decode-tokens", "3", "--decode-samples", "2", "--compile", "both")
     assert [r["frames"] for r in result["rows"]] == [3, 6]
     for row in result["rows"]:
-        assert set(row["impls"]) == {"sdpa", "sdpa+fused", "kernel", "kernel+fused"}
+        assert set(row["impls"]) == {f"{impl}{fused}{comp}" for impl in ("sdpa", "kernel") for fused in ("", "+fused")
+                                     for comp in ("", "+compiled")}
         for entry in row["impls"].values():
             assert entry["total"]["median"] > 0 and entry["total"]["p95"] >= entry["total"]["median"]
-        assert row["decode_tok_s"] > 0
+        assert row["decode_tok_s"] > 0 and row["decode_tok_s_compiled"] > 0
         assert row["impls"]["sdpa+fused"]["frame"]["median"] == 0
         assert row["reprefill_total"]["median"] > 0 and row["ratio_reprefill_vs_best"] > 0
 
@@ -132,3 +133,144 @@ def test_bench_streaming_takes_several_samples_per_row():
     result = _run("bench_streaming.py", "--minutes", "0.05", "--repeats", "3", "--max-tokens", "2")
     (row,) = result["rows"]
     assert result["repeats"] == 3 and row["stream_first_p95_ms"] >= row["stream_first_ms"]
+
+
+# ---------------------------------------------------------------- compiled layers (FRAMECAST_COMPILE)
+
+
+@pytest.fixture(params=["4.5"])
+def compiled_twin(tmp_path, request):
+    """Two loads of one tiny model: (eager, compiled), the same weights."""
+    from framecast.model.compiled import compile_layers
+
+    d = tmp_path / f"tiny-{request.param}"
+    make_tiny_minicpmv(d, request.param)
+    eager, compiled = load_model(str(d)), load_model(str(d))
+    n = len(compiled.language_model.layers) + 1  # every decoder layer and the vision tower
+    assert compile_layers(eager, False) == compile_layers(compiled, True) == n
+    return eager, compiled
+
+
+@pytest.mark.parametrize("compiled_twin", ["2.6", "4.0", "4.5"], indirect=True)  # Qwen2, MiniCPM muP, Qwen3 q/k norm
+def test_compiled_layers_stream_like_eager_ones(compiled_twin):
+    """Frames, a fused frame + prompt prefill and greedy decode: the same text, logits within
+    float32 rounding, the same cache."""
+    eager, compiled = compiled_twin
+    images = [random_image(56, 56, seed=20 + i) for i in range(3)]
+    feats = {id(m): m.encode_images(images, max_slice_nums=1) for m in compiled_twin}
+    for fe, fc in zip(feats[id(eager)], feats[id(compiled)]):
+        np.testing.assert_allclose(np.array(fe.features), np.array(fc.features), rtol=1e-4, atol=1e-4)
+    runs = []
+    for m in compiled_twin:
+        core = SessionCore(m)
+        core.add_features(feats[id(m)][0], 0.0)
+        core.add_features(feats[id(m)][1], 1.0)
+        runs.append((core, core.generate(PROMPT, max_tokens=5, ignore_eos=True, return_logits=True,
+                                         frame=feats[id(m)][2], pts=2.0)))
+    (ce, a), (cc, b) = runs
+    assert a.text == b.text and a.tokens == b.tokens
+    for la, lb in zip(a.logits, b.logits):
+        np.testing.assert_allclose(la, lb, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.array(ce.cache[1].state[0]), np.array(cc.cache[1].state[0]), rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_layers_batch_rows_like_eager_ones(compiled_twin):
+    """Several sessions' frames in one batched prefill (RowCaches): the caches the eager layers fill."""
+    eager, compiled = compiled_twin
+    images = [random_image(56, 56, seed=40 + i) for i in range(3)]
+    cores = {}
+    for m in compiled_twin:
+        feats = m.encode_images(images, max_slice_nums=1)
+        cores[id(m)] = [SessionCore(m) for _ in range(3)]
+        cores[id(m)][0].add_features(feats[0], 0.0)  # rows of different lengths
+        added = SessionCore.add_features_rows(cores[id(m)], feats, [1.0, 0.0, 0.0])
+        assert all(isinstance(n, int) and n > 0 for n in added), added
+    for ce, cc in zip(cores[id(eager)], cores[id(compiled)]):
+        assert ce.offset == cc.offset, (ce.offset, cc.offset, ce.cache[0], cc.cache[0])
+        np.testing.assert_allclose(np.array(ce.cache[0].state[1]), np.array(cc.cache[0].state[1]), rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_layers_see_weights_loaded_after_their_first_call(compiled_twin):
+    """The parameters are the compiled bodies' tracked inputs, not constants of the trace."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_map
+
+    eager, compiled = compiled_twin
+    ids = mx.array([[5, 6, 7]], dtype=mx.int32)
+    before = np.array(compiled(ids))  # traced with the first weights
+    new = tree_map(lambda w: w * 0.5, dict(tree_flatten(eager.language_model.parameters())))
+    for m in compiled_twin:
+        m.language_model.load_weights(list(new.items()))
+    np.testing.assert_allclose(np.array(compiled(ids)), np.array(eager(ids)), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(np.array(compiled(ids)), before)
+
+
+@pytest.mark.parametrize("value,want", [("auto", False), ("", False), ("on", True), ("1", True), ("OFF", False)])
+def test_framecast_compile_switch(monkeypatch, tmp_path, value, want):
+    """auto compiles on a GPU only (this CPU: eager); on / off force it; load_model applies it."""
+    monkeypatch.setenv("FRAMECAST_COMPILE", value)
+    d = tmp_path / "tiny"
+    make_tiny_minicpmv(d, "2.6")
+    m = load_model(str(d))
+    assert m.language_model.layers[0].compiled is want and m.vpm.compiled is want
+
+
+def test_framecast_compile_bad_value_is_one_line(monkeypatch):
+    from framecast.errors import UserError
+    from framecast.model.compiled import wanted
+
+    monkeypatch.setenv("FRAMECAST_COMPILE", "fast")
+    with pytest.raises(UserError, match=r"FRAMECAST_COMPILE='fast': expected one of auto, on, off"):
+        wanted()
+
+
+def test_compiled_layers_of_a_quantised_model_decode_like_eager_ones(compiled_twin):
+    """4-bit linears (QuantizedLinear) inside the compiled bodies: the same logits."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    for m in compiled_twin:
+        nn.quantize(m.language_model, group_size=32, bits=4)
+    eager, compiled = compiled_twin
+    assert isinstance(compiled.language_model.layers[0].mlp.up_proj, nn.QuantizedLinear)
+    ids = mx.array([[3, 1, 4, 1, 5]], dtype=mx.int32)
+    logits = []
+    for m in compiled_twin:  # a prompt, then one token at a time onto the cache
+        cache = m.make_cache()
+        logits.append([np.array(m(ids, cache))] + [np.array(m(mx.array([[t]], dtype=mx.int32), cache)) for t in (9, 2)])
+    for a, b in zip(*logits):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("compiled_twin", ["2.6"], indirect=True)  # biases on q/k/v and in the tower
+def test_compiled_layers_are_shapeless(compiled_twin):
+    """One trace serves every token count, batch and view count: prompts of new lengths and
+    batches of views give the eager results (biased linears included)."""
+    import mlx.core as mx
+
+    eager, compiled = compiled_twin
+    for n in (1, 4, 9, 2):  # prompt lengths, each a new shape for the same compiled bodies
+        ids = mx.array([list(range(3, 3 + n))], dtype=mx.int32)
+        np.testing.assert_allclose(np.array(compiled(ids)), np.array(eager(ids)), rtol=1e-4, atol=1e-4)
+    for n_images, size in ((1, 56), (3, 56), (2, 84)):  # view batches; 84 px: several slices
+        images = [random_image(size, size, seed=60 + i) for i in range(n_images)]
+        for fe, fc in zip(eager.encode_images(images), compiled.encode_images(images)):
+            np.testing.assert_allclose(np.array(fe.features), np.array(fc.features), rtol=1e-4, atol=1e-4)
+
+
+
+def test_compile_layers_reaches_a_text_only_gguf_model(tmp_path, monkeypatch):
+    """A lone language-model GGUF loads as a text-only wrapper (not a Module): its layers are
+    switched too, and its logits are the eager ones."""
+    import mlx.core as mx
+    from gguf_fixtures import write_gguf_pair
+
+    hf = make_tiny_minicpmv(tmp_path / "hf", "2.6")
+    lm_path, _mm, _ = write_gguf_pair(hf, tmp_path / "gguf", "F32", version="2.6")
+    logits = {}
+    for value in ("off", "on"):
+        monkeypatch.setenv("FRAMECAST_COMPILE", value)
+        model = load_model(str(lm_path))
+        assert all(layer.compiled is (value == "on") for layer in model.language_model.layers)
+        logits[value] = np.array(model.language_model(mx.array([[1, 2, 3, 4]]), cache=model.make_cache()))
+    np.testing.assert_allclose(logits["on"], logits["off"], rtol=1e-4, atol=1e-4)

@@ -572,9 +572,15 @@ def test_bench_streams_runs_and_prints_json_last(capsys):
     assert bench.main(["--streams", "2", "--ticks", "2", "--narrate-every", "1", "--max-tokens", "2",
                        "--prefill", "both", "--decode", "both", "--layers", "1", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
-    assert [(r["streams"], r["prefill"], r["decode"]) for r in rows] == [
-        (1, "separate", "separate"), (2, "separate", "separate"), (2, "batched", "separate"), (2, "batched", "batched")]
+    assert [(r["streams"], r["prefill"], r["decode"], r["cache"]) for r in rows] == [
+        (1, "separate", "separate", "own"), (2, "separate", "separate", "own"), (2, "batched", "separate", "pooled"),
+        (2, "batched", "batched", "pooled")]
     assert rows[-1]["decode_rows_max"] == 2
+    # --cache both: pooled rows beside own ones (batched prefill only)
+    assert bench.main(["--streams", "2", "--ticks", "2", "--narrate-every", "1", "--max-tokens", "2",
+                       "--cache", "both", "--layers", "1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]
+    assert [(r["streams"], r["cache"]) for r in rows] == [(1, "own"), (2, "own"), (2, "pooled")]
 
 
 # ---------------------------------------------------------------- real processes

@@ -108,6 +108,7 @@ DEFAULT_GAP_MIX = 0.0  # after the phases, the chance that a step is a gap step 
 # and the decoder train. The long phase's longest clip grows from SHORT_FRAMES to --max-clip over
 # the first LONG_RAMP of that phase, so the decoder keeps finding the image tokens as they thin out.
 LONG_RAMP = 0.5
+STREAMS_PER_DATA_SEED = 100_000  # training stream seeds: 1,000,000 + data_seed * this + i
 TEXT_ROWS = 8  # text-only conversations (title, summary, question from a log) per step
 PATCH_WEIGHT = 1.0
 SLOT_WEIGHT = 1.0
@@ -888,7 +889,7 @@ def export(out: Path, model: DemoVLM, a, state: dict, n_params: int, t_data: flo
     write_tokenizer_files(staging, tok, cfg)
     mx.save_safetensors(str(staging / "model.safetensors"), hf_weights(model, mx.float16), metadata={"format": "pt"})
     (staging / "training.json").write_text(json.dumps({
-        "seed": a.seed, "steps": state["step"], "batch": a.batch, "streams": a.streams, "frames": a.frames,
+        "seed": a.seed, "data_seed": a.data_seed, "steps": state["step"], "batch": a.batch, "streams": a.streams, "frames": a.frames,
         "max_clip": a.max_clip, "max_tokens": a.max_tokens, "lr": a.lr, "vision_lr_scale": a.vision_lr_scale,
         "codec": a.codec, "init_from": a.init_from, "vision_phase": a.vision_phase, "gap_phase": a.gap_phase,
         "gap_mix": a.gap_mix,
@@ -957,6 +958,10 @@ def check_args(a) -> str | None:
             return f"--{name.replace('_', '-')} {v}: must be from 0 to {MAX_LOSS_WEIGHT:g}"
     if a.text_rows > MAX_TEXT_ROWS:
         return f"--text-rows {a.text_rows}: at most {MAX_TEXT_ROWS} a step"
+    if a.streams > STREAMS_PER_DATA_SEED:  # the next data seed's streams would be the same ones
+        return f"--streams {a.streams}: at most {STREAMS_PER_DATA_SEED} (one data seed's block of stream seeds)"
+    if a.data_seed is not None and not 0 <= a.data_seed < 1000:
+        return f"--data-seed {a.data_seed}: from 0 to 999"
     for name in ("vision_phase", "gap_phase", "short_phase", "gap_mix"):
         v = getattr(a, name)
         if not 0.0 <= v <= 1.0:
@@ -987,7 +992,11 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out", required=True,
                     help=f"model directory to write (the shipped one is {DEMO_MODEL_DIR}: name it to replace it)")
-    ap.add_argument("--seed", type=int, default=0, help="data, init and batch order")
+    ap.add_argument("--seed", type=int, default=0, help="tokenizer, init and batch order (and data: --data-seed)")
+    ap.add_argument("--data-seed", type=int, default=None,
+                    help="which training streams are rendered; default --seed for a new model, and for an "
+                         "--init-from model --seed + the runs it descends from, so a fine-tuning run never "
+                         "trains on streams an earlier run of its lineage saw")
     ap.add_argument("--time-budget", type=float, default=420.0, help="training seconds the LR schedule spans")
     ap.add_argument("--stop-after", type=float, default=None, help="end this run after so many seconds (resume later)")
     ap.add_argument("--max-steps", type=int, default=10**9, help="end after this many steps (all runs together)")
@@ -1029,6 +1038,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     a.command = "python -m framecast.stages.demo_training.train " + shlex.join(sys.argv[1:] if argv is None else argv)
     a.parent_lineage = parent_lineage(Path(a.init_from)) if a.init_from else []
+    if a.data_seed is None:
+        a.data_seed = a.seed + len(a.parent_lineage)
 
     t_start = time.time()
     out = Path(a.out)
@@ -1045,7 +1056,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     # Training seeds start at 1,000,000; evaluation uses small seeds (held out); 900,000+ = log.
-    train_seeds = [1_000_000 + a.seed * 100_000 + i for i in range(a.streams)]
+    train_seeds = [1_000_000 + a.data_seed * STREAMS_PER_DATA_SEED + i for i in range(a.streams)]
     val_seeds = [900_000 + i for i in range(min(48, max(4, a.streams // 8)))]
     data = generate_streams(stream_jobs(train_seeds + val_seeds, a.frames, a.codec), a.workers)
     val_data = [d for d in data if d["seed"] >= 900_000 and d["seed"] < 1_000_000]
