@@ -217,7 +217,8 @@ def run(args: argparse.Namespace) -> dict:
     for i in range(3):
         core.add_features(feats[i], float(i))
     both = {"off": [False], "on": [True], "both": [False, True]}
-    compiles = both[args.compile] if args.compile != "auto" else [wanted()]
+    modes = {"off": [False], "on": [True], "both": [False, True], "tower": ["tower"], "auto": [wanted()]}
+    compiles = [c for name in args.compile for c in modes[name]]
     # (attention impl, frame + prompt fused, fused projections, compiled layers) per row
     variants = [(impl, fused, False, comp) for impl in impls for fused in both[args.fused] for comp in compiles]
     variants += [(impl, True, True, False) for impl in args.fuse_proj or []]  # the prototype runs eager
@@ -260,7 +261,8 @@ def run(args: argparse.Namespace) -> dict:
             del core.spans[n_spans:]
             core.frames_added = n_frames
             entry = {p: _stats([s[p] for s in samples]) for p in PARTS}
-            name = impl + ("+fused" if fused else "") + ("+qkv" if fp else "") + ("+compiled" if comp else "")
+            name = impl + ("+fused" if fused else "") + ("+qkv" if fp else "") + {False: "", True: "+compiled",
+                                                                                  "tower": "+tower"}[comp]
             row["impls"][name] = entry
             if not args.json:
                 print(_line(row, name, entry), flush=True)
@@ -272,7 +274,7 @@ def run(args: argparse.Namespace) -> dict:
             for fp, comp in modes:
                 fuse_projections(model, fp)
                 compile_layers(model, comp)
-                label = "decode" + ("+qkv" if fp else "") + ("+compiled" if comp else "")
+                label = "decode" + ("+qkv" if fp else "") + {False: "", True: "+compiled", "tower": "+tower"}[comp]
                 key = label.replace("decode", "decode_tok_s").replace("+", "_")
                 rates = [decode_rate(core, args.decode_tokens) for _ in range(args.decode_samples)]
                 row[key] = round(float(np.median(rates)), 1)
@@ -332,9 +334,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="prefill frame + prompt in one pass (on), or measure both ways")
     ap.add_argument("--fuse-proj", nargs="+", choices=ca.IMPLS, default=None,
                     help="also measure these impls (fused frame+prompt) with q/k/v and gate/up as one matmul each")
-    ap.add_argument("--compile", choices=["auto", "off", "on", "both"], default="auto",
-                    help="layers compiled (framecast.model.compiled): as the product does here (auto), "
-                         "off, on, or both rows in the same run")
+    ap.add_argument("--compile", choices=["auto", "off", "on", "tower", "both"], nargs="+", default=["auto"],
+                    help="what is compiled (framecast.model.compiled), one set of rows each: as the product does "
+                         "here (auto), nothing, the tower and the decoder layers (on), the tower only; both = off on")
     ap.add_argument("--decode-tokens", type=int, default=0, help="also measure decode tok/s over this many tokens")
     ap.add_argument("--decode-samples", type=int, default=10, help="narrations per decode row (median, p5)")
     ap.add_argument("--chunk", type=int, default=None, help="re-prefill chunk (default 512 CPU, 2048 GPU)")

@@ -207,12 +207,17 @@ def test_compiled_layers_see_weights_loaded_after_their_first_call(compiled_twin
 
 @pytest.mark.parametrize("value,want", [("auto", False), ("", False), ("on", True), ("1", True), ("OFF", False)])
 def test_framecast_compile_switch(monkeypatch, tmp_path, value, want):
-    """auto compiles on a GPU only (this CPU: eager); on / off force it; load_model applies it."""
+    """auto compiles the vision tower on a GPU and nothing on the CPU; on (tower and decoder
+    layers) / off force it; load_model applies it."""
     monkeypatch.setenv("FRAMECAST_COMPILE", value)
     d = tmp_path / "tiny"
     make_tiny_minicpmv(d, "2.6")
     m = load_model(str(d))
     assert m.language_model.layers[0].compiled is want and m.vpm.compiled is want
+    from framecast.model.compiled import compile_layers
+
+    compile_layers(m, "tower")  # what `auto` picks on a GPU: the tower only
+    assert m.vpm.compiled is True and m.language_model.layers[0].compiled is False
 
 
 def test_framecast_compile_bad_value_is_one_line(monkeypatch):

@@ -35,32 +35,38 @@ ENV_VAR = "FRAMECAST_COMPILE"
 CHOICES = {"auto": None, "on": True, "1": True, "off": False, "0": False}
 
 
-def wanted() -> bool:
-    """Whether inference compiles its layers here: $FRAMECAST_COMPILE, else on a GPU only.
+def wanted() -> bool | str:
+    """What inference compiles here: $FRAMECAST_COMPILE `on` (True: tower and decoder layers),
+    `off` (False), `auto` (the default: "tower" on a GPU, False on the CPU).
 
     Raises UserError for a value other than auto / on / off / 1 / 0."""
     raw = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if raw not in CHOICES:
         raise UserError(f"{ENV_VAR}={raw!r}: expected one of auto, on, off")
     choice = CHOICES[raw]
-    return gpu() is not None if choice is None else choice
+    return ("tower" if gpu() is not None else False) if choice is None else choice
 
 
-def compile_layers(model, on: bool | None = None) -> int:
-    """Switch the compiled bodies of every decoder layer and vision tower in `model` on or off
-    (`on=None`: as `wanted()` says). Returns how many modules were switched."""
+def compile_layers(model, on: bool | str | None = None) -> int:
+    """Switch the compiled bodies of `model`'s vision tower and decoder layers: `on=True` both,
+    False neither, "tower" the tower only, None as $FRAMECAST_COMPILE says (`wanted()`).
+    Returns how many modules were switched."""
     from framecast.model.lm.base import TransformerBlock
     from framecast.model.vision import SiglipVisionTower
 
-    on = wanted() if on is None else bool(on)
+    choice = wanted() if on is None else on
     # a MiniCPMV is a Module; a text-only wrapper (a lone LM GGUF) holds its modules as fields
     roots = [model] if isinstance(model, nn.Module) else [v for v in vars(model).values() if isinstance(v, nn.Module)]
     n = 0
     for root in roots:
         for _, module in root.named_modules():
-            if isinstance(module, (TransformerBlock, SiglipVisionTower)):
-                module.compiled = on
-                n += 1
+            if isinstance(module, SiglipVisionTower):
+                module.compiled = bool(choice)
+            elif isinstance(module, TransformerBlock):
+                module.compiled = choice is True
+            else:
+                continue
+            n += 1
     return n
 
 

@@ -205,9 +205,10 @@ class SiglipVisionTower(nn.Module):
         mask = None
         if valid is not None and not bool(mx.all(valid)):
             mask = valid[:, None, None, :]  # [B, 1, 1, L]: padded patches never serve as keys
-        if self.compiled:  # inference on a GPU: one traced body for every batch (framecast.model.compiled)
+        if self.compiled:  # inference on a GPU (framecast.model.compiled)
             if self._layers is None:
-                self._layers = mx.compile(self._run_layers, inputs=self, shapeless=True)
+                # one trace per batch shape (a stream's frames: one); shapeless fused less (H200)
+                self._layers = mx.compile(self._run_layers, inputs=self)
             return self._layers(x, mask)
         return self._run_layers(x, mask)
 
