@@ -94,18 +94,32 @@ def load_shared_model(configs: list[RunConfig]) -> SharedModel:
                        kv_pool_for(model, configs))
 
 
+POOL_MEMORY_SLACK = 1.25  # pooled rows may hold this much more cache memory than the budgets' sum
+
+
 def kv_pool_for(model: Any, configs: list[RunConfig]) -> Any:
-    """Shared cache buffers for the streams' sessions (`framecast.model.kv_pool`), one row per
-    stream, as long as the longest token budget; None for one stream, or when no stream has a
-    token budget (a session without one keeps caches of its own, as do quantised ones)."""
+    """Shared cache buffers for the streams' sessions (`framecast.model.kv_pool`): one row per
+    stream whose token budget fits the rows' length, None when fewer than two streams would use
+    it. A session without a token budget, with one in MB or with a quantised cache keeps caches
+    of its own, and so does one whose budget is longer than the rows: the row length is the
+    budget that pools the most streams while the memory in all (rows x length + the longer
+    sessions' own caches) stays within POOL_MEMORY_SLACK of the budgets' sum, so one long-budget
+    stream never makes every row that long."""
     from framecast.model.kv_pool import KVPoolSet
 
     budgets = [c.session.max_cache_tokens or model.session_defaults.get("max_cache_tokens") for c in configs
                if not c.session.kv_bits and c.session.max_cache_mb is None]
-    budgets = [int(b) for b in budgets if b]
-    if len(configs) < 2 or len(budgets) < 2:
+    budgets = sorted(int(b) for b in budgets if b)
+
+    def memory(length: int) -> int:  # tokens held in all: the pooled rows, then the others' own caches
+        return sum(length if b <= length else b for b in budgets)
+
+    affordable = [n for n in set(budgets) if memory(n) <= POOL_MEMORY_SLACK * sum(budgets)]
+    length = max(affordable, key=lambda n: (sum(1 for b in budgets if b <= n), -n), default=None)
+    rows = sum(1 for b in budgets if length is not None and b <= length)
+    if rows < 2:
         return None
-    return KVPoolSet(len(model.language_model.layers), rows=len(budgets), capacity=max(budgets))
+    return KVPoolSet(len(model.language_model.layers), rows=rows, capacity=length)
 
 
 def _stream_config(cfg: RunConfig, n_streams: int) -> RunConfig:

@@ -186,4 +186,9 @@ def test_kv_pool_for_a_run(tmp_path):
                                        {"id": "c", "session": {"kv_bits": 8}}]))
     assert (pool.rows, pool.capacity, len(pool.layers)) == (2, 800, 3)  # the quantised stream keeps its own
     assert kv_pool_for(Model, configs([{"id": "a"}])) is None
+    # one long budget does not make every row that long: it keeps its own cache
+    pool = kv_pool_for(Model, configs([{"id": "a"}, {"id": "b"}, {"id": "c", "session": {"max_cache_tokens": 60000}}]))
+    assert (pool.rows, pool.capacity) == (2, 512)
+    pool = kv_pool_for(Model, configs([{"id": "a"}, {"id": "b", "session": {"max_cache_tokens": 600}}]))
+    assert (pool.rows, pool.capacity) == (2, 600)  # 1,200 tokens for 1,112 of budgets: both pooled
     assert kv_pool_for(Model, configs([{"id": "a"}, {"id": "b", "session": {"max_cache_mb": 10}}])) is None

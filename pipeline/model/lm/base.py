@@ -276,7 +276,7 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(hidden_size, eps=rms_norm_eps)
         self.residual_scale = residual_scale
 
-    # Inference on a GPU runs the layer as two compiled bodies around the attention
+    # FRAMECAST_COMPILE=on runs the layer as two compiled bodies around the attention
     # (`framecast.model.compiled.compile_layers`): the norms, projections, residuals and the MLP
     # fuse into fewer launches, while RoPE offsets, cache writes and attention stay eager (their
     # key lengths change every step). Training never switches it on.
