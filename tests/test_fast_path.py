@@ -279,3 +279,10 @@ def test_compile_layers_reaches_a_text_only_gguf_model(tmp_path, monkeypatch):
         assert all(layer.compiled is (value == "on") for layer in model.language_model.layers)
         logits[value] = np.array(model.language_model(mx.array([[1, 2, 3, 4]]), cache=model.make_cache()))
     np.testing.assert_allclose(logits["on"], logits["off"], rtol=1e-4, atol=1e-4)
+
+
+def test_bench_preprocess_smoke():
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_preprocess.py"), "--size", "96",
+                           "--samples", "2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "cv2.LUT (now)" in proc.stdout and "per-channel take (before)" in proc.stdout

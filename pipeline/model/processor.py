@@ -169,16 +169,16 @@ class MiniCPMVProcessor:
     def normalize(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 [H, W, 3] -> float32 [H, W, 3], (x/255 - mean) / std.
 
-        Through a 256-entry table per channel holding exactly that float32 arithmetic: the same
-        bits as computing it per pixel, in ~60 % of the time (a frame's CPU preprocessing is on
-        the path from frame arrival to first token, issue 14)."""
-        if not (pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == len(self.mean) == len(self.std)):
+        Through a 256-entry table per channel holding exactly that float32 arithmetic, looked up
+        by OpenCV's `cv2.LUT` (all channels in one vectorised pass): the same bits as computing
+        it per pixel, 448 px in ~0.5 ms instead of ~5 (2-core VM; a frame's CPU preprocessing is
+        on the path from frame arrival to first token, issue 14)."""
+        if not (pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == len(self.mean) == len(self.std)
+                and pixels.shape[2] <= 4):  # cv2.LUT: 1-4 channels
             return self._arithmetic(pixels)  # anything else: the arithmetic itself
-        lut = self._normalize_table()  # [C, 256]
-        out = np.empty(pixels.shape, np.float32)
-        for c in range(pixels.shape[2]):
-            np.take(lut[c], pixels[..., c], out=out[..., c])
-        return out
+        import cv2
+
+        return cv2.LUT(np.ascontiguousarray(pixels), self._normalize_table())  # [H, W, C] float32
 
     def _arithmetic(self, pixels: np.ndarray) -> np.ndarray:
         x = pixels.astype(np.float32) / np.float32(255.0)
@@ -188,7 +188,7 @@ class MiniCPMVProcessor:
         key = (tuple(self.mean), tuple(self.std))  # by value: a list changed in place is a new table
         if getattr(self, "_lut_key", None) != key:
             table = self._arithmetic(np.arange(256, dtype=np.uint8)[:, None])  # [256, C]: every value
-            self._lut, self._lut_key = np.ascontiguousarray(table.T), key
+            self._lut, self._lut_key = np.ascontiguousarray(table[None]), key  # [1, 256, C], as cv2.LUT takes
         return self._lut
 
     def preprocess(self, image: np.ndarray, *, max_slice_nums: int | None = None) -> ProcessedImage:
