@@ -78,7 +78,7 @@ def _resume_config(cfg: RunConfig):
     from framecast.stages.sources import source_kind
 
     archive = read_archive(cfg.session.resume)
-    warning = check_source(archive, cfg.source.uri, force=cfg.session.force)
+    warning = check_source(archive, cfg.source.uri, source_cfg=cfg.source, force=cfg.session.force)
     if warning:
         print(f"framecast: warning: {warning}", file=sys.stderr)
     end = archive.manifest.get("media_end")

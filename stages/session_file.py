@@ -252,11 +252,13 @@ class SessionArchiveStage(Stage):
             await self.save()
 
 
-def check_source(archive: Archive, uri: str | None, *, force: bool = False) -> str | None:
+def check_source(archive: Archive, uri: str | None, *, source_cfg: Any = None, force: bool = False) -> str | None:
     """Refuse (UserError, one line) a saved session used with another video than its own.
 
-    `uri` is the video given now; without one, a file still at the saved path is checked (a
-    replaced file is another video). Returns a warning line when `force` let a mismatch through."""
+    `uri` is the video given now and `source_cfg` its settings (the demo source's seed and size
+    are part of what it shows; without them, as `framecast ask --source demo` gives none, the
+    saved ones are taken); without a uri, a file still at the saved path is checked (a replaced
+    file is another video). Returns a warning line when `force` let a mismatch through."""
     from framecast.stages.sources.fingerprint import describe, fingerprint, mismatch
 
     saved = archive.manifest.get("source") or {}
@@ -264,7 +266,9 @@ def check_source(archive: Archive, uri: str | None, *, force: bool = False) -> s
         if saved.get("kind") != "file" or not os.path.isfile(saved.get("path", "")):
             return None
         uri = saved["path"]
-    current = fingerprint(uri)
+    current = fingerprint(uri, source_cfg)
+    if source_cfg is None and current.get("kind") == "demo" == saved.get("kind"):
+        current = {**current, **{k: saved.get(k) for k in ("seed", "width", "height")}}
     why = mismatch(saved, current)
     if why is None:
         return None

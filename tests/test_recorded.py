@@ -828,3 +828,19 @@ def test_summary_file_with_chapters_keeps_its_figures_and_sections():
     md = summary_markdown(s, chs, _narrs(2))
     assert "*0:00-0:04, 1 chapter, 2 narrations*" in md and "## Chapters" in md and "## Narrations" not in md
     assert md.count("- [") == 2
+
+
+def test_resume_checks_the_demo_source_with_its_own_seed():
+    """A session saved from `--source demo --seed 3` resumes with --seed 3, is refused with
+    --seed 5 or the default seed, and `ask --source demo` (no seed to give) takes the saved one."""
+    from types import SimpleNamespace
+
+    from framecast.config import SourceConfig
+    from framecast.stages.session_file import check_source
+
+    archive = SimpleNamespace(path="s.fcs", manifest={"source": fingerprint("demo", SourceConfig(seed=3))})
+    assert check_source(archive, "demo", source_cfg=SourceConfig(seed=3)) is None
+    for other in (SourceConfig(seed=5), SourceConfig()):
+        with pytest.raises(UserError, match="seed differs"):
+            check_source(archive, "demo", source_cfg=other)
+    assert check_source(archive, "demo") is None
