@@ -163,10 +163,22 @@ def test_rows_are_given_back_and_sessions_that_do_not_fit_keep_their_own(tiny, t
     path = b.save(tmp_path / "b.fcs")
     c.load(path)  # no row free: the loaded cache is its own
     assert type(c.cache[0]) is KVCache and c.offset == b.offset
-    b.load(path)  # loading into a pooled session: a new row is needed, none is free -> its own; the old row freed
-    assert type(b.cache[0]) is KVCache and pool.free_rows == 1 and b.offset == c.offset
-    c.reset()
-    assert type(c.cache[0]) is PooledKVCache and pool.free_rows == 0
+    b.load(path)  # a pooled session loads into its own row (as a resumed stream of a run does)
+    assert type(b.cache[0]) is PooledKVCache and b.cache[0].row == 1 and pool.free_rows == 0
+    assert b.offset == c.offset and np.array_equal(np.array(b.cache[1].state[1]), np.array(c.cache[1].state[1]))
+    # a saved session longer than a row (a smaller budget now) loads into a cache of its own, and
+    # the row it had is given back; the budget evicts it down at the next frame
+    for k in range(3):
+        b.add_features(feat, 1.0 + k)
+    long_path = b.save(tmp_path / "long.fcs")
+    assert b.offset > 120
+    big_state = SessionCore(tiny, kv_pool=KVPoolSet(len(tiny.language_model.layers), rows=1, capacity=120),
+                            max_cache_tokens=120)
+    big_state.start()
+    big_state.load(long_path)
+    assert type(big_state.cache[0]) is KVCache and big_state.kv_pool.free_rows == 1
+    big_state.add_features(feat, 9.0)
+    assert big_state.offset <= 120 and big_state.evicted_total > 0
 
 
 def test_kv_pool_for_a_run(tmp_path):

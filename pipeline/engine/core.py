@@ -147,6 +147,19 @@ class SessionCore:
                 return pooled
         return self.model.make_cache()
 
+    def _pooled(self, own: list) -> list:
+        """A loaded cache of its own moved into this session's pooled row (or a free one) when
+        the run shares rows and it fits one; else `own` as it is."""
+        if self.kv_pool is None or self.kv_bits or not own or own[0].offset > self.kv_pool.capacity:
+            return own
+        rows = self.cache if self.cache and getattr(self.cache[0], "pool", None) is self.kv_pool.layers[0] else \
+            self.kv_pool.acquire(self.max_cache_tokens if self.max_cache_mb is None else None)
+        if rows is None:
+            return own
+        for row, c in zip(rows, own):
+            row.state = c.state
+        return rows
+
     def _release(self, cache: list) -> None:
         """Give a pooled cache's row back (nothing for a cache of its own)."""
         if self.kv_pool is not None:
@@ -407,13 +420,13 @@ class SessionCore:
                             frames_added=self.frames_added)
 
     def load(self, path: str | Path) -> None:
-        cache = self._new_cache()
-        try:
-            meta = load_session(path, cache, fingerprint=self._fingerprint())
-        except BaseException:
-            self._release(cache)
-            raise
-        self._release(self.cache)
+        # Into a cache of its own first (a saved session may be longer than a pooled row: the
+        # budget then evicts it down, as for any session); then into this session's row.
+        own = [QuantizedKVCache(bits=self.kv_bits) for _ in self.lm.layers] if self.kv_bits else self.model.make_cache()
+        meta = load_session(path, own, fingerprint=self._fingerprint())
+        cache = self._pooled(own)
+        if cache is not self.cache:
+            self._release(self.cache)
         self.cache = cache
         self._reserve()
         self.system_prompt = meta["system_prompt"]
