@@ -312,6 +312,11 @@ def test_trainer_runs_resumes_and_writes_a_loadable_model(tmp_path):
     (["--gap-mix", "0.2"], "a --gap-mix clip needs more than 10 frames"),
     (["--gap-mix", "1.5"], "--gap-mix 1.5: a share of the run"),
     (["--data-seed", "-1"], "--data-seed -1: from 0 to 999"),
+    (["--seed", "-5"], "--seed -5: from 0 to 999"),
+    (["--max-steps", "0"], "--max-steps 0: must be at least 1"),
+    (["--stop-after", "-1"], "--stop-after -1.0: must be above 0"),
+    (["--vision-lr-scale", "nan"], "--vision-lr-scale nan: must be above 0"),
+    (["--max-tokens", "1"], "--max-tokens 1: at least 256"),
     (["--streams", "100001"], "--streams 100001: at most 100000"),
     (["--motion-weight", "-1"], "--motion-weight -1.0: must be from 0 to 100"),
     (["--motion-weight", "inf"], "--motion-weight inf: must be from 0 to 100"),
@@ -603,7 +608,7 @@ def test_trainer_gap_steps_run(tmp_path, monkeypatch, phases, key):
     assert info["data_seed"] == 0  # a new model: --seed's streams
 
 
-def test_a_fine_tuning_run_trains_on_streams_its_lineage_never_saw(tmp_path, monkeypatch):
+def test_a_fine_tuning_run_trains_on_streams_its_lineage_never_saw(tmp_path, monkeypatch, capsys):
     """--init-from: the default --data-seed is --seed + the runs the model descends from, so
     each run of a lineage renders streams of its own (and --data-seed picks them by hand)."""
     import framecast.stages.demo_training.train as T
@@ -620,7 +625,15 @@ def test_a_fine_tuning_run_trains_on_streams_its_lineage_never_saw(tmp_path, mon
     train = [[s for s in seeds if s >= 1_000_000] for seeds in rendered]
     assert train == [[1_000_000, 1_000_001], [1_100_000, 1_100_001], [1_700_000, 1_700_001]]
     info = json.loads((second / "training.json").read_text())
-    assert info["data_seed"] == 1 and len(info["lineage"]) == 2
+    assert info["data_seed"] == 1 and len(info["lineage"]) == 2 and info["lineage"][-1]["data_seed"] == 1
+    info = json.loads((third / "training.json").read_text())
+    assert info["lineage"][-1]["data_seed"] == 7 and info["seed"] == 0
+    # the next run after 7 renders seed 8's streams; another --seed than the model's is refused
+    # (its tokenizer was fitted with seed 0: another would renumber the vocabulary)
+    capsys.readouterr()
+    assert T.main([*base, "--out", str(tmp_path / "d"), "--init-from", str(third), "--seed", "1"]) == 2
+    assert "tokenizer was fitted with seed 0" in capsys.readouterr().err
+    assert not (tmp_path / "d" / "model.safetensors").exists()
 
 
 def test_motion_targets_start_once_the_clip_shows_the_motion():

@@ -109,6 +109,8 @@ DEFAULT_GAP_MIX = 0.0  # after the phases, the chance that a step is a gap step 
 # the first LONG_RAMP of that phase, so the decoder keeps finding the image tokens as they thin out.
 LONG_RAMP = 0.5
 STREAMS_PER_DATA_SEED = 100_000  # training stream seeds: 1,000,000 + data_seed * this + i
+MAX_SEED = 1000  # --seed and --data-seed are below this
+MIN_CLIP_TOKENS = 256  # --max-tokens: the smallest session budget framecast accepts
 TEXT_ROWS = 8  # text-only conversations (title, summary, question from a log) per step
 PATCH_WEIGHT = 1.0
 SLOT_WEIGHT = 1.0
@@ -899,7 +901,7 @@ def export(out: Path, model: DemoVLM, a, state: dict, n_params: int, t_data: flo
         "time_budget": a.time_budget, "device": str(mx.default_device()), "command": a.command,
         # every run this model descends from (its --init-from chain), this one last
         "lineage": a.parent_lineage + [{"run": str(out), "command": a.command, "init_from": a.init_from,
-                                        "steps": state["step"], "train_s": round(state["train_s"], 1),
+                                        "seed": a.seed, "data_seed": a.data_seed, "steps": state["step"], "train_s": round(state["train_s"], 1),
                                         "data_s": round(t_data, 1), "device": str(mx.default_device())}],
         "history": state["history"],
     }, indent=1) + "\n")
@@ -928,6 +930,29 @@ def parent_lineage(directory: Path) -> list[dict]:
                                                                  "device")}}]
 
 
+def settle_seeds(a) -> str | None:
+    """Fill in --seed and --data-seed (see --help); one line naming what is wrong, or None.
+    Runs written before the lineage kept seeds count as seed 0 (runs A-E all were)."""
+    parent_seed = None
+    if a.init_from:
+        info = json.loads((Path(a.init_from) / "training.json").read_text()) \
+            if (Path(a.init_from) / "training.json").is_file() else {}
+        parent_seed = int(info.get("seed", 0))
+    if a.seed is None:
+        a.seed = parent_seed if parent_seed is not None else 0
+    if not 0 <= a.seed < MAX_SEED:
+        return f"--seed {a.seed}: from 0 to {MAX_SEED - 1}"
+    if parent_seed is not None and a.seed != parent_seed:
+        return (f"--seed {a.seed}: {a.init_from}'s tokenizer was fitted with seed {parent_seed}; another seed "
+                "would renumber its vocabulary (--data-seed picks other streams)")
+    if a.data_seed is None:
+        used = [int(e.get("data_seed", e.get("seed", 0)) or 0) for e in a.parent_lineage]
+        a.data_seed = max(used) + 1 if a.init_from else a.seed
+    if not 0 <= a.data_seed < MAX_SEED:
+        return f"--data-seed {a.data_seed}: from 0 to {MAX_SEED - 1}"
+    return None
+
+
 def shape_mismatch(theirs: dict, ours: dict) -> str | None:
     """The first config field that makes a model directory's weights unusable here, or None."""
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -944,10 +969,16 @@ def shape_mismatch(theirs: dict, ours: dict) -> str | None:
 def check_args(a) -> str | None:
     """One line naming the first bad option, or None: checked before the data (a minute on the
     GPU machine) is generated."""
-    for name in ("time_budget", "lr"):
+    for name in ("time_budget", "lr", "vision_lr_scale"):
         v = getattr(a, name)
-        if not v > 0:  # NaN fails too
+        if not 0 < v < math.inf:  # NaN fails too
             return f"--{name.replace('_', '-')} {v}: must be above 0"
+    if a.stop_after is not None and not 0 < a.stop_after < math.inf:
+        return f"--stop-after {a.stop_after}: must be above 0 (seconds)"
+    if a.max_steps < 1:
+        return f"--max-steps {a.max_steps}: must be at least 1"
+    if a.max_tokens < MIN_CLIP_TOKENS:  # the session budget it becomes: prefix, a frame, a reply
+        return f"--max-tokens {a.max_tokens}: at least {MIN_CLIP_TOKENS} (the session budget the model ships with)"
     for name in ("streams", "frames", "max_clip", "batch", "workers", "max_tokens", "log_every", "text_rows"):
         v = getattr(a, name)
         if v < 1:
@@ -960,8 +991,7 @@ def check_args(a) -> str | None:
         return f"--text-rows {a.text_rows}: at most {MAX_TEXT_ROWS} a step"
     if a.streams > STREAMS_PER_DATA_SEED:  # the next data seed's streams would be the same ones
         return f"--streams {a.streams}: at most {STREAMS_PER_DATA_SEED} (one data seed's block of stream seeds)"
-    if a.data_seed is not None and not 0 <= a.data_seed < 1000:
-        return f"--data-seed {a.data_seed}: from 0 to 999"
+
     for name in ("vision_phase", "gap_phase", "short_phase", "gap_mix"):
         v = getattr(a, name)
         if not 0.0 <= v <= 1.0:
@@ -992,11 +1022,13 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out", required=True,
                     help=f"model directory to write (the shipped one is {DEMO_MODEL_DIR}: name it to replace it)")
-    ap.add_argument("--seed", type=int, default=0, help="tokenizer, init and batch order (and data: --data-seed)")
+    ap.add_argument("--seed", type=int, default=None,
+                    help="tokenizer, init and batch order (and data: --data-seed); default 0, and an --init-from "
+                         "model's own (its tokenizer was fitted with it: another seed would renumber the vocabulary)")
     ap.add_argument("--data-seed", type=int, default=None,
                     help="which training streams are rendered; default --seed for a new model, and for an "
-                         "--init-from model --seed + the runs it descends from, so a fine-tuning run never "
-                         "trains on streams an earlier run of its lineage saw")
+                         "--init-from model one more than the highest its lineage used, so a fine-tuning run "
+                         "never trains on streams an earlier run of its lineage saw")
     ap.add_argument("--time-budget", type=float, default=420.0, help="training seconds the LR schedule spans")
     ap.add_argument("--stop-after", type=float, default=None, help="end this run after so many seconds (resume later)")
     ap.add_argument("--max-steps", type=int, default=10**9, help="end after this many steps (all runs together)")
@@ -1038,14 +1070,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     a.command = "python -m framecast.stages.demo_training.train " + shlex.join(sys.argv[1:] if argv is None else argv)
     a.parent_lineage = parent_lineage(Path(a.init_from)) if a.init_from else []
-    if a.data_seed is None:
-        a.data_seed = a.seed + len(a.parent_lineage)
+    problem = settle_seeds(a)
+    if problem:
+        print(f"train: {problem}", file=sys.stderr)
+        return 2
 
     t_start = time.time()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(a.seed)
     cfg = model_config(tok, tiny=a.tiny)
+    cfg["framecast_session"] = {"max_cache_tokens": a.max_tokens}  # the longest clip it trained on
     if a.init_from:  # before a minute of data: a model of another size cannot be a start
         problem = shape_mismatch(json.loads((Path(a.init_from) / "config.json").read_text()), cfg)
         if problem:
@@ -1160,8 +1195,9 @@ def main(argv: list[str] | None = None) -> int:
                 (loss, parts), grads = step_fn(model, *[batch[k] for k in BATCH_ORDER])
             mx.eval(loss)
             if not math.isfinite(float(loss)):  # nothing of this step reaches the weights or any file
-                print(f"train: the loss is {float(loss)} at step {step}: stopped; the last export in {out} "
-                      "and checkpoint (if any) are from before it", file=sys.stderr)
+                kept = (f"the last export in {out} and checkpoint (if any) are from before it"
+                        if (out / "model.safetensors").is_file() else f"nothing was exported to {out}")
+                print(f"train: the loss is {float(loss)} at step {step}: stopped; {kept}", file=sys.stderr)
                 return 1
             grads, _ = optim.clip_grad_norm(grads, 1.0)
             opt.update(model, grads)
