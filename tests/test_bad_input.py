@@ -253,15 +253,15 @@ def test_output_paths_literal_nonexistent_and_a_directory(capsys, tmp_path):
 @pytest.mark.parametrize("setting, says", [
     ("session.max_cache_mb=0.001", "session.max_cache_mb = 0.001 holds 0 tokens of this model's cache, not even the "
                                    "system prompt"),
-    ("session.max_cache_mb=1.7", "session.max_cache_mb = 1.7: a budget of 34 tokens cannot hold the sinks"),
-    ("narration.policy=change", None),  # with max_cache_mb=1.7: the first frame's narration is refused
+    ("session.max_cache_mb=0.2", "session.max_cache_mb = 0.2: a budget of 34 tokens cannot hold the sinks"),
+    ("narration.policy=change", None),  # with max_cache_mb=0.2: the first frame's narration is refused
 ])
 def test_a_cache_budget_too_small_for_a_frame_is_one_line_and_exit_2(capsys, tmp_path, setting, says):
     """A budget that cannot hold the prompt, or the prompt and one frame, is a setting: the run
     stops at once with one line naming the key that binds (not 20 errors and exit 0), and the
     JSONL written so far ends with its end marker."""
     out = tmp_path / "x.jsonl"
-    extra = ["--set", "session.max_cache_mb=1.7"] if says is None else []
+    extra = ["--set", "session.max_cache_mb=0.2"] if says is None else []
     says = says or "plus 68 new tokens"  # the frame, the prompt and the turn's max_tokens
     code = main(["run", "--source", "demo", "--max-frames", "20", "--set", setting, *extra, "--jsonl", str(out),
                  "--no-console"])

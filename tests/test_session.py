@@ -268,8 +268,13 @@ def test_budget_in_megabytes(tiny_models):
     assert core.evicted_total > 0
     from framecast.errors import UserError
 
-    with pytest.raises(UserError, match=r"session.max_cache_mb = 0.001 holds 0 tokens .* needs over 0.\d\d MB"):
+    with pytest.raises(UserError, match=r"session.max_cache_mb = 0.001 holds \d tokens .* needs over 0.\d\d MB"):
         SessionCore(model, max_cache_mb=0.001).start()  # names the MB key, no negative token count
+    # allocated whole at its budget, a cache uses all of an MB budget (no growth step held back)
+    core = SessionCore(model, max_cache_mb=0.05)
+    core.start()
+    per_token = core.nbytes / core.budget_tokens()
+    assert core.budget_tokens() == int(0.05 * 2**20 / per_token) and core.nbytes <= 0.05 * 2**20
 
 
 def _rss_bytes() -> int:

@@ -43,10 +43,14 @@ class CacheBudget:
             if self._bytes_per_token is None:
                 held = sum(a.nbytes for c in cache for a in c.state)
                 self._bytes_per_token = held / offset
-            # Buffers grow in whole steps, so leave one step of headroom for the allocation.
-            step = getattr(cache[0], "step", 0)
-            limits.append(int(self.max_cache_mb * 2**20 / self._bytes_per_token) - step)
+            limits.append(int(self.max_cache_mb * 2**20 / self._bytes_per_token) - self._headroom(cache))
         return min(limits) if limits else None
+
+    @staticmethod
+    def _headroom(cache: list) -> int:
+        """Tokens an MB budget leaves unused: none for a cache that is allocated whole at its
+        budget (`reserve`), a growth step for one that grows in steps (quantised caches)."""
+        return 0 if hasattr(cache[0], "reserve") else getattr(cache[0], "step", 0)
 
     def check_fits(self, cache: list, spans: list[Span]) -> None:
         """UserError (one line) when the budget does not even hold the prefix span."""
@@ -57,7 +61,7 @@ class CacheBudget:
                 raise UserError(f"session.max_cache_tokens = {self.max_cache_tokens}: does not even hold the "
                                 f"system prompt ({n} tokens)")
             # the MB budget binds: say what it holds of this model's cache, and what would do
-            need = (n + getattr(cache[0], "step", 0)) * (self._bytes_per_token or 0) / 2**20
+            need = (n + self._headroom(cache)) * (self._bytes_per_token or 0) / 2**20
             raise UserError(f"session.max_cache_mb = {self.max_cache_mb:g} holds {max(budget, 0)} tokens of this "
                             f"model's cache, not even the system prompt ({n} tokens; that needs over {need:.2f} MB)")
 

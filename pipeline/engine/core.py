@@ -172,6 +172,9 @@ class SessionCore:
         self._release(self.cache)  # a row kept by a prefix prefill that failed
         self.cache = self._new_cache()
         ids = self._encode(layout.prefix_text(self.system_prompt))
+        for c in self.cache:  # the prefix alone first (a growth step could overrun a budget in MB)
+            if hasattr(c, "reserve"):
+                c.reserve(len(ids))
         prefill(self.model, ids, self.cache)
         self.spans = [Span("prefix", len(ids))]
         self.budget.check_fits(self.cache, self.spans)

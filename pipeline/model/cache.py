@@ -65,11 +65,15 @@ class KVCache(OffsetCache):
         return 0 if self.keys is None else self.keys.shape[2]
 
     def _grow(self, keys: mx.array, values: mx.array, needed: int) -> None:
-        """Make room for `needed` tokens in total, rounding capacity up to whole steps."""
+        """Make room for `needed` tokens in total, rounding capacity up to whole steps; a
+        reservation that covers them is allocated exactly (a budget in MB may use all of it)."""
         B, n_kv, _, k_dim = keys.shape
         v_dim = values.shape[3]
-        needed = max(needed, self._reserved, int(self.capacity * self.growth))
-        new_capacity = ((needed + self.step - 1) // self.step) * self.step
+        if needed <= self._reserved:
+            new_capacity = self._reserved
+        else:
+            needed = max(needed, int(self.capacity * self.growth))
+            new_capacity = ((needed + self.step - 1) // self.step) * self.step
         extra = new_capacity - (0 if self.keys is None else self.offset)
         k_new = mx.zeros((B, n_kv, extra, k_dim), dtype=keys.dtype)
         v_new = mx.zeros((B, n_kv, extra, v_dim), dtype=values.dtype)
@@ -95,8 +99,8 @@ class KVCache(OffsetCache):
         return self.keys[..., :end, :], self.values[..., :end, :]
 
     def reserve(self, tokens: int) -> None:
-        """Make room for `tokens` in total now (or at the first write when nothing is allocated
-        yet), rounded up to whole steps: later appends up to that count never grow or copy."""
+        """Make room for exactly `tokens` in total now (or at the first write when nothing is
+        allocated yet): later appends up to that count never grow or copy."""
         self._reserved = max(self._reserved, int(tokens))
         if self.keys is not None and self.capacity < tokens:
             held_k, held_v = self.keys[..., : self.offset, :], self.values[..., : self.offset, :]
