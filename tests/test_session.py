@@ -558,3 +558,21 @@ def test_a_saved_cache_that_does_not_fit_says_what_differs():
         "saved with kv_bits 8, this run uses no KV quantisation (session.kv_bits)")
     assert fingerprint_difference({**ours, "layers": 28}, ours) == "saved for a different model (layers 28, this model's 6)"
     assert "weights 'zzz'" in fingerprint_difference({**ours, "weights": "zzz", "kv_bits": 0}, ours)
+
+
+def test_a_budget_that_can_never_fit_in_memory_is_one_line(tiny_models, monkeypatch):
+    """The cache is allocated whole at its budget: one larger than the memory here is refused
+    at once (naming the key, the GiB it needs and the GiB there are), not a crash at the
+    allocation; a quantised cache needs less per token."""
+    import framecast.engine.core as core_mod
+    from framecast.errors import UserError
+
+    model = tiny_models("2.6")
+    per_token = core_mod.kv_bytes_per_token(model.language_model)
+    assert per_token == 2 * 2 * 16 * len(model.language_model.layers) * 4  # 2 layers of 2 KV heads x 16, fp32
+    assert core_mod.kv_bytes_per_token(model.language_model, 8) < per_token / 3
+    monkeypatch.setattr(core_mod, "memory_bytes", lambda: 2**30)
+    with pytest.raises(UserError, match=r"session.max_cache_tokens = 10000000: this model's KV cache would need "
+                                        r"[\d.]+ GiB, more than the 1.0 GiB of memory here"):
+        SessionCore(model, max_cache_tokens=10_000_000)
+    SessionCore(model, max_cache_tokens=100_000)  # fits

@@ -19,12 +19,14 @@ Threading: a `SessionCore` must only be used from one thread (the model's worker
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Generator
 
+import mlx.core as mx
 import numpy as np
 
 from framecast.engine import layout
@@ -69,6 +71,32 @@ class TurnDone:
 
 
 # ---------------------------------------------------------------- the synchronous core
+
+
+def kv_bytes_per_token(lm: Any, kv_bits: int | None = None) -> float:
+    """Bytes one token takes in a KV cache of `lm`: keys + values of every layer, in the
+    layers' compute dtype (or `kv_bits` plus a float16 scale and bias per 64 values)."""
+    attn = lm.layers[0].self_attn
+    width = 2 * attn.n_kv_heads * attn.head_dim * len(lm.layers)
+    if kv_bits:
+        return width * (kv_bits / 8 + 4 / 64)
+    dtype = getattr(attn.k_proj, "scales", attn.k_proj.weight).dtype  # a quantised layer computes in its scales' dtype
+    return width * dtype.size
+
+
+def memory_bytes() -> int:
+    """The memory a cache can live in: the GPU's (as MLX reports it), else the machine's RAM; 0
+    when unknown."""
+    try:
+        size = int(mx.device_info().get("memory_size", 0))
+    except Exception:  # noqa: BLE001 - an older MLX or no device info: fall back to RAM
+        size = 0
+    if size:
+        return size
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 class SessionCore:
@@ -126,6 +154,11 @@ class SessionCore:
         if self.max_cache_tokens is not None and self.max_cache_tokens <= prefix:
             raise UserError(f"session.max_cache_tokens = {self.max_cache_tokens}: does not even hold the "
                             f"system prompt ({prefix} tokens)")
+        if self.max_cache_tokens is not None:  # the budget is allocated whole: refuse one that can never fit
+            need, have = self.max_cache_tokens * kv_bytes_per_token(self.lm, self.kv_bits), memory_bytes()
+            if have and need > have:
+                raise UserError(f"session.max_cache_tokens = {self.max_cache_tokens}: this model's KV cache would "
+                                f"need {need / 2**30:.1f} GiB, more than the {have / 2**30:.1f} GiB of memory here")
 
     # -- state -------------------------------------------------------------------------------
 
