@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
+import sys
 import time
 
 import framecast  # noqa: F401  (OpenBLAS preload before mlx)
@@ -42,6 +44,7 @@ import numpy as np
 from bench_streaming import PROMPT, build_model, random_features, reprefill_turn
 
 from framecast.engine.session import SessionCore
+from framecast.errors import UserError
 from framecast.kernels import _VERIFIED
 from framecast.kernels import cache_attention as ca
 from framecast.model.compiled import compile_layers, wanted
@@ -317,6 +320,21 @@ def _line(row: dict, impl: str, e: dict) -> str:
     return f"{row['minutes']:>5} {impl:<20} {row['context_tokens']:>6} {cells}   p95 {e['total']['p95']:.1f}"
 
 
+def check_args(args: argparse.Namespace) -> str | None:
+    """The first bad option as one line, or None."""
+    for name in ("minutes", "fps"):
+        values = getattr(args, name) if isinstance(getattr(args, name), list) else [getattr(args, name)]
+        for v in values:
+            if not 0 < v < math.inf:  # NaN fails too
+                return f"--{name} {v}: must be a positive number"
+    for name, low in (("steps", 1), ("reprefill_steps", 0), ("chunk", 1), ("layers", 1), ("decode_tokens", 0),
+                      ("decode_samples", 1), ("max_cache_tokens", 1)):
+        v = getattr(args, name)
+        if v is not None and v < low:
+            return f"--{name.replace('_', '-')} {v}: must be at least {low}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--shape", choices=["tiny", "real"], default="tiny",
@@ -345,6 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="one JSON object on the last line")
     ap.add_argument("--json-out", default=None, help="also write the JSON object to this file")
     args = ap.parse_args(argv)
+    problem = check_args(args)
+    if problem:
+        ap.error(problem)  # one line, exit 2
+    args.compile = list(dict.fromkeys(args.compile))  # a mode named twice is one set of rows
     if args.reprefill_steps is None:
         args.reprefill_steps = args.steps
     if args.chunk is None:
@@ -353,7 +375,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_latency: shape={args.shape} device={mx.default_device()} fps={args.fps} steps={args.steps}"
               f" fused={args.fused}", flush=True)
         print(HEADER, flush=True)
-    result = run(args)
+    try:
+        result = run(args)
+    except UserError as e:  # a setting the model cannot honour (e.g. a budget below the prompt)
+        print(f"bench_latency: {e}", file=sys.stderr)
+        return 2
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(result, f, indent=1)

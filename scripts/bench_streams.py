@@ -36,6 +36,7 @@ import argparse
 import asyncio
 import json
 import platform
+import sys
 import time
 
 import framecast  # noqa: F401  (OpenBLAS preload before mlx)
@@ -44,6 +45,7 @@ import numpy as np
 from framecast.engine.scheduler import BatchDecode, BatchEncoder, BatchPrefill
 from framecast.engine.session import StreamingSession, TurnDone
 from framecast.engine.worker import worker_for
+from framecast.errors import UserError
 from framecast.model.compiled import compile_layers
 from framecast.model.kv_pool import KVPoolSet
 from framecast.model.tokenizer import Tokenizer
@@ -237,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                          "prefill), one stream at a time, or both rows")
     ap.add_argument("--cache", choices=["own", "pooled", "both"], default="pooled",
                     help="sessions' caches as rows of shared buffers (pooled, as multi-stream runs do: one "
-                         "attention for a batch's rows), each its own, or both rows")
+                         "attention for a batch's rows), each its own, or both rows (1 stream: always its own)")
     ap.add_argument("--max-cache-tokens", type=_positive, default=DEFAULT_BUDGET,
                     help="every session's token budget (the pool's row length)")
     ap.add_argument("--layers", type=_positive, default=None, help="override the LM depth (smoke tests)")
@@ -248,7 +250,11 @@ def main(argv: list[str] | None = None) -> int:
               f"ticks={args.ticks} narrate_every={args.narrate_every} max_tokens={args.max_tokens} "
               f"(x = ratio to 1 stream, same run)", flush=True)
         print(HEADER, flush=True)
-    result = asyncio.run(run_async(args))
+    try:
+        result = asyncio.run(run_async(args))
+    except UserError as e:  # a setting the model cannot honour (a budget below the prompt, ...)
+        print(f"bench_streams: {e}", file=sys.stderr)
+        return 2
     if args.json:
         for r in result["rows"]:
             print(_row(r))
