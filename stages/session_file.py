@@ -106,7 +106,21 @@ def read_archive(path: str | Path) -> Archive:
     except UserError:
         raise
     except (zipfile.BadZipFile, json.JSONDecodeError, KeyError, ValueError, UnicodeDecodeError) as e:
+        if is_state_file(path):
+            raise UserError(f"{path}: a session.state_file (the cache alone), not a --save-session archive: "
+                            "name it in session.state_file to continue it") from None
         raise UserError(f"{path}: not a framecast saved session ({type(e).__name__}: {e})") from None
+
+
+def is_state_file(path: str | Path) -> bool:
+    """Whether `path` holds what `session.state_file` writes (safetensors with framecast_session
+    metadata) rather than a `--save-session` archive (a zip)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            return 0 < n < 2**24 and b"framecast_session" in f.read(n)
+    except OSError:
+        return False
 
 
 def write_archive(path: str | Path, session_file: Path, manifest: dict[str, Any], *,

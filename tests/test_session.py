@@ -576,3 +576,22 @@ def test_a_budget_that_can_never_fit_in_memory_is_one_line(tiny_models, monkeypa
                                         r"[\d.]+ GiB, more than the 1.0 GiB of memory here"):
         SessionCore(model, max_cache_tokens=10_000_000)
     SessionCore(model, max_cache_tokens=100_000)  # fits
+
+
+def test_state_files_and_saved_session_archives_are_told_apart(tiny_models, tmp_path):
+    """A session.state_file given to --resume, or a --save-session archive given as a state
+    file, says which kind it is and what takes it (they may share a suffix)."""
+    import zipfile
+
+    from framecast.errors import UserError
+    from framecast.stages.session_file import read_archive
+
+    core = SessionCore(tiny_models("2.6"))
+    state = core.save(tmp_path / "cam.fcs")
+    with pytest.raises(UserError, match=r"cam.fcs: a session.state_file \(the cache alone\), not a --save-session"):
+        read_archive(state)
+    archive = tmp_path / "run.fcs"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("manifest.json", "{}")
+    with pytest.raises(UserError, match=r"run.fcs: a --save-session archive, not a session state file: .*--resume"):
+        SessionCore(tiny_models("2.6")).load(archive)

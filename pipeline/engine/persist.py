@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,9 @@ def load_session(path: str | Path, new_cache: list, *, fingerprint: dict[str, An
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: session file not found")
+    if zipfile.is_zipfile(path):  # what --save-session writes
+        raise UserError(f"{path}: a --save-session archive, not a session state file: continue it with "
+                        "--resume") from None
     try:
         arrays, metadata = mx.load(str(path), format="safetensors", return_metadata=True)
     except Exception:  # mlx says RuntimeError for anything it cannot parse
