@@ -84,17 +84,27 @@ def _check(q: mx.array, k: mx.array, v: mx.array, n_keys: int) -> None:
 @functools.lru_cache(maxsize=4)  # every layer of one forward asks for the same mask
 def causal_bias(tq: int, n_keys: int, length: int, dtype: mx.Dtype) -> mx.array:
     """[tq, length] additive mask: 0 where query i sees key j (j <= n_keys - tq + i), -inf else."""
-    j = mx.arange(length, dtype=mx.int32)[None, :]
-    limit = mx.arange(n_keys - tq, n_keys, dtype=mx.int32)[:, None]  # last visible key per query
-    return mx.where(j <= limit, mx.array(0.0, dtype), mx.array(-math.inf, dtype))
+    return rows_causal_bias((n_keys - tq,), tq, length, dtype)[0, 0, 0]
+
+
+@functools.lru_cache(maxsize=4)
+def rows_causal_bias(starts: tuple[int, ...], tq: int, length: int, dtype: mx.Dtype) -> mx.array:
+    """[B, 1, 1, tq, length] additive mask for rows whose new block starts at `starts[b]`:
+    query i of row b sees key j when j <= starts[b] + i, -inf else (keys past a row's end too)."""
+    j = mx.arange(length, dtype=mx.int32)  # [length]
+    last = mx.array(starts, dtype=mx.int32)[:, None] + mx.arange(tq, dtype=mx.int32)[None, :]  # [B, tq]
+    seen = j[None, None, :] <= last[:, :, None]  # [B, tq, length]
+    return mx.where(seen, mx.array(0.0, dtype), mx.array(-math.inf, dtype))[:, None, None]
 
 
 def reference(q: mx.array, k: mx.array, v: mx.array, *, scale: float, n_keys: int | None = None,
-              length: int | None = None) -> mx.array:
+              length: int | None = None, bias: mx.array | None = None) -> mx.array:
     """Matmul-softmax-matmul: q [B, Hq, Tq, D], k/v [B, Hkv, >= n_keys, D] -> [B, Hq, Tq, D].
 
     Scores in q's dtype (as MLX's own SDPA fallback), softmax in fp32 (`precise`). `length`
     (>= n_keys): attend over that many buffer rows, the ones past n_keys masked (bucketing).
+    `bias` [B, 1, 1, Tq, length] (`rows_causal_bias`): rows of their own lengths, in place of
+    the causal mask at n_keys.
     """
     n_keys = k.shape[2] if n_keys is None else n_keys
     _check(q, k, v, n_keys)
@@ -105,9 +115,10 @@ def reference(q: mx.array, k: mx.array, v: mx.array, *, scale: float, n_keys: in
     k, v = k[:, :, :length], v[:, :, :length]
     qg = (q * mx.array(scale, q.dtype)).reshape(B, Hkv, G * Tq, D)  # rows of one KV head together
     scores = qg @ k.transpose(0, 1, 3, 2)  # [B, Hkv, G*Tq, length]
-    if Tq > 1 or length > n_keys:
-        scores = scores.reshape(B, Hkv, G, Tq, length) + causal_bias(Tq, n_keys, length, scores.dtype)
-        scores = scores.reshape(B, Hkv, G * Tq, length)
+    if bias is None and (Tq > 1 or length > n_keys):
+        bias = causal_bias(Tq, n_keys, length, scores.dtype)
+    if bias is not None:
+        scores = (scores.reshape(B, Hkv, G, Tq, length) + bias).reshape(B, Hkv, G * Tq, length)
     probs = mx.softmax(scores, axis=-1, precise=True)
     return (probs @ v).reshape(B, Hq, Tq, D)
 

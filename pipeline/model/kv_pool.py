@@ -19,12 +19,11 @@ keeps caches of its own (`KVPoolSet.acquire` returns None when no row fits).
 
 from __future__ import annotations
 
-import math
 
 import mlx.core as mx
 
 from framecast.kernels import gpu
-from framecast.kernels.cache_attention import BUCKET_TOKENS
+from framecast.kernels.cache_attention import BUCKET_TOKENS, reference, rows_causal_bias
 from framecast.model.cache import OffsetCache, eviction_moves
 
 
@@ -185,15 +184,6 @@ def same_pool(caches: list) -> KVPool | None:
     return pool
 
 
-def rows_bias(starts: mx.array, tq: int, length: int, dtype: mx.Dtype) -> mx.array:
-    """[B, 1, 1, tq, length] additive mask: query i of row b (at position starts[b] + i) sees
-    key j when j <= starts[b] + i, -inf else (the keys past a row's end are never seen)."""
-    j = mx.arange(length, dtype=mx.int32)  # [length]
-    last = starts[:, None] + mx.arange(tq, dtype=mx.int32)[None, :]  # [B, tq]
-    seen = j[None, None, :] <= last[:, :, None]  # [B, tq, length]
-    return mx.where(seen, mx.array(0.0, dtype), mx.array(-math.inf, dtype))[:, None, None]
-
-
 def attend_rows(q: mx.array, k: mx.array, v: mx.array, caches: list[PooledKVCache], rope, *,
                 scale: float) -> mx.array:
     """RoPE, cache write and attention of a batch whose row b continues `caches[b]` (rows of
@@ -202,9 +192,9 @@ def attend_rows(q: mx.array, k: mx.array, v: mx.array, caches: list[PooledKVCach
     One RoPE call with per-row offsets, one scatter per buffer, one matmul-softmax-matmul over
     the pool rows min..max of the batch cut at the next `rows_bucket()` boundary past the
     longest (the shapes change once per bucket, never per length; scores in q's dtype and
-    softmax in fp32, as `cache_attention.reference`), each row masked at its own length."""
+    softmax in fp32: `cache_attention.reference`), each row masked at its own length."""
     pool = caches[0].pool
-    B, Hq, T, D = q.shape
+    _, Hq, T, D = q.shape
     Hkv = k.shape[1]
     starts_list = [c.offset for c in caches]
     end = max(starts_list) + T
@@ -229,20 +219,15 @@ def attend_rows(q: mx.array, k: mx.array, v: mx.array, caches: list[PooledKVCach
     values = pool.values[lo:hi, :, :length]
     rel = [c.row - lo for c in caches]
     R = hi - lo
-    if rel != list(range(R)):  # rows of the span not in this batch get a zero query (no copy of the cache)
-        spread = mx.zeros((R, Hq, T, D), dtype=q.dtype)
-        spread[mx.array(rel, dtype=mx.int32)] = q
-        q = spread
-        row_starts = [0] * R
-        for i, s in zip(rel, starts_list):
-            row_starts[i] = s
-        starts = mx.array(row_starts, dtype=mx.int32)
-    G = Hq // Hkv
-    qg = (q * mx.array(scale, q.dtype)).reshape(R, Hkv, G * T, D)  # rows of one KV head together
-    scores = (qg @ keys.transpose(0, 1, 3, 2)).reshape(R, Hkv, G, T, length)
-    scores = scores + rows_bias(starts, T, length, scores.dtype)
-    probs = mx.softmax(scores.reshape(R, Hkv, G * T, length), axis=-1, precise=True)
-    out = (probs @ values).reshape(R, Hq, T, D)
-    if rel != list(range(R)):
-        out = out[mx.array(rel, dtype=mx.int32)]
-    return out
+    row_starts = [0] * R  # a row of the span not in this batch: a zero query at 0 (no copy of the cache)
+    for i, s in zip(rel, starts_list):
+        row_starts[i] = s
+    spread = rel != list(range(R))
+    if spread:
+        q_rows = mx.zeros((R, Hq, T, D), dtype=q.dtype)
+        q_rows[mx.array(rel, dtype=mx.int32)] = q
+        q = q_rows
+    # the same mask for every layer of this forward (cached by the rows' starts)
+    bias = rows_causal_bias(tuple(row_starts), T, length, q.dtype)  # [R, 1, 1, T, length]
+    out = reference(q, keys, values, scale=scale, n_keys=length, bias=bias)  # [R, Hq, T, D]
+    return out[mx.array(rel, dtype=mx.int32)] if spread else out
