@@ -246,8 +246,8 @@ class BatchDecode:
     Each turn submits the step that feeds its latest token (`submit(token [1, 1], cache)`)
     before handing the token out (`engine.generate.generate_step(batch=...)`); the first turn
     that needs its logits runs every step submitted so far as rows of ONE forward
-    (`model.lm.base.RowCaches`: projections and MLP batched, positions and attention per
-    session's cache). With 16 streams narrating at once the LM's weights are read once per
+    (`model.lm.base.RowCaches`: projections and MLP batched; positions and attention per
+    session's cache, or once for all rows when the caches are rows of one `model.kv_pool`). With 16 streams narrating at once the LM's weights are read once per
     token step instead of 16 times. One worker thread only (the model's). Counters: `calls`,
     `rows`, `max_rows_seen`.
     """
