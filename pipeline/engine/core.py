@@ -171,14 +171,17 @@ class SessionCore:
         return sum(c.nbytes for c in self.cache)
 
     def _new_cache(self) -> list:
+        """A row of the run's shared buffers when one is free and fits, else a cache of its own."""
+        return (self._acquire_row() if self.kv_pool is not None and not self.kv_bits else None) or self._own_cache()
+
+    def _own_cache(self) -> list:
         if self.kv_bits:
             return [QuantizedKVCache(bits=self.kv_bits) for _ in self.lm.layers]
-        if self.kv_pool is not None:  # a row of the run's shared buffers, when one is free and fits
-            # (a budget in MB depends on the cache's own bytes per token: such sessions keep their own)
-            pooled = self.kv_pool.acquire(self.max_cache_tokens if self.max_cache_mb is None else None)
-            if pooled is not None:
-                return pooled
         return self.model.make_cache()
+
+    def _acquire_row(self) -> list | None:
+        # a budget in MB depends on the cache's own bytes per token: such sessions keep their own
+        return self.kv_pool.acquire(self.max_cache_tokens if self.max_cache_mb is None else None)
 
     def _pooled(self, own: list) -> list:
         """A loaded cache of its own moved into this session's pooled row (or a free one) when
@@ -186,7 +189,7 @@ class SessionCore:
         if self.kv_pool is None or self.kv_bits or not own or own[0].offset > self.kv_pool.capacity:
             return own
         rows = self.cache if self.cache and getattr(self.cache[0], "pool", None) is self.kv_pool.layers[0] else \
-            self.kv_pool.acquire(self.max_cache_tokens if self.max_cache_mb is None else None)
+            self._acquire_row()
         if rows is None:
             return own
         for row, c in zip(rows, own):
@@ -458,7 +461,7 @@ class SessionCore:
     def load(self, path: str | Path) -> None:
         # Into a cache of its own first (a saved session may be longer than a pooled row: the
         # budget then evicts it down, as for any session); then into this session's row.
-        own = [QuantizedKVCache(bits=self.kv_bits) for _ in self.lm.layers] if self.kv_bits else self.model.make_cache()
+        own = self._own_cache()
         meta = load_session(path, own, fingerprint=self._fingerprint())
         cache = self._pooled(own)
         if cache is not self.cache:
