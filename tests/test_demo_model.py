@@ -311,6 +311,9 @@ def test_trainer_runs_resumes_and_writes_a_loadable_model(tmp_path):
     (["--gap-phase", "0.2"], "a --gap-phase clip needs more than 10 frames"),
     (["--gap-mix", "0.2"], "a --gap-mix clip needs more than 10 frames"),
     (["--gap-mix", "1.5"], "--gap-mix 1.5: a share of the run"),
+    (["--motion-phase", "-0.1"], "--motion-phase -0.1: a share of the run"),
+    (["--motion-phase", "0.6", "--short-phase", "0.6"], "is more than the whole run"),
+    (["--motion-phase", "0.2", "--motion-weight", "0"], "--motion-phase trains the motion probe alone"),
     (["--data-seed", "-1"], "--data-seed -1: from 0 to 999"),
     (["--seed", "-5"], "--seed -5: from 0 to 999"),
     (["--max-steps", "0"], "--max-steps 0: must be at least 1"),
@@ -608,6 +611,35 @@ def test_trainer_gap_steps_run(tmp_path, monkeypatch, phases, key):
     assert info["data_seed"] == 0  # a new model: --seed's streams
 
 
+def test_trainer_motion_phase_trains_the_probe_alone(tmp_path, monkeypatch):
+    """--motion-phase: the steps' decoder loss is the motion probe (+ slot targets), replies and
+    text turns weigh nothing; augmented clips of MOTION_PHASE_FRAMES (cut at --max-clip)."""
+    import framecast.stages.demo_training.train as T
+
+    seen = []
+    real = T.loss_fn
+
+    def spy(*args, **kw):
+        total, parts = real(*args, **kw)
+        ce, text_ce, _, slots, motion = parts
+        seen.append((args[4].shape, float(total), float(slots + kw["motion_weight"] * motion),
+                     float(ce), kw.get("reply_weight", 1.0)))
+        return total, parts
+
+    monkeypatch.setattr(T, "loss_fn", spy)
+    out = tmp_path / "model"
+    assert T.main(["--tiny", "--out", str(out), "--streams", "2", "--frames", "12", "--max-clip", "6", "--batch", "1",
+                   "--workers", "1", "--time-budget", "1000", "--vision-phase", "0", "--motion-phase", "0.7",
+                   "--motion-weight", "3", "--max-steps", "2", "--log-every", "100"]) == 0
+    assert len(seen) == 2
+    for inputs_shape, total, probe_and_slots, ce, reply_weight in seen:
+        assert reply_weight == 0.0  # replies measured (when the clip has one), not trained on
+        assert total == pytest.approx(probe_and_slots, rel=1e-5)
+        assert inputs_shape[0] == 1  # --batch clips
+    info = json.loads((out / "training.json").read_text())
+    assert info["motion_phase"] == 0.7 and info["augment"] is True
+
+
 def test_a_fine_tuning_run_trains_on_streams_its_lineage_never_saw(tmp_path, monkeypatch, capsys):
     """--init-from: the default --data-seed is --seed + the runs the model descends from, so
     each run of a lineage renders streams of its own (and --data-seed picks them by hand)."""
@@ -675,3 +707,17 @@ def test_motion_probe_script_runs():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "linear centre readout" in r.stdout and "gap  5 frames" in r.stdout
+
+
+@pytest.mark.parametrize("args", [["--input", "code", "--tiny"],
+                                  ["--input", "features", "--decoder", "shipped", "--streams", "2"]])
+def test_decoder_motion_check_runs(args):
+    """scripts/check_decoder_motion.py (can the decoder learn to compare frames?), a few steps
+    of each input: it trains the motion probe and prints held-out accuracy and the majority."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_decoder_motion.py"), *args, "--steps", "2",
+                        "--frames", "4", "--log-every", "1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("held-out probe") == 2 and "majority" in r.stdout

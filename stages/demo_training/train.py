@@ -29,8 +29,18 @@ token: the prefix, then one `{image placeholder}\\n` span per frame, and at rand
 `{prompt}<|im_end|>\\n<|im_start|>assistant\\n{reply}<|im_end|>\\n<|im_start|>user\\n`. Clips start
 at frame 0 or mid-scene (what the cache holds after the session evicts the oldest spans) and
 never exceed `DEMO_MAX_CACHE_TOKENS`, the budget the shipped config.json gives the session.
-Curriculum (shares of the run): vision alone (`--vision-phase`, 0.3), 1-3-frame clips with dense
-questions (`--short-phase`, 0.25), then clips whose longest length ramps up to `--max-clip`.
+Curriculum (shares of the run): vision alone (`--vision-phase`, 0.3), the motion probe alone on
+24-frame clips (`--motion-phase`, 0), 2-frame gap clips (`--gap-phase`, 0), 1-3-frame clips with
+dense questions (`--short-phase`, 0.25), then clips whose longest length ramps up to `--max-clip`.
+
+Motion: frames are encoded one by one, so the decoder must compare an object with its earlier
+self. The motion probe (`motion_loss`) asks for that at every image token. Two things stood in
+its way (issue 11, scripts/results/demo_*_2026-11-30): an object keeps one motion for its life,
+so on a few thousand streams its look told its motion and runs A-E learnt the look (their probe
+loss fell on training streams, not on held-out ones); `augment` mirrors and reverses clips at
+random (on by default, `--no-augment`) so the look tells nothing. And with the replies in the
+same loss the probe stayed at chance even on training streams; trained alone it rises
+(`scripts/check_decoder_motion.py`), hence `--motion-phase`.
 Text-only conversations (chapter titles, summaries and questions answered from a narration log,
 `framecast.engine.prompts`) ride along.
 
@@ -64,6 +74,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
+import framecast.stages.demo_training.augment as A
 import framecast.stages.demo_training.data as D
 from framecast.engine.layout import CLOSE_TEXT, DEFAULT_ASSISTANT_PREFIX, DEFAULT_SYSTEM_PROMPT, TURN_END
 from framecast.stages.sources.scene import COLOURS, MOTIONS, SHAPES, SIZES, draw_shape
@@ -100,6 +111,8 @@ DEFAULT_VISION_PHASE = 0.3  # share of the run training the vision side alone (d
 DEFAULT_SHORT_PHASE = 0.25  # then this share on 1-3 frame clips with dense questions (the decoder learns to read)
 VISION_BATCH = 768  # frames per step in the vision phase
 SHORT_FRAMES = 3  # longest clip of the short phase
+DEFAULT_MOTION_PHASE = 0.0  # share on MOTION_PHASE_FRAMES-frame clips with the motion probe as the only decoder loss
+MOTION_PHASE_FRAMES = 24  # frames of a motion-phase clip (an object moves 0.03 frame sizes in 1-4 of them)
 DEFAULT_GAP_PHASE = 0.0  # share on 2-frame clips whose frames lie GAP_FRAMES apart (motion questions)
 GAP_FRAMES = (5, 10)  # frames between the two frames of a gap clip: shifts the features show
 DEFAULT_GAP_MIX = 0.0  # after the phases, the chance that a step is a gap step (motion not forgotten)
@@ -219,6 +232,23 @@ def write_tokenizer_files(out: Path, tok, cfg: dict) -> None:
 # ---------------------------------------------------------------- data: pixels and dense labels
 
 
+def slot_labels(truth) -> np.ndarray:
+    """Per-slot targets of one frame [QUERY_NUM, SLOT_COLS] float32: objectness, colour id, shape
+    id, x, y, object id and motion id (index in MOTIONS) of the object whose centre lies in the
+    slot's cell (the one nearest the cell centre if two do)."""
+    slots = np.zeros((QUERY_NUM, SLOT_COLS), np.float32)
+    best = np.full(QUERY_NUM, np.inf)
+    for o in truth.objects:
+        r, c = min(int(o.y * GRID), GRID - 1), min(int(o.x * GRID), GRID - 1)
+        k = r * GRID + c
+        d = (o.x - (c + 0.5) / GRID) ** 2 + (o.y - (r + 0.5) / GRID) ** 2
+        if d < best[k]:
+            best[k] = d
+            slots[k] = (1.0, list(COLOURS).index(o.colour), SHAPES.index(o.shape), o.x, o.y, o.id,
+                        MOTIONS.index(o.motion))
+    return slots
+
+
 def frame_labels(truth, width: int, height: int, nh: int, nw: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-patch and per-slot targets of one frame.
 
@@ -226,9 +256,7 @@ def frame_labels(truth, width: int, height: int, nh: int, nw: int) -> tuple[np.n
     centre (0 = background, from one mask per object drawn at the frame's own resolution), the
     patch's own centre (x, y) in [0, 1] and its object's centre (x, y) (own centre on background):
     position must survive in the tower output, since the resampler's values carry no position.
-    slots [QUERY_NUM, SLOT_COLS] float32: objectness, colour id, shape id, x, y, object id and
-    motion id (index in MOTIONS) of the object whose centre lies in the cell (the one nearest the
-    cell centre if two do).
+    slots [QUERY_NUM, SLOT_COLS] float32: `slot_labels`.
     """
     ys = ((np.arange(nh) + 0.5) / nh * height).astype(int).clip(0, height - 1)
     xs = ((np.arange(nw) + 0.5) / nw * width).astype(int).clip(0, width - 1)
@@ -243,17 +271,7 @@ def frame_labels(truth, width: int, height: int, nh: int, nw: int) -> tuple[np.n
         patch[hit, 0] = list(COLOURS).index(o.colour) + 1
         patch[hit, 1] = SHAPES.index(o.shape) + 1
         patch[hit, 4], patch[hit, 5] = o.x, o.y
-    slots = np.zeros((QUERY_NUM, SLOT_COLS), np.float32)
-    best = np.full(QUERY_NUM, np.inf)
-    for o in truth.objects:
-        r, c = min(int(o.y * GRID), GRID - 1), min(int(o.x * GRID), GRID - 1)
-        k = r * GRID + c
-        d = (o.x - (c + 0.5) / GRID) ** 2 + (o.y - (r + 0.5) / GRID) ** 2
-        if d < best[k]:
-            best[k] = d
-            slots[k] = (1.0, list(COLOURS).index(o.colour), SHAPES.index(o.shape), o.x, o.y, o.id,
-                        MOTIONS.index(o.motion))
-    return patch, slots
+    return patch, slot_labels(truth)
 
 
 def _make_stream_job(args: tuple):
@@ -267,7 +285,7 @@ def _make_stream_job(args: tuple):
     nh, nw = views.shape[1] // 14, views.shape[2] // 14
     labels = [frame_labels(t, s.width, s.height, nh, nw) for t in s.truths]
     return {"seed": seed, "views": views, "patch": np.stack([p for p, _ in labels]),
-            "slots": np.stack([q for _, q in labels]), "truths": s.truths, "fps": s.fps}
+            "slots": np.stack([q for _, q in labels]), "truths": s.truths, "fps": s.fps, "width": s.width}
 
 
 def resize_like_processor(proc, frame: np.ndarray) -> np.ndarray:
@@ -538,9 +556,10 @@ def masked_ce(logits: mx.array, targets: mx.array, mask: mx.array) -> mx.array:
 
 
 def loss_fn(model, views, patch_y, slot_y, inputs, targets, loss_mask, is_img, slot, motion_y, motion_m,
-            t_inputs, t_targets, t_mask, *, text_weight: float = TEXT_WEIGHT, motion_weight: float = MOTION_WEIGHT):
+            t_inputs, t_targets, t_mask, *, text_weight: float = TEXT_WEIGHT, motion_weight: float = MOTION_WEIGHT,
+            reply_weight: float = 1.0):
     """The decoder phases: replies + text-only turns + the slot targets + the motion probe; the
-    tower is frozen."""
+    tower is frozen. The motion phase zeroes the replies and the text turns."""
     hidden, grid = vision_hidden(model, views)  # [N, L, Dv]
     hidden = mx.stop_gradient(hidden)
     feats = resample(model, hidden, grid)  # [N, Q, D]
@@ -549,7 +568,7 @@ def loss_fn(model, views, patch_y, slot_y, inputs, targets, loss_mask, is_img, s
     ce = masked_ce(logits, targets, loss_mask)
     motion = motion_loss(model, mid, is_img, slot, motion_y, motion_m)[0]
     text_ce = masked_ce(model.llm(t_inputs), t_targets, t_mask)
-    total = ce + text_weight * text_ce + SLOT_WEIGHT * slots + motion_weight * motion
+    total = reply_weight * ce + text_weight * text_ce + SLOT_WEIGHT * slots + motion_weight * motion
     return total, (ce, text_ce, mx.array(0.0), slots, motion)
 
 
@@ -598,7 +617,8 @@ class Pool:
         for item in data:
             groups.setdefault(item["views"].shape[1:3], []).append(item)
         self.keys = sorted(groups)
-        self.items = {k: [{"seed": d["seed"], "truths": d["truths"], "fps": d["fps"], "views": mx.array(d["views"]),
+        self.items = {k: [{"seed": d["seed"], "truths": d["truths"], "fps": d["fps"], "width": d["width"],
+                           "views": mx.array(d["views"]),
                            "patch": mx.array(d["patch"]), "slots": mx.array(d["slots"]), "slots_np": d["slots"]}
                           for d in groups[k]]
                       for k in self.keys}
@@ -638,17 +658,34 @@ def gap_turns(truths: list, rng: np.random.Generator) -> list[D.Turn]:
 
 
 def make_batch(clips: list[tuple[dict, int | np.ndarray]], n_frames: int, builder: SequenceBuilder,
-               rng: np.random.Generator, *, dense: float, max_tokens: int) -> dict:
+               rng: np.random.Generator, *, dense: float, max_tokens: int, augment: bool = False) -> dict:
     """Arrays of one batch of clips: pixels and vision labels [B*F, ...], tokens [B, T].
 
     A clip is (stream, first frame) for n_frames consecutive frames, or (stream, frame indices
-    [n_frames]) for a gap clip (`gap_clips`: questions on its last frame, `gap_turns`)."""
+    [n_frames]) for a gap clip (`gap_clips`: questions on its last frame, `gap_turns`). With
+    `augment`, each clip is mirrored and/or played backwards at random (`augment`), truths,
+    text and labels with it."""
     clips = [(d, np.arange(a, a + n_frames) if isinstance(a, (int, np.integer)) else np.asarray(a))
              for d, a in clips]
-    seqs, motion = [], []
+    seqs, motion, views, patch, slot_y = [], [], [], [], []
     for d, idx in clips:
+        stride = abs(int(idx[1] - idx[0])) if len(idx) > 1 else 1  # source frames between clip frames
+        mirror, reverse = A.draw(rng) if augment else (False, False)
         truths = [d["truths"][i] for i in idx]
-        stride = int(idx[1] - idx[0]) if len(idx) > 1 else 1  # source frames between clip frames
+        if reverse:
+            idx = idx[::-1]
+            truths = A.reverse_truths(truths)
+        if mirror:
+            truths = A.mirror_truths(truths, d["width"])
+        slots = np.stack([slot_labels(t) for t in truths]) if mirror or reverse else d["slots_np"][idx]
+        take = mx.array(idx.astype(np.int32))
+        v, p = d["views"][take], d["patch"][take]
+        if mirror:
+            nh, nw = v.shape[1] // 14, v.shape[2] // 14
+            v, p = A.flip_views(v), A.flip_patch_labels(p, nh, nw)
+        views.append(v)
+        patch.append(p)
+        slot_y.append(mx.array(slots) if mirror or reverse else d["slots"][take])
         if stride > 1:
             turns = gap_turns(truths, rng)
         else:
@@ -659,11 +696,8 @@ def make_batch(clips: list[tuple[dict, int | np.ndarray]], n_frames: int, builde
                     turns.append(D.Turn(len(truths) - 1, "question", qa.question, qa.answer, qa=qa))
         system = SESSION_SYSTEM_PROMPT if rng.random() < 0.6 else D._pick(rng, D.SYSTEM_PROMPTS)
         seqs.append(builder.build(n_frames, turns, system, max_tokens=max_tokens))
-        motion.append(motion_targets(d["slots_np"][idx], d["fps"] / stride))  # fps per clip frame
-    take = [mx.array(idx.astype(np.int32)) for _, idx in clips]
-    out = {"views": mx.concatenate([d["views"][i] for (d, _), i in zip(clips, take)]),
-           "patch_y": mx.concatenate([d["patch"][i] for (d, _), i in zip(clips, take)]),
-           "slot_y": mx.concatenate([d["slots"][i] for (d, _), i in zip(clips, take)]),
+        motion.append(motion_targets(slots, d["fps"] / stride))  # fps per clip frame
+    out = {"views": mx.concatenate(views), "patch_y": mx.concatenate(patch), "slot_y": mx.concatenate(slot_y),
            "motion_y": mx.array(np.concatenate([y for y, _ in motion])),
            "motion_m": mx.array(np.concatenate([m for _, m in motion]))}
     out.update(token_arrays(seqs, builder.pad, builder.unk, n_frames))
@@ -814,7 +848,7 @@ def grounding_report(model: DemoVLM, batch: dict, tok, n_frames: int) -> dict:
             rep["motion_probe_baseline"] = float(counts.max() / mx.maximum(mm.sum(), 1))
         ce = nn.losses.cross_entropy(logits, batch["targets"], reduction="none")
         right = mx.argmax(logits, -1) == batch["targets"]
-        rep[f"ce_{tag}"] = float((ce * batch["loss_mask"]).sum() / batch["loss_mask"].sum())
+        rep[f"ce_{tag}"] = float((ce * batch["loss_mask"]).sum() / mx.maximum(batch["loss_mask"].sum(), 1))
         for name, m in masks.items():
             n = mx.maximum(m.sum(), 1)
             rep[f"{name}_acc_{tag}"] = float((right * m).sum() / n)
@@ -823,6 +857,19 @@ def grounding_report(model: DemoVLM, batch: dict, tok, n_frames: int) -> dict:
     h = mx.where(batch["is_img"][..., None], flat[batch["slot"]], model.llm.embed_tokens(batch["inputs"]))
     rep["attn_img"] = [round(x, 3) for x in attention_mass(model, h, batch["is_img"], batch["loss_mask"])]
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rep.items()}
+
+
+SEEN_KEYS = ("ce_real", "colour_acc_real", "shape_acc_real", "position_acc_real", "motion_acc_real",
+             "motion_acc_shuf", "motion_probe_acc_real", "motion_probe_acc_shuf")
+
+
+def format_seen(rep: dict) -> str:
+    """The report's line for training streams (`SEEN_KEYS`, as `seen_*`)."""
+    r = {k: rep[f"seen_{k}"] for k in SEEN_KEYS}
+    return (f"  training streams: ce {r['ce_real']:.3f}; content acc col {r['colour_acc_real']:.2f} "
+            f"sha {r['shape_acc_real']:.2f} pos {r['position_acc_real']:.2f} mot {r['motion_acc_real']:.2f} "
+            f"(shuffled {r['motion_acc_shuf']:.2f}); motion probe {r['motion_probe_acc_real']:.2f} "
+            f"(shuffled {r['motion_probe_acc_shuf']:.2f})")
 
 
 def format_report(step: int, rep: dict) -> str:
@@ -893,8 +940,9 @@ def export(out: Path, model: DemoVLM, a, state: dict, n_params: int, t_data: flo
     (staging / "training.json").write_text(json.dumps({
         "seed": a.seed, "data_seed": a.data_seed, "steps": state["step"], "batch": a.batch, "streams": a.streams, "frames": a.frames,
         "max_clip": a.max_clip, "max_tokens": a.max_tokens, "lr": a.lr, "vision_lr_scale": a.vision_lr_scale,
-        "codec": a.codec, "init_from": a.init_from, "vision_phase": a.vision_phase, "gap_phase": a.gap_phase,
-        "gap_mix": a.gap_mix,
+        "codec": a.codec, "init_from": a.init_from, "vision_phase": a.vision_phase,
+        "motion_phase": a.motion_phase, "gap_phase": a.gap_phase,
+        "gap_mix": a.gap_mix, "augment": a.augment,
         "short_phase": a.short_phase, "motion_weight": a.motion_weight, "text_weight": a.text_weight,
         "text_rows": a.text_rows,
         "params": n_params, "data_s": round(t_data, 1), "train_s": round(state["train_s"], 1),
@@ -912,7 +960,7 @@ def export(out: Path, model: DemoVLM, a, state: dict, n_params: int, t_data: flo
 
 def long_clip_frames(frac: float, a) -> int:
     """Longest clip at run fraction `frac` of the long phase: SHORT_FRAMES -> --max-clip over LONG_RAMP."""
-    start = a.vision_phase + a.gap_phase + a.short_phase
+    start = a.vision_phase + a.motion_phase + a.gap_phase + a.short_phase
     ramp = min(1.0, max(0.0, (frac - start) / max(LONG_RAMP * (1.0 - start), 1e-9)))
     return max(SHORT_FRAMES, int(round(SHORT_FRAMES + ramp * (a.max_clip - SHORT_FRAMES))))
 
@@ -992,15 +1040,17 @@ def check_args(a) -> str | None:
     if a.streams > STREAMS_PER_DATA_SEED:  # the next data seed's streams would be the same ones
         return f"--streams {a.streams}: at most {STREAMS_PER_DATA_SEED} (one data seed's block of stream seeds)"
 
-    for name in ("vision_phase", "gap_phase", "short_phase", "gap_mix"):
+    for name in ("vision_phase", "motion_phase", "gap_phase", "short_phase", "gap_mix"):
         v = getattr(a, name)
         if not 0.0 <= v <= 1.0:
             return f"--{name.replace('_', '-')} {v}: a share of the run, from 0 to 1"
     if a.frames < max(SHORT_FRAMES, a.max_clip):  # clips are windows of a stream's frames
         return f"--frames {a.frames}: each stream needs at least --max-clip ({a.max_clip}) and {SHORT_FRAMES} frames"
-    if a.vision_phase + a.gap_phase + a.short_phase > 1.0:
-        return (f"--vision-phase {a.vision_phase} + --gap-phase {a.gap_phase} + --short-phase {a.short_phase} "
-                "is more than the whole run (1)")
+    if a.vision_phase + a.motion_phase + a.gap_phase + a.short_phase > 1.0:
+        return (f"--vision-phase {a.vision_phase} + --motion-phase {a.motion_phase} + --gap-phase {a.gap_phase} "
+                f"+ --short-phase {a.short_phase} is more than the whole run (1)")
+    if a.motion_phase > 0 and a.motion_weight == 0:
+        return "--motion-phase trains the motion probe alone: it needs --motion-weight above 0"
     for name in ("gap_phase", "gap_mix"):
         if getattr(a, name) > 0 and a.frames <= GAP_FRAMES[1]:
             return f"--frames {a.frames}: a --{name.replace('_', '-')} clip needs more than {GAP_FRAMES[1]} frames per stream"
@@ -1049,6 +1099,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="unix time by which training must end (the schedule is shortened to fit)")
     ap.add_argument("--vision-phase", type=float, default=DEFAULT_VISION_PHASE,
                     help="share of the run that trains the vision side alone, first")
+    ap.add_argument("--motion-phase", type=float, default=DEFAULT_MOTION_PHASE,
+                    help=f"share of the run, after the vision phase, on {MOTION_PHASE_FRAMES}-frame clips with the "
+                         "motion probe as the decoder's only loss (learning to compare frames before the replies)")
     ap.add_argument("--gap-phase", type=float, default=DEFAULT_GAP_PHASE,
                     help=f"share of the run on 2-frame clips {GAP_FRAMES[0]}-{GAP_FRAMES[1]} frames apart with motion "
                          "questions, after the vision phase")
@@ -1061,6 +1114,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text-weight", type=float, default=TEXT_WEIGHT,
                     help="weight of the text-only turns (titles, summaries, questions about a log)")
     ap.add_argument("--text-rows", type=int, default=TEXT_ROWS, help="text-only conversations per step")
+    ap.add_argument("--no-augment", dest="augment", action="store_false",
+                    help="train on the clips as rendered (default: each clip mirrored and/or reversed at random, "
+                         "so an object's look cannot tell its motion)")
     ap.add_argument("--init-from", default=None, help="HF-layout model dir (this trainer's) to start from")
     ap.add_argument("--tiny", action="store_true", help="a toy-sized model (tests of the trainer itself)")
     a = ap.parse_args(argv)
@@ -1134,6 +1190,8 @@ def main(argv: list[str] | None = None) -> int:
     step_fn = nn.value_and_grad(model, functools.partial(loss_fn, text_weight=a.text_weight,
                                                          motion_weight=a.motion_weight))
     vision_step = nn.value_and_grad(model, vision_loss_fn)
+    motion_step = nn.value_and_grad(model, functools.partial(loss_fn, text_weight=0.0, reply_weight=0.0,
+                                                             motion_weight=a.motion_weight))
     table = content_table(tok)
 
     val_frames = min(a.max_clip, a.frames)
@@ -1141,6 +1199,10 @@ def main(argv: list[str] | None = None) -> int:
     val_batch = make_batch(val.clips(vrng, 12, val_frames), val_frames, builder, vrng, dense=0.3,
                            max_tokens=a.max_tokens)
     val_batch.update(text_batch(builder, vrng, 4))
+    # the same report on streams it trains on: a gap to the held-out one is memorisation
+    seen_batch = make_batch(pool.clips(vrng, 12, val_frames), val_frames, builder, vrng, dense=0.3,
+                            max_tokens=a.max_tokens)
+    seen_batch.update(text_batch(builder, vrng, 4))
 
     t_run = time.time()
     train_s0 = state["train_s"]
@@ -1176,23 +1238,30 @@ def main(argv: list[str] | None = None) -> int:
                                                    mx.concatenate(slot_y))
                 parts = (mx.array(0.0), mx.array(0.0), *parts, mx.array(0.0))
             else:
-                after_phases = frac >= a.vision_phase + a.gap_phase + a.short_phase
-                if frac < a.vision_phase + a.gap_phase or (after_phases and rng.random() < a.gap_mix):
+                motion_end = a.vision_phase + a.motion_phase
+                after_phases = frac >= motion_end + a.gap_phase + a.short_phase
+                only_motion = frac < motion_end
+                if only_motion:  # the decoder learns to compare frames, nothing else
+                    n = min(MOTION_PHASE_FRAMES, a.max_clip)
+                    batch = make_batch(pool.clips(rng, a.batch, n), n, builder, rng, dense=0.3, max_tokens=a.max_tokens,
+                                       augment=a.augment)
+                elif frac < motion_end + a.gap_phase or (after_phases and rng.random() < a.gap_mix):
                     # two frames far enough apart to show motion
                     n = 2
                     batch = make_batch(gap_clips(pool, rng, a.batch * 3), n, builder, rng, dense=1.0,
-                                       max_tokens=a.max_tokens)
-                elif frac < a.vision_phase + a.gap_phase + a.short_phase:  # short clips, a question every frame or so
+                                       max_tokens=a.max_tokens, augment=a.augment)
+                elif frac < motion_end + a.gap_phase + a.short_phase:  # short clips, a question every frame or so
                     n = int(rng.integers(1, SHORT_FRAMES + 1))
                     batch = make_batch(pool.clips(rng, a.batch * 3, n), n, builder, rng, dense=1.0,
-                                       max_tokens=a.max_tokens)
+                                       max_tokens=a.max_tokens, augment=a.augment)
                 else:
                     n = int(rng.integers(SHORT_FRAMES, long_clip_frames(frac, a) + 1))
                     rows = max(a.batch, a.batch * 3 * SHORT_FRAMES // n)  # ~constant frames a step (n >= SHORT_FRAMES)
-                    batch = make_batch(pool.clips(rng, rows, n), n, builder, rng, dense=0.3, max_tokens=a.max_tokens)
+                    batch = make_batch(pool.clips(rng, rows, n), n, builder, rng, dense=0.3, max_tokens=a.max_tokens,
+                                       augment=a.augment)
                 weight_content(batch, table)
                 batch.update(text_batch(builder, rng, a.text_rows))
-                (loss, parts), grads = step_fn(model, *[batch[k] for k in BATCH_ORDER])
+                (loss, parts), grads = (motion_step if only_motion else step_fn)(model, *[batch[k] for k in BATCH_ORDER])
             mx.eval(loss)
             if not math.isfinite(float(loss)):  # nothing of this step reaches the weights or any file
                 kept = (f"the last export in {out} and checkpoint (if any) are from before it"
@@ -1207,12 +1276,15 @@ def main(argv: list[str] | None = None) -> int:
                 m = np.mean(parts_log[-a.log_every:], axis=0)
                 el = train_s0 + time.time() - t_run
                 rep = grounding_report(model, val_batch, tok, val_frames)
+                seen = grounding_report(model, seen_batch, tok, val_frames)
+                rep.update({f"seen_{k}": seen[k] for k in SEEN_KEYS})
                 history.append({"step": step, "s": round(el, 1), "loss": round(float(m[0]), 4),
                                 "reply_ce": round(float(m[1]), 4), "text_ce": round(float(m[2]), 4),
                                 "patch": round(float(m[3]), 4), "slot": round(float(m[4]), 4),
                                 "motion": round(float(m[5]), 4), **rep})
                 print(f"step {step:5d} {el:6.0f}s lr {lr:.1e}  loss {m[0]:.3f} (reply {m[1]:.3f} text {m[2]:.3f} "
-                      f"patch {m[3]:.3f} slot {m[4]:.3f} motion {m[5]:.3f})\n" + format_report(step, rep), flush=True)
+                      f"patch {m[3]:.3f} slot {m[4]:.3f} motion {m[5]:.3f})\n" + format_report(step, rep)
+                      + "\n" + format_seen(rep), flush=True)
             if ckpt is not None and time.time() - last_ckpt > a.ckpt_every:
                 state.update(train_s=train_s0 + time.time() - t_run, rng=rng.bit_generator.state, history=history)
                 save_checkpoint(ckpt, model, opt, state)
