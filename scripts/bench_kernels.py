@@ -16,6 +16,11 @@ from buffers with one growth step of spare capacity. Rows: `reference` (mx.dequa
 strided views, what the cache did before), `contiguous` (mx.dequantize on contiguous copies
 made outside the timing: MLX's own kernel without the view copies, a floor for the reference)
 and `kernel` (GPU only).
+quantized_rows cases (`--op quantized_rows`): one 4-bit (group 64) linear layer of a Qwen2-7B
+shape (3584 -> 3584 and 3584 -> 18944; a tiny one on CPU) for 1, 4, 16 and 64 rows, the rows of
+a batched decode step. Rows: `reference` (MLX's quantized_matmul, the baseline), `dequant+mm`
+(dequantise the whole weight, then one float matmul: the pure-MLX alternative) and `kernel`
+(our few-rows kernel, GPU only); median and p95.
 Needs only MLX and numpy.
 """
 
@@ -33,6 +38,7 @@ import mlx.core as mx  # noqa: E402
 
 from framecast.kernels import backend, gpu  # noqa: E402
 from framecast.kernels import dequantize_kv as dq  # noqa: E402
+from framecast.kernels import quantized_rows as qr  # noqa: E402
 from framecast.kernels import rope_shift as rs  # noqa: E402
 from framecast.model.cache import KVCache  # noqa: E402
 
@@ -141,11 +147,59 @@ def bench_dequantize_kv(*, dtypes, warmup: int, iters: int) -> list[dict]:
     return rows
 
 
+def _time_p95(fn, *, warmup: int, iters: int) -> tuple[float, float]:
+    """(median, p95) wall time of `fn()` (evaluated) in milliseconds."""
+    for _ in range(warmup):
+        mx.eval(fn())
+    samples = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        mx.eval(fn())
+        samples.append((time.perf_counter() - t0) * 1e3)
+    samples.sort()
+    return statistics.median(samples), samples[min(len(samples) - 1, int(round(0.95 * (len(samples) - 1))))]
+
+
+QMM_SHAPES = {"gpu": [("7B qkv/o 3584->3584", 3584, 3584), ("7B up 3584->18944", 3584, 18944)],
+              "cpu": [("tiny 512->256", 512, 256)]}
+
+
+def bench_quantized_rows(*, dtypes, warmup: int, iters: int) -> list[dict]:
+    """One 4-bit linear layer for 1-64 rows: MLX's op, dequantise + matmul, our kernel."""
+    kind = backend()
+    rows = []
+    for name, k, n in QMM_SHAPES["gpu" if kind != "reference" else "cpu"]:
+        for dtype in dtypes:
+            wq, s, b = mx.quantize(mx.random.normal((n, k)).astype(dtype), group_size=64, bits=4)
+            mx.eval(wq, s, b)
+            for m in (1, 4, 16, 64):
+                x = mx.random.normal((m, k)).astype(dtype)
+                mx.eval(x)
+                impls = {"reference": lambda: qr.reference(x, wq, s, b, group_size=64, bits=4),
+                         "dequant+mm": lambda: x @ mx.dequantize(wq, s, b, group_size=64, bits=4).T}
+                if kind != "reference" and m >= 2:
+                    impls["kernel"] = lambda: qr.kernel(kind, x, wq, s, b, group_size=64, bits=4)
+                base_ms = None
+                moved = wq.nbytes + s.nbytes + b.nbytes + x.nbytes + m * n * x.itemsize
+                for impl, fn in impls.items():
+                    ms, p95 = _time_p95(fn, warmup=warmup, iters=iters)
+                    base_ms = ms if base_ms is None else base_ms
+                    rows.append({"op": "quantized_rows", "case": name, "variant": f"{m} rows",
+                                 "dtype": str(dtype).replace("mlx.core.", ""), "impl": impl, "ms": round(ms, 4),
+                                 "p95_ms": round(p95, 4), "gbps": round(moved / ms / 1e6, 2),
+                                 "speedup_vs_reference": round(base_ms / ms, 2)})
+    return rows
+
+
+OPS = ("rope_shift", "dequantize_kv", "quantized_rows")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     parser.add_argument("--iters", type=int, default=None, help="timed iterations per row (default: 30 GPU, 5 CPU)")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--op", choices=OPS, action="append", help="only these ops (repeatable; default all)")
     args = parser.parse_args(argv)
 
     kind = backend()
@@ -157,19 +211,22 @@ def main(argv: list[str] | None = None) -> int:
         device_name = str(mx.device_info().get("device_name", device))
     except Exception:  # noqa: BLE001 - a label only
         device_name = platform.processor() or platform.machine()
-    rows = (bench_rope_shift(dtypes=dtypes, warmup=args.warmup, iters=iters)
-            + bench_dequantize_kv(dtypes=dtypes, warmup=args.warmup, iters=iters))
+    benches = {"rope_shift": bench_rope_shift, "dequantize_kv": bench_dequantize_kv,
+               "quantized_rows": bench_quantized_rows}
+    rows = [r for op in (args.op or OPS) for r in benches[op](dtypes=dtypes, warmup=args.warmup, iters=iters)]
 
     print(f"kernels on {device} ({device_name}); backend: {kind}; mlx {mx.__version__}; median of {iters} runs; "
           "GB/s = bytes the op must read + write once")
-    header = f"{'op':<14} {'case':<15} {'variant':<9} {'dtype':<9} {'impl':<14} {'ms':>9} {'GB/s':>8} {'x ref':>7}"
+    header = (f"{'op':<14} {'case':<20} {'variant':<9} {'dtype':<9} {'impl':<14} {'ms':>9} {'p95 ms':>9} "
+              f"{'GB/s':>8} {'x ref':>7}")
     print(header)
     print("-" * len(header))
     for r in rows:
         gbps = "-" if r["gbps"] is None else f"{r['gbps']:.1f}"
         ratio = "-" if r["speedup_vs_reference"] is None else f"{r['speedup_vs_reference']:.2f}"
-        print(f"{r['op']:<14} {r['case']:<15} {r['variant']:<9} {r['dtype']:<9} {r['impl']:<14} {r['ms']:>9.3f} "
-              f"{gbps:>8} {ratio:>7}")
+        p95 = f"{r['p95_ms']:.3f}" if "p95_ms" in r else "-"
+        print(f"{r['op']:<14} {r['case']:<20} {r['variant']:<9} {r['dtype']:<9} {r['impl']:<14} {r['ms']:>9.3f} "
+              f"{p95:>9} {gbps:>8} {ratio:>7}")
     if args.json:
         print(json.dumps({"bench": "kernels", "device": device, "device_name": device_name, "backend": kind,
                           "mlx": mx.__version__, "iters": iters, "rows": rows}))

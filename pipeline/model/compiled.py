@@ -34,7 +34,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from framecast.errors import UserError
-from framecast.kernels import gpu
+from framecast.kernels import gpu, quantized_rows
 
 ENV_VAR = "FRAMECAST_COMPILE"
 CHOICES = {"auto": None, "on": True, "1": True, "off": False, "0": False}
@@ -81,4 +81,7 @@ def linear(layer: nn.Module, x: mx.array) -> mx.array:
     x [..., in] -> [..., out]."""
     if type(layer) is nn.Linear and "bias" in layer:
         return x @ layer["weight"].T + layer["bias"]
+    if type(layer) is nn.QuantizedLinear and getattr(layer, "mode", "affine") == "affine" and "biases" in layer \
+            and quantized_rows.wanted():  # opt-in: a batch of decode rows through our kernel (issue 15)
+        return quantized_rows.quantized_linear(layer, x)
     return layer(x)

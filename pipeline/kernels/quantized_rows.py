@@ -1,0 +1,246 @@
+"""Quantised matmul for a few rows: y = x @ dequantize(w).T, x with 2-64 rows (batched decode).
+
+Why this op (issue 15): several streams decode together, so every linear layer of the LM sees
+one row per stream. On CUDA, MLX 0.32.4's `quantized_matmul` with more than one row was
+measured at 186 ms a step for 64 rows of an 8B shape (one row: a few ms), which throws away the
+point of batching. With 2-64 rows the work is still a weight read: each weight word should be
+loaded and dequantised once and used for every row, which is what this kernel does.
+
+Layout: one warp (CUDA) / SIMD group (Metal) per output column n. Lane l takes the packed words
+l, l + 32, ... of row n of `w`, dequantises each word's 32/bits values once in fp32 (affine,
+LSB first: w = scale * q + bias, MLX's `mx.quantize` format), multiplies them with the same
+slice of every row of x and keeps one fp32 sum per row; a warp reduction finishes each
+(row, n). x is read through the cache: the warps of a thread group share the same slices.
+
+One interface, chosen once by `framecast.kernels.backend()`:
+  `quantized_rows_matmul(x, w, scales, biases, *, group_size, bits) -> y`
+x [..., K] (2-`MAX_ROWS` rows in all), w uint32 [N, K*bits/32], scales and biases
+[N, K/group_size] -> y [..., N] in x's dtype; the same contract as
+`mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=..., bits=...)`, which
+is the reference and what every other shape, the CPU and CI run.
+
+Not yet measured on a GPU: the kernel is used only with `FRAMECAST_QMM_ROWS=kernel` (and
+after its one-time self-check against the reference passes); `scripts/bench_kernels.py
+--op quantized_rows` compares both on the GPU machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from framecast.errors import UserError
+from framecast.kernels import backend, build_kernel, kernel_verified
+
+ENV_VAR = "FRAMECAST_QMM_ROWS"  # "mlx" (default) | "kernel"
+MAX_ROWS = 64
+ROW_BUCKETS = (2, 4, 8, 16, 32, 64)  # one compiled instance per bucket; rows past M are skipped
+WARPS = 8  # output columns per thread group
+SUPPORTED_BITS = (2, 4, 8)
+# Kernel vs reference, relative to max |y|: both sum in fp32, in different orders, then round
+# once to the output dtype; a wrong word, group or shift is off by far more.
+SELF_CHECK_TOLERANCE = {mx.float32: 1e-4, mx.float16: 4e-3, mx.bfloat16: 3.2e-2}
+
+INPUT_NAMES = ("x", "w", "scales", "biases")
+OUTPUT_NAMES = ("y",)
+
+_CUDA_SOURCE = """
+    constexpr int PER = 32 / BITS;
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int64_t n = int64_t(blockIdx.x) * WARPS + warp;
+    const int64_t N = w_shape[0];
+    const int64_t K = x_shape[1];
+    const int M = int(x_shape[0]);
+    if (n >= N) {
+        return;  // the whole warp leaves together: n is the same for its 32 lanes
+    }
+    float acc[ROWS];
+    #pragma unroll
+    for (int m = 0; m < ROWS; ++m) {
+        acc[m] = 0.0f;
+    }
+    const int64_t groups = K / GROUP;
+    for (int64_t word = lane; word < WORDS; word += 32) {
+        const uint32_t packed = w[n * WORDS + word];
+        const int64_t g = word * PER / GROUP;
+        const float s = static_cast<float>(scales[n * groups + g]);
+        const float b = static_cast<float>(biases[n * groups + g]);
+        float wv[PER];
+        #pragma unroll
+        for (int j = 0; j < PER; ++j) {
+            wv[j] = s * static_cast<float>((packed >> (BITS * j)) & ((1u << BITS) - 1u)) + b;
+        }
+        const int64_t k0 = word * PER;
+        #pragma unroll
+        for (int m = 0; m < ROWS; ++m) {
+            if (m < M) {
+                const T* xr = x + int64_t(m) * K + k0;
+                float sum = 0.0f;
+                #pragma unroll
+                for (int j = 0; j < PER; ++j) {
+                    sum += static_cast<float>(xr[j]) * wv[j];
+                }
+                acc[m] += sum;
+            }
+        }
+    }
+    #pragma unroll
+    for (int m = 0; m < ROWS; ++m) {
+        float v = acc[m];
+        for (int off = 16; off > 0; off >>= 1) {
+            v += __shfl_down_sync(0xffffffff, v, off);
+        }
+        if (lane == 0 && m < M) {
+            y[int64_t(m) * N + n] = static_cast<T>(v);
+        }
+    }
+"""
+
+_METAL_SOURCE = """
+    constexpr int PER = 32 / BITS;
+    uint lane = thread_index_in_simdgroup;
+    uint n = threadgroup_position_in_grid.x * WARPS + simdgroup_index_in_threadgroup;
+    uint N = w_shape[0];
+    uint K = x_shape[1];
+    int M = int(x_shape[0]);
+    if (n >= N) {
+        return;
+    }
+    float acc[ROWS];
+    for (int m = 0; m < ROWS; ++m) {
+        acc[m] = 0.0f;
+    }
+    uint groups = K / GROUP;
+    for (uint word = lane; word < uint(WORDS); word += 32) {
+        uint32_t packed = w[size_t(n) * WORDS + word];
+        uint g = word * PER / GROUP;
+        float s = float(scales[size_t(n) * groups + g]);
+        float b = float(biases[size_t(n) * groups + g]);
+        float wv[PER];
+        for (int j = 0; j < PER; ++j) {
+            wv[j] = s * float((packed >> (BITS * j)) & ((1u << BITS) - 1u)) + b;
+        }
+        size_t k0 = size_t(word) * PER;
+        for (int m = 0; m < ROWS; ++m) {
+            if (m < M) {
+                float sum = 0.0f;
+                for (int j = 0; j < PER; ++j) {
+                    sum += float(x[size_t(m) * K + k0 + j]) * wv[j];
+                }
+                acc[m] += sum;
+            }
+        }
+    }
+    for (int m = 0; m < ROWS; ++m) {
+        float v = simd_sum(acc[m]);
+        if (lane == 0 && m < M) {
+            y[size_t(m) * N + n] = static_cast<T>(v);
+        }
+    }
+"""
+
+
+def cuda() -> str:
+    """Body of the CUDA kernel (signature generated by `mx.fast.cuda_kernel`)."""
+    return _CUDA_SOURCE
+
+
+def metal() -> str:
+    """Body of the Metal kernel (signature generated by `mx.fast.metal_kernel`)."""
+    return _METAL_SOURCE
+
+
+def reference(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *, group_size: int,
+              bits: int) -> mx.array:
+    """MLX's own op: x [..., K] -> [..., N] (runs everywhere; the ground truth in tests)."""
+    return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
+
+
+def _check(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int) -> None:
+    K = x.shape[-1]
+    if bits not in SUPPORTED_BITS or group_size % 32 or K % group_size:
+        raise ValueError(f"quantized_rows: bits={bits} group_size={group_size} K={K} not supported by the kernel")
+    if w.dtype != mx.uint32 or w.shape[-1] * 32 // bits != K or scales.shape != (w.shape[0], K // group_size) \
+            or biases.shape != scales.shape:
+        raise ValueError(f"quantized_rows: x [..., {K}] does not match w {w.shape} {w.dtype} / "
+                         f"scales {scales.shape} / biases {biases.shape} at {bits} bits, group {group_size}")
+
+
+def rows_bucket(m: int) -> int:
+    """The compiled row count that serves m rows (2 <= m <= MAX_ROWS)."""
+    return next(b for b in ROW_BUCKETS if b >= m)
+
+
+def kernel(kind: str, x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *, group_size: int,
+           bits: int) -> mx.array:
+    """The kernel on `kind` ('metal' | 'cuda'); same contract as `reference`."""
+    _check(x, w, scales, biases, group_size, bits)
+    lead, K = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, K)  # [M, K]
+    M, N = x2.shape[0], w.shape[0]
+    if not 1 <= M <= MAX_ROWS:
+        raise ValueError(f"quantized_rows: {M} rows; the kernel takes 1-{MAX_ROWS}")
+    source = metal() if kind == "metal" else cuda()
+    fn = build_kernel(kind, "framecast_quantized_rows", INPUT_NAMES, OUTPUT_NAMES, source)
+    groups = -(-N // WARPS)
+    (y,) = fn(
+        inputs=[x2, w, scales, biases],
+        template=[("T", x.dtype), ("BITS", bits), ("GROUP", group_size), ("WORDS", w.shape[1]),
+                  ("ROWS", rows_bucket(max(M, 2))), ("WARPS", WARPS)],
+        grid=(groups * 32 * WARPS, 1, 1),
+        threadgroup=(32 * WARPS, 1, 1),
+        output_shapes=[(M, N)],
+        output_dtypes=[x.dtype],
+    )
+    return y.reshape(*lead, N)  # [..., N]
+
+
+def _kernel_ok(kind: str, dtype: mx.Dtype, k: int, bits: int, group_size: int) -> bool:
+    """One-time check of the kernel for this (dtype, K, bits, group) against the reference."""
+
+    def relative_error() -> float:
+        rng = np.random.default_rng(0)
+        w_f = mx.array(rng.standard_normal((40, k)).astype(np.float32))  # 40: a partial thread group
+        wq, s, b = mx.quantize(w_f, group_size=group_size, bits=bits)
+        s, b = s.astype(dtype), b.astype(dtype)
+        x = mx.array(rng.standard_normal((3, k)).astype(np.float32)).astype(dtype)
+        got = kernel(kind, x, wq, s, b, group_size=group_size, bits=bits).astype(mx.float32)
+        want = reference(x, wq, s, b, group_size=group_size, bits=bits).astype(mx.float32)
+        return float(mx.max(mx.abs(got - want)).item()) / float(mx.max(mx.abs(want)).item())
+
+    key = ("quantized_rows", kind, dtype, k, bits, group_size)
+    return kernel_verified(key, relative_error, SELF_CHECK_TOLERANCE.get(dtype, 1e-4))
+
+
+@functools.cache
+def wanted() -> bool:
+    """Whether `FRAMECAST_QMM_ROWS` asks for the kernel ('kernel') or MLX's op ('mlx', default);
+    read once per process (every quantised projection asks)."""
+    choice = os.environ.get(ENV_VAR, "mlx").strip().lower() or "mlx"
+    if choice not in ("mlx", "kernel"):
+        raise UserError(f"{ENV_VAR}={choice!r}: expected 'mlx' or 'kernel'")
+    return choice == "kernel"
+
+
+def quantized_rows_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *, group_size: int,
+                          bits: int) -> mx.array:
+    """x [..., K] @ dequantize(w).T -> [..., N]: the kernel for 2-MAX_ROWS rows on a GPU when
+    `FRAMECAST_QMM_ROWS=kernel` and its self-check passed, MLX's `quantized_matmul` otherwise."""
+    kind = backend()
+    rows = x.size // max(x.shape[-1], 1)
+    if kind != "reference" and 2 <= rows <= MAX_ROWS and bits in SUPPORTED_BITS and wanted() \
+            and x.shape[-1] % group_size == 0 and _kernel_ok(kind, x.dtype, x.shape[-1], bits, group_size):
+        return kernel(kind, x, w, scales, biases, group_size=group_size, bits=bits)
+    return reference(x, w, scales, biases, group_size=group_size, bits=bits)
+
+
+def quantized_linear(layer: nn.QuantizedLinear, x: mx.array) -> mx.array:
+    """`layer(x)` for an affine `nn.QuantizedLinear`, through `quantized_rows_matmul`."""
+    y = quantized_rows_matmul(x, layer["weight"], layer["scales"], layer["biases"], group_size=layer.group_size,
+                              bits=layer.bits)
+    return y + layer["bias"] if "bias" in layer else y
