@@ -73,14 +73,31 @@ def test_quantized_linear_equals_the_layer_and_the_decoder_helper_uses_it(monkey
     x = mx.array(np.random.default_rng(3).standard_normal((4, 1, 128)).astype(np.float32))
     want = layer(x)
     assert mx.allclose(qr.quantized_linear(layer, x), want, atol=1e-5)
+    import framecast.model.compiled as compiled
+    from framecast.model.gguf.model import PrefillDequantLinear
+
     calls = []
     monkeypatch.setattr(qr, "quantized_linear", lambda lyr, v: calls.append(1) or lyr(v))
     monkeypatch.setenv(qr.ENV_VAR, "kernel")
+    linear(layer, x)
+    assert calls == []  # on the CPU the layer keeps its own path
+    monkeypatch.setattr(compiled, "backend", lambda: "cuda")  # as on the GPU machine
     assert mx.allclose(linear(layer, x), want, atol=1e-5) and calls == [1]
+    sub = PrefillDequantLinear(128, 24, bias=False, group_size=64, bits=4)  # what the loaders make
+    linear(sub, x)
+    assert calls == [1, 1]
     monkeypatch.setenv(qr.ENV_VAR, "mlx")
     qr.wanted.cache_clear()
     linear(layer, x)
-    assert calls == [1]  # the default leaves nn.QuantizedLinear as it is
+    assert calls == [1, 1]  # the default leaves nn.QuantizedLinear as it is
+
+
+def test_a_bad_switch_stops_the_load_in_one_line(monkeypatch):
+    from framecast.model.compiled import compile_layers
+
+    monkeypatch.setenv(qr.ENV_VAR, "bogus")
+    with pytest.raises(UserError, match="FRAMECAST_QMM_ROWS='bogus'"):
+        compile_layers(nn.Linear(2, 2))
 
 
 def test_kernel_rejects_what_it_cannot_compute():

@@ -16,8 +16,10 @@ One interface, chosen once by `framecast.kernels.backend()`:
   `quantized_rows_matmul(x, w, scales, biases, *, group_size, bits) -> y`
 x [..., K] (2-`MAX_ROWS` rows in all), w uint32 [N, K*bits/32], scales and biases
 [N, K/group_size] -> y [..., N] in x's dtype; the same contract as
-`mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=..., bits=...)`, which
-is the reference and what every other shape, the CPU and CI run.
+`mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=..., bits=...)` when
+scales share x's dtype (mixed dtypes stay with MLX's op, which promotes), which is the
+reference and what every other shape, the CPU and CI run. Not for decoder layers compiled
+shapeless (`FRAMECAST_COMPILE=on`): a trace would keep its first row count.
 
 Not yet measured on a GPU: the kernel is used only with `FRAMECAST_QMM_ROWS=kernel` (and
 after its one-time self-check against the reference passes); `scripts/bench_kernels.py
@@ -233,8 +235,9 @@ def quantized_rows_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx
     `FRAMECAST_QMM_ROWS=kernel` and its self-check passed, MLX's `quantized_matmul` otherwise."""
     kind = backend()
     rows = x.size // max(x.shape[-1], 1)
+    # the kernel writes x's dtype; MLX's op promotes x with the scales' dtype: mixed ones stay with MLX
     if kind != "reference" and 2 <= rows <= MAX_ROWS and bits in SUPPORTED_BITS and wanted() \
-            and x.shape[-1] % group_size == 0 and _kernel_ok(kind, x.dtype, x.shape[-1], bits, group_size):
+            and scales.dtype == x.dtype and x.shape[-1] % group_size == 0 and _kernel_ok(kind, x.dtype, x.shape[-1], bits, group_size):
         return kernel(kind, x, w, scales, biases, group_size=group_size, bits=bits)
     return reference(x, w, scales, biases, group_size=group_size, bits=bits)
 

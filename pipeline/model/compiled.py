@@ -34,7 +34,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from framecast.errors import UserError
-from framecast.kernels import gpu, quantized_rows
+from framecast.kernels import backend, gpu, quantized_rows
 
 ENV_VAR = "FRAMECAST_COMPILE"
 CHOICES = {"auto": None, "on": True, "1": True, "off": False, "0": False}
@@ -60,6 +60,7 @@ def compile_layers(model, on: bool | str | None = None) -> int:
     from framecast.model.vision import SiglipVisionTower
 
     choice = wanted() if on is None else on
+    quantized_rows.wanted()  # a bad FRAMECAST_QMM_ROWS is one line at load time, not silence
     # a MiniCPMV is a Module; a text-only wrapper (a lone LM GGUF) holds its modules as fields
     roots = [model] if isinstance(model, nn.Module) else [v for v in vars(model).values() if isinstance(v, nn.Module)]
     n = 0
@@ -81,7 +82,9 @@ def linear(layer: nn.Module, x: mx.array) -> mx.array:
     x [..., in] -> [..., out]."""
     if type(layer) is nn.Linear and "bias" in layer:
         return x @ layer["weight"].T + layer["bias"]
-    if type(layer) is nn.QuantizedLinear and getattr(layer, "mode", "affine") == "affine" and "biases" in layer \
-            and quantized_rows.wanted():  # opt-in: a batch of decode rows through our kernel (issue 15)
+    # opt-in: a batch of decode rows through our kernel (issue 15). Any QuantizedLinear (the
+    # loaders' PrefillDequantLinear included), on a GPU only: the CPU keeps the layer's own path.
+    if isinstance(layer, nn.QuantizedLinear) and getattr(layer, "mode", "affine") == "affine" and "biases" in layer \
+            and quantized_rows.wanted() and backend() != "reference":
         return quantized_rows.quantized_linear(layer, x)
     return layer(x)

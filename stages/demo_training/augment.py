@@ -6,7 +6,9 @@ tells its motion. A decoder can learn that shortcut instead of comparing frames:
 teacher-forced motion words were no better on held-out streams than with another stream's
 frames. A mirrored clip shows the same objects moving the other way along x; a reversed clip
 plays them backwards (left <-> right, up <-> down, appear <-> disappear). With both drawn at
-random, an object's look says nothing about where it goes: only the frames do.
+random, an object's look no longer tells its direction; it still tells its axis and whether it
+stands still (22 % of the probe's targets are still objects), so a look-only guess can still
+beat the majority class, and the trainer's "training streams" line is what shows it.
 
 Mirroring top to bottom (or transposing) would also swap up and down, but it turns triangles and
 stars upside down, which the scene generator never draws; time reversal swaps up and down for
@@ -32,10 +34,11 @@ REVERSE_CHANCE = 0.5
 
 
 def mirror_object(o: SceneObject, width: int) -> SceneObject:
-    """The object in the left-right mirror of a `width`-pixel frame: x -> 1 - x (normalised),
-    bbox columns reflected (x0, x1 exclusive), left <-> right."""
+    """The object in the left-right mirror of a `width`-pixel frame: pixel column c -> W-1-c, so
+    x -> (W-1)/W - x (normalised; cv2 draws at pixel centres), bbox columns reflected (x0, x1
+    exclusive), left <-> right."""
     x0, y0, x1, y1 = o.bbox
-    return replace(o, x=round(1.0 - o.x, 5), bbox=(width - x1, y0, width - x0, y1), motion=MIRROR_MOTION[o.motion])
+    return replace(o, x=round((width - 1) / width - o.x, 5), bbox=(width - x1, y0, width - x0, y1), motion=MIRROR_MOTION[o.motion])
 
 
 def mirror_truths(truths: list[FrameTruth], width: int) -> list[FrameTruth]:
