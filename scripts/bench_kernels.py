@@ -52,14 +52,7 @@ CASES = [  # name, B, n_kv, T, head_dim
 
 def _time(fn, *, warmup: int, iters: int) -> float:
     """Median wall time of `fn()` (evaluated) in milliseconds."""
-    for _ in range(warmup):
-        mx.eval(fn())
-    samples = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        mx.eval(fn())
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
+    return _time_p95(fn, warmup=warmup, iters=iters)[0]
 
 
 def _fast_rope_shift(keys: mx.array, shift: int, freqs: mx.array, dims: int) -> mx.array:
