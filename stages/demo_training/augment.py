@@ -38,7 +38,8 @@ def mirror_object(o: SceneObject, width: int) -> SceneObject:
     x -> (W-1)/W - x (normalised; cv2 draws at pixel centres), bbox columns reflected (x0, x1
     exclusive), left <-> right."""
     x0, y0, x1, y1 = o.bbox
-    return replace(o, x=round((width - 1) / width - o.x, 5), bbox=(width - x1, y0, width - x0, y1), motion=MIRROR_MOTION[o.motion])
+    return replace(o, x=round((width - 1) / width - o.x, 5), bbox=(width - x1, y0, width - x0, y1),
+                   motion=MIRROR_MOTION[o.motion])
 
 
 def mirror_truths(truths: list[FrameTruth], width: int) -> list[FrameTruth]:

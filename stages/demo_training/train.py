@@ -38,7 +38,8 @@ self. The motion probe (`motion_loss`) asks for that at every image token. Two t
 its way (issue 11, scripts/results/demo_*_2026-11-30): an object keeps one motion for its life,
 so on a few thousand streams its look told its motion and runs A-E learnt the look (their probe
 loss fell on training streams, not on held-out ones); `augment` mirrors and reverses clips at
-random (on by default, `--no-augment`) so the look tells nothing. And with the replies in the
+random (on by default, `--no-augment`) so the look no longer tells the direction (it still
+tells the axis and a still object). And with the replies in the
 same loss the probe stayed at chance even on training streams; trained alone it rises
 (`scripts/check_decoder_motion.py`), hence `--motion-phase`.
 Text-only conversations (chapter titles, summaries and questions answered from a narration log,
@@ -681,15 +682,19 @@ def make_batch(clips: list[tuple[dict, int | np.ndarray]], n_frames: int, builde
             truths = A.reverse_truths(truths)
         if mirror:
             truths = A.mirror_truths(truths, d["width"])
-        slots = np.stack([slot_labels(t) for t in truths]) if mirror or reverse else d["slots_np"][idx]
         take = mx.array(idx.astype(np.int32))
+        if mirror or reverse:  # the stored labels are the rendered clip's: recompute from the new truths
+            slots = np.stack([slot_labels(t) for t in truths])
+            slot_y.append(mx.array(slots))
+        else:
+            slots = d["slots_np"][idx]
+            slot_y.append(d["slots"][take])
         v, p = d["views"][take], d["patch"][take]
         if mirror:
             nh, nw = v.shape[1] // 14, v.shape[2] // 14
             v, p = A.flip_views(v), A.flip_patch_labels(p, nh, nw)
         views.append(v)
         patch.append(p)
-        slot_y.append(mx.array(slots) if mirror or reverse else d["slots"][take])
         if stride > 1:
             turns = gap_turns(truths, rng)
         else:
@@ -1120,7 +1125,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text-rows", type=int, default=TEXT_ROWS, help="text-only conversations per step")
     ap.add_argument("--no-augment", dest="augment", action="store_false",
                     help="train on the clips as rendered (default: each clip mirrored and/or reversed at random, "
-                         "so an object's look cannot tell its motion)")
+                         "so an object's look cannot tell its direction)")
     ap.add_argument("--init-from", default=None, help="HF-layout model dir (this trainer's) to start from")
     ap.add_argument("--tiny", action="store_true", help="a toy-sized model (tests of the trainer itself)")
     a = ap.parse_args(argv)
