@@ -17,10 +17,11 @@ strided views, what the cache did before), `contiguous` (mx.dequantize on contig
 made outside the timing: MLX's own kernel without the view copies, a floor for the reference)
 and `kernel` (GPU only).
 quantized_rows cases (`--op quantized_rows`): one 4-bit (group 64) linear layer of a Qwen2-7B
-shape (3584 -> 3584 and 3584 -> 18944; a tiny one on CPU) for 1, 4, 16 and 64 rows, the rows of
-a batched decode step. Rows: `reference` (MLX's quantized_matmul, the baseline), `dequant+mm`
-(dequantise the whole weight, then one float matmul: the pure-MLX alternative) and `kernel`
-(our few-rows kernel, GPU only); median and p95.
+shape (3584 -> 3584 and 3584 -> 18944; a tiny one on CPU) for 1-64 rows (`QMM_ROWS`), the rows
+of a batched decode step. Rows: `reference` (MLX's quantized_matmul, the baseline), `dequant+mm`
+(dequantise the whole weight, then one float matmul: the pure-MLX alternative), `pad16` (MLX's
+op on the rows padded with zero rows to 16) and `kernel` (our few-rows kernel, GPU only); median
+and p95.
 Needs only MLX and numpy.
 """
 
@@ -153,23 +154,27 @@ def _time_p95(fn, *, warmup: int, iters: int) -> tuple[float, float]:
     return statistics.median(samples), samples[min(len(samples) - 1, int(round(0.95 * (len(samples) - 1))))]
 
 
+QMM_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 QMM_SHAPES = {"gpu": [("7B qkv/o 3584->3584", 3584, 3584), ("7B up 3584->18944", 3584, 18944)],
               "cpu": [("tiny 512->256", 512, 256)]}
 
 
 def bench_quantized_rows(*, dtypes, warmup: int, iters: int) -> list[dict]:
-    """One 4-bit linear layer for 1-64 rows: MLX's op, dequantise + matmul, our kernel."""
+    """One 4-bit linear layer for 1-64 rows: MLX's op, dequantise + matmul, MLX's op on rows
+    padded to `PAD_ROWS`, our kernel."""
     kind = backend()
     rows = []
     for name, k, n in QMM_SHAPES["gpu" if kind != "reference" else "cpu"]:
         for dtype in dtypes:
             wq, s, b = mx.quantize(mx.random.normal((n, k)).astype(dtype), group_size=64, bits=4)
             mx.eval(wq, s, b)
-            for m in (1, 4, 16, 64):
+            for m in QMM_ROWS:
                 x = mx.random.normal((m, k)).astype(dtype)
                 mx.eval(x)
                 impls = {"reference": lambda: qr.reference(x, wq, s, b, group_size=64, bits=4),
                          "dequant+mm": lambda: x @ mx.dequantize(wq, s, b, group_size=64, bits=4).T}
+                if 2 <= m < qr.PAD_ROWS:
+                    impls[f"pad{qr.PAD_ROWS}"] = lambda: qr.padded(x, wq, s, b, group_size=64, bits=4)
                 if kind != "reference" and m >= 2:
                     impls["kernel"] = lambda: qr.kernel(kind, x, wq, s, b, group_size=64, bits=4)
                 base_ms = None

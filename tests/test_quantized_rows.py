@@ -25,10 +25,10 @@ GPU_KINDS = [k for k, ok in (("cuda", CUDA), ("metal", METAL)) if ok]
 
 @pytest.fixture(autouse=True)
 def fresh_switch():
-    """`wanted()` reads FRAMECAST_QMM_ROWS once per process: forget it around each test."""
-    qr.wanted.cache_clear()
+    """`mode()` reads FRAMECAST_QMM_ROWS once per process: forget it around each test."""
+    qr.mode.cache_clear()
     yield
-    qr.wanted.cache_clear()
+    qr.mode.cache_clear()
 
 
 def _quantised(n: int, k: int, *, bits: int, group: int, seed: int = 0):
@@ -40,11 +40,16 @@ def _quantised(n: int, k: int, *, bits: int, group: int, seed: int = 0):
 @pytest.mark.parametrize("rows", [1, 2, 5, 16, 64])
 @pytest.mark.parametrize("bits,group", [(4, 64), (8, 32), (2, 128)])
 def test_reference_equals_dequantised_matmul(rows, bits, group):
+    if CUDA and bits == 2 and rows == 64:
+        pytest.xfail("MLX 0.32.4 CUDA: 2-bit quantized_matmul with 64 rows raises 'cuGraphAddKernelNode "
+                     "... invalid argument' (seen on an H200, 2026-12-01)")
     wq, s, b = _quantised(24, 256, bits=bits, group=group)
     x = mx.array(np.random.default_rng(1).standard_normal((rows, 256)).astype(np.float32))
     want = np.array(x) @ np.array(mx.dequantize(wq, s, b, group_size=group, bits=bits)).T
     got = qr.reference(x, wq, s, b, group_size=group, bits=bits)
-    np.testing.assert_allclose(np.array(got), want, rtol=1e-4, atol=1e-4)
+    # a GPU's fp32 matmul may round its inputs (TF32 on CUDA): compare against the largest output there
+    tol = 1e-4 if kernels.backend() == "reference" else 2e-3 * float(np.abs(want).max())
+    np.testing.assert_allclose(np.array(got), want, rtol=1e-4, atol=tol)
 
 
 def test_public_op_is_the_reference_here_and_keeps_leading_axes(monkeypatch):
@@ -62,8 +67,42 @@ def test_env_switch_is_checked(monkeypatch):
     with pytest.raises(UserError, match="FRAMECAST_QMM_ROWS='fast'"):
         qr.wanted()
     monkeypatch.setenv(qr.ENV_VAR, "")
-    qr.wanted.cache_clear()
-    assert qr.wanted() is False
+    qr.mode.cache_clear()
+    assert qr.wanted() is False and qr.mode() == "mlx"
+    for choice in ("pad", " Kernel "):
+        monkeypatch.setenv(qr.ENV_VAR, choice)
+        qr.mode.cache_clear()
+        assert qr.wanted() is True and qr.mode() == choice.strip().lower()
+
+
+@pytest.mark.parametrize("rows", [2, 3, 7, 15])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+def test_padded_rows_equal_the_reference_and_keep_leading_axes(rows, dtype):
+    wq, s, b = _quantised(40, 256, bits=4, group=64)
+    s, b = s.astype(dtype), b.astype(dtype)
+    x = mx.array(np.random.default_rng(rows).standard_normal((rows, 1, 256)).astype(np.float32)).astype(dtype)
+    got = qr.padded(x, wq, s, b, group_size=64, bits=4)  # [B, L, K] -> [B, L, N]
+    want = qr.reference(x, wq, s, b, group_size=64, bits=4)
+    assert got.shape == want.shape == (rows, 1, 40) and got.dtype == want.dtype
+    tol = 1e-5 if dtype == mx.float32 else 2e-2
+    np.testing.assert_allclose(np.array(got.astype(mx.float32)), np.array(want.astype(mx.float32)), atol=tol, rtol=tol)
+    with pytest.raises(ValueError, match="16 rows cannot be padded to 16"):
+        qr.padded(mx.zeros((16, 256), dtype=dtype), wq, s, b, group_size=64, bits=4)
+
+
+def test_pad_mode_pads_only_few_rows_on_a_gpu(monkeypatch):
+    wq, s, b = _quantised(8, 128, bits=4, group=64)
+    seen = []
+    monkeypatch.setattr(qr, "padded", lambda x, *a, **k: seen.append(x.shape) or qr.reference(x, *a, **k))
+    monkeypatch.setenv(qr.ENV_VAR, "pad")
+    for m in (1, 2, 15, 16):
+        qr.quantized_rows_matmul(mx.zeros((m, 128)), wq, s, b, group_size=64, bits=4)
+    assert seen == ([] if kernels.backend() == "reference" else [(2, 128), (15, 128)])
+    monkeypatch.setattr(qr, "backend", lambda: "cuda")  # as on the GPU machine
+    seen.clear()
+    for m in (1, 2, 15, 16):
+        qr.quantized_rows_matmul(mx.zeros((m, 128)), wq, s, b, group_size=64, bits=4)
+    assert seen == [(2, 128), (15, 128)]
 
 
 def test_quantized_linear_equals_the_layer_and_the_decoder_helper_uses_it(monkeypatch):
@@ -79,6 +118,8 @@ def test_quantized_linear_equals_the_layer_and_the_decoder_helper_uses_it(monkey
     calls = []
     monkeypatch.setattr(qr, "quantized_linear", lambda lyr, v: calls.append(1) or lyr(v))
     monkeypatch.setenv(qr.ENV_VAR, "kernel")
+    qr.mode.cache_clear()  # on a GPU machine the first call above read the (unset) switch
+    monkeypatch.setattr(compiled, "backend", lambda: "reference")  # as on the CPU (CI), also on a GPU machine
     linear(layer, x)
     assert calls == []  # on the CPU the layer keeps its own path
     monkeypatch.setattr(compiled, "backend", lambda: "cuda")  # as on the GPU machine
@@ -87,7 +128,7 @@ def test_quantized_linear_equals_the_layer_and_the_decoder_helper_uses_it(monkey
     linear(sub, x)
     assert calls == [1, 1]
     monkeypatch.setenv(qr.ENV_VAR, "mlx")
-    qr.wanted.cache_clear()
+    qr.mode.cache_clear()
     linear(layer, x)
     assert calls == [1, 1]  # the default leaves nn.QuantizedLinear as it is
 
@@ -297,6 +338,8 @@ def test_bench_script_times_the_rows_op(tmp_path):
                         "--json"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(r.stdout.strip().splitlines()[-1])["rows"]
-    assert {row["variant"] for row in rows} == {"1 rows", "4 rows", "16 rows", "64 rows"}
+    QMM_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
+    assert [row["variant"] for row in rows if row["impl"] == "reference"] == [f"{m} rows" for m in QMM_ROWS]
+    assert {row["variant"] for row in rows if row["impl"] == "pad16"} == {f"{m} rows" for m in QMM_ROWS if 2 <= m < 16}
     assert all(row["op"] == "quantized_rows" and row["p95_ms"] >= row["ms"] > 0 for row in rows)
     assert all(row["speedup_vs_reference"] == 1.0 for row in rows if row["impl"] == "reference")

@@ -1,10 +1,13 @@
 """Quantised matmul for a few rows: y = x @ dequantize(w).T, x with 2-64 rows (batched decode).
 
 Why this op (issue 15): several streams decode together, so every linear layer of the LM sees
-one row per stream. On CUDA, MLX 0.32.4's `quantized_matmul` with more than one row was
-measured at 186 ms a step for 64 rows of an 8B shape (one row: a few ms), which throws away the
-point of batching. With 2-64 rows the work is still a weight read: each weight word should be
+one row per stream. With 2-64 rows the work is still a weight read: each weight word should be
 loaded and dequantised once and used for every row, which is what this kernel does.
+
+Measured on one H200 (MLX 0.32.4 CUDA, 2026-12-01; README "A few-rows 4-bit matmul"): the
+kernel equals MLX's op but is not faster (0.98x at 4 rows, 0.05-0.21x at 16-64), while MLX's
+op itself is slower at 4 rows than at 16. Hence `FRAMECAST_QMM_ROWS=pad`, which pads 2-15 rows
+to `PAD_ROWS` for MLX's op. Both stay opt-in; the default is MLX's op as it is.
 
 Layout: one warp (CUDA) / SIMD group (Metal) per output column n. Lane l takes the packed words
 l, l + 32, ... of row n of `w`, dequantises each word's 32/bits values once in fp32 (affine,
@@ -21,9 +24,8 @@ scales share x's dtype (mixed dtypes stay with MLX's op, which promotes), which 
 reference and what every other shape, the CPU and CI run. Not for decoder layers compiled
 shapeless (`FRAMECAST_COMPILE=on`): a trace would keep its first row count.
 
-Not yet measured on a GPU: the kernel is used only with `FRAMECAST_QMM_ROWS=kernel` (and
-after its one-time self-check against the reference passes); `scripts/bench_kernels.py
---op quantized_rows` compares both on the GPU machine.
+`scripts/bench_kernels.py --op quantized_rows` compares MLX's op, the padding and the kernel
+on the GPU machine.
 """
 
 from __future__ import annotations
@@ -38,8 +40,12 @@ import numpy as np
 from framecast.errors import UserError
 from framecast.kernels import backend, build_kernel, kernel_verified
 
-ENV_VAR = "FRAMECAST_QMM_ROWS"  # "mlx" (default) | "kernel"
+ENV_VAR = "FRAMECAST_QMM_ROWS"  # "mlx" (default) | "pad" | "kernel"
+MODES = ("mlx", "pad", "kernel")
 MAX_ROWS = 64
+# "pad": 2..PAD_ROWS-1 rows are padded with zero rows to PAD_ROWS before MLX's op, whose
+# few-rows path was measured slower than its PAD_ROWS-rows one on the H200 (see README)
+PAD_ROWS = 16
 ROW_BUCKETS = (2, 4, 8, 16, 32, 64)  # one compiled instance per bucket; rows past M are skipped
 WARPS = 8  # output columns per thread group
 SUPPORTED_BITS = (2, 4, 8)
@@ -220,24 +226,50 @@ def _kernel_ok(kind: str, dtype: mx.Dtype, k: int, bits: int, group_size: int) -
 
 
 @functools.cache
-def wanted() -> bool:
-    """Whether `FRAMECAST_QMM_ROWS` asks for the kernel ('kernel') or MLX's op ('mlx', default);
-    read once per process (every quantised projection asks)."""
+def mode() -> str:
+    """What `FRAMECAST_QMM_ROWS` asks for: 'mlx' (default, MLX's op as it is), 'pad' (few rows
+    padded to `PAD_ROWS` for MLX's op) or 'kernel' (our kernel); read once per process (every
+    quantised projection asks). Raises UserError for any other value."""
     choice = os.environ.get(ENV_VAR, "mlx").strip().lower() or "mlx"
-    if choice not in ("mlx", "kernel"):
-        raise UserError(f"{ENV_VAR}={choice!r}: expected 'mlx' or 'kernel'")
-    return choice == "kernel"
+    if choice not in MODES:
+        raise UserError(f"{ENV_VAR}={choice!r}: expected one of {', '.join(repr(m) for m in MODES)}")
+    return choice
+
+
+def wanted() -> bool:
+    """Whether `FRAMECAST_QMM_ROWS` asks for our dispatch ('pad' or 'kernel') rather than MLX's op."""
+    return mode() != "mlx"
+
+
+def padded(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *, group_size: int, bits: int,
+           rows: int = PAD_ROWS) -> mx.array:
+    """MLX's op on x padded with zero rows to `rows` rows, then cut back: x [..., K] (fewer
+    than `rows` rows in all) -> [..., N]; every output row equals `reference`'s up to the
+    summation order of the op's other path."""
+    lead, K = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, K)  # [M, K]
+    M = x2.shape[0]
+    if M >= rows:
+        raise ValueError(f"quantized_rows: {M} rows cannot be padded to {rows}")
+    x2 = mx.concatenate([x2, mx.zeros((rows - M, K), dtype=x.dtype)])  # [rows, K]
+    y = reference(x2, w, scales, biases, group_size=group_size, bits=bits)[:M]  # [M, N]
+    return y.reshape(*lead, w.shape[0])
 
 
 def quantized_rows_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *, group_size: int,
                           bits: int) -> mx.array:
-    """x [..., K] @ dequantize(w).T -> [..., N]: the kernel for 2-MAX_ROWS rows on a GPU when
-    `FRAMECAST_QMM_ROWS=kernel` and its self-check passed, MLX's `quantized_matmul` otherwise."""
+    """x [..., K] @ dequantize(w).T -> [..., N], on a GPU: with `FRAMECAST_QMM_ROWS=pad`, 2 to
+    PAD_ROWS-1 rows padded to PAD_ROWS for MLX's op; with `=kernel`, 2-MAX_ROWS rows through the
+    kernel when its self-check passed; MLX's `quantized_matmul` otherwise (and on the CPU)."""
     kind = backend()
     rows = x.size // max(x.shape[-1], 1)
+    choice = mode() if kind != "reference" else "mlx"  # the CPU never reads the switch
+    if choice == "pad" and 2 <= rows < PAD_ROWS:
+        return padded(x, w, scales, biases, group_size=group_size, bits=bits)
     # the kernel writes x's dtype; MLX's op promotes x with the scales' dtype: mixed ones stay with MLX
-    if kind != "reference" and 2 <= rows <= MAX_ROWS and bits in SUPPORTED_BITS and wanted() \
-            and scales.dtype == x.dtype and x.shape[-1] % group_size == 0 and _kernel_ok(kind, x.dtype, x.shape[-1], bits, group_size):
+    if choice == "kernel" and 2 <= rows <= MAX_ROWS and bits in SUPPORTED_BITS \
+            and scales.dtype == x.dtype and x.shape[-1] % group_size == 0 \
+            and _kernel_ok(kind, x.dtype, x.shape[-1], bits, group_size):
         return kernel(kind, x, w, scales, biases, group_size=group_size, bits=bits)
     return reference(x, w, scales, biases, group_size=group_size, bits=bits)
 

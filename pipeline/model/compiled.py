@@ -82,7 +82,7 @@ def linear(layer: nn.Module, x: mx.array) -> mx.array:
     x [..., in] -> [..., out]."""
     if type(layer) is nn.Linear and "bias" in layer:
         return x @ layer["weight"].T + layer["bias"]
-    # opt-in: a batch of decode rows through our kernel (issue 15). Any QuantizedLinear (the
+    # opt-in: a batch of decode rows padded for MLX's op, or through our kernel (issue 15). Any QuantizedLinear (the
     # loaders' PrefillDequantLinear included), on a GPU only: the CPU keeps the layer's own path.
     if isinstance(layer, nn.QuantizedLinear) and getattr(layer, "mode", "affine") == "affine" and "biases" in layer \
             and quantized_rows.wanted() and backend() != "reference":
