@@ -41,7 +41,10 @@ loss fell on training streams, not on held-out ones); `augment` mirrors and reve
 random (on by default, `--no-augment`) so the look no longer tells the direction (it still
 tells the axis and a still object). And with the replies in the
 same loss the probe stayed at chance even on training streams; trained alone it rises
-(`scripts/check_decoder_motion.py`), hence `--motion-phase`.
+(`scripts/check_decoder_motion.py`), hence `--motion-phase`. Run G (2026-12-01) showed the
+probe still memorising streams that come back dozens of times (training streams 0.52, held-out at
+the majority) and the language lost while the probe trains alone; `--refresh` (`refresh.py`)
+keeps swapping freshly rendered streams into the pool so that no stream comes back for long.
 Text-only conversations (chapter titles, summaries and questions answered from a narration log,
 `framecast.engine.prompts`) ride along.
 
@@ -58,6 +61,7 @@ Imports only what the GPU machine has (mlx, numpy, cv2, PIL, tokenizers; PyAV on
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import json
 import math
@@ -77,6 +81,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 import framecast.stages.demo_training.augment as A
 import framecast.stages.demo_training.data as D
+from framecast.stages.demo_training.refresh import StreamRefresher
 from framecast.engine.layout import CLOSE_TEXT, DEFAULT_ASSISTANT_PREFIX, DEFAULT_SYSTEM_PROMPT, TURN_END
 from framecast.stages.sources.scene import COLOURS, MOTIONS, SHAPES, SIZES, draw_shape
 
@@ -123,6 +128,7 @@ DEFAULT_GAP_MIX = 0.0  # after the phases, the chance that a step is a gap step 
 # the first LONG_RAMP of that phase, so the decoder keeps finding the image tokens as they thin out.
 LONG_RAMP = 0.5
 STREAMS_PER_DATA_SEED = 100_000  # training stream seeds: 1,000,000 + data_seed * this + i
+REFRESH_PER_STEP = 64  # --refresh: most new streams swapped in before one step (each costs a host->device copy)
 MAX_SEED = 1000  # --seed and --data-seed are below this
 MIN_CLIP_TOKENS = 256  # --max-tokens: the smallest session budget framecast accepts
 TEXT_ROWS = 8  # text-only conversations (title, summary, question from a log) per step
@@ -618,17 +624,39 @@ class Pool:
     stream and kind (a whole group would pass 2^31 elements, past int32 indexing)."""
 
     def __init__(self, data: list[dict]):
-        groups: dict[tuple[int, int], list[dict]] = {}
+        self.items: dict[tuple[int, int], list[dict]] = {}
+        self.order: collections.deque[dict] = collections.deque()  # oldest first (`replace_oldest`)
         for item in data:
-            groups.setdefault(item["views"].shape[1:3], []).append(item)
-        self.keys = sorted(groups)
-        self.items = {k: [{"seed": d["seed"], "truths": d["truths"], "fps": d["fps"], "width": d["width"],
-                           "views": mx.array(d["views"]),
-                           "patch": mx.array(d["patch"]), "slots": mx.array(d["slots"]), "slots_np": d["slots"]}
-                          for d in groups[k]]
-                      for k in self.keys}
-        mx.eval([[d["views"], d["patch"], d["slots"]] for g in self.items.values() for d in g])
-        self.sizes = np.array([len(groups[k]) for k in self.keys], np.float64)
+            self._add(item)
+        mx.eval([[d["views"], d["patch"], d["slots"]] for d in self.order])
+        self._index()
+
+    def _add(self, item: dict) -> None:
+        d = {"seed": item["seed"], "truths": item["truths"], "fps": item["fps"], "width": item["width"],
+             "views": mx.array(item["views"]), "patch": mx.array(item["patch"]), "slots": mx.array(item["slots"]),
+             "slots_np": item["slots"]}
+        self.items.setdefault(item["views"].shape[1:3], []).append(d)
+        self.order.append(d)
+
+    def _index(self) -> None:
+        self.items = {k: g for k, g in self.items.items() if g}
+        self.keys = sorted(self.items)
+        self.sizes = np.array([len(self.items[k]) for k in self.keys], np.float64)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def replace_oldest(self, data: list[dict]) -> None:
+        """Swap the len(data) oldest streams for `data` (rendered dicts, as `__init__` takes);
+        the pool keeps its size. Its view-size groups follow what the new streams are."""
+        for item in data:
+            old = self.order.popleft()
+            group = self.items[old["views"].shape[1:3]]
+            group.pop(next(i for i, d in enumerate(group) if d is old))
+            self._add(item)
+        if data:
+            mx.eval([[d["views"], d["patch"], d["slots"]] for d in list(self.order)[-len(data):]])
+            self._index()
 
     def clips(self, rng: np.random.Generator, rows: int, n_frames: int) -> list[tuple[dict, int]]:
         key = self.keys[int(rng.choice(len(self.keys), p=self.sizes / self.sizes.sum()))]
@@ -951,7 +979,8 @@ def export(out: Path, model: DemoVLM, a, state: dict, n_params: int, t_data: flo
         "max_clip": a.max_clip, "max_tokens": a.max_tokens, "lr": a.lr, "vision_lr_scale": a.vision_lr_scale,
         "codec": a.codec, "init_from": a.init_from, "vision_phase": a.vision_phase,
         "motion_phase": a.motion_phase, "gap_phase": a.gap_phase,
-        "gap_mix": a.gap_mix, "augment": a.augment,
+        "gap_mix": a.gap_mix, "augment": a.augment, "refresh": a.refresh,
+        "streams_refreshed": state.get("refreshed", 0),
         "short_phase": a.short_phase, "motion_weight": a.motion_weight, "text_weight": a.text_weight,
         "text_rows": a.text_rows,
         "params": n_params, "data_s": round(t_data, 1), "train_s": round(state["train_s"], 1),
@@ -1126,6 +1155,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-augment", dest="augment", action="store_false",
                     help="train on the clips as rendered (default: each clip mirrored and/or reversed at random, "
                          "so an object's look cannot tell its direction)")
+    ap.add_argument("--refresh", action="store_true",
+                    help="keep rendering new training streams in --workers background processes while training "
+                         "and swap each in for the oldest of the pool, so no stream is trained on for long "
+                         "(off by default: batches then depend on the workers' timing)")
     ap.add_argument("--init-from", default=None, help="HF-layout model dir (this trainer's) to start from")
     ap.add_argument("--tiny", action="store_true", help="a toy-sized model (tests of the trainer itself)")
     a = ap.parse_args(argv)
@@ -1225,8 +1258,19 @@ def main(argv: list[str] | None = None) -> int:
     last_ckpt = time.time()
     parts_log: list[list[float]] = []
     history = state["history"]
+    refresher = None
+    if a.refresh:  # after the first render, which had every worker; resumed runs go on with new seeds
+        first = max(train_seeds[-1] + 1, state.get("next_seed", 0))
+        refresher = StreamRefresher(_make_stream_job, lambda seed: stream_jobs([seed], a.frames, a.codec)[0],
+                                    first_seed=first, end_seed=train_seeds[0] + STREAMS_PER_DATA_SEED,
+                                    workers=a.workers)
     try:
         while state["step"] < a.max_steps:
+            if refresher is not None:
+                fresh = refresher.poll(limit=REFRESH_PER_STEP)
+                pool.replace_oldest(fresh)
+                state["refreshed"] = state.get("refreshed", 0) + len(fresh)
+                state["next_seed"] = refresher.next_seed
             train_s = train_s0 + time.time() - t_run
             frac = train_s / a.time_budget
             if frac >= 1.0 or (a.stop_after and time.time() - t_run >= a.stop_after):
@@ -1287,13 +1331,16 @@ def main(argv: list[str] | None = None) -> int:
                 rep = grounding_report(model, val_batch, tok, val_frames)
                 seen = grounding_report(model, seen_batch, tok, val_frames)
                 rep.update({f"seen_{k}": seen[k] for k in SEEN_KEYS})
-                history.append({"step": step, "s": round(el, 1), "loss": round(float(m[0]), 4),
+                history.append({"step": step, "s": round(el, 1), "refreshed": state.get("refreshed", 0),
+                                "loss": round(float(m[0]), 4),
                                 "reply_ce": round(float(m[1]), 4), "text_ce": round(float(m[2]), 4),
                                 "patch": round(float(m[3]), 4), "slot": round(float(m[4]), 4),
                                 "motion": round(float(m[5]), 4), **rep})
                 print(f"step {step:5d} {el:6.0f}s lr {lr:.1e}  loss {m[0]:.3f} (reply {m[1]:.3f} text {m[2]:.3f} "
                       f"patch {m[3]:.3f} slot {m[4]:.3f} motion {m[5]:.3f})\n" + format_report(step, rep)
-                      + "\n" + format_seen(rep), flush=True)
+                      + "\n" + format_seen(rep)
+                      + (f"\n  refreshed: {state.get('refreshed', 0)} new streams so far (pool {len(pool)})"
+                         if refresher is not None else ""), flush=True)
             if ckpt is not None and time.time() - last_ckpt > a.ckpt_every:
                 state.update(train_s=train_s0 + time.time() - t_run, rng=rng.bit_generator.state, history=history)
                 save_checkpoint(ckpt, model, opt, state)
@@ -1301,6 +1348,9 @@ def main(argv: list[str] | None = None) -> int:
                 last_ckpt = time.time()
     except KeyboardInterrupt:
         print(f"interrupted at step {state['step']}: saving", flush=True)
+    finally:
+        if refresher is not None:
+            refresher.close()
     state.update(train_s=train_s0 + time.time() - t_run, rng=rng.bit_generator.state, history=history)
     if ckpt is not None:
         save_checkpoint(ckpt, model, opt, state)

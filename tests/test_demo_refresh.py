@@ -1,0 +1,86 @@
+"""--refresh: new training streams rendered in background processes while the demo model trains
+(`framecast.stages.demo_training.refresh`), and the pool that swaps them in for its oldest."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+import framecast.stages.demo_training.train as T
+from framecast.stages.demo_training.refresh import StreamRefresher
+
+
+def _job(seed: int):
+    return T.stream_jobs([seed], 4, "jpeg")[0]
+
+
+def _wait_for(refresher: StreamRefresher, n: int, timeout: float = 120.0) -> list[dict]:
+    got, t0 = [], time.time()
+    while len(got) < n and time.time() - t0 < timeout:
+        got += refresher.poll()
+        time.sleep(0.05)
+    return got
+
+
+def test_refresher_renders_each_new_seed_once_within_a_bounded_window():
+    with StreamRefresher(T._make_stream_job, _job, first_seed=1_000_050, end_seed=1_000_055, workers=1,
+                         window=2) as r:
+        assert len(r._pending) == 2 and r.next_seed == 1_000_052  # no more in flight than the window
+        got = _wait_for(r, 5)
+        assert sorted(d["seed"] for d in got) == list(range(1_000_050, 1_000_055))
+        assert r.exhausted and r.poll() == [] and r.delivered == 5
+        assert got[0]["views"].shape[0] == 4 and got[0]["views"].dtype == np.uint8
+    with pytest.raises(ValueError, match="workers=0"):
+        StreamRefresher(T._make_stream_job, _job, first_seed=0, end_seed=1, workers=0)
+
+
+def _fake(seed: int, hw: tuple[int, int]) -> dict:
+    slots = np.zeros((2, T.QUERY_NUM, T.SLOT_COLS), np.float32)
+    return {"seed": seed, "views": np.zeros((2, *hw, 3), np.uint8), "patch": np.zeros((2, 3), np.int32),
+            "slots": slots, "truths": [None, None], "fps": 10.0, "width": hw[1]}
+
+
+def test_pool_swaps_its_oldest_streams_and_regroups_by_view_size():
+    pool = T.Pool([_fake(1, (28, 28)), _fake(2, (28, 42)), _fake(3, (28, 28))])
+    assert len(pool) == 3 and pool.keys == [(28, 28), (28, 42)] and pool.sizes.tolist() == [2, 1]
+    pool.replace_oldest([_fake(10, (42, 28)), _fake(11, (42, 28))])  # drops 1 and 2: the (28, 42) group empties
+    assert len(pool) == 3 and [d["seed"] for d in pool.order] == [3, 10, 11]
+    assert pool.keys == [(28, 28), (42, 28)] and pool.sizes.tolist() == [1, 2]
+    clips = pool.clips(np.random.default_rng(0), 4, 1)
+    assert {d["seed"] for d, _ in clips} <= {3, 10, 11}
+    pool.replace_oldest([])
+    assert [d["seed"] for d in pool.order] == [3, 10, 11]
+
+
+def test_trainer_refresh_swaps_new_streams_in(tmp_path, monkeypatch):
+    """The toy trainer with --refresh: every step waits for one fresh stream here (a test must
+    not depend on the workers' timing), and the swapped-in seeds are new training seeds."""
+
+    class Waiting(StreamRefresher):
+        def poll(self, limit=None):
+            t0 = time.time()
+            while not any(r.ready() for r in self._pending) and time.time() - t0 < 120:
+                time.sleep(0.05)
+            return super().poll(limit=1)
+
+    swapped = []
+    real = T.Pool.replace_oldest
+    monkeypatch.setattr(T, "StreamRefresher", Waiting)
+    monkeypatch.setattr(T.Pool, "replace_oldest", lambda self, data: swapped.extend(d["seed"] for d in data)
+                        or real(self, data))
+    out, ckpt = tmp_path / "model", tmp_path / "ckpt"
+    args = ["--tiny", "--out", str(out), "--ckpt", str(ckpt), "--streams", "2", "--frames", "6", "--max-clip", "4",
+            "--batch", "1", "--workers", "1", "--time-budget", "1000", "--vision-phase", "0", "--refresh",
+            "--log-every", "1"]
+    assert T.main([*args, "--max-steps", "3"]) == 0
+    assert swapped == [1_000_002, 1_000_003, 1_000_004]  # after the two first rendered, one a step
+    info = json.loads((out / "training.json").read_text())
+    assert info["refresh"] is True and info["streams_refreshed"] == 3
+    assert [h["refreshed"] for h in info["history"]] == [1, 2, 3]
+    # resumed: new seeds after every one the first run started (two were still in flight)
+    assert T.main([*args, "--max-steps", "4"]) == 0
+    assert swapped[3:] == [1_000_007]
+    assert json.loads((out / "training.json").read_text())["streams_refreshed"] == 4
