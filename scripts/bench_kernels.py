@@ -32,6 +32,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Iterator
 
 
 import framecast  # noqa: E402,F401  (preloads OpenBLAS before mlx)
@@ -65,9 +66,8 @@ def _fast_rope_shift(keys: mx.array, shift: int, freqs: mx.array, dims: int) -> 
     return out.reshape(B, H, T, D)
 
 
-def bench_rope_shift(*, dtypes, warmup: int, iters: int) -> list[dict]:
+def bench_rope_shift(*, dtypes, warmup: int, iters: int) -> Iterator[dict]:
     kind = backend()
-    rows = []
     for name, B, H, T, D in CASES:
         spec = rs.RopeSpec.from_base(D, base=THETA)
         freqs = 1.0 / spec.inv_freq
@@ -103,18 +103,16 @@ def bench_rope_shift(*, dtypes, warmup: int, iters: int) -> list[dict]:
                     ms = _time(fn, warmup=warmup, iters=iters)
                     base_ms = ms if base_ms is None else base_ms
                     end_to_end = impl == "KVCache.evict"  # keys + values + buffer writes: no ratio
-                    rows.append({"op": "rope_shift", "case": name, "variant": op,
+                    yield ({"op": "rope_shift", "case": name, "variant": op,
                                  "dtype": str(dtype).replace("mlx.core.", ""),
                                  "impl": impl, "ms": round(ms, 4),
                                  "gbps": None if end_to_end else round(moved / ms / 1e6, 2),
                                  "speedup_vs_reference": None if end_to_end else round(base_ms / ms, 2)})
-    return rows
 
 
-def bench_dequantize_kv(*, dtypes, warmup: int, iters: int) -> list[dict]:
+def bench_dequantize_kv(*, dtypes, warmup: int, iters: int) -> Iterator[dict]:
     """The quantised cache's per-step fetch: K and V live prefix out of buffers with spare capacity."""
     kind = backend()
-    rows = []
     for name, B, H, T, D in CASES:
         cap = T + 256  # one growth step of headroom, as in QuantizedKVCache
         for bits, group in ((8, min(128, D)), (4, 64)):  # the cache picks the largest group dividing D
@@ -135,10 +133,9 @@ def bench_dequantize_kv(*, dtypes, warmup: int, iters: int) -> list[dict]:
                 for impl, fn in impls.items():
                     ms = _time(fn, warmup=warmup, iters=iters)
                     base_ms = ms if base_ms is None else base_ms
-                    rows.append({"op": "dequantize_kv", "case": name, "variant": f"q{bits} g{group}",
+                    yield ({"op": "dequantize_kv", "case": name, "variant": f"q{bits} g{group}",
                                  "dtype": str(dtype).replace("mlx.core.", ""), "impl": impl, "ms": round(ms, 4),
                                  "gbps": round(moved / ms / 1e6, 2), "speedup_vs_reference": round(base_ms / ms, 2)})
-    return rows
 
 
 def _time_p95(fn, *, warmup: int, iters: int) -> tuple[float, float]:
@@ -159,11 +156,10 @@ QMM_SHAPES = {"gpu": [("7B qkv/o 3584->3584", 3584, 3584), ("7B up 3584->18944",
               "cpu": [("tiny 512->256", 512, 256)]}
 
 
-def bench_quantized_rows(*, dtypes, warmup: int, iters: int) -> list[dict]:
+def bench_quantized_rows(*, dtypes, warmup: int, iters: int) -> Iterator[dict]:
     """One 4-bit linear layer for 1-64 rows: MLX's op, dequantise + matmul, MLX's op on rows
     padded to `PAD_ROWS`, our kernel."""
     kind = backend()
-    rows = []
     for name, k, n in QMM_SHAPES["gpu" if kind != "reference" else "cpu"]:
         for dtype in dtypes:
             wq, s, b = mx.quantize(mx.random.normal((n, k)).astype(dtype), group_size=64, bits=4)
@@ -182,11 +178,10 @@ def bench_quantized_rows(*, dtypes, warmup: int, iters: int) -> list[dict]:
                 for impl, fn in impls.items():
                     ms, p95 = _time_p95(fn, warmup=warmup, iters=iters)
                     base_ms = ms if base_ms is None else base_ms
-                    rows.append({"op": "quantized_rows", "case": name, "variant": f"{m} rows",
+                    yield ({"op": "quantized_rows", "case": name, "variant": f"{m} rows",
                                  "dtype": str(dtype).replace("mlx.core.", ""), "impl": impl, "ms": round(ms, 4),
                                  "p95_ms": round(p95, 4), "gbps": round(moved / ms / 1e6, 2),
                                  "speedup_vs_reference": round(base_ms / ms, 2)})
-    return rows
 
 
 OPS = ("rope_shift", "dequantize_kv", "quantized_rows")
@@ -211,20 +206,21 @@ def main(argv: list[str] | None = None) -> int:
         device_name = platform.processor() or platform.machine()
     benches = {"rope_shift": bench_rope_shift, "dequantize_kv": bench_dequantize_kv,
                "quantized_rows": bench_quantized_rows}
-    rows = [r for op in (args.op or OPS) for r in benches[op](dtypes=dtypes, warmup=args.warmup, iters=iters)]
-
     print(f"kernels on {device} ({device_name}); backend: {kind}; mlx {mx.__version__}; median of {iters} runs; "
-          "GB/s = bytes the op must read + write once")
+          "GB/s = bytes the op must read + write once", flush=True)
     header = (f"{'op':<14} {'case':<20} {'variant':<9} {'dtype':<9} {'impl':<14} {'ms':>9} {'p95 ms':>9} "
               f"{'GB/s':>8} {'x ref':>7}")
     print(header)
-    print("-" * len(header))
-    for r in rows:
-        gbps = "-" if r["gbps"] is None else f"{r['gbps']:.1f}"
-        ratio = "-" if r["speedup_vs_reference"] is None else f"{r['speedup_vs_reference']:.2f}"
-        p95 = f"{r['p95_ms']:.3f}" if "p95_ms" in r else "-"
-        print(f"{r['op']:<14} {r['case']:<20} {r['variant']:<9} {r['dtype']:<9} {r['impl']:<14} {r['ms']:>9.3f} "
-              f"{p95:>9} {gbps:>8} {ratio:>7}")
+    print("-" * len(header), flush=True)
+    rows = []
+    for op in args.op or OPS:  # each row as soon as it is measured: a killed run keeps them
+        for r in benches[op](dtypes=dtypes, warmup=args.warmup, iters=iters):
+            rows.append(r)
+            gbps = "-" if r["gbps"] is None else f"{r['gbps']:.1f}"
+            ratio = "-" if r["speedup_vs_reference"] is None else f"{r['speedup_vs_reference']:.2f}"
+            p95 = f"{r['p95_ms']:.3f}" if "p95_ms" in r else "-"
+            print(f"{r['op']:<14} {r['case']:<20} {r['variant']:<9} {r['dtype']:<9} {r['impl']:<14} {r['ms']:>9.3f} "
+                  f"{p95:>9} {gbps:>8} {ratio:>7}", flush=True)
     if args.json:
         print(json.dumps({"bench": "kernels", "device": device, "device_name": device_name, "backend": kind,
                           "mlx": mx.__version__, "iters": iters, "rows": rows}))
