@@ -57,7 +57,8 @@ def test_pool_swaps_its_oldest_streams_and_regroups_by_view_size():
 
 def test_trainer_refresh_swaps_new_streams_in(tmp_path, monkeypatch):
     """The toy trainer with --refresh: every step waits for one fresh stream here (a test must
-    not depend on the workers' timing), and the swapped-in seeds are new training seeds."""
+    not depend on the workers' timing), the swapped-in seeds are new training seeds, and a
+    resumed run goes on with seeds it never started."""
 
     class Waiting(StreamRefresher):
         def poll(self, limit=None):
@@ -80,7 +81,12 @@ def test_trainer_refresh_swaps_new_streams_in(tmp_path, monkeypatch):
     info = json.loads((out / "training.json").read_text())
     assert info["refresh"] is True and info["streams_refreshed"] == 3
     assert [h["refreshed"] for h in info["history"]] == [1, 2, 3]
-    # resumed: new seeds after every one the first run started (two were still in flight)
+    # resumed: the pool and the refresher start after every seed the first run started (two were
+    # still in flight), so no stream of the stopped run comes back
+    rendered = []
+    real_jobs = T.stream_jobs
+    monkeypatch.setattr(T, "stream_jobs", lambda seeds, *a: rendered.append(list(seeds)) or real_jobs(seeds, *a))
     assert T.main([*args, "--max-steps", "4"]) == 0
-    assert swapped[3:] == [1_000_007]
+    assert [x for x in rendered[0] if x >= 1_000_000] == [1_000_007, 1_000_008]
+    assert swapped[3:] == [1_000_009]
     assert json.loads((out / "training.json").read_text())["streams_refreshed"] == 4

@@ -139,6 +139,12 @@ def test_a_bad_switch_stops_the_load_in_one_line(monkeypatch):
     monkeypatch.setenv(qr.ENV_VAR, "bogus")
     with pytest.raises(UserError, match="FRAMECAST_QMM_ROWS='bogus'"):
         compile_layers(nn.Linear(2, 2))
+    for choice in ("pad", "kernel"):  # a shapeless decoder trace would keep its first row count
+        monkeypatch.setenv(qr.ENV_VAR, choice)
+        qr.mode.cache_clear()
+        with pytest.raises(UserError, match=f"FRAMECAST_QMM_ROWS={choice} cannot be used with FRAMECAST_COMPILE=on"):
+            compile_layers(nn.Linear(2, 2), on=True)
+        assert compile_layers(nn.Linear(2, 2), on="tower") == 0  # the default on a GPU: decoder layers eager
 
 
 def test_kernel_rejects_what_it_cannot_compute():

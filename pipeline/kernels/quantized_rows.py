@@ -22,7 +22,8 @@ x [..., K] (2-`MAX_ROWS` rows in all), w uint32 [N, K*bits/32], scales and biase
 `mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=..., bits=...)` when
 scales share x's dtype (mixed dtypes stay with MLX's op, which promotes), which is the
 reference and what every other shape, the CPU and CI run. Not for decoder layers compiled
-shapeless (`FRAMECAST_COMPILE=on`): a trace would keep its first row count.
+shapeless (`FRAMECAST_COMPILE=on`: a trace would keep its first row count): `compile_layers`
+refuses the pair in one line.
 
 `scripts/bench_kernels.py --op quantized_rows` compares MLX's op, the padding and the kernel
 on the GPU machine.
@@ -263,7 +264,7 @@ def quantized_rows_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx
     kernel when its self-check passed; MLX's `quantized_matmul` otherwise (and on the CPU)."""
     kind = backend()
     rows = x.size // max(x.shape[-1], 1)
-    choice = mode() if kind != "reference" else "mlx"  # the CPU never reads the switch
+    choice = mode() if kind != "reference" else "mlx"  # on the CPU MLX's op, whatever the switch says
     if choice == "pad" and 2 <= rows < PAD_ROWS:
         return padded(x, w, scales, biases, group_size=group_size, bits=bits)
     # the kernel writes x's dtype; MLX's op promotes x with the scales' dtype: mixed ones stay with MLX

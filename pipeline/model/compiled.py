@@ -60,7 +60,12 @@ def compile_layers(model, on: bool | str | None = None) -> int:
     from framecast.model.vision import SiglipVisionTower
 
     choice = wanted() if on is None else on
-    quantized_rows.wanted()  # a bad FRAMECAST_QMM_ROWS is one line at load time, not silence
+    # a bad FRAMECAST_QMM_ROWS is one line at load time, not silence; and a shapeless trace of a
+    # decoder layer would keep its first row count: padding or the kernel cannot run inside one
+    if quantized_rows.wanted() and choice is True:
+        raise UserError(f"{quantized_rows.ENV_VAR}={quantized_rows.mode()} cannot be used with {ENV_VAR}=on "
+                        "(compiled decoder layers keep the row count of their first call); "
+                        f"unset one of them")
     # a MiniCPMV is a Module; a text-only wrapper (a lone LM GGUF) holds its modules as fields
     roots = [model] if isinstance(model, nn.Module) else [v for v in vars(model).values() if isinstance(v, nn.Module)]
     n = 0

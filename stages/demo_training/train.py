@@ -996,6 +996,16 @@ def export(out: Path, model: DemoVLM, a, state: dict, n_params: int, t_data: flo
     staging.rmdir()
 
 
+def resumed_next_seed(a, block: int) -> int:
+    """--refresh: the first seed a run renders, `block` or, when --ckpt holds a stopped run of
+    the same data seed, the seed after every one that run started."""
+    state = Path(a.ckpt) / "state.json" if a.ckpt else None
+    if state is None or not state.is_file():
+        return block
+    seed = json.loads(state.read_text()).get("next_seed")
+    return seed if isinstance(seed, int) and block <= seed < block + STREAMS_PER_DATA_SEED else block
+
+
 def long_clip_frames(frac: float, a) -> int:
     """Longest clip at run fraction `frac` of the long phase: SHORT_FRAMES -> --max-clip over LONG_RAMP."""
     start = a.vision_phase + a.motion_phase + a.gap_phase + a.short_phase
@@ -1189,7 +1199,10 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     # Training seeds start at 1,000,000; evaluation uses small seeds (held out); 900,000+ = log.
-    train_seeds = [1_000_000 + a.data_seed * STREAMS_PER_DATA_SEED + i for i in range(a.streams)]
+    block = 1_000_000 + a.data_seed * STREAMS_PER_DATA_SEED  # this data seed's training seeds: block, block + 1, ...
+    # --refresh, resumed: the pool starts with streams after every one the stopped run started
+    first = resumed_next_seed(a, block) if a.refresh else block
+    train_seeds = list(range(first, min(first + a.streams, block + STREAMS_PER_DATA_SEED)))
     val_seeds = [900_000 + i for i in range(min(48, max(4, a.streams // 8)))]
     data = generate_streams(stream_jobs(train_seeds + val_seeds, a.frames, a.codec), a.workers)
     val_data = [d for d in data if d["seed"] >= 900_000 and d["seed"] < 1_000_000]
@@ -1260,17 +1273,21 @@ def main(argv: list[str] | None = None) -> int:
     history = state["history"]
     refresher = None
     if a.refresh:  # after the first render, which had every worker; resumed runs go on with new seeds
-        first = max(train_seeds[-1] + 1, state.get("next_seed", 0))
         refresher = StreamRefresher(_make_stream_job, lambda seed: stream_jobs([seed], a.frames, a.codec)[0],
-                                    first_seed=first, end_seed=train_seeds[0] + STREAMS_PER_DATA_SEED,
+                                    first_seed=train_seeds[-1] + 1, end_seed=block + STREAMS_PER_DATA_SEED,
                                     workers=a.workers)
     try:
         while state["step"] < a.max_steps:
             if refresher is not None:
-                fresh = refresher.poll(limit=REFRESH_PER_STEP)
+                fresh = refresher.poll(limit=min(REFRESH_PER_STEP, len(pool)))  # more would swap out new ones
                 pool.replace_oldest(fresh)
                 state["refreshed"] = state.get("refreshed", 0) + len(fresh)
                 state["next_seed"] = refresher.next_seed
+                if refresher.exhausted:
+                    print(f"refresh: all {STREAMS_PER_DATA_SEED} seeds of data seed {a.data_seed} rendered; "
+                          "the pool stays as it is (a later run: another --data-seed)", flush=True)
+                    refresher.close()
+                    refresher = None
             train_s = train_s0 + time.time() - t_run
             frac = train_s / a.time_budget
             if frac >= 1.0 or (a.stop_after and time.time() - t_run >= a.stop_after):
@@ -1329,6 +1346,11 @@ def main(argv: list[str] | None = None) -> int:
                 m = np.mean(parts_log[-a.log_every:], axis=0)
                 el = train_s0 + time.time() - t_run
                 rep = grounding_report(model, val_batch, tok, val_frames)
+                if refresher is not None:  # the first streams have left the pool: report on those in it now
+                    srng = np.random.default_rng(step)
+                    seen_batch = make_batch(pool.clips(srng, 12, val_frames), val_frames, builder, srng, dense=0.3,
+                                            max_tokens=a.max_tokens)
+                    seen_batch.update(text_batch(builder, srng, 4))
                 seen = grounding_report(model, seen_batch, tok, val_frames)
                 rep.update({f"seen_{k}": seen[k] for k in SEEN_KEYS})
                 history.append({"step": step, "s": round(el, 1), "refreshed": state.get("refreshed", 0),
