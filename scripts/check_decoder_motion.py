@@ -34,9 +34,10 @@ SETTLE_FRAMES = 3  # code clips: the probe's targets start on this frame (a shif
 def code_batch(T, builder, rng, rows: int, frames: int, dim: int, noise: float):
     """Token arrays of `rows` clips of `frames` frames, codes [rows*frames*Q, dim], probe
     targets and mask [rows*frames*Q]."""
+    from framecast.stages.demo_training import batches as TB, spec as TS
     from framecast.stages.sources.scene import MOTIONS
 
-    Q = T.QUERY_NUM
+    Q = TS.QUERY_NUM
     codes = np.zeros((rows, frames, Q, dim), np.float32)
     y = np.zeros((rows, frames, Q), np.int32)
     m = np.zeros((rows, frames, Q), np.float32)
@@ -48,13 +49,13 @@ def code_batch(T, builder, rng, rows: int, frames: int, dim: int, noise: float):
             for f in range(frames):
                 x = float(np.clip(x0 + MOVES[motion][0] * speed * f, 0, 0.999))
                 yy = float(np.clip(y0 + MOVES[motion][1] * speed * f, 0, 0.999))
-                k = int(yy * T.GRID) * T.GRID + int(x * T.GRID)
+                k = int(yy * TS.GRID) * TS.GRID + int(x * TS.GRID)
                 codes[b, f, k, colour] = codes[b, f, k, 8 + shape] = CODE_SCALE
                 codes[b, f, k, 16] = CODE_SCALE * (x + rng.normal(0, noise))
                 codes[b, f, k, 17] = CODE_SCALE * (yy + rng.normal(0, noise))
                 y[b, f, k], m[b, f, k] = MOTIONS.index(motion), float(f >= SETTLE_FRAMES)
-    seqs = [builder.build(frames, [], T.SESSION_SYSTEM_PROMPT) for _ in range(rows)]
-    return T.token_arrays(seqs, builder.pad, builder.unk, frames), codes.reshape(-1, dim), y.reshape(-1), m.reshape(-1)
+    seqs = [builder.build(frames, [], TS.SESSION_SYSTEM_PROMPT) for _ in range(rows)]
+    return TB.token_arrays(seqs, builder.pad, builder.unk, frames), codes.reshape(-1, dim), y.reshape(-1), m.reshape(-1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     import mlx.optimizers as optim
 
     import framecast.stages.demo_training.train as T
+    from framecast.stages.demo_training import heads as TH, spec as TS
     from framecast.model.lm import build_lm
     from framecast.model.load import DEMO_MODEL_DIR
 
@@ -113,20 +115,20 @@ def main(argv: list[str] | None = None) -> int:
         def batch(rng, rows, source=pool, augment=True):
             b = T.make_batch(source.clips(rng, rows, a.frames), a.frames, builder, rng, dense=0.3,
                              max_tokens=T.DEMO_MAX_CACHE_TOKENS, augment=augment)
-            b["feats"] = mx.stop_gradient(T.encode_views(model, b["views"]))  # [B*F, Q, D]
+            b["feats"] = mx.stop_gradient(TH.encode_views(model, b["views"]))  # [B*F, Q, D]
             return b
         held_out = batch(np.random.default_rng(1), 16, val, False)
 
     def probe(model, b):
-        _, mid = T.lm_forward(model, T.lm_inputs(model, b["feats"], b["inputs"], b["is_img"], b["slot"]))
-        return T.motion_loss(model, mid, b["is_img"], b["slot"], b["motion_y"], b["motion_m"])
+        _, mid = TH.lm_forward(model, TH.lm_inputs(model, b["feats"], b["inputs"], b["is_img"], b["slot"]))
+        return TH.motion_loss(model, mid, b["is_img"], b["slot"], b["motion_y"], b["motion_m"])
 
     def loss(model, b):
         return probe(model, b)[0]
 
     def accuracy(b) -> tuple[float, float]:
         _, logits, y, m = probe(model, b)
-        counts = [float(((y == c) * m).sum()) for c in range(T.N_MOT)]
+        counts = [float(((y == c) * m).sum()) for c in range(TS.N_MOT)]
         return float(((mx.argmax(logits, -1) == y) * m).sum() / m.sum()), max(counts) / max(sum(counts), 1.0)
 
     opt = optim.AdamW(learning_rate=a.lr, weight_decay=0.01)

@@ -17,6 +17,7 @@ import framecast  # noqa: F401  (OpenBLAS preload before mlx)
 import mlx.core as mx
 import numpy as np
 import framecast.stages.demo_training.train as T
+from framecast.stages.demo_training import heads as TH, spec as TS
 from framecast.model.load import DEMO_MODEL_DIR
 from framecast.stages.sources.scene import MOTIONS
 
@@ -38,7 +39,7 @@ for si, d in enumerate(data):
     views = mx.array(d["views"])
     feats = []
     for i in range(0, F, 8):
-        f = T.encode_views(model, views[i:i + 8]); mx.eval(f); feats.append(np.array(f))
+        f = TH.encode_views(model, views[i:i + 8]); mx.eval(f); feats.append(np.array(f))
     feats = np.concatenate(feats)  # [F, Q, D]
     x = feats / np.sqrt((feats ** 2).mean(-1, keepdims=True) + 1e-6)
     for f in range(F):
@@ -50,7 +51,7 @@ S = np.array([r[0] for r in rows]); Fr = np.array([r[1] for r in rows]); K = np.
 X = np.stack([r[3] for r in rows]); XY = np.array([[r[4], r[5]] for r in rows]); OID = np.array([r[6] for r in rows])
 MOT = np.array([r[7] for r in rows])
 train = S < N_STREAMS * 2 // 3
-onehot = np.eye(T.QUERY_NUM)[K]
+onehot = np.eye(TS.QUERY_NUM)[K]
 A = np.concatenate([X, onehot, np.ones((len(X), 1))], 1)
 W = np.linalg.solve(A[train].T @ A[train] + 1e-1 * np.eye(A.shape[1]), A[train].T @ XY[train])
 pred = A @ W

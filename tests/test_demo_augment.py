@@ -84,6 +84,7 @@ def test_narration_of_a_mirrored_reversed_clip_names_the_new_motions():
 
 def test_augmented_batches_mirror_pixels_labels_and_text_together():
     import framecast.stages.demo_training.train as T
+    from framecast.stages.demo_training import spec as TS, streams as TD  # noqa: F401
 
     tok = T.build_tokenizer(0)
     builder = T.SequenceBuilder(tok)
@@ -118,9 +119,9 @@ def test_augmented_batches_mirror_pixels_labels_and_text_together():
         truths = [d["truths"][i] for i in range(2, 8)]
         truths = A.reverse_truths(truths) if reverse else truths
         truths = A.mirror_truths(truths, d["width"]) if mirror else truths
-        want = np.stack([T.slot_labels(t) for t in truths])
+        want = np.stack([TD.slot_labels(t) for t in truths])
         assert np.array_equal(np.array(batch["slot_y"]).reshape(want.shape), want)
-        motion_y = np.array(batch["motion_y"]).reshape(len(idx), T.QUERY_NUM)
+        motion_y = np.array(batch["motion_y"]).reshape(len(idx), TS.QUERY_NUM)
         assert np.array_equal(motion_y, want[..., 6].astype(np.int32))  # the probe's targets too
 
 

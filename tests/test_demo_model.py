@@ -89,6 +89,7 @@ def test_training_forward_equals_engine_inference(model):
     from tokenizers import Tokenizer
 
     import framecast.stages.demo_training.train as T
+    from framecast.stages.demo_training import batches as TB, heads as TH, spec as TS, streams as TD  # noqa: F401
 
     cfg = json.loads((DEMO_DIR / "config.json").read_text())
     tok = Tokenizer.from_file(str(DEMO_DIR / "tokenizer.json"))
@@ -101,19 +102,19 @@ def test_training_forward_equals_engine_inference(model):
     assert set(T.hf_weights(trainer_model)) == set(mx.load(str(DEMO_DIR / "model.safetensors")))
 
     stream = D.make_stream(5, 6)
-    views = mx.array(np.stack([T.resize_like_processor(model.processor, f) for f in stream.frames]))
-    ours = T.encode_views(trainer_model, views)  # [F, Q, D]
+    views = mx.array(np.stack([TD.resize_like_processor(model.processor, f) for f in stream.frames]))
+    ours = TH.encode_views(trainer_model, views)  # [F, Q, D]
     engine = model.encode_images(stream.frames)
     assert float(mx.abs(ours - mx.concatenate([e.features for e in engine])).max()) < 1e-4
 
     builder = T.SequenceBuilder(tok)
     turn = D.Turn(5, "narration", D.NARRATION_PROMPTS[0], "a red circle moves to the left.")
-    ids, _ = builder.build(6, [turn], T.SESSION_SYSTEM_PROMPT)
+    ids, _ = builder.build(6, [turn], TS.SESSION_SYSTEM_PROMPT)
     inputs = mx.array([ids])
     is_img = inputs == builder.unk
     slot = mx.array(np.maximum(np.cumsum(np.array(is_img), axis=1) - 1, 0).astype(np.int32))
     h = mx.where(is_img[..., None], ours.reshape(-1, ours.shape[-1])[slot], trainer_model.llm.embed_tokens(inputs))
-    ours_logits, _mid = T.lm_forward(trainer_model, h)  # the trainer's forward with the motion probe's tap
+    ours_logits, _mid = TH.lm_forward(trainer_model, h)  # the trainer's forward with the motion probe's tap
     engine_logits = model.forward(inputs, model.make_cache(), engine)
     assert float(mx.abs(ours_logits - engine_logits).max()) < 1e-3
     assert float(mx.abs(trainer_model.llm(input_embeddings=h) - ours_logits).max()) < 1e-5
@@ -202,12 +203,13 @@ def test_mid_scene_clip_reports_no_news_on_its_first_frame():
 
 def test_dense_labels_sit_on_the_drawn_objects():
     import framecast.stages.demo_training.train as T
+    from framecast.stages.demo_training import batches as TB, heads as TH, spec as TS, streams as TD  # noqa: F401
     from framecast.stages.sources.scene import COLOURS, SceneGenerator
 
     gen = SceneGenerator(seed=3, width=448, height=448, max_objects=3)
     img, truth = gen.frame(0)
-    patch, slots = T.frame_labels(truth, 448, 448, 14, 14)
-    assert patch.shape == (196, T.PATCH_Y) and slots.shape == (T.QUERY_NUM, T.SLOT_COLS)
+    patch, slots = TD.frame_labels(truth, 448, 448, 14, 14)
+    assert patch.shape == (196, TS.PATCH_Y) and slots.shape == (TS.QUERY_NUM, TS.SLOT_COLS)
     for o in truth.objects:
         r, c = min(int(o.y * 14), 13), min(int(o.x * 14), 13)  # the patch under the object's centre
         assert patch[r * 14 + c, 0] == list(COLOURS).index(o.colour) + 1
@@ -225,22 +227,23 @@ def test_slot_readout_reads_the_decoders_word_embeddings():
     from tokenizers import Tokenizer
 
     import framecast.stages.demo_training.train as T
+    from framecast.stages.demo_training import batches as TB, heads as TH, spec as TS, streams as TD  # noqa: F401
     from framecast.stages.sources.scene import COLOURS, SHAPES
 
     tok = Tokenizer.from_file(str(DEMO_DIR / "tokenizer.json"))
     colours, shapes = T.word_ids(tok)
-    assert len(set(colours)) == T.N_COL and len(set(shapes)) == T.N_SHP
+    assert len(set(colours)) == TS.N_COL and len(set(shapes)) == TS.N_SHP
     cfg = T.model_config(tok, tiny=True)
     mx.random.seed(0)
     m = T.DemoVLM(cfg, (colours, shapes))
     emb = m.llm.model.embed_tokens.weight
-    for c in range(T.N_COL):
-        s = (3 * c + 1) % T.N_SHP
+    for c in range(TS.N_COL):
+        s = (3 * c + 1) % TS.N_SHP
         feats = (emb[colours[c]] + emb[shapes[s]])[None, None] * (0.1 + c)  # [1, 1, D]
-        sl = T.slot_logits(m, feats)
-        assert sl.shape == (1, 1, T.SLOT_DIM)
-        assert int(mx.argmax(sl[0, 0, 1:1 + T.N_COL])) == c, list(COLOURS)[c]
-        assert int(mx.argmax(sl[0, 0, 1 + T.N_COL:1 + T.N_COL + T.N_SHP])) == s, SHAPES[s]
+        sl = TH.slot_logits(m, feats)
+        assert sl.shape == (1, 1, TS.SLOT_DIM)
+        assert int(mx.argmax(sl[0, 0, 1:1 + TS.N_COL])) == c, list(COLOURS)[c]
+        assert int(mx.argmax(sl[0, 0, 1 + TS.N_COL:1 + TS.N_COL + TS.N_SHP])) == s, SHAPES[s]
 
     class Splitting:  # a tokenizer that spells " orange" in two pieces
         def encode(self, text, add_special_tokens=False):
@@ -273,6 +276,7 @@ def test_trainer_runs_resumes_and_writes_a_loadable_model(tmp_path):
     an HF-layout float16 directory that `load_model` reads and a session narrates with.
     (Step 1 is the vision-only phase, the next ones short clips with text turns.)"""
     import framecast.stages.demo_training.train as T
+    from framecast.stages.demo_training import batches as TB, heads as TH, spec as TS, streams as TD  # noqa: F401
     from framecast.engine.session import SessionCore
     from framecast.model.load import load_model
 
@@ -331,6 +335,7 @@ def test_trainer_runs_resumes_and_writes_a_loadable_model(tmp_path):
 def test_trainer_refuses_bad_options_in_one_line(tmp_path, capsys, bad, says):
     """Before a minute of data generation, with nothing written: one line and exit status 2."""
     import framecast.stages.demo_training.train as T
+    from framecast.stages.demo_training import batches as TB, heads as TH, spec as TS, streams as TD  # noqa: F401
 
     out = tmp_path / "model"
     assert T.main(["--tiny", "--out", str(out), "--streams", "2", "--frames", "4", "--max-clip", "4", "--workers", "1",
@@ -361,6 +366,7 @@ def test_decoder_can_read_an_attribute_code():
     from framecast.model.lm import build_lm
 
     import framecast.stages.demo_training.train as T
+    from framecast.stages.demo_training import batches as TB, heads as TH, spec as TS, streams as TD  # noqa: F401
     from framecast.stages.sources.scene import COLOURS, SHAPES
 
     tok = T.build_tokenizer(0)
@@ -373,13 +379,13 @@ def test_decoder_can_read_an_attribute_code():
     table = T.content_table(tok)
 
     def batch(rng, n):
-        seqs, codes = [], np.zeros((n, T.QUERY_NUM, 64), np.float32)
+        seqs, codes = [], np.zeros((n, TS.QUERY_NUM, 64), np.float32)
         for b in range(n):
             c, s = int(rng.integers(len(colours))), int(rng.integers(len(shapes)))
-            codes[b, int(rng.integers(T.QUERY_NUM)), [c, 8 + s]] = 4.0  # the object's cell carries the code
+            codes[b, int(rng.integers(TS.QUERY_NUM)), [c, 8 + s]] = 4.0  # the object's cell carries the code
             turn = D.Turn(0, "question", "what do you see?", f"{D.article(colours[c])} {colours[c]} {shapes[s]}.")
-            seqs.append(builder.build(1, [turn], T.SESSION_SYSTEM_PROMPT))
-        a = T.token_arrays(seqs, builder.pad, builder.unk, 1)
+            seqs.append(builder.build(1, [turn], TS.SESSION_SYSTEM_PROMPT))
+        a = TB.token_arrays(seqs, builder.pad, builder.unk, 1)
         return a, mx.array(codes)
 
     def logits(model, a, codes):
@@ -387,7 +393,7 @@ def test_decoder_can_read_an_attribute_code():
         return model(input_embeddings=h)
 
     def loss(model, a, codes):
-        return T.masked_ce(logits(model, a, codes), a["targets"], a["loss_mask"])
+        return TH.masked_ce(logits(model, a, codes), a["targets"], a["loss_mask"])
 
     opt, step = optim.Adam(learning_rate=3e-3), nn.value_and_grad(lm, loss)
     rng = np.random.default_rng(0)
@@ -553,6 +559,7 @@ def test_gap_clips_ask_about_motion_on_their_second_frame():
     """A gap clip: two frames 5-10 apart, questions (mostly about motion) on the second, the
     motion probe's targets on the second frame's objects once they have moved far enough."""
     import framecast.stages.demo_training.train as T
+    from framecast.stages.demo_training import batches as TB, heads as TH, spec as TS, streams as TD  # noqa: F401
 
     tok = T.build_tokenizer(0)
     builder = T.SequenceBuilder(tok)
@@ -562,12 +569,12 @@ def test_gap_clips_ask_about_motion_on_their_second_frame():
     clips = T.gap_clips(pool, rng, 6)
     assert all(T.GAP_FRAMES[0] <= idx[1] - idx[0] <= T.GAP_FRAMES[1] for _, idx in clips)
     batch = T.make_batch(clips, 2, builder, rng, dense=1.0, max_tokens=1024)
-    assert batch["views"].shape[0] == 2 * len(clips) and batch["motion_y"].shape == (2 * len(clips), T.QUERY_NUM)
-    m = np.array(batch["motion_m"]).reshape(len(clips), 2, T.QUERY_NUM)
+    assert batch["views"].shape[0] == 2 * len(clips) and batch["motion_y"].shape == (2 * len(clips), TS.QUERY_NUM)
+    m = np.array(batch["motion_m"]).reshape(len(clips), 2, TS.QUERY_NUM)
     assert m[:, 0].sum() == 0  # nothing has moved yet on a clip's first frame
     rows = [tok.decode([int(i) for i in row]) for row in np.array(batch["inputs"])]
     assert sum(("move" in t or "going" in t or "moving" in t) for t in rows) >= len(rows) // 2
-    for (d, idx), row in zip(clips, np.array(batch["slot_y"]).reshape(len(clips), 2, T.QUERY_NUM, T.SLOT_COLS)):
+    for (d, idx), row in zip(clips, np.array(batch["slot_y"]).reshape(len(clips), 2, TS.QUERY_NUM, TS.SLOT_COLS)):
         assert np.array_equal(row, d["slots_np"][idx])
 
 
@@ -578,6 +585,7 @@ def test_trainer_leaves_an_existing_out_directory_alone_until_it_saves(tmp_path,
     import shutil
 
     import framecast.stages.demo_training.train as T
+    from framecast.stages.demo_training import batches as TB, heads as TH, spec as TS, streams as TD  # noqa: F401
 
     out = tmp_path / "model"
     shutil.copytree(DEMO_DIR, out)
@@ -597,6 +605,7 @@ def test_trainer_leaves_an_existing_out_directory_alone_until_it_saves(tmp_path,
 def test_trainer_gap_steps_run(tmp_path, monkeypatch, phases, key):
     """--gap-phase and --gap-mix: steps train on gap clips (the toy model, two steps)."""
     import framecast.stages.demo_training.train as T
+    from framecast.stages.demo_training import batches as TB, heads as TH, spec as TS, streams as TD  # noqa: F401
 
     calls = []
     real = T.gap_clips
@@ -615,6 +624,7 @@ def test_trainer_motion_phase_trains_the_probe_alone(tmp_path, monkeypatch):
     """--motion-phase: the steps' decoder loss is the motion probe (+ slot targets), replies and
     text turns weigh nothing; augmented clips of MOTION_PHASE_FRAMES (cut at --max-clip)."""
     import framecast.stages.demo_training.train as T
+    from framecast.stages.demo_training import batches as TB, heads as TH, spec as TS, streams as TD  # noqa: F401
 
     seen = []
     real = T.loss_fn
@@ -644,6 +654,7 @@ def test_a_fine_tuning_run_trains_on_streams_its_lineage_never_saw(tmp_path, mon
     """--init-from: the default --data-seed is --seed + the runs the model descends from, so
     each run of a lineage renders streams of its own (and --data-seed picks them by hand)."""
     import framecast.stages.demo_training.train as T
+    from framecast.stages.demo_training import batches as TB, heads as TH, spec as TS, streams as TD  # noqa: F401
 
     rendered = []
     real = T.stream_jobs
@@ -674,23 +685,24 @@ def test_motion_targets_start_once_the_clip_shows_the_motion():
     stream every target agrees with the drawn object's motion and direction of travel."""
     import framecast.stages.demo_training.data as D
     import framecast.stages.demo_training.train as T
+    from framecast.stages.demo_training import batches as TB, heads as TH, spec as TS, streams as TD  # noqa: F401
     from framecast.stages.sources.scene import MOTIONS
 
     F, fps = 12, 10.0
-    slots = np.zeros((F, T.QUERY_NUM, T.SLOT_COLS), np.float32)
+    slots = np.zeros((F, TS.QUERY_NUM, TS.SLOT_COLS), np.float32)
     for f in range(F):  # object 7 moves right 0.011 a frame in slot 4; object 9 stays in slot 0
         slots[f, 4] = (1, 0, 0, 0.5 + 0.011 * f, 0.5, 7, MOTIONS.index("right"))
         slots[f, 0] = (1, 1, 1, 0.1, 0.1, 9, MOTIONS.index("still"))
-    y, m = T.motion_targets(slots, fps)
+    y, m = TB.motion_targets(slots, fps)
     assert y[5, 4] == MOTIONS.index("right") and y[5, 0] == MOTIONS.index("still")
     assert not m[:8, 4].any() and m[8:, 4].all()  # MOTION_MIN_SHIFT (0.08) reached at frame 8
-    need = T.MOTION_MIN_SHIFT * fps / D.SPEED_RANGE[0]
+    need = TS.MOTION_MIN_SHIFT * fps / D.SPEED_RANGE[0]
     assert not m[: int(np.ceil(need)), 0].any() and m[int(np.ceil(need)):, 0].all()
     assert m[:, 1:4].sum() == 0  # empty slots never count
 
     s = D.make_stream(5, 40, codec="none")
-    labels = np.stack([T.frame_labels(t, s.width, s.height, 14, 14)[1] for t in s.truths])
-    y, m = T.motion_targets(labels, s.fps)
+    labels = np.stack([TD.frame_labels(t, s.width, s.height, 14, 14)[1] for t in s.truths])
+    y, m = TB.motion_targets(labels, s.fps)
     assert m.sum() > 0
     for f, k in zip(*np.nonzero(m)):
         o = next(o for o in s.truths[f].objects if o.id == int(labels[f, k, 5]))

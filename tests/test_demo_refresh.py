@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import framecast.stages.demo_training.train as T
+from framecast.stages.demo_training import spec as TS
 from framecast.stages.demo_training.refresh import StreamRefresher
 
 
@@ -38,7 +39,7 @@ def test_refresher_renders_each_new_seed_once_within_a_bounded_window():
 
 
 def _fake(seed: int, hw: tuple[int, int]) -> dict:
-    slots = np.zeros((2, T.QUERY_NUM, T.SLOT_COLS), np.float32)
+    slots = np.zeros((2, TS.QUERY_NUM, TS.SLOT_COLS), np.float32)
     return {"seed": seed, "views": np.zeros((2, *hw, 3), np.uint8), "patch": np.zeros((2, 3), np.int32),
             "slots": slots, "truths": [None, None], "fps": 10.0, "width": hw[1]}
 

@@ -1,0 +1,118 @@
+"""Measuring grounding during training: content-word accuracy with real against shuffled
+features, attention mass on image tokens, the slot and motion read-outs, and their log lines."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from framecast.stages.demo_training.spec import CONTENT_WORDS, N_COL, N_MOT, N_SHP
+from framecast.stages.demo_training.heads import (
+    DemoVLM, lm_forward, lm_inputs, motion_loss, resample, vision_hidden, vision_losses,
+)
+
+def content_masks(tok, targets: mx.array, loss_mask: mx.array) -> dict[str, mx.array]:
+    """[B, T] masks of reply tokens that are a content word of each attribute."""
+    vocab = tok.get_vocab_size()
+    words = [tok.decode([i]).strip().lower().strip(".,") for i in range(vocab)]
+    out = {}
+    t = np.array(targets)
+    for name, ws in CONTENT_WORDS.items():
+        table = np.array([w in ws for w in words] + [False] * 4096)
+        out[name] = mx.array(table[t]) * loss_mask
+    return out
+
+
+def attention_mass(model: DemoVLM, h: mx.array, is_img: mx.array, loss_mask: mx.array) -> list[float]:
+    """Per decoder layer: the share of attention that reply tokens give to image tokens."""
+    from framecast.model.lm.base import causal_mask
+
+    out = []
+    T = h.shape[1]
+    causal = mx.tril(mx.ones((T, T), dtype=mx.bool_))
+    for layer in model.llm.layers:
+        a = layer.self_attn
+        x = layer.input_layernorm(h)
+        B = x.shape[0]
+        q = a.rope(a.q_proj(x).reshape(B, T, a.n_heads, a.head_dim).transpose(0, 2, 1, 3))
+        k = a.rope(a.k_proj(x).reshape(B, T, a.n_kv_heads, a.head_dim).transpose(0, 2, 1, 3))
+        k = mx.repeat(k, a.n_heads // a.n_kv_heads, axis=1)
+        s = (q * a.scale) @ k.transpose(0, 1, 3, 2)  # [B, H, T, T]
+        p = mx.softmax(mx.where(causal, s, -1e9), axis=-1)
+        mass = (p * is_img[:, None, None, :]).sum(-1).mean(1)  # [B, T]
+        out.append(float((mass * loss_mask).sum() / mx.maximum(loss_mask.sum(), 1)))
+        h = layer(h, causal_mask(T), None)
+    return out
+
+
+def grounding_report(model: DemoVLM, batch: dict, tok, n_frames: int) -> dict:
+    """Held-out CE and accuracy on content tokens with real vs shuffled features (features of
+    another clip), vision-head accuracies with their trivial baselines, attention mass."""
+    hidden, grid = vision_hidden(model, batch["views"])
+    feats = resample(model, hidden, grid)
+    _, _, pl, sl = vision_losses(model, hidden, feats, batch["patch_y"], batch["slot_y"])
+    rep = {}
+    yc, ys = batch["patch_y"][..., 0].astype(mx.int32), batch["patch_y"][..., 1].astype(mx.int32)
+    objp = yc > 0
+    n_obj = mx.maximum(objp.sum(), 1)
+    rep["patch_colour_acc"] = float(((mx.argmax(pl[..., :1 + N_COL], -1) == yc) * objp).sum() / n_obj)
+    rep["patch_shape_acc"] = float(((mx.argmax(pl[..., 1 + N_COL:2 + N_COL + N_SHP], -1) == ys) * objp).sum() / n_obj)
+    rep["patch_centre_err"] = float(mx.sqrt((((mx.sigmoid(pl[..., -2:]) - batch["patch_y"][..., 4:6]) ** 2).sum(-1)
+                                             * objp).sum() / n_obj))
+    rep["patch_bg_acc"] = float(((mx.argmax(pl[..., :1 + N_COL], -1) == 0) * (1 - objp)).sum() / mx.maximum((1 - objp).sum(), 1))
+    obj = batch["slot_y"][..., 0]
+    rep["slot_obj_acc"] = float(((sl[..., 0] > 0) == (obj > 0.5)).mean())
+    rep["slot_obj_baseline"] = float(1 - obj.mean())  # always "empty"
+    occ = mx.maximum(obj.sum(), 1)
+    rep["slot_colour_acc"] = float(((mx.argmax(sl[..., 1:1 + N_COL], -1) == batch["slot_y"][..., 1]) * obj).sum() / occ)
+    rep["slot_shape_acc"] = float(((mx.argmax(sl[..., 1 + N_COL:1 + N_COL + N_SHP], -1) == batch["slot_y"][..., 2])
+                                   * obj).sum() / occ)
+    rep["slot_xy_err"] = float(mx.sqrt((((mx.sigmoid(sl[..., -2:]) - batch["slot_y"][..., 3:5]) ** 2).sum(-1) * obj).sum() / occ))
+    B = batch["inputs"].shape[0]
+    shuffled = feats.reshape(B, n_frames, *feats.shape[1:])
+    shuffled = mx.concatenate([shuffled[1:], shuffled[:1]]).reshape(feats.shape)  # clip b sees clip b+1
+    masks = content_masks(tok, batch["targets"], batch["loss_mask"])
+    for tag, f in (("real", feats), ("shuf", shuffled)):
+        logits, mid = lm_forward(model, lm_inputs(model, f, batch["inputs"], batch["is_img"], batch["slot"]))
+        _, ml, my, mm = motion_loss(model, mid, batch["is_img"], batch["slot"], batch["motion_y"], batch["motion_m"])
+        rep[f"motion_probe_acc_{tag}"] = float(((mx.argmax(ml, -1) == my) * mm).sum() / mx.maximum(mm.sum(), 1))
+        if tag == "real":  # always the most common motion among the targets
+            counts = mx.stack([((my == c) * mm).sum() for c in range(N_MOT)])
+            rep["motion_probe_baseline"] = float(counts.max() / mx.maximum(mm.sum(), 1))
+        ce = nn.losses.cross_entropy(logits, batch["targets"], reduction="none")
+        right = mx.argmax(logits, -1) == batch["targets"]
+        rep[f"ce_{tag}"] = float((ce * batch["loss_mask"]).sum() / mx.maximum(batch["loss_mask"].sum(), 1))
+        for name, m in masks.items():
+            n = mx.maximum(m.sum(), 1)
+            rep[f"{name}_acc_{tag}"] = float((right * m).sum() / n)
+            rep[f"{name}_ce_{tag}"] = float((ce * m).sum() / n)
+    flat = feats.reshape(-1, feats.shape[-1])
+    h = mx.where(batch["is_img"][..., None], flat[batch["slot"]], model.llm.embed_tokens(batch["inputs"]))
+    rep["attn_img"] = [round(x, 3) for x in attention_mass(model, h, batch["is_img"], batch["loss_mask"])]
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rep.items()}
+
+
+SEEN_KEYS = ("ce_real", "colour_acc_real", "shape_acc_real", "position_acc_real", "motion_acc_real",
+             "motion_acc_shuf", "motion_probe_acc_real", "motion_probe_acc_shuf")
+
+
+def format_seen(rep: dict) -> str:
+    """The report's line for training streams (`SEEN_KEYS`, as `seen_*`)."""
+    r = {k: rep[f"seen_{k}"] for k in SEEN_KEYS}
+    return (f"  training streams: ce {r['ce_real']:.3f}; content acc col {r['colour_acc_real']:.2f} "
+            f"sha {r['shape_acc_real']:.2f} pos {r['position_acc_real']:.2f} mot {r['motion_acc_real']:.2f} "
+            f"(shuffled {r['motion_acc_shuf']:.2f}); motion probe {r['motion_probe_acc_real']:.2f} "
+            f"(shuffled {r['motion_probe_acc_shuf']:.2f})")
+
+
+def format_report(step: int, rep: dict) -> str:
+    c = " ".join(f"{n[:3]} {rep[f'{n}_acc_real']:.2f}/{rep[f'{n}_acc_shuf']:.2f}" for n in CONTENT_WORDS)
+    return (f"  held-out: ce {rep['ce_real']:.3f} (shuffled {rep['ce_shuf']:.3f}); content acc real/shuffled: {c}\n"
+            f"  vision: patch colour {rep['patch_colour_acc']:.2f} shape {rep['patch_shape_acc']:.2f} "
+            f"(always-background 0.00; bg acc {rep['patch_bg_acc']:.2f}) centre err {rep['patch_centre_err']:.3f}; slot obj {rep['slot_obj_acc']:.2f} "
+            f"(always-empty {rep['slot_obj_baseline']:.2f}) colour {rep['slot_colour_acc']:.2f} shape "
+            f"{rep['slot_shape_acc']:.2f} (chance {1 / N_COL:.2f}/{1 / N_SHP:.2f}) xy err {rep['slot_xy_err']:.3f}; "
+            f"motion probe {rep['motion_probe_acc_real']:.2f} (shuffled {rep['motion_probe_acc_shuf']:.2f}, "
+            f"majority {rep['motion_probe_baseline']:.2f}); "
+            f"attention on image tokens per layer {rep['attn_img']}")
