@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-MOVES = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}
 CODE_SCALE = 4.0  # size of a code entry next to the decoder's unit-RMS embeddings
 SETTLE_FRAMES = 3  # code clips: the probe's targets start on this frame (a shift to see)
 
@@ -35,7 +34,7 @@ def code_batch(T, builder, rng, rows: int, frames: int, dim: int, noise: float):
     """Token arrays of `rows` clips of `frames` frames, codes [rows*frames*Q, dim], probe
     targets and mask [rows*frames*Q]."""
     from framecast.stages.demo_training import batches as TB, spec as TS
-    from framecast.stages.sources.scene import MOTIONS
+    from framecast.stages.sources.scene import DIRECTIONS, MOTIONS
 
     Q = TS.QUERY_NUM
     codes = np.zeros((rows, frames, Q, dim), np.float32)
@@ -47,8 +46,8 @@ def code_batch(T, builder, rng, rows: int, frames: int, dim: int, noise: float):
             colour, shape = int(rng.integers(7)), int(rng.integers(6))
             speed, (x0, y0) = rng.uniform(0.01, 0.04), rng.uniform(0.2, 0.8, 2)
             for f in range(frames):
-                x = float(np.clip(x0 + MOVES[motion][0] * speed * f, 0, 0.999))
-                yy = float(np.clip(y0 + MOVES[motion][1] * speed * f, 0, 0.999))
+                x = float(np.clip(x0 + DIRECTIONS[motion][0] * speed * f, 0, 0.999))
+                yy = float(np.clip(y0 + DIRECTIONS[motion][1] * speed * f, 0, 0.999))
                 k = int(yy * TS.GRID) * TS.GRID + int(x * TS.GRID)
                 codes[b, f, k, colour] = codes[b, f, k, 8 + shape] = CODE_SCALE
                 codes[b, f, k, 16] = CODE_SCALE * (x + rng.normal(0, noise))

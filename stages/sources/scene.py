@@ -40,7 +40,7 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
 }
 SIZES: dict[str, float] = {"small": 0.12, "medium": 0.2, "large": 0.3}  # diameter / min(W, H)
 MOTIONS = ("left", "right", "up", "down", "still")
-_DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "still": (0, 0)}  # unit (dx, dy), y down
 
 DEFAULT_SPEED = 0.12  # frame widths (or heights) per second
 DEFAULT_LIFETIME_S = (2.0, 6.0)
@@ -218,7 +218,7 @@ class SceneGenerator:
         d = SIZES[size] * min(self.width, self.height)
         rx, ry = d / 2 / self.width + 0.01, d / 2 / self.height + 0.01
         life_s = float(rng.uniform(*self.lifetime_s))
-        ux, uy = _DIRECTIONS[motion]
+        ux, uy = DIRECTIONS[motion]
         # Shorten the life so that the whole path stays inside the frame.
         room = (1 - 2 * rx) if ux else (1 - 2 * ry) if uy else 1.0
         travel = min(self.speed * life_s, room) if (ux or uy) else 0.0
