@@ -38,6 +38,18 @@ def test_refresher_renders_each_new_seed_once_within_a_bounded_window():
         StreamRefresher(T._make_stream_job, _job, first_seed=0, end_seed=1, workers=0)
 
 
+def test_refresher_skips_a_render_that_never_comes_back():
+    """A render pending past the timeout (its worker was killed, or hangs) is dropped and its seed
+    reported in `lost`, so the window does not shrink for the rest of the run."""
+    with StreamRefresher(time.sleep, lambda seed: 60.0 if seed == 1 else 0.0, first_seed=0, end_seed=3,
+                         workers=2, window=3, timeout_s=1.5) as r:
+        t0, got = time.time(), []
+        while not r.exhausted and time.time() - t0 < 60:
+            got += r.poll()
+            time.sleep(0.1)
+        assert r.exhausted and r.lost == [1] and r.delivered == 2 and got == [None, None]
+
+
 def _fake(seed: int, hw: tuple[int, int]) -> dict:
     slots = np.zeros((2, TS.QUERY_NUM, TS.SLOT_COLS), np.float32)
     return {"seed": seed, "views": np.zeros((2, *hw, 3), np.uint8), "patch": np.zeros((2, 3), np.int32),
@@ -64,7 +76,7 @@ def test_trainer_refresh_swaps_new_streams_in(tmp_path, monkeypatch):
     class Waiting(StreamRefresher):
         def poll(self, limit=None):
             t0 = time.time()
-            while not any(r.ready() for r in self._pending) and time.time() - t0 < 120:
+            while not any(p[0].ready() for p in self._pending) and time.time() - t0 < 120:
                 time.sleep(0.05)
             return super().poll(limit=1)
 

@@ -17,10 +17,14 @@ the parent, and the parent turns their arrays into device arrays on its own (MLX
 from __future__ import annotations
 
 import multiprocessing as mp
+import time
 from collections.abc import Callable
 from typing import Any
 
 DEFAULT_WINDOW_PER_WORKER = 2  # renders in flight per worker: keeps them busy, bounds memory
+# a render takes ~0.5 s (48 frames); one still pending after this was lost with its worker (a pool
+# replaces a killed process but never answers the task it held): its seed is skipped
+RENDER_TIMEOUT_S = 300.0
 
 
 class StreamRefresher:
@@ -29,15 +33,17 @@ class StreamRefresher:
     `render` must be a module-level function (it is pickled by name)."""
 
     def __init__(self, render: Callable[[Any], dict], job: Callable[[int], Any], *, first_seed: int,
-                 end_seed: int, workers: int, window: int | None = None):
+                 end_seed: int, workers: int, window: int | None = None, timeout_s: float = RENDER_TIMEOUT_S):
         if workers < 1:
             raise ValueError(f"StreamRefresher: workers={workers}: need at least 1")
         self._render, self._job = render, job
         self.next_seed, self.end_seed = first_seed, end_seed
         self._window = window or DEFAULT_WINDOW_PER_WORKER * workers
         self._pool = mp.get_context("spawn").Pool(workers)
-        self._pending: list = []  # AsyncResult, in submission order
+        self._timeout_s = timeout_s
+        self._pending: list = []  # (AsyncResult, seed, submitted at: time.monotonic()), in submission order
         self.delivered = 0
+        self.lost: list[int] = []  # seeds whose render never came back (`RENDER_TIMEOUT_S`)
         self._top_up()
 
     @property
@@ -47,18 +53,23 @@ class StreamRefresher:
 
     def _top_up(self) -> None:
         while len(self._pending) < self._window and self.next_seed < self.end_seed:
-            self._pending.append(self._pool.apply_async(self._render, (self._job(self.next_seed),)))
+            result = self._pool.apply_async(self._render, (self._job(self.next_seed),))
+            self._pending.append((result, self.next_seed, time.monotonic()))
             self.next_seed += 1
 
     def poll(self, limit: int | None = None) -> list[dict]:
         """The streams finished so far (at most `limit`), without waiting; new renders are
-        started in their place. A render that raised raises here (a bug, not bad input)."""
-        done = [r for r in self._pending if r.ready()]
+        started in their place, also for renders pending past the timeout (their seeds go to
+        `lost`). A render that raised raises here (a bug, not bad input)."""
+        now = time.monotonic()
+        done = [p for p in self._pending if p[0].ready()]
         if limit is not None:
             done = done[:limit]
-        out = [r.get() for r in done]
-        taken = {id(r) for r in done}
-        self._pending = [r for r in self._pending if id(r) not in taken]
+        stale = [p for p in self._pending if not p[0].ready() and now - p[2] > self._timeout_s]
+        out = [p[0].get() for p in done]
+        self.lost += [p[1] for p in stale]
+        gone = {id(p) for p in done + stale}
+        self._pending = [p for p in self._pending if id(p) not in gone]
         self.delivered += len(out)
         self._top_up()
         return out

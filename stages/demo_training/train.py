@@ -526,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"step {step:5d} {el:6.0f}s lr {lr:.1e}  loss {m[0]:.3f} (reply {m[1]:.3f} text {m[2]:.3f} "
                       f"patch {m[3]:.3f} slot {m[4]:.3f} motion {m[5]:.3f})\n" + format_report(step, rep)
                       + "\n" + format_seen(rep)
-                      + (f"\n  refreshed: {state.get('refreshed', 0)} new streams so far (pool {len(pool)})"
+                      + (f"\n  refreshed: {state.get('refreshed', 0)} new streams so far (pool {len(pool)}; "
+                         f"renders lost {len(refresher.lost)})"
                          if refresher is not None else ""), flush=True)
             if ckpt is not None and time.time() - last_ckpt > a.ckpt_every:
                 state.update(train_s=train_s0 + time.time() - t_run, rng=rng.bit_generator.state, history=history)
