@@ -9,7 +9,7 @@ import numpy as np
 
 from framecast.stages.demo_training.spec import CONTENT_WORDS, N_COL, N_MOT, N_SHP
 from framecast.stages.demo_training.heads import (
-    DemoVLM, lm_forward, lm_inputs, motion_loss, resample, vision_hidden, vision_losses,
+    DemoVLM, encode_views, lm_forward, lm_inputs, motion_loss, resample, vision_hidden, vision_losses,
 )
 
 def content_masks(tok, targets: mx.array, loss_mask: mx.array) -> dict[str, mx.array]:
@@ -91,6 +91,37 @@ def grounding_report(model: DemoVLM, batch: dict, tok, n_frames: int) -> dict:
     h = mx.where(batch["is_img"][..., None], flat[batch["slot"]], model.llm.embed_tokens(batch["inputs"]))
     rep["attn_img"] = [round(x, 3) for x in attention_mass(model, h, batch["is_img"], batch["loss_mask"])]
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rep.items()}
+
+
+def motion_probe_report(model: DemoVLM, batch: dict, n_frames: int) -> dict:
+    """The motion probe alone on a batch of many held-out clips: accuracy with real and shuffled
+    features (clip b sees clip b+1's), the majority-class baseline, and its sample size. The
+    targets of one object are nearly the same question asked again, so the number of distinct
+    objects, not of targets, says how far apart two accuracies must be to differ."""
+    feats = encode_views(model, batch["views"])  # [B*F, Q, D]
+    B = batch["inputs"].shape[0]
+    shuffled = feats.reshape(B, n_frames, *feats.shape[1:])
+    shuffled = mx.concatenate([shuffled[1:], shuffled[:1]]).reshape(feats.shape)
+    rep = {}
+    for tag, f in (("real", feats), ("shuf", shuffled)):
+        _, mid = lm_forward(model, lm_inputs(model, f, batch["inputs"], batch["is_img"], batch["slot"]))
+        _, ml, my, mm = motion_loss(model, mid, batch["is_img"], batch["slot"], batch["motion_y"], batch["motion_m"])
+        rep[f"acc_{tag}"] = float(((mx.argmax(ml, -1) == my) * mm).sum() / mx.maximum(mm.sum(), 1))
+        if tag == "real":
+            counts = mx.stack([((my == c) * mm).sum() for c in range(N_MOT)])
+            rep["baseline"] = float(counts.max() / mx.maximum(mm.sum(), 1))
+    m = np.array(batch["motion_m"]) > 0  # [B*F, Q]
+    ids = np.array(batch["slot_y"][..., 5]).astype(np.int64)  # [B*F, Q] object id in its stream
+    clip = np.arange(m.shape[0])[:, None] // n_frames  # [B*F, 1]
+    rep["targets"] = int(m.sum())
+    rep["objects"] = len(set(zip(np.broadcast_to(clip, m.shape)[m].tolist(), ids[m].tolist())))
+    rep["clips"] = int(B)
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rep.items()}
+
+
+def format_motion_probe(rep: dict) -> str:
+    return (f"  motion probe, {rep['clips']} held-out clips ({rep['objects']} objects, {rep['targets']} targets): "
+            f"{rep['acc_real']:.2f} (shuffled {rep['acc_shuf']:.2f}, majority {rep['baseline']:.2f})")
 
 
 SEEN_KEYS = ("ce_real", "colour_acc_real", "shape_acc_real", "position_acc_real", "motion_acc_real",

@@ -88,7 +88,7 @@ from framecast.stages.demo_training.refresh import StreamRefresher
 from framecast.stages.demo_training.spec import (
     DEFAULT_BATCH, DEFAULT_FRAMES, DEFAULT_GAP_MIX, DEFAULT_GAP_PHASE, DEFAULT_LR, DEFAULT_MOTION_PHASE,
     DEFAULT_SHORT_PHASE, DEFAULT_STREAMS, DEFAULT_VISION_LR_SCALE, DEFAULT_VISION_PHASE, DEMO_MAX_CACHE_TOKENS,
-    GAP_FRAMES, LONG_RAMP, MAX_LOSS_WEIGHT, MAX_SEED, MAX_TEXT_ROWS, MIN_CLIP_TOKENS, MOTION_PHASE_FRAMES,
+    GAP_FRAMES, LONG_RAMP, MAX_LOSS_WEIGHT, MAX_SEED, MAX_TEXT_ROWS, MIN_CLIP_TOKENS, MOTION_PHASE_FRAMES, PROBE_CLIPS,
     MOTION_WEIGHT, REFRESH_PER_STEP, SHORT_FRAMES, STREAMS_PER_DATA_SEED, TEXT_ROWS, TEXT_WEIGHT, VISION_BATCH,
     build_tokenizer, model_config, write_tokenizer_files,
 )
@@ -99,7 +99,9 @@ from framecast.stages.demo_training.batches import (
 from framecast.stages.demo_training.heads import (
     DemoVLM, hf_weights, load_hf_weights, loss_fn, vision_loss_fn, word_ids,
 )
-from framecast.stages.demo_training.report import SEEN_KEYS, format_report, format_seen, grounding_report
+from framecast.stages.demo_training.report import (
+    SEEN_KEYS, format_motion_probe, format_report, format_seen, grounding_report, motion_probe_report,
+)
 
 
 def lr_at(frac: float, peak: float, warmup_frac: float = 0.05, floor: float = 0.05) -> float:
@@ -419,6 +421,11 @@ def main(argv: list[str] | None = None) -> int:
     val_batch = make_batch(val.clips(vrng, 12, val_frames), val_frames, builder, vrng, dense=0.3,
                            max_tokens=a.max_tokens)
     val_batch.update(text_batch(builder, vrng, 4))
+    # the motion probe on more held-out clips than the report's 12 (its sample is the objects)
+    probe_frames = min(MOTION_PHASE_FRAMES, val_frames)
+    prng = np.random.default_rng(2)
+    probe_batch = make_batch(val.clips(prng, PROBE_CLIPS, probe_frames), probe_frames, builder, prng, dense=0.3,
+                             max_tokens=a.max_tokens)
     # the same report on streams it trains on: a gap to the held-out one is memorisation
     seen_batch = make_batch(pool.clips(vrng, 12, val_frames), val_frames, builder, vrng, dense=0.3,
                             max_tokens=a.max_tokens)
@@ -518,6 +525,8 @@ def main(argv: list[str] | None = None) -> int:
                     seen_batch.update(text_batch(builder, srng, 4))
                 seen = grounding_report(model, seen_batch, tok, val_frames)
                 rep.update({f"seen_{k}": seen[k] for k in SEEN_KEYS})
+                probe = motion_probe_report(model, probe_batch, probe_frames)
+                rep.update({f"probe_{k}": v for k, v in probe.items()})
                 history.append({"step": step, "s": round(el, 1), "refreshed": state.get("refreshed", 0),
                                 "loss": round(float(m[0]), 4),
                                 "reply_ce": round(float(m[1]), 4), "text_ce": round(float(m[2]), 4),
@@ -525,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "motion": round(float(m[5]), 4), **rep})
                 print(f"step {step:5d} {el:6.0f}s lr {lr:.1e}  loss {m[0]:.3f} (reply {m[1]:.3f} text {m[2]:.3f} "
                       f"patch {m[3]:.3f} slot {m[4]:.3f} motion {m[5]:.3f})\n" + format_report(step, rep)
-                      + "\n" + format_seen(rep)
+                      + "\n" + format_motion_probe(probe) + "\n" + format_seen(rep)
                       + (f"\n  refreshed: {state.get('refreshed', 0)} new streams so far (pool {len(pool)}; "
                          f"renders lost {len(refresher.lost)})"
                          if refresher is not None else ""), flush=True)
