@@ -21,7 +21,7 @@ def test_motion_probe_report_counts_the_objects_its_targets_belong_to():
     rng = np.random.default_rng(0)
     clips = pool.clips(rng, 3, frames)
     batch = T.make_batch(clips, frames, T.SequenceBuilder(tok), rng, dense=0.3, max_tokens=1024)
-    rep = TR.motion_probe_report(model, batch, frames)
+    rep = TR.motion_probe_report(model, [batch], frames)
 
     m = np.array(batch["motion_m"]) > 0  # [B*F, Q]
     ids = np.array(batch["slot_y"][..., 5]).astype(int)
@@ -30,15 +30,23 @@ def test_motion_probe_report_counts_the_objects_its_targets_belong_to():
     assert 0 < rep["objects"] <= rep["targets"]
     for k in ("acc_real", "acc_shuf", "baseline"):
         assert 0.0 <= rep[k] <= 1.0
+    two = TR.motion_probe_report(model, [batch, batch], frames)  # batches add up: counts double, rates stay
+    assert (two["clips"], two["objects"], two["targets"]) == (2 * rep["clips"], 2 * rep["objects"], 2 * rep["targets"])
+    assert abs(two["acc_real"] - rep["acc_real"]) < 1e-6 and two["baseline"] == rep["baseline"]
     line = TR.format_motion_probe(rep)
     assert f"{len(clips)} held-out clips ({len(want)} objects" in line and "majority" in line
 
 
-def test_trainer_logs_the_larger_probe_report(tmp_path):
+def test_trainer_logs_the_larger_probe_report(tmp_path, monkeypatch):
+    rendered = []
+    real = T.stream_jobs
+    monkeypatch.setattr(T, "stream_jobs", lambda seeds, *a: rendered.append(list(seeds)) or real(seeds, *a))
     out = tmp_path / "model"
     assert T.main(["--tiny", "--out", str(out), "--streams", "2", "--frames", "12", "--max-clip", "12", "--batch", "1",
                    "--workers", "1", "--time-budget", "1000", "--vision-phase", "0", "--max-steps", "1",
                    "--log-every", "1"]) == 0
     last = json.loads((out / "training.json").read_text())["history"][-1]
     assert {"probe_acc_real", "probe_acc_shuf", "probe_baseline", "probe_objects", "probe_targets"} <= set(last)
-    assert last["probe_clips"] >= 1  # the held-out streams of the run's first view size (4 of them here)
+    assert last["probe_clips"] == 4  # one clip from each probe stream, whatever its view size
+    # its streams are held out and apart from the report's: 900,000-900,003 report, 900,004-900,007 probe
+    assert sorted(s for s in rendered[0] if s < 1_000_000) == list(range(900_000, 900_008))

@@ -93,30 +93,35 @@ def grounding_report(model: DemoVLM, batch: dict, tok, n_frames: int) -> dict:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rep.items()}
 
 
-def motion_probe_report(model: DemoVLM, batch: dict, n_frames: int) -> dict:
-    """The motion probe alone on a batch of many held-out clips: accuracy with real and shuffled
-    features (clip b sees clip b+1's), the majority-class baseline, and its sample size. The
-    targets of one object are nearly the same question asked again, so the number of distinct
-    objects, not of targets, says how far apart two accuracies must be to differ."""
-    feats = encode_views(model, batch["views"])  # [B*F, Q, D]
-    B = batch["inputs"].shape[0]
-    shuffled = feats.reshape(B, n_frames, *feats.shape[1:])
-    shuffled = mx.concatenate([shuffled[1:], shuffled[:1]]).reshape(feats.shape)
-    rep = {}
-    for tag, f in (("real", feats), ("shuf", shuffled)):
-        _, mid = lm_forward(model, lm_inputs(model, f, batch["inputs"], batch["is_img"], batch["slot"]))
-        _, ml, my, mm = motion_loss(model, mid, batch["is_img"], batch["slot"], batch["motion_y"], batch["motion_m"])
-        rep[f"acc_{tag}"] = float(((mx.argmax(ml, -1) == my) * mm).sum() / mx.maximum(mm.sum(), 1))
-        if tag == "real":
-            counts = mx.stack([((my == c) * mm).sum() for c in range(N_MOT)])
-            rep["baseline"] = float(counts.max() / mx.maximum(mm.sum(), 1))
-    m = np.array(batch["motion_m"]) > 0  # [B*F, Q]
-    ids = np.array(batch["slot_y"][..., 5]).astype(np.int64)  # [B*F, Q] object id in its stream
-    clip = np.arange(m.shape[0])[:, None] // n_frames  # [B*F, 1]
-    rep["targets"] = int(m.sum())
-    rep["objects"] = len(set(zip(np.broadcast_to(clip, m.shape)[m].tolist(), ids[m].tolist())))
-    rep["clips"] = int(B)
-    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rep.items()}
+def motion_probe_report(model: DemoVLM, batches: list[dict], n_frames: int) -> dict:
+    """The motion probe alone on many held-out clips (`batches`: one per view size, clips of
+    `n_frames` frames): accuracy with real and shuffled features (clip b sees clip b+1's of its
+    batch), the majority-class baseline, and its sample. The targets of one object are nearly
+    the same question asked again, so the number of distinct objects, not of targets, says how
+    far apart two accuracies must be to differ."""
+    right = {"real": 0.0, "shuf": 0.0}
+    counts = np.zeros(N_MOT)
+    objects, clips = 0, 0
+    for batch in batches:
+        feats = encode_views(model, batch["views"])  # [B*F, Q, D]
+        B = batch["inputs"].shape[0]
+        shuffled = feats.reshape(B, n_frames, *feats.shape[1:])
+        shuffled = mx.concatenate([shuffled[1:], shuffled[:1]]).reshape(feats.shape)
+        for tag, f in (("real", feats), ("shuf", shuffled)):
+            _, mid = lm_forward(model, lm_inputs(model, f, batch["inputs"], batch["is_img"], batch["slot"]))
+            _, ml, my, mm = motion_loss(model, mid, batch["is_img"], batch["slot"], batch["motion_y"], batch["motion_m"])
+            right[tag] += float(((mx.argmax(ml, -1) == my) * mm).sum())
+            if tag == "real":
+                counts += np.array(mx.stack([((my == c) * mm).sum() for c in range(N_MOT)]))
+        m = np.array(batch["motion_m"]) > 0  # [B*F, Q]
+        ids = np.array(batch["slot_y"][..., 5]).astype(np.int64)  # [B*F, Q] object id in its stream
+        clip = np.arange(m.shape[0])[:, None] // n_frames  # [B*F, 1]
+        objects += len(set(zip(np.broadcast_to(clip, m.shape)[m].tolist(), ids[m].tolist())))
+        clips += int(B)
+    n = max(float(counts.sum()), 1.0)
+    return {"acc_real": round(right["real"] / n, 4), "acc_shuf": round(right["shuf"] / n, 4),
+            "baseline": round(float(counts.max()) / n, 4), "targets": int(counts.sum()), "objects": objects,
+            "clips": clips}
 
 
 def format_motion_probe(rep: dict) -> str:

@@ -77,9 +77,10 @@ MOTION_WEIGHT = 1.0
 # read-out 0.065 on held-out ones), since a shift under the noise is a target nothing can learn
 # (scripts/check_decoder_motion.py with centre noise 0.035: 0.75 at 12 frames, 0.92 at 24)
 MOTION_MIN_SHIFT = 0.08
-# held-out clips (of MOTION_PHASE_FRAMES frames) the motion probe is measured on at each report:
-# 12 clips held ~20 objects, so the probe's log moved by 0.1 from one report to the next
-PROBE_CLIPS = 32
+# held-out streams (seeds after the report's) whose MOTION_PHASE_FRAMES-frame clips the motion
+# probe is measured on at each report, one clip a stream: the report's 12 clips held 37 objects
+# with a target (the sample that counts); 64 streams x 24 frames held 127 (1,384 targets)
+PROBE_STREAMS = 64
 SLOT_SCALE = 10.0  # cosine -> logit: a small scale asks for a wide cosine margin (~0.5 for a low loss)
 PATCH_Y = 6  # colour, shape, own x, y, object centre x, y
 PATCH_OUT = 1 + N_COL + 1 + N_SHP + 4

@@ -135,8 +135,12 @@ class Pool:
             mx.eval([[d["views"], d["patch"], d["slots"]] for d in list(self.order)[-len(data):]])
             self._index()
 
-    def clips(self, rng: np.random.Generator, rows: int, n_frames: int) -> list[tuple[dict, int]]:
-        key = self.keys[int(rng.choice(len(self.keys), p=self.sizes / self.sizes.sum()))]
+    def clips(self, rng: np.random.Generator, rows: int, n_frames: int,
+              key: tuple[int, int] | None = None) -> list[tuple[dict, int]]:
+        """Up to `rows` clips of `n_frames` frames from distinct streams of one view size (`key`,
+        or one drawn in proportion to the groups' sizes): [(stream, first frame)]."""
+        if key is None:
+            key = self.keys[int(rng.choice(len(self.keys), p=self.sizes / self.sizes.sum()))]
         group = self.items[key]
         idx = rng.choice(len(group), size=min(rows, len(group)), replace=False)
         out = []

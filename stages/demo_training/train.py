@@ -88,7 +88,7 @@ from framecast.stages.demo_training.refresh import StreamRefresher
 from framecast.stages.demo_training.spec import (
     DEFAULT_BATCH, DEFAULT_FRAMES, DEFAULT_GAP_MIX, DEFAULT_GAP_PHASE, DEFAULT_LR, DEFAULT_MOTION_PHASE,
     DEFAULT_SHORT_PHASE, DEFAULT_STREAMS, DEFAULT_VISION_LR_SCALE, DEFAULT_VISION_PHASE, DEMO_MAX_CACHE_TOKENS,
-    GAP_FRAMES, LONG_RAMP, MAX_LOSS_WEIGHT, MAX_SEED, MAX_TEXT_ROWS, MIN_CLIP_TOKENS, MOTION_PHASE_FRAMES, PROBE_CLIPS,
+    GAP_FRAMES, LONG_RAMP, MAX_LOSS_WEIGHT, MAX_SEED, MAX_TEXT_ROWS, MIN_CLIP_TOKENS, MOTION_PHASE_FRAMES, PROBE_STREAMS,
     MOTION_WEIGHT, REFRESH_PER_STEP, SHORT_FRAMES, STREAMS_PER_DATA_SEED, TEXT_ROWS, TEXT_WEIGHT, VISION_BATCH,
     build_tokenizer, model_config, write_tokenizer_files,
 )
@@ -371,10 +371,13 @@ def main(argv: list[str] | None = None) -> int:
     first = resumed_next_seed(a, block) if a.refresh else block
     train_seeds = list(range(first, min(first + a.streams, block + STREAMS_PER_DATA_SEED)))
     val_seeds = [900_000 + i for i in range(min(48, max(4, a.streams // 8)))]
-    data = generate_streams(stream_jobs(train_seeds + val_seeds, a.frames, a.codec), a.workers)
-    val_data = [d for d in data if d["seed"] >= 900_000 and d["seed"] < 1_000_000]
+    probe_seeds = [val_seeds[-1] + 1 + i for i in range(min(PROBE_STREAMS, max(4, a.streams // 8)))]
+    data = generate_streams(stream_jobs(train_seeds + val_seeds + probe_seeds, a.frames, a.codec), a.workers)
+    held_out = set(val_seeds)
+    val_data = [d for d in data if d["seed"] in held_out]
     shape0 = val_data[0]["views"].shape
     val = Pool([d for d in val_data if d["views"].shape == shape0])
+    probe_pool = Pool([d for d in data if probe_seeds[0] <= d["seed"] <= probe_seeds[-1]])
     pool = Pool([d for d in data if d["seed"] >= 1_000_000])
     del data, val_data
     t_data = time.time() - t0
@@ -424,8 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     # the motion probe on more held-out clips than the report's 12 (its sample is the objects)
     probe_frames = min(MOTION_PHASE_FRAMES, val_frames)
     prng = np.random.default_rng(2)
-    probe_batch = make_batch(val.clips(prng, PROBE_CLIPS, probe_frames), probe_frames, builder, prng, dense=0.3,
-                             max_tokens=a.max_tokens)
+    probe_batches = [make_batch(probe_pool.clips(prng, len(probe_seeds), probe_frames, key=k), probe_frames, builder,
+                                prng, dense=0.3, max_tokens=a.max_tokens) for k in probe_pool.keys]
     # the same report on streams it trains on: a gap to the held-out one is memorisation
     seen_batch = make_batch(pool.clips(vrng, 12, val_frames), val_frames, builder, vrng, dense=0.3,
                             max_tokens=a.max_tokens)
@@ -525,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
                     seen_batch.update(text_batch(builder, srng, 4))
                 seen = grounding_report(model, seen_batch, tok, val_frames)
                 rep.update({f"seen_{k}": seen[k] for k in SEEN_KEYS})
-                probe = motion_probe_report(model, probe_batch, probe_frames)
+                probe = motion_probe_report(model, probe_batches, probe_frames)
                 rep.update({f"probe_{k}": v for k, v in probe.items()})
                 history.append({"step": step, "s": round(el, 1), "refreshed": state.get("refreshed", 0),
                                 "loss": round(float(m[0]), 4),
