@@ -434,6 +434,10 @@ def env_overrides() -> dict[str, dict[str, Any]]:
         upper = name.upper()
         if not upper.startswith(ENV_PREFIX):
             continue  # (other FRAMECAST_* variables, e.g. FRAMECAST_KERNELS, are not config keys)
+        if upper == "FRAMECAST_OPENBLAS" and os.environ[name].strip() not in ("0", "1"):
+            # read at import time (framecast._blas), where it cannot say so: checked here instead
+            raise ConfigError(f"environment: {name} = {os.environ[name]!r}: expected 0 (MLX's own BLAS) "
+                              "or 1 (the default: OpenCV's OpenBLAS)")
         rest = upper[len(ENV_PREFIX):]
         if rest.lower().split(ENV_NESTED_DELIMITER.lower())[0] == "streams":
             raise ConfigError(f"environment: {name}: streams are set in a config file ([[streams]]) "

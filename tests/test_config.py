@@ -114,6 +114,8 @@ def test_precedence_flag_over_env_over_file_over_defaults(env, tmp_path):
     ("FRAMECAST_SOURCE__FSP", "2", "environment: FRAMECAST_SOURCE__FSP: unknown key 'source.fsp'"),
     ("FRAMECAST_SORCE__FPS", "2", "environment: FRAMECAST_SORCE__FPS: unknown config group 'sorce'"),
     ("FRAMECAST_SOURCE", '{"fps": 2}', "environment: FRAMECAST_SOURCE: set keys one by one, as FRAMECAST_SOURCE__KEY"),
+    ("FRAMECAST_OPENBLAS", "bogus", "environment: FRAMECAST_OPENBLAS = 'bogus': expected 0"),
+    ("FRAMECAST_OPENBLAS", "yes", "environment: FRAMECAST_OPENBLAS = 'yes': expected 0"),
 ])
 def test_bad_variables_raise_one_line_naming_the_variable(env, name, value, expected):
     env(**{name: value})

@@ -276,6 +276,26 @@ def check_args(a) -> str | None:
         for f in ("config.json", "model.safetensors"):
             if not (init / f).is_file():
                 return f"--init-from {init}: no {f} there (a model directory this trainer wrote)"
+    for flag, path in (("--out", a.out), ("--ckpt", a.ckpt)):
+        problem = directory_problem(Path(path)) if path is not None else None
+        if problem:
+            return f"{flag} {path}: {problem}"
+    return None
+
+
+def directory_problem(path: Path) -> str | None:
+    """Why `path` cannot be (or become) a directory this process writes into, or None."""
+    if path.exists():
+        if not path.is_dir():
+            return "is a file, not a directory"
+        return None if os.access(path, os.W_OK | os.X_OK) else "is not writable"
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot be made: {parent} is a file"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be made: {parent} is not writable"
     return None
 
 
@@ -352,7 +372,13 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.time()
     out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    for flag, path in (("--out", a.out), ("--ckpt", a.ckpt)):  # before the data: a place that fails fails now
+        try:
+            if path is not None:
+                Path(path).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            print(f"train: {flag} {path}: cannot be made ({e.strerror})", file=sys.stderr)
+            return 2
     tok = build_tokenizer(a.seed)
     cfg = model_config(tok, tiny=a.tiny)
     cfg["framecast_session"] = {"max_cache_tokens": a.max_tokens}  # the longest clip it trained on
