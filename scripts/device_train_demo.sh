@@ -8,8 +8,9 @@
 # TRAIN_ARGS adds trainer options, e.g. TRAIN_ARGS="--init-from /tmp/pkg/framecast/demo_model --vision-phase 0"
 # (the shipped model, as carried in the working tree) to fine-tune instead of starting afresh.
 # TRAIN_ARGS_2, when set, starts a second run beside the first on the same GPU (/root/run2, its
-# files under $OUT/run2): the demo model leaves the H200 mostly idle, so two runs of one session
-# can test two recipes; the 15 data workers are split between them.
+# files under $OUT/run2), so one session can test two recipes; the 7 M-parameter model is small
+# next to the card, but whether two runs slow each other is to be read from their step rates
+# (not yet measured). The 15 data workers are split between them.
 # The MLX CUDA wheel travels split in two (each call carries at most 64 MiB): build the halves here
 # with ../shared/device/mlx-cuda-wheels.sh (see ../shared/device/README.md) into .device/part1 and
 # .device/part2; call 1 (carry .device/part1): mkdir -p /root/stash && cp .device/part1/* /root/stash/

@@ -65,7 +65,7 @@ def compile_layers(model, on: bool | str | None = None) -> int:
     if quantized_rows.wanted() and choice is True:
         raise UserError(f"{quantized_rows.ENV_VAR}={quantized_rows.mode()} cannot be used with {ENV_VAR}=on "
                         "(compiled decoder layers keep the row count of their first call); "
-                        f"unset one of them")
+                        "unset one of them")
     # a MiniCPMV is a Module; a text-only wrapper (a lone LM GGUF) holds its modules as fields
     roots = [model] if isinstance(model, nn.Module) else [v for v in vars(model).values() if isinstance(v, nn.Module)]
     n = 0
@@ -87,8 +87,9 @@ def linear(layer: nn.Module, x: mx.array) -> mx.array:
     x [..., in] -> [..., out]."""
     if type(layer) is nn.Linear and "bias" in layer:
         return x @ layer["weight"].T + layer["bias"]
-    # opt-in: a batch of decode rows padded for MLX's op, or through our kernel (issue 15). Any QuantizedLinear (the
-    # loaders' PrefillDequantLinear included), on a GPU only: the CPU keeps the layer's own path.
+    # opt-in: a batch of decode rows padded for MLX's op, or through our kernel (issue 15). Any
+    # QuantizedLinear (the loaders' PrefillDequantLinear included), on a GPU only: the CPU keeps
+    # the layer's own path.
     if isinstance(layer, nn.QuantizedLinear) and getattr(layer, "mode", "affine") == "affine" and "biases" in layer \
             and quantized_rows.wanted() and backend() != "reference":
         return quantized_rows.quantized_linear(layer, x)
