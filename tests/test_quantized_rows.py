@@ -349,3 +349,21 @@ def test_bench_script_times_the_rows_op(tmp_path):
     assert {row["variant"] for row in rows if row["impl"] == "pad16"} == {f"{m} rows" for m in QMM_ROWS if 2 <= m < 16}
     assert all(row["op"] == "quantized_rows" and row["p95_ms"] >= row["ms"] > 0 for row in rows)
     assert all(row["speedup_vs_reference"] == 1.0 for row in rows if row["impl"] == "reference")
+
+
+def test_device_measure_script_writes_every_part(tmp_path):
+    """scripts/device_measure_rows.sh (issue 15's GPU measurements in one device call), as a
+    smoke run on this machine: the kernel table and four bench_streams runs, mlx/pad alternated."""
+    import os
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "SHAPES": "tiny", "ITERS": "2", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    r = subprocess.run(["bash", str(root / "scripts" / "device_measure_rows.sh")], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "pad16" in (tmp_path / "bench_qmm_rows.txt").read_text()
+    for name in ("streams_mlx_1", "streams_pad_1", "streams_mlx_2", "streams_pad_2"):
+        assert "frames/s" in (tmp_path / f"{name}.txt").read_text(), name
+    assert r.stdout.count("== bench_streams") == 4
