@@ -19,7 +19,7 @@ timeout "${KERNELS_S:-170}" "${PYTHON:-python3}" scripts/bench_kernels.py --op q
   > "$out/bench_qmm_rows.txt" 2>&1
 grep -v "dequant" "$out/bench_qmm_rows.txt" | tail -n 45
 for round in 1 2; do
-  for mode in mlx pad; do
+  for mode in ${MODES:-mlx pad}; do  # MODES="mlx pad kernel" adds our kernel (2 more runs, ~2 minutes)
     echo "== bench_streams, FRAMECAST_QMM_ROWS=$mode, round $round"
     FRAMECAST_QMM_ROWS=$mode timeout "${STREAMS_S:-100}" "${PYTHON:-python3}" scripts/bench_streams.py --shapes "$shapes" \
       --bits 4 --streams 8 --ticks 10 > "$out/streams_${mode}_$round.txt" 2>&1

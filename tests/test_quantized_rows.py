@@ -159,7 +159,8 @@ def test_kernel_rejects_what_it_cannot_compute():
 
 
 def test_row_buckets_cover_every_count():
-    assert [qr.rows_bucket(m) for m in (2, 3, 4, 5, 9, 33, 64)] == [2, 4, 4, 8, 16, 64, 64]
+    assert [qr.rows_bucket(m) for m in (1, 2, 3, 4, 5, 9, 33, 64)] == [1, 2, 4, 4, 8, 16, 64, 64]
+    assert set(qr.COLS_BY_ROWS) == set(qr.ROW_BUCKETS)
 
 
 def test_kernel_sources_are_bodies_that_name_their_parameters():
@@ -209,14 +210,14 @@ static float simd_sum(float v) {
   return s;
 }
 
-template <int BITS, int ROWS>
+template <int BITS, int ROWS, int COLS>
 static void cuda_body(U3 blockIdx, U3 threadIdx, const T* x, const Shape x_shape, const uint32_t* w,
     const Shape w_shape, const T* scales, const T* biases, T* y, const int GROUP, const int WORDS,
     const int WARPS) {
 CUDA_BODY
 }
 
-template <int BITS, int ROWS>
+template <int BITS, int ROWS, int COLS>
 static void metal_body(U3 threadgroup_position_in_grid, uint thread_index_in_simdgroup,
     uint simdgroup_index_in_threadgroup, const T* x, const int* x_shape, const uint32_t* w,
     const int* w_shape, const T* scales, const T* biases, T* y, const int GROUP, const int WORDS,
@@ -226,14 +227,14 @@ METAL_BODY
 #undef device
 }
 
-template <int BITS, int ROWS>
+template <int BITS, int ROWS, int COLS>
 static void launch(int cuda, int M, int N, int K, const float* x, const uint32_t* w, const float* s,
                    const float* b, float* y, int GROUP, int WARPS) {
   const int WORDS = K * BITS / 32;
   Shape xs{}, ws{};
   xs[0] = M; xs[1] = K; ws[0] = N; ws[1] = WORDS;
   int xi[2] = {M, K}, wi[2] = {N, WORDS};
-  int groups = (N + WARPS - 1) / WARPS;
+  int groups = (N + WARPS * COLS - 1) / (WARPS * COLS);
   for (int g = 0; g < groups; ++g) {
     for (int warp = 0; warp < WARPS; ++warp) {
       std::barrier<> meet(32);
@@ -243,10 +244,10 @@ static void launch(int cuda, int M, int N, int K, const float* x, const uint32_t
         lanes.emplace_back([=, &xs, &ws, &xi, &wi] {
           my_lane = lane;
           if (cuda) {
-            cuda_body<BITS, ROWS>(U3{uint(g), 0, 0}, U3{uint(warp * 32 + lane), 0, 0}, x, xs, w, ws, s, b, y,
+            cuda_body<BITS, ROWS, COLS>(U3{uint(g), 0, 0}, U3{uint(warp * 32 + lane), 0, 0}, x, xs, w, ws, s, b, y,
                                   GROUP, WORDS, WARPS);
           } else {
-            metal_body<BITS, ROWS>(U3{uint(g), 0, 0}, uint(lane), uint(warp), x, xi, w, wi, s, b, y, GROUP,
+            metal_body<BITS, ROWS, COLS>(U3{uint(g), 0, 0}, uint(lane), uint(warp), x, xi, w, wi, s, b, y, GROUP,
                                    WORDS, WARPS);
           }
         });
@@ -256,10 +257,11 @@ static void launch(int cuda, int M, int N, int K, const float* x, const uint32_t
   }
 }
 
-extern "C" void run(int cuda, int bits, int rows_bucket, int M, int N, int K, const float* x, const uint32_t* w,
-                    const float* s, const float* b, float* y, int GROUP, int WARPS) {
-#define CASE(B, R) if (bits == B && rows_bucket == R) { launch<B, R>(cuda, M, N, K, x, w, s, b, y, GROUP, WARPS); return; }
-  CASE(4, 2) CASE(4, 4) CASE(4, 8) CASE(8, 4) CASE(8, 64) CASE(2, 16)
+extern "C" void run(int cuda, int bits, int rows_bucket, int cols, int M, int N, int K, const float* x,
+                    const uint32_t* w, const float* s, const float* b, float* y, int GROUP, int WARPS) {
+#define CASE(B, R, C) if (bits == B && rows_bucket == R && cols == C) { \
+    launch<B, R, C>(cuda, M, N, K, x, w, s, b, y, GROUP, WARPS); return; }
+  CASE(4, 1, 4) CASE(4, 2, 4) CASE(4, 4, 4) CASE(4, 8, 4) CASE(8, 4, 4) CASE(8, 64, 1) CASE(2, 16, 2)
 #undef CASE
 }
 """
@@ -281,8 +283,9 @@ def emulator(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["cuda", "metal"])
 @pytest.mark.parametrize("bits,group,rows,n,k", [
-    (4, 64, 2, 24, 256),    # fewest rows; 24 columns: a partial thread group of 8 warps... 3 groups
-    (4, 64, 3, 13, 512),    # rows past M skipped (bucket 4), columns past N skipped
+    (4, 64, 1, 30, 256),    # one row (decode): 4 columns a warp, the last warp's columns 28-29 of 4
+    (4, 64, 2, 24, 256),    # 24 columns: with 2 warps of 4 columns, 3 thread groups
+    (4, 64, 3, 13, 512),    # rows past M skipped (bucket 4), columns past N skipped (13 = 3 x 4 + 1)
     (4, 32, 7, 9, 64),      # K smaller than a warp's words: idle lanes
     (8, 128, 4, 5, 1024),   # 8-bit, several words per lane
     (8, 64, 64, 3, 128),    # the most rows
@@ -295,7 +298,8 @@ def test_kernel_bodies_executed_on_cpu_equal_the_reference(emulator, kind, bits,
     arrays = [np.ascontiguousarray(a) for a in (x, np.array(wq), np.array(s), np.array(b))]
     ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)  # noqa: E731
     warps = 2  # fewer lanes to start on the CPU; the body reads WARPS like any template value
-    emulator.run(ctypes.c_int(kind == "cuda"), ctypes.c_int(bits), ctypes.c_int(qr.rows_bucket(max(rows, 2))),
+    bucket = qr.rows_bucket(rows)
+    emulator.run(ctypes.c_int(kind == "cuda"), ctypes.c_int(bits), ctypes.c_int(bucket), ctypes.c_int(qr.COLS_BY_ROWS[bucket]),
                  ctypes.c_int(rows), ctypes.c_int(n), ctypes.c_int(k), *[ptr(a) for a in arrays], ptr(y),
                  ctypes.c_int(group), ctypes.c_int(warps))
     want = np.array(qr.reference(mx.array(x), wq, s, b, group_size=group, bits=bits))
@@ -306,11 +310,11 @@ def test_kernel_bodies_executed_on_cpu_equal_the_reference(emulator, kind, bits,
 def test_cuda_body_compiles_with_nvcc_in_every_dtype(tmp_path):
     from tests.test_kernels import CUDA_TYPES, _cuda_wrap, _nvcc
 
-    src = [_cuda_wrap(f"quantized_rows_{i}_{bits}", qr.cuda(),
+    src = [_cuda_wrap(f"quantized_rows_{i}_{bits}_{rows}", qr.cuda(),
                       [("x", ctype), ("w", "uint32_t"), ("scales", ctype), ("biases", ctype)], [("y", ctype)],
                       [("T", ctype), ("BITS", str(bits)), ("GROUP", "64"), ("WORDS", str(4096 * bits // 32)),
-                       ("ROWS", str(rows)), ("WARPS", str(qr.WARPS))])
-           for i, ctype in enumerate(CUDA_TYPES) for bits, rows in ((4, 16), (8, 64))]
+                       ("ROWS", str(rows)), ("WARPS", str(qr.WARPS)), ("COLS", str(qr.COLS_BY_ROWS[rows]))])
+           for i, ctype in enumerate(CUDA_TYPES) for bits, rows in ((4, 1), (4, 16), (8, 64))]
     _nvcc(tmp_path, "\n".join(src))
 
 
@@ -320,7 +324,7 @@ def test_cuda_body_compiles_with_nvcc_in_every_dtype(tmp_path):
 @pytest.mark.skipif(not GPU_KINDS, reason="no CUDA/Metal GPU on this machine: the kernel runs only there")
 @pytest.mark.parametrize("kind", GPU_KINDS)
 @pytest.mark.parametrize("dtype", [mx.float32, mx.float16, mx.bfloat16])
-@pytest.mark.parametrize("rows,n,k,bits,group", [(2, 4096, 4096, 4, 64), (16, 1000, 3584, 4, 64),
+@pytest.mark.parametrize("rows,n,k,bits,group", [(1, 4096, 4096, 4, 64), (2, 4096, 4096, 4, 64), (16, 1000, 3584, 4, 64),
                                                  (64, 512, 4096, 8, 64), (5, 37, 128, 4, 32)])
 def test_gpu_kernel_equals_reference(kind, dtype, rows, n, k, bits, group):
     wq, s, b = _quantised(n, k, bits=bits, group=group)

@@ -1,4 +1,4 @@
-"""Quantised matmul for a few rows: y = x @ dequantize(w).T, x with 2-64 rows (batched decode).
+"""Quantised matmul for a few rows: y = x @ dequantize(w).T, x with 1-64 rows (decode, batched decode).
 
 Why this op (issue 15): several streams decode together, so every linear layer of the LM sees
 one row per stream. With 2-64 rows the work is still a weight read: each weight word should be
@@ -9,15 +9,17 @@ kernel equals MLX's op but is not faster (0.98x at 4 rows, 0.05-0.21x at 16-64),
 op itself is slower at 4 rows than at 16. Hence `FRAMECAST_QMM_ROWS=pad`, which pads 2-15 rows
 to `PAD_ROWS` for MLX's op. Both stay opt-in; the default is MLX's op as it is.
 
-Layout: one warp (CUDA) / SIMD group (Metal) per output column n. Lane l takes the packed words
-l, l + 32, ... of row n of `w`, dequantises each word's 32/bits values once in fp32 (affine,
-LSB first: w = scale * q + bias, MLX's `mx.quantize` format), multiplies them with the same
-slice of every row of x and keeps one fp32 sum per row; a warp reduction finishes each
-(row, n). x is read through the cache: the warps of a thread group share the same slices.
+Layout: one warp (CUDA) / SIMD group (Metal) per COLS consecutive output columns (4 up to 8
+rows, 2 at 16, 1 from 32: `COLS_BY_ROWS`). Lane l takes the packed words l, l + 32, ... of each
+of its columns' rows of `w`, dequantises each word's 32/bits values once in fp32 (affine, LSB
+first: w = scale * q + bias, MLX's `mx.quantize` format), reads the same slice of each row of x
+once for all COLS columns and keeps one fp32 sum per (column, row); a warp reduction finishes
+each. 1-64 rows (1: the decode GEMV). The version measured on 2026-12-01 had COLS = 1 and no
+1-row bucket; this one is not yet measured (`scripts/device_measure_rows.sh`).
 
 One interface, chosen once by `framecast.kernels.backend()`:
   `quantized_rows_matmul(x, w, scales, biases, *, group_size, bits) -> y`
-x [..., K] (2-`MAX_ROWS` rows in all), w uint32 [N, K*bits/32], scales and biases
+x [..., K] (1-`MAX_ROWS` rows in all), w uint32 [N, K*bits/32], scales and biases
 [N, K/group_size] -> y [..., N] in x's dtype; the same contract as
 `mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=..., bits=...)` when
 scales share x's dtype (mixed dtypes stay with MLX's op, which promotes), which is the
@@ -47,8 +49,12 @@ MAX_ROWS = 64
 # "pad": 2..PAD_ROWS-1 rows are padded with zero rows to PAD_ROWS before MLX's op, whose
 # few-rows path was measured slower than its PAD_ROWS-rows one on the H200 (see README)
 PAD_ROWS = 16
-ROW_BUCKETS = (2, 4, 8, 16, 32, 64)  # one compiled instance per bucket; rows past M are skipped
-WARPS = 8  # output columns per thread group
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # one compiled instance per bucket; rows past M are skipped
+# output columns per warp, by row bucket: each x slice a lane reads serves COLS columns (the first
+# design, one column a warp, re-read x per column and lost to MLX's op from 16 rows on); the fp32
+# accumulators (COLS x ROWS a lane) bound it for many rows
+COLS_BY_ROWS = {1: 4, 2: 4, 4: 4, 8: 4, 16: 2, 32: 1, 64: 1}
+WARPS = 8  # warps (SIMD groups) per thread group, each on COLS columns
 SUPPORTED_BITS = (2, 4, 8)
 # Kernel vs reference, relative to max |y|: both sum in fp32, in different orders, then round
 # once to the output dtype; a wrong word, group or shift is off by far more.
@@ -61,51 +67,69 @@ _CUDA_SOURCE = """
     constexpr int PER = 32 / BITS;
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
-    const int64_t n = int64_t(blockIdx.x) * WARPS + warp;
+    const int64_t n0 = (int64_t(blockIdx.x) * WARPS + warp) * COLS;  // this warp's first column
     const int64_t N = w_shape[0];
     const int64_t K = x_shape[1];
     const int M = int(x_shape[0]);
-    if (n >= N) {
-        return;  // the whole warp leaves together: n is the same for its 32 lanes
+    if (n0 >= N) {
+        return;  // the whole warp leaves together: n0 is the same for its 32 lanes
     }
-    float acc[ROWS];
+    float acc[COLS][ROWS];
     #pragma unroll
-    for (int m = 0; m < ROWS; ++m) {
-        acc[m] = 0.0f;
+    for (int c = 0; c < COLS; ++c) {
+        #pragma unroll
+        for (int m = 0; m < ROWS; ++m) {
+            acc[c][m] = 0.0f;
+        }
     }
     const int64_t groups = K / GROUP;
     for (int64_t word = lane; word < WORDS; word += 32) {
-        const uint32_t packed = w[n * WORDS + word];
         const int64_t g = word * PER / GROUP;
-        const float s = static_cast<float>(scales[n * groups + g]);
-        const float b = static_cast<float>(biases[n * groups + g]);
-        float wv[PER];
+        float wv[COLS][PER];  // this word of each column, dequantised once for every row
         #pragma unroll
-        for (int j = 0; j < PER; ++j) {
-            wv[j] = s * static_cast<float>((packed >> (BITS * j)) & ((1u << BITS) - 1u)) + b;
+        for (int c = 0; c < COLS; ++c) {
+            const int64_t n = n0 + c;
+            const uint32_t packed = n < N ? w[n * WORDS + word] : 0u;
+            const float s = n < N ? static_cast<float>(scales[n * groups + g]) : 0.0f;
+            const float b = n < N ? static_cast<float>(biases[n * groups + g]) : 0.0f;
+            #pragma unroll
+            for (int j = 0; j < PER; ++j) {
+                wv[c][j] = s * static_cast<float>((packed >> (BITS * j)) & ((1u << BITS) - 1u)) + b;
+            }
         }
         const int64_t k0 = word * PER;
         #pragma unroll
         for (int m = 0; m < ROWS; ++m) {
             if (m < M) {
                 const T* xr = x + int64_t(m) * K + k0;
-                float sum = 0.0f;
+                float xv[PER];  // read once, used for every column of the warp
                 #pragma unroll
                 for (int j = 0; j < PER; ++j) {
-                    sum += static_cast<float>(xr[j]) * wv[j];
+                    xv[j] = static_cast<float>(xr[j]);
                 }
-                acc[m] += sum;
+                #pragma unroll
+                for (int c = 0; c < COLS; ++c) {
+                    float sum = 0.0f;
+                    #pragma unroll
+                    for (int j = 0; j < PER; ++j) {
+                        sum += xv[j] * wv[c][j];
+                    }
+                    acc[c][m] += sum;
+                }
             }
         }
     }
     #pragma unroll
-    for (int m = 0; m < ROWS; ++m) {
-        float v = acc[m];
-        for (int off = 16; off > 0; off >>= 1) {
-            v += __shfl_down_sync(0xffffffff, v, off);
-        }
-        if (lane == 0 && m < M) {
-            y[int64_t(m) * N + n] = static_cast<T>(v);
+    for (int c = 0; c < COLS; ++c) {
+        #pragma unroll
+        for (int m = 0; m < ROWS; ++m) {
+            float v = acc[c][m];
+            for (int off = 16; off > 0; off >>= 1) {
+                v += __shfl_down_sync(0xffffffff, v, off);
+            }
+            if (lane == 0 && m < M && n0 + c < N) {
+                y[int64_t(m) * N + n0 + c] = static_cast<T>(v);
+            }
         }
     }
 """
@@ -113,42 +137,55 @@ _CUDA_SOURCE = """
 _METAL_SOURCE = """
     constexpr int PER = 32 / BITS;
     uint lane = thread_index_in_simdgroup;
-    uint n = threadgroup_position_in_grid.x * WARPS + simdgroup_index_in_threadgroup;
+    uint n0 = (threadgroup_position_in_grid.x * WARPS + simdgroup_index_in_threadgroup) * COLS;
     uint N = w_shape[0];
     uint K = x_shape[1];
     int M = int(x_shape[0]);
-    if (n >= N) {
+    if (n0 >= N) {
         return;
     }
-    float acc[ROWS];
-    for (int m = 0; m < ROWS; ++m) {
-        acc[m] = 0.0f;
+    float acc[COLS][ROWS];
+    for (int c = 0; c < COLS; ++c) {
+        for (int m = 0; m < ROWS; ++m) {
+            acc[c][m] = 0.0f;
+        }
     }
     uint groups = K / GROUP;
     for (uint word = lane; word < uint(WORDS); word += 32) {
-        uint32_t packed = w[size_t(n) * WORDS + word];
         uint g = word * PER / GROUP;
-        float s = float(scales[size_t(n) * groups + g]);
-        float b = float(biases[size_t(n) * groups + g]);
-        float wv[PER];
-        for (int j = 0; j < PER; ++j) {
-            wv[j] = s * float((packed >> (BITS * j)) & ((1u << BITS) - 1u)) + b;
+        float wv[COLS][PER];
+        for (int c = 0; c < COLS; ++c) {
+            uint n = n0 + c;
+            uint32_t packed = n < N ? w[size_t(n) * WORDS + word] : 0u;
+            float s = n < N ? float(scales[size_t(n) * groups + g]) : 0.0f;
+            float b = n < N ? float(biases[size_t(n) * groups + g]) : 0.0f;
+            for (int j = 0; j < PER; ++j) {
+                wv[c][j] = s * float((packed >> (BITS * j)) & ((1u << BITS) - 1u)) + b;
+            }
         }
         size_t k0 = size_t(word) * PER;
         for (int m = 0; m < ROWS; ++m) {
             if (m < M) {
-                float sum = 0.0f;
+                float xv[PER];
                 for (int j = 0; j < PER; ++j) {
-                    sum += float(x[size_t(m) * K + k0 + j]) * wv[j];
+                    xv[j] = float(x[size_t(m) * K + k0 + j]);
                 }
-                acc[m] += sum;
+                for (int c = 0; c < COLS; ++c) {
+                    float sum = 0.0f;
+                    for (int j = 0; j < PER; ++j) {
+                        sum += xv[j] * wv[c][j];
+                    }
+                    acc[c][m] += sum;
+                }
             }
         }
     }
-    for (int m = 0; m < ROWS; ++m) {
-        float v = simd_sum(acc[m]);
-        if (lane == 0 && m < M) {
-            y[size_t(m) * N + n] = static_cast<T>(v);
+    for (int c = 0; c < COLS; ++c) {
+        for (int m = 0; m < ROWS; ++m) {
+            float v = simd_sum(acc[c][m]);
+            if (lane == 0 && m < M && n0 + c < N) {
+                y[size_t(m) * N + n0 + c] = static_cast<T>(v);
+            }
         }
     }
 """
@@ -181,7 +218,7 @@ def _check(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_s
 
 
 def rows_bucket(m: int) -> int:
-    """The compiled row count that serves m rows (2 <= m <= MAX_ROWS)."""
+    """The compiled row count that serves m rows (1 <= m <= MAX_ROWS)."""
     return next(b for b in ROW_BUCKETS if b >= m)
 
 
@@ -196,11 +233,13 @@ def kernel(kind: str, x: mx.array, w: mx.array, scales: mx.array, biases: mx.arr
         raise ValueError(f"quantized_rows: {M} rows; the kernel takes 1-{MAX_ROWS}")
     source = metal() if kind == "metal" else cuda()
     fn = build_kernel(kind, "framecast_quantized_rows", INPUT_NAMES, OUTPUT_NAMES, source)
-    groups = -(-N // WARPS)
+    bucket = rows_bucket(M)
+    cols = COLS_BY_ROWS[bucket]
+    groups = -(-N // (WARPS * cols))
     (y,) = fn(
         inputs=[x2, w, scales, biases],
         template=[("T", x.dtype), ("BITS", bits), ("GROUP", group_size), ("WORDS", w.shape[1]),
-                  ("ROWS", rows_bucket(max(M, 2))), ("WARPS", WARPS)],
+                  ("ROWS", bucket), ("WARPS", WARPS), ("COLS", cols)],
         grid=(groups * 32 * WARPS, 1, 1),
         threadgroup=(32 * WARPS, 1, 1),
         output_shapes=[(M, N)],
@@ -260,7 +299,7 @@ def padded(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *, grou
 def quantized_rows_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *, group_size: int,
                           bits: int) -> mx.array:
     """x [..., K] @ dequantize(w).T -> [..., N], on a GPU: with `FRAMECAST_QMM_ROWS=pad`, 2 to
-    PAD_ROWS-1 rows padded to PAD_ROWS for MLX's op; with `=kernel`, 2-MAX_ROWS rows through the
+    PAD_ROWS-1 rows padded to PAD_ROWS for MLX's op; with `=kernel`, 1-MAX_ROWS rows through the
     kernel when its self-check passed; MLX's `quantized_matmul` otherwise (and on the CPU)."""
     kind = backend()
     rows = x.size // max(x.shape[-1], 1)
@@ -268,7 +307,7 @@ def quantized_rows_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx
     if choice == "pad" and 2 <= rows < PAD_ROWS:
         return padded(x, w, scales, biases, group_size=group_size, bits=bits)
     # the kernel writes x's dtype; MLX's op promotes x with the scales' dtype: mixed ones stay with MLX
-    if choice == "kernel" and 2 <= rows <= MAX_ROWS and bits in SUPPORTED_BITS \
+    if choice == "kernel" and 1 <= rows <= MAX_ROWS and bits in SUPPORTED_BITS \
             and scales.dtype == x.dtype and x.shape[-1] % group_size == 0 \
             and _kernel_ok(kind, x.dtype, x.shape[-1], bits, group_size):
         return kernel(kind, x, w, scales, biases, group_size=group_size, bits=bits)
