@@ -59,6 +59,7 @@ SUPPORTED_BITS = (2, 4, 8)
 # Kernel vs reference, relative to max |y|: both sum in fp32, in different orders, then round
 # once to the output dtype; a wrong word, group or shift is off by far more.
 SELF_CHECK_TOLERANCE = {mx.float32: 1e-4, mx.float16: 4e-3, mx.bfloat16: 3.2e-2}
+SELF_CHECK_ROWS = (1, 3, 16, 33)  # one row count per COLS_BY_ROWS value (4, 4, 2, 1), partial buckets
 
 INPUT_NAMES = ("x", "w", "scales", "biases")
 OUTPUT_NAMES = ("y",)
@@ -256,10 +257,13 @@ def _kernel_ok(kind: str, dtype: mx.Dtype, k: int, bits: int, group_size: int) -
         w_f = mx.array(rng.standard_normal((40, k)).astype(np.float32))  # 40: a partial thread group
         wq, s, b = mx.quantize(w_f, group_size=group_size, bits=bits)
         s, b = s.astype(dtype), b.astype(dtype)
-        x = mx.array(rng.standard_normal((3, k)).astype(np.float32)).astype(dtype)
-        got = kernel(kind, x, wq, s, b, group_size=group_size, bits=bits).astype(mx.float32)
-        want = reference(x, wq, s, b, group_size=group_size, bits=bits).astype(mx.float32)
-        return float(mx.max(mx.abs(got - want)).item()) / float(mx.max(mx.abs(want)).item())
+        worst = 0.0
+        for rows in SELF_CHECK_ROWS:
+            x = mx.array(rng.standard_normal((rows, k)).astype(np.float32)).astype(dtype)
+            got = kernel(kind, x, wq, s, b, group_size=group_size, bits=bits).astype(mx.float32)
+            want = reference(x, wq, s, b, group_size=group_size, bits=bits).astype(mx.float32)
+            worst = max(worst, float(mx.max(mx.abs(got - want)).item()) / float(mx.max(mx.abs(want)).item()))
+        return worst
 
     key = ("quantized_rows", kind, dtype, k, bits, group_size)
     return kernel_verified(key, relative_error, SELF_CHECK_TOLERANCE.get(dtype, 1e-4))
