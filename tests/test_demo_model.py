@@ -99,7 +99,7 @@ def test_training_forward_equals_engine_inference(model):
     trainer_model.load_weights(loaded, strict=False)  # only the training-time aux head is not shipped
     from mlx.utils import tree_flatten
     assert {k for k, _ in tree_flatten(trainer_model.parameters()) if not k.startswith("aux.")} == {k for k, _ in loaded}
-    assert set(T.hf_weights(trainer_model)) == set(mx.load(str(DEMO_DIR / "model.safetensors")))
+    assert set(TH.hf_weights(trainer_model)) == set(mx.load(str(DEMO_DIR / "model.safetensors")))
 
     stream = D.make_stream(5, 6)
     views = mx.array(np.stack([TD.resize_like_processor(model.processor, f) for f in stream.frames]))

@@ -10,7 +10,8 @@ special tokens the processor needs. Deterministic from `--seed` (data, init, bat
 The trainer in modules: `spec` (sizes, tokenizer, constants), `streams` (rendered streams with
 dense labels, the device pool, gap clips), `batches` (token layout and step arrays), `heads`
 (the model with its training read-outs and losses), `report` (grounding measurements), `refresh`
-(new streams while training) and this module (checkpoints, export, options, the loop).
+(new streams while training), `options` (checks of the options, seeds), `run_files` (checkpoints,
+the exported model, lineage) and this module (the options, the schedule and the loop).
 
 Why it sees (issue 11): the vision side is taught directly, not only through the decoder.
 Two training-only heads (never shipped) supervise it with the generator's ground truth:
@@ -81,24 +82,25 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
 import framecast.stages.demo_training.data as D
 from framecast.stages.demo_training.refresh import StreamRefresher
+from framecast.stages.demo_training.options import check_args, settle_seeds, shape_mismatch
+from framecast.stages.demo_training.run_files import (
+    export, load_checkpoint, parent_lineage, resumed_next_seed, save_checkpoint,
+)
 from framecast.stages.demo_training.spec import (
     DEFAULT_BATCH, DEFAULT_FRAMES, DEFAULT_GAP_MIX, DEFAULT_GAP_PHASE, DEFAULT_LR, DEFAULT_MOTION_PHASE,
     DEFAULT_SHORT_PHASE, DEFAULT_STREAMS, DEFAULT_VISION_LR_SCALE, DEFAULT_VISION_PHASE, DEMO_MAX_CACHE_TOKENS,
-    GAP_FRAMES, LONG_RAMP, MAX_LOSS_WEIGHT, MAX_SEED, MAX_TEXT_ROWS, MIN_CLIP_TOKENS, MOTION_PHASE_FRAMES, PROBE_STREAMS,
-    MOTION_WEIGHT, REFRESH_PER_STEP, SHORT_FRAMES, STREAMS_PER_DATA_SEED, TEXT_ROWS, TEXT_WEIGHT, VISION_BATCH,
-    build_tokenizer, model_config, write_tokenizer_files,
+    GAP_FRAMES, LONG_RAMP, MOTION_PHASE_FRAMES, PROBE_STREAMS, MOTION_WEIGHT, REFRESH_PER_STEP, SHORT_FRAMES,
+    STREAMS_PER_DATA_SEED, TEXT_ROWS, TEXT_WEIGHT, VISION_BATCH, build_tokenizer, model_config,
 )
 from framecast.stages.demo_training.streams import Pool, _make_stream_job, gap_clips, generate_streams, stream_jobs
 from framecast.stages.demo_training.batches import (
     BATCH_ORDER, SequenceBuilder, content_table, make_batch, text_batch, weight_content,
 )
-from framecast.stages.demo_training.heads import (
-    DemoVLM, hf_weights, load_hf_weights, loss_fn, vision_loss_fn, word_ids,
-)
+from framecast.stages.demo_training.heads import DemoVLM, load_hf_weights, loss_fn, vision_loss_fn, word_ids
 from framecast.stages.demo_training.report import (
     SEEN_KEYS, format_motion_probe, format_report, format_seen, grounding_report, motion_probe_report,
 )
@@ -112,191 +114,11 @@ def lr_at(frac: float, peak: float, warmup_frac: float = 0.05, floor: float = 0.
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-# ---------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(path: Path, model: DemoVLM, opt, state: dict) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(path / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    mx.save_safetensors(str(path / "optimizer.safetensors"),
-                        {k: v for k, v in tree_flatten(opt.state) if isinstance(v, mx.array)})
-    (path / "state.json").write_text(json.dumps(state))
-
-
-def load_checkpoint(path: Path, model: DemoVLM, opt) -> dict | None:
-    if not (path / "state.json").is_file():
-        return None
-    model.load_weights(list(mx.load(str(path / "model.safetensors")).items()), strict=True)
-    if (path / "optimizer.safetensors").is_file():
-        opt.state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
-    return json.loads((path / "state.json").read_text())
-
-
-def export(out: Path, model: DemoVLM, a, state: dict, n_params: int, t_data: float, tok, cfg: dict) -> None:
-    """The shipped files: config, tokenizer and processor files, float16 HF weights and
-    training.json (recipe, time, the whole log). All are written to `out/.partial/` first, then
-    each replaces its old self, so a crash never leaves a config of one model beside the
-    weights of another (`--out pipeline/demo_model` overwrites the shipped model)."""
-    staging = out / ".partial"
-    staging.mkdir(parents=True, exist_ok=True)
-    write_tokenizer_files(staging, tok, cfg)
-    mx.save_safetensors(str(staging / "model.safetensors"), hf_weights(model, mx.float16), metadata={"format": "pt"})
-    (staging / "training.json").write_text(json.dumps({
-        "seed": a.seed, "data_seed": a.data_seed, "steps": state["step"], "batch": a.batch, "streams": a.streams, "frames": a.frames,
-        "max_clip": a.max_clip, "max_tokens": a.max_tokens, "lr": a.lr, "vision_lr_scale": a.vision_lr_scale,
-        "codec": a.codec, "init_from": a.init_from, "vision_phase": a.vision_phase,
-        "motion_phase": a.motion_phase, "gap_phase": a.gap_phase,
-        "gap_mix": a.gap_mix, "augment": a.augment, "refresh": a.refresh,
-        "streams_refreshed": state.get("refreshed", 0),
-        "short_phase": a.short_phase, "motion_weight": a.motion_weight, "text_weight": a.text_weight,
-        "text_rows": a.text_rows,
-        "params": n_params, "data_s": round(t_data, 1), "train_s": round(state["train_s"], 1),
-        "time_budget": a.time_budget, "device": str(mx.default_device()), "command": a.command,
-        # every run this model descends from (its --init-from chain), this one last
-        "lineage": a.parent_lineage + [{"run": str(out), "command": a.command, "init_from": a.init_from,
-                                        "seed": a.seed, "data_seed": a.data_seed, "steps": state["step"], "train_s": round(state["train_s"], 1),
-                                        "data_s": round(t_data, 1), "device": str(mx.default_device())}],
-        "history": state["history"],
-    }, indent=1) + "\n")
-    for f in sorted(staging.iterdir()):
-        os.replace(f, out / f.name)
-    staging.rmdir()
-
-
-def resumed_next_seed(a, block: int) -> int:
-    """--refresh: the first seed a run renders, `block` or, when --ckpt holds a stopped run of
-    the same data seed, the seed after every one that run started."""
-    state = Path(a.ckpt) / "state.json" if a.ckpt else None
-    if state is None or not state.is_file():
-        return block
-    seed = json.loads(state.read_text()).get("next_seed")
-    return seed if isinstance(seed, int) and block <= seed < block + STREAMS_PER_DATA_SEED else block
-
-
 def long_clip_frames(frac: float, a) -> int:
     """Longest clip at run fraction `frac` of the long phase: SHORT_FRAMES -> --max-clip over LONG_RAMP."""
     start = a.vision_phase + a.motion_phase + a.gap_phase + a.short_phase
     ramp = min(1.0, max(0.0, (frac - start) / max(LONG_RAMP * (1.0 - start), 1e-9)))
     return max(SHORT_FRAMES, int(round(SHORT_FRAMES + ramp * (a.max_clip - SHORT_FRAMES))))
-
-
-def parent_lineage(directory: Path) -> list[dict]:
-    """The runs a model directory descends from, from its training.json (read once, before this
-    run's exports can overwrite it): its `lineage`, or one entry for a file written without one."""
-    f = directory / "training.json"
-    if not f.is_file():
-        return [{"run": str(directory), "note": "no training.json"}]
-    info = json.loads(f.read_text())
-    if info.get("lineage"):
-        return list(info["lineage"])
-    return [{"run": str(directory), **{k: info.get(k) for k in ("command", "init_from", "steps", "train_s", "data_s",
-                                                                 "device")}}]
-
-
-def settle_seeds(a) -> str | None:
-    """Fill in --seed and --data-seed (see --help); one line naming what is wrong, or None.
-    Runs written before the lineage kept seeds count as seed 0 (runs A-E all were)."""
-    parent_seed = None
-    if a.init_from:
-        info = json.loads((Path(a.init_from) / "training.json").read_text()) \
-            if (Path(a.init_from) / "training.json").is_file() else {}
-        parent_seed = int(info.get("seed", 0))
-    if a.seed is None:
-        a.seed = parent_seed if parent_seed is not None else 0
-    if not 0 <= a.seed < MAX_SEED:
-        return f"--seed {a.seed}: from 0 to {MAX_SEED - 1}"
-    if parent_seed is not None and a.seed != parent_seed:
-        return (f"--seed {a.seed}: {a.init_from}'s tokenizer was fitted with seed {parent_seed}; another seed "
-                "would renumber its vocabulary (--data-seed picks other streams)")
-    if a.data_seed is None:
-        used = [int(e.get("data_seed", e.get("seed", 0)) or 0) for e in a.parent_lineage]
-        a.data_seed = max(used) + 1 if a.init_from else a.seed
-    if not 0 <= a.data_seed < MAX_SEED:
-        return f"--data-seed {a.data_seed}: from 0 to {MAX_SEED - 1}"
-    return None
-
-
-def shape_mismatch(theirs: dict, ours: dict) -> str | None:
-    """The first config field that makes a model directory's weights unusable here, or None."""
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "vocab_size", "query_num"):
-        if theirs.get(key) != ours[key]:
-            return f"{key} is {theirs.get(key)!r}, this model's is {ours[key]!r} (another size: --tiny?)"
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "patch_size", "image_size"):
-        if theirs.get("vision_config", {}).get(key) != ours["vision_config"][key]:
-            return (f"vision_config.{key} is {theirs.get('vision_config', {}).get(key)!r}, "
-                    f"this model's is {ours['vision_config'][key]!r}")
-    return None
-
-
-def check_args(a) -> str | None:
-    """One line naming the first bad option, or None: checked before the data (a minute on the
-    GPU machine) is generated."""
-    for name in ("time_budget", "lr", "vision_lr_scale"):
-        v = getattr(a, name)
-        if not 0 < v < math.inf:  # NaN fails too
-            return f"--{name.replace('_', '-')} {v}: must be above 0"
-    if a.stop_after is not None and not 0 < a.stop_after < math.inf:
-        return f"--stop-after {a.stop_after}: must be above 0 (seconds)"
-    if a.max_steps < 1:
-        return f"--max-steps {a.max_steps}: must be at least 1"
-    if a.max_tokens < MIN_CLIP_TOKENS:  # the session budget it becomes: prefix, a frame, a reply
-        return f"--max-tokens {a.max_tokens}: at least {MIN_CLIP_TOKENS} (the session budget the model ships with)"
-    for name in ("streams", "frames", "max_clip", "batch", "workers", "max_tokens", "log_every", "text_rows"):
-        v = getattr(a, name)
-        if v < 1:
-            return f"--{name.replace('_', '-')} {v}: must be at least 1"
-    for name in ("motion_weight", "text_weight"):
-        v = getattr(a, name)
-        if not 0 <= v <= MAX_LOSS_WEIGHT:  # NaN and inf fail too
-            return f"--{name.replace('_', '-')} {v}: must be from 0 to {MAX_LOSS_WEIGHT:g}"
-    if a.text_rows > MAX_TEXT_ROWS:
-        return f"--text-rows {a.text_rows}: at most {MAX_TEXT_ROWS} a step"
-    if a.streams > STREAMS_PER_DATA_SEED:  # the next data seed's streams would be the same ones
-        return f"--streams {a.streams}: at most {STREAMS_PER_DATA_SEED} (one data seed's block of stream seeds)"
-
-    for name in ("vision_phase", "motion_phase", "gap_phase", "short_phase", "gap_mix"):
-        v = getattr(a, name)
-        if not 0.0 <= v <= 1.0:
-            return f"--{name.replace('_', '-')} {v}: a share of the run, from 0 to 1"
-    if a.frames < max(SHORT_FRAMES, a.max_clip):  # clips are windows of a stream's frames
-        return f"--frames {a.frames}: each stream needs at least --max-clip ({a.max_clip}) and {SHORT_FRAMES} frames"
-    if a.vision_phase + a.motion_phase + a.gap_phase + a.short_phase > 1.0:
-        return (f"--vision-phase {a.vision_phase} + --motion-phase {a.motion_phase} + --gap-phase {a.gap_phase} "
-                f"+ --short-phase {a.short_phase} is more than the whole run (1)")
-    if a.motion_phase > 0 and a.motion_weight == 0:
-        return "--motion-phase trains the motion probe alone: it needs --motion-weight above 0"
-    for name in ("gap_phase", "gap_mix"):
-        if getattr(a, name) > 0 and a.frames <= GAP_FRAMES[1]:
-            return f"--frames {a.frames}: a --{name.replace('_', '-')} clip needs more than {GAP_FRAMES[1]} frames per stream"
-    if a.deadline is not None and a.deadline <= time.time():
-        return f"--deadline {a.deadline:.0f} is already past (now {time.time():.0f}, unix seconds)"
-    if a.init_from is not None:
-        init = Path(a.init_from)
-        for f in ("config.json", "model.safetensors"):
-            if not (init / f).is_file():
-                return f"--init-from {init}: no {f} there (a model directory this trainer wrote)"
-    for flag, path in (("--out", a.out), ("--ckpt", a.ckpt)):
-        problem = directory_problem(Path(path)) if path is not None else None
-        if problem:
-            return f"{flag} {path}: {problem}"
-    return None
-
-
-def directory_problem(path: Path) -> str | None:
-    """Why `path` cannot be (or become) a directory this process writes into, or None."""
-    if path.exists():
-        if not path.is_dir():
-            return "is a file, not a directory"
-        return None if os.access(path, os.W_OK | os.X_OK) else "is not writable"
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        return f"cannot be made: {parent} is a file"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"cannot be made: {parent} is not writable"
-    return None
 
 
 # ---------------------------------------------------------------- main
