@@ -46,6 +46,22 @@ def attention_mass(model: DemoVLM, h: mx.array, is_img: mx.array, loss_mask: mx.
     return out
 
 
+def next_clips_features(feats: mx.array, clips: int, n_frames: int) -> mx.array:
+    """Features [clips*F, Q, D] with clip b given clip b+1's (the last the first's): the
+    shuffled-frames baseline of every grounding measurement."""
+    f = feats.reshape(clips, n_frames, *feats.shape[1:])  # [clips, F, Q, D]
+    return mx.concatenate([f[1:], f[:1]]).reshape(feats.shape)
+
+
+def probe_tally(model: DemoVLM, mid: mx.array, batch: dict) -> tuple[float, np.ndarray]:
+    """The motion probe on the decoder's residual stream `mid` [B, T, D]: (targets it gets
+    right, targets per motion [N_MOT] float64, whose max is the majority-class baseline)."""
+    _, ml, my, mm = motion_loss(model, mid, batch["is_img"], batch["slot"], batch["motion_y"], batch["motion_m"])
+    right = float(((mx.argmax(ml, -1) == my) * mm).sum())
+    counts = np.array(mx.stack([((my == c) * mm).sum() for c in range(N_MOT)]), dtype=np.float64)
+    return right, counts
+
+
 def grounding_report(model: DemoVLM, batch: dict, tok, n_frames: int) -> dict:
     """Held-out CE and accuracy on content tokens with real vs shuffled features (features of
     another clip), vision-head accuracies with their trivial baselines, attention mass."""
@@ -69,17 +85,14 @@ def grounding_report(model: DemoVLM, batch: dict, tok, n_frames: int) -> dict:
     rep["slot_shape_acc"] = float(((mx.argmax(sl[..., 1 + N_COL:1 + N_COL + N_SHP], -1) == batch["slot_y"][..., 2])
                                    * obj).sum() / occ)
     rep["slot_xy_err"] = float(mx.sqrt((((mx.sigmoid(sl[..., -2:]) - batch["slot_y"][..., 3:5]) ** 2).sum(-1) * obj).sum() / occ))
-    B = batch["inputs"].shape[0]
-    shuffled = feats.reshape(B, n_frames, *feats.shape[1:])
-    shuffled = mx.concatenate([shuffled[1:], shuffled[:1]]).reshape(feats.shape)  # clip b sees clip b+1
+    shuffled = next_clips_features(feats, batch["inputs"].shape[0], n_frames)
     masks = content_masks(tok, batch["targets"], batch["loss_mask"])
     for tag, f in (("real", feats), ("shuf", shuffled)):
         logits, mid = lm_forward(model, lm_inputs(model, f, batch["inputs"], batch["is_img"], batch["slot"]))
-        _, ml, my, mm = motion_loss(model, mid, batch["is_img"], batch["slot"], batch["motion_y"], batch["motion_m"])
-        rep[f"motion_probe_acc_{tag}"] = float(((mx.argmax(ml, -1) == my) * mm).sum() / mx.maximum(mm.sum(), 1))
+        right, counts = probe_tally(model, mid, batch)
+        rep[f"motion_probe_acc_{tag}"] = right / max(float(counts.sum()), 1.0)
         if tag == "real":  # always the most common motion among the targets
-            counts = mx.stack([((my == c) * mm).sum() for c in range(N_MOT)])
-            rep["motion_probe_baseline"] = float(counts.max() / mx.maximum(mm.sum(), 1))
+            rep["motion_probe_baseline"] = float(counts.max()) / max(float(counts.sum()), 1.0)
         ce = nn.losses.cross_entropy(logits, batch["targets"], reduction="none")
         right = mx.argmax(logits, -1) == batch["targets"]
         rep[f"ce_{tag}"] = float((ce * batch["loss_mask"]).sum() / mx.maximum(batch["loss_mask"].sum(), 1))
@@ -105,14 +118,12 @@ def motion_probe_report(model: DemoVLM, batches: list[dict], n_frames: int) -> d
     for batch in batches:
         feats = encode_views(model, batch["views"])  # [B*F, Q, D]
         B = batch["inputs"].shape[0]
-        shuffled = feats.reshape(B, n_frames, *feats.shape[1:])
-        shuffled = mx.concatenate([shuffled[1:], shuffled[:1]]).reshape(feats.shape)
-        for tag, f in (("real", feats), ("shuf", shuffled)):
+        for tag, f in (("real", feats), ("shuf", next_clips_features(feats, B, n_frames))):
             _, mid = lm_forward(model, lm_inputs(model, f, batch["inputs"], batch["is_img"], batch["slot"]))
-            _, ml, my, mm = motion_loss(model, mid, batch["is_img"], batch["slot"], batch["motion_y"], batch["motion_m"])
-            right[tag] += float(((mx.argmax(ml, -1) == my) * mm).sum())
+            got, per_motion = probe_tally(model, mid, batch)
+            right[tag] += got
             if tag == "real":
-                counts += np.array(mx.stack([((my == c) * mm).sum() for c in range(N_MOT)]))
+                counts += per_motion
         m = np.array(batch["motion_m"]) > 0  # [B*F, Q]
         ids = np.array(batch["slot_y"][..., 5]).astype(np.int64)  # [B*F, Q] object id in its stream
         clip = np.arange(m.shape[0])[:, None] // n_frames  # [B*F, 1]

@@ -269,18 +269,21 @@ def main(argv: list[str] | None = None) -> int:
 
     val_frames = min(a.max_clip, a.frames)
     vrng = np.random.default_rng(1)
-    val_batch = make_batch(val.clips(vrng, 12, val_frames), val_frames, builder, vrng, dense=0.3,
+    def report_batch(source: Pool, rng: np.random.Generator) -> dict:
+        """12 clips of `source` with replies and 4 text-only turns: what a grounding report reads."""
+        batch = make_batch(source.clips(rng, 12, val_frames), val_frames, builder, rng, dense=0.3,
                            max_tokens=a.max_tokens)
-    val_batch.update(text_batch(builder, vrng, 4))
+        batch.update(text_batch(builder, rng, 4))
+        return batch
+
+    val_batch = report_batch(val, vrng)
     # the motion probe on more held-out clips than the report's 12 (its sample is the objects)
     probe_frames = min(MOTION_PHASE_FRAMES, val_frames)
     prng = np.random.default_rng(2)
     probe_batches = [make_batch(probe_pool.clips(prng, len(probe_seeds), probe_frames, key=k), probe_frames, builder,
                                 prng, dense=0.3, max_tokens=a.max_tokens) for k in probe_pool.keys]
     # the same report on streams it trains on: a gap to the held-out one is memorisation
-    seen_batch = make_batch(pool.clips(vrng, 12, val_frames), val_frames, builder, vrng, dense=0.3,
-                            max_tokens=a.max_tokens)
-    seen_batch.update(text_batch(builder, vrng, 4))
+    seen_batch = report_batch(pool, vrng)
 
     t_run = time.time()
     train_s0 = state["train_s"]
@@ -370,10 +373,7 @@ def main(argv: list[str] | None = None) -> int:
                 el = train_s0 + time.time() - t_run
                 rep = grounding_report(model, val_batch, tok, val_frames)
                 if refresher is not None:  # the first streams have left the pool: report on those in it now
-                    srng = np.random.default_rng(step)
-                    seen_batch = make_batch(pool.clips(srng, 12, val_frames), val_frames, builder, srng, dense=0.3,
-                                            max_tokens=a.max_tokens)
-                    seen_batch.update(text_batch(builder, srng, 4))
+                    seen_batch = report_batch(pool, np.random.default_rng(step))
                 seen = grounding_report(model, seen_batch, tok, val_frames)
                 rep.update({f"seen_{k}": seen[k] for k in SEEN_KEYS})
                 probe = motion_probe_report(model, probe_batches, probe_frames)
