@@ -31,7 +31,8 @@ if [ "$1" = start ]; then
   whl=$(basename .device/part2/*.part.ab .part.ab)
   cat /root/stash/*.part.aa .device/part2/*.part.ab > "/tmp/$whl"
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "/tmp/$whl" .device/part2/*.whl
-  rm -rf /tmp/pkg && mkdir -p /tmp/pkg "$RUN"
+  # a run before this one on the same machine left logs that `watch` would read as this run's end
+  rm -rf /tmp/pkg "$RUN" "$RUN2" && mkdir -p /tmp/pkg "$RUN"
   cp -r pipeline /tmp/pkg/framecast && cp -r stages /tmp/pkg/framecast/stages && cp -r configs /tmp/pkg/framecast/configs
   python3 -c "import mlx.core as mx; print(mx.default_device(), flush=True)"
   deadline=$(( $(date +%s) + $2 ))

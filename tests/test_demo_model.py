@@ -331,6 +331,8 @@ def test_trainer_runs_resumes_and_writes_a_loadable_model(tmp_path):
     (["--text-rows", "0"], "--text-rows 0: must be at least 1"),
     (["--text-rows", "100000000"], "--text-rows 100000000: at most 512 a step"),
     (["--deadline", "1"], "--deadline 1 is already past"),
+    (["--refresh", "--refresh-workers", "0"], "--refresh-workers 0: must be at least 1"),
+    (["--refresh-workers", "-3"], "--refresh-workers -3: must be at least 1"),
 ])
 def test_trainer_refuses_bad_options_in_one_line(tmp_path, capsys, bad, says):
     """Before a minute of data generation, with nothing written: one line and exit status 2."""

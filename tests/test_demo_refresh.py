@@ -73,7 +73,13 @@ def test_trainer_refresh_swaps_new_streams_in(tmp_path, monkeypatch):
     not depend on the workers' timing), the swapped-in seeds are new training seeds, and a
     resumed run goes on with seeds it never started."""
 
+    workers = []
+
     class Waiting(StreamRefresher):
+        def __init__(self, *a, **kw):
+            workers.append(kw["workers"])
+            super().__init__(*a, **kw)
+
         def poll(self, limit=None):
             t0 = time.time()
             while not any(p[0].ready() for p in self._pending) and time.time() - t0 < 120:
@@ -90,6 +96,7 @@ def test_trainer_refresh_swaps_new_streams_in(tmp_path, monkeypatch):
             "--batch", "1", "--workers", "1", "--time-budget", "1000", "--vision-phase", "0", "--refresh",
             "--log-every", "1"]
     assert T.main([*args, "--max-steps", "3"]) == 0
+    assert workers == [1]  # a third of --workers, at least one
     assert swapped == [1_000_002, 1_000_003, 1_000_004]  # after the two first rendered, one a step
     info = json.loads((out / "training.json").read_text())
     assert info["refresh"] is True and info["streams_refreshed"] == 3
@@ -99,7 +106,8 @@ def test_trainer_refresh_swaps_new_streams_in(tmp_path, monkeypatch):
     rendered = []
     real_jobs = T.stream_jobs
     monkeypatch.setattr(T, "stream_jobs", lambda seeds, *a: rendered.append(list(seeds)) or real_jobs(seeds, *a))
-    assert T.main([*args, "--max-steps", "4"]) == 0
+    assert T.main([*args, "--max-steps", "4", "--refresh-workers", "2"]) == 0
+    assert workers == [1, 2]
     assert [x for x in rendered[0] if x >= 1_000_000] == [1_000_007, 1_000_008]
     assert swapped[3:] == [1_000_009]
     assert json.loads((out / "training.json").read_text())["streams_refreshed"] == 4

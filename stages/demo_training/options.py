@@ -67,6 +67,8 @@ def check_args(a) -> str | None:
         v = getattr(a, name)
         if v < 1:
             return f"--{name.replace('_', '-')} {v}: must be at least 1"
+    if a.refresh_workers is not None and a.refresh_workers < 1:
+        return f"--refresh-workers {a.refresh_workers}: must be at least 1"
     for name in ("motion_weight", "text_weight"):
         v = getattr(a, name)
         if not 0 <= v <= MAX_LOSS_WEIGHT:  # NaN and inf fail too

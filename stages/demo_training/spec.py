@@ -58,6 +58,7 @@ STREAMS_PER_DATA_SEED = 100_000  # training stream seeds: 1,000,000 + data_seed 
 REFRESH_PER_STEP = 64  # --refresh: most new streams swapped in before one step (each costs a host->device copy)
 MAX_SEED = 1000  # --seed and --data-seed are below this
 MIN_CLIP_TOKENS = 256  # --max-tokens: the smallest session budget framecast accepts
+TRAIN_CACHE_LIMIT_GB = 16  # MLX's buffer cache while training (its default is the whole device)
 TEXT_ROWS = 8  # text-only conversations (title, summary, question from a log) per step
 PATCH_WEIGHT = 1.0
 SLOT_WEIGHT = 1.0

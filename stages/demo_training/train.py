@@ -94,6 +94,7 @@ from framecast.stages.demo_training.spec import (
     DEFAULT_BATCH, DEFAULT_FRAMES, DEFAULT_GAP_MIX, DEFAULT_GAP_PHASE, DEFAULT_LR, DEFAULT_MOTION_PHASE,
     DEFAULT_SHORT_PHASE, DEFAULT_STREAMS, DEFAULT_VISION_LR_SCALE, DEFAULT_VISION_PHASE, DEMO_MAX_CACHE_TOKENS,
     GAP_FRAMES, LONG_RAMP, MOTION_PHASE_FRAMES, PROBE_STREAMS, MOTION_WEIGHT, REFRESH_PER_STEP, SHORT_FRAMES,
+    TRAIN_CACHE_LIMIT_GB,
     STREAMS_PER_DATA_SEED, TEXT_ROWS, TEXT_WEIGHT, VISION_BATCH, build_tokenizer, model_config,
 )
 from framecast.stages.demo_training.streams import Pool, _make_stream_job, gap_clips, generate_streams, stream_jobs
@@ -178,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="keep rendering new training streams in --workers background processes while training "
                          "and swap each in for the oldest of the pool, so no stream is trained on for long "
                          "(off by default: batches then depend on the workers' timing)")
+    ap.add_argument("--refresh-workers", type=int, default=None,
+                    help="processes rendering for --refresh (default: a third of --workers; with all 15 of the GPU "
+                         "machine's, run H trained at 2.0 steps/s against 3.5-4.5 without --refresh)")
     ap.add_argument("--init-from", default=None, help="HF-layout model dir (this trainer's) to start from")
     ap.add_argument("--tiny", action="store_true", help="a toy-sized model (tests of the trainer itself)")
     a = ap.parse_args(argv)
@@ -232,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data: {a.streams} streams x {a.frames} frames ({a.codec}) in {t_data:.1f}s; view sizes "
           f"{dict(zip(pool.keys, pool.sizes.astype(int).tolist()))}", flush=True)
 
+    # MLX keeps freed buffers for reuse up to its cache limit, which defaults to the whole card; with
+    # clips of many lengths few are reused, and at ~138 GB of 141 a CUDA graph could not be built
+    # (out of memory at step 2 on an H200, measured): a bounded cache leaves the rest free
+    mx.set_cache_limit(TRAIN_CACHE_LIMIT_GB << 30)
     mx.random.seed(a.seed)
     model = DemoVLM(cfg, word_ids(tok))
     mx.eval(model.parameters())
@@ -301,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.refresh:  # after the first render, which had every worker; resumed runs go on with new seeds
         refresher = StreamRefresher(_make_stream_job, lambda seed: stream_jobs([seed], a.frames, a.codec)[0],
                                     first_seed=train_seeds[-1] + 1, end_seed=block + STREAMS_PER_DATA_SEED,
-                                    workers=a.workers)
+                                    workers=a.refresh_workers or max(1, a.workers // 3))
     try:
         while state["step"] < a.max_steps:
             if refresher is not None:
@@ -377,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                 seen = grounding_report(model, seen_batch, tok, val_frames)
                 rep.update({f"seen_{k}": seen[k] for k in SEEN_KEYS})
                 probe = motion_probe_report(model, probe_batches, probe_frames)
+                mx.clear_cache()  # the reports' shapes are not the training steps'
                 rep.update({f"probe_{k}": v for k, v in probe.items()})
                 history.append({"step": step, "s": round(el, 1), "refreshed": state.get("refreshed", 0),
                                 "loss": round(float(m[0]), 4),
