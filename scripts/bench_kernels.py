@@ -185,6 +185,7 @@ def bench_quantized_rows(*, dtypes, warmup: int, iters: int) -> Iterator[dict]:
 
 
 OPS = ("rope_shift", "dequantize_kv", "quantized_rows")
+DTYPES = ("float16", "bfloat16", "float32")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,11 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=None, help="timed iterations per row (default: 30 GPU, 5 CPU)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--op", choices=OPS, action="append", help="only these ops (repeatable; default all)")
+    parser.add_argument("--dtype", choices=DTYPES, action="append",
+                        help="only these dtypes on a GPU (repeatable; default all three; the CPU runs float32)")
     args = parser.parse_args(argv)
 
     kind = backend()
     on_gpu = mx.default_device() == mx.gpu
-    dtypes = [mx.float16, mx.bfloat16, mx.float32] if on_gpu else [mx.float32]
+    dtypes = [getattr(mx, d) for d in (args.dtype or DTYPES)] if on_gpu else [mx.float32]
     iters = args.iters or (30 if on_gpu else 5)
     device = gpu() or "cpu"
     try:

@@ -6,7 +6,7 @@
 # runs under its own timeout and writes under $OUT as it goes, so a part that runs out of time
 # loses only itself:
 #   1. bench_kernels --op quantized_rows: MLX's op, pad16 and our kernel for 1-64 rows;
-#   2. bench_streams at 4 bits, 8 streams, FRAMECAST_QMM_ROWS=mlx and =pad alternated twice
+#   2. bench_streams at 4 bits, 8 streams, FRAMECAST_QMM_ROWS=mlx and =pad-large alternated twice
 #      (two processes per setting: on this VM's CPU, where both settings run the same code, two
 #      runs of one setting differed by up to 28 % in tok/s at tiny shapes).
 set -uo pipefail
@@ -15,11 +15,16 @@ out=${OUT:-/tmp/measure_rows}
 shapes=${SHAPES:-real}
 mkdir -p "$out"
 echo "== bench_kernels --op quantized_rows"
-timeout "${KERNELS_S:-170}" "${PYTHON:-python3}" scripts/bench_kernels.py --op quantized_rows --iters "${ITERS:-20}" \
+# fp16 only by default: all three dtypes took 170 s for the first shape alone (first-use set-up of
+# every shape and kernel instance), 2026-12-01; DTYPES="float16 bfloat16 float32" for all
+dt=""; for d in ${DTYPES:-float16}; do dt="$dt --dtype $d"; done
+timeout "${KERNELS_S:-170}" "${PYTHON:-python3}" scripts/bench_kernels.py --op quantized_rows --iters "${ITERS:-20}" $dt \
   > "$out/bench_qmm_rows.txt" 2>&1
 grep -v "dequant" "$out/bench_qmm_rows.txt" | tail -n 45
 for round in 1 2; do
-  for mode in ${MODES:-mlx pad}; do  # MODES="mlx pad kernel" adds our kernel (2 more runs, ~2 minutes)
+  # mlx against pad-large by default (pad: 3 runs over two sessions, 140-146 tok/s against mlx's
+  # 118-130); MODES="mlx pad-large pad kernel" for more (each ~1 minute a round)
+  for mode in ${MODES:-mlx pad-large}; do
     echo "== bench_streams, FRAMECAST_QMM_ROWS=$mode, round $round"
     FRAMECAST_QMM_ROWS=$mode timeout "${STREAMS_S:-100}" "${PYTHON:-python3}" scripts/bench_streams.py --shapes "$shapes" \
       --bits 4 --streams 8 --ticks 10 > "$out/streams_${mode}_$round.txt" 2>&1

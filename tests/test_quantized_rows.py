@@ -69,7 +69,7 @@ def test_env_switch_is_checked(monkeypatch):
     monkeypatch.setenv(qr.ENV_VAR, "")
     qr.mode.cache_clear()
     assert qr.wanted() is False and qr.mode() == "mlx"
-    for choice in ("pad", " Kernel "):
+    for choice in ("pad", " Kernel ", "PAD-large"):
         monkeypatch.setenv(qr.ENV_VAR, choice)
         qr.mode.cache_clear()
         assert qr.wanted() is True and qr.mode() == choice.strip().lower()
@@ -133,13 +133,31 @@ def test_quantized_linear_equals_the_layer_and_the_decoder_helper_uses_it(monkey
     assert calls == [1, 1]  # the default leaves nn.QuantizedLinear as it is
 
 
+def test_pad_large_mode_pads_only_large_weights(monkeypatch):
+    # the H200 figures behind the line: a 3584 -> 3584 4-bit weight stays with MLX's op, 3584 -> 18944 is padded
+    assert 3584 * 3584 // 2 < qr.PAD_LARGE_MIN_BYTES <= 18944 * 3584 // 2
+    small = _quantised(8, 128, bits=4, group=64)
+    seen = []
+    monkeypatch.setattr(qr, "padded", lambda x, w, *a, **k: seen.append(w.shape) or qr.reference(x, w, *a, **k))
+    monkeypatch.setattr(qr, "backend", lambda: "cuda")  # as on the GPU machine
+    monkeypatch.setenv(qr.ENV_VAR, "pad-large")
+    monkeypatch.setattr(qr, "PAD_LARGE_MIN_BYTES", small[0].nbytes + 1)  # this weight is small
+    for m in (1, 2, 15, 16):
+        qr.quantized_rows_matmul(mx.zeros((m, 128)), *small, group_size=64, bits=4)
+    assert seen == []
+    monkeypatch.setattr(qr, "PAD_LARGE_MIN_BYTES", small[0].nbytes)  # now it is large enough
+    for m in (1, 2, 15, 16):
+        qr.quantized_rows_matmul(mx.zeros((m, 128)), *small, group_size=64, bits=4)
+    assert seen == [small[0].shape] * 2
+
+
 def test_a_bad_switch_stops_the_load_in_one_line(monkeypatch):
     from framecast.model.compiled import compile_layers
 
     monkeypatch.setenv(qr.ENV_VAR, "bogus")
     with pytest.raises(UserError, match="FRAMECAST_QMM_ROWS='bogus'"):
         compile_layers(nn.Linear(2, 2))
-    for choice in ("pad", "kernel"):  # a shapeless decoder trace would keep its first row count
+    for choice in ("pad", "pad-large", "kernel"):  # a shapeless decoder trace would keep its first row count
         monkeypatch.setenv(qr.ENV_VAR, choice)
         qr.mode.cache_clear()
         with pytest.raises(UserError, match=f"FRAMECAST_QMM_ROWS={choice} cannot be used with FRAMECAST_COMPILE=on"):
@@ -357,7 +375,7 @@ def test_bench_script_times_the_rows_op(tmp_path):
 
 def test_device_measure_script_writes_every_part(tmp_path):
     """scripts/device_measure_rows.sh (issue 15's GPU measurements in one device call), as a
-    smoke run on this machine: the kernel table and four bench_streams runs, mlx/pad alternated."""
+    smoke run on this machine: the kernel table and four bench_streams runs, mlx/pad-large alternated."""
     import os
     import sys
     from pathlib import Path
@@ -368,6 +386,6 @@ def test_device_measure_script_writes_every_part(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "pad16" in (tmp_path / "bench_qmm_rows.txt").read_text()
-    for name in ("streams_mlx_1", "streams_pad_1", "streams_mlx_2", "streams_pad_2"):
+    for name in ("streams_mlx_1", "streams_pad-large_1", "streams_mlx_2", "streams_pad-large_2"):
         assert "frames/s" in (tmp_path / f"{name}.txt").read_text(), name
     assert r.stdout.count("== bench_streams") == 4

@@ -7,7 +7,9 @@ loaded and dequantised once and used for every row, which is what this kernel do
 Measured on one H200 (MLX 0.32.4 CUDA, 2026-12-01; README "A few-rows 4-bit matmul"): the
 kernel equals MLX's op but is not faster (0.98x at 4 rows, 0.05-0.21x at 16-64), while MLX's
 op itself is slower at 4 rows than at 16. Hence `FRAMECAST_QMM_ROWS=pad`, which pads 2-15 rows
-to `PAD_ROWS` for MLX's op. Both stay opt-in; the default is MLX's op as it is.
+to `PAD_ROWS` for MLX's op. A second measurement (2026-12-01, session 2) found padding slower on a
+small layer (3584 -> 3584), so `=pad-large` pads only large weights (`PAD_LARGE_MIN_BYTES`; not yet
+measured). All stay opt-in; the default is MLX's op as it is.
 
 Layout: one warp (CUDA) / SIMD group (Metal) per COLS consecutive output columns (4 up to 8
 rows, 2 at 16, 1 from 32: `COLS_BY_ROWS`). Lane l takes the packed words l, l + 32, ... of each
@@ -15,7 +17,8 @@ of its columns' rows of `w`, dequantises each word's 32/bits values once in fp32
 first: w = scale * q + bias, MLX's `mx.quantize` format), reads the same slice of each row of x
 once for all COLS columns and keeps one fp32 sum per (column, row); a warp reduction finishes
 each. 1-64 rows (1: the decode GEMV). The version measured on 2026-12-01 had COLS = 1 and no
-1-row bucket; this one is not yet measured (`scripts/device_measure_rows.sh`).
+1-row bucket; this one was measured on 2026-12-01 (session 2): 0.66-0.96x MLX's op for 1-8
+rows, 0.19-0.70x for 12-64 (3584 -> 3584, fp16), still not faster.
 
 One interface, chosen once by `framecast.kernels.backend()`:
   `quantized_rows_matmul(x, w, scales, biases, *, group_size, bits) -> y`
@@ -43,12 +46,17 @@ import numpy as np
 from framecast.errors import UserError
 from framecast.kernels import backend, build_kernel, kernel_verified
 
-ENV_VAR = "FRAMECAST_QMM_ROWS"  # "mlx" (default) | "pad" | "kernel"
-MODES = ("mlx", "pad", "kernel")
+ENV_VAR = "FRAMECAST_QMM_ROWS"  # "mlx" (default) | "pad" | "pad-large" | "kernel"
+MODES = ("mlx", "pad", "pad-large", "kernel")
 MAX_ROWS = 64
 # "pad": 2..PAD_ROWS-1 rows are padded with zero rows to PAD_ROWS before MLX's op, whose
 # few-rows path was measured slower than its PAD_ROWS-rows one on the H200 (see README)
 PAD_ROWS = 16
+# "pad-large": pad only layers whose packed weight is at least this many bytes. Measured on the
+# H200 (fp16, 4 bits): padding 2-12 rows to 16 lost on a 3584 -> 3584 layer (6.4 MB: 0.58-0.80x
+# MLX's op) and won on a 3584 -> 18944 one (34 MB: MLX's op 0.206 ms at 4 rows, 0.111 ms at 16).
+# The line is a guess between those two measured sizes.
+PAD_LARGE_MIN_BYTES = 16 << 20
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # one compiled instance per bucket; rows past M are skipped
 # output columns per warp, by row bucket: each x slice a lane reads serves COLS columns (the first
 # design, one column a warp, re-read x per column and lost to MLX's op from 16 rows on); the fp32
@@ -272,7 +280,8 @@ def _kernel_ok(kind: str, dtype: mx.Dtype, k: int, bits: int, group_size: int) -
 @functools.cache
 def mode() -> str:
     """What `FRAMECAST_QMM_ROWS` asks for: 'mlx' (default, MLX's op as it is), 'pad' (few rows
-    padded to `PAD_ROWS` for MLX's op) or 'kernel' (our kernel); read once per process (every
+    padded to `PAD_ROWS` for MLX's op), 'pad-large' (the same, for large weights only) or
+    'kernel' (our kernel); read once per process (every
     quantised projection asks). Raises UserError for any other value."""
     choice = os.environ.get(ENV_VAR, "mlx").strip().lower() or "mlx"
     if choice not in MODES:
@@ -281,7 +290,8 @@ def mode() -> str:
 
 
 def wanted() -> bool:
-    """Whether `FRAMECAST_QMM_ROWS` asks for our dispatch ('pad' or 'kernel') rather than MLX's op."""
+    """Whether `FRAMECAST_QMM_ROWS` asks for our dispatch ('pad', 'pad-large' or 'kernel') rather
+    than MLX's op."""
     return mode() != "mlx"
 
 
@@ -303,12 +313,14 @@ def padded(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *, grou
 def quantized_rows_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, *, group_size: int,
                           bits: int) -> mx.array:
     """x [..., K] @ dequantize(w).T -> [..., N], on a GPU: with `FRAMECAST_QMM_ROWS=pad`, 2 to
-    PAD_ROWS-1 rows padded to PAD_ROWS for MLX's op; with `=kernel`, 1-MAX_ROWS rows through the
+    PAD_ROWS-1 rows padded to PAD_ROWS for MLX's op (`=pad-large`: only where w, the packed
+    weight, holds at least PAD_LARGE_MIN_BYTES); with `=kernel`, 1-MAX_ROWS rows through the
     kernel when its self-check passed; MLX's `quantized_matmul` otherwise (and on the CPU)."""
     kind = backend()
     rows = x.size // max(x.shape[-1], 1)
     choice = mode() if kind != "reference" else "mlx"  # on the CPU MLX's op, whatever the switch says
-    if choice == "pad" and 2 <= rows < PAD_ROWS:
+    if choice in ("pad", "pad-large") and 2 <= rows < PAD_ROWS \
+            and (choice == "pad" or w.nbytes >= PAD_LARGE_MIN_BYTES):
         return padded(x, w, scales, biases, group_size=group_size, bits=bits)
     # the kernel writes x's dtype; MLX's op promotes x with the scales' dtype: mixed ones stay with MLX
     if choice == "kernel" and 1 <= rows <= MAX_ROWS and bits in SUPPORTED_BITS \
