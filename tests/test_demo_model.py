@@ -755,3 +755,59 @@ def test_decoder_motion_check_runs(args):
                         "--frames", "4", "--log-every", "1"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("held-out probe") == 2 and "majority" in r.stdout
+
+
+def test_decoder_colour_check_runs():
+    """scripts/check_decoder_colour.py (can the decoder learn colour from frozen features?), a
+    few steps of a toy model: the held-out content words before training and after each step."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_decoder_colour.py"), "--tiny", "--streams", "4",
+                        "--held-out", "2", "--batch", "4", "--steps", "2", "--log-every", "1", "--workers", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("held-out content words real/shuffled") == 3 and " col " in r.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_decoder_colour.py"), "--batch", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip() == "check_decoder_colour: --batch 0: too small"
+
+
+def test_grounding_by_length_script_runs(tmp_path):
+    """scripts/demo_grounding_by_length.py on the shipped model, 2 clips of 1 and 2 frames: one
+    line per length with every content word; a bad length or model is one line, exit 2."""
+    import subprocess
+    import sys
+
+    script = str(ROOT / "scripts" / "demo_grounding_by_length.py")
+    r = subprocess.run([sys.executable, script, "--clips", "2", "--lengths", "1", "2", "--workers", "1",
+                        "--by-objects"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [ln for ln in r.stdout.splitlines() if " frames: " in ln]
+    assert [ln.split()[0] for ln in lines] == ["1", "2"] and all("col " in ln and "mot " in ln for ln in lines)
+    assert "1 frame, 1 object" in r.stdout and "1 frame, 2+ objects" in r.stdout
+    for args, says in ((["--lengths", "49"], "--lengths 49: from 1 to 48"),
+                       (["--model", str(tmp_path)], f"--model {tmp_path}: no model.safetensors there")):
+        bad = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and says in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_replies_name_objects_in_reading_order():
+    """A list answer (and a narration's clauses about objects already there) names objects row by
+    row of the 3 x 3 grid, then left to right: the order of the resampler's image tokens."""
+    import framecast.stages.demo_training.data as D
+    from framecast.stages.sources.scene import FrameTruth, SceneObject
+
+    def obj(i, colour, x, y):
+        return SceneObject(i, "circle", colour, "small", "left", x, y, (0, 0, 1, 1))
+
+    # left to right would be green, red, blue; by rows of the grid: red (top), blue, green (bottom)
+    objs = (obj(1, "red", 0.5, 0.1), obj(2, "green", 0.1, 0.9), obj(3, "blue", 0.8, 0.5))
+    assert [o.colour for o in D.reading_order(objs)] == ["red", "blue", "green"]
+    # in one row of cells: left to right; in one cell: top first
+    assert [o.colour for o in D.reading_order([obj(1, "a", 0.6, 0.2), obj(2, "b", 0.2, 0.3)])] == ["b", "a"]
+    assert [o.colour for o in D.reading_order([obj(1, "a", 0.2, 0.3), obj(2, "b", 0.25, 0.1)])] == ["b", "a"]
+    t = FrameTruth(0, 0.0, "black", False, objs, ())
+    qa = D.make_question(t, np.random.default_rng(0), kind="list")
+    assert qa.answer == "a red circle, a blue circle and a green circle."
+    assert [c.colour for c in D.window_clauses([t, t], 0, 1)] == ["red", "blue", "green"]

@@ -199,6 +199,18 @@ class Clause:
     zone: str = ""
 
 
+def reading_order(objs) -> list[SceneObject]:
+    """Objects as a reader meets them: by the row of the frame's 3 x 3 grid, then by its column,
+    then by position. Why (issue 11): the resampler's 9 queries hold one cell each, row by row
+    (`spec.GRID`), so a reply in this order names the objects in the order of the image tokens.
+    With the order left to right (by x), the shipped decoder named colour 1.00 right on frames
+    with one object and 0.62 on frames with two or more (shape 0.95 and 0.77;
+    `scripts/demo_grounding_by_length.py --by-objects`): it must pick the object to name next."""
+    def key(o):
+        return min(int(o.y * 3), 2), min(int(o.x * 3), 2), o.y, o.x
+    return sorted(objs, key=key)
+
+
 def zone_of(o: SceneObject) -> tuple[str, bool]:
     """(zone name, unambiguous?) of an object's centre."""
     col, row = min(int(o.x * 3), 2), min(int(o.y * 3), 2)
@@ -228,7 +240,7 @@ def window_clauses(truths: list[FrameTruth], start: int, end: int) -> list[Claus
         if oid not in appeared:
             o = disappeared[oid]
             clauses.append(Clause(o.colour, o.shape, "disappear"))
-    rest = sorted((o for o in visible.values() if o.id not in appeared), key=lambda o: (o.x, o.y))
+    rest = reading_order(o for o in visible.values() if o.id not in appeared)
     clauses += [Clause(o.colour, o.shape, o.motion) for o in rest]
     return clauses[:MAX_CLAUSES]
 
@@ -284,7 +296,7 @@ class QA:
 
 def make_question(t: FrameTruth, rng: np.random.Generator, kind: str | None = None) -> QA:
     """A question about frame `t` and its answer (kinds that do not fit the frame are skipped)."""
-    objs = sorted(t.objects, key=lambda o: (o.x, o.y))
+    objs = reading_order(t.objects)
     kinds = ["count", "exists", "list"]
     if objs:
         kinds += ["colour", "shape", "position", "motion", "motion"]

@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="train on the clips as rendered (default: each clip mirrored and/or reversed at random, "
                          "so an object's look cannot tell its direction)")
     ap.add_argument("--refresh", action="store_true",
-                    help="keep rendering new training streams in --workers background processes while training "
+                    help="keep rendering new training streams in background processes (--refresh-workers) while training "
                          "and swap each in for the oldest of the pool, so no stream is trained on for long "
                          "(off by default: batches then depend on the workers' timing)")
     ap.add_argument("--refresh-workers", type=int, default=None,
