@@ -811,3 +811,15 @@ def test_replies_name_objects_in_reading_order():
     qa = D.make_question(t, np.random.default_rng(0), kind="list")
     assert qa.answer == "a red circle, a blue circle and a green circle."
     assert [c.colour for c in D.window_clauses([t, t], 0, 1)] == ["red", "blue", "green"]
+    # appeared (in reading order, not by id), then gone (where last seen), then those already there
+    from framecast.stages.sources.scene import SceneEvent
+
+    new_low, new_high, gone_low, gone_high = (obj(7, "white", 0.5, 0.9), obj(8, "yellow", 0.5, 0.1),
+                                              obj(4, "orange", 0.2, 0.8), obj(5, "purple", 0.9, 0.2))
+    events = tuple(SceneEvent(k, 1, o) for k, o in (("appear", new_low), ("appear", new_high),
+                                                     ("disappear", gone_low), ("disappear", gone_high)))
+    t1 = FrameTruth(1, 0.1, "black", False, objs + (new_low, new_high), events)
+    said = [(c.colour, c.action) for c in D.window_clauses([t, t1], 0, 1)]
+    assert said == [("yellow", "appear"), ("white", "appear"), ("purple", "disappear"), ("orange", "disappear"),
+                    ("red", "left"), ("blue", "left"), ("green", "left")][:len(said)]
+    assert len(said) == min(7, D.MAX_CLAUSES)

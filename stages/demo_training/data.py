@@ -232,14 +232,11 @@ def window_clauses(truths: list[FrameTruth], start: int, end: int) -> list[Claus
                 disappeared[ev.object.id] = ev.object
     visible = {o.id: o for o in truths[end].objects}
     clauses = []
-    for oid in sorted(appeared):
-        if oid in visible:  # appeared and already gone again: not worth a word
-            o = visible[oid]
-            clauses.append(Clause(o.colour, o.shape, "appear", zone_of(o)[0]))
-    for oid in sorted(disappeared):
-        if oid not in appeared:
-            o = disappeared[oid]
-            clauses.append(Clause(o.colour, o.shape, "disappear"))
+    # each group in reading order (where the object is, or was last seen): the image tokens' order
+    for o in reading_order(visible[oid] for oid in appeared if oid in visible):  # gone again: no word
+        clauses.append(Clause(o.colour, o.shape, "appear", zone_of(o)[0]))
+    for o in reading_order(o for oid, o in disappeared.items() if oid not in appeared):
+        clauses.append(Clause(o.colour, o.shape, "disappear"))
     rest = reading_order(o for o in visible.values() if o.id not in appeared)
     clauses += [Clause(o.colour, o.shape, o.motion) for o in rest]
     return clauses[:MAX_CLAUSES]
