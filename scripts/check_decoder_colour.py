@@ -60,10 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     from framecast.stages.demo_training.batches import SequenceBuilder, make_batch
     from framecast.stages.demo_training.heads import DemoVLM, encode_views, lm_forward, lm_inputs, load_hf_weights, word_ids
     from framecast.stages.demo_training.report import content_masks, next_clips_features
-    from framecast.stages.demo_training.spec import CONTENT_WORDS, DEMO_MAX_CACHE_TOKENS, build_tokenizer, model_config
+    from framecast.stages.demo_training.spec import (
+        CONTENT_WORDS, DEMO_MAX_CACHE_TOKENS, TRAIN_CACHE_LIMIT_GB, build_tokenizer, model_config,
+    )
     from framecast.stages.demo_training.streams import Pool, generate_streams, stream_jobs
 
     t0 = time.time()
+    mx.set_cache_limit(TRAIN_CACHE_LIMIT_GB << 30)  # as the trainer: MLX's default cache is the whole GPU
     tok = build_tokenizer(0)
     builder = SequenceBuilder(tok)
     cfg = model_config(tok, tiny=a.tiny)

@@ -5,6 +5,8 @@
 # `framecast` package, and starts training in its own process session, so later calls can watch
 # it (`scripts/device_train_demo.sh watch SECONDS`) while the machine stays warm. Usage:
 #   bash scripts/device_train_demo.sh start TRAIN_SECONDS [watch SECONDS]   (then: watch SECONDS, as often as needed)
+#   bash scripts/device_train_demo.sh install   (MLX and the package only: for a check before training, e.g.
+#   PYTHONPATH=/tmp/pkg:/tmp/site python3 scripts/check_decoder_colour.py --workers 15)
 # TRAIN_ARGS adds trainer options, e.g. TRAIN_ARGS="--init-from /tmp/pkg/framecast/demo_model --vision-phase 0"
 # (the shipped model, as carried in the working tree) to fine-tune instead of starting afresh.
 # TRAIN_ARGS_2, when set, starts a second run beside the first on the same GPU (/root/run2, its
@@ -15,26 +17,32 @@
 # with ../shared/device/mlx-cuda-wheels.sh (see ../shared/device/README.md) into .device/part1 and
 # .device/part2; call 1 (carry .device/part1): mkdir -p /root/stash && cp .device/part1/* /root/stash/
 set -euo pipefail
-usage() { echo "usage: [TRAIN_ARGS='trainer options'] [TRAIN_ARGS_2='a second run'] $0 start TRAIN_SECONDS [watch SECONDS] | watch SECONDS" >&2; exit 2; }
-case "${1:-}" in start) [ $# -ge 2 ] || usage ;; watch) [ $# -ge 2 ] || usage ;; *) usage ;; esac
-for n in "$2" "${4:-0}"; do [[ "$n" =~ ^[0-9]+$ ]] || { echo "$0: '$n' is not a number of seconds" >&2; exit 2; }; done
+usage() { echo "usage: [TRAIN_ARGS='trainer options'] [TRAIN_ARGS_2='a second run'] $0 start TRAIN_SECONDS [watch SECONDS] | watch SECONDS | install" >&2; exit 2; }
+case "${1:-}" in start) [ $# -ge 2 ] || usage ;; watch) [ $# -ge 2 ] || usage ;; install) ;; *) usage ;; esac
+for n in "${2:-0}" "${4:-0}"; do [[ "$n" =~ ^[0-9]+$ ]] || { echo "$0: '$n' is not a number of seconds" >&2; exit 2; }; done
 RUN=/root/run RUN2=/root/run2
 if [ "$1" = watch ] && [ ! -f $RUN/train.log ]; then
   echo "$0: no training started on this machine ($RUN/train.log is missing): run 'start' first" >&2; exit 2
 fi
 export PYTHONPATH=/tmp/pkg:/tmp/site PYTHONUNBUFFERED=1
-if [ "$1" = start ] && ! { ls /root/stash/*.part.aa && ls .device/part2/*.part.ab; } > /dev/null 2>&1; then
-  echo "$0: 'start' runs on the GPU machine, after call 1 stashed .device/part1 in /root/stash, with .device/part2 carried" >&2
+if [ "$1" != watch ] && ! { ls /root/stash/*.part.aa && ls .device/part2/*.part.ab; } > /dev/null 2>&1; then
+  echo "$0: '$1' runs on the GPU machine, after call 1 stashed .device/part1 in /root/stash, with .device/part2 carried" >&2
   exit 2
 fi
-if [ "$1" = start ]; then
+if [ "$1" != watch ]; then  # install: MLX under /tmp/site, this tree as the framecast package under /tmp/pkg
   whl=$(basename .device/part2/*.part.ab .part.ab)
   cat /root/stash/*.part.aa .device/part2/*.part.ab > "/tmp/$whl"
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "/tmp/$whl" .device/part2/*.whl
-  # a run before this one on the same machine left logs that `watch` would read as this run's end
-  rm -rf /tmp/pkg "$RUN" "$RUN2" && mkdir -p /tmp/pkg "$RUN"
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "/tmp/$whl" .device/part2/*.whl \
+    > /tmp/pip.log 2>&1 || { cat /tmp/pip.log >&2; exit 1; }
+  grep -v "already exists" /tmp/pip.log || true  # a second install on one machine warns for every package
+  rm -rf /tmp/pkg && mkdir -p /tmp/pkg
   cp -r pipeline /tmp/pkg/framecast && cp -r stages /tmp/pkg/framecast/stages && cp -r configs /tmp/pkg/framecast/configs
   python3 -c "import mlx.core as mx; print(mx.default_device(), flush=True)"
+  [ "$1" = install ] && exit 0
+fi
+if [ "$1" = start ]; then
+  # a run before this one on the same machine left logs that `watch` would read as this run's end
+  rm -rf "$RUN" "$RUN2" && mkdir -p "$RUN"
   deadline=$(( $(date +%s) + $2 ))
   workers=15; [ -n "${TRAIN_ARGS_2:-}" ] && workers=7
   launch() {  # launch RUN_DIR TRAINER_OPTIONS: train, then evaluate, in its own process session
