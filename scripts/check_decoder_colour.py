@@ -46,9 +46,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="a toy model (tests of this script)")
     a = ap.parse_args(argv)
     for name in ("streams", "held_out", "batch", "steps", "workers", "log_every"):
-        if getattr(a, name) < (2 if name == "held_out" else 1):
-            print(f"check_decoder_colour: --{name.replace('_', '-')} {getattr(a, name)}: too small", file=sys.stderr)
+        least = 2 if name == "held_out" else 1
+        if getattr(a, name) < least:
+            print(f"check_decoder_colour: --{name.replace('_', '-')} {getattr(a, name)}: at least {least}",
+                  file=sys.stderr)
             return 2
+    for name in ("lr", "seconds"):
+        if not 0 < getattr(a, name) < float("inf"):  # NaN fails too
+            print(f"check_decoder_colour: --{name} {getattr(a, name)}: must be above 0", file=sys.stderr)
+            return 2
+    if a.tiny and a.model:
+        print("check_decoder_colour: --model and --tiny: a toy model reads no weights", file=sys.stderr)
+        return 2
 
     import framecast  # noqa: F401  (OpenBLAS preload before mlx)
     import mlx.core as mx
@@ -61,19 +70,24 @@ def main(argv: list[str] | None = None) -> int:
     from framecast.stages.demo_training.heads import DemoVLM, encode_views, lm_forward, lm_inputs, load_hf_weights, word_ids
     from framecast.stages.demo_training.report import content_masks, next_clips_features
     from framecast.stages.demo_training.spec import (
-        CONTENT_WORDS, DEMO_MAX_CACHE_TOKENS, TRAIN_CACHE_LIMIT_GB, build_tokenizer, model_config,
+        CONTENT_WORDS, DEMO_MAX_CACHE_TOKENS, TRAIN_CACHE_LIMIT_GB, build_tokenizer, model_config, model_tokenizer,
     )
     from framecast.stages.demo_training.streams import Pool, generate_streams, stream_jobs
 
     t0 = time.time()
     mx.set_cache_limit(TRAIN_CACHE_LIMIT_GB << 30)  # as the trainer: MLX's default cache is the whole GPU
-    tok = build_tokenizer(0)
+    directory = Path(a.model or DEMO_MODEL_DIR)
+    try:  # the model's own numbering of tokens (a toy fits one to the grammar's text)
+        tok = build_tokenizer(0) if a.tiny else model_tokenizer(directory)
+        cfg = model_config(tok, tiny=a.tiny)
+        mx.random.seed(0)
+        model = DemoVLM(cfg, word_ids(tok))
+        if not a.tiny:
+            load_hf_weights(model, directory, tok)
+    except ValueError as e:
+        print(f"check_decoder_colour: --model {e}", file=sys.stderr)
+        return 2
     builder = SequenceBuilder(tok)
-    cfg = model_config(tok, tiny=a.tiny)
-    mx.random.seed(0)
-    model = DemoVLM(cfg, word_ids(tok))
-    if not a.tiny:
-        load_hf_weights(model, Path(a.model or DEMO_MODEL_DIR))
     if a.decoder == "fresh":
         model.llm = build_lm({**cfg, "model_type": "qwen2"})
     model.freeze()

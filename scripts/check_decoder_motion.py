@@ -83,13 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     from framecast.model.lm import build_lm
     from framecast.model.load import DEMO_MODEL_DIR
 
-    tok = T.build_tokenizer(0)
+    # features: the model's own numbering of tokens (`build_tokenizer` follows the grammar's text)
+    tok = TS.model_tokenizer(a.model or DEMO_MODEL_DIR) if a.input == "features" else T.build_tokenizer(0)
     builder = T.SequenceBuilder(tok)
     cfg = T.model_config(tok, tiny=a.tiny)
     mx.random.seed(0)
     model = T.DemoVLM(cfg, T.word_ids(tok))
     if a.input == "features":
-        T.load_hf_weights(model, Path(a.model or DEMO_MODEL_DIR))
+        T.load_hf_weights(model, Path(a.model or DEMO_MODEL_DIR), tok)
     if a.input == "code" or a.decoder == "fresh":
         model.llm = build_lm({**cfg, "model_type": "qwen2"})
     model.freeze()

@@ -29,7 +29,7 @@ from framecast.model.load import DEMO_MODEL_DIR
 from framecast.stages.demo_training.batches import SequenceBuilder, make_batch
 from framecast.stages.demo_training.heads import DemoVLM, load_hf_weights, word_ids
 from framecast.stages.demo_training.report import grounding_report
-from framecast.stages.demo_training.spec import CONTENT_WORDS, DEMO_MAX_CACHE_TOKENS, build_tokenizer, model_config
+from framecast.stages.demo_training.spec import CONTENT_WORDS, DEMO_MAX_CACHE_TOKENS, model_config, model_tokenizer
 from framecast.stages.demo_training.streams import Pool, generate_streams, stream_jobs
 
 DEFAULT_CLIPS = 16
@@ -52,13 +52,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo_grounding_by_length: --lengths {bad[0]}: from 1 to {FRAMES}" if bad
               else f"demo_grounding_by_length: --clips {a.clips}: at least 2", file=sys.stderr)
         return 2
-    if not (Path(a.model) / "model.safetensors").is_file():
-        print(f"demo_grounding_by_length: --model {a.model}: no model.safetensors there", file=sys.stderr)
-        return 2
     t0 = time.time()
-    tok = build_tokenizer(0)
-    model = DemoVLM(model_config(tok), word_ids(tok))
-    load_hf_weights(model, Path(a.model))
+    try:
+        tok = model_tokenizer(a.model)  # the model's own numbering of tokens
+        model = DemoVLM(model_config(tok), word_ids(tok))
+        load_hf_weights(model, Path(a.model), tok)
+    except ValueError as e:
+        print(f"demo_grounding_by_length: --model {e}", file=sys.stderr)
+        return 2
     # 3x the clips: the view sizes split the streams, and every clip must come from one size
     data = generate_streams(stream_jobs([900_000 + i for i in range(3 * a.clips)], FRAMES, "jpeg"), a.workers)
     pool = Pool(data)

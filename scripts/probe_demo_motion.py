@@ -26,10 +26,10 @@ ap.add_argument("--streams", type=int, default=30)
 ap.add_argument("--model", default=str(DEMO_MODEL_DIR))
 args = ap.parse_args()
 t0 = time.time()
-tok = T.build_tokenizer(0)
+tok = TS.model_tokenizer(args.model)  # the model's own numbering of tokens
 cfg = T.model_config(tok)
 model = T.DemoVLM(cfg, T.word_ids(tok))
-T.load_hf_weights(model, Path(args.model))
+T.load_hf_weights(model, Path(args.model), tok)
 N_STREAMS, F = args.streams, 24
 jobs = [(2_000_000 + i, F, 0, "jpeg") for i in range(N_STREAMS)]
 data = T.generate_streams(jobs, 1)

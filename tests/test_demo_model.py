@@ -768,9 +768,14 @@ def test_decoder_colour_check_runs():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("held-out content words real/shuffled") == 3 and " col " in r.stdout
-    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_decoder_colour.py"), "--batch", "0"],
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.strip() == "check_decoder_colour: --batch 0: too small"
+    for args, says in ((["--batch", "0"], "--batch 0: at least 1"), (["--lr", "nan"], "--lr nan: must be above 0"),
+                       (["--seconds", "0"], "--seconds 0.0: must be above 0"),
+                       (["--model", "/nonexistent"], "--model /nonexistent: no tokenizer.json there"),
+                       (["--tiny", "--model", "/x"], "--model and --tiny")):
+        bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_decoder_colour.py"), *args],
+                             capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and bad.stderr.strip() == f"check_decoder_colour: {says}" or says in bad.stderr, args
+        assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
 def test_grounding_by_length_script_runs(tmp_path):
@@ -787,7 +792,7 @@ def test_grounding_by_length_script_runs(tmp_path):
     assert [ln.split()[0] for ln in lines] == ["1", "2"] and all("col " in ln and "mot " in ln for ln in lines)
     assert "1 frame, 1 object" in r.stdout and "1 frame, 2+ objects" in r.stdout
     for args, says in ((["--lengths", "49"], "--lengths 49: from 1 to 48"),
-                       (["--model", str(tmp_path)], f"--model {tmp_path}: no model.safetensors there")):
+                       (["--model", str(tmp_path)], f"--model {tmp_path}: no tokenizer.json there")):
         bad = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=120)
         assert bad.returncode == 2 and says in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
@@ -823,3 +828,36 @@ def test_replies_name_objects_in_reading_order():
     assert said == [("yellow", "appear"), ("white", "appear"), ("purple", "disappear"), ("orange", "disappear"),
                     ("red", "left"), ("blue", "left"), ("green", "left")][:len(said)]
     assert len(said) == min(7, D.MAX_CLAUSES)
+
+
+def test_a_model_is_read_with_its_own_tokenizer(tmp_path):
+    """`build_tokenizer` fits the grammar's current text, so a grammar change renumbers tokens:
+    the shipped weights are read with their own tokenizer.json, and another numbering is refused
+    in one line (the trainer's --init-from, the diagnosis scripts)."""
+    import shutil
+
+    import framecast.stages.demo_training.train as T
+    from framecast.stages.demo_training import heads as TH, spec as TS
+
+    tok = TS.model_tokenizer(DEMO_DIR)
+    model = TH.DemoVLM(TS.model_config(tok), TH.word_ids(tok))
+    TH.load_hf_weights(model, DEMO_DIR, tok)
+    assert tok.get_vocab() == json.loads((DEMO_DIR / "tokenizer.json").read_text())["model"]["vocab"] | {
+        t["content"]: t["id"] for t in json.loads((DEMO_DIR / "tokenizer.json").read_text())["added_tokens"]}
+    # a copy whose tokenizer numbers two tokens the other way round
+    other = tmp_path / "other"
+    shutil.copytree(DEMO_DIR, other)
+    spec = json.loads((other / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="numbers 2 of 667 tokens otherwise than this one"):
+        TH.load_hf_weights(model, other, tok)
+    with pytest.raises(ValueError, match="no tokenizer.json there"):
+        TS.model_tokenizer(tmp_path)
+    # the trainer starts from a model with that model's tokenizer (written again with the export)
+    out = tmp_path / "model"
+    (other / "tokenizer.json").unlink()
+    assert T.main(["--out", str(out), "--init-from", str(other), "--streams", "2", "--frames", "4", "--max-clip", "4",
+                   "--workers", "1"]) == 2

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import math
 from pathlib import Path
 
@@ -247,9 +249,24 @@ def hf_weights(model: DemoVLM, dtype=None) -> dict[str, mx.array]:
     return {k: mx.contiguous(v if dtype is None else v.astype(dtype)) for k, v in sorted(out.items())}
 
 
-def load_hf_weights(model: DemoVLM, directory: Path) -> None:
-    """Start from an HF-layout checkpoint this trainer wrote (the inverse of `hf_weights`)."""
-    w = mx.load(str(Path(directory) / "model.safetensors"))
+def load_hf_weights(model: DemoVLM, directory: Path, tok=None) -> None:
+    """Start from an HF-layout checkpoint this trainer wrote (the inverse of `hf_weights`). With
+    `tok`, the directory's tokenizer.json must number every token as `tok` does (read a model
+    with `spec.model_tokenizer`): weights read through another numbering are scrambled words.
+    Raises ValueError (one line) for a missing file, a weight of another name or size, or
+    another tokenizer."""
+    directory = Path(directory)
+    if not (directory / "model.safetensors").is_file():
+        raise ValueError(f"{directory}: no model.safetensors there")
+    if tok is not None:
+        theirs = json.loads((directory / "tokenizer.json").read_text())["model"]["vocab"] \
+            if (directory / "tokenizer.json").is_file() else None
+        ours = tok.get_vocab(with_added_tokens=False)
+        if theirs is not None and theirs != ours:
+            differ = sum(theirs.get(t) != i for t, i in ours.items())
+            raise ValueError(f"{directory}: its tokenizer.json numbers {differ} of {len(ours)} tokens otherwise "
+                             "than this one (read the model with its own tokenizer)")
+    w = mx.load(str(directory / "model.safetensors"))
     out = {}
     for k, v in w.items():
         v = v.astype(mx.float32)

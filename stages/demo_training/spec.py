@@ -117,6 +117,18 @@ def build_tokenizer(seed: int):
     return tok
 
 
+def model_tokenizer(directory):
+    """The tokenizer a model directory was trained with (its `tokenizer.json`). A model must be
+    read with its own: `build_tokenizer` fits the grammar's current text, so a change of the
+    grammar (even of word order) renumbers tokens. Raises ValueError (one line) if it is missing."""
+    from tokenizers import Tokenizer
+
+    path = Path(directory) / "tokenizer.json"
+    if not path.is_file():
+        raise ValueError(f"{directory}: no tokenizer.json there")
+    return Tokenizer.from_file(str(path))
+
+
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_attention_heads=1, num_hidden_layers=1)
 TINY_LLM = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
                 num_key_value_heads=1)

@@ -95,7 +95,7 @@ from framecast.stages.demo_training.spec import (
     DEFAULT_SHORT_PHASE, DEFAULT_STREAMS, DEFAULT_VISION_LR_SCALE, DEFAULT_VISION_PHASE, DEMO_MAX_CACHE_TOKENS,
     GAP_FRAMES, LONG_RAMP, MOTION_PHASE_FRAMES, PROBE_STREAMS, MOTION_WEIGHT, REFRESH_PER_STEP, SHORT_FRAMES,
     TRAIN_CACHE_LIMIT_GB,
-    STREAMS_PER_DATA_SEED, TEXT_ROWS, TEXT_WEIGHT, VISION_BATCH, build_tokenizer, model_config,
+    STREAMS_PER_DATA_SEED, TEXT_ROWS, TEXT_WEIGHT, VISION_BATCH, build_tokenizer, model_config, model_tokenizer,
 )
 from framecast.stages.demo_training.streams import Pool, _make_stream_job, gap_clips, generate_streams, stream_jobs
 from framecast.stages.demo_training.batches import (
@@ -205,7 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:
             print(f"train: {flag} {path}: cannot be made ({e.strerror})", file=sys.stderr)
             return 2
-    tok = build_tokenizer(a.seed)
+    try:  # a start keeps its own token numbering; a fresh model fits one to the grammar's text
+        tok = model_tokenizer(a.init_from) if a.init_from else build_tokenizer(a.seed)
+    except ValueError as e:
+        print(f"train: --init-from {e}", file=sys.stderr)
+        return 2
     cfg = model_config(tok, tiny=a.tiny)
     cfg["framecast_session"] = {"max_cache_tokens": a.max_tokens}  # the longest clip it trained on
     if a.init_from:  # before a minute of data: a model of another size cannot be a start
@@ -245,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     mx.eval(model.parameters())
     if a.init_from:
         try:
-            load_hf_weights(model, Path(a.init_from))
+            load_hf_weights(model, Path(a.init_from), tok)
         except ValueError as e:
             print(f"train: --init-from {e}", file=sys.stderr)
             return 2
