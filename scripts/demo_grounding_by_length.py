@@ -48,9 +48,11 @@ def main(argv: list[str] | None = None) -> int:
                          "several objects in turn, and the decoder must pick the next one)")
     a = ap.parse_args(argv)
     bad = [n for n in a.lengths if not 1 <= n <= FRAMES]
-    if bad or a.clips < 2:  # the shuffled baseline gives each clip the next one's frames
-        print(f"demo_grounding_by_length: --lengths {bad[0]}: from 1 to {FRAMES}" if bad
-              else f"demo_grounding_by_length: --clips {a.clips}: at least 2", file=sys.stderr)
+    problem = (f"--lengths {bad[0]}: from 1 to {FRAMES}" if bad
+               else f"--clips {a.clips}: at least 2" if a.clips < 2  # the shuffled baseline: the next clip's frames
+               else f"--workers {a.workers}: at least 1" if a.workers < 1 else None)
+    if problem:
+        print(f"demo_grounding_by_length: {problem}", file=sys.stderr)
         return 2
     t0 = time.time()
     try:

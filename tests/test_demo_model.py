@@ -333,6 +333,9 @@ def test_trainer_runs_resumes_and_writes_a_loadable_model(tmp_path):
     (["--deadline", "1"], "--deadline 1 is already past"),
     (["--refresh", "--refresh-workers", "0"], "--refresh-workers 0: must be at least 1"),
     (["--refresh-workers", "-3"], "--refresh-workers -3: must be at least 1"),
+    (["--refresh-workers", "2"], "--refresh-workers 2: only with --refresh"),
+    (["--refresh", "--refresh-workers", "100000"], "--refresh-workers 100000: at most"),
+    (["--workers", "100000"], "--workers 100000: at most"),
 ])
 def test_trainer_refuses_bad_options_in_one_line(tmp_path, capsys, bad, says):
     """Before a minute of data generation, with nothing written: one line and exit status 2."""
@@ -791,7 +794,7 @@ def test_grounding_by_length_script_runs(tmp_path):
     lines = [ln for ln in r.stdout.splitlines() if " frames: " in ln]
     assert [ln.split()[0] for ln in lines] == ["1", "2"] and all("col " in ln and "mot " in ln for ln in lines)
     assert "1 frame, 1 object" in r.stdout and "1 frame, 2+ objects" in r.stdout
-    for args, says in ((["--lengths", "49"], "--lengths 49: from 1 to 48"),
+    for args, says in ((["--lengths", "49"], "--lengths 49: from 1 to 48"), (["--workers", "0"], "--workers 0: at least 1"),
                        (["--model", str(tmp_path)], f"--model {tmp_path}: no tokenizer.json there")):
         bad = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=120)
         assert bad.returncode == 2 and says in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

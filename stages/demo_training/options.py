@@ -69,6 +69,13 @@ def check_args(a) -> str | None:
             return f"--{name.replace('_', '-')} {v}: must be at least 1"
     if a.refresh_workers is not None and a.refresh_workers < 1:
         return f"--refresh-workers {a.refresh_workers}: must be at least 1"
+    if a.refresh_workers is not None and not a.refresh:
+        return f"--refresh-workers {a.refresh_workers}: only with --refresh (it sets that option's renderers)"
+    cpus = os.cpu_count() or 1
+    for name in ("workers", "refresh_workers"):  # each a spawned process (and a CUDA context on the GPU machine)
+        v = getattr(a, name)
+        if v is not None and v > cpus:
+            return f"--{name.replace('_', '-')} {v}: at most {cpus} (this machine's CPUs)"
     for name in ("motion_weight", "text_weight"):
         v = getattr(a, name)
         if not 0 <= v <= MAX_LOSS_WEIGHT:  # NaN and inf fail too
