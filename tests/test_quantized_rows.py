@@ -66,6 +66,10 @@ def test_env_switch_is_checked(monkeypatch):
     monkeypatch.setenv(qr.ENV_VAR, "fast")
     with pytest.raises(UserError, match="FRAMECAST_QMM_ROWS='fast'"):
         qr.wanted()
+    monkeypatch.setenv(qr.ENV_VAR, "Pad_Large")  # named as it was set
+    qr.mode.cache_clear()
+    with pytest.raises(UserError, match="FRAMECAST_QMM_ROWS='Pad_Large': expected one of"):
+        qr.wanted()
     monkeypatch.setenv(qr.ENV_VAR, "")
     qr.mode.cache_clear()
     assert qr.wanted() is False and qr.mode() == "mlx"

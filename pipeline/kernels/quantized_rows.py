@@ -281,11 +281,12 @@ def _kernel_ok(kind: str, dtype: mx.Dtype, k: int, bits: int, group_size: int) -
 def mode() -> str:
     """What `FRAMECAST_QMM_ROWS` asks for: 'mlx' (default, MLX's op as it is), 'pad' (few rows
     padded to `PAD_ROWS` for MLX's op), 'pad-large' (the same, for large weights only) or
-    'kernel' (our kernel); read once per process (every
-    quantised projection asks). Raises UserError for any other value."""
-    choice = os.environ.get(ENV_VAR, "mlx").strip().lower() or "mlx"
+    'kernel' (our kernel); read once per process (every quantised projection asks), in any case.
+    Raises UserError, naming the value as it was set, for any other value."""
+    raw = os.environ.get(ENV_VAR, "mlx")
+    choice = raw.strip().lower() or "mlx"
     if choice not in MODES:
-        raise UserError(f"{ENV_VAR}={choice!r}: expected one of {', '.join(repr(m) for m in MODES)}")
+        raise UserError(f"{ENV_VAR}={raw!r}: expected one of {', '.join(repr(m) for m in MODES)}")
     return choice
 
 
