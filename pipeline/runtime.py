@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterable, Literal
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Literal
 
 from framecast.errors import FatalError
 from framecast.events import EndOfStream, Error, Event, Frame, Metrics, Stop
@@ -501,7 +503,10 @@ class Runtime:
         if tasks:
             await asyncio.wait(tasks, timeout=CANCEL_GRACE_S)
 
-    async def run(self, *, handle_signals: bool = True) -> RunResult:
+    async def run(self, *, handle_signals: bool = True, early_signals: list[int] | None = None) -> RunResult:
+        """Run the graph to its end. `early_signals`: a list that a plain signal handler fills
+        until this run installs its own (`run_noting_signals`); each signal in it counts as if it
+        had come now (`noting_signals`)."""
         loop = asyncio.get_running_loop()
         installed: list[int] = []
         if handle_signals:
@@ -511,6 +516,8 @@ class Runtime:
                     installed.append(sig)
                 except (NotImplementedError, RuntimeError, ValueError):
                     pass
+        for sig in list(early_signals or ()):  # after the install: a later one reaches `_on_signal` itself
+            self._on_signal(sig)
         try:
             return await self._run()
         finally:
@@ -582,4 +589,28 @@ class Runtime:
 
 def run_graph(source: Source, stages: Iterable[Stage], **kw: Any) -> RunResult:
     """Synchronous entry point for the CLI."""
-    return asyncio.run(Runtime(source, stages, **kw).run())
+    with noting_signals() as early:
+        return asyncio.run(Runtime(source, stages, **kw).run(early_signals=early))
+
+
+@contextlib.contextmanager
+def noting_signals() -> Iterator[list[int]]:
+    """Within the block, SIGINT/SIGTERM are only noted in the list it gives, for
+    `Runtime.run(early_signals=...)`, which counts them once its own handlers are in place. Why:
+    a Ctrl-C while the graph is built or the loop starts was lost. Its KeyboardInterrupt landed
+    inside `import mlx.core` (a stage's import), and MLX's module set-up swallowed it. Or
+    `asyncio.run` took it to cancel its main task. Either way a live source then ran on forever
+    (`test_ctrl_c_while_starting_...`). With a CPU hog on this 2-core VM, a Ctrl-C ~0.6 s after
+    the start hung 1 of 4 to 1 of 38 tries (the faulthandler and asyncio task dumps showed a
+    normal run with no stop requested). Outside the main thread (no signals there) it notes
+    nothing."""
+    early: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield early
+        return
+    previous = {sig: signal.signal(sig, lambda s, _frame: early.append(s)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield early
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

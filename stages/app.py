@@ -277,8 +277,22 @@ def run_main(cfg: RunConfig) -> int:
     from framecast.config import stream_configs
 
     (cfg,) = stream_configs(cfg)  # `{stream_id}` in output paths
+    import asyncio
+
+    from framecast.runtime import noting_signals
+
+    with noting_signals() as early:  # a Ctrl-C from here on is a stop request, however early
+        result = asyncio.run(_runtime(cfg).run(early_signals=early))
+    _exit_at_once_on_signal()  # the run is over (files closed): a signal now only cuts the teardown short
+    if result.stopped_by == "signal":  # the shell convention: 128 + signal number
+        return result.exit_code or 128 + (result.signal or 2)
+    return result.exit_code
+
+
+def _runtime(cfg: RunConfig) -> Runtime:
+    """One stream's graph and its runtime."""
     source, stages = build_graph(cfg)
-    runtime = Runtime(
+    return Runtime(
         source,
         stages,
         edge_size=cfg.runtime.edge_size,
@@ -288,13 +302,6 @@ def run_main(cfg: RunConfig) -> int:
         on_error=lambda err: _print_error(err, source_name=source.name),
         stream_id=cfg.source.stream_id,
     )
-    import asyncio
-
-    result = asyncio.run(runtime.run())
-    _exit_at_once_on_signal()  # the run is over (files closed): a signal now only cuts the teardown short
-    if result.stopped_by == "signal":  # the shell convention: 128 + signal number
-        return result.exit_code or 128 + (result.signal or 2)
-    return result.exit_code
 
 
 def ask_main(url: str, stream: str, question: str, *, prefix: str, timeout: float, ca_file: str | None,

@@ -398,3 +398,27 @@ def test_a_stage_whose_on_end_raises_still_passes_the_end_on_and_the_run_ends():
         assert any(isinstance(e, Status) and e.state == "closing" for e in sink.seen)
         assert any(isinstance(e, Error) and str(exc) in e.text for e in sink.seen)
         assert [e.seq for e in sink.seen if isinstance(e, Frame)] == [0, 1, 2] and res.exit_code == code
+
+
+def test_a_signal_noted_before_the_run_stops_it_once_the_run_starts():
+    """`noting_signals`: a SIGINT while the graph is built (or the loop starts) is only noted, not
+    raised into whatever runs then (it was lost inside `import mlx.core` once), and the run it
+    is handed to stops with it as its first signal; afterwards the old handlers are back."""
+    import os
+    import signal
+
+    from framecast.runtime import noting_signals
+
+    before = signal.getsignal(signal.SIGINT)
+    sink = Collect()
+    with noting_signals() as early:
+        os.kill(os.getpid(), signal.SIGINT)  # handled in this (main) thread at its next check
+        for _ in range(200):
+            if early:
+                break
+            time.sleep(0.005)
+        assert early == [signal.SIGINT]
+        res = asyncio.run(asyncio.wait_for(
+            Runtime(CountingSource(10**9, live=True, delay=0.001), [sink], stop_timeout=2).run(early_signals=early), 10))
+    assert res.stopped_by == "signal" and res.signal == signal.SIGINT and sink.closed
+    assert signal.getsignal(signal.SIGINT) is before
