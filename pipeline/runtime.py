@@ -505,8 +505,8 @@ class Runtime:
 
     async def run(self, *, handle_signals: bool = True, early_signals: list[int] | None = None) -> RunResult:
         """Run the graph to its end. `early_signals`: a list that a plain signal handler fills
-        until this run installs its own (`run_noting_signals`); each signal in it counts as if it
-        had come now (`noting_signals`)."""
+        until this run installs its own (`noting_signals`); each signal in it counts as if it
+        had come now."""
         loop = asyncio.get_running_loop()
         installed: list[int] = []
         if handle_signals:
