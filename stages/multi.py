@@ -197,9 +197,11 @@ def _error_printer(sid: str, source_name: str):
     return show
 
 
-async def run_streams(runs: list[StreamRun], *, handle_signals: bool = True) -> dict[str, RunResult]:
+async def run_streams(runs: list[StreamRun], *, handle_signals: bool = True,
+                      early_signals: list[int] | None = None) -> dict[str, RunResult]:
     """Run every stream's graph to its end; a signal stops them all (a second one cancels
-    what still drains, as for one stream). Returns each stream's result by id."""
+    what still drains, as for one stream). `early_signals`: those noted before the handlers
+    were in place (`runtime.noting_signals`), counted now. Returns each stream's result by id."""
     loop = asyncio.get_running_loop()
     installed: list[int] = []
 
@@ -214,6 +216,8 @@ async def run_streams(runs: list[StreamRun], *, handle_signals: bool = True) -> 
                 installed.append(sig)
             except (NotImplementedError, RuntimeError, ValueError):
                 pass
+    for sig in list(early_signals or ()):  # after the install: a later one reaches on_signal itself
+        on_signal(sig)
     try:
         results = await asyncio.gather(*(r.runtime.run(handle_signals=False) for r in runs))
     finally:
@@ -231,5 +235,9 @@ def exit_code(results: dict[str, RunResult]) -> int:
 
 def run_streams_main(cfg: RunConfig) -> int:
     """`framecast run` with `[[streams]]` (or several `--source`): returns the exit status."""
-    runs = build_streams(stream_configs(cfg))
-    return exit_code(asyncio.run(run_streams(runs)))
+    from framecast.runtime import noting_signals
+
+    with noting_signals() as early:  # a Ctrl-C while the graphs are built is a stop request too
+        runs = build_streams(stream_configs(cfg))
+        results = asyncio.run(run_streams(runs, early_signals=early))
+    return exit_code(results)

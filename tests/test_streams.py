@@ -840,3 +840,15 @@ def test_batched_prefill_and_decode_with_quantised_caches_and_eviction(tmp_path)
     alone, together = asyncio.run(run(False)), asyncio.run(run(True))
     assert together == alone
     assert alone[2][1] > 0 and alone[2][2] > 0  # the budgets did evict
+
+
+def test_a_signal_noted_before_several_streams_start_stops_them_all():
+    """`run_streams(early_signals=...)`: a Ctrl-C noted while the graphs were built
+    (`runtime.noting_signals`) stops every stream once they run, as a signal during the run does."""
+    import signal
+
+    runs = [StreamRun(sid, None, Runtime(StallingSource(sid), [], stream_id=sid)) for sid in ("cam0", "cam1")]
+    results = asyncio.run(asyncio.wait_for(run_streams(runs, handle_signals=False, early_signals=[signal.SIGINT]),
+                                           30))
+    assert {sid: (r.stopped_by, r.signal) for sid, r in results.items()} == {
+        "cam0": ("signal", signal.SIGINT), "cam1": ("signal", signal.SIGINT)}
