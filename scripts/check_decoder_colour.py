@@ -105,11 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data and features: {len(seeds)} streams in {time.time() - t0:.0f}s", flush=True)
 
     def batch(rng, rows, source, key=None):
-        if key is None:  # a view size in proportion to the streams of each
-            key = source.keys[int(rng.choice(len(source.keys), p=source.sizes / source.sizes.sum()))]
-        group = source.items[key]
-        picks = rng.choice(len(group), size=min(rows, len(group)), replace=False)
-        clips = [(group[int(i)], int(rng.choice(KEPT))) for i in picks]
+        # distinct streams of one view size (`Pool.clips`), each at one of its encoded frames
+        clips = [(d, int(rng.choice(KEPT))) for d, _ in source.clips(rng, rows, 1, key=key)]
         b = make_batch(clips, 1, builder, rng, dense=1.0, max_tokens=DEMO_MAX_CACHE_TOKENS)
         b["feats"] = mx.stack([feats[d["seed"]][f] for d, f in clips])  # [B, Q, D]
         return b
