@@ -697,7 +697,7 @@ def test_a_fine_tuning_run_trains_on_streams_its_lineage_never_saw(tmp_path, mon
     info = json.loads((third / "training.json").read_text())
     assert info["lineage"][-1]["data_seed"] == 7 and info["seed"] == 0
     # the next run after 7 renders seed 8's streams; another --seed than the model's is refused
-    # (its tokenizer was fitted with seed 0: another would renumber the vocabulary)
+    # (its tokenizer was fitted with seed 0, and a model's runs keep one seed)
     capsys.readouterr()
     assert T.main([*base, "--out", str(tmp_path / "d"), "--init-from", str(third), "--seed", "1"]) == 2
     assert "tokenizer was fitted with seed 0" in capsys.readouterr().err

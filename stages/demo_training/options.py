@@ -27,8 +27,8 @@ def settle_seeds(a) -> str | None:
     if not 0 <= a.seed < MAX_SEED:
         return f"--seed {a.seed}: from 0 to {MAX_SEED - 1}"
     if parent_seed is not None and a.seed != parent_seed:
-        return (f"--seed {a.seed}: {a.init_from}'s tokenizer was fitted with seed {parent_seed}; another seed "
-                "would renumber its vocabulary (--data-seed picks other streams)")
+        return (f"--seed {a.seed}: {a.init_from}'s tokenizer was fitted with seed {parent_seed}, and a model's "
+                "runs keep one seed (--data-seed picks other streams)")
     if a.data_seed is None:
         used = [int(e.get("data_seed", e.get("seed", 0)) or 0) for e in a.parent_lineage]
         a.data_seed = max(used) + 1 if a.init_from else a.seed

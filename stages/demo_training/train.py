@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"model directory to write (the shipped one is {DEMO_MODEL_DIR}: name it to replace it)")
     ap.add_argument("--seed", type=int, default=None,
                     help="tokenizer, init and batch order (and data: --data-seed); default 0, and an --init-from "
-                         "model's own (its tokenizer was fitted with it: another seed would renumber the vocabulary)")
+                         "model's own (its tokenizer was fitted with it, and a model's runs keep one seed)")
     ap.add_argument("--data-seed", type=int, default=None,
                     help="which training streams are rendered; default --seed for a new model, and for an "
                          "--init-from model one more than the highest its lineage used, so a fine-tuning run "
