@@ -69,8 +69,8 @@ def test_pool_swaps_its_oldest_streams_and_regroups_by_view_size():
 
 
 def test_trainer_refresh_swaps_new_streams_in(tmp_path, monkeypatch):
-    """The toy trainer with --refresh: every step waits for one fresh stream here (a test must
-    not depend on the workers' timing), the swapped-in seeds are new training seeds, and a
+    """The toy trainer with --refresh: every step waits for the oldest render in flight here (a
+    test must not depend on the workers' timing), the swapped-in seeds are new training seeds, and a
     resumed run goes on with seeds it never started."""
 
     workers = []
@@ -82,7 +82,8 @@ def test_trainer_refresh_swaps_new_streams_in(tmp_path, monkeypatch):
 
         def poll(self, limit=None):
             t0 = time.time()
-            while not any(p[0].ready() for p in self._pending) and time.time() - t0 < 120:
+            # the oldest render, not any: with two workers a later seed may finish first
+            while self._pending and not self._pending[0][0].ready() and time.time() - t0 < 120:
                 time.sleep(0.05)
             return super().poll(limit=1)
 
