@@ -8,8 +8,10 @@ frame as on 12: 1.00 on frames with one object, 0.62 with two or more
 what fails. This trains the decoder alone (tower and resampler frozen, their features computed
 once) on one-frame clips with a question or a caption on every frame, in the data's current
 object order (`data.reading_order`, the order of the image tokens), and prints the held-out
-content-word accuracy with real and shuffled features every `--log-every` steps. If colour
-climbs well past 0.8 here, the order was the limit; if it stays, the trainer will not move it.
+content-word accuracy with real and shuffled features every `--log-every` steps, for all
+frames and then colour and shape apart on frames with one object and with two or more. If
+colour on the latter climbs well past 0.62 here, the order was the limit; if it stays, the
+trainer will not move it.
 
     python scripts/check_decoder_colour.py [--decoder shipped|fresh] [--streams 200] [--seconds 600]
 
@@ -109,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         clips = [(d, int(rng.choice(KEPT))) for d, _ in source.clips(rng, rows, 1, key=key)]
         b = make_batch(clips, 1, builder, rng, dense=1.0, max_tokens=DEMO_MAX_CACHE_TOKENS)
         b["feats"] = mx.stack([feats[d["seed"]][f] for d, f in clips])  # [B, Q, D]
+        b["several"] = mx.array([len(d["truths"][f].objects) >= 2 for d, f in clips])  # [B] 2+ objects on the frame
         return b
 
     def logits_of(model, b, f):
@@ -122,20 +125,30 @@ def main(argv: list[str] | None = None) -> int:
     vrng = np.random.default_rng(1)
     held = [batch(vrng, len(val.items[k]), val, k) for k in val.keys for _ in range(2)]
 
+    GROUPS = ("all", "one", "several")  # every held-out frame; frames with one object; with two or more
+
     def report() -> str:
-        right = {(w, t): 0.0 for w in CONTENT_WORDS for t in ("real", "shuf")}
-        total = {w: 0.0 for w in CONTENT_WORDS}
+        right = {(g, w, t): 0.0 for g in GROUPS for w in CONTENT_WORDS for t in ("real", "shuf")}
+        total = {(g, w): 0.0 for g in GROUPS for w in CONTENT_WORDS}
         for b in held:
             masks = content_masks(tok, b["targets"], b["loss_mask"])
             B = b["inputs"].shape[0]
+            rows = {"all": mx.ones((B, 1)), "several": b["several"][:, None].astype(mx.float32)}
+            rows["one"] = 1 - rows["several"]  # [B, 1] each
             for tag, f in (("real", b["feats"]), ("shuf", next_clips_features(b["feats"], B, 1))):
                 hit = mx.argmax(logits_of(model, b, f), -1) == b["targets"]
-                for w, m in masks.items():
-                    right[(w, tag)] += float((hit * m).sum())
-                    if tag == "real":
-                        total[w] += float(m.sum())
-        return " ".join(f"{w[:3]} {right[(w, 'real')] / max(total[w], 1):.2f}/{right[(w, 'shuf')] / max(total[w], 1):.2f}"
-                        f" (n {int(total[w])})" for w in CONTENT_WORDS)
+                for g, r in rows.items():
+                    for w, m in masks.items():
+                        right[(g, w, tag)] += float((hit * m * r).sum())
+                        if tag == "real":
+                            total[(g, w)] += float((m * r).sum())
+
+        def line(g: str, words) -> str:
+            return " ".join(f"{w[:3]} {right[(g, w, 'real')] / max(total[(g, w)], 1):.2f}/"
+                            f"{right[(g, w, 'shuf')] / max(total[(g, w)], 1):.2f} (n {int(total[(g, w)])})"
+                            for w in words)
+        split = " | ".join(f"{g} objects: {line(g, ('colour', 'shape'))}" for g in ("one", "several"))
+        return f"{line('all', CONTENT_WORDS)} || {split}"
 
     print(f"step     0 held-out content words real/shuffled: {report()}", flush=True)
     opt = optim.AdamW(learning_rate=a.lr, weight_decay=0.01)

@@ -771,6 +771,7 @@ def test_decoder_colour_check_runs():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("held-out content words real/shuffled") == 3 and " col " in r.stdout
+    assert r.stdout.count("one objects: col ") == 3 and r.stdout.count("several objects: col ") == 3
     for args, says in ((["--batch", "0"], "--batch 0: at least 1"), (["--lr", "nan"], "--lr nan: must be above 0"),
                        (["--seconds", "0"], "--seconds 0.0: must be above 0"),
                        (["--model", "/nonexistent"], "--model /nonexistent: no tokenizer.json there"),
