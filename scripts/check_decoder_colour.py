@@ -72,12 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     from framecast.stages.demo_training.heads import DemoVLM, encode_views, lm_forward, lm_inputs, load_hf_weights, word_ids
     from framecast.stages.demo_training.report import content_masks, next_clips_features
     from framecast.stages.demo_training.spec import (
-        CONTENT_WORDS, DEMO_MAX_CACHE_TOKENS, TRAIN_CACHE_LIMIT_GB, build_tokenizer, model_config, model_tokenizer,
+        CONTENT_WORDS, DEMO_MAX_CACHE_TOKENS, build_tokenizer, model_config, model_tokenizer,
+        train_cache_limit,
     )
     from framecast.stages.demo_training.streams import Pool, generate_streams, stream_jobs
 
     t0 = time.time()
-    mx.set_cache_limit(TRAIN_CACHE_LIMIT_GB << 30)  # as the trainer: MLX's default cache is the whole GPU
+    mx.set_cache_limit(train_cache_limit())  # as the trainer: MLX's default cache is the whole device
     directory = Path(a.model or DEMO_MODEL_DIR)
     try:  # the model's own numbering of tokens (a toy fits one to the grammar's text)
         tok = build_tokenizer(0) if a.tiny else model_tokenizer(directory)
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         feats[d["seed"]] = dict(zip(KEPT, f))
     pool = Pool([d for d in data if d["seed"] >= 1_000_000])
     val = Pool([d for d in data if d["seed"] < 1_000_000])
+    del data  # the pools hold their own copies of the pixels (~9 MB a stream)
     print(f"data and features: {len(seeds)} streams in {time.time() - t0:.0f}s", flush=True)
 
     def batch(rng, rows, source, key=None):

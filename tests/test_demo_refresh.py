@@ -112,3 +112,14 @@ def test_trainer_refresh_swaps_new_streams_in(tmp_path, monkeypatch):
     assert [x for x in rendered[0] if x >= 1_000_000] == [1_000_007, 1_000_008]
     assert swapped[3:] == [1_000_009]
     assert json.loads((out / "training.json").read_text())["streams_refreshed"] == 4
+
+
+def test_training_cache_limit_is_bounded_by_the_machine(monkeypatch):
+    """MLX's buffer cache while training: 16 GB at most, and a quarter of MLX's memory limit on a
+    smaller machine (on a 24 GB CPU VM a 16 GB cache beside a large pool was killed for memory)."""
+    import mlx.core as mx
+
+    monkeypatch.setattr(mx, "get_memory_limit", lambda: 19 << 30)
+    assert TS.train_cache_limit() == (19 << 30) // 4
+    monkeypatch.setattr(mx, "get_memory_limit", lambda: 200 << 30)
+    assert TS.train_cache_limit() == TS.TRAIN_CACHE_LIMIT_GB << 30 == 16 << 30

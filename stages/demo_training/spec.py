@@ -58,7 +58,7 @@ STREAMS_PER_DATA_SEED = 100_000  # training stream seeds: 1,000,000 + data_seed 
 REFRESH_PER_STEP = 64  # --refresh: most new streams swapped in before one step (each costs a host->device copy)
 MAX_SEED = 1000  # --seed and --data-seed are below this
 MIN_CLIP_TOKENS = 256  # --max-tokens: the smallest session budget framecast accepts
-TRAIN_CACHE_LIMIT_GB = 16  # MLX's buffer cache while training (its default is the whole device)
+TRAIN_CACHE_LIMIT_GB = 16  # MLX's buffer cache while training, at most (its default is the whole device)
 TEXT_ROWS = 8  # text-only conversations (title, summary, question from a log) per step
 PATCH_WEIGHT = 1.0
 SLOT_WEIGHT = 1.0
@@ -182,3 +182,13 @@ def write_tokenizer_files(out: Path, tok, cfg: dict) -> None:
         "norm_mean": [0.5, 0.5, 0.5], "norm_std": [0.5, 0.5, 0.5], "version": 2.6,
     }, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def train_cache_limit() -> int:
+    """MLX's buffer cache bound while training, in bytes: `TRAIN_CACHE_LIMIT_GB`, or a quarter of
+    MLX's memory limit where that is less. On a CPU machine the cache shares RAM with the rendered
+    streams: 16 GB of cache beside ~8 GB of a 448-stream pool was killed for memory on a 24 GB VM
+    (measured), so a small machine gets a small cache."""
+    import mlx.core as mx
+
+    return min(TRAIN_CACHE_LIMIT_GB << 30, mx.get_memory_limit() // 4)

@@ -94,8 +94,8 @@ from framecast.stages.demo_training.spec import (
     DEFAULT_BATCH, DEFAULT_FRAMES, DEFAULT_GAP_MIX, DEFAULT_GAP_PHASE, DEFAULT_LR, DEFAULT_MOTION_PHASE,
     DEFAULT_SHORT_PHASE, DEFAULT_STREAMS, DEFAULT_VISION_LR_SCALE, DEFAULT_VISION_PHASE, DEMO_MAX_CACHE_TOKENS,
     GAP_FRAMES, LONG_RAMP, MOTION_PHASE_FRAMES, PROBE_STREAMS, MOTION_WEIGHT, REFRESH_PER_STEP, SHORT_FRAMES,
-    TRAIN_CACHE_LIMIT_GB,
     STREAMS_PER_DATA_SEED, TEXT_ROWS, TEXT_WEIGHT, VISION_BATCH, build_tokenizer, model_config, model_tokenizer,
+    train_cache_limit,
 )
 from framecast.stages.demo_training.streams import Pool, _make_stream_job, gap_clips, generate_streams, stream_jobs
 from framecast.stages.demo_training.batches import (
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     # MLX keeps freed buffers for reuse up to its cache limit, which defaults to the whole card; with
     # clips of many lengths few are reused, and at ~138 GB of 141 a CUDA graph could not be built
     # (out of memory at step 2 on an H200, measured): a bounded cache leaves the rest free
-    mx.set_cache_limit(TRAIN_CACHE_LIMIT_GB << 30)
+    mx.set_cache_limit(train_cache_limit())
     mx.random.seed(a.seed)
     model = DemoVLM(cfg, word_ids(tok))
     mx.eval(model.parameters())
