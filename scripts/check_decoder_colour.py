@@ -10,8 +10,9 @@ once) on one-frame clips with a question or a caption on every frame, in the dat
 object order (`data.reading_order`, the order of the image tokens), and prints the held-out
 content-word accuracy with real and shuffled features every `--log-every` steps, for all
 frames and then colour and shape apart on frames with one object and with two or more. If
-colour on the latter climbs well past 0.62 here, the order was the limit; if it stays, the
-trainer will not move it.
+colour on the latter climbs well past its step-0 figure (0.69 for run D's decoder) here, the
+order was the limit; if it stays, the trainer will not move it. On this CPU, 238 steps did not
+lift it (`scripts/results/demo_decoder_colour_order_cpu_2026-12-01.txt`).
 
     python scripts/check_decoder_colour.py [--decoder shipped|fresh] [--streams 200] [--seconds 600]
 
