@@ -65,13 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     import framecast  # noqa: F401  (OpenBLAS preload before mlx)
     import mlx.core as mx
     import mlx.nn as nn
-    import mlx.optimizers as optim
 
     from framecast.model.lm import build_lm
     from framecast.model.load import DEMO_MODEL_DIR
     from framecast.stages.demo_training.batches import SequenceBuilder, make_batch
     from framecast.stages.demo_training.heads import DemoVLM, encode_views, lm_forward, lm_inputs, load_hf_weights, word_ids
-    from framecast.stages.demo_training.report import content_masks, next_clips_features
+    from framecast.stages.demo_training.report import content_masks, next_clips_features, train_with_reports
     from framecast.stages.demo_training.spec import (
         CONTENT_WORDS, DEMO_MAX_CACHE_TOKENS, build_tokenizer, model_config, model_tokenizer,
         train_cache_limit,
@@ -154,21 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         return f"{line('all', CONTENT_WORDS)} || {split}"
 
     print(f"step     0 held-out content words real/shuffled: {report()}", flush=True)
-    opt = optim.AdamW(learning_rate=a.lr, weight_decay=0.01)
-    step = nn.value_and_grad(model, loss)
-    rng = np.random.default_rng(0)
-    t1 = time.time()
-    for i in range(1, a.steps + 1):
-        value, grads = step(model, batch(rng, a.batch, pool))
-        grads, _ = optim.clip_grad_norm(grads, 1.0)
-        opt.update(model, grads)
-        mx.eval(model.parameters(), opt.state)
-        last = i == a.steps or time.time() - t1 > a.seconds
-        if i % a.log_every == 0 or last:
-            print(f"step {i:5d} {time.time() - t1:5.0f}s loss {float(value):.3f} held-out content words "
-                  f"real/shuffled: {report()}", flush=True)
-        if last:
-            break
+    train_with_reports(model, loss, lambda rng: batch(rng, a.batch, pool), lr=a.lr, steps=a.steps,
+                       seconds=a.seconds, log_every=a.log_every,
+                       log=lambda i, s, v: print(f"step {i:5d} {s:5.0f}s loss {v:.3f} held-out content words "
+                                                 f"real/shuffled: {report()}", flush=True))
     return 0
 
 

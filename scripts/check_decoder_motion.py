@@ -75,11 +75,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import framecast  # noqa: F401  (OpenBLAS preload before mlx)
     import mlx.core as mx
-    import mlx.nn as nn
-    import mlx.optimizers as optim
 
     import framecast.stages.demo_training.train as T
     from framecast.stages.demo_training import heads as TH, spec as TS
+    from framecast.stages.demo_training.report import train_with_reports
     from framecast.model.lm import build_lm
     from framecast.model.load import DEMO_MODEL_DIR
 
@@ -131,22 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         counts = [float(((y == c) * m).sum()) for c in range(TS.N_MOT)]
         return float(((mx.argmax(logits, -1) == y) * m).sum() / m.sum()), max(counts) / max(sum(counts), 1.0)
 
-    opt = optim.AdamW(learning_rate=a.lr, weight_decay=0.01)
-    step = nn.value_and_grad(model, loss)
-    rng = np.random.default_rng(0)
-    t1 = time.time()
-    for i in range(1, a.steps + 1):
-        value, grads = step(model, batch(rng, 24))
-        grads, _ = optim.clip_grad_norm(grads, 1.0)
-        opt.update(model, grads)
-        mx.eval(model.parameters(), opt.state)
-        last = i == a.steps or time.time() - t1 > a.seconds
-        if i % a.log_every == 0 or last:
-            acc, majority = accuracy(held_out)
-            print(f"step {i:5d} {time.time() - t1:5.0f}s loss {float(value):.3f} held-out probe {acc:.3f} "
-                  f"(majority {majority:.3f})", flush=True)
-        if last:
-            break
+    def log(i: int, seconds: float, value: float) -> None:
+        acc, majority = accuracy(held_out)
+        print(f"step {i:5d} {seconds:5.0f}s loss {value:.3f} held-out probe {acc:.3f} (majority {majority:.3f})",
+              flush=True)
+
+    train_with_reports(model, loss, lambda rng: batch(rng, 24), lr=a.lr, steps=a.steps, seconds=a.seconds,
+                       log_every=a.log_every, log=log)
     return 0
 
 

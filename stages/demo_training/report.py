@@ -3,8 +3,12 @@ features, attention mass on image tokens, the slot and motion read-outs, and the
 
 from __future__ import annotations
 
+import time
+from typing import Callable
+
 import mlx.core as mx
 import mlx.nn as nn
+import mlx.optimizers as optim
 import numpy as np
 
 from framecast.stages.demo_training.spec import CONTENT_WORDS, N_COL, N_MOT, N_SHP
@@ -163,3 +167,27 @@ def format_report(step: int, rep: dict) -> str:
             f"motion probe {rep['motion_probe_acc_real']:.2f} (shuffled {rep['motion_probe_acc_shuf']:.2f}, "
             f"majority {rep['motion_probe_baseline']:.2f}); "
             f"attention on image tokens per layer {rep['attn_img']}")
+
+
+def train_with_reports(model: nn.Module, loss: Callable, next_batch: Callable[[np.random.Generator], dict], *,
+                       lr: float, steps: int, seconds: float, log_every: int,
+                       log: Callable[[int, float, float], None]) -> None:
+    """The diagnosis scripts' training loop (`scripts/check_decoder_colour.py`,
+    `check_decoder_motion.py`): AdamW (weight decay 0.01) on `loss(model, batch)` over the
+    model's trainable parameters, gradients clipped to norm 1, batches `next_batch(rng)` (rng
+    seeded 0), until `steps` steps or `seconds` s; `log(step, elapsed s, loss)` every `log_every`
+    steps and after the last."""
+    opt = optim.AdamW(learning_rate=lr, weight_decay=0.01)
+    step = nn.value_and_grad(model, loss)
+    rng = np.random.default_rng(0)
+    t0 = time.time()
+    for i in range(1, steps + 1):
+        value, grads = step(model, next_batch(rng))
+        grads, _ = optim.clip_grad_norm(grads, 1.0)
+        opt.update(model, grads)
+        mx.eval(model.parameters(), opt.state)
+        last = i == steps or time.time() - t0 > seconds
+        if i % log_every == 0 or last:
+            log(i, time.time() - t0, float(value))
+        if last:
+            return
