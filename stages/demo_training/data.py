@@ -60,6 +60,7 @@ SYSTEM_PROMPTS = (
 )
 
 # 3x3 zones of the frame, by (row, col)
+GRID = 3  # the frame's 3 x 3 grid (`grid_cell`): ZONES name its cells; the resampler's queries hold one each
 ZONES = {
     (0, 0): "top left", (0, 1): "top", (0, 2): "top right",
     (1, 0): "left", (1, 1): "center", (1, 2): "right",
@@ -199,21 +200,26 @@ class Clause:
     zone: str = ""
 
 
+def grid_cell(o: SceneObject) -> tuple[int, int]:
+    """(row, column) of the GRID x GRID cell that holds an object's centre (x, y in 0-1 of the
+    frame; a centre on the far edge counts in the last cell)."""
+    return min(int(o.y * GRID), GRID - 1), min(int(o.x * GRID), GRID - 1)
+
+
 def reading_order(objs) -> list[SceneObject]:
     """Objects as a reader meets them: by the row of the frame's 3 x 3 grid, then by its column,
     then by position. Why (issue 11): the resampler's 9 queries hold one cell each, row by row
-    (`spec.GRID`), so a reply in this order names the objects in the order of the image tokens.
+    (`grid_cell`, `spec.GRID`), so a reply in this order names the objects in the order of the
+    image tokens.
     With the order left to right (by x), the shipped decoder named colour 1.00 right on frames
     with one object and 0.62 on frames with two or more (shape 0.95 and 0.77;
     `scripts/demo_grounding_by_length.py --by-objects`): it must pick the object to name next."""
-    def key(o):
-        return min(int(o.y * 3), 2), min(int(o.x * 3), 2), o.y, o.x
-    return sorted(objs, key=key)
+    return sorted(objs, key=lambda o: (*grid_cell(o), o.y, o.x))
 
 
 def zone_of(o: SceneObject) -> tuple[str, bool]:
     """(zone name, unambiguous?) of an object's centre."""
-    col, row = min(int(o.x * 3), 2), min(int(o.y * 3), 2)
+    row, col = grid_cell(o)
     clear = all(abs(v - edge) >= ZONE_MARGIN for v in (o.x, o.y) for edge in (1 / 3, 2 / 3))
     return ZONES[(row, col)], clear
 

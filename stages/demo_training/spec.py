@@ -24,7 +24,7 @@ ASSISTANT_PREFIX = DEFAULT_ASSISTANT_PREFIX
 # model shape (tiny: CPU inference must beat real time)
 VOCAB_SIZE = 768
 SCALE_RESOLUTION = 252  # 18 x 18 patches for a square frame: a small object spans ~2 patches
-GRID = 3  # slot grid: query k <-> cell (k // GRID, k % GRID) of the frame
+GRID = D.GRID  # slot grid: query k <-> cell (k // GRID, k % GRID) of the frame (`data.grid_cell`)
 QUERY_NUM = GRID * GRID
 VISION = dict(hidden_size=192, intermediate_size=768, num_attention_heads=3, num_hidden_layers=4,
               patch_size=14, image_size=SCALE_RESOLUTION,  # 18 x 18 learned position grid

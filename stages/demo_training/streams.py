@@ -19,7 +19,7 @@ def slot_labels(truth) -> np.ndarray:
     slots = np.zeros((QUERY_NUM, SLOT_COLS), np.float32)
     best = np.full(QUERY_NUM, np.inf)
     for o in truth.objects:
-        r, c = min(int(o.y * GRID), GRID - 1), min(int(o.x * GRID), GRID - 1)
+        r, c = D.grid_cell(o)
         k = r * GRID + c
         d = (o.x - (c + 0.5) / GRID) ** 2 + (o.y - (r + 0.5) / GRID) ** 2
         if d < best[k]:
